@@ -1,0 +1,95 @@
+r"""KL estimators as small pure functions over per-sample arrays (numpy), shared by the synthetic and LLM halves.
+
+Notation: f(x) = log P(x)/Q(x) is the log-ratio of a sample, log w(x) = log P(x)/r(x) its log importance weight when
+x ~ r. Each ``*_terms`` function returns one unbiased term per sample; the estimate is their mean, computed with
+``mean_estimate`` along an axis (so repeats, proposals or batches are leading axes).
+
+=====================  =============================================  ==========================================
+estimator              per-sample term                                 mean
+=====================  =============================================  ==========================================
+naive MC (= k1)        f(x),  x ~ P                                    KL(P‖Q)
+importance sampling    w(x)·f(x),  x ~ r                               KL(P‖Q) if r > 0 wherever P·f ≠ 0
+Schulman k2            f²/2,  x ~ P                                    ½E_P[f²] — biased, a reference row only
+Schulman k3            (Q/P − 1) − log(Q/P) = e^{−f} − 1 + f ≥ 0        KL − Q(P = 0): unbiased when supp Q ⊆ supp P
+Rao-Blackwell (RB)     Σ_{i∈K} P_i f_i + P(K^c)·f(x),  x ~ P(·|K^c)     KL(P‖Q): the top-k set K is summed exactly
+sequence RB            Σ_t KL(P_t‖Q_t | x_<t),  x ~ P                  KL of the sequence process
+sequence RB-IS         Σ_t w_<t(x)·KL(P_t‖Q_t | x_<t),  x ~ r           same; w_<t = Π_{s<t} P/r
+=====================  =============================================  ==========================================
+
+Self-normalised IS (``self_normalized_is``) is Σwf/Σw: biased at O(1/n), but it needs P and r only up to constants and
+often has lower error when weights are heavy; its variance is the delta-method one, Σw²(f − est)²/(Σw)² · n.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import logsumexp, softmax
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """An estimate with the per-sample variance behind it and its standard error (arrays over leading axes)."""
+
+    estimate: np.ndarray
+    variance: np.ndarray  # per-sample variance (ddof=1); Var(estimate) ≈ variance / n
+    std_error: np.ndarray
+    n: int
+
+
+def mean_estimate(terms: np.ndarray, axis: int = -1) -> Estimate:
+    terms = np.asarray(terms, dtype=np.float64)
+    n = terms.shape[axis]
+    var = terms.var(axis=axis, ddof=1) if n > 1 else np.full(np.mean(terms, axis=axis).shape, np.nan)
+    return Estimate(terms.mean(axis=axis), var, np.sqrt(var / n), n)
+
+
+def naive_mc_terms(log_ratio):
+    """k1: the log-ratio itself, for x ~ P."""
+    return np.asarray(log_ratio, dtype=np.float64)
+
+
+def importance_sampling_terms(log_ratio, log_weight):
+    return np.exp(np.asarray(log_weight, dtype=np.float64)) * log_ratio
+
+
+def k2_terms(log_ratio):
+    return 0.5 * np.square(log_ratio)
+
+
+def k3_terms(log_ratio):
+    return np.expm1(-np.asarray(log_ratio, dtype=np.float64)) + log_ratio
+
+
+def rao_blackwell_terms(head_kl: float, tail_mass: float, log_ratio_tail):
+    """Sum-and-sample: the exact head sum plus the tail's mass times f at a draw from P restricted to the tail."""
+    return head_kl + tail_mass * np.asarray(log_ratio_tail, dtype=np.float64)
+
+
+def rao_blackwell_is_terms(kl_step, log_weight_step, mask=None):
+    """Σ_t w_<t·KL_t over the last axis; `log_weight_step` holds log P/r of each sampled token (w_<1 = 1).
+
+    With r = P every weight is 1 and this is sequence RB. `mask` (same shape) zeroes steps after EOS.
+    """
+    kl_step = np.asarray(kl_step, dtype=np.float64)
+    lw = np.asarray(log_weight_step, dtype=np.float64)
+    if mask is not None:
+        kl_step, lw = np.where(mask, kl_step, 0.0), np.where(mask, lw, 0.0)
+    log_w_prefix = np.cumsum(lw, axis=-1) - lw  # exclusive prefix sum
+    return (np.exp(log_w_prefix) * kl_step).sum(axis=-1)
+
+
+def self_normalized_is(log_ratio, log_weight, axis: int = -1) -> Estimate:
+    log_weight = np.asarray(log_weight, dtype=np.float64)
+    f = np.asarray(log_ratio, dtype=np.float64)
+    w = softmax(log_weight, axis=axis)  # normalised weights, stable for huge log-weights
+    est = (w * f).sum(axis=axis)
+    n = f.shape[axis]
+    var = n * (w ** 2 * (f - np.expand_dims(est, axis)) ** 2).sum(axis=axis)
+    return Estimate(est, var, np.sqrt(var / n), n)
+
+
+def log_mean_weight(log_weight, axis: int = -1):
+    """log of the mean importance weight: ≈ 0 when the proposal is normalised and sampled correctly."""
+    lw = np.asarray(log_weight, dtype=np.float64)
+    return logsumexp(lw, axis=axis) - np.log(lw.shape[axis])

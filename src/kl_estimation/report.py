@@ -1,0 +1,97 @@
+"""Console tables (≤ 120 columns) for synthetic runs. Pure string building; the CLI prints."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+WIDTH = 120
+NAME_W = 30
+
+
+def num(x, width: int = 9, digits: int = 3) -> str:
+    if x is None:
+        return "—".rjust(width)
+    if x != 0 and (abs(x) >= 10 ** (width - digits - 2) or abs(x) < 10 ** -digits):
+        return f"{x:.{max(digits - 1, 1)}e}".rjust(width)
+    return f"{x:.{digits}f}".rjust(width)
+
+
+def _name(n: str, w: int = NAME_W) -> str:
+    return n if len(n) <= w else n[: w - 1] + "…"
+
+
+def _rule(title: str) -> str:
+    return f"── {title} " + "─" * max(0, WIDTH - len(title) - 4)
+
+
+def pair_report(pair: dict, n_samples: int, n_repeats: int) -> str:
+    lines = [
+        _rule(f"{pair['family']} · divergence {pair['divergence']}"),
+        f"P: top-10 mass {pair['top10_mass_p']:.3f}, top-100 {pair['top100_mass_p']:.3f}   "
+        f"Q: top-10 mass {pair['top10_mass_q']:.3f}, top-100 {pair['top100_mass_q']:.3f}   "
+        f"moved mass {pair['moved_mass']:.3f}",
+        f"true KL(P‖Q) = {pair['true_kl']:.6g}   theoretical variance Var_P[log P/Q] = "
+        f"{pair['theoretical_variance']:.6g} per sample   ({n_samples} samples × {n_repeats} repeats)",
+        "",
+        f"{'method':<{NAME_W}} {'mean est':>9} {'|error|':>9} {'rel %':>7} {'emp var':>9} {'exact var':>9} "
+        f"{'var/naive':>9} {'ESS %':>6} {'max w':>9} {'k̂':>5} {'score':>7}  flag",
+    ]
+    for m in pair["methods"]:
+        ratio = m["exact_variance"] / pair["theoretical_variance"] if pair["theoretical_variance"] > 0 else None
+        lines.append(
+            f"{_name(m['name']):<{NAME_W}} {num(m['mean_estimate'])} {num(m['abs_error'])} "
+            f"{num(m['rel_error_pct'], 7, 1)} {num(m['empirical_variance'])} {num(m['exact_variance'])} "
+            f"{num(ratio)} {num(m['mean_ess_pct'], 6, 1)} {num(m['max_weight'] and max(m['max_weight']))} "
+            f"{num(m['mean_khat'], 5, 2)} {num(m['combined_score'], 7, 3)}  {'!' if m['flags'] else ''}")
+    flagged = [m for m in pair["methods"] if m["flags"]]
+    if flagged:
+        lines += ["", "! flagged — ranked after every unflagged method:"]
+        lines += [f"  {m['name']}: {'; '.join(m['flags'])}" for m in flagged]
+    lines += ["", _top5(pair)]
+    return "\n".join(lines)
+
+
+TITLES = {"by_exact_variance": "exact variance (noise-free)", "by_accuracy": "accuracy (|error|)",
+          "by_variance": "sample variance", "by_combined": "combined score"}
+
+
+def _top5(pair: dict) -> str:
+    w = WIDTH // len(TITLES) - 1
+    flagged = {m["name"] for m in pair["methods"] if m["flags"]}
+    head = " ".join(f"{'top 5 by ' + t:<{w}}" for t in TITLES.values())
+    rows = []
+    for i in range(5):
+        cells = []
+        for key in TITLES:
+            names = pair["rankings"][key]
+            cell = f"{i + 1}. {names[i]}{' !' if names[i] in flagged else ''}" if i < len(names) else ""
+            cells.append(f"{_name(cell, w):<{w}}")
+        rows.append(" ".join(cells))
+    return "\n".join([head, *rows])
+
+
+def cross_family_report(pairs: list[dict], top: int = 3) -> str:
+    """Per divergence: the methods that make the top `top` by exact variance in any family, with their
+    exact variance relative to naive MC in every family (lower is better; 1 = naive MC)."""
+    out = []
+    by_div = defaultdict(list)
+    for p in pairs:
+        by_div[p["divergence"]].append(p)
+    for div, ps in by_div.items():
+        names = []
+        for p in ps:
+            names += [n for n in p["rankings"]["by_exact_variance"][:top] if n not in names]
+        for ref in ("Naive MC (k1)",) + tuple(n for n in ps[0]["rankings"]["by_exact_variance"]
+                                               if n.startswith("Rao-Blackwell")):
+            if ref not in names:
+                names.append(ref)
+        fams = [p["family"] for p in ps]
+        out += [_rule(f"cross-family · divergence {div} · exact variance / naive MC variance (lower is better)"),
+                f"{'method':<{NAME_W}} " + " ".join(f"{f:>14}" for f in fams)]
+        for n in names:
+            cells = []
+            for p in ps:
+                m = next((m for m in p["methods"] if m["name"] == n), None)
+                cells.append(num(m["exact_variance"] / p["theoretical_variance"], 14, 4) if m else "—".rjust(14))
+            out.append(f"{_name(n):<{NAME_W}} " + " ".join(cells))
+        out.append("")
+    return "\n".join(out)

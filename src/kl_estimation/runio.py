@@ -1,0 +1,106 @@
+"""Run folders and files: results.json / distributions.npz / summary.csv, written atomically (temp file + rename)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import tempfile
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+RESULTS, ARRAYS, SUMMARY = "results.json", "distributions.npz", "summary.csv"
+
+
+def versions(*packages: str) -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("kl-estimation", "numpy", "scipy", *packages):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def jsonable(obj):
+    """Plain JSON: numpy scalars/arrays to Python, NaN and ±inf to None (strict JSON has no such numbers)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    text = json.dumps(jsonable(obj), indent=1, ensure_ascii=False, allow_nan=False)
+    _atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def write_npz(path: Path, arrays: dict) -> None:
+    _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(jsonable(rows))
+    _atomic_write(path, lambda fh: fh.write(buf.getvalue().encode()))
+
+
+def check_output_dir(path: str | Path | None, flag: str = "--output-dir") -> None:
+    """Fail early (before any work) when `path` cannot become a writable folder."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag}: {p} exists and is not a folder")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot write to {p} ({probe} is not a writable folder)")
+
+
+def make_run_dir(path: str | Path | None, kind: str) -> Path:
+    """`path` itself, or a new timestamped folder under results/<kind>/."""
+    if path is not None:
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    base = Path("results") / kind
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for i in range(1000):
+        p = base / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            p.mkdir(parents=True)
+            return p
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run folder under {base}")
+
