@@ -8,12 +8,14 @@ Both take log-weights and work over the last axis, vectorised over any leading a
   profile-likelihood / empirical-Bayes estimator of Zhang & Stephens (2009) and the same weakly informative prior
   on k (10 pseudo-observations at k = 0.5) as the reference implementations. k̂ < 0.5: the weights have a finite
   variance; 0.5–0.7: usable, slowly converging; > 0.7: the IS estimate cannot be trusted whatever its sample variance.
-  Constant weights (sampling from the target itself) have no tail: k̂ is NaN.
+  Constant weights (sampling from the target itself) have no tail: k̂ is NaN. So do weights whose M largest hold
+  fewer than M/2 distinct values: a GPD fit to heavy ties (a single-token proposal drawing the same few tokens again
+  and again) says nothing about the tail; there the exact variance is the diagnostic to trust.
 """
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import logsumexp, softmax
+from scipy.special import softmax
 
 KHAT_LIMIT = 0.7
 
@@ -21,7 +23,8 @@ KHAT_LIMIT = 0.7
 def kish_ess(log_w: np.ndarray, axis: int = -1) -> np.ndarray:
     """(Σw)²/Σw² — the number of equally weighted draws the weighted sample is worth."""
     log_w = np.asarray(log_w, dtype=np.float64)
-    return np.exp(2 * logsumexp(log_w, axis=axis) - logsumexp(2 * log_w, axis=axis))
+    w = np.exp(log_w - log_w.max(axis=axis, keepdims=True))  # the scale cancels in the ratio
+    return np.square(w.sum(axis=axis)) / np.square(w).sum(axis=axis)
 
 
 def gpd_fit(x: np.ndarray, prior_k: float = 10.0, prior_bs: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +59,8 @@ def pareto_khat(log_w: np.ndarray, axis: int = -1) -> np.ndarray:
     lw_max = top[..., -1:]
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         x = np.exp(top[..., 1:] - lw_max) - np.exp(top[..., :1] - lw_max)
-        flat = ~(x[..., -1] > 0) | ~np.isfinite(lw_max[..., 0])
+        distinct = 1 + (np.diff(top[..., 1:], axis=-1) > 0).sum(axis=-1)
+        flat = ~(x[..., -1] > 0) | ~np.isfinite(lw_max[..., 0]) | (distinct < M / 2)
         x = np.where(flat[..., None], 1.0, x)  # placeholder rows, masked below
         k, _ = gpd_fit(x)
     return np.where(flat, np.nan, k)

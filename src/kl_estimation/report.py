@@ -32,32 +32,33 @@ def pair_report(pair: dict, n_samples: int, n_repeats: int) -> str:
         f"true KL(P‖Q) = {pair['true_kl']:.6g}   theoretical variance Var_P[log P/Q] = "
         f"{pair['theoretical_variance']:.6g} per sample   ({n_samples} samples × {n_repeats} repeats)",
         "",
-        f"{'method':<{NAME_W}} {'mean est':>9} {'|error|':>9} {'rel %':>7} {'emp var':>9} {'exact var':>9} "
-        f"{'var/naive':>9} {'ESS %':>6} {'max w':>9} {'k̂':>5} {'score':>7}  flag",
+        f"{'method (! = flagged)':<{NAME_W}} {'mean est':>9} {'|error|':>9} {'rel %':>7} {'emp var':>9} "
+        f"{'exact var':>9} {'var/naive':>9} {'ESS %':>6} {'max w':>9} {'k̂':>5} {'score':>7}",
     ]
     for m in pair["methods"]:
         ratio = m["exact_variance"] / pair["theoretical_variance"] if pair["theoretical_variance"] > 0 else None
         lines.append(
-            f"{_name(m['name']):<{NAME_W}} {num(m['mean_estimate'])} {num(m['abs_error'])} "
-            f"{num(m['rel_error_pct'], 7, 1)} {num(m['empirical_variance'])} {num(m['exact_variance'])} "
-            f"{num(ratio)} {num(m['mean_ess_pct'], 6, 1)} {num(m['max_weight'] and max(m['max_weight']))} "
-            f"{num(m['mean_khat'], 5, 2)} {num(m['combined_score'], 7, 3)}  {'!' if m['flags'] else ''}")
+            f"{_name(('! ' if m['flags'] else '  ') + m['name']):<{NAME_W}} {num(m['mean_estimate'])} "
+            f"{num(m['abs_error'])} {num(m['rel_error_pct'], 7, 1)} {num(m['empirical_variance'])} "
+            f"{num(m['exact_variance'])} {num(ratio)} {num(m['mean_ess_pct'], 6, 1)} "
+            f"{num(m['max_weight'] and max(m['max_weight']))} {num(m['mean_khat'], 5, 2)} "
+            f"{num(m['combined_score'], 7, 3)}")
     flagged = [m for m in pair["methods"] if m["flags"]]
     if flagged:
         lines += ["", "! flagged — ranked after every unflagged method:"]
-        lines += [f"  {m['name']}: {'; '.join(m['flags'])}" for m in flagged]
+        lines += [f"  {m['name']}: {flag}" for m in flagged for flag in m["flags"]]
     lines += ["", _top5(pair)]
     return "\n".join(lines)
 
 
-TITLES = {"by_exact_variance": "exact variance (noise-free)", "by_accuracy": "accuracy (|error|)",
+TITLES = {"by_exact_variance": "exact variance", "by_accuracy": "accuracy |error|",
           "by_variance": "sample variance", "by_combined": "combined score"}
 
 
 def _top5(pair: dict) -> str:
     w = WIDTH // len(TITLES) - 1
     flagged = {m["name"] for m in pair["methods"] if m["flags"]}
-    head = " ".join(f"{'top 5 by ' + t:<{w}}" for t in TITLES.values())
+    head = " ".join(f"{_name('top 5: ' + t, w):<{w}}" for t in TITLES.values())
     rows = []
     for i in range(5):
         cells = []

@@ -123,10 +123,15 @@ def methods_for(P: np.ndarray, Q: np.ndarray, alpha_values=DEFAULT_ALPHA_VALUES,
 
 
 def sample_indices(log_r: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Draws from exp(log_r) by inverting its CDF; side='right' never lands on a zero-probability token."""
+    """i.i.d. draws from exp(log_r) by inverting its CDF; side='right' never lands on a zero-probability token.
+
+    Each row (the last axis) comes out sorted by token CDF: sorted uniforms make searchsorted about twice as fast,
+    and every statistic of a repeat (mean, variance, ESS, k̂) is symmetric in its draws. A caller that needs a
+    sub-sample must take a random subset, not a prefix.
+    """
     cdf = np.cumsum(np.exp(log_r))
-    idx = np.searchsorted(cdf, rng.random(shape) * cdf[-1], side="right")
-    return np.minimum(idx, log_r.size - 1)
+    u = np.sort(rng.random(shape), axis=-1) * cdf[-1]
+    return np.minimum(np.searchsorted(cdf, u, side="right"), log_r.size - 1)
 
 
 def _finite_or_none(x):
