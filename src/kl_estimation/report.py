@@ -8,11 +8,16 @@ NAME_W = 30
 
 
 def num(x, width: int = 9, digits: int = 3) -> str:
+    """Right-aligned fixed point when it fits and is not ~0, else the longest scientific form that fits."""
     if x is None:
         return "—".rjust(width)
-    if x != 0 and (abs(x) >= 10 ** (width - digits - 2) or abs(x) < 10 ** -digits):
-        return f"{x:.{max(digits - 1, 1)}e}".rjust(width)
-    return f"{x:.{digits}f}".rjust(width)
+    text = f"{x:.{digits}f}"
+    if len(text) > width or (x != 0 and abs(x) < 10 ** -digits):
+        for p in range(max(digits - 1, 1), -1, -1):
+            text = f"{x:.{p}e}"
+            if len(text) <= width:
+                break
+    return text.rjust(width)
 
 
 def _name(n: str, w: int = NAME_W) -> str:
