@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from . import runio
 
@@ -85,15 +84,32 @@ def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> i
     runio.write_json(out / runio.RESULTS, results)
     if not args.no_plots:
         from . import plots
-        plots.draw_all(out)
+        print(f"figures: {plots.draw_all(out)}")
     print(f"run folder: {out}")
+    return 0
+
+
+# ---------------------------------------------------------------- visualize_proposals.py
+
+def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) -> int:
+    from . import plots
+
+    p = Parser(prog=prog, description="Draw every figure of a synthetic run folder from its saved files "
+                                      "(results.json + distributions.npz) into <run folder>/plots/, with an index.html.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_folder", help="a folder written by Synthetic_tests.py")
+    p.add_argument("--format", default=defaults.get("format", "png"), help=f"one of {', '.join(plots.FORMATS)}")
+    p.add_argument("--pairs", nargs="+", help="only these pairs, e.g. zipf/medium mixture/high")
+    p.add_argument("--methods", nargs="+", help="only these proposals in per-proposal figures (quote names)")
+    args = p.parse_args(argv)
+    try:
+        index = plots.draw_all(args.run_folder, args.format, args.pairs and _names(args.pairs), args.methods)
+    except ValueError as err:
+        return fail(prog, str(err))
+    print(f"figures: {index}")
     return 0
 
 
 def not_implemented_main(prog: str) -> int:
     print(f"{prog}: not implemented yet", file=sys.stderr)
     return 1
-
-
-def script_name(file: str) -> str:
-    return Path(file).name

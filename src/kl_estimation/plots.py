@@ -1,0 +1,488 @@
+"""Figures of a synthetic run, drawn from its saved files alone (results.json + distributions.npz).
+
+Per (family, divergence) pair:
+  1 overlay     P, Q, |log P/Q| and every proposal r by rank, log–log, one panel per proposal family
+  2 weights     exact distribution of the weights w = P/r under r (log-spaced bins), one panel per proposal
+  3 coverage    expected share of draws per vocabulary region for P and every proposal, plus where the KL lives
+  4 ess         Kish ESS % and max weight per proposal, sorted
+  5 scatter     |error| vs sample variance per method, log axes
+  6 exact-var   exact variance relative to naive MC per method (the noise-free picture)
+  7 error-vs-n  RMSE over repeats against n for naive MC, RB and the best proposals, beside the exact √(Var/n)
+Across pairs:
+  8 cross       heatmap of log10(exact variance / naive MC variance), methods × pairs
+
+A method family keeps its colour in every figure; parameters are shades of it. Flagged methods (see evaluation.py)
+are drawn hatched or with an ✕ so a calm-looking degenerate proposal never looks like a winner.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+
+import numpy as np
+
+from . import runio
+from .evaluation import exact_kl, exact_moments
+from .proposals import REGISTRY, log_ratio
+from .synthetic import _stream, methods_for, sample_indices
+
+FORMATS = ("png", "pdf", "svg")
+GROUP_ORDER = ("Naive MC", "Rao-Blackwell", "Schulman", *REGISTRY)
+_PALETTE = ["#000000", "#1b9e77", "#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+            "#e377c2", "#bcbd22", "#17becf", "#393b79", "#b8860b", "#637939"]
+COLORS = dict(zip(GROUP_ORDER, _PALETTE))
+SAMPLE_SIZES = (10, 30, 100, 300, 1000, 3000)
+ERROR_REPEATS = 200
+
+
+class RunFolderError(ValueError):
+    """A folder that is not a readable run folder, or a selection that names nothing in it."""
+
+
+@dataclass
+class Run:
+    path: Path
+    results: dict
+    arrays: dict
+
+    def pair(self, key: str) -> dict:
+        return next(p for p in self.results["pairs"] if f"{p['family']}/{p['divergence']}" == key)
+
+
+def load_run(path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise RunFolderError(f"{path} is not a folder (give a run folder holding {runio.RESULTS})")
+    res_path, npz_path = path / runio.RESULTS, path / runio.ARRAYS
+    for p in (res_path, npz_path):
+        if not p.is_file():
+            raise RunFolderError(f"{path} is not a run folder: {p.name} is missing")
+    try:
+        results = json.loads(res_path.read_text())
+        pairs = results["pairs"]
+        for p in pairs:
+            p["family"], p["divergence"], p["methods"], p["rankings"]  # noqa: B018 - key check
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RunFolderError(f"{res_path} is corrupt or not a synthetic results file ({type(err).__name__}: {err})")
+    try:
+        with np.load(npz_path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise RunFolderError(f"{npz_path} is corrupt ({type(err).__name__}: {err})")
+    for p in pairs:
+        for suffix in ("P", "Q"):
+            if f"{p['family']}/{p['divergence']}/{suffix}" not in arrays:
+                raise RunFolderError(f"{npz_path} lacks {p['family']}/{p['divergence']}/{suffix}")
+    return Run(path, results, arrays)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # A fixed title height switches off matplotlib's per-draw title placement, which dominates the time of
+    # many-panel figures; so do minor ticks on log axes.
+    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "figure.titlesize": 13, "axes.grid": True,
+                         "grid.alpha": 0.3, "legend.fontsize": 8, "savefig.dpi": 90, "axes.titley": 1.0,
+                         "xtick.minor.visible": False, "ytick.minor.visible": False})
+    return plt
+
+
+def _shade(group: str, i: int, n: int):
+    """i-th of n shades of a family colour: light for the smallest parameter, full for the largest."""
+    from matplotlib.colors import to_rgb
+
+    base = np.array(to_rgb(COLORS.get(group, "#444444")))
+    t = 1.0 if n <= 1 else 0.35 + 0.65 * i / (n - 1)
+    return tuple(1 - t * (1 - base))
+
+
+def _proposals(pair: dict, methods: set | None):
+    return [m for m in pair["methods"] if m["family"] in REGISTRY and (methods is None or m["name"] in methods)]
+
+
+def _grid(n: int, max_cols: int = 4):
+    cols = min(max_cols, n)
+    return math.ceil(n / cols), cols
+
+
+def _grid_layout(fig, rows: int, hspace: float = 0.3):
+    """Fixed margins for small-multiple grids (tight_layout costs seconds on 30 log-scaled panels)."""
+    for ax in fig.axes:
+        ax.label_outer()  # shared axes: tick labels only on the outer panels
+    h = fig.get_figheight()
+    fig.subplots_adjust(left=0.05, right=0.97, bottom=0.6 / h, top=1 - 0.95 / h, wspace=0.12, hspace=hspace)
+
+
+def _title(pair):
+    return f"{pair['family']} · divergence {pair['divergence']} (KL = {pair['true_kl']:.4g})"
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+def fig_overlay(plt, run: Run, key: str, methods, n_tokens: int = 300):
+    pair, a = run.pair(key), run.arrays
+    P, Q = a[f"{key}/P"], a[f"{key}/Q"]
+    order = np.argsort(-P, kind="stable")[: min(P.size, n_tokens)]
+    ranks = np.arange(1, order.size + 1)
+    groups: dict[str, list] = {}
+    for m in _proposals(pair, methods):
+        groups.setdefault(m["family"], []).append(m)
+    rows, cols = _grid(len(groups) + 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), sharex=True, sharey=True, squeeze=False)
+    axes = axes.ravel()
+    f = np.abs(log_ratio(np.log(P), np.log(Q)))[order]
+    ax = axes[0]
+    ax.plot(ranks, P[order], color="black", lw=1.2, label="P")
+    ax.plot(ranks, Q[order], ".", color="0.45", ms=3, label="Q")
+    ax2 = ax.twinx()
+    ax2.vlines(ranks, 0, f, color="#d62728", lw=0.8, alpha=0.6)
+    ax2.set_ylabel("|log P/Q|", color="#d62728")
+    ax2.grid(False)
+    ax.set_title("P, Q and |log P/Q| (red bars, right axis)")
+    ax.legend(loc="lower left")
+    for ax, (group, ms) in zip(axes[1:], groups.items()):
+        ax.plot(ranks, P[order], color="black", lw=1.0, label="P")
+        for i, m in enumerate(ms):
+            ax.plot(ranks, a[f"{key}/r/{m['name']}"][order], ".", ms=3, color=_shade(group, i, len(ms)),
+                    label=m["name"].removeprefix(group).strip(" ()") or group)
+        ax.set_title(group)
+        ax.legend(loc="lower left", ncol=1 if len(ms) < 4 else 2, markerscale=3)
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].set_ylim(P[order].min() / 1e3, 1.5)
+    for ax in axes[len(groups) + 1:]:
+        ax.set_visible(False)
+    for ax in axes[(rows - 1) * cols:]:
+        ax.set_xlabel("token rank under P")
+    fig.suptitle(f"P (black line) and every proposal r (dots) over the {order.size} most likely tokens — {_title(pair)}"
+                 f"\nshades: light = smallest parameter; dots above the line get more draws than under P")
+    _grid_layout(fig, rows)
+    return fig, (f"P, Q, |log P/Q| and every proposal over the {order.size} most likely tokens (log–log), one panel "
+                 f"per proposal family.")
+
+
+def fig_weights(plt, run: Run, key: str, methods):
+    pair, a = run.pair(key), run.arrays
+    P = a[f"{key}/P"]
+    props = _proposals(pair, methods)
+    hists = []
+    for m in props:
+        r = a[f"{key}/r/{m['name']}"]
+        s = (r > 0) & (P > 0)
+        hists.append((np.log10(P[s] / r[s]), r[s]))
+    lo = min(h[0].min() for h in hists) - 0.1
+    hi = max(h[0].max() for h in hists) + 0.1
+    edges = np.linspace(lo, hi, 41)
+    rows, cols = _grid(len(props), 6)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.3 * rows), sharex=True, sharey=True, squeeze=False)
+    axes = axes.ravel()
+    for ax, m, (lw, share) in zip(axes, props, hists):
+        counts, _ = np.histogram(lw, bins=edges, weights=share)
+        ax.stairs(np.maximum(counts, 1e-12), edges, baseline=1e-12, fill=True, color=COLORS[m["family"]],
+                  hatch="//" if m["flags"] else None)
+        ax.axvline(0.0, color="black", lw=0.6, ls=":")
+        khat = "—" if m["mean_khat"] is None else f"{m['mean_khat']:.2f}"
+        ax.set_title(f"{'! ' if m['flags'] else ''}{m['name']}\nESS {m['mean_ess_pct']:.0f}%  max w "
+                     f"{max(m['max_weight']):.3g}  k-hat {khat}", fontsize=8,
+                     color="#d62728" if m["flags"] else "black")
+    axes[0].set_yscale("log")
+    axes[0].set_ylim(1e-8, 1.5)
+    for ax in axes[len(props):]:
+        ax.set_visible(False)
+    for ax in axes[(rows - 1) * cols:]:
+        ax.set_xlabel("log10 w")
+    for ax in axes[::cols]:
+        ax.set_ylabel("share of draws")
+    fig.suptitle(f"Exact distribution of the weights w = P/r under r (share of draws per bin; w = 1 dotted) — "
+                 f"{_title(pair)}\ntitles: mean Kish ESS, largest weight drawn and Pareto k-hat over the run's "
+                 f"repeats; red / hatched = flagged")
+    _grid_layout(fig, rows, hspace=0.55)
+    return fig, "Distribution of importance weights per proposal (exact, under r), with ESS, max weight and k̂."
+
+
+def _regions(V: int):
+    edges = [0] + [e for e in (10, 100, 1000, 10_000, 100_000) if e < V] + [V]
+    labels = [f"{lo + 1}–{hi}" for lo, hi in zip(edges[:-1], edges[1:])]
+    return edges, labels
+
+
+def fig_coverage(plt, run: Run, key: str, methods):
+    pair, a = run.pair(key), run.arrays
+    P, Q = a[f"{key}/P"], a[f"{key}/Q"]
+    order = np.argsort(-P, kind="stable")
+    edges, labels = _regions(P.size)
+    contrib = P * np.abs(log_ratio(np.log(P), np.log(Q)))
+    kl_tokens = contrib >= np.quantile(contrib, 0.9)  # the top 10 % of tokens by P·|log P/Q|
+    rows = [("P", P)] + [(m["name"], a[f"{key}/r/{m['name']}"]) for m in _proposals(pair, methods)]
+    data = np.array([[r[order[lo:hi]].sum() for lo, hi in zip(edges[:-1], edges[1:])] + [r[kl_tokens].sum()]
+                     for _, r in rows])
+    cols = [f"ranks {x}" for x in labels] + ["top-10% P·|log P/Q|\ntokens"]
+    fig, ax = plt.subplots(figsize=(2.0 + 1.35 * len(cols), 1.2 + 0.28 * len(rows)))
+    im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(cols)), cols, fontsize=8)
+    ax.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=8)
+    ax.grid(False)
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if data[i, j] < 0.6 else "black")
+    ax.axvline(len(labels) - 0.5, color="white", lw=2)
+    fig.colorbar(im, ax=ax, label="expected share of draws", fraction=0.04)
+    ax.set_title(f"Where each proposal puts its draws — {_title(pair)}\n"
+                 f"last column: share on the 10 % of tokens carrying the most KL (P·|log P/Q|: "
+                 f"{contrib[kl_tokens].sum() / contrib.sum():.0%} of Σ P|log P/Q|)")
+    fig.tight_layout()
+    return fig, "Share of draws per vocabulary region (by P-rank) for P and each proposal, and on the KL-heavy tokens."
+
+
+def fig_ess(plt, run: Run, key: str, methods):
+    pair = run.pair(key)
+    props = sorted(_proposals(pair, methods), key=lambda m: -(m["mean_ess_pct"] or 0))
+    names = [("! " if m["flags"] else "") + m["name"] for m in props]
+    y = np.arange(len(props))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 1.2 + 0.27 * len(props)), sharey=True)
+    colors = [COLORS[m["family"]] for m in props]
+    hatches = ["//" if m["flags"] else None for m in props]
+    for ax, vals, label in ((a1, [m["mean_ess_pct"] for m in props], "Kish ESS % of the drawn weights (mean)"),
+                            (a2, [max(m["max_weight"]) for m in props], "largest weight drawn (log)")):
+        bars = ax.barh(y, vals, color=colors, edgecolor="black", lw=0.3)
+        for b, h in zip(bars, hatches):
+            b.set_hatch(h)
+        ax.set_xlabel(label)
+    a1.set_yticks(y, names, fontsize=8)
+    a1.invert_yaxis()
+    a1.set_xlim(0, 100)
+    a2.set_xscale("log")
+    a2.axvline(1, color="black", lw=0.6, ls=":")
+    fig.suptitle(f"Effective sample size and largest weight per proposal, sorted by ESS — {_title(pair)}\n"
+                 f"! / hatched = flagged (a high ESS with a degenerate weight distribution is a warning, not a win)")
+    fig.tight_layout()
+    return fig, "Kish ESS % and largest drawn weight per proposal, sorted; flagged proposals hatched."
+
+
+def fig_scatter(plt, run: Run, key: str, methods):
+    pair = run.pair(key)
+    ms = [m for m in pair["methods"] if methods is None or m["name"] in methods or m["family"] not in REGISTRY]
+    fig, ax = plt.subplots(figsize=(8.5, 6))
+    seen = set()
+    for m in ms:
+        x, y = max(m["empirical_variance"], 1e-300), max(m["abs_error"], 1e-300)
+        big = m["family"] in ("Naive MC", "Rao-Blackwell")
+        label = m["family"] if m["family"] not in seen else None
+        seen.add(m["family"])
+        ax.scatter(x, y, s=140 if big else 40, marker="X" if m["flags"] else ("*" if big else "o"),
+                   color=COLORS[m["family"]], edgecolor="black", lw=0.4, zorder=3 if big else 2, label=label)
+        if big:
+            ax.annotate(m["name"], (x, y), xytext=(6, 6), textcoords="offset points", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("sample variance per draw (mean over repeats)")
+    ax.set_ylabel("|estimate − KL| (mean over repeats)")
+    ax.set_title(f"Accuracy vs sample variance — {_title(pair)}\nbottom-left is better; ✕ = flagged (do not trust its "
+                 f"variance)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    fig.tight_layout()
+    return fig, "|error| against sample variance per method (log axes); naive MC and RB as stars, flagged as ✕."
+
+
+def fig_exact_variance(plt, run: Run, key: str, methods):
+    pair = run.pair(key)
+    ms = [m for m in pair["methods"] if methods is None or m["name"] in methods or m["family"] not in REGISTRY]
+    ms = sorted(ms, key=lambda m: m["exact_variance"])
+    ratio = np.array([max(m["exact_variance"], 1e-300) / pair["theoretical_variance"] for m in ms])
+    y = np.arange(len(ms))
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.27 * len(ms)))
+    bars = ax.barh(y, np.log10(ratio), color=[COLORS[m["family"]] for m in ms], edgecolor="black", lw=0.3)
+    for b, m in zip(bars, ms):
+        if m["flags"]:
+            b.set_hatch("//")
+            b.set_edgecolor("#d62728")
+    ax.set_yticks(y, [("! " if m["flags"] else "") + m["name"] for m in ms], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=1)
+    ax.set_xlabel("log10(exact variance / naive MC variance)   — left of 0 beats naive MC")
+    ax.set_title(f"Exact variance relative to naive MC (noise-free) — {_title(pair)}\n"
+                 f"hatched red = flagged (biased, degenerate weights or k̂ > 0.7)")
+    fig.tight_layout()
+    return fig, "Exact per-sample variance relative to naive MC for every method (log scale, sorted, flagged hatched)."
+
+
+def error_vs_n(run: Run, key: str, n_best: int = 3, sizes=SAMPLE_SIZES, repeats=ERROR_REPEATS):
+    """RMSE over `repeats` fresh repeats at each n, for naive MC, RB and the best unflagged proposals by exact
+    variance. The methods are rebuilt from the saved P, Q and config; the draws are new (deterministic from the
+    run's seed), a few hundred thousand per pair, so this never multiplies the run time."""
+    pair, a, cfg = run.pair(key), run.arrays, run.results["config"]
+    P, Q = a[f"{key}/P"], a[f"{key}/Q"]
+    kl = float(exact_kl(P, Q))
+    flagged = {m["name"] for m in pair["methods"] if m["flags"]}
+    ranked = pair["rankings"]["by_exact_variance"]
+    names = [n for n in ranked if n.startswith(("Naive MC", "Rao-Blackwell"))]
+    names += [n for n in ranked if n not in flagged and n not in names and not n.startswith("Schulman")][:n_best]
+    built = {m.name: m for m in methods_for(P, Q, cfg["alpha_values"], cfg["rb_top_k"])}
+    out = {}
+    for name in names:
+        m = built[name]
+        var = exact_moments(np.exp(m.log_r), m.g)[1]
+        rng = _stream(cfg["seed"], "error-vs-n", key, name)
+        rmse = [float(np.sqrt(np.mean((m.g[sample_indices(m.log_r, (repeats, n), rng)].mean(-1) - kl) ** 2)))
+                for n in sizes]
+        out[name] = (np.array(rmse), var)
+    return out
+
+
+def fig_error_vs_n(plt, run: Run, key: str, methods):
+    pair = run.pair(key)
+    data = error_vs_n(run, key)
+    n = np.array(SAMPLE_SIZES)
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    fams = {m["name"]: m["family"] for m in pair["methods"]}
+    for i, (name, (rmse, var)) in enumerate(data.items()):
+        same = [k for k in data if fams[k] == fams[name]]
+        c = _shade(fams[name], same.index(name), len(same))
+        ax.loglog(n, rmse, "osD^v<>"[i % 7], color=c, label=name, ms=6, markeredgecolor="black", mew=0.4)
+        ax.loglog(n, np.sqrt(var / n), "-", color=c, lw=1, alpha=0.8)
+    ax.set_xlabel("samples n")
+    ax.set_ylabel(f"RMSE over {ERROR_REPEATS} repeats")
+    ax.set_title(f"Error vs sample size — {_title(pair)}\npoints: fresh repeats; lines: exact √(Var/n)")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig, "RMSE against n for naive MC, RB and the best proposals by exact variance, with exact √(Var/n) lines."
+
+
+def fig_cross(plt, run: Run, keys: list[str], methods):
+    pairs = [run.pair(k) for k in keys]
+    names = [m["name"] for m in pairs[0]["methods"] if methods is None or m["name"] in methods
+             or m["family"] not in REGISTRY]
+    data = np.full((len(names), len(pairs)), np.nan)
+    flagged = np.zeros_like(data, dtype=bool)
+    for j, p in enumerate(pairs):
+        by = {m["name"]: m for m in p["methods"]}
+        for i, n in enumerate(names):
+            if n in by:
+                data[i, j] = np.log10(max(by[n]["exact_variance"], 1e-300) / p["theoretical_variance"])
+                flagged[i, j] = bool(by[n]["flags"])
+    lim = max(1.0, min(np.nanmax(np.abs(data)), 6))
+    fig, ax = plt.subplots(figsize=(max(7.0, 2.5 + 1.1 * len(pairs)), 1.3 + 0.27 * len(names)))
+    im = ax.imshow(np.clip(data, -lim, lim), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_xticks(range(len(pairs)), [f"{p['family']}\n{p['divergence']}" for p in pairs], fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.grid(False)
+    for i in range(len(names)):
+        for j in range(len(pairs)):
+            if np.isfinite(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:.1f}{'!' if flagged[i, j] else ''}", ha="center", va="center",
+                        fontsize=7, color="white" if abs(data[i, j]) > 0.6 * lim else "black")
+    fig.colorbar(im, ax=ax, label="log10(exact var / naive MC var), clipped", fraction=0.04)
+    ax.set_title("Exact variance vs naive MC across families and divergences\nblue beats naive MC; ! = flagged")
+    fig.tight_layout()
+    return fig, "log10(exact variance / naive MC variance) for every method across all pairs (blue beats naive MC)."
+
+
+PAIR_FIGURES = {
+    "overlay": fig_overlay, "weights": fig_weights, "coverage": fig_coverage, "ess": fig_ess,
+    "scatter": fig_scatter, "exact-variance": fig_exact_variance, "error-vs-n": fig_error_vs_n,
+}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def select(run: Run, pairs=None, methods=None) -> tuple[list[str], set | None]:
+    keys = [f"{p['family']}/{p['divergence']}" for p in run.results["pairs"]]
+    if pairs:
+        unknown = [k for k in pairs if k not in keys]
+        if unknown:
+            raise RunFolderError(f"--pairs: unknown pair {unknown[0]!r}; this run has: {', '.join(keys)}")
+        keys = [k for k in keys if k in pairs]
+    if methods:
+        known = {m["name"] for p in run.results["pairs"] for m in p["methods"]}
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise RunFolderError(f"--methods: unknown method {unknown[0]!r}; e.g. {', '.join(sorted(known)[:4])}, …")
+        methods = set(methods)
+    return keys, methods
+
+
+_LOADED: dict[Path, Run] = {}  # the run being drawn; forked workers inherit it instead of reloading
+
+
+def _render(job):
+    """Draw one figure to a file (a top-level function so a process pool can run it)."""
+    path, fmt, name, key, methods, out = job
+    plt = _plt()
+    run = _LOADED.get(path) or load_run(path)
+    if name == "cross":
+        fig, caption = fig_cross(plt, run, key, methods)
+    else:
+        fig, caption = PAIR_FIGURES[name](plt, run, key, methods)
+    fig.savefig(out, format=fmt)
+    plt.close(fig)
+    return caption
+
+
+def draw_all(path, fmt: str = "png", pairs=None, methods=None, workers: int | None = None) -> Path:
+    """Draw every figure of the run folder `path` into `path/plots/` with an index.html; returns the index path.
+
+    Figures are drawn into a temporary folder that replaces plots/ only when all succeeded: nothing half-written.
+    """
+    if fmt not in FORMATS:
+        raise RunFolderError(f"--format: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    run = load_run(path)
+    keys, methods = select(run, pairs, methods)
+    path = Path(path)
+    _LOADED.clear()
+    _LOADED[path] = run
+    tmp = Path(tempfile.mkdtemp(prefix=".plots-", dir=path))
+    tmp.chmod(0o755)
+    try:
+        jobs = []
+        for key in keys:
+            slug = key.replace("/", "_")
+            for i, name in enumerate(PAIR_FIGURES, start=1):
+                jobs.append((path, fmt, name, key, methods, tmp / f"{slug}_{i}_{name}.{fmt}"))
+        jobs.append((path, fmt, "cross", keys, methods, tmp / f"cross_family_8_exact-variance.{fmt}"))
+        workers = workers or min(len(jobs), os.cpu_count() or 1)
+        _plt()  # import matplotlib once, before the workers fork
+        if workers > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+                captions = list(pool.map(_render, jobs))
+        else:
+            captions = [_render(j) for j in jobs]
+        _write_index(tmp, keys, [(j[-1].name, c) for j, c in zip(jobs, captions)], fmt, run)
+        final = path / "plots"
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final / "index.html"
+
+
+def _write_index(folder: Path, keys, files, fmt, run: Run):
+    cfg = run.results.get("config", {})
+    parts = [f"<!doctype html><meta charset='utf-8'><title>KL estimation run — figures</title>",
+             "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}figure{margin:1.5em 0}"
+             "img{max-width:100%;border:1px solid #ddd}figcaption{color:#333}</style>",
+             f"<h1>Synthetic run {escape(run.path.name)}</h1>",
+             f"<p>V = {cfg.get('vocab_size')}, n = {cfg.get('n_samples')} × {cfg.get('n_repeats')} repeats, "
+             f"seed {cfg.get('seed')}. Pairs: {escape(', '.join(keys))}.</p>"]
+    for name, caption in files:
+        media = (f"<a href='{escape(name)}'>{escape(name)}</a>" if fmt == "pdf"
+                 else f"<a href='{escape(name)}'><img src='{escape(name)}' alt='{escape(caption)}'></a>")
+        parts.append(f"<figure>{media}<figcaption><b>{escape(name)}</b> — {escape(caption)}</figcaption></figure>")
+    (folder / "index.html").write_text("\n".join(parts) + "\n")

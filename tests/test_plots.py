@@ -1,0 +1,92 @@
+"""visualize_proposals.py: every figure drawn from a saved run folder alone, and each error path."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kl_estimation.cli import synthetic_main, visualize_main
+from kl_estimation.plots import PAIR_FIGURES
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    assert synthetic_main(["--vocab-size", "300", "--n-samples", "60", "--n-repeats", "2", "--families", "zipf",
+                           "mixture", "--alpha-values", "0.5", "0.9", "--output-dir", str(out)]) == 0
+    return out
+
+
+def expected_files(pairs):
+    return {f"{k.replace('/', '_')}_{i}_{n}.png" for k in pairs for i, n in enumerate(PAIR_FIGURES, 1)} | {
+        "cross_family_8_exact-variance.png", "index.html"}
+
+
+def test_synthetic_run_draws_every_figure(run_dir):
+    plots = run_dir / "plots"
+    files = {p.name for p in plots.iterdir()}
+    assert files == expected_files(["zipf/medium", "mixture/medium"])
+    index = (plots / "index.html").read_text()
+    for f in files - {"index.html"}:
+        data = (plots / f).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000, f
+        assert f"src='{f}'" in index
+
+
+def test_redraw_from_folder_alone_gives_same_files(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("results.json", "distributions.npz"):
+        (copy / name).write_bytes((run_dir / name).read_bytes())
+    assert visualize_main([str(copy)]) == 0
+    assert {p.name for p in (copy / "plots").iterdir()} == {p.name for p in (run_dir / "plots").iterdir()}
+
+
+def test_formats_and_narrowing(run_dir, tmp_path):
+    assert visualize_main([str(run_dir), "--format", "svg", "--pairs", "mixture/medium",
+                           "--methods", "Optimal", "Geometric (β=0.5)"]) == 0
+    files = {p.name for p in (run_dir / "plots").iterdir()}
+    assert files == {f.replace(".png", ".svg") for f in expected_files(["mixture/medium"])}
+    assert (run_dir / "plots" / "mixture_medium_2_weights.svg").read_text().lstrip().startswith("<?xml")
+    assert visualize_main([str(run_dir), "--format", "pdf", "--pairs", "zipf/medium"]) == 0
+    assert (run_dir / "plots" / "zipf_medium_6_exact-variance.pdf").read_bytes().startswith(b"%PDF")
+    assert visualize_main([str(run_dir)]) == 0  # back to the full set for the other tests
+
+
+def one_line_error(argv, capsys, needle):
+    try:
+        code = visualize_main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
+
+
+def test_error_paths(run_dir, tmp_path, capsys):
+    one_line_error([str(tmp_path / "nope")], capsys, "is not a folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error([str(empty)], capsys, "results.json is missing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text("{not json")
+    (bad / "distributions.npz").write_bytes((run_dir / "distributions.npz").read_bytes())
+    one_line_error([str(bad)], capsys, "is corrupt")
+    (bad / "results.json").write_text((run_dir / "results.json").read_text())
+    (bad / "distributions.npz").write_bytes(b"garbage")
+    one_line_error([str(bad)], capsys, "distributions.npz is corrupt")
+    one_line_error([str(run_dir), "--pairs", "zipf/extreme"], capsys, "--pairs: unknown pair 'zipf/extreme'")
+    one_line_error([str(run_dir), "--methods", "Nope"], capsys, "--methods: unknown method 'Nope'")
+    one_line_error([str(run_dir), "--format", "gif"], capsys, "--format")
+    assert not (bad / "plots").exists()
+    assert not any(p.name.startswith(".plots-") for p in run_dir.iterdir())
+
+
+def test_script_entry_point(run_dir):
+    p = subprocess.run([sys.executable, str(ROOT / "visualize_proposals.py"), str(run_dir / "missing")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
