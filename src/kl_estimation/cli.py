@@ -110,6 +110,84 @@ def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) 
     return 0
 
 
-def not_implemented_main(prog: str) -> int:
-    print(f"{prog}: not implemented yet", file=sys.stderr)
-    return 1
+# ---------------------------------------------------------------- LLM_experiments.py
+
+def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
+    from .llm import LLMConfig
+
+    d = {**vars(LLMConfig()), **defaults}
+    p = Parser(prog=prog, description="KL(P‖Q) between two causal LMs: sequences sampled token by token from each "
+                                      "proposal, every estimator (MC/IS, SNIS, RB/RB-IS, k3) from one sample set.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--p-model", default=d["p_model"], help="base model P: transformers id or local folder "
+                                                           "(default with --q-model unset: the offline default pair)")
+    p.add_argument("--q-model", default=d["q_model"], help="fine-tuned model Q: transformers id or local folder")
+    p.add_argument("--prompt", default=d["prompt"])
+    p.add_argument("--n-reps", type=int, default=d["n_reps"], help="sequences per proposal")
+    p.add_argument("--t-length", type=int, default=d["t_length"], help="new tokens per sequence (the KL is of the "
+                                                                      "process truncated there)")
+    p.add_argument("--temperature", type=float, default=d["temperature"], help="applied to both P and Q")
+    p.add_argument("--proposals", nargs="+", default=list(d["proposals"]),
+                   help="'P' (plain MC), registry names such as 'Geometric (β=0.5)', optionally + ' [prefix-aware]'")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--device", default=d["device"], help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default=d["dtype"], help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, "
+                                                       "float16; log-softmax is float32 whatever this is")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--output-folder", default=d["output_folder"])
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-folder")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in --output-folder")
+    p.add_argument("--ignore-eos", action="store_true", help="keep sampling after EOS (always t-length tokens)")
+    args = p.parse_args(argv)
+    cfg = LLMConfig(**{k: getattr(args, k) for k in vars(LLMConfig())})
+    try:
+        return _run_llm(cfg, prog)
+    except ValueError as err:
+        return fail(prog, str(err))
+
+
+def _run_llm(cfg, prog: str) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from . import llm, report
+    from .models import load_transformers_pair
+
+    cfg.validate()
+    runio.check_output_dir(cfg.output_folder, "--output-folder")
+    earlier = llm.existing_outputs(cfg.output_folder, cfg.proposals)
+    if earlier and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"--output-folder: {cfg.output_folder} already holds results ({earlier[0].name}); pass "
+                         f"--resume to continue or reuse them, --overwrite to replace them, or choose another folder")
+    device = llm.resolve_device(cfg.device)
+    dtype = llm.resolve_dtype(cfg.dtype, device)
+    p_id, q_id = cfg.p_model, cfg.q_model
+    if p_id is None:
+        from . import default_pair
+
+        p_id, q_id = default_pair.ensure(cfg.seed)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    pair = load_transformers_pair(p_id, q_id, prompt=cfg.prompt, temperature=cfg.temperature, device=device,
+                                  dtype=dtype, ignore_eos=cfg.ignore_eos)
+    folder = Path(cfg.output_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {**vars(cfg), "proposals": list(cfg.proposals), "device": str(device), "dtype": dtype}
+    meta = dict(config=config, models={"p": cfg.p_model or "offline default pair (P)",
+                                       "q": cfg.q_model or "offline default pair (Q)", "p_path": p_id, "q_path": q_id},
+                versions=runio.versions("torch", "transformers", "tokenizers"), seed=cfg.seed,
+                truncation=f"KL of the sequence process truncated at {cfg.t_length} tokens"
+                           + ("" if pair.eos_token_id is None else " or at EOS"))
+    docs = [llm.run_proposal(pair, cfg, name, folder, meta, lambda **kw: tqdm(unit="batch", leave=False, disable=None, **kw))
+            for name in cfg.proposals]
+    rows = llm.summary_rows(docs)
+    runio.write_json(folder / "summary.json", dict(meta, rows=rows))
+    runio.write_csv(folder / "summary.csv", rows)
+    print(report.llm_table(rows, f"KL(P‖Q) per sequence, {cfg.n_reps} sequences × {len(docs)} proposals, "
+                                 f"T={cfg.t_length}, temperature {cfg.temperature}"))
+    print("\nNo exact KL exists for real LMs: RB (exact per-step KL along sequences from P) is the low-variance "
+          "reference; IS rows with large k̂ or tiny ESS are not to be trusted.")
+    print(f"output folder: {folder}")
+    return 0

@@ -21,6 +21,7 @@ often has lower error when weights are heavy; its variance is the delta-method o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,3 +94,36 @@ def log_mean_weight(log_weight, axis: int = -1):
     """log of the mean importance weight: ≈ 0 when the proposal is normalised and sampled correctly."""
     lw = np.asarray(log_weight, dtype=np.float64)
     return logsumexp(lw, axis=axis) - np.log(lw.shape[axis])
+
+
+Z95 = 1.959963984540054
+
+
+def sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool) -> dict[str, dict]:
+    """Every estimator from one set of N sequences drawn from a proposal; arrays (N, T) of per-step values at the
+    sampled tokens, `kl_step` the exact KL(P_t‖Q_t) of each step, `mask` False after EOS.
+
+    Names: with r = P, "MC", "SNIS" (identical to MC, weights are 1), "RB" and "k3"; otherwise "IS", "SNIS",
+    "RB-IS" and "k3-IS" (k3 of the sequence log-ratio, importance weighted). Each entry: estimate, std_error,
+    variance (per sequence), ess (Kish, in sequences), khat (Pareto k̂ of the sequence weights) and a normal 95 %
+    confidence interval.
+    """
+    from .diagnostics import kish_ess, pareto_khat
+
+    mask = np.asarray(mask, dtype=bool)
+    lw_step = np.where(mask, np.asarray(log_p) - np.asarray(log_r), 0.0)
+    log_w = lw_step.sum(-1)
+    f = np.where(mask, np.asarray(log_p) - np.asarray(log_q), 0.0).sum(-1)
+    ess = float(kish_ess(log_w))
+    khat = float(pareto_khat(log_w)) if not proposal_is_p else math.nan
+    names = ("MC", "SNIS", "RB", "k3") if proposal_is_p else ("IS", "SNIS", "RB-IS", "k3-IS")
+    results = {
+        names[0]: mean_estimate(importance_sampling_terms(f, log_w)),
+        names[1]: self_normalized_is(f, log_w),
+        names[2]: mean_estimate(rao_blackwell_is_terms(kl_step, lw_step, mask)),
+        names[3]: mean_estimate(importance_sampling_terms(k3_terms(f), log_w)),
+    }
+    return {name: dict(estimate=float(e.estimate), std_error=float(e.std_error), variance=float(e.variance),
+                       ess=ess, khat=khat, ci_low=float(e.estimate - Z95 * e.std_error),
+                       ci_high=float(e.estimate + Z95 * e.std_error), n=e.n)
+            for name, e in results.items()}

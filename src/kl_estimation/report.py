@@ -9,7 +9,7 @@ NAME_W = 30
 
 def num(x, width: int = 9, digits: int = 3) -> str:
     """Right-aligned fixed point when it fits and is not ~0, else the longest scientific form that fits."""
-    if x is None:
+    if x is None or x != x:  # None or NaN
         return "—".rjust(width)
     text = f"{x:.{digits}f}"
     if len(text) > width or (x != 0 and abs(x) < 10 ** -digits):
@@ -101,3 +101,25 @@ def cross_family_report(pairs: list[dict], top: int = 3) -> str:
             out.append(f"{_name(n):<{NAME_W}} " + " ".join(cells))
         out.append("")
     return "\n".join(out)
+
+
+def llm_table(rows: list[dict], title: str) -> str:
+    """Ranked (proposal, estimator) rows of an LLM run: smallest standard error first among unflagged rows."""
+    w = 34
+    lines = [_rule(title),
+             f"{'rank':>4} {'proposal':<{w}} {'estim.':<6} {'estimate':>10} {'std err':>9} {'95% CI':>21} "
+             f"{'var/seq':>9} {'ESS':>7} {'k̂':>5}",]
+    for i, r in enumerate(rows, 1):
+        ci = f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]"
+        lines.append(f"{i:>4} {_name(r['proposal'], w):<{w}} {r['estimator']:<6} {num(r['estimate'], 10, 4)} "
+                     f"{num(r['std_error'])} {ci:>21} {num(r['variance'])} {num(r['ess'], 7, 1)} "
+                     f"{num(r['khat'], 5, 2)}{'  !' if r['flag'] else ''}")
+    flagged = [r for r in rows if r["flag"]]
+    if flagged:
+        lines += ["", "! flagged rows (ranked last):"]
+        seen = set()
+        for r in flagged:
+            if (r["proposal"], r["flag"]) not in seen:
+                seen.add((r["proposal"], r["flag"]))
+                lines.append(f"  {r['proposal']} {r['estimator']}: {r['flag']}")
+    return "\n".join(lines)

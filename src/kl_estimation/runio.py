@@ -107,3 +107,23 @@ def make_run_dir(path: str | Path | None, kind: str) -> Path:
             continue
     raise RuntimeError(f"could not create a new run folder under {base}")
 
+
+
+def append_jsonl(path: Path, obj) -> None:
+    """Append one JSON line and flush it to disk: a run killed later keeps every line written before."""
+    line = json.dumps(jsonable(obj), ensure_ascii=False, allow_nan=False) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: Path) -> list:
+    """Every complete line; a last line cut short by a kill is dropped."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.endswith("\n"):
+                break
+            out.append(json.loads(line))
+    return out

@@ -1,0 +1,137 @@
+"""The offline default model pair: a small GPT-2 trained here on the Python standard library's own sources.
+
+P (base) learns from the top-level modules of the standard library (~4.7 MB of code and docstrings that every
+Python install has); Q is P fine-tuned on a distinct slice, the ``email``, ``json``, ``http`` and ``urllib``
+packages. Both are saved with ``save_pretrained`` (with a byte-level BPE tokenizer trained on the same text) in a
+cache folder and loaded back through the same ``from_pretrained`` path as hub models.
+
+Deterministic (fixed data order from a numpy Generator, initialisation inside a forked torch RNG, no dropout) and
+built once: later runs reuse the cache. ``KL_ESTIMATION_CACHE`` moves the cache (default ~/.cache/kl_estimation).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+VERSION = "v1"
+BASE_STEPS, FINETUNE_STEPS = 600, 150
+BATCH, CONTEXT = 32, 64
+VOCAB = 2048
+FINETUNE_PACKAGES = ("email", "json", "http", "urllib")
+EOS = "<|endoftext|>"
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("KL_ESTIMATION_CACHE", Path.home() / ".cache" / "kl_estimation"))
+    return root / f"default-pair-{VERSION}"
+
+
+def paths() -> tuple[Path, Path]:
+    d = cache_dir()
+    return d / "p", d / "q"
+
+
+def _corpus():
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    base = [p.read_text(encoding="utf-8", errors="ignore") for p in sorted(lib.glob("*.py"))]
+    tune = [p.read_text(encoding="utf-8", errors="ignore")
+            for pkg in FINETUNE_PACKAGES for p in sorted((lib / pkg).rglob("*.py"))]
+    return base, tune
+
+
+def _tokenizer(texts):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+
+
+def _ids(tokenizer, texts) -> np.ndarray:
+    eos = tokenizer.eos_token_id
+    out = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        out += ids + [eos]
+    return np.asarray(out, dtype=np.int64)
+
+
+def _train(model, data: np.ndarray, steps: int, lr: float, rng: np.random.Generator, bar):
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        starts = rng.integers(0, data.size - CONTEXT - 1, size=BATCH)
+        x = torch.from_numpy(data[starts[:, None] + np.arange(CONTEXT + 1)])
+        logits = model(input_ids=x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.2f}")
+    model.eval()
+    return model
+
+
+def build(seed: int = 0) -> tuple[Path, Path]:
+    """Train and save the pair (about a minute or two on 2 CPU cores); returns the (P, Q) folders."""
+    import torch
+    from tqdm import tqdm
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    final = cache_dir()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=final.parent))
+    try:
+        base_texts, tune_texts = _corpus()
+        tokenizer = _tokenizer(base_texts + tune_texts)
+        base, tune = _ids(tokenizer, base_texts), _ids(tokenizer, tune_texts)
+        cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=128, n_layer=2, n_head=4,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # scoped: the caller's global torch RNG is restored on exit
+            model = GPT2LMHeadModel(cfg)
+        rng = np.random.default_rng(seed)
+        with tqdm(total=BASE_STEPS + FINETUNE_STEPS, desc="building the offline default pair (once)",
+                  unit="step") as bar:
+            _train(model, base, BASE_STEPS, 3e-3, rng, bar)
+            model.save_pretrained(tmp / "p")
+            tokenizer.save_pretrained(tmp / "p")
+            _train(model, tune, FINETUNE_STEPS, 5e-4, rng, bar)
+            model.save_pretrained(tmp / "q")
+            tokenizer.save_pretrained(tmp / "q")
+        (tmp / "built.json").write_text(json.dumps({
+            "version": VERSION, "seed": seed, "base": "Python stdlib top-level modules",
+            "finetune": list(FINETUNE_PACKAGES), "torch": torch.__version__, "base_tokens": int(base.size),
+            "finetune_tokens": int(tune.size)}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return paths()
+
+
+def ensure(seed: int = 0) -> tuple[str, str]:
+    """The (P, Q) folders, building them the first time."""
+    if not (cache_dir() / "built.json").exists():
+        build(seed)
+    p, q = paths()
+    return str(p), str(q)
