@@ -63,25 +63,6 @@ class TransformersPair:
         oq = self.q_model(input_ids=ids, past_key_values=state[1], use_cache=True)
         return self._lp(op.logits), self._lp(oq.logits), (op.past_key_values, oq.past_key_values)
 
-    @torch.inference_mode()
-    def p_only(self, batch: int):
-        """start/step over P alone (for sampling from P and scoring Q afterwards in one teacher-forced pass)."""
-        op = self.p_model(input_ids=self.prompt_ids.expand(batch, -1), use_cache=True)
-
-        def step(state, tokens):
-            o = self.p_model(input_ids=tokens[:, None], past_key_values=state, use_cache=True)
-            return self._lp(o.logits), o.past_key_values
-
-        return self._lp(op.logits), op.past_key_values, step
-
-    @torch.inference_mode()
-    def q_teacher_forced(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Q's tempered log-probabilities before each of `tokens` (B, T): (B, T, V) in one forward pass."""
-        B, T = tokens.shape
-        ids = torch.cat([self.prompt_ids.expand(B, -1), tokens], dim=1)
-        logits = self.q_model(input_ids=ids[:, :-1]).logits[:, -T:]
-        return tempered_log_softmax(logits, self.temperature, self.vocab_size)
-
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids))
 

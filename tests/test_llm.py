@@ -1,0 +1,213 @@
+"""The LLM half against ground truth: tiny random transformers whose every continuation can be enumerated."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kl_estimation import llm
+from kl_estimation.cli import llm_main
+from kl_estimation.estimators import k3_terms, sequence_estimates
+from kl_estimation.models import load_transformers_pair, tempered_log_softmax
+
+from tiny_lms import save_pair
+
+T = 3
+PROPOSALS = ["P", "Geometric (β=0.5)", "Fixed mixture (λ=0.5)", "Exponential family (β=1)",
+             "Adaptive [prefix-aware]", "Alpha-mixture (α=0.5) [prefix-aware]"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def pair(tiny):
+    return load_transformers_pair(*tiny, prompt="a b", temperature=0.8)
+
+
+def exact_moments(leaves, g):
+    r = np.exp(leaves["log_r"])
+    mean = float(np.sum(r * g))
+    c = g - mean
+    return mean, float(np.sum(r * c ** 2)), float(np.sum(r * c ** 4))
+
+
+def estimator_terms(leaves):
+    lw = leaves["log_p"] - leaves["log_r"]
+    f = leaves["log_p"] - leaves["log_q"]
+    return {"IS": np.exp(lw) * f, "RB-IS": leaves["rb"], "k3-IS": np.exp(lw) * k3_terms(f)}
+
+
+def test_enumeration_is_a_distribution_and_kl_agrees_two_ways(pair):
+    for name in PROPOSALS:
+        leaves = llm.enumerate_sequences(pair, llm.sequence_proposal(name), T)
+        assert np.exp(leaves["log_r"]).sum() == pytest.approx(1.0, abs=1e-9)
+        assert np.exp(leaves["log_p"]).sum() == pytest.approx(1.0, abs=1e-9)
+        p = np.exp(leaves["log_p"])
+        assert np.sum(p * (leaves["log_p"] - leaves["log_q"])) == pytest.approx(leaves["kl"], rel=1e-9)
+    lengths_vary = llm.enumerate_sequences(pair, llm.sequence_proposal("P"), T)["log_p"].size < 4 ** T
+    assert lengths_vary  # EOS ends some sequences early: the truncated process, not all V^T strings
+
+
+@pytest.mark.parametrize("name", PROPOSALS)
+def test_every_estimator_exactly_unbiased_and_sampler_within_4_se(pair, name):
+    prop = llm.sequence_proposal(name)
+    leaves = llm.enumerate_sequences(pair, prop, T)
+    kl = leaves["kl"]
+    N = 6000
+    b = llm.sample_batch(pair, prop, N, T, llm.batch_generator(1, name, 0, "cpu"))
+    est = sequence_estimates(b.log_p, b.log_q, b.log_r, b.kl_step, b.mask, prop.base is None)
+    names = {"IS": "MC", "RB-IS": "RB", "k3-IS": "k3"} if prop.base is None else {k: k for k in ("IS", "RB-IS", "k3-IS")}
+    for key, g in estimator_terms(leaves).items():
+        mean, var, mu4 = exact_moments(leaves, g)
+        assert mean == pytest.approx(kl, rel=1e-9), key  # exact unbiasedness
+        e = est[names[key]]
+        assert abs(e["estimate"] - kl) < 4 * math.sqrt(var / N), (key, e["estimate"], kl)
+        assert abs(e["variance"] - var) < 4 * math.sqrt((mu4 - var ** 2) / N), (key, e["variance"], var)
+    # SNIS is consistent; at N = 6000 its O(1/N) bias is far inside the band
+    assert abs(est["SNIS"]["estimate"] - kl) < 4 * est["SNIS"]["std_error"] + 1e-3
+
+
+def test_rb_variance_never_above_mc(pair):
+    leaves = llm.enumerate_sequences(pair, llm.sequence_proposal("P"), T)
+    t = estimator_terms(leaves)
+    assert exact_moments(leaves, t["RB-IS"])[1] <= exact_moments(leaves, t["IS"])[1]
+
+
+def test_ignore_eos_enumerates_all_strings(tiny):
+    pair = load_transformers_pair(*tiny, prompt="a b", temperature=0.8, ignore_eos=True)
+    leaves = llm.enumerate_sequences(pair, llm.sequence_proposal("P"), T)
+    assert leaves["log_p"].size == 4 ** T
+    b = llm.sample_batch(pair, llm.sequence_proposal("P"), 64, T, llm.batch_generator(0, "P", 0, "cpu"))
+    assert b.mask.all()
+
+
+def test_proposal_p_has_unit_weights(pair):
+    b = llm.sample_batch(pair, llm.sequence_proposal("P"), 50, T, llm.batch_generator(3, "P", 0, "cpu"))
+    assert np.array_equal(b.log_p, b.log_r)
+
+
+def run_cli(tmp_path, tiny, *extra, folder="out"):
+    out = tmp_path / folder
+    argv = ["--p-model", tiny[0], "--q-model", tiny[1], "--prompt", "a b", "--n-reps", "40", "--t-length", "4",
+            "--temperature", "0.8", "--batch-size", "16", "--output-folder", str(out),
+            "--proposals", "P", "Geometric (β=0.5)", "Adaptive [prefix-aware]", *extra]
+    try:
+        code = llm_main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, out
+
+
+def test_json_per_step_numbers_match_a_fresh_forward_pass(tmp_path, tiny, capsys):
+    code, out = run_cli(tmp_path, tiny)
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "RB" in stdout and "output folder" in stdout
+    from transformers import AutoModelForCausalLM
+
+    p = AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
+    q = AutoModelForCausalLM.from_pretrained(tiny[1]).eval()
+    doc = json.loads((out / "geometric_beta-0.5.json").read_text())
+    assert doc["config"]["seed"] == 0 and doc["versions"]["torch"] and doc["models"]["p"] == tiny[0]
+    assert set(doc["estimates"]) == {"IS", "SNIS", "RB-IS", "k3-IS"}
+    prompt = [1, 2]  # "a b"
+    for rec in doc["sequences"][:10]:
+        ids = torch.tensor([prompt + rec["token_ids"]])
+        with torch.no_grad():
+            lp = tempered_log_softmax(p(ids).logits[0, len(prompt) - 1:-1], 0.8, 4)
+            lq = tempered_log_softmax(q(ids).logits[0, len(prompt) - 1:-1], 0.8, 4)
+        tok = torch.tensor(rec["token_ids"])
+        np.testing.assert_allclose(rec["log_p"], lp[range(len(tok)), tok], atol=1e-5)
+        np.testing.assert_allclose(rec["log_q"], lq[range(len(tok)), tok], atol=1e-5)
+        np.testing.assert_allclose(rec["kl_step"], (lp.exp() * (lp - lq)).sum(-1), atol=1e-5)
+        assert rec["log_ratio"] == pytest.approx(sum(rec["log_p"]) - sum(rec["log_q"]))
+        assert rec["log_weight"] == pytest.approx(sum(rec["log_p"]) - sum(rec["log_r"]))
+        assert all(t != 0 for t in rec["token_ids"][:-1])  # EOS only ever last
+    p_doc = json.loads((out / "p.json").read_text())
+    assert all(r["log_weight"] == 0.0 for r in p_doc["sequences"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["rows"]) == 12 and (out / "summary.csv").exists()
+
+
+def test_resume_after_interruption_gives_the_same_records(tmp_path, tiny, monkeypatch, capsys):
+    assert run_cli(tmp_path, tiny, folder="straight")[0] == 0
+    real = llm.sample_batch
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # P done (3 batches), Geometric killed after 2 of its 3 batches
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(llm, "sample_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(tmp_path, tiny, folder="killed")
+    killed = tmp_path / "killed"
+    assert (killed / "p.json").exists() and (killed / "geometric_beta-0.5.partial.jsonl").exists()
+    assert not (killed / "geometric_beta-0.5.json").exists()
+    code, _ = run_cli(tmp_path, tiny, folder="killed")
+    assert code == 2 and "--resume" in capsys.readouterr().err  # refuses to clobber without --resume
+    monkeypatch.setattr(llm, "sample_batch", real)
+    calls["n"] = 0
+    assert run_cli(tmp_path, tiny, "--resume", folder="killed")[0] == 0
+    for f in ("p.json", "geometric_beta-0.5.json", "adaptive_prefix-aware.json"):
+        a = json.loads((tmp_path / "straight" / f).read_text())
+        b = json.loads((killed / f).read_text())
+        assert a["sequences"] == b["sequences"] and a["estimates"] == b["estimates"], f
+    assert not list(killed.glob("*.partial.jsonl"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--t-length", "0"], "--t-length"),
+    (["--n-reps", "0"], "--n-reps"),
+    (["--temperature", "0"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--prompt", " "], "--prompt"),
+    (["--proposals", "Nope"], "--proposals: unknown proposal 'Nope'"),
+    (["--proposals", "Geometric (β=0.5) [prefix-aware]"], "no prefix-aware variant"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--dtype", "int8"], "--dtype"),
+    (["--device", "cuda:7"], "--device"),
+    (["--p-model", "/nonexistent/model"], "--p-model: cannot load '/nonexistent/model'"),
+])
+def test_bad_input(args, needle, tmp_path, tiny, capsys):
+    base = ["--p-model", tiny[0], "--q-model", tiny[1], "--output-folder", str(tmp_path / "o"), "--n-reps", "4"]
+    try:
+        code = llm_main(base + args)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_folder_checked_before_models_load(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = llm_main(["--p-model", "/nonexistent/p", "--q-model", "/nonexistent/q", "--output-folder",
+                     str(blocker / "sub")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--output-folder" in err and "nonexistent" not in err
+
+
+def test_different_tokenizers_named_with_both_sizes(tmp_path, tiny, capsys):
+    other = save_pair(tmp_path / "other", words=("<eos>", "a", "b", "c", "d"))
+    code = llm_main(["--p-model", tiny[0], "--q-model", other[1], "--output-folder", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "tokenizer differs" in err and "5 and 4" in err
+
+
+def test_logit_rows_beyond_the_tokenizer_are_dropped(pair):
+    log_p, log_q, _ = pair.start(2)
+    assert log_p.shape == (2, 4) and torch.allclose(log_p.exp().sum(-1), torch.ones(2))
+
+
+def test_bf16_models_keep_float32_log_softmax(tiny):
+    pair = load_transformers_pair(*tiny, prompt="a b", temperature=0.8, dtype="bfloat16")
+    log_p, log_q, _ = pair.start(3)
+    assert log_p.dtype == torch.float32 and log_q.dtype == torch.float32

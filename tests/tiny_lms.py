@@ -1,0 +1,37 @@
+"""Tiny randomly initialised causal LMs saved with save_pretrained, for tests (no training, no hub)."""
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+
+def tokenizer(words=("<eos>", "a", "b", "c")):
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>")
+
+
+def save_pair(folder: Path, words=("<eos>", "a", "b", "c"), extra_rows: int = 3, seed: int = 0, noise: float = 0.4,
+              n_layer: int = 1, n_embd: int = 8):
+    """P random, Q = P with Gaussian noise on every weight; logit rows = len(words) + extra_rows (padding rows)."""
+    tok = tokenizer(words)
+    cfg = GPT2Config(vocab_size=len(words) + extra_rows, n_positions=64, n_embd=n_embd, n_layer=n_layer, n_head=2,
+                     initializer_range=0.6, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    gen = torch.Generator().manual_seed(seed)
+    p = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for prm in p.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=gen) * 0.6)
+    q = GPT2LMHeadModel(cfg).eval()
+    q.load_state_dict(p.state_dict())
+    with torch.no_grad():
+        for prm in q.parameters():
+            prm.add_(torch.randn(prm.shape, generator=gen) * noise)
+    paths = []
+    for name, m in (("p", p), ("q", q)):
+        d = Path(folder) / name
+        m.save_pretrained(d)
+        tok.save_pretrained(d)
+        paths.append(str(d))
+    return tuple(paths)
