@@ -69,6 +69,8 @@ def test_every_estimator_exactly_unbiased_and_sampler_within_4_se(pair, name):
         assert abs(e["variance"] - var) < 4 * math.sqrt((mu4 - var ** 2) / N), (key, e["variance"], var)
     # SNIS is consistent; at N = 6000 its O(1/N) bias is far inside the band
     assert abs(est["SNIS"]["estimate"] - kl) < 4 * est["SNIS"]["std_error"] + 1e-3
+    cv = est["RB+CV" if prop.base is None else "RB-IS+CV"]  # cross-fitted: unbiased; no closed-form variance here
+    assert abs(cv["estimate"] - kl) < 4 * cv["std_error"]
 
 
 def test_rb_variance_never_above_mc(pair):
@@ -113,7 +115,7 @@ def test_json_per_step_numbers_match_a_fresh_forward_pass(tmp_path, tiny, capsys
     q = AutoModelForCausalLM.from_pretrained(tiny[1]).eval()
     doc = json.loads((out / "geometric_beta-0.5.json").read_text())
     assert doc["config"]["seed"] == 0 and doc["versions"]["torch"] and doc["models"]["p"] == tiny[0]
-    assert set(doc["estimates"]) == {"IS", "SNIS", "RB-IS", "k3-IS"}
+    assert set(doc["estimates"]) == {"IS", "SNIS", "RB-IS", "RB-IS+CV", "k3-IS"}
     prompt = [1, 2]  # "a b"
     for rec in doc["sequences"][:10]:
         ids = torch.tensor([prompt + rec["token_ids"]])
@@ -130,7 +132,7 @@ def test_json_per_step_numbers_match_a_fresh_forward_pass(tmp_path, tiny, capsys
     p_doc = json.loads((out / "p.json").read_text())
     assert all(r["log_weight"] == 0.0 for r in p_doc["sequences"])
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["rows"]) == 12 and (out / "summary.csv").exists()
+    assert len(summary["rows"]) == 15 and (out / "summary.csv").exists()
 
 
 def test_resume_after_interruption_gives_the_same_records(tmp_path, tiny, monkeypatch, capsys):

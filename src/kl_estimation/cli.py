@@ -37,9 +37,15 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
                                       "sampling with every registry proposal on long-tailed token distributions, "
                                       "against exact values.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--vocab-size", type=int, default=d["vocab_size"], help="vocabulary size V")
-    p.add_argument("--n-samples", type=int, default=d["n_samples"], help="samples per method and repeat")
-    p.add_argument("--n-repeats", type=int, default=d["n_repeats"], help="independent repeats per method")
+    from .sequences import SequenceConfig
+
+    sd = SequenceConfig()
+    p.add_argument("--vocab-size", type=int, help=f"vocabulary size V (default {d['vocab_size']}; with --sequence "
+                                                  f"{sd.vocab_size})")
+    p.add_argument("--n-samples", type=int, help=f"samples (sequences) per method and repeat (default "
+                                                 f"{d['n_samples']}; with --sequence {sd.n_samples})")
+    p.add_argument("--n-repeats", type=int, help=f"independent repeats per method (default {d['n_repeats']}; with "
+                                                 f"--sequence {sd.n_repeats})")
     p.add_argument("--divergence", default=d["divergence"], help=f"one of {', '.join(DIVERGENCES)}, all")
     p.add_argument("--families", nargs="+", default=list(d["families"]), help=f"any of {', '.join(FAMILIES)}")
     p.add_argument("--alpha-values", nargs="+", type=float, default=list(d["alpha_values"]),
@@ -51,6 +57,10 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
     p.add_argument("--output-dir", default=d.get("output_dir"),
                    help="write the run's files here (default: a new folder under results/synthetic/)")
     p.add_argument("--no-plots", action="store_true", default=d.get("no_plots", False), help="skip the figures")
+    p.add_argument("--sequence", action="store_true",
+                   help="the sequence experiment: toy Markov pairs with exact sequence KL and exact variances")
+    p.add_argument("--order", type=int, default=sd.order, help="--sequence: Markov order, 1 or 2")
+    p.add_argument("--horizon", type=int, default=sd.horizon, help="--sequence: tokens per sequence T")
     return p
 
 
@@ -60,16 +70,26 @@ def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> i
     from . import report, synthetic
 
     args = synthetic_parser(prog, defaults).parse_args(argv)
-    cfg = synthetic.SyntheticConfig(
-        vocab_size=args.vocab_size, n_samples=args.n_samples, n_repeats=args.n_repeats, divergence=args.divergence,
-        families=tuple(_names(args.families)), alpha_values=tuple(args.alpha_values), rb_top_k=args.rb_top_k,
-        seed=args.seed)
+    from . import sequences
+
+    mode = sequences if args.sequence else synthetic
+    base = sequences.SequenceConfig() if args.sequence else synthetic.SyntheticConfig(**{
+        k: v for k, v in defaults.items() if k in vars(synthetic.SyntheticConfig())})
+    sizes = {k: getattr(args, k) if getattr(args, k) is not None else getattr(base, k)
+             for k in ("vocab_size", "n_samples", "n_repeats")}
+    common = dict(**sizes, divergence=args.divergence, families=tuple(_names(args.families)),
+                  alpha_values=tuple(args.alpha_values), seed=args.seed)
+    if args.sequence:
+        cfg = sequences.SequenceConfig(**common, order=args.order, horizon=args.horizon)
+    else:
+        cfg = synthetic.SyntheticConfig(**common, rb_top_k=args.rb_top_k)
     try:
         cfg.validate()
         runio.check_output_dir(args.output_dir)
-        total = len(cfg.divergences) * len(cfg.families) * synthetic.n_methods(cfg)
-        with tqdm(total=total, desc="synthetic", unit="method", disable=None, leave=False) as bar:
-            pairs, arrays = synthetic.run(cfg, progress=bar.update)
+        total = sequences.n_steps(cfg) if args.sequence else (
+            len(cfg.divergences) * len(cfg.families) * synthetic.n_methods(cfg))
+        with tqdm(total=total, desc=mode.__name__.rsplit(".", 1)[-1], disable=None, leave=False) as bar:
+            pairs, arrays = mode.run(cfg, progress=bar.update)
     except ValueError as err:
         return fail(prog, str(err))
 
@@ -77,8 +97,10 @@ def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> i
         print(report.pair_report(pair, cfg.n_samples, cfg.n_repeats), end="\n\n")
     print(report.cross_family_report(pairs))
 
-    out = runio.make_run_dir(args.output_dir, "synthetic")
-    results = {"config": {**synthetic.config_dict(cfg), "versions": runio.versions()}, "pairs": pairs}
+    kind = "sequence" if args.sequence else "synthetic"
+    out = runio.make_run_dir(args.output_dir, kind)
+    config = {"kind": kind, **synthetic.config_dict(cfg), "versions": runio.versions(*(("torch",) * args.sequence))}
+    results = {"config": config, "pairs": pairs}
     runio.write_npz(out / runio.ARRAYS, arrays)
     runio.write_csv(out / runio.SUMMARY, synthetic.summary_rows(pairs))
     runio.write_json(out / runio.RESULTS, results)

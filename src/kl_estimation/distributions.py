@@ -64,25 +64,29 @@ def base_weights(family: str, vocab_size: int, exponent: float | None = None, no
     return w * noise if noise is not None else w
 
 
-def shift_mass(p: np.ndarray, share: float, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """Move `share` of the probability mass of `p` (see module docstring); returns (q, moved mass)."""
-    V = p.size
-    donors = rng.permutation(V)[: V // 2]
-    ranks = np.empty(V, dtype=np.int64)
-    ranks[np.argsort(-p, kind="stable")] = np.arange(V)
-    taker = np.ones(V, dtype=bool)
-    taker[donors] = False
-    pool = np.flatnonzero(taker & (ranks >= min(TOP, V // 2)))
-    if pool.size == 0:
-        pool = np.flatnonzero(taker)
-    recipients = rng.choice(pool, size=max(1, pool.size // 10), replace=False)
-    cut = min(share / p[donors].sum(), 1.0 - FLOOR)
-    q = p.copy()
-    q[donors] *= 1.0 - cut
-    moved = float(p[donors].sum() * cut)
-    q[recipients] += moved * rng.dirichlet(np.ones(recipients.size))
+def _rank(x: np.ndarray) -> np.ndarray:
+    """Rank of each entry along the last axis (0 = smallest; ties by position)."""
+    return np.argsort(np.argsort(x, axis=-1, kind="stable"), axis=-1, kind="stable")
+
+
+def shift_mass(p: np.ndarray, share: float, rng: np.random.Generator):
+    """Move `share` of the probability mass of each row of `p` (last axis; see the module docstring).
+
+    Returns (q, moved mass per row). Vectorised over leading axes, so whole Markov tables shift at once.
+    """
+    V = p.shape[-1]
+    donors = _rank(rng.random(p.shape)) < V // 2
+    head = _rank(-p) < min(TOP, V // 2)
+    pool = ~donors & ~head
+    pool = np.where(pool.any(-1, keepdims=True), pool, ~donors)
+    recipients = _rank(np.where(pool, rng.random(p.shape), np.inf)) < np.maximum(1, pool.sum(-1, keepdims=True) // 10)
+    donor_mass = np.sum(p * donors, axis=-1, keepdims=True)
+    cut = np.minimum(share / donor_mass, 1.0 - FLOOR)
+    moved = donor_mass * cut
+    gift = np.where(recipients, rng.standard_exponential(p.shape), 0.0)  # Dirichlet(1) shares, normalised below
     # No renormalisation: q sums to 1 up to rounding already, and untouched tokens keep q == p exactly (log P/Q = 0).
-    return q, moved
+    q = np.where(donors, p * (1.0 - cut), p) + moved * gift / gift.sum(-1, keepdims=True)
+    return q, moved[..., 0]
 
 
 def model_pair(family: str, divergence: str, vocab_size: int, rng: np.random.Generator) -> ModelPair:
@@ -95,7 +99,7 @@ def model_pair(family: str, divergence: str, vocab_size: int, rng: np.random.Gen
     p /= p.sum()
     q0 = base_weights(family, vocab_size, HIGH_EXPONENT, noise) if divergence == "high" else p
     q, moved = shift_mass(q0 / q0.sum(), SHIFTS[divergence], rng)
-    return ModelPair(family, divergence, p, q, moved)
+    return ModelPair(family, divergence, p, q, float(moved))
 
 
 def top_mass(p: np.ndarray, k: int) -> float:

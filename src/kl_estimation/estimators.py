@@ -99,31 +99,68 @@ def log_mean_weight(log_weight, axis: int = -1):
 Z95 = 1.959963984540054
 
 
-def sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool) -> dict[str, dict]:
-    """Every estimator from one set of N sequences drawn from a proposal; arrays (N, T) of per-step values at the
-    sampled tokens, `kl_step` the exact KL(P_t‖Q_t) of each step, `mask` False after EOS.
+def rb_control_variate_terms(kl_step, log_ratio_step, log_weight_step, mask=None, axis_folds: int = 2):
+    """RB(-IS) plus a fitted multiple of a mean-zero control, cross-fitted so that it stays unbiased.
 
-    Names: with r = P, "MC", "SNIS" (identical to MC, weights are 1), "RB" and "k3"; otherwise "IS", "SNIS",
-    "RB-IS" and "k3-IS" (k3 of the sequence log-ratio, importance weighted). Each entry: estimate, std_error,
-    variance (per sequence), ess (Kish, in sequences), khat (Pareto k̂ of the sequence weights) and a normal 95 %
-    confidence interval.
+    a = Σ_t W_<t·K_t (the RB-IS term) and d = Σ_t W_<t·(w_t·f_t − K_t): given the prefix, w_t·f_t has mean K_t, so
+    every bracket, and d, has mean zero, and a + β·d is unbiased for any fixed β. With r = P (all w = 1) this is
+    Σ_t [K_t + β·(f_t − K_t)], between RB (β = 0) and MC (β = 1). β = −Cov(a, d)/Var(d) is fitted on one half of the
+    sequences and applied to the other (and vice versa): a β fitted on the same draws it weights would correlate
+    with them and bias the estimate. Works over leading axes (repeats); the last axis of the per-step arrays is T,
+    the one before it the sequences.
+    """
+    kl_step, f = np.asarray(kl_step, dtype=np.float64), np.asarray(log_ratio_step, dtype=np.float64)
+    lw = np.asarray(log_weight_step, dtype=np.float64)
+    if mask is not None:
+        kl_step, f, lw = (np.where(mask, x, 0.0) for x in (kl_step, f, lw))
+    w_prefix = np.exp(np.cumsum(lw, axis=-1) - lw)
+    a = (w_prefix * kl_step).sum(-1)
+    d = (w_prefix * (np.exp(lw) * f - kl_step)).sum(-1)
+    n = a.shape[-1]
+    fold = np.arange(n) % axis_folds
+    out = np.empty_like(a)
+    for k in range(axis_folds):  # a loop over folds (2), not samples
+        train = fold != k
+        ac = a[..., train] - a[..., train].mean(-1, keepdims=True)
+        dc = d[..., train] - d[..., train].mean(-1, keepdims=True)
+        var_d = (dc * dc).mean(-1, keepdims=True)
+        beta = np.where(var_d > 0, -(ac * dc).mean(-1, keepdims=True) / np.where(var_d > 0, var_d, 1.0), 0.0)
+        out[..., ~train] = a[..., ~train] + beta * d[..., ~train]
+    return out
+
+
+def sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool) -> dict[str, dict]:
+    """Every estimator from one set of sequences drawn from a proposal: arrays (..., N, T) of per-step values at
+    the sampled tokens (leading axes: independent repeats), `kl_step` the exact KL(P_t‖Q_t) of each step, `mask`
+    False after EOS.
+
+    Names: with r = P, "MC", "SNIS" (identical to MC, weights are 1), "RB", "RB+CV" and "k3"; otherwise "IS",
+    "SNIS", "RB-IS", "RB-IS+CV" and "k3-IS" (k3 of the sequence log-ratio, importance weighted). Each entry:
+    estimate, std_error, variance (per sequence), ess (Kish, in sequences), max_weight, khat (Pareto k̂ of the
+    sequence weights) and a normal 95 % confidence interval — floats, or lists over the leading axes.
     """
     from .diagnostics import kish_ess, pareto_khat
 
     mask = np.asarray(mask, dtype=bool)
+    f_step = np.where(mask, np.asarray(log_p) - np.asarray(log_q), 0.0)
     lw_step = np.where(mask, np.asarray(log_p) - np.asarray(log_r), 0.0)
-    log_w = lw_step.sum(-1)
-    f = np.where(mask, np.asarray(log_p) - np.asarray(log_q), 0.0).sum(-1)
-    ess = float(kish_ess(log_w))
-    khat = float(pareto_khat(log_w)) if not proposal_is_p else math.nan
-    names = ("MC", "SNIS", "RB", "k3") if proposal_is_p else ("IS", "SNIS", "RB-IS", "k3-IS")
+    log_w, f = lw_step.sum(-1), f_step.sum(-1)
+    ess = kish_ess(log_w)
+    max_w = np.exp(log_w.max(-1))
+    khat = pareto_khat(log_w) if not proposal_is_p else np.full(ess.shape, math.nan)
+    names = ("MC", "SNIS", "RB", "RB+CV", "k3") if proposal_is_p else ("IS", "SNIS", "RB-IS", "RB-IS+CV", "k3-IS")
     results = {
         names[0]: mean_estimate(importance_sampling_terms(f, log_w)),
         names[1]: self_normalized_is(f, log_w),
         names[2]: mean_estimate(rao_blackwell_is_terms(kl_step, lw_step, mask)),
-        names[3]: mean_estimate(importance_sampling_terms(k3_terms(f), log_w)),
+        names[3]: mean_estimate(rb_control_variate_terms(kl_step, f_step, lw_step, mask)),
+        names[4]: mean_estimate(importance_sampling_terms(k3_terms(f), log_w)),
     }
-    return {name: dict(estimate=float(e.estimate), std_error=float(e.std_error), variance=float(e.variance),
-                       ess=ess, khat=khat, ci_low=float(e.estimate - Z95 * e.std_error),
-                       ci_high=float(e.estimate + Z95 * e.std_error), n=e.n)
+
+    def out(x):
+        return np.asarray(x, dtype=np.float64).tolist()
+
+    return {name: dict(estimate=out(e.estimate), std_error=out(e.std_error), variance=out(e.variance),
+                       ess=out(ess), max_weight=out(max_w), khat=out(khat), ci_low=out(e.estimate - Z95 * e.std_error),
+                       ci_high=out(e.estimate + Z95 * e.std_error), n=e.n)
             for name, e in results.items()}

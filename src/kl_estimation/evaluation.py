@@ -5,6 +5,9 @@ over the vocabulary: E[g] = Σ r·g and Var[g] = Σ r·(g − E[g])² (the centr
 variance is tiny). Special cases: naive MC Var_P[f] = Σ P f² − KL² (the "theoretical variance"), IS
 Σ P² f²/r − KL², sum-and-sample RB the tail part (1 − P_K)·Σ_tail P f² − (Σ_tail P f)².
 
+A method without an exact value (exact_mean / exact_variance None: the prefix-aware sequence proposals) is judged
+by its empirical numbers alone and ranks last by exact variance.
+
 A method is *flagged* (never ranked above an unflagged one) when
 * it is biased (its exact mean differs from the exact KL: Schulman's k2), or
 * its sample variance is more than ``DEGENERATE_RATIO``× below its exact variance — its weights degenerated: the
@@ -58,7 +61,8 @@ def method_metrics(m: dict, true_kl: float, theoretical_variance: float, naive_e
         abs_error=float(err.mean()),
         rel_error_pct=float(100 * err.mean() / true_kl) if true_kl > 0 else None,
         empirical_variance=emp_var,
-        variance_reduction_exact_pct=100 * (1 - exact_var / theoretical_variance) if theoretical_variance > 0 else None,
+        variance_reduction_exact_pct=(100 * (1 - exact_var / theoretical_variance)
+                                      if exact_var is not None and theoretical_variance > 0 else None),
         variance_reduction_empirical_pct=(100 * (1 - emp_var / naive_empirical_variance)
                                           if naive_empirical_variance > 0 else None),
         combined_score=(COMBINED_WEIGHTS[0] * err.mean() / true_kl + COMBINED_WEIGHTS[1] * emp_var / theoretical_variance
@@ -67,9 +71,11 @@ def method_metrics(m: dict, true_kl: float, theoretical_variance: float, naive_e
         mean_ess_pct=_mean(m["ess_pct"]),
     )
     flags = []
-    if abs(m["exact_mean"] - true_kl) > 1e-9 * max(1.0, abs(true_kl)):
+    if m["exact_mean"] is not None and abs(m["exact_mean"] - true_kl) > 1e-9 * max(1.0, abs(true_kl)):
         flags.append(f"biased: exact mean {m['exact_mean']:.4g} vs KL {true_kl:.4g}")
-    if exact_var > DEGENERATE_RATIO * max(emp_var, 1e-300):
+    if exact_var == math.inf:
+        flags.append("exact variance beyond float64 (> 1e308): weights degenerate")
+    elif exact_var is not None and exact_var > DEGENERATE_RATIO * max(emp_var, 1e-300):
         ratio = exact_var / emp_var if emp_var > 0 else math.inf
         flags.append(f"degenerate weights: sample variance {ratio:.2g}x below exact")
     if out["mean_khat"] is not None and out["mean_khat"] > KHAT_LIMIT:

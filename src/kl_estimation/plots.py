@@ -76,8 +76,9 @@ def load_run(path) -> Run:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise RunFolderError(f"{npz_path} is corrupt ({type(err).__name__}: {err})")
+    kind = results.get("config", {}).get("kind", "synthetic")
     for p in pairs:
-        for suffix in ("P", "Q"):
+        for suffix in (("log_P", "log_Q") if kind == "sequence" else ("P", "Q")):
             if f"{p['family']}/{p['divergence']}/{suffix}" not in arrays:
                 raise RunFolderError(f"{npz_path} lacks {p['family']}/{p['divergence']}/{suffix}")
     return Run(path, results, arrays)
@@ -300,7 +301,7 @@ def fig_scatter(plt, run: Run, key: str, methods):
 def fig_exact_variance(plt, run: Run, key: str, methods):
     pair = run.pair(key)
     ms = [m for m in pair["methods"] if methods is None or m["name"] in methods or m["family"] not in REGISTRY]
-    ms = sorted(ms, key=lambda m: m["exact_variance"])
+    ms = sorted((m for m in ms if m["exact_variance"] is not None), key=lambda m: m["exact_variance"])
     ratio = np.array([max(m["exact_variance"], 1e-300) / pair["theoretical_variance"] for m in ms])
     y = np.arange(len(ms))
     fig, ax = plt.subplots(figsize=(10, 1.2 + 0.27 * len(ms)))
@@ -370,7 +371,7 @@ def fig_cross(plt, run: Run, keys: list[str], methods):
     for j, p in enumerate(pairs):
         by = {m["name"]: m for m in p["methods"]}
         for i, n in enumerate(names):
-            if n in by:
+            if n in by and by[n]["exact_variance"] is not None:
                 data[i, j] = np.log10(max(by[n]["exact_variance"], 1e-300) / p["theoretical_variance"])
                 flagged[i, j] = bool(by[n]["flags"])
     lim = max(1.0, min(np.nanmax(np.abs(data)), 6))
@@ -394,6 +395,15 @@ PAIR_FIGURES = {
     "overlay": fig_overlay, "weights": fig_weights, "coverage": fig_coverage, "ess": fig_ess,
     "scatter": fig_scatter, "exact-variance": fig_exact_variance, "error-vs-n": fig_error_vs_n,
 }
+# Sequence runs (toy Markov pairs) have no single next-token distribution to overlay, bin or re-sample:
+# they get the figures that read per-method numbers only.
+SEQUENCE_FIGURES = ("ess", "scatter", "exact-variance")
+
+
+def figure_names(run: Run) -> list[str]:
+    if run.results.get("config", {}).get("kind") == "sequence":
+        return [n for n in PAIR_FIGURES if n in SEQUENCE_FIGURES]
+    return list(PAIR_FIGURES)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -449,7 +459,8 @@ def draw_all(path, fmt: str = "png", pairs=None, methods=None, workers: int | No
         jobs = []
         for key in keys:
             slug = key.replace("/", "_")
-            for i, name in enumerate(PAIR_FIGURES, start=1):
+            for name in figure_names(run):
+                i = list(PAIR_FIGURES).index(name) + 1
                 jobs.append((path, fmt, name, key, methods, tmp / f"{slug}_{i}_{name}.{fmt}"))
         jobs.append((path, fmt, "cross", keys, methods, tmp / f"cross_family_8_exact-variance.{fmt}"))
         workers = workers or min(len(jobs), os.cpu_count() or 1)

@@ -20,8 +20,21 @@ def num(x, width: int = 9, digits: int = 3) -> str:
     return text.rjust(width)
 
 
+SHORT = {"Cross-entropy tilted": "CE-tilted", "Exponential family": "Exp family", "Chi-square aware": "χ²-aware",
+         " [prefix-aware]": " [prefix]"}
+
+
 def _name(n: str, w: int = NAME_W) -> str:
-    return n if len(n) <= w else n[: w - 1] + "…"
+    """Display name within w columns: common long words abbreviated, then the middle elided so that both the
+    estimator (start) and the parameter (end) stay readable."""
+    if len(n) <= w:
+        return n
+    for long, short in SHORT.items():
+        n = n.replace(long, short)
+    if len(n) <= w:
+        return n
+    head = (w - 1) // 2
+    return n[:head] + "…" + n[len(n) - (w - 1 - head):]
 
 
 def _rule(title: str) -> str:
@@ -29,19 +42,27 @@ def _rule(title: str) -> str:
 
 
 def pair_report(pair: dict, n_samples: int, n_repeats: int) -> str:
+    if "order" in pair:  # a toy sequence pair
+        stats = (f"order-{pair['order']} Markov pair, V = {pair['vocab_size']} (token 0 = EOS), horizon T = "
+                 f"{pair['horizon']}; exact values by DP   oracle control-variate β* = {pair['cv_beta_star']:.4g}")
+        unit = "sequence"
+    else:
+        stats = (f"P: top-10 mass {pair['top10_mass_p']:.3f}, top-100 {pair['top100_mass_p']:.3f}   "
+                 f"Q: top-10 mass {pair['top10_mass_q']:.3f}, top-100 {pair['top100_mass_q']:.3f}   "
+                 f"moved mass {pair['moved_mass']:.3f}")
+        unit = "sample"
     lines = [
         _rule(f"{pair['family']} · divergence {pair['divergence']}"),
-        f"P: top-10 mass {pair['top10_mass_p']:.3f}, top-100 {pair['top100_mass_p']:.3f}   "
-        f"Q: top-10 mass {pair['top10_mass_q']:.3f}, top-100 {pair['top100_mass_q']:.3f}   "
-        f"moved mass {pair['moved_mass']:.3f}",
+        stats,
         f"true KL(P‖Q) = {pair['true_kl']:.6g}   theoretical variance Var_P[log P/Q] = "
-        f"{pair['theoretical_variance']:.6g} per sample   ({n_samples} samples × {n_repeats} repeats)",
+        f"{pair['theoretical_variance']:.6g} per {unit}   ({n_samples} {unit}s × {n_repeats} repeats)",
         "",
         f"{'method (! = flagged)':<{NAME_W}} {'mean est':>9} {'|error|':>9} {'rel %':>7} {'emp var':>9} "
         f"{'exact var':>9} {'var/naive':>9} {'ESS %':>6} {'max w':>9} {'k̂':>5} {'score':>7}",
     ]
     for m in pair["methods"]:
-        ratio = m["exact_variance"] / pair["theoretical_variance"] if pair["theoretical_variance"] > 0 else None
+        ratio = (m["exact_variance"] / pair["theoretical_variance"]
+                 if m["exact_variance"] is not None and pair["theoretical_variance"] > 0 else None)
         lines.append(
             f"{_name(('! ' if m['flags'] else '  ') + m['name']):<{NAME_W}} {num(m['mean_estimate'])} "
             f"{num(m['abs_error'])} {num(m['rel_error_pct'], 7, 1)} {num(m['empirical_variance'])} "
@@ -86,8 +107,8 @@ def cross_family_report(pairs: list[dict], top: int = 3) -> str:
         names = []
         for p in ps:
             names += [n for n in p["rankings"]["by_exact_variance"][:top] if n not in names]
-        for ref in ("Naive MC (k1)",) + tuple(n for n in ps[0]["rankings"]["by_exact_variance"]
-                                               if n.startswith("Rao-Blackwell")):
+        for ref in tuple(n for n in ps[0]["rankings"]["by_exact_variance"]
+                         if n.startswith(("Naive MC", "MC", "Rao-Blackwell", "RB")) and "·" not in n):
             if ref not in names:
                 names.append(ref)
         fams = [p["family"] for p in ps]
@@ -97,7 +118,8 @@ def cross_family_report(pairs: list[dict], top: int = 3) -> str:
             cells = []
             for p in ps:
                 m = next((m for m in p["methods"] if m["name"] == n), None)
-                cells.append(num(m["exact_variance"] / p["theoretical_variance"], 14, 4) if m else "—".rjust(14))
+                ok = m is not None and m["exact_variance"] is not None
+                cells.append(num(m["exact_variance"] / p["theoretical_variance"], 14, 4) if ok else "—".rjust(14))
             out.append(f"{_name(n):<{NAME_W}} " + " ".join(cells))
         out.append("")
     return "\n".join(out)

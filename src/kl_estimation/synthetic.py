@@ -209,7 +209,7 @@ def run(cfg: SyntheticConfig, progress: Callable[[], None] | None = None):
     return pairs, arrays
 
 
-def config_dict(cfg: SyntheticConfig) -> dict:
+def config_dict(cfg) -> dict:
     d = asdict(cfg)
     d["families"], d["alpha_values"] = list(cfg.families), [float(a) for a in cfg.alpha_values]
     return d

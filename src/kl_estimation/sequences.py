@@ -1,0 +1,334 @@
+r"""Sequence-level ground truth: toy autoregressive pairs with exact KL and exact estimator variances.
+
+Toy pair: Markov models of order k ∈ {1, 2} over V tokens (token 0 is EOS). The state is the last k symbols (a
+start symbol V fills the history at t = 0), so there are S = (V+1)^k states and the next-token rows
+P_t(·|s), Q_t(·|s) are full tables of shape (T, S, V): they depend on the position and the state. Each P row is a
+long-tailed family row (distributions.base_weights over the V−1 ordinary tokens, ranks randomly permuted per row,
+EOS probability ``EOS_PROB``); each Q row is that P row with mass moved as in the single-token experiments
+(distributions.shift_mass, low / medium / high).
+
+Exact values by backward dynamic programming over (position, state) — never by listing the V^T sequences. For a
+token-local proposal r_t(·|s) with w = P/r, f = log P/Q and K_t(s) = KL(P_t(·|s)‖Q_t(·|s)), writing ′ for the value
+at the next state (1 for A and 0 for the others when the sequence ends: EOS or t = T−1):
+
+    D  = K + Σ_v P·D′                                  E[RB-IS suffix]         (= suffix KL; D at t = 0 is the KL)
+    A  = Σ_v P²/r·A′                                   E[W²]
+    B  = Σ_v P²/r·(f·A′ + B′)                          E[W²·F]
+    C  = Σ_v P²/r·(f²·A′ + 2f·B′ + C′)                 E[W²·F²]                (IS second moment)
+    E2 = K² + 2K·Σ_v P·D′ + Σ_v P²/r·E2′               E[G²], G = Σ_t W_<t K_t (RB-IS second moment)
+    H  = K² + K·Σ_v P·D′ + Σ_v P·f·D′ + Σ_v P·H′       E[G·F] under r = P      (for the control variate)
+
+so Var(IS) = C − KL², Var(RB-IS) = E2 − KL², SNIS's asymptotic n·Var = C − 2KL·B + KL²·A, and with r = P
+(plain MC and RB) Cov(RB, MC) = H − KL². A proposal that puts r = 0 on a token with P > 0 (the token-level Optimal
+and Balanced 1/2 proposals do, wherever P_t = Q_t on a token) loses the sequences through it: the DP sums only
+over r > 0, so the exact mean it reports shows that bias.
+
+Prefix-aware proposals carry the running log-ratio as state (unbounded): their exact values come from enumeration
+(llm.enumerate_sequences) on small cases, and from comparison with the exact KL empirically otherwise.
+
+Size limit: tables of T·S·V ≤ ``MAX_CELLS`` entries (e.g. order 2, V = 50, T = 20: 2.6 M), refused above.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .distributions import DIVERGENCES, FAMILIES, HIGH_EXPONENT, MIN_VOCAB, SHIFTS, base_weights, shift_mass
+from .proposals import log_ratio
+
+EOS = 0
+EOS_PROB = 0.02
+MAX_CELLS = 20_000_000
+ORDERS = (1, 2)
+
+
+@dataclass(frozen=True)
+class MarkovTables:
+    """log P and log Q of shape (T, S, V); state index = last `order` symbols in base V+1 (V = start symbol)."""
+
+    log_p: np.ndarray
+    log_q: np.ndarray
+    order: int
+    family: str = ""
+    divergence: str = ""
+
+    @property
+    def shape(self):
+        return self.log_p.shape
+
+    @property
+    def vocab_size(self) -> int:
+        return self.log_p.shape[-1]
+
+    @property
+    def start_state(self) -> int:
+        return (self.vocab_size + 1) ** self.order - 1  # all start symbols
+
+    def next_state(self, s, v):
+        return (s * (self.vocab_size + 1) + v) % (self.vocab_size + 1) ** self.order
+
+
+def check_size(vocab_size: int, order: int, horizon: int, family: str | None = None) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"--order: must be 1 or 2 (got {order!r})")
+    if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon < 1:
+        raise ValueError(f"--horizon: must be an integer ≥ 1 (got {horizon!r})")
+    if vocab_size < 3:
+        raise ValueError(f"--vocab-size: a toy sequence model needs at least 3 tokens, EOS included (got {vocab_size})")
+    if family is not None and vocab_size - 1 < MIN_VOCAB[family]:
+        raise ValueError(f"--vocab-size: family {family} needs at least {MIN_VOCAB[family] + 1} tokens in a sequence "
+                         f"model, EOS included (got {vocab_size})")
+    cells = horizon * (vocab_size + 1) ** order * vocab_size
+    if cells > MAX_CELLS:
+        raise ValueError(f"--vocab-size: an order-{order} model with V={vocab_size}, T={horizon} needs {cells:,} table "
+                         f"entries; the exact DP is limited to {MAX_CELLS:,} (e.g. order 2 with V ≤ 77 at T = 20, "
+                         f"order 1 with V ≤ 1000)")
+
+
+def markov_pair(family: str, divergence: str, vocab_size: int, order: int, horizon: int,
+                rng: np.random.Generator) -> MarkovTables:
+    """A random order-`order` pair whose rows are long-tailed `family` rows, Q shifted at `divergence`."""
+    if family not in FAMILIES:
+        raise ValueError(f"--families: unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
+    if divergence not in SHIFTS:
+        raise ValueError(f"--divergence: unknown level {divergence!r}; allowed: {', '.join(DIVERGENCES)}, all")
+    check_size(vocab_size, order, horizon, family)
+    S, W = (vocab_size + 1) ** order, vocab_size - 1
+    shape = (horizon, S, W)
+
+    def rows(exponent):
+        noise = rng.lognormal(0.0, 0.5, size=shape) if family == "mixture" else None
+        w = np.broadcast_to(base_weights(family, W, exponent), shape) * (1 if noise is None else noise)
+        w = rng.permuted(w, axis=-1)  # each (t, s) prefers its own tokens
+        return w / w.sum(-1, keepdims=True)
+
+    def with_eos(r):
+        return np.concatenate([np.full(r.shape[:-1] + (1,), EOS_PROB), (1 - EOS_PROB) * r], axis=-1)
+
+    p = with_eos(rows(None))
+    q0 = with_eos(rows(HIGH_EXPONENT)) if divergence == "high" else p
+    q, _ = shift_mass(q0, SHIFTS[divergence], rng)
+    return MarkovTables(np.log(p), np.log(q), order, family, divergence)
+
+
+class MarkovPair:
+    """The toy pair behind the LLM sampler's interface (models.py): start(batch) and step(state, tokens)."""
+
+    def __init__(self, tables: MarkovTables, device="cpu"):
+        self.tables = tables
+        self.log_p = torch.as_tensor(tables.log_p, device=device)
+        self.log_q = torch.as_tensor(tables.log_q, device=device)
+        self.eos_token_id = EOS
+        self.vocab_size = tables.vocab_size
+        self.device = torch.device(device)
+
+    def start(self, batch: int):
+        s = torch.full((batch,), self.tables.start_state, device=self.device)
+        return self.log_p[0, s], self.log_q[0, s], (0, s)
+
+    def step(self, state, tokens):
+        t, s = state
+        s = self.tables.next_state(s, tokens)
+        return self.log_p[t + 1, s], self.log_q[t + 1, s], (t + 1, s)
+
+    def decode(self, ids) -> str:
+        return " ".join(map(str, ids))
+
+
+@dataclass(frozen=True)
+class ExactValues:
+    kl: float
+    coverage: float  # E_r[W]: the P-probability of the sequences r can draw (1 when r covers P)
+    is_mean: float  # E_r[W·F]: equals kl when r covers P
+    snis_mean: float  # the limit of SNIS, E_r[W·F]/E_r[W]
+    is_variance: float
+    snis_variance: float  # asymptotic n·Var
+    rbis_mean: float
+    rbis_variance: float
+    rb_mc_covariance: float | None  # Cov(RB, MC) under r = P (None for other proposals)
+
+
+def exact_values(tables: MarkovTables, log_r: np.ndarray | None = None, horizon: int | None = None) -> ExactValues:
+    """Exact KL of the process truncated at `horizon` (default: the tables' T) and the exact mean and per-sequence
+    variance of IS, SNIS and RB-IS with the token-local proposal `log_r` (same shape as the tables; None = P)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _exact_values(tables, log_r, horizon or tables.shape[0])
+
+
+def _exact_values(tables, log_r, T) -> ExactValues:
+    S, V = tables.shape[1], tables.shape[2]
+    nxt = tables.next_state(np.arange(S)[:, None], np.arange(V)[None, :])
+    ends = np.arange(V) == EOS
+    one, zero = np.ones(S), np.zeros(S)
+    A, B, C, D, E2, H, Dr, Mis, Z = one, zero, zero, zero, zero, zero, zero, zero, one
+    for t in reversed(range(T)):
+        lp, lq = tables.log_p[t], tables.log_q[t]
+        p, f = np.exp(lp), log_ratio(lp, lq)
+        K = np.sum(p * f, axis=-1)
+        stop = ends[None, :] | (t == T - 1)
+
+        def nx(X, terminal):
+            return np.where(stop, terminal, X[nxt])
+
+        An, Bn, Cn, Dn, E2n, Hn, Drn, Misn, Zn = (nx(A, 1.0), nx(B, 0.0), nx(C, 0.0), nx(D, 0.0), nx(E2, 0.0),
+                                                   nx(H, 0.0), nx(Dr, 0.0), nx(Mis, 0.0), nx(Z, 1.0))
+        if log_r is None:
+            w2r, cover = p, np.ones_like(p, dtype=bool)
+        else:
+            lr = log_r[t]
+            cover = lr > -np.inf
+            with np.errstate(over="ignore", invalid="ignore"):
+                w2r = np.where(cover, np.exp(2 * lp - lr), 0.0)
+        pc = np.where(cover, p, 0.0)  # P restricted to what r can draw
+        A = np.sum(w2r * An, -1)
+        B = np.sum(w2r * (f * An + Bn), -1)
+        C = np.sum(w2r * (f * f * An + 2 * f * Bn + Cn), -1)
+        D = K + np.sum(p * Dn, -1)
+        Dr = K + np.sum(pc * Drn, -1)  # RB-IS mean (the prefix's KL terms count only on reachable prefixes)
+        Mis = np.sum(pc * (f * Zn + Misn), -1)  # IS mean E_r[W·F]: only what r can reach counts
+        Z = np.sum(pc * Zn, -1)  # E_r[W]: the P-mass r can reach
+        E2 = K * K + 2 * K * np.sum(pc * Drn, -1) + np.sum(w2r * E2n, -1)
+        H = K * K + K * np.sum(p * Dn, -1) + np.sum(p * f * Dn, -1) + np.sum(p * Hn, -1)
+    s0 = tables.start_state
+    kl = float(D[s0])
+    z, mu = float(Z[s0]), float(Mis[s0] / Z[s0])
+
+    def var(x):  # second moments beyond float64 (W² of a 20-step sequence can exceed 1e308) are +inf, not NaN
+        return float(x) if np.isfinite(x) else math.inf
+
+    return ExactValues(
+        kl=kl, coverage=z, is_mean=float(Mis[s0]), snis_mean=mu, is_variance=var(C[s0] - Mis[s0] ** 2),
+        snis_variance=var((C[s0] - 2 * mu * B[s0] + mu * mu * A[s0]) / z ** 2),
+        rbis_mean=float(Dr[s0]), rbis_variance=var(E2[s0] - Dr[s0] ** 2),
+        rb_mc_covariance=float(H[s0] - kl * kl) if log_r is None else None)
+
+
+def proposal_table(tables: MarkovTables, proposal) -> np.ndarray:
+    """A registry proposal applied to every row of the tables at once (the array-API functions take (T, S, V))."""
+    return proposal(tables.log_p, tables.log_q)
+
+
+# ------------------------------------------------------------------------------------------------ experiment
+
+@dataclass
+class SequenceConfig:
+    vocab_size: int = 201  # 200 ordinary tokens + EOS
+    order: int = 1
+    horizon: int = 20
+    n_samples: int = 200  # sequences per repeat
+    n_repeats: int = 10
+    divergence: str = "medium"
+    families: tuple = FAMILIES
+    alpha_values: tuple = (0.3, 0.5, 0.7, 0.9)
+    seed: int = 0
+
+    @property
+    def divergences(self):
+        return DIVERGENCES if self.divergence == "all" else (self.divergence,)
+
+    def validate(self) -> "SequenceConfig":
+        from .synthetic import SyntheticConfig
+
+        SyntheticConfig(vocab_size=max(self.vocab_size, 2), n_samples=self.n_samples, n_repeats=self.n_repeats,
+                        divergence=self.divergence, families=("zipf",), alpha_values=self.alpha_values,
+                        rb_top_k=0, seed=self.seed).validate()
+        for fam in self.families:
+            if fam not in FAMILIES:
+                raise ValueError(f"--families: unknown family {fam!r}; allowed: {', '.join(FAMILIES)}")
+            check_size(self.vocab_size, self.order, self.horizon, fam)
+        if not self.families:
+            raise ValueError(f"--families: give at least one of {', '.join(FAMILIES)}")
+        return self
+
+
+def sequence_proposals(alpha_values) -> list:
+    """Every token-local registry proposal, then the prefix-aware variants of the families that have one."""
+    from .llm import PREFIX_FAMILIES, PREFIX_SUFFIX, sequence_proposal
+    from .proposals import build_proposals
+
+    local = build_proposals(alpha_values)
+    names = [p.name for p in local] + [p.name + PREFIX_SUFFIX for p in local if p.family in PREFIX_FAMILIES]
+    return [sequence_proposal(n) for n in names]
+
+
+def _exact_for(tables: MarkovTables, prop) -> dict[str, tuple[float, float] | None]:
+    """{estimator: (exact mean, exact per-sequence variance)}; None where no DP exists (prefix-aware)."""
+    if prop.prefix_aware:
+        return {"IS": None, "SNIS": None, "RB-IS": None}
+    ex = exact_values(tables, proposal_table(tables, prop.base))
+    return {"IS": (ex.is_mean, ex.is_variance), "SNIS": (ex.snis_mean, ex.snis_variance),
+            "RB-IS": (ex.rbis_mean, ex.rbis_variance)}
+
+
+def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
+    """Every proposal × estimator on one toy pair: exact values by DP, estimates from the LLM sampler."""
+    from .evaluation import method_metrics, rankings
+    from .estimators import sequence_estimates
+    from .llm import batch_generator, sample_batch, sequence_proposal
+
+    pair = MarkovPair(tables)
+    ex_p = exact_values(tables)
+    kl, var_mc = ex_p.kl, ex_p.is_variance
+    var_rb, cov = ex_p.rbis_variance, ex_p.rb_mc_covariance
+    var_d = var_mc - 2 * cov + var_rb  # Var(MC − RB)
+    cov_ad = cov - var_rb  # Cov(RB, MC − RB)
+    beta_star = -cov_ad / var_d if var_d > 0 else 0.0
+    R, n = cfg.n_repeats, cfg.n_samples
+
+    def draw(prop):
+        b = sample_batch(pair, prop, R * n, cfg.horizon, batch_generator(cfg.seed, f"{tables.family}/"
+                                                                      f"{tables.divergence}/{prop.name}", 0, "cpu"))
+        a = {k: getattr(b, k).reshape(R, n, -1) for k in ("log_p", "log_q", "log_r", "kl_step", "mask")}
+        return sequence_estimates(a["log_p"], a["log_q"], a["log_r"], a["kl_step"], a["mask"], prop.base is None)
+
+    def entry(name, group, e, exact, weighted):
+        mean, var = exact if exact else (None, None)
+        return dict(name=name, family=group, exact_mean=mean, exact_variance=var, estimates=e["estimate"],
+                    sample_variances=e["variance"], std_errors=e["std_error"],
+                    ess_pct=[100 * x / n for x in e["ess"]], khat=e["khat"] if weighted else [None] * R,
+                    max_weight=e["max_weight"])
+
+    est_p = draw(sequence_proposal("P"))
+    entries = [
+        entry("MC", "Naive MC", est_p["MC"], (kl, var_mc), False),
+        entry("RB", "Rao-Blackwell", est_p["RB"], (ex_p.rbis_mean, var_rb), False),
+        entry("RB+CV (cross-fitted β)", "Rao-Blackwell", est_p["RB+CV"],
+              (kl, var_rb - cov_ad ** 2 / var_d if var_d > 0 else var_rb), False),
+    ]
+    if progress:
+        progress()
+    for prop in sequence_proposals(cfg.alpha_values):
+        e = draw(prop)
+        exact = _exact_for(tables, prop)
+        group = prop.base.family
+        for est_name in ("IS", "SNIS", "RB-IS"):
+            entries.append(entry(f"{est_name} · {prop.name}", group, e[est_name], exact[est_name], True))
+        if progress:
+            progress()
+    methods = [method_metrics(m, kl, var_mc, float(np.mean(entries[0]["sample_variances"]))) for m in entries]
+    return dict(family=tables.family, divergence=tables.divergence, true_kl=kl, theoretical_variance=var_mc,
+                cv_beta_star=beta_star, order=tables.order, horizon=cfg.horizon, vocab_size=tables.vocab_size,
+                methods=methods, rankings=rankings(methods))
+
+
+def n_steps(cfg: SequenceConfig) -> int:
+    return len(cfg.divergences) * len(cfg.families) * (1 + len(sequence_proposals(cfg.alpha_values)))
+
+
+def run(cfg: SequenceConfig, progress=None):
+    """All (family, divergence) pairs. Returns (pairs, arrays) like synthetic.run; arrays hold the tables."""
+    from .synthetic import _stream
+
+    cfg.validate()
+    pairs, arrays = [], {}
+    for divergence in cfg.divergences:
+        for family in cfg.families:
+            tables = markov_pair(family, divergence, cfg.vocab_size, cfg.order, cfg.horizon,
+                                 _stream(cfg.seed, "markov", family, divergence))
+            pairs.append(run_pair(tables, cfg, progress))
+            arrays[f"{family}/{divergence}/log_P"] = tables.log_p
+            arrays[f"{family}/{divergence}/log_Q"] = tables.log_q
+    return pairs, arrays
