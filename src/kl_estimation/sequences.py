@@ -34,7 +34,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .distributions import DIVERGENCES, FAMILIES, HIGH_EXPONENT, MIN_VOCAB, SHIFTS, base_weights, shift_mass
 from .proposals import log_ratio
@@ -118,6 +117,8 @@ class MarkovPair:
     """The toy pair behind the LLM sampler's interface (models.py): start(batch) and step(state, tokens)."""
 
     def __init__(self, tables: MarkovTables, device="cpu"):
+        import torch  # here, not at import: single-token runs never pay for loading torch
+
         self.tables = tables
         self.log_p = torch.as_tensor(tables.log_p, device=device)
         self.log_q = torch.as_tensor(tables.log_q, device=device)
@@ -126,7 +127,7 @@ class MarkovPair:
         self.device = torch.device(device)
 
     def start(self, batch: int):
-        s = torch.full((batch,), self.tables.start_state, device=self.device)
+        s = self.log_p.new_full((batch,), self.tables.start_state, dtype=int)
         return self.log_p[0, s], self.log_q[0, s], (0, s)
 
     def step(self, state, tokens):
