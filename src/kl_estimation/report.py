@@ -129,11 +129,11 @@ def llm_table(rows: list[dict], title: str) -> str:
     """Ranked (proposal, estimator) rows of an LLM run: smallest standard error first among unflagged rows."""
     w = 34
     lines = [_rule(title),
-             f"{'rank':>4} {'proposal':<{w}} {'estim.':<6} {'estimate':>10} {'std err':>9} {'95% CI':>21} "
+             f"{'rank':>4} {'proposal':<{w}} {'estim.':<8} {'estimate':>10} {'std err':>9} {'95% CI':>21} "
              f"{'var/seq':>9} {'ESS':>7} {'k̂':>5}",]
     for i, r in enumerate(rows, 1):
         ci = f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]"
-        lines.append(f"{i:>4} {_name(r['proposal'], w):<{w}} {r['estimator']:<6} {num(r['estimate'], 10, 4)} "
+        lines.append(f"{i:>4} {_name(r['proposal'], w):<{w}} {r['estimator']:<8} {num(r['estimate'], 10, 4)} "
                      f"{num(r['std_error'])} {ci:>21} {num(r['variance'])} {num(r['ess'], 7, 1)} "
                      f"{num(r['khat'], 5, 2)}{'  !' if r['flag'] else ''}")
     flagged = [r for r in rows if r["flag"]]
