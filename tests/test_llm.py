@@ -60,7 +60,8 @@ def test_every_estimator_exactly_unbiased_and_sampler_within_4_se(pair, name):
     N = 6000
     b = llm.sample_batch(pair, prop, N, T, llm.batch_generator(1, name, 0, "cpu"))
     est = sequence_estimates(b.log_p, b.log_q, b.log_r, b.kl_step, b.mask, prop.base is None)
-    names = {"IS": "MC", "RB-IS": "RB", "k3-IS": "k3"} if prop.base is None else {k: k for k in ("IS", "RB-IS", "k3-IS")}
+    names = {"IS": "MC", "RB-IS": "RB", "k3-IS": "k3"} if prop.base is None else {k: k for k in ("IS", "RB-IS",
+                                                                                                  "k3-IS")}
     for key, g in estimator_terms(leaves).items():
         mean, var, mu4 = exact_moments(leaves, g)
         assert mean == pytest.approx(kl, rel=1e-9), key  # exact unbiasedness

@@ -1,5 +1,4 @@
 """visualize_proposals.py: every figure drawn from a saved run folder alone, and each error path."""
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -27,12 +27,16 @@ def pq(draw):
     return p / p.sum(), np.exp(lq) / np.exp(lq).sum()
 
 
+def logs(p, q):
+    with np.errstate(divide="ignore"):
+        return np.log(p), np.log(q)
+
+
 @settings(max_examples=150, deadline=None)
 @given(pq())
 def test_normalised_and_covering(pair):
     p, q = pair
-    with np.errstate(divide="ignore"):
-        log_p, log_q = np.log(p), np.log(q)
+    log_p, log_q = logs(p, q)
     f = log_ratio(log_p, log_q)
     needs = (p * np.abs(f)) > 0
     for prop in ALL:
@@ -49,9 +53,7 @@ def test_normalised_and_covering(pair):
 @settings(max_examples=40, deadline=None)
 @given(pq())
 def test_torch_matches_numpy(pair):
-    p, q = pair
-    with np.errstate(divide="ignore"):
-        log_p, log_q = np.log(p), np.log(q)
+    log_p, log_q = logs(*pair)
     tp, tq = torch.from_numpy(log_p), torch.from_numpy(log_q)
     for prop in ALL:
         got = prop(tp, tq)

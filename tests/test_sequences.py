@@ -139,7 +139,8 @@ def test_bad_sizes(kwargs, needle):
 
 def test_cli_bad_size_one_line(capsys, tmp_path):
     try:
-        code = synthetic_main(["--sequence", "--order", "2", "--vocab-size", "300", "--output-dir", str(tmp_path / "o")])
+        code = synthetic_main(["--sequence", "--order", "2", "--vocab-size", "300",
+                               "--output-dir", str(tmp_path / "o")])
     except SystemExit as e:
         code = e.code
     err = capsys.readouterr().err

@@ -117,7 +117,8 @@ def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) 
     from . import plots
 
     p = Parser(prog=prog, description="Draw every figure of a synthetic run folder from its saved files "
-                                      "(results.json + distributions.npz) into <run folder>/plots/, with an index.html.",
+                                      "(results.json + distributions.npz) into <run folder>/plots/, with an "
+                                      "index.html.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_folder", help="a folder written by Synthetic_tests.py")
     p.add_argument("--format", default=defaults.get("format", "png"), help=f"one of {', '.join(plots.FORMATS)}")
@@ -202,8 +203,10 @@ def _run_llm(cfg, prog: str) -> int:
                 versions=runio.versions("torch", "transformers", "tokenizers"), seed=cfg.seed,
                 truncation=f"KL of the sequence process truncated at {cfg.t_length} tokens"
                            + ("" if pair.eos_token_id is None else " or at EOS"))
-    docs = [llm.run_proposal(pair, cfg, name, folder, meta, lambda **kw: tqdm(unit="batch", leave=False, disable=None, **kw))
-            for name in cfg.proposals]
+    def bar(**kw):
+        return tqdm(unit="batch", leave=False, disable=None, **kw)
+
+    docs = [llm.run_proposal(pair, cfg, name, folder, meta, bar) for name in cfg.proposals]
     rows = llm.summary_rows(docs)
     runio.write_json(folder / "summary.json", dict(meta, rows=rows))
     runio.write_csv(folder / "summary.csv", rows)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from . import runio
 
 VERSION = "v1"
 BASE_STEPS, FINETUNE_STEPS = 600, 150
@@ -94,10 +94,7 @@ def build(seed: int = 0) -> tuple[Path, Path]:
     from tqdm import tqdm
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    final = cache_dir()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=final.parent))
-    try:
+    with runio.replaced_folder(cache_dir()) as tmp:
         base_texts, tune_texts = _corpus()
         tokenizer = _tokenizer(base_texts + tune_texts)
         base, tune = _ids(tokenizer, base_texts), _ids(tokenizer, tune_texts)
@@ -120,12 +117,6 @@ def build(seed: int = 0) -> tuple[Path, Path]:
             "version": VERSION, "seed": seed, "base": "Python stdlib top-level modules",
             "finetune": list(FINETUNE_PACKAGES), "torch": torch.__version__, "base_tokens": int(base.size),
             "finetune_tokens": int(tune.size)}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return paths()
 
 

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import logsumexp, softmax
+from scipy.special import softmax
 
 
 @dataclass(frozen=True)
@@ -88,12 +88,6 @@ def self_normalized_is(log_ratio, log_weight, axis: int = -1) -> Estimate:
     n = f.shape[axis]
     var = n * (w ** 2 * (f - np.expand_dims(est, axis)) ** 2).sum(axis=axis)
     return Estimate(est, var, np.sqrt(var / n), n)
-
-
-def log_mean_weight(log_weight, axis: int = -1):
-    """log of the mean importance weight: ≈ 0 when the proposal is normalised and sampled correctly."""
-    lw = np.asarray(log_weight, dtype=np.float64)
-    return logsumexp(lw, axis=axis) - np.log(lw.shape[axis])
 
 
 Z95 = 1.959963984540054

@@ -65,7 +65,8 @@ def method_metrics(m: dict, true_kl: float, theoretical_variance: float, naive_e
                                       if exact_var is not None and theoretical_variance > 0 else None),
         variance_reduction_empirical_pct=(100 * (1 - emp_var / naive_empirical_variance)
                                           if naive_empirical_variance > 0 else None),
-        combined_score=(COMBINED_WEIGHTS[0] * err.mean() / true_kl + COMBINED_WEIGHTS[1] * emp_var / theoretical_variance
+        combined_score=(COMBINED_WEIGHTS[0] * err.mean() / true_kl
+                        + COMBINED_WEIGHTS[1] * emp_var / theoretical_variance
                         if true_kl > 0 and theoretical_variance > 0 else None),
         mean_khat=_mean(m["khat"]),
         mean_ess_pct=_mean(m["ess_pct"]),

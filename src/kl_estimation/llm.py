@@ -197,7 +197,8 @@ class LLMConfig:
         positive_int("--t-length", self.t_length)
         positive_int("--batch-size", self.batch_size)
         positive_int("--seed", self.seed, 0)
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
+        t = self.temperature
+        if not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)):
             raise ValueError(f"--temperature: must be a number > 0 (got {self.temperature!r})")
         if not self.prompt or not self.prompt.strip():
             raise ValueError("--prompt: must not be empty")

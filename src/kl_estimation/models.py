@@ -74,7 +74,8 @@ def _load_one(flag: str, name: str, device, dtype):
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except Exception as err:  # transformers raises OSError, ValueError, HTTP errors…: all mean "cannot load"
-        where = "local folder" if Path(name).exists() else "model id (not a local folder; offline, the hub is out of reach)"
+        where = ("local folder" if Path(name).exists()
+                 else "model id (not a local folder; offline, the hub is out of reach)")
         raise ValueError(f"{flag}: cannot load {name!r} as a {where}: {str(err).splitlines()[0][:200]}") from None
     return tok, model.to(device).eval()
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from html import escape
@@ -301,8 +299,9 @@ def fig_scatter(plt, run: Run, key: str, methods):
 def fig_exact_variance(plt, run: Run, key: str, methods, clip: float = 6.0):
     pair = run.pair(key)
     by = {m["name"]: m for m in pair["methods"]}
-    ms = [by[n] for n in pair["rankings"]["by_exact_variance"]  # the noise-free ranking: biased ones last
-          if by[n]["exact_variance"] is not None and (methods is None or n in methods or by[n]["family"] not in REGISTRY)]
+    wanted = [n for n in pair["rankings"]["by_exact_variance"]  # the noise-free ranking: biased ones last
+              if methods is None or n in methods or by[n]["family"] not in REGISTRY]
+    ms = [by[n] for n in wanted if by[n]["exact_variance"] is not None]
     ratio = np.log10([max(m["exact_variance"], 1e-300) / pair["theoretical_variance"] for m in ms])
     y = np.arange(len(ms))
     fig, ax = plt.subplots(figsize=(10, 1.2 + 0.22 * len(ms)))
@@ -458,9 +457,8 @@ def draw_all(path, fmt: str = "png", pairs=None, methods=None, workers: int | No
     path = Path(path)
     _LOADED.clear()
     _LOADED[path] = run
-    tmp = Path(tempfile.mkdtemp(prefix=".plots-", dir=path))
-    tmp.chmod(0o755)
-    try:
+    final = path / "plots"
+    with runio.replaced_folder(final, ".plots-") as tmp:
         jobs = []
         for key in keys:
             slug = key.replace("/", "_")
@@ -479,19 +477,12 @@ def draw_all(path, fmt: str = "png", pairs=None, methods=None, workers: int | No
         else:
             captions = [_render(j) for j in jobs]
         _write_index(tmp, keys, [(j[-1].name, c) for j, c in zip(jobs, captions)], fmt, run)
-        final = path / "plots"
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final / "index.html"
 
 
 def _write_index(folder: Path, keys, files, fmt, run: Run):
     cfg = run.results.get("config", {})
-    parts = [f"<!doctype html><meta charset='utf-8'><title>KL estimation run — figures</title>",
+    parts = ["<!doctype html><meta charset='utf-8'><title>KL estimation run — figures</title>",
              "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}figure{margin:1.5em 0}"
              "img{max-width:100%;border:1px solid #ddd}figcaption{color:#333}</style>",
              f"<h1>Synthetic run {escape(run.path.name)}</h1>",

@@ -4,10 +4,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import math
 import os
 import platform
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -57,6 +59,23 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def replaced_folder(final: Path, prefix: str = ".building-"):
+    """Build a folder in a temporary sibling that replaces `final` only if the block succeeds: never half-written."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
 
 
 def write_json(path: Path, obj) -> None:
