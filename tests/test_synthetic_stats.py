@@ -118,3 +118,12 @@ def test_sampler_frequencies():
     counts = np.bincount(idx.ravel(), minlength=5) / idx.size
     assert counts[0] == counts[2] == 0
     np.testing.assert_allclose(counts, [0, 0.1, 0, 0.6, 0.3], atol=4 * math.sqrt(0.25 / idx.size))
+
+
+def test_infinite_kl_is_refused_in_one_line():
+    from kl_estimation.distributions import ModelPair
+    from kl_estimation.synthetic import SyntheticConfig, run_pair
+
+    bad = ModelPair("zipf", "medium", np.array([0.5, 0.3, 0.2]), np.array([0.6, 0.4, 0.0]), 0.0)
+    with pytest.raises(ValueError, match=r"true KL\(P‖Q\) is infinite for zipf/medium: Q = 0 on 1 tokens"):
+        run_pair(bad, SyntheticConfig(vocab_size=3, rb_top_k=1))

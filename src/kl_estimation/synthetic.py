@@ -157,11 +157,12 @@ def evaluate_method(m: Method, idx: np.ndarray) -> dict:
 
 
 def pair_stats(pair: ModelPair) -> dict:
-    f = log_ratio(*(np.log(pair.P), np.log(pair.Q)))
-    kl = float(exact_kl(pair.P, pair.Q))
+    with np.errstate(divide="ignore", invalid="ignore"):  # Q = 0 < P: KL is inf, reported by the caller
+        f = log_ratio(np.log(pair.P), np.log(pair.Q))
+        kl = float(exact_kl(pair.P, pair.Q))
+        var = float(np.sum(pair.P * np.square(f - kl)))
     return dict(
-        family=pair.family, divergence=pair.divergence, true_kl=kl,
-        theoretical_variance=float(np.sum(pair.P * np.square(f - kl))),
+        family=pair.family, divergence=pair.divergence, true_kl=kl, theoretical_variance=var,
         moved_mass=pair.moved_mass,
         top10_mass_p=top_mass(pair.P, 10), top100_mass_p=top_mass(pair.P, 100),
         top10_mass_q=top_mass(pair.Q, 10), top100_mass_q=top_mass(pair.Q, 100),
