@@ -67,11 +67,9 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
 def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> int:
     from tqdm import tqdm
 
-    from . import report, synthetic
+    from . import report, sequences, synthetic
 
     args = synthetic_parser(prog, defaults).parse_args(argv)
-    from . import sequences
-
     mode = sequences if args.sequence else synthetic
     base = sequences.SequenceConfig() if args.sequence else synthetic.SyntheticConfig(**{
         k: v for k, v in defaults.items() if k in vars(synthetic.SyntheticConfig())})

@@ -295,7 +295,6 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
                 runio.append_jsonl(partial, {"batch": i, "sequences": b})
         total = math.ceil(cfg.n_reps / cfg.batch_size)
         bar = bar_factory(total=total, initial=len(batches), desc=name) if bar_factory else None
-        terms = [r for b in batches for r in b]
         while n_done < cfg.n_reps:
             size = min(cfg.batch_size, cfg.n_reps - n_done)
             gen = batch_generator(cfg.seed, name, len(batches), pair.device)
@@ -303,10 +302,9 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
             runio.append_jsonl(partial, {"batch": len(batches), "sequences": recs})
             batches.append(recs)
             n_done += size
-            terms += recs
             if bar:
                 bar.update(1)
-                bar.set_postfix_str(_running(terms, prop.base is None))
+                bar.set_postfix_str(_running(batches, prop.base is None))
         if bar:
             bar.close()
     records = [r for b in batches for r in b][: cfg.n_reps]
@@ -319,10 +317,10 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
     return doc
 
 
-def _running(records: list[dict], is_p: bool) -> str:
-    w = np.exp([r["log_weight"] for r in records])
-    est = np.mean(w * [r["log_ratio"] for r in records])
-    return f"{'MC' if is_p else 'IS'} {est:.4g} (n={len(records)})"
+def _running(batches: list[list[dict]], is_p: bool) -> str:
+    """The running MC / IS estimate shown on the progress bar."""
+    lw, f = np.array([(r["log_weight"], r["log_ratio"]) for b in batches for r in b]).T
+    return f"{'MC' if is_p else 'IS'} {np.mean(np.exp(lw) * f):.4g} (n={lw.size})"
 
 
 def _diff(old, new) -> str:
