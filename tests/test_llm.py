@@ -177,6 +177,7 @@ def test_resume_after_interruption_gives_the_same_records(tmp_path, tiny, monkey
     (["--dtype", "int8"], "--dtype"),
     (["--device", "cuda:7"], "--device"),
     (["--p-model", "/nonexistent/model"], "--p-model: cannot load '/nonexistent/model'"),
+    (["--p-model", "no-such-org/no-such-model"], "--p-model: cannot load 'no-such-org/no-such-model'"),
 ])
 def test_bad_input(args, needle, tmp_path, tiny, capsys):
     base = ["--p-model", tiny[0], "--q-model", tiny[1], "--output-folder", str(tmp_path / "o"), "--n-reps", "4"]

@@ -67,16 +67,41 @@ class TransformersPair:
         return self.tokenizer.decode(list(ids))
 
 
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A quick connect test, so an offline machine gets its one-line error at once instead of after the hub
+    client's retries (about 50 s per model)."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_one(flag: str, name: str, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    def load(**kw):
+        return AutoTokenizer.from_pretrained(name, **kw), AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw)
+
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except Exception as err:  # transformers raises OSError, ValueError, HTTP errors…: all mean "cannot load"
-        where = ("local folder" if Path(name).exists()
-                 else "model id (not a local folder; offline, the hub is out of reach)")
-        raise ValueError(f"{flag}: cannot load {name!r} as a {where}: {str(err).splitlines()[0][:200]}") from None
+        tok, model = load(local_files_only=True)  # a local folder, or a hub id already in the cache
+    except Exception as err:  # transformers raises OSError, ValueError, …: all mean "not here"
+        if Path(name).exists():
+            raise ValueError(f"{flag}: cannot load the local folder {name!r}: "
+                             f"{str(err).splitlines()[0][:200]}") from None
+        if not _hub_reachable():
+            raise ValueError(f"{flag}: cannot load {name!r}: not a local folder, not in the model cache, and the "
+                             f"model hub is out of reach (offline)") from None
+        try:
+            tok, model = load()
+        except Exception as err2:
+            raise ValueError(f"{flag}: cannot load {name!r} from the model hub: "
+                             f"{str(err2).splitlines()[0][:200]}") from None
     return tok, model.to(device).eval()
 
 
