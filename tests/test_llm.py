@@ -215,3 +215,34 @@ def test_bf16_models_keep_float32_log_softmax(tiny):
     pair = load_transformers_pair(*tiny, prompt="a b", temperature=0.8, dtype="bfloat16")
     log_p, log_q, _ = pair.start(3)
     assert log_p.dtype == torch.float32 and log_q.dtype == torch.float32
+
+
+def test_proposal_missing_p_support_is_flagged_biased(tmp_path, capsys):
+    """Q = P on a token gives |log P/Q| = 0 there: the token-level Optimal proposal never draws it (r = 0 < P).
+    With P = Q exactly every row falls back to P (no gap); a pair sharing some logit rows exactly shows the gap."""
+    from tiny_lms import save_pair
+
+    same = save_pair(tmp_path / "same", noise=0.0)
+    pair = load_transformers_pair(*same, prompt="a b", temperature=1.0)
+    b = llm.sample_batch(pair, llm.sequence_proposal("Optimal"), 8, 3, llm.batch_generator(0, "x", 0, "cpu"))
+    assert np.all(b.uncovered == 0) and np.all(b.log_r == b.log_p)
+    docs = [dict(proposal="Optimal", max_uncovered_mass=0.2,
+                 estimates={"IS": dict(estimate=1.0, std_error=0.1, khat=0.1)})]
+    assert llm.summary_rows(docs)[0]["flag"].startswith("biased: the proposal gives r = 0")
+    log_p = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    log_q = torch.log(torch.tensor([[0.5, 0.2, 0.3]]))  # token 0: P = Q, so Optimal's r = 0 there
+    gap = _OneStepPair(log_p, log_q)
+    b = llm.sample_batch(gap, llm.sequence_proposal("Optimal"), 4, 1, llm.batch_generator(0, "y", 0, "cpu"))
+    assert np.allclose(b.uncovered, 0.5) and not np.any(b.token_ids == 0)
+
+
+class _OneStepPair:
+    eos_token_id = None
+    vocab_size = 3
+    device = torch.device("cpu")
+
+    def __init__(self, log_p, log_q):
+        self.log_p, self.log_q = log_p, log_q
+
+    def start(self, batch):
+        return self.log_p.expand(batch, -1), self.log_q.expand(batch, -1), None

@@ -82,6 +82,7 @@ class Batch:
     log_r: np.ndarray
     kl_step: np.ndarray
     mask: np.ndarray
+    uncovered: np.ndarray  # P-mass of the tokens the proposal cannot draw at that step (> 0: IS is biased)
 
 
 def exact_step_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -115,7 +116,7 @@ def sample_batch(pair, proposal: SequenceProposal, batch: int, t_length: int, ge
     dev = log_p.device
     alive = torch.ones(batch, dtype=torch.bool, device=dev)
     prefix = torch.zeros(batch, dtype=torch.float64, device=dev)
-    cols = {k: [] for k in ("token_ids", "log_p", "log_q", "log_r", "kl_step", "mask")}
+    cols = {k: [] for k in ("token_ids", "log_p", "log_q", "log_r", "kl_step", "mask", "uncovered")}
     for t in range(t_length):
         log_r = proposal(log_p, log_q, prefix)
         x = sample_categorical(log_r, generator)
@@ -126,6 +127,7 @@ def sample_batch(pair, proposal: SequenceProposal, batch: int, t_length: int, ge
         cols["log_r"].append(lp_x if proposal.base is None else _gather(log_r, x))
         cols["kl_step"].append(exact_step_kl(log_p, log_q))
         cols["mask"].append(alive.clone())
+        cols["uncovered"].append(torch.where(log_r == -math.inf, log_p.exp(), 0.0).sum(-1, dtype=torch.float64))
         prefix += torch.where(alive, lp_x - lq_x, torch.zeros_like(prefix))
         if pair.eos_token_id is not None:
             alive &= x != pair.eos_token_id
@@ -147,7 +149,7 @@ def batch_records(b: Batch, decode) -> list[dict]:
         ids = b.token_ids[i, :n].tolist()
         out.append(dict(text=decode(ids), token_ids=ids, log_p=lp.tolist(), log_q=lq.tolist(), log_r=lr.tolist(),
                         kl_step=b.kl_step[i, :n].tolist(), log_weight=float(np.sum(lp - lr)),
-                        log_ratio=float(np.sum(lp - lq))))
+                        log_ratio=float(np.sum(lp - lq)), uncovered_mass=float(b.uncovered[i, :n].max(initial=0.0))))
     return out
 
 
@@ -311,7 +313,9 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
     arrays = records_to_arrays(records, cfg.t_length)
     estimates = sequence_estimates(arrays["log_p"], arrays["log_q"], arrays["log_r"], arrays["kl_step"],
                                    arrays["mask"], prop.base is None)
-    doc = dict(meta, proposal=name, run_key=key, n_sequences=len(records), estimates=estimates, sequences=records)
+    uncovered = max(r.get("uncovered_mass", 0.0) for r in records)
+    doc = dict(meta, proposal=name, run_key=key, n_sequences=len(records), max_uncovered_mass=uncovered,
+               estimates=estimates, sequences=records)
     runio.write_json(final, doc)
     partial.unlink(missing_ok=True)
     return doc
@@ -336,7 +340,10 @@ def summary_rows(docs: list[dict]) -> list[dict]:
     for d in docs:
         for est_name, e in d["estimates"].items():
             flag = ""
-            if e["khat"] is not None and np.isfinite(e["khat"]) and e["khat"] > KHAT_LIMIT:
+            if d.get("max_uncovered_mass", 0.0) > 0:
+                flag = (f"biased: the proposal gives r = 0 to tokens with P > 0 (up to {d['max_uncovered_mass']:.2g} "
+                        f"of P's mass at a step): sequences through them are never drawn")
+            elif e["khat"] is not None and np.isfinite(e["khat"]) and e["khat"] > KHAT_LIMIT:
                 flag = f"k̂ {e['khat']:.2f} > {KHAT_LIMIT}: weights too heavy-tailed to trust"
             elif est_name == "SNIS" and d["proposal"] != P_NAME:
                 flag = "self-normalised: biased at O(1/n)"
