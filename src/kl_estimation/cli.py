@@ -84,9 +84,7 @@ def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> i
     try:
         cfg.validate()
         runio.check_output_dir(args.output_dir)
-        total = sequences.n_steps(cfg) if args.sequence else (
-            len(cfg.divergences) * len(cfg.families) * synthetic.n_methods(cfg))
-        with tqdm(total=total, desc=mode.__name__.rsplit(".", 1)[-1], disable=None, leave=False) as bar:
+        with tqdm(total=mode.n_steps(cfg), desc=mode.__name__.rsplit(".", 1)[-1], disable=None, leave=False) as bar:
             pairs, arrays = mode.run(cfg, progress=bar.update)
     except ValueError as err:
         return fail(prog, str(err))
@@ -162,12 +160,12 @@ def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     args = p.parse_args(argv)
     cfg = LLMConfig(**{k: getattr(args, k) for k in vars(LLMConfig())})
     try:
-        return _run_llm(cfg, prog)
+        return _run_llm(cfg)
     except ValueError as err:
         return fail(prog, str(err))
 
 
-def _run_llm(cfg, prog: str) -> int:
+def _run_llm(cfg) -> int:
     from pathlib import Path
 
     from tqdm import tqdm
@@ -201,6 +199,7 @@ def _run_llm(cfg, prog: str) -> int:
                 versions=runio.versions("torch", "transformers", "tokenizers"), seed=cfg.seed,
                 truncation=f"KL of the sequence process truncated at {cfg.t_length} tokens"
                            + ("" if pair.eos_token_id is None else " or at EOS"))
+
     def bar(**kw):
         return tqdm(unit="batch", leave=False, disable=None, **kw)
 

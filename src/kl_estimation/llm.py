@@ -30,6 +30,7 @@ from .diagnostics import KHAT_LIMIT
 from .estimators import sequence_estimates
 from .models import DTYPES
 from .proposals import REGISTRY, Proposal, by_name
+from .synthetic import check_int
 
 P_NAME = "P"
 PREFIX_SUFFIX = " [prefix-aware]"
@@ -191,14 +192,10 @@ class LLMConfig:
     ignore_eos: bool = False
 
     def validate(self) -> "LLMConfig":
-        def positive_int(flag, v, low=1):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-                raise ValueError(f"{flag}: must be an integer ≥ {low} (got {v!r})")
-
-        positive_int("--n-reps", self.n_reps)
-        positive_int("--t-length", self.t_length)
-        positive_int("--batch-size", self.batch_size)
-        positive_int("--seed", self.seed, 0)
+        check_int("--n-reps", self.n_reps, 1)
+        check_int("--t-length", self.t_length, 1)
+        check_int("--batch-size", self.batch_size, 1)
+        check_int("--seed", self.seed, 0)
         t = self.temperature
         if not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)):
             raise ValueError(f"--temperature: must be a number > 0 (got {self.temperature!r})")

@@ -37,6 +37,7 @@ import numpy as np
 
 from .distributions import DIVERGENCES, FAMILIES, HIGH_EXPONENT, MIN_VOCAB, SHIFTS, base_weights, shift_mass
 from .proposals import log_ratio
+from .synthetic import _stream, check_int, check_run
 
 EOS = 0
 EOS_PROB = 0.02
@@ -73,8 +74,7 @@ class MarkovTables:
 def check_size(vocab_size: int, order: int, horizon: int, family: str | None = None) -> None:
     if order not in ORDERS:
         raise ValueError(f"--order: must be 1 or 2 (got {order!r})")
-    if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon < 1:
-        raise ValueError(f"--horizon: must be an integer ≥ 1 (got {horizon!r})")
+    check_int("--horizon", horizon, 1)
     if vocab_size < 3:
         raise ValueError(f"--vocab-size: a toy sequence model needs at least 3 tokens, EOS included (got {vocab_size})")
     if family is not None and vocab_size - 1 < MIN_VOCAB[family]:
@@ -231,11 +231,7 @@ class SequenceConfig:
         return DIVERGENCES if self.divergence == "all" else (self.divergence,)
 
     def validate(self) -> "SequenceConfig":
-        from .synthetic import SyntheticConfig
-
-        SyntheticConfig(vocab_size=max(self.vocab_size, 2), n_samples=self.n_samples, n_repeats=self.n_repeats,
-                        divergence=self.divergence, families=("zipf",), alpha_values=self.alpha_values,
-                        rb_top_k=0, seed=self.seed).validate()
+        check_run(self.n_samples, self.n_repeats, self.divergence, self.alpha_values, self.seed)
         for fam in self.families:
             if fam not in FAMILIES:
                 raise ValueError(f"--families: unknown family {fam!r}; allowed: {', '.join(FAMILIES)}")
@@ -321,8 +317,6 @@ def n_steps(cfg: SequenceConfig) -> int:
 
 def run(cfg: SequenceConfig, progress=None):
     """All (family, divergence) pairs. Returns (pairs, arrays) like synthetic.run; arrays hold the tables."""
-    from .synthetic import _stream
-
     cfg.validate()
     pairs, arrays = [], {}
     for divergence in cfg.divergences:

@@ -45,31 +45,38 @@ class SyntheticConfig:
 
     def validate(self) -> "SyntheticConfig":
         """Raise ValueError naming the flag and what is allowed; returns self for chaining."""
-        def integer(flag, value, low):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"{flag}: must be an integer ≥ {low} (got {value!r})")
-
-        integer("--vocab-size", self.vocab_size, 2)
-        integer("--n-samples", self.n_samples, 2)
-        integer("--n-repeats", self.n_repeats, 1)
-        integer("--seed", self.seed, 0)
-        if self.divergence not in (*DIVERGENCES, "all"):
-            raise ValueError(f"--divergence: unknown level {self.divergence!r}; allowed: {', '.join(DIVERGENCES)}, all")
+        check_int("--vocab-size", self.vocab_size, 2)
+        check_run(self.n_samples, self.n_repeats, self.divergence, self.alpha_values, self.seed)
         if not self.families:
             raise ValueError(f"--families: give at least one of {', '.join(FAMILIES)}")
         for fam in self.families:
             check_family(fam, self.vocab_size)
-        if not self.alpha_values:
-            raise ValueError("--alpha-values: give at least one value in [0, 1]")
-        for a in self.alpha_values:
-            if not isinstance(a, (int, float)) or not 0 <= a <= 1:  # NaN fails too
-                raise ValueError(f"--alpha-values: each value must be in [0, 1] (it sets α, β, λ and t of the "
-                                 f"mixture, geometric, chi-square and cross-entropy proposals); got {a!r}")
         if isinstance(self.rb_top_k, bool) or not isinstance(self.rb_top_k, (int, np.integer)) \
                 or not 0 <= self.rb_top_k < self.vocab_size:
             raise ValueError(f"--rb-top-k: must be an integer in [0, vocab size {self.vocab_size}) "
                              f"(got {self.rb_top_k!r}; 0 is naive MC)")
         return self
+
+
+def check_int(flag: str, value, low: int) -> None:
+    """ValueError unless `value` is an integer ≥ `low` (bools are not integers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{flag}: must be an integer ≥ {low} (got {value!r})")
+
+
+def check_run(n_samples, n_repeats, divergence: str, alpha_values, seed) -> None:
+    """The settings the single-token and the sequence experiments share."""
+    check_int("--n-samples", n_samples, 2)
+    check_int("--n-repeats", n_repeats, 1)
+    check_int("--seed", seed, 0)
+    if divergence not in (*DIVERGENCES, "all"):
+        raise ValueError(f"--divergence: unknown level {divergence!r}; allowed: {', '.join(DIVERGENCES)}, all")
+    if not alpha_values:
+        raise ValueError("--alpha-values: give at least one value in [0, 1]")
+    for a in alpha_values:
+        if not isinstance(a, (int, float)) or not 0 <= a <= 1:  # NaN fails too
+            raise ValueError(f"--alpha-values: each value must be in [0, 1] (it sets α, β, λ and t of the "
+                             f"mixture, geometric, chi-square and cross-entropy proposals); got {a!r}")
 
 
 @dataclass
@@ -191,8 +198,10 @@ def run_pair(pair: ModelPair, cfg: SyntheticConfig, on_method: Callable[[], None
     return dict(stats, methods=methods, rankings=rankings(methods)), rs
 
 
-def n_methods(cfg: SyntheticConfig) -> int:
-    return 3 + (cfg.rb_top_k > 0) + len(build_proposals(cfg.alpha_values))
+def n_steps(cfg: SyntheticConfig) -> int:
+    """Progress-bar steps of a run: one per (pair, method)."""
+    per_pair = 3 + (cfg.rb_top_k > 0) + len(build_proposals(cfg.alpha_values))
+    return len(cfg.divergences) * len(cfg.families) * per_pair
 
 
 def run(cfg: SyntheticConfig, progress: Callable[[], None] | None = None):
