@@ -128,8 +128,9 @@ def sample_batch(pair, proposal: SequenceProposal, batch: int, t_length: int, ge
         cols["log_r"].append(lp_x if proposal.base is None else _gather(log_r, x))
         cols["kl_step"].append(exact_step_kl(log_p, log_q))
         cols["mask"].append(alive.clone())
-        cols["uncovered"].append(torch.where(log_r == -math.inf, log_p.exp(), 0.0).sum(-1, dtype=torch.float64))
-        prefix += torch.where(alive, lp_x - lq_x, torch.zeros_like(prefix))
+        cols["uncovered"].append(torch.zeros_like(prefix) if proposal.base is None else  # r = P misses nothing
+                                 torch.where(log_r == -math.inf, log_p.exp(), 0.0).sum(-1, dtype=torch.float64))
+        prefix += torch.where(alive, lp_x - lq_x, 0.0)
         if pair.eos_token_id is not None:
             alive &= x != pair.eos_token_id
         if t + 1 < t_length and alive.any():
@@ -156,15 +157,12 @@ def batch_records(b: Batch, decode) -> list[dict]:
 
 def records_to_arrays(records: list[dict], t_length: int) -> dict[str, np.ndarray]:
     """Saved records back to padded (N, T) arrays plus mask: what the estimators take."""
-    N = len(records)
-    out = {k: np.zeros((N, t_length)) for k in ("log_p", "log_q", "log_r", "kl_step")}
-    mask = np.zeros((N, t_length), dtype=bool)
-    for i, r in enumerate(records):
-        n = len(r["log_p"])
-        for k in out:
-            out[k][i, :n] = r[k]
-        mask[i, :n] = True
-    out["mask"] = mask
+    lengths = np.array([len(r["log_p"]) for r in records])
+    mask = np.arange(t_length) < lengths[:, None]
+    out = {"mask": mask}
+    for k in ("log_p", "log_q", "log_r", "kl_step"):
+        out[k] = np.zeros(mask.shape)
+        out[k][mask] = np.concatenate([r[k] for r in records])  # row-major fill matches the records' order
     return out
 
 

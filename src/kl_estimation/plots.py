@@ -50,6 +50,11 @@ class Run:
     results: dict
     arrays: dict
 
+    @property
+    def kind(self) -> str:
+        """'synthetic' (single-token) or 'sequence' (toy Markov pairs)."""
+        return self.results.get("config", {}).get("kind", "synthetic")
+
     def pair(self, key: str) -> dict:
         return next(p for p in self.results["pairs"] if f"{p['family']}/{p['divergence']}" == key)
 
@@ -74,12 +79,12 @@ def load_run(path) -> Run:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise RunFolderError(f"{npz_path} is corrupt ({type(err).__name__}: {err})")
-    kind = results.get("config", {}).get("kind", "synthetic")
+    run = Run(path, results, arrays)
     for p in pairs:
-        for suffix in (("log_P", "log_Q") if kind == "sequence" else ("P", "Q")):
+        for suffix in (("log_P", "log_Q") if run.kind == "sequence" else ("P", "Q")):
             if f"{p['family']}/{p['divergence']}/{suffix}" not in arrays:
                 raise RunFolderError(f"{npz_path} lacks {p['family']}/{p['divergence']}/{suffix}")
-    return Run(path, results, arrays)
+    return run
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -405,7 +410,7 @@ SEQUENCE_FIGURES = ("ess", "scatter", "exact-variance")
 
 
 def figure_names(run: Run) -> list[str]:
-    if run.results.get("config", {}).get("kind") == "sequence":
+    if run.kind == "sequence":
         return [n for n in PAIR_FIGURES if n in SEQUENCE_FIGURES]
     return list(PAIR_FIGURES)
 
