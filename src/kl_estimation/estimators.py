@@ -93,7 +93,7 @@ def self_normalized_is(log_ratio, log_weight, axis: int = -1) -> Estimate:
 Z95 = 1.959963984540054
 
 
-def rb_control_variate_terms(kl_step, log_ratio_step, log_weight_step, mask=None, axis_folds: int = 2):
+def rb_control_variate_terms(kl_step, log_ratio_step, log_weight_step, mask=None, folds: int = 2):
     """RB(-IS) plus a fitted multiple of a mean-zero control, cross-fitted so that it stays unbiased.
 
     a = Σ_t W_<t·K_t (the RB-IS term) and d = Σ_t W_<t·(w_t·f_t − K_t): given the prefix, w_t·f_t has mean K_t, so
@@ -111,9 +111,9 @@ def rb_control_variate_terms(kl_step, log_ratio_step, log_weight_step, mask=None
     a = (w_prefix * kl_step).sum(-1)
     d = (w_prefix * (np.exp(lw) * f - kl_step)).sum(-1)
     n = a.shape[-1]
-    fold = np.arange(n) % axis_folds
+    fold = np.arange(n) % folds
     out = np.empty_like(a)
-    for k in range(axis_folds):  # a loop over folds (2), not samples
+    for k in range(folds):  # a loop over folds (2), not samples
         train = fold != k
         ac = a[..., train] - a[..., train].mean(-1, keepdims=True)
         dc = d[..., train] - d[..., train].mean(-1, keepdims=True)
