@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kl_estimation.llm import batch_generator, sample_batch, sequence_proposal  # noqa: E402
+from kl_estimation.engine import sample_batch, sequence_proposal, unit_generator as batch_generator  # noqa: E402
 from kl_estimation.models import TransformersPair, tempered_log_softmax  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def main():
     p, q = models(args.qwen05b, device, dtype)
     V = p.config.vocab_size
     prompt = torch.arange(1, 7, device=device)
-    pair = TransformersPair(p, q, _Tok(V), prompt, 0.4, None)  # EOS ignored: every run makes R·T tokens
+    pair = TransformersPair(p, q, _Tok(V), prompt[None], torch.ones_like(prompt)[None], 0.4, None)  # EOS ignored: every run makes R·T tokens
     R, T = args.R, args.T
     toks = R * T
     label = "random Qwen2-0.5B-shaped pair, bf16" if args.qwen05b else "random GPT-2 pair (2 layers, d=128, V=2048)"

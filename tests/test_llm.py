@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kl_estimation import llm
+from kl_estimation import engine, enumeration, llm
 from kl_estimation.cli import llm_main
 from kl_estimation.estimators import k3_terms, sequence_estimates
 from kl_estimation.models import load_transformers_pair, tempered_log_softmax
@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(tiny):
-    return load_transformers_pair(*tiny, prompt="a b", temperature=0.8)
+    return load_transformers_pair(*tiny, prompts="a b", temperature=0.8)
 
 
 def exact_moments(leaves, g):
@@ -43,22 +43,22 @@ def estimator_terms(leaves):
 
 def test_enumeration_is_a_distribution_and_kl_agrees_two_ways(pair):
     for name in PROPOSALS:
-        leaves = llm.enumerate_sequences(pair, llm.sequence_proposal(name), T)
+        leaves = enumeration.enumerate_sequences(pair, engine.sequence_proposal(name), T)
         assert np.exp(leaves["log_r"]).sum() == pytest.approx(1.0, abs=1e-9)
         assert np.exp(leaves["log_p"]).sum() == pytest.approx(1.0, abs=1e-9)
         p = np.exp(leaves["log_p"])
         assert np.sum(p * (leaves["log_p"] - leaves["log_q"])) == pytest.approx(leaves["kl"], rel=1e-9)
-    lengths_vary = llm.enumerate_sequences(pair, llm.sequence_proposal("P"), T)["log_p"].size < 4 ** T
+    lengths_vary = enumeration.enumerate_sequences(pair, engine.sequence_proposal("P"), T)["log_p"].size < 4 ** T
     assert lengths_vary  # EOS ends some sequences early: the truncated process, not all V^T strings
 
 
 @pytest.mark.parametrize("name", PROPOSALS)
 def test_every_estimator_exactly_unbiased_and_sampler_within_4_se(pair, name):
-    prop = llm.sequence_proposal(name)
-    leaves = llm.enumerate_sequences(pair, prop, T)
+    prop = engine.sequence_proposal(name)
+    leaves = enumeration.enumerate_sequences(pair, prop, T)
     kl = leaves["kl"]
     N = 6000
-    b = llm.sample_batch(pair, prop, N, T, llm.batch_generator(1, name, 0, "cpu"))
+    b = engine.sample_batch(pair, prop, N, T, engine.unit_generator(1, name, 0, "cpu"))
     est = sequence_estimates(b.log_p, b.log_q, b.log_r, b.kl_step, b.mask, prop.base is None)
     names = {"IS": "MC", "RB-IS": "RB", "k3-IS": "k3"} if prop.base is None else {k: k for k in ("IS", "RB-IS",
                                                                                                   "k3-IS")}
@@ -75,21 +75,21 @@ def test_every_estimator_exactly_unbiased_and_sampler_within_4_se(pair, name):
 
 
 def test_rb_variance_never_above_mc(pair):
-    leaves = llm.enumerate_sequences(pair, llm.sequence_proposal("P"), T)
+    leaves = enumeration.enumerate_sequences(pair, engine.sequence_proposal("P"), T)
     t = estimator_terms(leaves)
     assert exact_moments(leaves, t["RB-IS"])[1] <= exact_moments(leaves, t["IS"])[1]
 
 
 def test_ignore_eos_enumerates_all_strings(tiny):
-    pair = load_transformers_pair(*tiny, prompt="a b", temperature=0.8, ignore_eos=True)
-    leaves = llm.enumerate_sequences(pair, llm.sequence_proposal("P"), T)
+    pair = load_transformers_pair(*tiny, prompts="a b", temperature=0.8, ignore_eos=True)
+    leaves = enumeration.enumerate_sequences(pair, engine.sequence_proposal("P"), T)
     assert leaves["log_p"].size == 4 ** T
-    b = llm.sample_batch(pair, llm.sequence_proposal("P"), 64, T, llm.batch_generator(0, "P", 0, "cpu"))
+    b = engine.sample_batch(pair, engine.sequence_proposal("P"), 64, T, engine.unit_generator(0, "P", 0, "cpu"))
     assert b.mask.all()
 
 
 def test_proposal_p_has_unit_weights(pair):
-    b = llm.sample_batch(pair, llm.sequence_proposal("P"), 50, T, llm.batch_generator(3, "P", 0, "cpu"))
+    b = engine.sample_batch(pair, engine.sequence_proposal("P"), 50, T, engine.unit_generator(3, "P", 0, "cpu"))
     assert np.array_equal(b.log_p, b.log_r)
 
 
@@ -207,13 +207,13 @@ def test_different_tokenizers_named_with_both_sizes(tmp_path, tiny, capsys):
 
 
 def test_logit_rows_beyond_the_tokenizer_are_dropped(pair):
-    log_p, log_q, _ = pair.start(2)
+    log_p, log_q, _ = pair.start(torch.zeros(2, dtype=torch.long))
     assert log_p.shape == (2, 4) and torch.allclose(log_p.exp().sum(-1), torch.ones(2))
 
 
 def test_bf16_models_keep_float32_log_softmax(tiny):
-    pair = load_transformers_pair(*tiny, prompt="a b", temperature=0.8, dtype="bfloat16")
-    log_p, log_q, _ = pair.start(3)
+    pair = load_transformers_pair(*tiny, prompts="a b", temperature=0.8, dtype="bfloat16")
+    log_p, log_q, _ = pair.start(torch.zeros(3, dtype=torch.long))
     assert log_p.dtype == torch.float32 and log_q.dtype == torch.float32
 
 
@@ -223,8 +223,8 @@ def test_proposal_missing_p_support_is_flagged_biased(tmp_path, capsys):
     from tiny_lms import save_pair
 
     same = save_pair(tmp_path / "same", noise=0.0)
-    pair = load_transformers_pair(*same, prompt="a b", temperature=1.0)
-    b = llm.sample_batch(pair, llm.sequence_proposal("Optimal"), 8, 3, llm.batch_generator(0, "x", 0, "cpu"))
+    pair = load_transformers_pair(*same, prompts="a b", temperature=1.0)
+    b = engine.sample_batch(pair, engine.sequence_proposal("Optimal"), 8, 3, engine.unit_generator(0, "x", 0, "cpu"))
     assert np.all(b.uncovered == 0) and np.all(b.log_r == b.log_p)
     docs = [dict(proposal="Optimal", max_uncovered_mass=0.2,
                  estimates={"IS": dict(estimate=1.0, std_error=0.1, khat=0.1)})]
@@ -232,7 +232,7 @@ def test_proposal_missing_p_support_is_flagged_biased(tmp_path, capsys):
     log_p = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
     log_q = torch.log(torch.tensor([[0.5, 0.2, 0.3]]))  # token 0: P = Q, so Optimal's r = 0 there
     gap = _OneStepPair(log_p, log_q)
-    b = llm.sample_batch(gap, llm.sequence_proposal("Optimal"), 4, 1, llm.batch_generator(0, "y", 0, "cpu"))
+    b = engine.sample_batch(gap, engine.sequence_proposal("Optimal"), 4, 1, engine.unit_generator(0, "y", 0, "cpu"))
     assert np.allclose(b.uncovered, 0.5) and not np.any(b.token_ids == 0)
 
 
@@ -244,5 +244,5 @@ class _OneStepPair:
     def __init__(self, log_p, log_q):
         self.log_p, self.log_q = log_p, log_q
 
-    def start(self, batch):
-        return self.log_p.expand(batch, -1), self.log_q.expand(batch, -1), None
+    def start(self, prompt_rows):
+        return self.log_p.expand(len(prompt_rows), -1), self.log_q.expand(len(prompt_rows), -1), None

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from kl_estimation import llm
+from kl_estimation import engine, enumeration, llm
 from kl_estimation import sequences as sq
 from kl_estimation.cli import synthetic_main
 from kl_estimation.estimators import sequence_estimates
@@ -47,7 +47,7 @@ def brute_force(tb: sq.MarkovTables, log_r, T):
 def test_dp_equals_brute_force(case, name):
     tb = tables(*case)
     T = case[-1]
-    prop = llm.sequence_proposal(name)
+    prop = engine.sequence_proposal(name)
     log_r = None if prop.base is None else sq.proposal_table(tb, prop.base)
     ex = sq.exact_values(tb, log_r)
     lp, lq, lr, rb = brute_force(tb, log_r, T)
@@ -78,7 +78,7 @@ def test_token_level_optimal_is_biased_for_sequences():
     """Where P_t = Q_t on a token, |log P/Q| = 0 and the token-level optimal proposal never draws it, so every
     sequence through it is lost: the exact DP shows the bias, and the synthetic ranking flags it."""
     tb = tables("zipf", "medium", 20, 1, 8)
-    ex = sq.exact_values(tb, sq.proposal_table(tb, llm.sequence_proposal("Optimal").base))
+    ex = sq.exact_values(tb, sq.proposal_table(tb, engine.sequence_proposal("Optimal").base))
     assert ex.coverage < 0.99 and abs(ex.is_mean - ex.kl) > 0.01
 
 
@@ -89,10 +89,10 @@ def test_sampler_estimators_match_exact_values():
     pair = sq.MarkovPair(tb)
     N = 20_000
     for name in ("P", "Geometric (β=0.5)", "Exponential family (β=0.5)", "Adaptive [prefix-aware]"):
-        prop = llm.sequence_proposal(name)
-        b = llm.sample_batch(pair, prop, N, 5, llm.batch_generator(7, name, 0, "cpu"))
+        prop = engine.sequence_proposal(name)
+        b = engine.sample_batch(pair, prop, N, 5, engine.unit_generator(7, name, 0, "cpu"))
         est = sequence_estimates(b.log_p, b.log_q, b.log_r, b.kl_step, b.mask, prop.base is None)
-        leaves = llm.enumerate_sequences(pair, prop, 5)
+        leaves = enumeration.enumerate_sequences(pair, prop, 5)
         r = np.exp(leaves["log_r"])
         ok = r > 0
         w = np.exp(leaves["log_p"][ok] - leaves["log_r"][ok])
@@ -116,7 +116,7 @@ def test_control_variate_unbiased_and_oracle_never_worse_than_rb():
     tb = tables("zipf", "high", 30, 1, 12, seed=1)
     pair = sq.MarkovPair(tb)
     ex = sq.exact_values(tb)
-    b = llm.sample_batch(pair, llm.sequence_proposal("P"), 40_000, 12, llm.batch_generator(0, "P", 0, "cpu"))
+    b = engine.sample_batch(pair, engine.sequence_proposal("P"), 40_000, 12, engine.unit_generator(0, "P", 0, "cpu"))
     est = sequence_estimates(b.log_p, b.log_q, b.log_r, b.kl_step, b.mask, True)
     cv = est["RB+CV"]
     assert abs(cv["estimate"] - ex.kl) < 4 * math.sqrt(ex.rbis_variance / 40_000)

@@ -16,8 +16,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
+def as_flag(message: str) -> str:
+    """Library errors name their parameter ('n_reps: …'); on the command line that is the flag ('--n-reps: …')."""
+    head, sep, rest = message.partition(": ")
+    if sep and head.isidentifier():
+        return f"--{head.replace('_', '-')}: {rest}"
+    return message
+
+
 def fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {as_flag(message)}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
@@ -158,7 +166,7 @@ def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --output-folder")
     p.add_argument("--ignore-eos", action="store_true", help="keep sampling after EOS (always t-length tokens)")
     args = p.parse_args(argv)
-    cfg = LLMConfig(**{k: getattr(args, k) for k in vars(LLMConfig())})
+    cfg = LLMConfig(**{k: getattr(args, k) for k in vars(LLMConfig()) if hasattr(args, k)})
     try:
         return _run_llm(cfg)
     except ValueError as err:
@@ -189,7 +197,7 @@ def _run_llm(cfg) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    pair = load_transformers_pair(p_id, q_id, prompt=cfg.prompt, temperature=cfg.temperature, device=device,
+    pair = load_transformers_pair(p_id, q_id, prompts=cfg.prompt_set, temperature=cfg.temperature, device=device,
                                   dtype=dtype, ignore_eos=cfg.ignore_eos)
     folder = Path(cfg.output_folder)
     folder.mkdir(parents=True, exist_ok=True)

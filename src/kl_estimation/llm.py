@@ -1,24 +1,22 @@
-r"""Sequence-level KL between two language models: token-by-token sampling from a proposal, every estimator.
+r"""The run layer for LLM pairs: prompts × proposals × batches of sequences → resumable files and a summary.
 
-Target: KL(P‖Q) of the sequence process truncated at T tokens (or at EOS, whichever comes first):
-KL = E_P[Σ_t log P_t(x_t)/Q_t(x_t)], where P_t, Q_t are the tempered next-token distributions given the prefix.
+A run estimates, for each proposal, KL(P‖Q) of the sequence process truncated at T tokens (or at EOS) after each
+prompt of a prompt set, and their average over the prompts (a set of one prompt is the plain case). The work is cut
+into *units* — (prompt, proposal, batch index), each with its own random stream (engine.unit_generator) — and the
+units of a proposal are packed into forward batches of at most ``batch_size`` sequences, mixing prompts; so the
+records do not depend on the packing, and a resumed run redraws nothing it kept.
 
-A *sequence proposal* draws x_t ~ r_t = proposal(P_t, Q_t) with a registry proposal applied to each step's rows,
-or, for the prefix-aware variants, with |log P/Q| replaced by |L_<t + log P_t/Q_t|, L_<t = Σ_{s<t} log P/Q(x_s): the
-running log-ratio of the prefix (done by handing the registry function log Q_t − L_<t). Proposal "P" is plain
-Monte Carlo. Per step the sampler keeps log P_t(x_t), log Q_t(x_t), log r_t(x_t) and the exact KL(P_t‖Q_t), so every
-estimator (estimators.sequence_estimates) can be recomputed later from the saved arrays alone.
-
-Engine: batched over sequences, one forward per model per step on a KV cache, the same for every proposal. (Sampling
-from P with P alone and scoring Q in one teacher-forced pass measured slower on CPU — 0.50 s against 0.41 s for
-256 × 20 tokens, bench/bench_llm.py — as it holds (B, T, V) arrays; it was dropped.) A sequence that emits EOS stops
-contributing: its later steps are masked out (the model still gets a token so the batch stays rectangular).
+Files per proposal: ``<slug>.partial.jsonl`` while running (a header line with the run key, then one line per finished
+forward batch: its units and records, fsynced), then ``<slug>.json`` written atomically: records, estimates per
+prompt and overall. The two-level design gives two standard errors for the overall estimate (the mean over prompts):
+``std_error`` over this fixed prompt set, √(Σ_i SE_i²)/m (within-prompt noise only), and ``std_error_population``,
+the spread of the per-prompt estimates over prompts, √(s²/m), for the prompt population the set was drawn from.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,131 +25,28 @@ import torch
 
 from . import runio
 from .diagnostics import KHAT_LIMIT
-from .estimators import sequence_estimates
+from .engine import P_NAME, PREFIX_SUFFIX, sample_batch, sequence_proposal, unit_generator
+from .estimators import Z95, sequence_estimates
 from .models import DTYPES
-from .proposals import REGISTRY, Proposal, by_name
 from .synthetic import check_int
 
-P_NAME = "P"
-PREFIX_SUFFIX = " [prefix-aware]"
-# Families whose formula depends on Q only through log P/Q or a per-row constant factor: shifting log Q by the
-# prefix log-ratio then means exactly "use the running sequence log-ratio".
-PREFIX_FAMILIES = ("Alpha-mixture", "Exponential family", "Balanced 1", "Balanced 3", "Adaptive", "Optimal")
 DEFAULT_PROPOSALS = (P_NAME, "Geometric (β=0.5)", "Fixed mixture (λ=0.9)", "Alpha-mixture (α=0.5)",
                      "Exponential family (β=0.5)", "Adaptive", "Adaptive" + PREFIX_SUFFIX)
 
 
-@dataclass(frozen=True)
-class SequenceProposal:
-    name: str
-    base: Proposal | None = None  # None: P itself
-    prefix_aware: bool = False
-
-    def __call__(self, log_p, log_q, prefix_log_ratio):
-        if self.base is None:
-            return log_p
-        if self.prefix_aware:
-            log_q = log_q - prefix_log_ratio[:, None].to(log_q.dtype)
-        return self.base(log_p, log_q)
-
-
-def sequence_proposal(name: str) -> SequenceProposal:
-    """'P', a registry name such as 'Geometric (β=0.5)', or one with the suffix ' [prefix-aware]'."""
-    if name == P_NAME:
-        return SequenceProposal(P_NAME)
-    prefix = name.endswith(PREFIX_SUFFIX)
-    base_name = name[: -len(PREFIX_SUFFIX)] if prefix else name
-    try:
-        base = by_name(base_name)
-    except ValueError:
-        raise ValueError(f"--proposals: unknown proposal {name!r}; allowed: P, a registry name such as "
-                         f"'Geometric (β=0.5)' or 'Optimal' (families: {', '.join(REGISTRY)}), optionally followed by "
-                         f"'{PREFIX_SUFFIX.strip()}' for {', '.join(PREFIX_FAMILIES)}") from None
-    if prefix and base.family not in PREFIX_FAMILIES:
-        raise ValueError(f"--proposals: {base.family} has no prefix-aware variant; allowed for: "
-                         f"{', '.join(PREFIX_FAMILIES)}")
-    return SequenceProposal(name, base, prefix)
-
-
-@dataclass
-class Batch:
-    """Per-step arrays (B, T) of one batch; steps after a sequence's EOS have mask False."""
-
-    token_ids: np.ndarray
-    log_p: np.ndarray
-    log_q: np.ndarray
-    log_r: np.ndarray
-    kl_step: np.ndarray
-    mask: np.ndarray
-    uncovered: np.ndarray  # P-mass of the tokens the proposal cannot draw at that step (> 0: IS is biased)
-
-
-def exact_step_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(P_t‖Q_t) per row, accumulated in float64; 0·log 0 = 0."""
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1, dtype=torch.float64)
-
-
-def sample_categorical(log_r: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One draw per row from exp(log_r) by inverting a float64 CDF: one uniform per row, where torch.multinomial
-    draws V exponentials per row (a third of the sampler's time at V = 2048). side='right' never picks a zero."""
-    cdf = log_r.double().exp().cumsum(-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=torch.float64)
-    return torch.searchsorted(cdf, u * cdf[..., -1:], right=True)[..., 0].clamp_(max=cdf.shape[-1] - 1)
-
-
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(-1, idx[..., None])[..., 0].double()
-
-
-def batch_generator(seed: int, proposal: str, batch_index: int, device) -> torch.Generator:
-    """The stream of one batch, derived from names and positions only: a resumed run redraws nothing it kept."""
-    ss = np.random.SeedSequence(seed, spawn_key=(zlib.crc32(proposal.encode()), batch_index))
-    return torch.Generator(device=device).manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
-
-
-@torch.inference_mode()
-def sample_batch(pair, proposal: SequenceProposal, batch: int, t_length: int, generator: torch.Generator) -> Batch:
-    """Draw `batch` sequences of up to `t_length` tokens from the proposal; one Python iteration per step."""
-    log_p, log_q, state = pair.start(batch)
-    dev = log_p.device
-    alive = torch.ones(batch, dtype=torch.bool, device=dev)
-    prefix = torch.zeros(batch, dtype=torch.float64, device=dev)
-    cols = {k: [] for k in ("token_ids", "log_p", "log_q", "log_r", "kl_step", "mask", "uncovered")}
-    for t in range(t_length):
-        log_r = proposal(log_p, log_q, prefix)
-        x = sample_categorical(log_r, generator)
-        lp_x, lq_x = _gather(log_p, x), _gather(log_q, x)
-        cols["token_ids"].append(x)
-        cols["log_p"].append(lp_x)
-        cols["log_q"].append(lq_x)
-        cols["log_r"].append(lp_x if proposal.base is None else _gather(log_r, x))
-        cols["kl_step"].append(exact_step_kl(log_p, log_q))
-        cols["mask"].append(alive.clone())
-        cols["uncovered"].append(torch.zeros_like(prefix) if proposal.base is None else  # r = P misses nothing
-                                 torch.where(log_r == -math.inf, log_p.exp(), 0.0).sum(-1, dtype=torch.float64))
-        prefix += torch.where(alive, lp_x - lq_x, 0.0)
-        if pair.eos_token_id is not None:
-            alive &= x != pair.eos_token_id
-        if t + 1 < t_length and alive.any():
-            log_p, log_q, state = pair.step(state, x)
-        elif t + 1 < t_length:  # every sequence ended: the remaining steps are masked out
-            for k in cols:
-                cols[k] += [torch.zeros_like(cols[k][-1])] * (t_length - t - 1)
-            break
-    return Batch(**{k: torch.stack(v, dim=1).cpu().numpy() for k, v in cols.items()})
-
-
-def batch_records(b: Batch, decode) -> list[dict]:
+def batch_records(b, decode, prompt_rows=None) -> list[dict]:
     """One JSON-ready record per sequence, per-step lists cut at EOS (only the steps that count)."""
     out = []
     for i in range(b.token_ids.shape[0]):
         n = int(b.mask[i].sum())
         lp, lq, lr = b.log_p[i, :n], b.log_q[i, :n], b.log_r[i, :n]
         ids = b.token_ids[i, :n].tolist()
-        out.append(dict(text=decode(ids), token_ids=ids, log_p=lp.tolist(), log_q=lq.tolist(), log_r=lr.tolist(),
-                        kl_step=b.kl_step[i, :n].tolist(), log_weight=float(np.sum(lp - lr)),
-                        log_ratio=float(np.sum(lp - lq)), uncovered_mass=float(b.uncovered[i, :n].max(initial=0.0))))
+        rec = dict(text=decode(ids), token_ids=ids, log_p=lp.tolist(), log_q=lq.tolist(), log_r=lr.tolist(),
+                   kl_step=b.kl_step[i, :n].tolist(), log_weight=float(np.sum(lp - lr)),
+                   log_ratio=float(np.sum(lp - lq)), uncovered_mass=float(b.uncovered[i, :n].max(initial=0.0)))
+        if prompt_rows is not None:
+            rec["prompt"] = int(prompt_rows[i])
+        out.append(rec)
     return out
 
 
@@ -188,6 +83,11 @@ class LLMConfig:
     resume: bool = False
     overwrite: bool = False
     ignore_eos: bool = False
+    prompts: tuple | None = None  # a prompt set (texts); None: the single `prompt`
+
+    @property
+    def prompt_set(self) -> tuple:
+        return tuple(self.prompts) if self.prompts is not None else (self.prompt,)
 
     def validate(self) -> "LLMConfig":
         check_int("--n-reps", self.n_reps, 1)
@@ -197,8 +97,12 @@ class LLMConfig:
         t = self.temperature
         if not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)):
             raise ValueError(f"--temperature: must be a number > 0 (got {self.temperature!r})")
-        if not self.prompt or not self.prompt.strip():
-            raise ValueError("--prompt: must not be empty")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("--prompts: the prompt set is empty")
+        for i, text in enumerate(self.prompt_set):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError("--prompt: must not be empty" if self.prompts is None else
+                                 f"--prompts: prompt {i} is empty")
         if (self.p_model is None) != (self.q_model is None):
             raise ValueError("--q-model: give both --p-model and --q-model, or neither for the offline default pair")
         if not self.proposals:
@@ -206,7 +110,10 @@ class LLMConfig:
         if len(set(self.proposals)) != len(self.proposals):
             raise ValueError("--proposals: a proposal is listed twice")
         for name in self.proposals:
-            sequence_proposal(name)
+            try:
+                sequence_proposal(name)
+            except ValueError as err:
+                raise ValueError(f"--{err}") from None
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype: unknown dtype {self.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
         resolve_device(self.device)
@@ -252,72 +159,162 @@ def existing_outputs(folder, proposals) -> list:
     return [folder / n for n in names if (folder / n).exists()]
 
 
+def prompt_set_digest(prompts) -> str:
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 def run_key(cfg: LLMConfig, proposal: str, models: dict) -> dict:
-    """Everything that fixes the records of a batch: a resumed run must match it exactly."""
-    return dict(models=models, prompt=cfg.prompt, t_length=cfg.t_length, temperature=cfg.temperature,
-                seed=cfg.seed, batch_size=cfg.batch_size, ignore_eos=cfg.ignore_eos, proposal=proposal)
+    """Everything that fixes the records of a unit: a resumed run must match it exactly."""
+    prompts = cfg.prompt_set
+    return dict(models=models, prompts=prompts[0] if len(prompts) == 1 else f"{len(prompts)} prompts, sha256 "
+                f"{prompt_set_digest(prompts)}", t_length=cfg.t_length, temperature=cfg.temperature, seed=cfg.seed,
+                batch_size=cfg.batch_size, ignore_eos=cfg.ignore_eos, proposal=proposal)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Sequences `rows` of batch `batch` after prompt `prompt`, for one proposal: one random stream."""
+
+    prompt: int
+    batch: int
+    rows: int
+
+
+def plan_units(n_prompts: int, n_reps: int, batch_size: int) -> list[Unit]:
+    """Every unit of one proposal, in record order: per prompt, ⌈n_reps / batch_size⌉ batches."""
+    return [Unit(i, j, min(batch_size, n_reps - j * batch_size))
+            for i in range(n_prompts) for j in range(math.ceil(n_reps / batch_size))]
+
+
+def pack(units: list[Unit], batch_size: int) -> list[list[Unit]]:
+    """Consecutive units into forward batches of at most batch_size sequences."""
+    out, rows = [], batch_size
+    for u in units:
+        if rows + u.rows > batch_size:
+            out.append([])
+            rows = 0
+        out[-1].append(u)
+        rows += u.rows
+    return out
+
+
+def sample_units(pair, prop, units: list[Unit], cfg, sampler: str = "iid") -> list[dict]:
+    """One forward batch of units → their records (each tagged with its prompt)."""
+    streams = [(unit_generator(cfg.seed, prop.name, u.batch, pair.device, u.prompt), u.rows) for u in units]
+    rows = np.repeat([u.prompt for u in units], [u.rows for u in units])
+    b = sample_batch(pair, prop, len(rows), cfg.t_length, streams, prompt_rows=torch.as_tensor(rows),
+                     sampler=sampler)
+    return batch_records(b, pair.decode, rows)
+
+
+def _read_partial(partial: Path, key: dict) -> dict:
+    lines = runio.read_jsonl(partial)
+    if not lines or lines[0].get("run_key") != key:
+        raise ValueError(f"--resume: {partial} was written with other settings "
+                         f"({_diff(lines[0].get('run_key') if lines else None, key)})")
+    done = {}
+    for ln in lines[1:]:
+        recs = iter(ln["sequences"])
+        for prompt, batch, rows in ln["units"]:
+            done[Unit(prompt, batch, rows)] = [next(recs) for _ in range(rows)]
+    return done
+
+
+def _read_final(final: Path, key: dict, units: list[Unit]) -> dict:
+    doc = json.loads(final.read_text())
+    if doc.get("run_key") != key:
+        raise ValueError(f"--resume: {final} was written with other settings ({_diff(doc.get('run_key'), key)})")
+    done, by_unit = {}, {}
+    for rec in doc["sequences"]:
+        by_unit.setdefault((rec.get("prompt", 0), rec.get("batch", 0)), []).append(rec)
+    for u in units:
+        recs = by_unit.get((u.prompt, u.batch), [])
+        if len(recs) >= u.rows:  # a unit of a run with more --n-reps ends in the same records
+            done[u] = recs[: u.rows]
+    return done
 
 
 def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factory=None) -> dict:
-    """Sample cfg.n_reps sequences from proposal `name` (resuming finished batches), write <slug>.json atomically."""
+    """Sample cfg.n_reps sequences per prompt from proposal `name` (resuming finished units), write <slug>.json
+    atomically and return its document."""
     folder = Path(folder)
     prop = sequence_proposal(name)
     final, partial = folder / f"{slug(name)}.json", folder / f"{slug(name)}.partial.jsonl"
     key = run_key(cfg, name, meta["models"])
-    batches: list[list[dict]] = []
+    units = plan_units(len(cfg.prompt_set), cfg.n_reps, cfg.batch_size)
+    done: dict[Unit, list[dict]] = {}
     if cfg.resume and final.exists():
-        doc = json.loads(final.read_text())
-        if doc.get("run_key") != key:
-            raise ValueError(f"--resume: {final} was written with other settings ({_diff(doc.get('run_key'), key)})")
-        recs = doc["sequences"]
-        if len(recs) >= cfg.n_reps or len(recs) % cfg.batch_size:
-            if len(recs) < cfg.n_reps:
-                raise ValueError(f"--resume: {final} ends in a short batch and cannot be extended to --n-reps "
-                                 f"{cfg.n_reps}")
-            batches = [recs[: cfg.n_reps]]
-        else:
-            batches = [recs[i:i + cfg.batch_size] for i in range(0, len(recs), cfg.batch_size)]
+        done = _read_final(final, key, units)
     elif cfg.resume and partial.exists():
-        lines = runio.read_jsonl(partial)
-        if not lines or lines[0].get("run_key") != key:
-            raise ValueError(f"--resume: {partial} was written with other settings "
-                             f"({_diff(lines[0].get('run_key') if lines else None, key)})")
-        batches = [ln["sequences"] for ln in lines[1:]]
-    n_done = sum(len(b) for b in batches)
-    if n_done < cfg.n_reps:
-        if not partial.exists() or not cfg.resume:
+        done = _read_partial(partial, key)
+    todo = [u for u in units if u not in done]
+    if todo:
+        if not (cfg.resume and partial.exists()):
             partial.unlink(missing_ok=True)
             runio.append_jsonl(partial, {"run_key": key})
-            for i, b in enumerate(batches):  # sequences carried over from a shorter finished run
-                runio.append_jsonl(partial, {"batch": i, "sequences": b})
-        total = math.ceil(cfg.n_reps / cfg.batch_size)
-        bar = bar_factory(total=total, initial=len(batches), desc=name) if bar_factory else None
-        while n_done < cfg.n_reps:
-            size = min(cfg.batch_size, cfg.n_reps - n_done)
-            gen = batch_generator(cfg.seed, name, len(batches), pair.device)
-            recs = batch_records(sample_batch(pair, prop, size, cfg.t_length, gen), pair.decode)
-            runio.append_jsonl(partial, {"batch": len(batches), "sequences": recs})
-            batches.append(recs)
-            n_done += size
+            if done:  # units carried over from a finished run with fewer --n-reps
+                runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in done],
+                                             "sequences": [r for recs in done.values() for r in recs]})
+        batches = pack(todo, cfg.batch_size)
+        bar = bar_factory(total=len(batches), desc=name) if bar_factory else None
+        for group in batches:
+            recs = sample_units(pair, prop, group, cfg)
+            for r, u in zip(recs, [u for u in group for _ in range(u.rows)]):
+                r["batch"] = u.batch
+            runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in group], "sequences": recs})
+            it = iter(recs)
+            for u in group:
+                done[u] = [next(it) for _ in range(u.rows)]
             if bar:
                 bar.update(1)
-                bar.set_postfix_str(_running(batches, prop.base is None))
+                bar.set_postfix_str(_running(done.values(), prop.base is None))
         if bar:
             bar.close()
-    records = [r for b in batches for r in b][: cfg.n_reps]
-    arrays = records_to_arrays(records, cfg.t_length)
-    estimates = sequence_estimates(arrays["log_p"], arrays["log_q"], arrays["log_r"], arrays["kl_step"],
-                                   arrays["mask"], prop.base is None)
-    uncovered = max(r.get("uncovered_mass", 0.0) for r in records)
-    doc = dict(meta, proposal=name, run_key=key, n_sequences=len(records), max_uncovered_mass=uncovered,
-               estimates=estimates, sequences=records)
+    records = [r for u in units for r in done[u]]
+    doc = dict(meta, proposal=name, run_key=key, n_sequences=len(records),
+               max_uncovered_mass=max(r.get("uncovered_mass", 0.0) for r in records),
+               **prompt_set_estimates(records, cfg.t_length, len(cfg.prompt_set), prop.base is None),
+               sequences=records)
     runio.write_json(final, doc)
     partial.unlink(missing_ok=True)
     return doc
 
 
-def _running(batches: list[list[dict]], is_p: bool) -> str:
-    """The running MC / IS estimate shown on the progress bar."""
+def prompt_set_estimates(records: list[dict], t_length: int, n_prompts: int, proposal_is_p: bool) -> dict:
+    """Every estimator per prompt and over the prompt set (the mean of the per-prompt estimates).
+
+    Returns ``estimates`` (overall; with one prompt exactly that prompt's) and, for several prompts, ``per_prompt``
+    (a list of {prompt, n_sequences, estimates}). Overall ``std_error`` is over this fixed prompt set,
+    ``std_error_population`` over prompts drawn from a population (between-prompt spread included; NaN for m = 1).
+    """
+    by_prompt = [[r for r in records if r.get("prompt", 0) == i] for i in range(n_prompts)]
+    per = []
+    for recs in by_prompt:
+        a = records_to_arrays(recs, t_length)
+        per.append(sequence_estimates(a["log_p"], a["log_q"], a["log_r"], a["kl_step"], a["mask"], proposal_is_p))
+    if n_prompts == 1:
+        only = {k: dict(v, std_error_population=math.nan) for k, v in per[0].items()}
+        return {"estimates": only}
+    overall = {}
+    m = n_prompts
+    for est in per[0]:
+        e = np.array([p[est]["estimate"] for p in per])
+        se = np.array([p[est]["std_error"] for p in per])
+        mean, se_fixed = float(e.mean()), float(np.sqrt(np.sum(se ** 2)) / m)
+        se_pop = float(e.std(ddof=1) / math.sqrt(m))
+        overall[est] = dict(estimate=mean, std_error=se_fixed, std_error_population=se_pop,
+                            variance=float(np.mean([p[est]["variance"] for p in per])),
+                            ess=float(np.sum([p[est]["ess"] for p in per])),
+                            max_weight=float(np.max([p[est]["max_weight"] for p in per])),
+                            khat=float(np.nanmax([p[est]["khat"] for p in per])) if not proposal_is_p else math.nan,
+                            ci_low=mean - Z95 * se_fixed, ci_high=mean + Z95 * se_fixed, n=len(records))
+    return {"estimates": overall,
+            "per_prompt": [dict(prompt=i, n_sequences=len(recs), estimates=p)
+                           for i, (recs, p) in enumerate(zip(by_prompt, per))]}
+
+
+def _running(batches, is_p: bool) -> str:
+    """The running MC / IS estimate shown on the progress bar (pooled over prompts)."""
     lw, f = np.array([(r["log_weight"], r["log_ratio"]) for b in batches for r in b]).T
     return f"{'MC' if is_p else 'IS'} {np.mean(np.exp(lw) * f):.4g} (n={lw.size})"
 
@@ -348,52 +345,3 @@ def summary_rows(docs: list[dict]) -> list[dict]:
 
 
 
-# ------------------------------------------------------------------------------------------------ ground truth
-
-@torch.inference_mode()
-def enumerate_sequences(pair, proposal: SequenceProposal, t_length: int, max_sequences: int = 1_000_000) -> dict:
-    """Every complete sequence of a small pair (a leaf: EOS or t_length tokens) with its exact values.
-
-    Returns float64 arrays over leaves — ``log_p``, ``log_q``, ``log_r`` (sequence log-probabilities under P, Q and
-    the proposal), ``rb`` (Σ_t w_<t·KL_t along the sequence) — and ``kl``, the exact KL of the truncated process
-    summed over prefixes (Σ_prefix P(prefix)·KL(P_t‖Q_t)). Any estimator's exact mean and variance under the
-    proposal follow as sums Σ_x r(x)·g(x). Prefixes are replayed from the prompt at each depth (no cache reuse):
-    fine for the tiny models this is for.
-    """
-    V = pair.vocab_size
-    prefixes = torch.zeros((1, 0), dtype=torch.long, device=pair.device)
-    acc = {k: torch.zeros(1, dtype=torch.float64, device=pair.device) for k in ("log_p", "log_q", "log_r", "rb")}
-    leaves = {k: [] for k in acc}
-    kl = 0.0
-    for t in range(t_length):
-        n = prefixes.shape[0]
-        if n * V > max_sequences:
-            raise ValueError(f"enumeration would visit more than {max_sequences} sequences (V={V}, T={t_length})")
-        log_p, log_q, state = pair.start(n)
-        for s in range(t):
-            log_p, log_q, state = pair.step(state, prefixes[:, s])
-        # renormalised in float64, so that the exact sums hold to ~1e-15 rather than float32's ~1e-7
-        log_p = log_p.double() - torch.logsumexp(log_p.double(), -1, keepdim=True)
-        log_q = log_q.double() - torch.logsumexp(log_q.double(), -1, keepdim=True)
-        log_r = proposal(log_p, log_q, acc["log_p"] - acc["log_q"]).double()
-        kl_t = exact_step_kl(log_p, log_q)
-        kl += float((acc["log_p"].exp() * kl_t).sum())
-        rb = acc["rb"] + torch.exp(acc["log_p"] - acc["log_r"]) * kl_t
-        child = {"log_p": acc["log_p"][:, None] + log_p, "log_q": acc["log_q"][:, None] + log_q,
-                 "log_r": acc["log_r"][:, None] + log_r, "rb": rb[:, None].expand(n, V)}
-        reachable = (child["log_p"] > -math.inf) | (child["log_r"] > -math.inf)
-        tokens = torch.arange(V, device=pair.device).expand(n, V)
-        ends = reachable & ((tokens == pair.eos_token_id) if pair.eos_token_id is not None else False)
-        if t + 1 == t_length:
-            ends = reachable
-        for k in leaves:
-            leaves[k].append(child[k][ends])
-        go = reachable & ~ends
-        rows, cols = go.nonzero(as_tuple=True)
-        prefixes = torch.cat([prefixes[rows], cols[:, None]], dim=1)
-        acc = {k: child[k][rows, cols] for k in acc}
-        if prefixes.shape[0] == 0:
-            break
-    out = {k: torch.cat(v).cpu().numpy() for k, v in leaves.items()}
-    out["kl"] = kl
-    return out

@@ -1,10 +1,10 @@
 """Pairs of language models behind one small interface, so the same sampler serves transformers LMs and toy models.
 
-A pair exposes, for a batch of sequences continuing one prompt, the *tempered* next-token log-probabilities of P and
+A pair exposes, for a batch of sequences, each continuing one prompt of the pair's prompt set, the *tempered* next-token log-probabilities of P and
 of Q (float32 or wider, whatever dtype the models run in):
 
-    log_p, log_q, state = pair.start(batch)          # after the prompt, each (batch, V)
-    log_p, log_q, state = pair.step(state, tokens)   # after appending tokens (batch,)
+    log_p, log_q, state = pair.start(prompt_rows)    # after the prompts of these rows (B,), each (B, V)
+    log_p, log_q, state = pair.step(state, tokens)   # after appending tokens (B,)
 
 plus ``vocab_size``, ``eos_token_id`` (None when EOS is ignored) and ``decode(ids)``.
 
@@ -12,6 +12,7 @@ plus ``vocab_size``, ``eos_token_id`` (None when EOS is ignored) and ``decode(id
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +30,48 @@ def tempered_log_softmax(logits: torch.Tensor, temperature: float, vocab_size: i
     return torch.log_softmax(logits[..., :vocab_size].float() / temperature, dim=-1)
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_keywords(model_class) -> tuple[str, dict]:
+    """transformers ≥ 5 takes the KV cache as `cache` (and warns on `past_key_values`, removed in 5.40); versions
+    that know `logits_to_keep` skip the logits of every prompt position but the last."""
+    import inspect
+
+    params = inspect.signature(model_class.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values",
+            {"logits_to_keep": 1} if "logits_to_keep" in params else {})
+
+
+def _forward_last(model, ids, mask, positions, cache):
+    """Logits of the last position and the updated KV cache, whatever the transformers version calls it."""
+    cache_kw, extra = _forward_keywords(type(model))
+    kw = {} if cache is None else {cache_kw: cache}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kw, **extra)
+    return out.logits[:, -1], (out["cache"] if "cache" in out else out.past_key_values)
+
+
+def pad_left(prompt_ids: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists → (ids, mask), both (n, L_max), left-padded so that every prompt ends in the last column."""
+    L = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), L), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):  # once per prompt set, not per step
+        if p:
+            ids[i, L - len(p):] = torch.as_tensor(p)
+            mask[i, L - len(p):] = 1
+    return ids, mask
+
+
 @dataclass
 class TransformersPair:
+    """Two causal LMs and a tokenized prompt set. ``start(prompt_rows)`` runs the (left-padded) prompts of the given
+    rows through both models with attention masks and position ids, so a padded prompt gives the next-token
+    distributions it gives alone (to float32 rounding); ``step`` appends one token per row on the KV caches."""
+
     p_model: torch.nn.Module
     q_model: torch.nn.Module
     tokenizer: object
-    prompt_ids: torch.Tensor  # (L,) int64 on the models' device
+    prompt_ids: torch.Tensor  # (n_prompts, L) int64, left-padded, on the models' device
+    prompt_mask: torch.Tensor  # (n_prompts, L) 1 on prompt tokens
     temperature: float
     eos_token_id: int | None
 
@@ -46,22 +83,37 @@ class TransformersPair:
     def device(self) -> torch.device:
         return self.prompt_ids.device
 
+    @property
+    def n_prompts(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    @property
+    def prompt_lengths(self) -> list[int]:
+        return self.prompt_mask.sum(-1).tolist()
+
     def _lp(self, logits):
-        return tempered_log_softmax(logits[:, -1], self.temperature, self.vocab_size)
+        return tempered_log_softmax(logits, self.temperature, self.vocab_size)
 
     @torch.inference_mode()
-    def start(self, batch: int):
-        ids = self.prompt_ids.expand(batch, -1)
-        op = self.p_model(input_ids=ids, use_cache=True)
-        oq = self.q_model(input_ids=ids, use_cache=True)
-        return self._lp(op.logits), self._lp(oq.logits), (op.past_key_values, oq.past_key_values)
+    def start(self, prompt_rows: torch.Tensor):
+        rows = torch.as_tensor(prompt_rows, device=self.device)
+        ids, mask = self.prompt_ids[rows], self.prompt_mask[rows]
+        first = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every row of this batch
+        ids, mask = ids[:, first:], mask[:, first:]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        lp, cp = _forward_last(self.p_model, ids, mask, pos, None)
+        lq, cq = _forward_last(self.q_model, ids, mask, pos, None)
+        return self._lp(lp), self._lp(lq), (cp, cq, mask, pos[:, -1])
 
     @torch.inference_mode()
     def step(self, state, tokens: torch.Tensor):
+        cp, cq, mask, pos = state
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        pos = pos + 1
         ids = tokens[:, None]
-        op = self.p_model(input_ids=ids, past_key_values=state[0], use_cache=True)
-        oq = self.q_model(input_ids=ids, past_key_values=state[1], use_cache=True)
-        return self._lp(op.logits), self._lp(oq.logits), (op.past_key_values, oq.past_key_values)
+        lp, cp = _forward_last(self.p_model, ids, mask, pos[:, None], cp)
+        lq, cq = _forward_last(self.q_model, ids, mask, pos[:, None], cq)
+        return self._lp(lp), self._lp(lq), (cp, cq, mask, pos)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids))
@@ -105,9 +157,23 @@ def _load_one(flag: str, name: str, device, dtype):
     return tok, model.to(device).eval()
 
 
-def load_transformers_pair(p_model: str, q_model: str, *, prompt: str, temperature: float, device="cpu",
+def tokenize_prompts(tokenizer, prompts: list[str], flag: str = "--prompt") -> list[list[int]]:
+    """Token ids of each prompt, with the tokenizer's BOS in front when it has one (as the models were trained)."""
+    out = []
+    for i, text in enumerate(prompts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+            ids = [tokenizer.bos_token_id] + ids
+        if not ids:
+            raise ValueError(f"{flag}: prompt {i} tokenizes to nothing")
+        out.append(ids)
+    return out
+
+
+def load_transformers_pair(p_model: str, q_model: str, *, prompts, temperature: float, device="cpu",
                            dtype: str = "float32", ignore_eos: bool = False) -> TransformersPair:
-    """Load two causal LMs with `from_pretrained` (hub ids or local folders) that share one vocabulary."""
+    """Load two causal LMs with `from_pretrained` (hub ids or local folders) that share one vocabulary, and
+    tokenize `prompts` (a string or a list of strings)."""
     torch_dtype = DTYPES[dtype]
     tok_p, p = _load_one("--p-model", p_model, device, torch_dtype)
     tok_q, q = _load_one("--q-model", q_model, device, torch_dtype)
@@ -119,10 +185,7 @@ def load_transformers_pair(p_model: str, q_model: str, *, prompt: str, temperatu
         rows = m.get_output_embeddings().weight.shape[0]
         if rows < V:
             raise ValueError(f"{flag}: the model has {rows} logit rows but its tokenizer {V} tokens")
-    ids = tok_p(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    if tok_p.bos_token_id is not None and (len(ids) == 0 or ids[0] != tok_p.bos_token_id):
-        ids = torch.cat([torch.tensor([tok_p.bos_token_id]), ids])
-    if len(ids) == 0:
-        raise ValueError("--prompt: the prompt tokenizes to nothing")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    ids, mask = pad_left(tokenize_prompts(tok_p, prompts), tok_p.pad_token_id or 0)
     eos = None if ignore_eos else tok_p.eos_token_id
-    return TransformersPair(p, q, tok_p, ids.to(device), temperature, eos)
+    return TransformersPair(p, q, tok_p, ids.to(device), mask.to(device), temperature, eos)

@@ -24,7 +24,7 @@ and Balanced 1/2 proposals do, wherever P_t = Q_t on a token) loses the sequence
 over r > 0, so the exact mean it reports shows that bias.
 
 Prefix-aware proposals carry the running log-ratio as state (unbounded): their exact values come from enumeration
-(llm.enumerate_sequences) on small cases, and from comparison with the exact KL empirically otherwise.
+(enumeration.enumerate_sequences) on small cases, and from comparison with the exact KL empirically otherwise.
 
 Size limit: tables of T·S·V ≤ ``MAX_CELLS`` entries (e.g. order 2, V = 50, T = 20: 2.6 M), refused above.
 """
@@ -114,7 +114,8 @@ def markov_pair(family: str, divergence: str, vocab_size: int, order: int, horiz
 
 
 class MarkovPair:
-    """The toy pair behind the LLM sampler's interface (models.py): start(batch) and step(state, tokens)."""
+    """The toy pair behind the sampling engine's interface (models.py): start(prompt_rows) and step(state, tokens).
+    It has one (empty) prompt: every row starts in the start state."""
 
     def __init__(self, tables: MarkovTables, device="cpu"):
         import torch  # here, not at import: single-token runs never pay for loading torch
@@ -126,8 +127,8 @@ class MarkovPair:
         self.vocab_size = tables.vocab_size
         self.device = torch.device(device)
 
-    def start(self, batch: int):
-        s = self.log_p.new_full((batch,), self.tables.start_state, dtype=int)
+    def start(self, prompt_rows):
+        s = self.log_p.new_full((len(prompt_rows),), self.tables.start_state, dtype=int)
         return self.log_p[0, s], self.log_q[0, s], (0, s)
 
     def step(self, state, tokens):
@@ -243,7 +244,7 @@ class SequenceConfig:
 
 def sequence_proposals(alpha_values) -> list:
     """Every token-local registry proposal, then the prefix-aware variants of the families that have one."""
-    from .llm import PREFIX_FAMILIES, PREFIX_SUFFIX, sequence_proposal
+    from .engine import PREFIX_FAMILIES, PREFIX_SUFFIX, sequence_proposal
     from .proposals import build_proposals
 
     local = build_proposals(alpha_values)
@@ -264,7 +265,7 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
     """Every proposal × estimator on one toy pair: exact values by DP, estimates from the LLM sampler."""
     from .evaluation import method_metrics, rankings
     from .estimators import sequence_estimates
-    from .llm import batch_generator, sample_batch, sequence_proposal
+    from .engine import sample_batch, sequence_proposal, unit_generator
 
     pair = MarkovPair(tables)
     ex_p = exact_values(tables)
@@ -276,7 +277,7 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
     R, n = cfg.n_repeats, cfg.n_samples
 
     def draw(prop):
-        b = sample_batch(pair, prop, R * n, cfg.horizon, batch_generator(cfg.seed, f"{tables.family}/"
+        b = sample_batch(pair, prop, R * n, cfg.horizon, unit_generator(cfg.seed, f"{tables.family}/"
                                                                       f"{tables.divergence}/{prop.name}", 0, "cpu"))
         a = {k: getattr(b, k).reshape(R, n, -1) for k in ("log_p", "log_q", "log_r", "kl_step", "mask")}
         return sequence_estimates(a["log_p"], a["log_q"], a["log_r"], a["kl_step"], a["mask"], prop.base is None)
