@@ -174,12 +174,9 @@ def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
 
 
 def _run_llm(cfg) -> int:
-    from pathlib import Path
-
     from tqdm import tqdm
 
     from . import llm, report
-    from .models import load_transformers_pair
 
     cfg.validate()
     runio.check_output_dir(cfg.output_folder, "--output-folder")
@@ -187,37 +184,16 @@ def _run_llm(cfg) -> int:
     if earlier and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"--output-folder: {cfg.output_folder} already holds results ({earlier[0].name}); pass "
                          f"--resume to continue or reuse them, --overwrite to replace them, or choose another folder")
-    device = llm.resolve_device(cfg.device)
-    dtype = llm.resolve_dtype(cfg.dtype, device)
-    p_id, q_id = cfg.p_model, cfg.q_model
-    if p_id is None:
-        from . import default_pair
-
-        p_id, q_id = default_pair.ensure(cfg.seed)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    pair = load_transformers_pair(p_id, q_id, prompts=cfg.prompt_set, temperature=cfg.temperature, device=device,
-                                  dtype=dtype, ignore_eos=cfg.ignore_eos)
-    folder = Path(cfg.output_folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {**vars(cfg), "proposals": list(cfg.proposals), "device": str(device), "dtype": dtype}
-    meta = dict(config=config, models={"p": cfg.p_model or "offline default pair (P)",
-                                       "q": cfg.q_model or "offline default pair (Q)", "p_path": p_id, "q_path": q_id},
-                versions=runio.versions("torch", "transformers", "tokenizers"), seed=cfg.seed,
-                truncation=f"KL of the sequence process truncated at {cfg.t_length} tokens"
-                           + ("" if pair.eos_token_id is None else " or at EOS"))
+    pair, models = llm.load_pair(cfg)
 
     def bar(**kw):
         return tqdm(unit="batch", leave=False, disable=None, **kw)
 
-    docs = [llm.run_proposal(pair, cfg, name, folder, meta, bar) for name in cfg.proposals]
-    rows = llm.summary_rows(docs)
-    runio.write_json(folder / "summary.json", dict(meta, rows=rows))
-    runio.write_csv(folder / "summary.csv", rows)
-    print(report.llm_table(rows, f"KL(P‖Q) per sequence, {cfg.n_reps} sequences × {len(docs)} proposals, "
+    run = llm.run_experiment(pair, cfg, models, cfg.output_folder, bar)
+    rows = run["rows"]
+    print(report.llm_table(rows, f"KL(P‖Q) per sequence, {cfg.n_reps} sequences × {len(run['docs'])} proposals, "
                                  f"T={cfg.t_length}, temperature {cfg.temperature}"))
     print("\nNo exact KL exists for real LMs: RB (exact per-step KL along sequences from P) is the low-variance "
           "reference; IS rows with large k̂ or tiny ESS are not to be trusted.")
-    print(f"output folder: {folder}")
+    print(f"output folder: {cfg.output_folder}")
     return 0

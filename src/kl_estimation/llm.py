@@ -142,6 +142,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return "bfloat16" if device.type == "cuda" else "float32"
 
 
+def load_pair(cfg: LLMConfig):
+    """The pair of cfg (hub ids / local folders, or the offline default pair) with cfg's prompt set tokenized.
+    Returns (pair, models), `models` being what the run records about where P and Q came from."""
+    from transformers.utils import logging as hf_logging
+
+    from .models import load_transformers_pair
+
+    device = resolve_device(cfg.device)
+    p_id, q_id = cfg.p_model, cfg.q_model
+    if p_id is None:
+        from . import default_pair
+
+        p_id, q_id = default_pair.ensure(cfg.seed)
+    hf_logging.disable_progress_bar()
+    pair = load_transformers_pair(p_id, q_id, prompts=cfg.prompt_set, temperature=cfg.temperature, device=device,
+                                  dtype=resolve_dtype(cfg.dtype, device), ignore_eos=cfg.ignore_eos)
+    models = {"p": cfg.p_model or "offline default pair (P)", "q": cfg.q_model or "offline default pair (Q)",
+              "p_path": p_id, "q_path": q_id, "dtype": resolve_dtype(cfg.dtype, device)}
+    return pair, models
+
+
 def slug(name: str) -> str:
     """File name of a proposal: 'Alpha-mixture (α=0.5) [prefix-aware]' → 'alpha-mixture_alpha-0.5_prefix-aware'."""
     s = name.lower()
@@ -235,21 +256,24 @@ def _read_final(final: Path, key: dict, units: list[Unit]) -> dict:
 
 
 def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factory=None) -> dict:
-    """Sample cfg.n_reps sequences per prompt from proposal `name` (resuming finished units), write <slug>.json
-    atomically and return its document."""
-    folder = Path(folder)
+    """Sample cfg.n_reps sequences per prompt from proposal `name` and return its document (records, estimates).
+
+    With a `folder`, finished forward batches go to <slug>.partial.jsonl as they come (resuming finished units when
+    cfg.resume) and the document to <slug>.json, atomically; with folder None nothing is written."""
     prop = sequence_proposal(name)
-    final, partial = folder / f"{slug(name)}.json", folder / f"{slug(name)}.partial.jsonl"
     key = run_key(cfg, name, meta["models"])
     units = plan_units(len(cfg.prompt_set), cfg.n_reps, cfg.batch_size)
     done: dict[Unit, list[dict]] = {}
-    if cfg.resume and final.exists():
-        done = _read_final(final, key, units)
-    elif cfg.resume and partial.exists():
-        done = _read_partial(partial, key)
+    final = partial = None
+    if folder is not None:
+        final, partial = Path(folder) / f"{slug(name)}.json", Path(folder) / f"{slug(name)}.partial.jsonl"
+        if cfg.resume and final.exists():
+            done = _read_final(final, key, units)
+        elif cfg.resume and partial.exists():
+            done = _read_partial(partial, key)
     todo = [u for u in units if u not in done]
     if todo:
-        if not (cfg.resume and partial.exists()):
+        if partial is not None and not (cfg.resume and partial.exists()):
             partial.unlink(missing_ok=True)
             runio.append_jsonl(partial, {"run_key": key})
             if done:  # units carried over from a finished run with fewer --n-reps
@@ -259,9 +283,9 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
         bar = bar_factory(total=len(batches), desc=name) if bar_factory else None
         for group in batches:
             recs = sample_units(pair, prop, group, cfg)
-            for r, u in zip(recs, [u for u in group for _ in range(u.rows)]):
-                r["batch"] = u.batch
-            runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in group], "sequences": recs})
+            if partial is not None:
+                runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in group],
+                                             "sequences": recs})
             it = iter(recs)
             for u in group:
                 done[u] = [next(it) for _ in range(u.rows)]
@@ -275,9 +299,28 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
                max_uncovered_mass=max(r.get("uncovered_mass", 0.0) for r in records),
                **prompt_set_estimates(records, cfg.t_length, len(cfg.prompt_set), prop.base is None),
                sequences=records)
-    runio.write_json(final, doc)
-    partial.unlink(missing_ok=True)
+    if final is not None:
+        runio.write_json(final, doc)
+        partial.unlink(missing_ok=True)
     return doc
+
+
+def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=None) -> dict:
+    """Every proposal of cfg on a loaded pair → {"meta", "docs" (one per proposal), "rows" (ranked summary)}.
+    With a `folder`: resumable per-proposal files plus summary.json and summary.csv (the caller checked it)."""
+    config = {**vars(cfg), "proposals": list(cfg.proposals), "prompts": list(cfg.prompt_set),
+              "device": str(pair.device)}
+    meta = dict(config=config, models=models, versions=runio.versions("torch", "transformers", "tokenizers"),
+                seed=cfg.seed, truncation=f"KL of the sequence process truncated at {cfg.t_length} tokens"
+                                          + ("" if pair.eos_token_id is None else " or at EOS"))
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    docs = [run_proposal(pair, cfg, name, folder, meta, bar_factory) for name in cfg.proposals]
+    rows = summary_rows(docs)
+    if folder is not None:
+        runio.write_json(Path(folder) / "summary.json", dict(meta, rows=rows))
+        runio.write_csv(Path(folder) / "summary.csv", rows)
+    return dict(meta=meta, docs=docs, rows=rows)
 
 
 def prompt_set_estimates(records: list[dict], t_length: int, n_prompts: int, proposal_is_p: bool) -> dict:
