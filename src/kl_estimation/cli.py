@@ -149,8 +149,18 @@ def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     p.add_argument("--p-model", default=d["p_model"], help="base model P: transformers id or local folder "
                                                            "(default with --q-model unset: the offline default pair)")
     p.add_argument("--q-model", default=d["q_model"], help="fine-tuned model Q: transformers id or local folder")
-    p.add_argument("--prompt", default=d["prompt"])
-    p.add_argument("--n-reps", type=int, default=d["n_reps"], help="sequences per proposal")
+    p.add_argument("--prompt", default=d["prompt"], help="the prompt (a set of one) when no --prompts/--dataset")
+    p.add_argument("--prompts", dest="prompts_file", default=d["prompts_file"],
+                   help="a prompt set: .txt (one prompt per line), .jsonl or .csv (text under --prompt-field)")
+    p.add_argument("--dataset", default=d["dataset"], help="a prompt set from the datasets library: a folder "
+                                                         "written by save_to_disk (offline) or a load_dataset name")
+    p.add_argument("--split", default=d["split"], help="--dataset: the split")
+    p.add_argument("--prompt-field", default=d["prompt_field"], help="--prompts .jsonl/.csv and --dataset: the "
+                                                                     "field holding the prompt text")
+    p.add_argument("--n-prompts", type=int, default=d["n_prompts"], help="only the first N prompts of the set")
+    p.add_argument("--chat-template", action="store_true", default=d["chat_template"],
+                   help="wrap each prompt as a user turn of the tokenizer's chat template")
+    p.add_argument("--n-reps", type=int, default=d["n_reps"], help="sequences per proposal and prompt")
     p.add_argument("--t-length", type=int, default=d["t_length"], help="new tokens per sequence (the KL is of the "
                                                                       "process truncated there)")
     p.add_argument("--temperature", type=float, default=d["temperature"], help="applied to both P and Q")

@@ -83,13 +83,20 @@ class LLMConfig:
     resume: bool = False
     overwrite: bool = False
     ignore_eos: bool = False
-    prompts: tuple | None = None  # a prompt set (texts); None: the single `prompt`
+    prompts: tuple | None = None  # a prompt set (texts); None: read from prompts_file / dataset, else `prompt`
+    prompts_file: str | None = None
+    dataset: str | None = None
+    split: str = "train"
+    prompt_field: str = "prompt"
+    n_prompts: int | None = None
+    chat_template: bool = False
 
     @property
     def prompt_set(self) -> tuple:
         return tuple(self.prompts) if self.prompts is not None else (self.prompt,)
 
     def validate(self) -> "LLMConfig":
+        """Check every setting (errors name the flag) and read the prompt set from its file or dataset."""
         check_int("--n-reps", self.n_reps, 1)
         check_int("--t-length", self.t_length, 1)
         check_int("--batch-size", self.batch_size, 1)
@@ -97,6 +104,12 @@ class LLMConfig:
         t = self.temperature
         if not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)):
             raise ValueError(f"--temperature: must be a number > 0 (got {self.temperature!r})")
+        if self.prompts is None and (self.prompts_file or self.dataset or self.n_prompts is not None):
+            from .prompts import load_prompts
+
+            self.prompts = tuple(load_prompts(prompt=self.prompt, prompts_file=self.prompts_file,
+                                              dataset=self.dataset, split=self.split, prompt_field=self.prompt_field,
+                                              n_prompts=self.n_prompts))
         if self.prompts is not None and not self.prompts:
             raise ValueError("--prompts: the prompt set is empty")
         for i, text in enumerate(self.prompt_set):
@@ -157,7 +170,8 @@ def load_pair(cfg: LLMConfig):
         p_id, q_id = default_pair.ensure(cfg.seed)
     hf_logging.disable_progress_bar()
     pair = load_transformers_pair(p_id, q_id, prompts=cfg.prompt_set, temperature=cfg.temperature, device=device,
-                                  dtype=resolve_dtype(cfg.dtype, device), ignore_eos=cfg.ignore_eos)
+                                  dtype=resolve_dtype(cfg.dtype, device), ignore_eos=cfg.ignore_eos,
+                                  chat_template=cfg.chat_template)
     models = {"p": cfg.p_model or "offline default pair (P)", "q": cfg.q_model or "offline default pair (Q)",
               "p_path": p_id, "q_path": q_id, "dtype": resolve_dtype(cfg.dtype, device)}
     return pair, models
@@ -188,7 +202,7 @@ def run_key(cfg: LLMConfig, proposal: str, models: dict) -> dict:
     """Everything that fixes the records of a unit: a resumed run must match it exactly."""
     prompts = cfg.prompt_set
     return dict(models=models, prompts=prompts[0] if len(prompts) == 1 else f"{len(prompts)} prompts, sha256 "
-                f"{prompt_set_digest(prompts)}", t_length=cfg.t_length, temperature=cfg.temperature, seed=cfg.seed,
+                f"{prompt_set_digest(prompts)}", chat_template=cfg.chat_template, t_length=cfg.t_length, temperature=cfg.temperature, seed=cfg.seed,
                 batch_size=cfg.batch_size, ignore_eos=cfg.ignore_eos, proposal=proposal)
 
 
@@ -349,7 +363,7 @@ def prompt_set_estimates(records: list[dict], t_length: int, n_prompts: int, pro
                             variance=float(np.mean([p[est]["variance"] for p in per])),
                             ess=float(np.sum([p[est]["ess"] for p in per])),
                             max_weight=float(np.max([p[est]["max_weight"] for p in per])),
-                            khat=float(np.nanmax([p[est]["khat"] for p in per])) if not proposal_is_p else math.nan,
+                            khat=max((k for p in per if np.isfinite(k := p[est]["khat"])), default=math.nan),
                             ci_low=mean - Z95 * se_fixed, ci_high=mean + Z95 * se_fixed, n=len(records))
     return {"estimates": overall,
             "per_prompt": [dict(prompt=i, n_sequences=len(recs), estimates=p)

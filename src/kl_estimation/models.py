@@ -157,35 +157,53 @@ def _load_one(flag: str, name: str, device, dtype):
     return tok, model.to(device).eval()
 
 
-def tokenize_prompts(tokenizer, prompts: list[str], flag: str = "--prompt") -> list[list[int]]:
-    """Token ids of each prompt, with the tokenizer's BOS in front when it has one (as the models were trained)."""
+def tokenize_prompts(tokenizer, prompts: list[str], chat_template: bool = False) -> list[list[int]]:
+    """Token ids of each prompt: with `chat_template`, the prompt as one user turn of the tokenizer's chat template
+    plus the generation prompt; otherwise the text with the tokenizer's BOS in front when it has one."""
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_template: the tokenizer has no chat template")
     out = []
     for i, text in enumerate(prompts):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-            ids = [tokenizer.bos_token_id] + ids
+        if chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        else:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+                ids = [tokenizer.bos_token_id] + ids
         if not ids:
-            raise ValueError(f"{flag}: prompt {i} tokenizes to nothing")
+            raise ValueError(f"prompts: prompt {i} tokenizes to nothing")
         out.append(ids)
     return out
 
 
-def load_transformers_pair(p_model: str, q_model: str, *, prompts, temperature: float, device="cpu",
-                           dtype: str = "float32", ignore_eos: bool = False) -> TransformersPair:
-    """Load two causal LMs with `from_pretrained` (hub ids or local folders) that share one vocabulary, and
-    tokenize `prompts` (a string or a list of strings)."""
-    torch_dtype = DTYPES[dtype]
-    tok_p, p = _load_one("--p-model", p_model, device, torch_dtype)
-    tok_q, q = _load_one("--q-model", q_model, device, torch_dtype)
-    if tok_p.get_vocab() != tok_q.get_vocab():
-        raise ValueError(f"--q-model: its tokenizer differs from --p-model's (vocabulary sizes {len(tok_q)} and "
-                         f"{len(tok_p)}); KL between the two needs one shared vocabulary")
-    V = len(tok_p)
-    for flag, m in (("--p-model", p), ("--q-model", q)):
+def pair_from_models(p, q, tokenizer, *, prompts, temperature: float, ignore_eos: bool = False,
+                     chat_template: bool = False, q_tokenizer=None) -> TransformersPair:
+    """A pair from two loaded causal LMs sharing `tokenizer` (checked against `q_tokenizer` when given), with
+    `prompts` (a string or a list of strings) tokenized and left-padded on P's device."""
+    if q_tokenizer is not None and tokenizer.get_vocab() != q_tokenizer.get_vocab():
+        raise ValueError(f"q_model: its tokenizer differs from p_model's (vocabulary sizes {len(q_tokenizer)} and "
+                         f"{len(tokenizer)}); KL between the two needs one shared vocabulary")
+    V = len(tokenizer)
+    for flag, m in (("p_model", p), ("q_model", q)):
         rows = m.get_output_embeddings().weight.shape[0]
         if rows < V:
             raise ValueError(f"{flag}: the model has {rows} logit rows but its tokenizer {V} tokens")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    ids, mask = pad_left(tokenize_prompts(tok_p, prompts), tok_p.pad_token_id or 0)
-    eos = None if ignore_eos else tok_p.eos_token_id
-    return TransformersPair(p, q, tok_p, ids.to(device), mask.to(device), temperature, eos)
+    ids, mask = pad_left(tokenize_prompts(tokenizer, prompts, chat_template), tokenizer.pad_token_id or 0)
+    device = next(p.parameters()).device
+    eos = None if ignore_eos else tokenizer.eos_token_id
+    return TransformersPair(p, q, tokenizer, ids.to(device), mask.to(device), temperature, eos)
+
+
+def load_transformers_pair(p_model: str, q_model: str, *, prompts, temperature: float, device="cpu",
+                           dtype: str = "float32", ignore_eos: bool = False,
+                           chat_template: bool = False) -> TransformersPair:
+    """Load two causal LMs with `from_pretrained` (hub ids or local folders) that share one vocabulary, and
+    tokenize `prompts` (a string or a list of strings)."""
+    torch_dtype = DTYPES[dtype]
+    tok_p, p = _load_one("p_model", p_model, device, torch_dtype)
+    tok_q, q = _load_one("q_model", q_model, device, torch_dtype)
+    return pair_from_models(p, q, tok_p, prompts=prompts, temperature=temperature, ignore_eos=ignore_eos,
+                            chat_template=chat_template, q_tokenizer=tok_q)
