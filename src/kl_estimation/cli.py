@@ -184,25 +184,17 @@ def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
 
 
 def _run_llm(cfg) -> int:
-    from tqdm import tqdm
+    from . import api, report
 
-    from . import llm, report
-
-    cfg.validate()
-    runio.check_output_dir(cfg.output_folder, "--output-folder")
-    earlier = llm.existing_outputs(cfg.output_folder, cfg.proposals)
-    if earlier and not (cfg.resume or cfg.overwrite):
-        raise ValueError(f"--output-folder: {cfg.output_folder} already holds results ({earlier[0].name}); pass "
-                         f"--resume to continue or reuse them, --overwrite to replace them, or choose another folder")
-    pair, models = llm.load_pair(cfg)
-
-    def bar(**kw):
-        return tqdm(unit="batch", leave=False, disable=None, **kw)
-
-    run = llm.run_experiment(pair, cfg, models, cfg.output_folder, bar)
-    rows = run["rows"]
-    print(report.llm_table(rows, f"KL(P‖Q) per sequence, {cfg.n_reps} sequences × {len(run['docs'])} proposals, "
-                                 f"T={cfg.t_length}, temperature {cfg.temperature}"))
+    result = api.run(cfg, progress=True)
+    print(report.llm_table([r.to_dict() for r in result.rows],
+                           f"KL(P‖Q) per sequence, {cfg.n_reps} sequences × {len(result.docs)} proposals"
+                           f"{f' × {len(cfg.prompt_set)} prompts' if len(cfg.prompt_set) > 1 else ''}, "
+                           f"T={cfg.t_length}, temperature {cfg.temperature}"))
+    if len(cfg.prompt_set) > 1:
+        print(f"\nOver {len(cfg.prompt_set)} prompts: the estimate is the mean of the per-prompt estimates; "
+              f"'std err' is for this fixed prompt set (within-prompt noise only); the population SE (prompts as a "
+              f"sample, their spread included) is std_error_population in summary.csv / summary.json.")
     print("\nNo exact KL exists for real LMs: RB (exact per-step KL along sequences from P) is the low-variance "
           "reference; IS rows with large k̂ or tiny ESS are not to be trusted.")
     print(f"output folder: {cfg.output_folder}")

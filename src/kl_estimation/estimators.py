@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import softmax
 
+from ._xp import array_namespace
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -39,32 +41,65 @@ class Estimate:
 
 
 def mean_estimate(terms: np.ndarray, axis: int = -1) -> Estimate:
+    """The mean of per-sample terms along `axis`, with the per-sample variance (ddof=1) and standard error."""
     terms = np.asarray(terms, dtype=np.float64)
     n = terms.shape[axis]
     var = terms.var(axis=axis, ddof=1) if n > 1 else np.full(np.mean(terms, axis=axis).shape, np.nan)
     return Estimate(terms.mean(axis=axis), var, np.sqrt(var / n), n)
 
 
+def _arrays(*xs):
+    """numpy arrays (float64) or torch tensors (dtype and device kept, so autograd and GPUs work) and their
+    namespace; lists and scalars become numpy float64."""
+    if any(type(x).__module__.startswith("torch") for x in xs):
+        import torch
+
+        ref = next(x for x in xs if isinstance(x, torch.Tensor))
+        xs = [x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device=ref.device) for x in xs]
+        dt = torch.promote_types(torch.float32, ref.dtype if ref.is_floating_point() else torch.float32)
+        xs = [x if x.dtype == torch.bool else x.to(dt) for x in xs]
+    else:
+        xs = [np.asarray(x, dtype=bool if np.asarray(x).dtype == bool else np.float64) for x in xs]
+    return (array_namespace(*xs), *xs)
+
+
+def _masked(xp, mask, *xs):
+    if mask is None:
+        return xs
+    return tuple(xp.where(mask, x, xp.zeros_like(x)) for x in xs)
+
+
 def naive_mc_terms(log_ratio):
     """k1: the log-ratio itself, for x ~ P."""
-    return np.asarray(log_ratio, dtype=np.float64)
+    return _arrays(log_ratio)[1]
 
 
 def importance_sampling_terms(log_ratio, log_weight):
-    return np.exp(np.asarray(log_weight, dtype=np.float64)) * log_ratio
+    """w·f for x ~ r, w = P/r given as log_weight: unbiased for KL(P‖Q) when r > 0 wherever P·f ≠ 0."""
+    xp, f, lw = _arrays(log_ratio, log_weight)
+    return xp.exp(lw) * f
 
 
 def k2_terms(log_ratio):
-    return 0.5 * np.square(log_ratio)
+    """Schulman's k2, f²/2 for x ~ P: biased (its mean is ½E_P[f²]); a reference row only."""
+    f = _arrays(log_ratio)[1]
+    return 0.5 * f * f
 
 
 def k3_terms(log_ratio):
-    return np.expm1(-np.asarray(log_ratio, dtype=np.float64)) + log_ratio
+    """Schulman's k3, (Q/P − 1) − log(Q/P) = e^{−f} − 1 + f ≥ 0 for x ~ P: unbiased when supp Q ⊆ supp P."""
+    xp, f = _arrays(log_ratio)
+    return xp.expm1(-f) + f
 
 
 def rao_blackwell_terms(head_kl: float, tail_mass: float, log_ratio_tail):
     """Sum-and-sample: the exact head sum plus the tail's mass times f at a draw from P restricted to the tail."""
-    return head_kl + tail_mass * np.asarray(log_ratio_tail, dtype=np.float64)
+    return head_kl + tail_mass * _arrays(log_ratio_tail)[1]
+
+
+def _prefix_weights(xp, lw):
+    """W_<t = Π_{s<t} w_s along the last axis (W_<1 = 1), from per-step log-weights."""
+    return xp.exp(xp.cumulative_sum(lw, axis=-1) - lw)  # exclusive prefix sum
 
 
 def rao_blackwell_is_terms(kl_step, log_weight_step, mask=None):
@@ -72,15 +107,13 @@ def rao_blackwell_is_terms(kl_step, log_weight_step, mask=None):
 
     With r = P every weight is 1 and this is sequence RB. `mask` (same shape) zeroes steps after EOS.
     """
-    kl_step = np.asarray(kl_step, dtype=np.float64)
-    lw = np.asarray(log_weight_step, dtype=np.float64)
-    if mask is not None:
-        kl_step, lw = np.where(mask, kl_step, 0.0), np.where(mask, lw, 0.0)
-    log_w_prefix = np.cumsum(lw, axis=-1) - lw  # exclusive prefix sum
-    return (np.exp(log_w_prefix) * kl_step).sum(axis=-1)
+    xp, kl_step, lw, *m = _arrays(kl_step, log_weight_step, *(() if mask is None else (mask,)))
+    kl_step, lw = _masked(xp, m[0] if m else None, kl_step, lw)
+    return xp.sum(_prefix_weights(xp, lw) * kl_step, axis=-1)
 
 
 def self_normalized_is(log_ratio, log_weight, axis: int = -1) -> Estimate:
+    """Σw·f/Σw along `axis` with its delta-method variance: consistent, biased at O(1/n)."""
     log_weight = np.asarray(log_weight, dtype=np.float64)
     f = np.asarray(log_ratio, dtype=np.float64)
     w = softmax(log_weight, axis=axis)  # normalised weights, stable for huge log-weights
@@ -98,29 +131,38 @@ def rb_control_variate_terms(kl_step, log_ratio_step, log_weight_step, mask=None
 
     a = Σ_t W_<t·K_t (the RB-IS term) and d = Σ_t W_<t·(w_t·f_t − K_t): given the prefix, w_t·f_t has mean K_t, so
     every bracket, and d, has mean zero, and a + β·d is unbiased for any fixed β. With r = P (all w = 1) this is
-    Σ_t [K_t + β·(f_t − K_t)], between RB (β = 0) and MC (β = 1). β = −Cov(a, d)/Var(d) is fitted on one half of the
-    sequences and applied to the other (and vice versa): a β fitted on the same draws it weights would correlate
-    with them and bias the estimate. Works over leading axes (repeats); the last axis of the per-step arrays is T,
-    the one before it the sequences.
+    Σ_t [K_t + β·(f_t − K_t)], between RB (β = 0) and MC (β = 1). β = −Cov(a, d)/Var(d) is fitted on the other
+    folds of the sequences and applied to this one: a β fitted on the same draws it weights would correlate with
+    them and bias the estimate. Works over leading axes (repeats); the last axis of the per-step arrays is T, the
+    one before it the sequences. numpy or torch (β is treated as a constant: no gradient flows through it).
     """
-    kl_step, f = np.asarray(kl_step, dtype=np.float64), np.asarray(log_ratio_step, dtype=np.float64)
-    lw = np.asarray(log_weight_step, dtype=np.float64)
-    if mask is not None:
-        kl_step, f, lw = (np.where(mask, x, 0.0) for x in (kl_step, f, lw))
-    w_prefix = np.exp(np.cumsum(lw, axis=-1) - lw)
-    a = (w_prefix * kl_step).sum(-1)
-    d = (w_prefix * (np.exp(lw) * f - kl_step)).sum(-1)
+    xp, kl_step, f, lw, *m = _arrays(kl_step, log_ratio_step, log_weight_step,
+                                     *(() if mask is None else (mask,)))
+    kl_step, f, lw = _masked(xp, m[0] if m else None, kl_step, f, lw)
+    w_prefix = _prefix_weights(xp, lw)
+    a = xp.sum(w_prefix * kl_step, axis=-1)
+    d = xp.sum(w_prefix * (xp.exp(lw) * f - kl_step), axis=-1)
     n = a.shape[-1]
     fold = np.arange(n) % folds
-    out = np.empty_like(a)
+    out = xp.zeros_like(a)
     for k in range(folds):  # a loop over folds (2), not samples
-        train = fold != k
-        ac = a[..., train] - a[..., train].mean(-1, keepdims=True)
-        dc = d[..., train] - d[..., train].mean(-1, keepdims=True)
-        var_d = (dc * dc).mean(-1, keepdims=True)
-        beta = np.where(var_d > 0, -(ac * dc).mean(-1, keepdims=True) / np.where(var_d > 0, var_d, 1.0), 0.0)
-        out[..., ~train] = a[..., ~train] + beta * d[..., ~train]
+        train, test = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        at, dt = xp.take(a, _index(xp, train, a), axis=-1), xp.take(d, _index(xp, train, a), axis=-1)
+        ac = at - xp.mean(at, axis=-1, keepdims=True)
+        dc = dt - xp.mean(dt, axis=-1, keepdims=True)
+        var_d = xp.mean(dc * dc, axis=-1, keepdims=True)
+        safe = xp.where(var_d > 0, var_d, xp.ones_like(var_d))
+        beta = xp.where(var_d > 0, -xp.mean(ac * dc, axis=-1, keepdims=True) / safe, xp.zeros_like(var_d))
+        if hasattr(beta, "detach"):
+            beta = beta.detach()
+        idx = _index(xp, test, a)
+        out[..., idx] = xp.take(a, idx, axis=-1) + beta * xp.take(d, idx, axis=-1)
     return out
+
+
+def _index(xp, idx: np.ndarray, like):
+    """Integer positions as an index array of like's kind (and device)."""
+    return idx if isinstance(like, np.ndarray) else xp.asarray(idx, device=like.device)
 
 
 def sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool) -> dict[str, dict]:

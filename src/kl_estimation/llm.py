@@ -188,6 +188,15 @@ def slug(name: str) -> str:
     return "_".join(out)
 
 
+def check_folder(cfg: LLMConfig) -> None:
+    """Before any work: the output folder can be written, and holds no results unless resuming or overwriting."""
+    runio.check_output_dir(cfg.output_folder, "--output-folder")
+    earlier = existing_outputs(cfg.output_folder, cfg.proposals)
+    if earlier and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"--output-folder: {cfg.output_folder} already holds results ({earlier[0].name}); pass "
+                         f"--resume to continue or reuse them, --overwrite to replace them, or choose another folder")
+
+
 def existing_outputs(folder, proposals) -> list:
     folder = Path(folder)
     names = [f"{slug(p)}{ext}" for p in proposals for ext in (".json", ".partial.jsonl")] + ["summary.json"]

@@ -1,0 +1,54 @@
+r"""kl_estimation: estimate KL(P‖Q) between language models, and know which estimate to trust.
+
+LLM pairs (torch and transformers are imported on first use, so the single-token half starts fast):
+
+    estimate_kl(p_model, q_model, prompts, *, n_samples, max_new_tokens, temperature, proposals=("P",), ...)
+        → KLResult: ranked rows (estimate, std_error, ci, flag), .recommended, .per_prompt, .to_pandas(), .to_dict()
+
+Training-loop terms over logits / log-probs (numpy or torch on any device; torch keeps autograd), with masks:
+
+    exact_token_kl(logits_p, logits_q, mask)       KL(P_t‖Q_t) per position, chunked over positions
+    k1, k2, k3(logp, logq, mask)                   Schulman's per-token estimators of the sampled tokens
+    sequence_kl(logp, logq, token_kl=, logr=, mask=, estimator="mc"|"rb"|"rb+cv"|"k3")   one term per sequence
+
+Building blocks: the proposal registry (REGISTRY, proposal, by_name, build_proposals), the single-token estimator
+terms (naive_mc_terms, importance_sampling_terms, k2_terms, k3_terms, rao_blackwell_terms, mean_estimate), exact
+values (exact_kl, exact_moments), weight diagnostics (kish_ess, pareto_khat), the sampling engine (sample_batch,
+sequence_proposal, unit_generator) and enumeration ground truth (enumerate_sequences).
+"""
+from __future__ import annotations
+
+import importlib
+
+from .diagnostics import kish_ess, pareto_khat
+from .estimators import (importance_sampling_terms, k2_terms, k3_terms, mean_estimate, naive_mc_terms,
+                         rao_blackwell_is_terms, rao_blackwell_terms, rb_control_variate_terms, self_normalized_is)
+from .evaluation import exact_kl, exact_moments
+from .proposals import REGISTRY, Proposal, build_proposals, by_name, proposal
+from .training import exact_token_kl, k1, k2, k3, sequence_kl
+
+_LAZY = {  # names whose modules import torch / transformers: loaded on first access
+    "estimate_kl": "api", "KLResult": "api", "KLRow": "api",
+    "sample_batch": "engine", "sequence_proposal": "engine", "unit_generator": "engine",
+    "enumerate_sequences": "enumeration", "LLMConfig": "llm",
+}
+
+__all__ = sorted([
+    "estimate_kl", "KLResult", "KLRow", "LLMConfig",
+    "exact_token_kl", "k1", "k2", "k3", "sequence_kl",
+    "REGISTRY", "Proposal", "proposal", "by_name", "build_proposals",
+    "naive_mc_terms", "importance_sampling_terms", "k2_terms", "k3_terms", "rao_blackwell_terms",
+    "rao_blackwell_is_terms", "rb_control_variate_terms", "self_normalized_is", "mean_estimate",
+    "exact_kl", "exact_moments", "kish_ess", "pareto_khat",
+    "sample_batch", "sequence_proposal", "unit_generator", "enumerate_sequences",
+])
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{name_mod}", __name__) if (name_mod := _LAZY[name]) else None, name)
+    raise AttributeError(f"module 'kl_estimation' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,105 @@
+"""The Python API, tested like the CLI: estimate_kl against enumeration, loaded models, files only when asked,
+errors that name parameters; the package namespace."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import kl_estimation as kle
+from kl_estimation import engine, enumeration
+from kl_estimation.models import load_transformers_pair
+
+from tiny_lms import save_pair
+
+PROMPTS = ["a b", "c"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("api"), seed=4)
+
+
+@pytest.fixture(scope="module")
+def truth(tiny):
+    pair = load_transformers_pair(*tiny, prompts=PROMPTS, temperature=1.0)
+    return [enumeration.enumerate_sequences(pair, engine.sequence_proposal("P"), 3, prompt_index=i)["kl"]
+            for i in range(len(PROMPTS))]
+
+
+def test_estimate_kl_from_paths_agrees_with_enumeration_and_writes_nothing(tiny, truth, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = kle.estimate_kl(*tiny, PROMPTS, n_samples=800, max_new_tokens=3, proposals=("P", "Fixed mixture (λ=0.5)"),
+                          seed=1, batch_size=400)
+    assert list(tmp_path.iterdir()) == []
+    rec = res.recommended
+    assert rec is not None and not rec.flag and rec.ci[0] < rec.estimate < rec.ci[1]
+    assert abs(rec.estimate - np.mean(truth)) < 5 * rec.std_error
+    assert len(res.rows) == 10 and not res.rows[0].flag
+    assert [p["prompt"] for p in res.per_prompt] == [0, 1] and res.per_prompt[1]["text"] == "c"
+    for p, kl in zip(res.per_prompt, truth):
+        assert abs(p["recommended"].estimate - kl) < 5 * p["recommended"].std_error
+    df = res.to_pandas()
+    assert {"proposal", "estimator", "estimate", "std_error", "ci_low", "ci_high", "flag"} <= set(df.columns)
+    assert len(res.to_pandas(per_prompt=True)) == 20
+    json.dumps(res.to_dict(), allow_nan=True)  # plain data
+    assert "RB+CV" in str(res) and "proposal" in str(res)
+
+
+def test_loaded_models_give_the_same_rows_as_paths(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
+    q = AutoModelForCausalLM.from_pretrained(tiny[1]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny[0])
+    a = kle.estimate_kl(p, q, "a b", tokenizer=tok, n_samples=64, max_new_tokens=3, temperature=0.7, device="cpu")
+    b = kle.estimate_kl(*tiny, "a b", n_samples=64, max_new_tokens=3, temperature=0.7, device="cpu")
+    assert [(r.estimator, r.estimate) for r in a.rows] == [(r.estimator, r.estimate) for r in b.rows]
+    assert a.per_prompt == [] and math.isnan(a.rows[0].std_error_population)
+
+
+def test_output_folder_is_written_and_resumable(tiny, tmp_path):
+    kw = dict(n_samples=32, max_new_tokens=3, batch_size=16, output_folder=str(tmp_path / "run"))
+    a = kle.estimate_kl(*tiny, PROMPTS, **kw)
+    assert (tmp_path / "run" / "summary.csv").exists() and (tmp_path / "run" / "p.json").exists()
+    with pytest.raises(ValueError, match="^output_folder: .* already holds results"):
+        kle.estimate_kl(*tiny, PROMPTS, **kw)
+    b = kle.estimate_kl(*tiny, PROMPTS, resume=True, **kw)
+    assert a.to_dict()["rows"] == b.to_dict()["rows"]
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(n_samples=0), "^n_samples: "),
+    (dict(max_new_tokens=-1), "^max_new_tokens: "),
+    (dict(temperature=0.0), "^temperature: "),
+    (dict(proposals=("Nope",)), "^proposals: unknown proposal 'Nope'"),
+    (dict(prompts=[]), "^prompts: "),
+    (dict(prompts=["ok", " "]), "^prompts: prompt 1 is empty"),
+    (dict(device="cuda:9"), "^device: "),
+])
+def test_errors_name_the_parameter(tiny, kwargs, needle):
+    args = dict(prompts=PROMPTS, n_samples=4, max_new_tokens=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=needle):
+        kle.estimate_kl(*tiny, args.pop("prompts"), **args)
+
+
+def test_loaded_models_need_a_tokenizer(tiny):
+    from transformers import AutoModelForCausalLM
+
+    p = AutoModelForCausalLM.from_pretrained(tiny[0])
+    with pytest.raises(ValueError, match="^tokenizer: "):
+        kle.estimate_kl(p, p, "a")
+    with pytest.raises(ValueError, match="^q_model: "):
+        kle.estimate_kl(p, tiny[1], "a")
+
+
+def test_namespace_is_documented_and_light():
+    import subprocess
+    import sys
+
+    assert set(kle.__all__) <= set(dir(kle))
+    for name in kle.__all__:
+        assert getattr(kle, name).__doc__, name
+    code = "import sys, kl_estimation; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
