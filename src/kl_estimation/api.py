@@ -82,15 +82,11 @@ def _recommended(rows: list[dict]) -> dict | None:
 def result_of(run: dict) -> KLResult:
     """A KLResult from llm.run_experiment's output."""
     rows = run["rows"]
-    prompts = run["meta"]["config"]["prompts"]
     per_prompt = []
-    if len(prompts) > 1:
-        for i, text in enumerate(prompts):
-            docs = [dict(d, estimates=d["per_prompt"][i]["estimates"]) for d in run["docs"]]
-            p_rows = llm.summary_rows(docs)
-            rec = _recommended(p_rows)
-            per_prompt.append(dict(prompt=i, text=text, rows=[KLRow.from_row(r) for r in p_rows],
-                                   recommended=rec and KLRow.from_row(rec)))
+    for p in run["per_prompt"]:
+        rec = _recommended(p["rows"])
+        per_prompt.append(dict(prompt=p["prompt"], text=p["text"], rows=[KLRow.from_row(r) for r in p["rows"]],
+                               recommended=rec and KLRow.from_row(rec)))
     rec = run.get("recommended") or _recommended(rows)
     return KLResult([KLRow.from_row(r) for r in rows], rec and KLRow.from_row(rec), per_prompt,
                     run["meta"]["config"], run["docs"])

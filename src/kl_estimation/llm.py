@@ -329,8 +329,9 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
 
 
 def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=None) -> dict:
-    """Every proposal of cfg on a loaded pair → {"meta", "docs" (one per proposal), "rows" (ranked summary)}.
-    With a `folder`: resumable per-proposal files plus summary.json and summary.csv (the caller checked it)."""
+    """Every proposal of cfg on a loaded pair → {"meta", "docs" (one per proposal), "rows" (ranked summary),
+    "per_prompt" ([{prompt, text, rows}] for a set of several prompts)}. With a `folder`: resumable per-proposal
+    files plus summary.json, summary.csv and summary_per_prompt.csv (the caller checked the folder)."""
     config = {**vars(cfg), "proposals": list(cfg.proposals), "prompts": list(cfg.prompt_set),
               "device": str(pair.device)}
     meta = dict(config=config, models=models, versions=runio.versions("torch", "transformers", "tokenizers"),
@@ -340,10 +341,18 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=
         Path(folder).mkdir(parents=True, exist_ok=True)
     docs = [run_proposal(pair, cfg, name, folder, meta, bar_factory) for name in cfg.proposals]
     rows = summary_rows(docs)
+    per_prompt = []
+    if len(cfg.prompt_set) > 1:
+        per_prompt = [dict(prompt=i, text=text,
+                           rows=summary_rows([dict(d, estimates=d["per_prompt"][i]["estimates"]) for d in docs]))
+                      for i, text in enumerate(cfg.prompt_set)]
     if folder is not None:
-        runio.write_json(Path(folder) / "summary.json", dict(meta, rows=rows))
+        runio.write_json(Path(folder) / "summary.json", dict(meta, rows=rows, per_prompt=per_prompt))
         runio.write_csv(Path(folder) / "summary.csv", rows)
-    return dict(meta=meta, docs=docs, rows=rows)
+        if per_prompt:
+            runio.write_csv(Path(folder) / "summary_per_prompt.csv",
+                            [dict(prompt=p["prompt"], **r) for p in per_prompt for r in p["rows"]])
+    return dict(meta=meta, docs=docs, rows=rows, per_prompt=per_prompt)
 
 
 def prompt_set_estimates(records: list[dict], t_length: int, n_prompts: int, proposal_is_p: bool) -> dict:
