@@ -193,7 +193,8 @@ def _run_llm(cfg) -> int:
     rows = run["rows"]
     print(report.llm_table(rows, f"KL(P‖Q) per sequence, {cfg.n_reps} sequences × {len(run['docs'])} proposals, "
                                  f"T={cfg.t_length}, temperature {cfg.temperature}"))
-    print("\nNo exact KL exists for real LMs: RB (exact per-step KL along sequences from P) is the low-variance "
-          "reference; IS rows with large k̂ or tiny ESS are not to be trusted.")
-    print(f"output folder: {cfg.output_folder}")
+    print(f"\noutput folder: {cfg.output_folder}")
+    for p in run["per_prompt"]:
+        print(report.recommendation_line(p["recommended"], f"for prompt {p['prompt']}"))
+    print(report.recommendation_line(run["recommended"], "over the prompt set" if run["per_prompt"] else ""))
     return 0

@@ -25,8 +25,10 @@ vectorised over any leading axes (repeats, proposals, prompts).
   weights tie. The fit here survives that: weights tied with the threshold are not exceedances (they are left out
   of the likelihood, which is then over the n ≤ M positive exceedances), tied exceedances are repeated observations
   (a GPD likelihood takes them as they are), and the grid's scale uses the lower quartile of the positive
-  exceedances. k̂ is NaN only when there is no tail to fit: fewer than 5 positive exceedances or fewer than 3
-  distinct values among them — then the distinct-draw and mean-identity diagnostics speak instead.
+  exceedances. k̂ is NaN when ties leave no tail to fit: fewer than 5 positive exceedances, or fewer than
+  max(5, M/4) distinct values among them (a GPD fitted to a handful of atoms returns anything from −4 to 10) — there
+  the distinct-draw count and the mean identities replace it, and in the single-token experiments the exact
+  variance does.
   *Why not ArviZ.* arviz-stats 0.8 (light: numpy + scipy only) ships the same Zhang–Stephens fit
   (``array_stats.psislw``), looped in Python per slice, and on tied tails it raises ("All tail values are the same")
   or divides by a lower quartile of 0 and returns its prior's 0.5 — it does not survive ties, so we keep ours.
@@ -63,8 +65,8 @@ def mean_one_test(log_x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.nda
     m = np.max(lx, axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     x = np.exp(lx - m)  # scaled by e^-m
-    scale = np.exp(m[..., 0])
     with np.errstate(over="ignore", invalid="ignore"):
+        scale = np.exp(m[..., 0])
         mean = x.mean(-1) * scale
         se = x.std(-1, ddof=1) * scale / np.sqrt(n) if n > 1 else np.zeros_like(mean)
         dev = mean - 1
@@ -154,7 +156,7 @@ def pareto_khat(log_w: np.ndarray, axis: int = -1) -> np.ndarray:
         x = np.exp(top[..., 1:] - lw_max) - np.exp(top[..., :1] - lw_max)
         pos = x > 0  # ties with the threshold (and exceedances below float64's resolution) are not in the tail
         distinct = (np.diff(np.where(pos, top[..., 1:], -np.inf), axis=-1) > 0).sum(axis=-1) + 1 - (~pos).any(-1)
-        flat = (pos.sum(-1) < 5) | (distinct < 3) | ~np.isfinite(lw_max[..., 0])
+        flat = (pos.sum(-1) < 5) | (distinct < max(5, M / 4)) | ~np.isfinite(lw_max[..., 0])
         x = np.where(flat[..., None], np.linspace(0.1, 1, M), np.where(pos, x, 0.0))  # placeholders, masked below
         k, _ = gpd_fit(x)
     return np.where(flat, np.nan, k)

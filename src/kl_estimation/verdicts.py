@@ -145,9 +145,10 @@ def judge(docs: list[dict]) -> dict:
         flags = {f"{r['proposal']} · {r['estimator']}": r["flag"] for r in rows if r["flag"]}
         per_prompt.append(dict(prompt=i, recommended=recommend(rows), flags=flags))
         for r in rows:
-            if r["flag"]:
-                extra.setdefault((r["proposal"], r["estimator"]), []).append(f"prompt {i}: {r['flag']}")
-    extra = {k: v if len(v) == 1 else [f"{v[0]} (and {len(v) - 1} more prompts)"] for k, v in extra.items()}
+            for reason in filter(None, r["flag"].split("; ")):
+                extra.setdefault((r["proposal"], r["estimator"]), {}).setdefault(reason, []).append(i)
+    extra = {k: [f"prompt{'s' if len(ps) > 1 else ''} {', '.join(map(str, ps[:5]))}{' …' if len(ps) > 5 else ''}: "
+                 f"{reason}" for reason, ps in v.items()] for k, v in extra.items()}
     rows = judge_rows([(d["proposal"], d["estimates"], d.get("max_uncovered_mass", 0.0)) for d in docs], extra)
     return dict(rows=rows, recommended=recommend(rows), per_prompt=per_prompt)
 
