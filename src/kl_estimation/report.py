@@ -155,7 +155,7 @@ def recommendation_line(rec: dict | None, scope: str = "") -> str:
     """The one line that says which estimate to report (verdicts.recommend), or that none can be."""
     where = f" {scope}" if scope else ""
     if rec is None:
-        return (f"Recommended{where}: none — every row is flagged (see above); draw more sequences, raise the "
-                f"temperature or include proposal P.")
+        return (f"Recommended{where}: none — every row is flagged (see above); draw more sequences or raise the "
+                f"temperature (a proposal whose weights degenerate needs P in the run to be judged).")
     return (f"Recommended{where}: {rec['proposal']} {rec['estimator']} = {rec['estimate']:.6g} ± "
             f"{rec['std_error']:.2g} (95% CI [{rec['ci_low']:.4g}, {rec['ci_high']:.4g}]) — {rec['reason']}.")
