@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kl_estimation import engine, enumeration, llm
+from kl_estimation import engine, enumeration, llm, verdicts
 from kl_estimation.cli import llm_main
 from kl_estimation.estimators import k3_terms, sequence_estimates
 from kl_estimation.models import load_transformers_pair, tempered_log_softmax
@@ -74,10 +74,80 @@ def test_every_estimator_exactly_unbiased_and_sampler_within_4_se(pair, name):
     assert abs(cv["estimate"] - kl) < 4 * cv["std_error"]
 
 
-def test_rb_variance_never_above_mc(pair):
+class _TwoStepPair:
+    """The issue's counterexample: P_1 = (½, ½) over {a, b}, Q_1 = (½e^{-c}, ½e^{c'}) with e^{-c} + e^{c'} = 2; after
+    a both models are sure of token y (KL 0); after b P is sure of y and Q(y) = e^{-(c+c')}. Tokens: a, b, y."""
+
+    eos_token_id = None
+    vocab_size = 3
+    device = torch.device("cpu")
+
+    def __init__(self, c: float):
+        self.c, self.c2 = c, math.log(2 - math.exp(-c))
+        lq_y = -(self.c + self.c2)
+        f64 = dict(dtype=torch.float64)
+        self.first = (torch.log(torch.tensor([0.5, 0.5, 0.0], **f64)),
+                      torch.log(torch.tensor([0.5 * math.exp(-c), 0.5 * math.exp(self.c2), 0.0], **f64)))
+        self.after_a = (torch.log(torch.tensor([0.0, 0.0, 1.0], **f64)),) * 2
+        self.after_b = (self.after_a[0], torch.tensor([math.log(-math.expm1(lq_y)), -math.inf, lq_y], **f64))
+
+    def start(self, prompt_rows):
+        n = len(prompt_rows)
+        return self.first[0].expand(n, -1), self.first[1].expand(n, -1), None
+
+    def step(self, state, tokens):
+        b = (tokens == 1)[:, None]
+        return (torch.where(b, self.after_b[0], self.after_a[0]), torch.where(b, self.after_b[1], self.after_a[1]),
+                None)
+
+
+def test_sequence_rb_can_have_more_variance_than_mc_two_step_counterexample():
+    """MC ≡ c = KL exactly (zero variance) while Var(RB) = (c + c')²/4 ≈ 0.75: each K_t is conditioned on a different
+    prefix and covaries with the earlier log-ratios, so sequence-level RB is not a Rao-Blackwellisation of MC."""
+    c = 1.2
+    pair = _TwoStepPair(c)
+    leaves = enumeration.enumerate_sequences(pair, engine.sequence_proposal("P"), 2)
+    t = estimator_terms(leaves)
+    assert leaves["kl"] == pytest.approx(c, rel=1e-12)
+    mc_mean, var_mc, _ = exact_moments(leaves, t["IS"])
+    rb_mean, var_rb, _ = exact_moments(leaves, t["RB-IS"])
+    assert mc_mean == pytest.approx(c) and rb_mean == pytest.approx(c)
+    assert var_mc == pytest.approx(0.0, abs=1e-12)
+    assert var_rb == pytest.approx((c + pair.c2) ** 2 / 4, rel=1e-9) and var_rb > 0.74
+    b = engine.sample_batch(pair, engine.sequence_proposal("P"), 400, 2, engine.unit_generator(0, "P", 0, "cpu"))
+    est = sequence_estimates(b.log_p, b.log_q, b.log_r, b.kl_step, b.mask, True)
+    assert est["MC"]["variance"] == pytest.approx(0.0, abs=1e-9)
+    assert abs(est["RB"]["variance"] - var_rb) < 0.1  # a two-point law: per-sample variance within ~4 SE
+    # RB+CV's cross-fitted β is exactly 1 here (MC − RB = −(RB − c)): it recovers MC's zero variance
+    assert est["RB+CV"]["variance"] == pytest.approx(0.0, abs=1e-9)
+    assert est["RB+CV"]["estimate"] == pytest.approx(c)
+
+
+def test_sequence_rb_above_mc_on_a_tiny_transformer_and_rb_cv_at_least_as_good(tmp_path):
+    """A tiny random GPT-2 pair with EOS (save_pair seed 0, noise 0.8) at temperature 0.4, T = 4: exact Var(RB) =
+    40.7 > Var(MC) = 25.0 by enumeration. The oracle RB+CV variance is below both, and the cross-fitted RB+CV's
+    sample variance over 4000 sequences is no worse than the better of the two within 4 SE."""
+    from kl_estimation.estimators import rb_control_variate_terms
+
+    pair = load_transformers_pair(*save_pair(tmp_path / "pair", seed=0, noise=0.8), prompts="a b", temperature=0.4)
+    T = 4
     leaves = enumeration.enumerate_sequences(pair, engine.sequence_proposal("P"), T)
     t = estimator_terms(leaves)
-    assert exact_moments(leaves, t["RB-IS"])[1] <= exact_moments(leaves, t["IS"])[1]
+    _, var_mc, _ = exact_moments(leaves, t["IS"])
+    _, var_rb, _ = exact_moments(leaves, t["RB-IS"])
+    assert var_rb > 1.5 * var_mc  # 40.7 against 25.0
+    p, kl = np.exp(leaves["log_p"]), leaves["kl"]
+    a, d = t["RB-IS"] - kl, t["IS"] - t["RB-IS"]
+    var_cv_oracle = var_rb - np.sum(p * a * d) ** 2 / np.sum(p * d * d)
+    assert var_cv_oracle <= min(var_mc, var_rb)
+    N = 4000
+    b = engine.sample_batch(pair, engine.sequence_proposal("P"), N, T, engine.unit_generator(5, "P", 0, "cpu"))
+    f_step = np.where(b.mask, b.log_p - b.log_q, 0.0)
+    cv = rb_control_variate_terms(b.kl_step, f_step, np.zeros_like(f_step), b.mask)
+    assert abs(cv.mean() - kl) < 4 * cv.std(ddof=1) / math.sqrt(N)  # unbiased
+    c = cv - cv.mean()
+    se_var = math.sqrt((np.mean(c ** 4) - np.mean(c ** 2) ** 2) / N)
+    assert cv.var(ddof=1) < min(var_mc, var_rb) + 4 * se_var
 
 
 def test_ignore_eos_enumerates_all_strings(tiny):
@@ -109,7 +179,9 @@ def test_json_per_step_numbers_match_a_fresh_forward_pass(tmp_path, tiny, capsys
     code, out = run_cli(tmp_path, tiny)
     assert code == 0
     stdout = capsys.readouterr().out
-    assert "RB" in stdout and "output folder" in stdout
+    assert "RB" in stdout and "output folder" in stdout and "low-variance reference" not in stdout
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("Recommended: ") and " ± " in last, last  # the console ends with the estimate to report
     from transformers import AutoModelForCausalLM
 
     p = AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
@@ -134,6 +206,15 @@ def test_json_per_step_numbers_match_a_fresh_forward_pass(tmp_path, tiny, capsys
     assert all(r["log_weight"] == 0.0 for r in p_doc["sequences"])
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["rows"]) == 15 and (out / "summary.csv").exists()
+    rec = summary["recommended"]
+    assert rec is not None and f"{rec['proposal']} {rec['estimator']} = {rec['estimate']:.6g}" in last
+    flags = [bool(r["flag"]) for r in summary["rows"]]
+    assert flags == sorted(flags)  # flagged rows rank after every trusted row
+    import csv
+
+    with open(out / "summary.csv") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert [bool(r["flag"]) for r in csv_rows] == flags
 
 
 def test_resume_after_interruption_gives_the_same_records(tmp_path, tiny, monkeypatch, capsys):
@@ -228,7 +309,7 @@ def test_proposal_missing_p_support_is_flagged_biased(tmp_path, capsys):
     assert np.all(b.uncovered == 0) and np.all(b.log_r == b.log_p)
     docs = [dict(proposal="Optimal", max_uncovered_mass=0.2,
                  estimates={"IS": dict(estimate=1.0, std_error=0.1, khat=0.1)})]
-    assert llm.summary_rows(docs)[0]["flag"].startswith("biased: the proposal gives r = 0")
+    assert verdicts.judge(docs)["rows"][0]["flag"].startswith("biased: the proposal gives r = 0")
     log_p = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
     log_q = torch.log(torch.tensor([[0.5, 0.2, 0.3]]))  # token 0: P = Q, so Optimal's r = 0 there
     gap = _OneStepPair(log_p, log_q)

@@ -74,20 +74,15 @@ class KLResult:
         return llm_table([r.to_dict() for r in self.rows], "KL(P‖Q) per sequence")
 
 
-def _recommended(rows: list[dict]) -> dict | None:
-    """The first trusted row (rows come ranked: trusted first, smallest standard error first)."""
-    return next((r for r in rows if not r.get("flag")), None)
-
-
 def result_of(run: dict) -> KLResult:
     """A KLResult from llm.run_experiment's output."""
     rows = run["rows"]
     per_prompt = []
     for p in run["per_prompt"]:
-        rec = _recommended(p["rows"])
+        rec = p["recommended"]
         per_prompt.append(dict(prompt=p["prompt"], text=p["text"], rows=[KLRow.from_row(r) for r in p["rows"]],
                                recommended=rec and KLRow.from_row(rec)))
-    rec = run.get("recommended") or _recommended(rows)
+    rec = run["recommended"]
     return KLResult([KLRow.from_row(r) for r in rows], rec and KLRow.from_row(rec), per_prompt,
                     run["meta"]["config"], run["docs"])
 

@@ -191,11 +191,14 @@ def _run_llm(cfg) -> int:
                            f"KL(P‖Q) per sequence, {cfg.n_reps} sequences × {len(result.docs)} proposals"
                            f"{f' × {len(cfg.prompt_set)} prompts' if len(cfg.prompt_set) > 1 else ''}, "
                            f"T={cfg.t_length}, temperature {cfg.temperature}"))
-    if len(cfg.prompt_set) > 1:
-        print(f"\nOver {len(cfg.prompt_set)} prompts: the estimate is the mean of the per-prompt estimates; "
+    if result.per_prompt:
+        print(f"\nOver {len(result.per_prompt)} prompts: the estimate is the mean of the per-prompt estimates; "
               f"'std err' is for this fixed prompt set (within-prompt noise only); the population SE (prompts as a "
               f"sample, their spread included) is std_error_population in summary.csv / summary.json.")
-    print("\nNo exact KL exists for real LMs: RB (exact per-step KL along sequences from P) is the low-variance "
-          "reference; IS rows with large k̂ or tiny ESS are not to be trusted.")
-    print(f"output folder: {cfg.output_folder}")
+    print(f"\noutput folder: {cfg.output_folder}")
+    for p in result.per_prompt:
+        rec = p["recommended"]
+        print(report.recommendation_line(rec and rec.to_dict(), f"for prompt {p['prompt']}"))
+    rec = result.recommended
+    print(report.recommendation_line(rec and rec.to_dict(), "over the prompt set" if result.per_prompt else ""))
     return 0

@@ -173,9 +173,17 @@ def sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool) 
     Names: with r = P, "MC", "SNIS" (identical to MC, weights are 1), "RB", "RB+CV" and "k3"; otherwise "IS",
     "SNIS", "RB-IS", "RB-IS+CV" and "k3-IS" (k3 of the sequence log-ratio, importance weighted). Each entry:
     estimate, std_error, variance (per sequence), ess (Kish, in sequences), max_weight, khat (Pareto k̂ of the
-    sequence weights) and a normal 95 % confidence interval — floats, or lists over the leading axes.
+    sequence weights) and a normal 95 % confidence interval — floats, or lists over the leading axes — plus the
+    proposal's degeneracy diagnostics (diagnostics.py), the same in every entry: weight_mean (sample mean of the
+    sequence weight W, 1 in expectation), prefix_weight_mean / prefix_weight_z (the prefix weight W_≤t whose mean
+    is furthest from 1 in its own SEs), q_over_r_mean / q_over_r_z (E_r[Q/r] = 1, what k3 relies on), n_distinct
+    (distinct sequences drawn), modal_share (share of draws that are the most frequent sequence), top_weight_share
+    (largest weight / Σw) and se_informative (False when fewer than MIN_OTHER_DRAWS draws differ from the most
+    frequent sequence or fewer than MIN_DISTINCT sequences are distinct: the sample variance then measures the
+    spread among a few sequences, not the estimator's, and the interval is NaN rather than zero-width).
     """
-    from .diagnostics import kish_ess, pareto_khat
+    from .diagnostics import (MIN_DISTINCT, MIN_OTHER_DRAWS, distinct_draws, kish_ess, mean_one_test, pareto_khat,
+                              prefix_weight_test, top_weight_share)
 
     mask = np.asarray(mask, dtype=bool)
     f_step = np.where(mask, np.asarray(log_p) - np.asarray(log_q), 0.0)
@@ -184,6 +192,13 @@ def sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool) 
     ess = kish_ess(log_w)
     max_w = np.exp(log_w.max(-1))
     khat = pareto_khat(log_w) if not proposal_is_p else np.full(ess.shape, math.nan)
+    w_mean = mean_one_test(log_w)[0]
+    pw_mean, pw_z = prefix_weight_test(lw_step)
+    qr_mean, qr_z = mean_one_test(log_w - f)  # Q/r of each sequence
+    ident = np.concatenate([np.where(mask, log_p, 0.0), np.where(mask, log_q, 0.0), mask], axis=-1)
+    n_distinct, modal = distinct_draws(ident)
+    n = log_w.shape[-1]
+    informative = ((1 - modal) * n >= MIN_OTHER_DRAWS) & (n_distinct >= MIN_DISTINCT)
     names = ("MC", "SNIS", "RB", "RB+CV", "k3") if proposal_is_p else ("IS", "SNIS", "RB-IS", "RB-IS+CV", "k3-IS")
     results = {
         names[0]: mean_estimate(importance_sampling_terms(f, log_w)),
@@ -196,7 +211,12 @@ def sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool) 
     def out(x):
         return np.asarray(x, dtype=np.float64).tolist()
 
+    diag = dict(weight_mean=out(w_mean), prefix_weight_mean=out(pw_mean), prefix_weight_z=out(pw_z),
+                q_over_r_mean=out(qr_mean), q_over_r_z=out(qr_z), n_distinct=np.asarray(n_distinct).tolist(),
+                modal_share=out(modal), top_weight_share=out(top_weight_share(log_w)),
+                se_informative=np.asarray(informative).tolist())
+    half = np.where(informative, Z95, np.nan)
     return {name: dict(estimate=out(e.estimate), std_error=out(e.std_error), variance=out(e.variance),
-                       ess=out(ess), max_weight=out(max_w), khat=out(khat), ci_low=out(e.estimate - Z95 * e.std_error),
-                       ci_high=out(e.estimate + Z95 * e.std_error), n=e.n)
+                       ess=out(ess), max_weight=out(max_w), khat=out(khat), ci_low=out(e.estimate - half * e.std_error),
+                       ci_high=out(e.estimate + half * e.std_error), n=e.n, **diag)
             for name, e in results.items()}

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from . import runio
-from .diagnostics import KHAT_LIMIT
 from .engine import P_NAME, PREFIX_SUFFIX, sample_batch, sequence_proposal, unit_generator
 from .estimators import Z95, sequence_estimates
 from .models import DTYPES
 from .synthetic import check_int
+from .verdicts import judge
 
 DEFAULT_PROPOSALS = (P_NAME, "Geometric (β=0.5)", "Fixed mixture (λ=0.9)", "Alpha-mixture (α=0.5)",
                      "Exponential family (β=0.5)", "Adaptive", "Adaptive" + PREFIX_SUFFIX)
@@ -340,19 +340,16 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=
     if folder is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
     docs = [run_proposal(pair, cfg, name, folder, meta, bar_factory) for name in cfg.proposals]
-    rows = summary_rows(docs)
-    per_prompt = []
-    if len(cfg.prompt_set) > 1:
-        per_prompt = [dict(prompt=i, text=text,
-                           rows=summary_rows([dict(d, estimates=d["per_prompt"][i]["estimates"]) for d in docs]))
-                      for i, text in enumerate(cfg.prompt_set)]
+    verdict = judge(docs)  # rows with flags, ranked; the recommendation (overall and per prompt)
+    for p, text in zip(verdict["per_prompt"], cfg.prompt_set):
+        p["text"] = text
     if folder is not None:
-        runio.write_json(Path(folder) / "summary.json", dict(meta, rows=rows, per_prompt=per_prompt))
-        runio.write_csv(Path(folder) / "summary.csv", rows)
-        if per_prompt:
+        runio.write_json(Path(folder) / "summary.json", dict(meta, **verdict))
+        runio.write_csv(Path(folder) / "summary.csv", verdict["rows"])
+        if verdict["per_prompt"]:
             runio.write_csv(Path(folder) / "summary_per_prompt.csv",
-                            [dict(prompt=p["prompt"], **r) for p in per_prompt for r in p["rows"]])
-    return dict(meta=meta, docs=docs, rows=rows, per_prompt=per_prompt)
+                            [dict(prompt=p["prompt"], **r) for p in verdict["per_prompt"] for r in p["rows"]])
+    return dict(meta=meta, docs=docs, **verdict)
 
 
 def prompt_set_estimates(records: list[dict], t_length: int, n_prompts: int, proposal_is_p: bool) -> dict:
@@ -399,24 +396,3 @@ def _diff(old, new) -> str:
         return "no settings recorded"
     keys = [k for k in new if old.get(k) != new[k]]
     return ", ".join(f"{k}: {old.get(k)!r} then, {new[k]!r} now" for k in keys) or "unknown difference"
-
-
-def summary_rows(docs: list[dict]) -> list[dict]:
-    """One row per (proposal, estimator), best standard error first among trustworthy rows."""
-    rows = []
-    for d in docs:
-        for est_name, e in d["estimates"].items():
-            flag = ""
-            if d.get("max_uncovered_mass", 0.0) > 0:
-                flag = (f"biased: the proposal gives r = 0 to tokens with P > 0 (up to {d['max_uncovered_mass']:.2g} "
-                        f"of P's mass at a step): sequences through them are never drawn")
-            elif e["khat"] is not None and np.isfinite(e["khat"]) and e["khat"] > KHAT_LIMIT:
-                flag = f"k̂ {e['khat']:.2f} > {KHAT_LIMIT}: weights too heavy-tailed to trust"
-            elif est_name == "SNIS" and d["proposal"] != P_NAME:
-                flag = "self-normalised: biased at O(1/n)"
-            rows.append(dict(proposal=d["proposal"], estimator=est_name, **e, flag=flag))
-    rows.sort(key=lambda r: (bool(r["flag"]), r["std_error"] if np.isfinite(r["std_error"]) else math.inf))
-    return rows
-
-
-

@@ -126,22 +126,36 @@ def cross_family_report(pairs: list[dict], top: int = 3) -> str:
 
 
 def llm_table(rows: list[dict], title: str) -> str:
-    """Ranked (proposal, estimator) rows of an LLM run: smallest standard error first among unflagged rows."""
+    """Ranked (proposal, estimator) rows of an LLM run (verdicts.judge): trusted rows first by standard error, then
+    the flagged ones (!) with what went wrong. An SE that is not informative shows as 'n/i', never as a zero-width
+    interval."""
     w = 34
     lines = [_rule(title),
              f"{'rank':>4} {'proposal':<{w}} {'estim.':<8} {'estimate':>10} {'std err':>9} {'95% CI':>21} "
              f"{'var/seq':>9} {'ESS':>7} {'k̂':>5}",]
     for i, r in enumerate(rows, 1):
-        ci = f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]"
+        informative = r.get("se_informative", True) and r["ci_low"] == r["ci_low"]
+        ci = f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]" if informative else "SE not informative"
+        se = num(r["std_error"]) if informative else "n/i".rjust(9)
         lines.append(f"{i:>4} {_name(r['proposal'], w):<{w}} {r['estimator']:<8} {num(r['estimate'], 10, 4)} "
-                     f"{num(r['std_error'])} {ci:>21} {num(r['variance'])} {num(r['ess'], 7, 1)} "
+                     f"{se} {ci:>21} {num(r['variance'])} {num(r['ess'], 7, 1)} "
                      f"{num(r['khat'], 5, 2)}{'  !' if r['flag'] else ''}")
     flagged = [r for r in rows if r["flag"]]
     if flagged:
         lines += ["", "! flagged rows (ranked last):"]
-        seen = set()
-        for r in flagged:
-            if (r["proposal"], r["flag"]) not in seen:
-                seen.add((r["proposal"], r["flag"]))
-                lines.append(f"  {r['proposal']} {r['estimator']}: {r['flag']}")
+        by_reason: dict = {}
+        for r in flagged:  # one line per (proposal, reason), naming the estimators it applies to
+            for reason in r["flag"].split("; "):
+                by_reason.setdefault((r["proposal"], reason), []).append(r["estimator"])
+        lines += [f"  {p} · {'/'.join(ests)}: {reason}" for (p, reason), ests in by_reason.items()]
     return "\n".join(lines)
+
+
+def recommendation_line(rec: dict | None, scope: str = "") -> str:
+    """The one line that says which estimate to report (verdicts.recommend), or that none can be."""
+    where = f" {scope}" if scope else ""
+    if rec is None:
+        return (f"Recommended{where}: none — every row is flagged (see above); draw more sequences or raise the "
+                f"temperature (a proposal whose weights degenerate needs P in the run to be judged).")
+    return (f"Recommended{where}: {rec['proposal']} {rec['estimator']} = {rec['estimate']:.6g} ± "
+            f"{rec['std_error']:.2g} (95% CI [{rec['ci_low']:.4g}, {rec['ci_high']:.4g}]) — {rec['reason']}.")

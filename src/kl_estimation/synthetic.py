@@ -239,5 +239,5 @@ def summary_rows(pairs: list[dict]) -> list[dict]:
             rows.append(dict(family=p["family"], divergence=p["divergence"], true_kl=p["true_kl"],
                              theoretical_variance=p["theoretical_variance"], method=m["name"], group=m["family"],
                              **{k: m[k] for k in SUMMARY_FIELDS}, rank_exact_variance=exact_rank[m["name"]],
-                             flags="; ".join(m["flags"])))
+                             flag="; ".join(m["flags"])))
     return rows
