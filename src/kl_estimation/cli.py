@@ -186,7 +186,7 @@ def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
 def _run_llm(cfg) -> int:
     from tqdm import tqdm
 
-    from . import llm, report
+    from . import distributed, llm, report
 
     cfg.validate()
     runio.check_output_dir(cfg.output_folder, "--output-folder")
@@ -200,6 +200,8 @@ def _run_llm(cfg) -> int:
         return tqdm(unit="batch", leave=False, disable=None, **kw)
 
     run = llm.run_experiment(pair, cfg, models, cfg.output_folder, bar)
+    if distributed.current().rank != 0:  # under torchrun rank 0 alone reports
+        return 0
     rows = run["rows"]
     print(report.llm_table(rows, f"KL(P‖Q) per sequence, {cfg.n_reps} sequences × {len(run['docs'])} proposals, "
                                  f"T={cfg.t_length}, temperature {cfg.temperature}"))

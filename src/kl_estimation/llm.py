@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import runio
+from . import distributed, runio
 from .diagnostics import KHAT_LIMIT
 from .engine import P_NAME, PREFIX_SUFFIX, sample_batch, sequence_proposal, unit_generator
 from .estimators import Z95, sequence_estimates
@@ -162,6 +162,7 @@ def load_pair(cfg: LLMConfig):
 
     from .models import load_transformers_pair
 
+    distributed.from_env(cfg.device)  # under torchrun: join the group, and pin this rank to its GPU before loading
     device = resolve_device(cfg.device)
     p_id, q_id = cfg.p_model, cfg.q_model
     if p_id is None:
@@ -190,8 +191,9 @@ def slug(name: str) -> str:
 
 def existing_outputs(folder, proposals) -> list:
     folder = Path(folder)
-    names = [f"{slug(p)}{ext}" for p in proposals for ext in (".json", ".partial.jsonl")] + ["summary.json"]
-    return [folder / n for n in names if (folder / n).exists()]
+    names = [f"{slug(p)}.json" for p in proposals] + ["summary.json"]
+    return [folder / n for n in names if (folder / n).exists()] + [
+        f for p in proposals for f in distributed.partial_files(folder, slug(p))]
 
 
 def prompt_set_digest(prompts) -> str:
@@ -269,69 +271,87 @@ def _read_final(final: Path, key: dict, units: list[Unit]) -> dict:
     return done
 
 
-def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factory=None) -> dict:
+def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factory=None,
+                 shard: distributed.Shard = distributed.ONE) -> dict:
     """Sample cfg.n_reps sequences per prompt from proposal `name` and return its document (records, estimates).
 
     With a `folder`, finished forward batches go to <slug>.partial.jsonl as they come (resuming finished units when
-    cfg.resume) and the document to <slug>.json, atomically; with folder None nothing is written."""
+    cfg.resume) and the document to <slug>.json, atomically; with folder None nothing is written.
+    `shard`: under torchrun, this rank's share of the forward batches (distributed.py): its batches go to
+    <slug>.rank<k>.partial.jsonl, rank 0 writes <slug>.json, and every rank returns the whole document."""
     prop = sequence_proposal(name)
     key = run_key(cfg, name, meta["models"])
     units = plan_units(len(cfg.prompt_set), cfg.n_reps, cfg.batch_size)
     done: dict[Unit, list[dict]] = {}
     final = partial = None
     if folder is not None:
-        final, partial = Path(folder) / f"{slug(name)}.json", Path(folder) / f"{slug(name)}.partial.jsonl"
+        final, partial = Path(folder) / f"{slug(name)}.json", shard.partial(folder, slug(name))
+        earlier = distributed.partial_files(folder, slug(name))  # any earlier world size's
         if cfg.resume and final.exists():
             done = _read_final(final, key, units)
-        elif cfg.resume and partial.exists():
-            done = _read_partial(partial, key)
+        elif cfg.resume and earlier:
+            for f in earlier:
+                done.update(_read_partial(f, key))
+        shard.barrier()  # every rank has read the files before any appends to them
     todo = [u for u in units if u not in done]
     if todo:
-        if partial is not None and not (cfg.resume and partial.exists()):
+        fresh = partial is not None and not (cfg.resume and partial.exists())
+        if partial is not None and not cfg.resume and shard.writes_final:
+            for f in earlier:  # every rank's file of an earlier run, whatever its world size
+                f.unlink(missing_ok=True)
+        shard.barrier()
+        if fresh:
             partial.unlink(missing_ok=True)
             runio.append_jsonl(partial, {"run_key": key})
-            if done:  # units carried over from a finished run with fewer --n-reps
+            if done and shard.writes_final:  # units carried over from a finished run with fewer --n-reps
                 runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in done],
                                              "sequences": [r for recs in done.values() for r in recs]})
-        batches = pack(todo, cfg.batch_size)
-        bar = bar_factory(total=len(batches), desc=name) if bar_factory else None
+        batches = shard.mine(pack(todo, cfg.batch_size))
+        bar = bar_factory(total=len(batches), desc=name) if bar_factory and shard.writes_final else None
+        new: dict[Unit, list[dict]] = {}
         for group in batches:
             recs = sample_units(pair, prop, group, cfg)
+            for r in recs:
+                r["rank"] = shard.rank
             if partial is not None:
                 runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in group],
                                              "sequences": recs})
             it = iter(recs)
             for u in group:
-                done[u] = [next(it) for _ in range(u.rows)]
+                new[u] = done[u] = [next(it) for _ in range(u.rows)]
             if bar:
                 bar.update(1)
                 bar.set_postfix_str(_running(done.values(), prop.base is None))
         if bar:
             bar.close()
+        done.update(shard.gather(new))
     records = [r for u in units for r in done[u]]
     doc = dict(meta, proposal=name, run_key=key, n_sequences=len(records),
                max_uncovered_mass=max(r.get("uncovered_mass", 0.0) for r in records),
                **prompt_set_estimates(records, cfg.t_length, len(cfg.prompt_set), prop.base is None),
                sequences=records)
-    if final is not None:
+    if final is not None and shard.writes_final:
         runio.write_json(final, doc)
-        partial.unlink(missing_ok=True)
+        for f in distributed.partial_files(folder, slug(name)):
+            f.unlink(missing_ok=True)
     return doc
 
 
-def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=None) -> dict:
+def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=None, shard=None) -> dict:
     """Every proposal of cfg on a loaded pair → {"meta", "docs" (one per proposal), "rows" (ranked summary)}.
-    With a `folder`: resumable per-proposal files plus summary.json and summary.csv (the caller checked it)."""
+    With a `folder`: resumable per-proposal files plus summary.json and summary.csv (the caller checked it).
+    Under torchrun the ranks share the work (`shard`, default distributed.from_env) and rank 0 writes the files."""
+    shard = distributed.from_env(cfg.device) if shard is None else shard
     config = {**vars(cfg), "proposals": list(cfg.proposals), "prompts": list(cfg.prompt_set),
-              "device": str(pair.device)}
+              "device": str(pair.device), "world_size": shard.world_size}
     meta = dict(config=config, models=models, versions=runio.versions("torch", "transformers", "tokenizers"),
                 seed=cfg.seed, truncation=f"KL of the sequence process truncated at {cfg.t_length} tokens"
                                           + ("" if pair.eos_token_id is None else " or at EOS"))
     if folder is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
-    docs = [run_proposal(pair, cfg, name, folder, meta, bar_factory) for name in cfg.proposals]
+    docs = [run_proposal(pair, cfg, name, folder, meta, bar_factory, shard) for name in cfg.proposals]
     rows = summary_rows(docs)
-    if folder is not None:
+    if folder is not None and shard.writes_final:
         runio.write_json(Path(folder) / "summary.json", dict(meta, rows=rows))
         runio.write_csv(Path(folder) / "summary.csv", rows)
     return dict(meta=meta, docs=docs, rows=rows)
