@@ -27,7 +27,7 @@ from . import distributed, runio
 from .diagnostics import KHAT_LIMIT
 from .engine import P_NAME, PREFIX_SUFFIX, sample_batch, sequence_proposal, unit_generator
 from .estimators import Z95, sequence_estimates
-from .models import DTYPES
+from .models import DTYPES, check_loading_options
 from .synthetic import check_int
 
 DEFAULT_PROPOSALS = (P_NAME, "Geometric (β=0.5)", "Fixed mixture (λ=0.9)", "Alpha-mixture (α=0.5)",
@@ -90,6 +90,13 @@ class LLMConfig:
     prompt_field: str = "prompt"
     n_prompts: int | None = None
     chat_template: bool = False
+    # loading big models (models.py): per-model dtypes, PEFT adapters, sharding over GPUs with accelerate
+    p_dtype: str | None = None
+    q_dtype: str | None = None
+    p_adapter: str | None = None
+    q_adapter: str | None = None
+    device_map: str | None = None
+    offload: bool = False
 
     @property
     def prompt_set(self) -> tuple:
@@ -132,6 +139,7 @@ class LLMConfig:
         resolve_device(self.device)
         if self.resume and self.overwrite:
             raise ValueError("--resume: cannot be combined with --overwrite")
+        check_loading_options(self)
         return self
 
 
@@ -170,11 +178,14 @@ def load_pair(cfg: LLMConfig):
 
         p_id, q_id = default_pair.ensure(cfg.seed)
     hf_logging.disable_progress_bar()
+    scale = {k: getattr(cfg, k) for k in ("p_adapter", "q_adapter", "device_map", "offload") if getattr(cfg, k)}
+    scale.update({k: resolve_dtype(getattr(cfg, k), device) for k in ("p_dtype", "q_dtype") if getattr(cfg, k)})
     pair = load_transformers_pair(p_id, q_id, prompts=cfg.prompt_set, temperature=cfg.temperature, device=device,
                                   dtype=resolve_dtype(cfg.dtype, device), ignore_eos=cfg.ignore_eos,
-                                  chat_template=cfg.chat_template)
+                                  chat_template=cfg.chat_template, **scale)
     models = {"p": cfg.p_model or "offline default pair (P)", "q": cfg.q_model or "offline default pair (Q)",
-              "p_path": p_id, "q_path": q_id, "dtype": resolve_dtype(cfg.dtype, device)}
+              "p_path": p_id, "q_path": q_id, "dtype": resolve_dtype(cfg.dtype, device),
+              **{k: v for k, v in scale.items() if k not in ("device_map", "offload")}}  # what changes the records
     return pair, models
 
 
