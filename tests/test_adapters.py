@@ -173,6 +173,7 @@ def test_bad_input(case, tiny, lora, tmp_path, monkeypatch, capsys):
         args, needle = args + ["--q-model", tiny[1], "--offload"], "--offload: only with device_map auto"
     elif case == "bad q dtype":
         args, needle = args + ["--q-model", tiny[1], "--q-dtype", "int4"], "--q-dtype: unknown dtype"
+    capsys.readouterr()  # drop what building the models printed
     code, out = run_cli(tmp_path, *args)
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
