@@ -1,12 +1,20 @@
-"""LLM sampler benchmark: R sequences of T tokens from two random GPT-2 models of the default pair's shape.
+"""LLM sampler benchmark: R sequences of T tokens from two random models, our sampler against the usual ways.
 
-    python bench/bench_llm.py                          # CPU: (a) plain loop, (b) our sampler, (c) generate()
-    python bench/bench_llm.py --device cuda --qwen05b  # GPU: tokens/s for a random Qwen2-0.5B-shaped pair in bf16
+    python bench/bench_llm.py                    # CPU: random GPT-2 pair (2 layers, d=128, V=2048), R=256, T=20
+    python bench/bench_llm.py --device cuda      # GPU: random Qwen2-0.5B-shaped pair in bf16, R=256, T=128
+    python bench/bench_llm.py --device cuda --static-cache --compile    # where they may pay on a GPU
 
-(a) the straightforward way: one sequence at a time, no KV cache, both models re-run over the whole prefix each step;
-(b) our sampler: batched, KV-cached, both models every step, exact per-step KL, for proposal P and Geometric β=0.5;
-(c) transformers' generate() sampling from P alone (no Q, no KL): the floor for any sampler.
-Targets: (b) ≥ 30× faster than (a); (b) ≤ 2.5× (c).
+Lines:
+  ours       our sampler: batched, KV caches, both models every step, exact per-step KL (proposal P, Geometric β=0.5)
+  floor      two KV-cached forwards per token (P and Q on fixed tokens, nothing else): what any sampler that scores
+             both models per step pays; target: ours within 1.3× of it
+  (a)        transformers' generate() sampling from P alone (no Q, no KL)
+  (b)        what RLHF libraries do: generate() from P, then one teacher-forced forward of P and Q over the R × T
+             tokens (micro-batches of --tf-batch rows) with the full-vocabulary KL per token; target: ours faster
+  (loop)     CPU only: one sequence at a time, no KV cache, both models re-run over the whole prefix each step
+With CUDA every line also prints its peak GPU memory (torch.cuda.max_memory_allocated, reset before each line).
+--static-cache: generate() with a static KV cache (cache_implementation="static"); --compile: torch.compile of
+every model's forward (dynamic shapes; on CUDA generate() then compiles its static-cache forward itself).
 """
 import argparse
 import sys
@@ -17,8 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kl_estimation.engine import sample_batch, sequence_proposal, unit_generator as batch_generator  # noqa: E402
-from kl_estimation.models import TransformersPair, tempered_log_softmax  # noqa: E402
+from kl_estimation.engine import exact_step_kl, sample_batch, sequence_proposal, unit_generator  # noqa: E402
+from kl_estimation.models import TransformersPair, tempered_log_softmax, _forward_last  # noqa: E402
+
+TEMPERATURE = 0.4
 
 
 def models(qwen: bool, device, dtype):
@@ -30,10 +40,12 @@ def models(qwen: bool, device, dtype):
             torch.manual_seed(seed)
             if qwen:
                 cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=2048)
+                                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=2048,
+                                  tie_word_embeddings=True)
                 m = Qwen2ForCausalLM(cfg)
             else:
-                m = GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_positions=128, n_embd=128, n_layer=2, n_head=4))
+                m = GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_positions=256, n_embd=128, n_layer=2, n_head=4,
+                                                      bos_token_id=0, eos_token_id=0))
         out.append(m.to(device=device, dtype=dtype).eval())
     return out
 
@@ -49,21 +61,67 @@ class _Tok:
         return ""
 
 
-def plain_loop(p, q, prompt, R, T, temperature, V):
+def plain_loop(p, q, prompt, R, T, V):
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for _ in range(R):
             ids = prompt[None]
             for _ in range(T):
-                lp = tempered_log_softmax(p(ids).logits[:, -1], temperature, V)
-                lq = tempered_log_softmax(q(ids).logits[:, -1], temperature, V)
+                lp = tempered_log_softmax(p(ids).logits[:, -1], TEMPERATURE, V)
+                lq = tempered_log_softmax(q(ids).logits[:, -1], TEMPERATURE, V)
                 _ = (lp.exp() * (lp - lq)).sum()
                 x = torch.multinomial(lp.exp(), 1, generator=g)
                 ids = torch.cat([ids, x], dim=1)
 
 
-def timed(fn, device, repeats=1):
+@torch.inference_mode()
+def two_forwards(p, q, prompt, R, T):
+    """The floor: P and Q over the prompt, then T - 1 single-token steps on their KV caches; no sampling, no KL."""
+    ids = prompt[None].expand(R, -1)
+    mask = torch.ones_like(ids)
+    pos = torch.arange(ids.shape[1], device=ids.device).expand(R, -1)
+    _, cp = _forward_last(p, ids, mask, pos, None)
+    _, cq = _forward_last(q, ids, mask, pos, None)
+    tok = ids[:, -1:]
+    for t in range(T - 1):
+        mask = torch.cat([mask, mask[:, :1]], dim=1)
+        step = pos[:, -1:] + 1 + t
+        _, cp = _forward_last(p, tok, mask, step, cp)
+        _, cq = _forward_last(q, tok, mask, step, cq)
+
+
+def generate(p, prompt, R, T, static: bool):
+    torch.manual_seed(0)  # generate() draws from the global RNG; the benchmark owns this process
+    kw = {"cache_implementation": "static"} if static else {}
+    with torch.inference_mode():
+        return p.generate(prompt[None].expand(R, -1), do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0,
+                          max_new_tokens=T, min_new_tokens=T, pad_token_id=0,
+                          attention_mask=torch.ones(R, prompt.numel(), dtype=torch.long, device=prompt.device), **kw)
+
+
+@torch.inference_mode()
+def generate_then_score(p, q, prompt, R, T, V, static: bool, tf_batch: int):
+    """(b): sample with generate(), then teacher-force P and Q over the sequences, full-vocabulary KL per token."""
+    seqs = generate(p, prompt, R, T, static)
+    L = prompt.numel()
+    kl = torch.zeros(R, T, dtype=torch.float64, device=seqs.device)
+    for i in range(0, R, tf_batch):
+        chunk = seqs[i:i + tf_batch]
+        lp = tempered_log_softmax(p(chunk).logits[:, L - 1:-1], TEMPERATURE, V)
+        lq = tempered_log_softmax(q(chunk).logits[:, L - 1:-1], TEMPERATURE, V)
+        kl[i:i + tf_batch] = exact_step_kl(lp, lq)
+    return kl
+
+
+def timed(fn, device, repeats=1, warm=False):
+    """Best wall time over `repeats` and the peak GPU memory (None on CPU); `warm`: one untimed call first (so that
+    torch.compile's compilations are not timed)."""
+    if warm:
+        fn()
     best = float("inf")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -72,49 +130,69 @@ def timed(fn, device, repeats=1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
-    return best
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    return best, peak
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--qwen05b", action="store_true", help="a random Qwen2-0.5B-shaped pair in bf16 (GPU)")
-    ap.add_argument("-R", type=int, default=256)
-    ap.add_argument("-T", type=int, default=20)
-    ap.add_argument("--skip-loop", action="store_true", help="skip (a), the slow per-sequence loop")
+    ap.add_argument("--qwen05b", action="store_true", help="a random Qwen2-0.5B-shaped pair in bf16 (default on CUDA)")
+    ap.add_argument("--gpt2", action="store_true", help="the small GPT-2 pair even on CUDA")
+    ap.add_argument("-R", type=int, help="sequences (default 256)", default=256)
+    ap.add_argument("-T", type=int, help="tokens per sequence (default 128 on CUDA, 20 on CPU)")
+    ap.add_argument("--tf-batch", type=int, default=32, help="(b): rows per teacher-forced forward")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--static-cache", action="store_true", help="generate() with a static KV cache")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every model's forward")
+    ap.add_argument("--skip-loop", action="store_true", help="skip (loop), the slow per-sequence loop")
     args = ap.parse_args()
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.qwen05b else torch.float32
-    p, q = models(args.qwen05b, device, dtype)
+    qwen = args.qwen05b or (device.type == "cuda" and not args.gpt2)
+    T = args.T or (128 if device.type == "cuda" else 20)
+    R = args.R
+    dtype = torch.bfloat16 if qwen else torch.float32
+    p, q = models(qwen, device, dtype)
+    if args.compile:
+        from torch._dynamo import config as dynamo_config
+
+        dynamo_config.recompile_limit = 64  # prompt and step forwards, with and without caches
+        for m in (p, q):
+            m.forward = torch.compile(m.forward, dynamic=True)
     V = p.config.vocab_size
     prompt = torch.arange(1, 7, device=device)
-    pair = TransformersPair(p, q, _Tok(V), prompt[None], torch.ones_like(prompt)[None], 0.4, None)  # EOS ignored: every run makes R·T tokens
-    R, T = args.R, args.T
+    # EOS ignored: every line makes R·T tokens
+    pair = TransformersPair(p, q, _Tok(V), prompt[None], torch.ones_like(prompt)[None], TEMPERATURE, None)
     toks = R * T
-    label = "random Qwen2-0.5B-shaped pair, bf16" if args.qwen05b else "random GPT-2 pair (2 layers, d=128, V=2048)"
-    print(f"{label}, R={R} sequences x T={T} tokens on {device} ({torch.get_num_threads()} CPU threads)")
+    label = "random Qwen2-0.5B-shaped pair, bf16" if qwen else "random GPT-2 pair (2 layers, d=128, V=2048), fp32"
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"{label}, R={R} sequences x T={T} tokens on {device} ({hw}); static cache {args.static_cache}, "
+          f"compile {args.compile}")
 
-    sample_batch(pair, sequence_proposal("P"), 8, 4, batch_generator(0, "P", 0, device))  # warm-up
-    t_p = timed(lambda: sample_batch(pair, sequence_proposal("P"), R, T, batch_generator(0, "P", 0, device)), device, 3)
-    geo = sequence_proposal("Geometric (β=0.5)")
-    t_geo = timed(lambda: sample_batch(pair, geo, R, T, batch_generator(0, geo.name, 0, device)), device, 3)
+    def ours(name):
+        prop = sequence_proposal(name)
+        return lambda: sample_batch(pair, prop, R, T, unit_generator(0, name, 0, device))
 
-    def generate():
-        torch.manual_seed(0)  # generate() draws from the global RNG; the benchmark owns this process
-        with torch.inference_mode():
-            p.generate(prompt[None].expand(R, -1), do_sample=True, temperature=0.4, top_k=0, top_p=1.0,
-                       max_new_tokens=T, min_new_tokens=T, pad_token_id=0, attention_mask=torch.ones(
-                           R, prompt.numel(), dtype=torch.long, device=device))
-    t_gen = timed(generate, device, 3)
-    print(f"(b) our sampler, proposal P:            {t_p:7.3f} s  {toks / t_p:10.0f} tokens/s   "
-          f"{t_p / t_gen:.2f}x generate()")
-    print(f"(b) our sampler, Geometric (β=0.5):     {t_geo:7.3f} s  {toks / t_geo:10.0f} tokens/s   "
-          f"{t_geo / t_gen:.2f}x generate()")
-    print(f"(c) generate() on P alone:              {t_gen:7.3f} s  {toks / t_gen:10.0f} tokens/s")
-    if not args.skip_loop:
-        t_loop = timed(lambda: plain_loop(p, q, prompt, R, T, 0.4, V), device)
-        print(f"(a) plain per-sequence loop, no cache:  {t_loop:7.3f} s  {toks / t_loop:10.0f} tokens/s   "
-              f"(b, P) is {t_loop / t_p:.0f}x faster, (b, Geometric) {t_loop / t_geo:.0f}x")
+    sample_batch(pair, sequence_proposal("P"), 8, 4, unit_generator(0, "P", 0, device))  # warm-up
+    generate(p, prompt, 8, 4, args.static_cache)
+    rows = {"ours, proposal P": timed(ours("P"), device, args.repeats, args.compile),
+            "ours, Geometric (β=0.5)": timed(ours("Geometric (β=0.5)"), device, args.repeats, args.compile),
+            "floor: two KV-cached forwards": timed(lambda: two_forwards(p, q, prompt, R, T), device, args.repeats, args.compile),
+            "(a) generate() on P alone": timed(lambda: generate(p, prompt, R, T, args.static_cache), device,
+                                               args.repeats, args.compile),
+            "(b) generate() + teacher-forced P, Q, KL": timed(
+                lambda: generate_then_score(p, q, prompt, R, T, V, args.static_cache, args.tf_batch), device,
+                args.repeats, args.compile)}
+    floor, rlhf = rows["floor: two KV-cached forwards"][0], rows["(b) generate() + teacher-forced P, Q, KL"][0]
+    for name, (t, peak) in rows.items():
+        mem = f"   peak {peak:6.2f} GiB" if peak is not None else ""
+        rel = f"   {t / floor:5.2f}x floor  {t / rlhf:5.2f}x (b)" if name.startswith("ours") else ""
+        print(f"{name:42s} {t:8.3f} s  {toks / t:10.0f} tokens/s{mem}{rel}")
+    if device.type == "cpu" and not args.skip_loop:
+        t_loop, _ = timed(lambda: plain_loop(p, q, prompt, R, T, V), device)
+        print(f"{'(loop) per sequence, no cache':42s} {t_loop:8.3f} s  {toks / t_loop:10.0f} tokens/s   "
+              f"ours (P) is {t_loop / rows['ours, proposal P'][0]:.0f}x faster")
+    print("targets: ours within 1.3x of the floor, and faster than (b)")
 
 
 if __name__ == "__main__":

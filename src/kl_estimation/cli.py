@@ -175,7 +175,19 @@ def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-folder")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --output-folder")
     p.add_argument("--ignore-eos", action="store_true", help="keep sampling after EOS (always t-length tokens)")
+    big = p.add_argument_group("big models (pip install 'kl-estimation[scale]'); data parallel: torchrun "
+                                "--nproc-per-node N LLM_experiments.py …")
+    big.add_argument("--p-dtype", help="P's dtype, overriding --dtype")
+    big.add_argument("--q-dtype", help="Q's dtype, overriding --dtype")
+    big.add_argument("--p-adapter", help="a PEFT adapter (folder or hub id) applied to --p-model")
+    big.add_argument("--q-adapter", help="a PEFT adapter applied to --q-model; without --q-model, to --p-model's "
+                                         "base, loaded once (adapter off for P, on for Q)")
+    big.add_argument("--device-map", help="auto: shard each model over the visible GPUs (accelerate)")
+    big.add_argument("--offload", action="store_true", help="with --device-map auto: keep what does not fit on the "
+                                                            "GPUs in CPU memory")
     args = p.parse_args(argv)
+    if args.q_adapter and args.q_model is None:
+        args.q_model = args.p_model  # Q = P's base + adapter
     cfg = LLMConfig(**{k: getattr(args, k) for k in vars(LLMConfig()) if hasattr(args, k)})
     try:
         return _run_llm(cfg)
@@ -184,9 +196,11 @@ def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
 
 
 def _run_llm(cfg) -> int:
-    from . import api, report
+    from . import api, distributed, report
 
     result = api.run(cfg, progress=True)
+    if distributed.current().rank != 0:  # under torchrun rank 0 alone reports
+        return 0
     print(report.llm_table([r.to_dict() for r in result.rows],
                            f"KL(P‖Q) per sequence, {cfg.n_reps} sequences × {len(result.docs)} proposals"
                            f"{f' × {len(cfg.prompt_set)} prompts' if len(cfg.prompt_set) > 1 else ''}, "

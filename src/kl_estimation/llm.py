@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import runio
+from . import distributed, runio
 from .engine import P_NAME, PREFIX_SUFFIX, sample_batch, sequence_proposal, unit_generator
 from .estimators import Z95, sequence_estimates
-from .models import DTYPES
+from .models import DTYPES, check_loading_options
 from .synthetic import check_int
 from .verdicts import judge
 
@@ -90,6 +90,13 @@ class LLMConfig:
     prompt_field: str = "prompt"
     n_prompts: int | None = None
     chat_template: bool = False
+    # loading big models (models.py): per-model dtypes, PEFT adapters, sharding over GPUs with accelerate
+    p_dtype: str | None = None
+    q_dtype: str | None = None
+    p_adapter: str | None = None
+    q_adapter: str | None = None
+    device_map: str | None = None
+    offload: bool = False
 
     @property
     def prompt_set(self) -> tuple:
@@ -132,6 +139,7 @@ class LLMConfig:
         resolve_device(self.device)
         if self.resume and self.overwrite:
             raise ValueError("--resume: cannot be combined with --overwrite")
+        check_loading_options(self)
         return self
 
 
@@ -162,6 +170,7 @@ def load_pair(cfg: LLMConfig):
 
     from .models import load_transformers_pair
 
+    distributed.from_env(cfg.device)  # under torchrun: join the group, and pin this rank to its GPU before loading
     device = resolve_device(cfg.device)
     p_id, q_id = cfg.p_model, cfg.q_model
     if p_id is None:
@@ -169,11 +178,14 @@ def load_pair(cfg: LLMConfig):
 
         p_id, q_id = default_pair.ensure(cfg.seed)
     hf_logging.disable_progress_bar()
+    scale = {k: getattr(cfg, k) for k in ("p_adapter", "q_adapter", "device_map", "offload") if getattr(cfg, k)}
+    scale.update({k: resolve_dtype(getattr(cfg, k), device) for k in ("p_dtype", "q_dtype") if getattr(cfg, k)})
     pair = load_transformers_pair(p_id, q_id, prompts=cfg.prompt_set, temperature=cfg.temperature, device=device,
                                   dtype=resolve_dtype(cfg.dtype, device), ignore_eos=cfg.ignore_eos,
-                                  chat_template=cfg.chat_template)
+                                  chat_template=cfg.chat_template, **scale)
     models = {"p": cfg.p_model or "offline default pair (P)", "q": cfg.q_model or "offline default pair (Q)",
-              "p_path": p_id, "q_path": q_id, "dtype": resolve_dtype(cfg.dtype, device)}
+              "p_path": p_id, "q_path": q_id, "dtype": resolve_dtype(cfg.dtype, device),
+              **{k: v for k, v in scale.items() if k not in ("device_map", "offload")}}  # what changes the records
     return pair, models
 
 
@@ -199,8 +211,9 @@ def check_folder(cfg: LLMConfig) -> None:
 
 def existing_outputs(folder, proposals) -> list:
     folder = Path(folder)
-    names = [f"{slug(p)}{ext}" for p in proposals for ext in (".json", ".partial.jsonl")] + ["summary.json"]
-    return [folder / n for n in names if (folder / n).exists()]
+    names = [f"{slug(p)}.json" for p in proposals] + ["summary.json"]
+    return [folder / n for n in names if (folder / n).exists()] + [
+        f for p in proposals for f in distributed.partial_files(folder, slug(p))]
 
 
 def prompt_set_digest(prompts) -> str:
@@ -278,72 +291,91 @@ def _read_final(final: Path, key: dict, units: list[Unit]) -> dict:
     return done
 
 
-def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factory=None) -> dict:
+def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factory=None,
+                 shard: distributed.Shard = distributed.ONE) -> dict:
     """Sample cfg.n_reps sequences per prompt from proposal `name` and return its document (records, estimates).
 
     With a `folder`, finished forward batches go to <slug>.partial.jsonl as they come (resuming finished units when
-    cfg.resume) and the document to <slug>.json, atomically; with folder None nothing is written."""
+    cfg.resume) and the document to <slug>.json, atomically; with folder None nothing is written.
+    `shard`: under torchrun, this rank's share of the forward batches (distributed.py): its batches go to
+    <slug>.rank<k>.partial.jsonl, rank 0 writes <slug>.json, and every rank returns the whole document."""
     prop = sequence_proposal(name)
     key = run_key(cfg, name, meta["models"])
     units = plan_units(len(cfg.prompt_set), cfg.n_reps, cfg.batch_size)
     done: dict[Unit, list[dict]] = {}
     final = partial = None
     if folder is not None:
-        final, partial = Path(folder) / f"{slug(name)}.json", Path(folder) / f"{slug(name)}.partial.jsonl"
+        final, partial = Path(folder) / f"{slug(name)}.json", shard.partial(folder, slug(name))
+        earlier = distributed.partial_files(folder, slug(name))  # any earlier world size's
         if cfg.resume and final.exists():
             done = _read_final(final, key, units)
-        elif cfg.resume and partial.exists():
-            done = _read_partial(partial, key)
+        elif cfg.resume and earlier:
+            for f in earlier:
+                done.update(_read_partial(f, key))
+        shard.barrier()  # every rank has read the files before any appends to them
     todo = [u for u in units if u not in done]
     if todo:
-        if partial is not None and not (cfg.resume and partial.exists()):
+        fresh = partial is not None and not (cfg.resume and partial.exists())
+        if partial is not None and not cfg.resume and shard.writes_final:
+            for f in earlier:  # every rank's file of an earlier run, whatever its world size
+                f.unlink(missing_ok=True)
+        shard.barrier()
+        if fresh:
             partial.unlink(missing_ok=True)
             runio.append_jsonl(partial, {"run_key": key})
-            if done:  # units carried over from a finished run with fewer --n-reps
+            if done and shard.writes_final:  # units carried over from a finished run with fewer --n-reps
                 runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in done],
                                              "sequences": [r for recs in done.values() for r in recs]})
-        batches = pack(todo, cfg.batch_size)
-        bar = bar_factory(total=len(batches), desc=name) if bar_factory else None
+        batches = shard.mine(pack(todo, cfg.batch_size))
+        bar = bar_factory(total=len(batches), desc=name) if bar_factory and shard.writes_final else None
+        new: dict[Unit, list[dict]] = {}
         for group in batches:
             recs = sample_units(pair, prop, group, cfg)
+            for r in recs:
+                r["rank"] = shard.rank
             if partial is not None:
                 runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in group],
                                              "sequences": recs})
             it = iter(recs)
             for u in group:
-                done[u] = [next(it) for _ in range(u.rows)]
+                new[u] = done[u] = [next(it) for _ in range(u.rows)]
             if bar:
                 bar.update(1)
                 bar.set_postfix_str(_running(done.values(), prop.base is None))
         if bar:
             bar.close()
+        done.update(shard.gather(new))
     records = [r for u in units for r in done[u]]
     doc = dict(meta, proposal=name, run_key=key, n_sequences=len(records),
                max_uncovered_mass=max(r.get("uncovered_mass", 0.0) for r in records),
                **prompt_set_estimates(records, cfg.t_length, len(cfg.prompt_set), prop.base is None),
                sequences=records)
-    if final is not None:
+    if final is not None and shard.writes_final:
         runio.write_json(final, doc)
-        partial.unlink(missing_ok=True)
+        for f in distributed.partial_files(folder, slug(name)):
+            f.unlink(missing_ok=True)
     return doc
 
 
-def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=None) -> dict:
-    """Every proposal of cfg on a loaded pair → {"meta", "docs" (one per proposal), "rows" (ranked summary),
-    "per_prompt" ([{prompt, text, rows}] for a set of several prompts)}. With a `folder`: resumable per-proposal
-    files plus summary.json, summary.csv and summary_per_prompt.csv (the caller checked the folder)."""
+def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=None, shard=None) -> dict:
+    """Every proposal of cfg on a loaded pair → {"meta", "docs" (one per proposal), "rows" (ranked, flagged rows
+    last), "recommended", "per_prompt" ([{prompt, text, rows, recommended}] for a set of several prompts)}. With a
+    `folder`: resumable per-proposal files plus summary.json, summary.csv and summary_per_prompt.csv (the caller
+    checked the folder). Under torchrun the ranks share the work (`shard`, default distributed.from_env) and rank 0
+    writes the files."""
+    shard = distributed.from_env(cfg.device) if shard is None else shard
     config = {**vars(cfg), "proposals": list(cfg.proposals), "prompts": list(cfg.prompt_set),
-              "device": str(pair.device)}
+              "device": str(pair.device), "world_size": shard.world_size}
     meta = dict(config=config, models=models, versions=runio.versions("torch", "transformers", "tokenizers"),
                 seed=cfg.seed, truncation=f"KL of the sequence process truncated at {cfg.t_length} tokens"
                                           + ("" if pair.eos_token_id is None else " or at EOS"))
     if folder is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
-    docs = [run_proposal(pair, cfg, name, folder, meta, bar_factory) for name in cfg.proposals]
+    docs = [run_proposal(pair, cfg, name, folder, meta, bar_factory, shard) for name in cfg.proposals]
     verdict = judge(docs)  # rows with flags, ranked; the recommendation (overall and per prompt)
     for p, text in zip(verdict["per_prompt"], cfg.prompt_set):
         p["text"] = text
-    if folder is not None:
+    if folder is not None and shard.writes_final:
         runio.write_json(Path(folder) / "summary.json", dict(meta, **verdict))
         runio.write_csv(Path(folder) / "summary.csv", verdict["rows"])
         if verdict["per_prompt"]:
