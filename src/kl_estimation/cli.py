@@ -209,7 +209,7 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
 
 # ---------------------------------------------------------------- visualize_proposals.py
 
-def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) -> int:
+def visualize_parser(prog: str, defaults: dict) -> Parser:
     from . import plots
 
     p = Parser(prog=prog, description="Draw every figure of a run folder from its saved files into <run folder>/plots/, "
@@ -222,7 +222,11 @@ def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) 
                                               "mixture/high; the other pairs' figures are kept (default: every pair)")
     p.add_argument("--methods", nargs="+", help="only these proposals in per-proposal figures (quote names; "
                                                 "default: all)")
-    args = p.parse_args(argv)
+    return p
+
+
+def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) -> int:
+    args = visualize_parser(prog, defaults).parse_args(argv)
     with _sigterm_as_interrupt():
         try:
             index = draw_figures(args.run_folder, args.format, args.pairs and _names(args.pairs), args.methods)

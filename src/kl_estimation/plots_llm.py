@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import runio
+from .engine import P_NAME, PREFIX_SUFFIX, sequence_proposal
 from .plots import COLORS, FORMATS, RunFolderError, _grid, _plt, _shade, write_index
 
 LN10 = math.log(10)
@@ -77,23 +78,27 @@ def load_llm_run(path, methods=None) -> LLMRun:
 # ------------------------------------------------------------------------------------------------ helpers
 
 def _family(name: str) -> str:
-    from .engine import P_NAME, sequence_proposal
 
     return "Naive MC" if name == P_NAME else sequence_proposal(name).base.family
 
 
 def _colors(names: list[str]) -> dict[str, tuple]:
-    """Family colour, shaded by position among the run's proposals of that family."""
+    """Family colour, shaded by parameter among the run's proposals of that family (a prefix-aware variant shares
+    its base's colour; the figures tell it apart by line style or label)."""
     out = {}
-    for name in names:
+    bases = [n.removesuffix(PREFIX_SUFFIX) for n in names]
+    for name, base in zip(names, bases):
         fam = _family(name)
-        same = [n for n in names if _family(n) == fam]
-        out[name] = _shade(fam, same.index(name), len(same)) if fam in COLORS else (0.3, 0.3, 0.3)
+        same = list(dict.fromkeys(b for b in bases if _family(b) == fam))
+        out[name] = _shade(fam, same.index(base), len(same)) if fam in COLORS else (0.3, 0.3, 0.3)
     return out
 
 
+ESTIMATOR_ROWS = ("RB", "RB+CV", "MC", "RB-IS", "RB-IS+CV", "IS", "SNIS", "k3", "k3-IS")  # low-variance first
+
+
 def _is_p(doc) -> bool:
-    return doc["proposal"] == "P"
+    return doc["proposal"] == P_NAME
 
 
 def _arrays(run: LLMRun, doc) -> dict[str, np.ndarray]:
@@ -126,7 +131,9 @@ def _label(name: str) -> str:
 def fig_estimates(plt, run: LLMRun):
     names = [d["proposal"] for d in run.docs]
     colors = _colors(names)
-    rows = [r for name in names for r in run.summary["rows"] if r["proposal"] == name]
+    order = {e: i for i, e in enumerate(ESTIMATOR_ROWS)}
+    rows = [r for name in names for r in sorted((r for r in run.summary["rows"] if r["proposal"] == name),
+                                                key=lambda r: order.get(r["estimator"], len(order)))]
     exact = run.summary.get("exact_kl")
     fig, ax = plt.subplots(figsize=(11, 1.4 + 0.24 * len(rows)))
     y = np.arange(len(rows))
@@ -156,6 +163,9 @@ def fig_estimates(plt, run: LLMRun):
     for tick, r in zip(ax.get_yticklabels(), rows):
         if r["flag"]:
             tick.set_color("#d62728")
+    for i in range(1, len(rows)):
+        if rows[i]["proposal"] != rows[i - 1]["proposal"]:
+            ax.axhline(i - 0.5, color="0.6", lw=0.6)
     ax.invert_yaxis()
     ax.set_xlim(left, right)
     if exact is not None:
@@ -195,13 +205,15 @@ def fig_per_step(plt, run: LLMRun):
         cm, clo, chi = _mean_band(np.cumsum(c, axis=1))
         style = "--" if d["proposal"].endswith("[prefix-aware]") else "-"
         for ax, (mm, ll, hh) in ((a1, (m, lo, hi)), (a2, (cm, clo, chi))):
-            ax.plot(t, mm, style, color=colors[d["proposal"]], lw=2 if _is_p(d) else 1.3, label=_label(d["proposal"]))
+            ax.plot(t, mm, style, color=colors[d["proposal"]], lw=2 if _is_p(d) else 1.3, label=_label(d["proposal"]),
+                    zorder=4 if _is_p(d) else 2)
             ax.fill_between(t, ll, hh, color=colors[d["proposal"]], alpha=0.15, lw=0)
         means.append(m)
         cums.append(cm)
     exact = run.summary.get("exact_kl")
     if exact is not None:
-        a2.axhline(exact, color="#2ca02c", lw=1.2, ls=":", label=f"exact KL (t = T) {exact:.4g}")
+        a2.plot([T], [exact], "*", color="#2ca02c", ms=14, mec="black", mew=0.5, zorder=5,
+                label=f"exact KL at t = T: {exact:.4g}")
     for ax, curves in ((a1, means), (a2, cums)):
         top = max(float(np.nanmax(c)) for c in curves)
         bottom = min(0.0, min(float(np.nanmin(c)) for c in curves))
@@ -302,18 +314,26 @@ def fig_per_prompt(plt, run: LLMRun):
     prompts = run.config.get("prompts") or []
     m = len(docs[0]["per_prompt"])
     colors = _colors([d["proposal"] for d in run.docs])
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 + 0.55 * m * max(1, len(docs) / 4)), 5.2))
+    fig, ax = plt.subplots(figsize=(max(11.0, 3.5 + 0.5 * m * max(1, len(docs) / 4)), 5.5))
     width = 0.8 / len(docs)
+    points = []
     for j, d in enumerate(docs):
         key = MAIN_ESTIMATOR[_is_p(d)]
         x = np.arange(m) - 0.4 + width * (j + 0.5)
         e = np.array([p["estimates"][key]["estimate"] for p in d["per_prompt"]], dtype=float)
         se = np.array([p["estimates"][key]["std_error"] for p in d["per_prompt"]], dtype=float)
-        ax.errorbar(x, e, yerr=1.96 * se, fmt="o", ms=4, color=colors[d["proposal"]], capsize=2, lw=1,
-                    label=f"{_label(d['proposal'])} ({key})")
+        ax.errorbar(x, e, yerr=1.96 * se, fmt="D" if d["proposal"].endswith(PREFIX_SUFFIX) else "o", ms=4,
+                    color=colors[d["proposal"]], capsize=2, lw=1, label=f"{_label(d['proposal'])} ({key})")
+        points.append(e)
     exact = run.summary.get("exact_per_prompt")
     if exact:
         ax.plot(np.arange(m), exact, "_", color="#2ca02c", ms=18, mew=2, label="exact KL")
+    pts = np.concatenate(points)
+    pts = pts[np.isfinite(pts)]
+    if pts.size:  # the estimates set the scale; a wide interval runs off rather than flattening the rest
+        lo, hi = float(pts.min()), float(pts.max())
+        pad = 0.35 * max(hi - lo, 0.05 * max(abs(hi), 1e-9))
+        ax.set_ylim(min(lo - pad, 0.0) if lo - pad < 0.1 * pad else lo - pad, hi + pad)
     labels = [(prompts[i] if i < len(prompts) else str(i)) for i in range(m)]
     ax.set_xticks(np.arange(m), [f"{i}: {t[:18]}{'…' if len(t) > 18 else ''}" for i, t in enumerate(labels)],
                   rotation=35, ha="right", fontsize=7)

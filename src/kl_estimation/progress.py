@@ -32,11 +32,24 @@ class _Lines:
 class _LogBar(tqdm):
     """Postfix updates wait for the next timed line instead of printing one each (they come once per batch)."""
 
+    _stale = False  # a postfix set since the last line
+
     def set_postfix_str(self, s="", refresh=True):
         super().set_postfix_str(s, refresh=False)
+        self._stale = True
 
     def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
         super().set_postfix(ordered_dict, refresh=False, **kwargs)
+        self._stale = True
+
+    def display(self, *args, **kwargs):
+        self._stale = False
+        return super().display(*args, **kwargs)
+
+    def close(self):
+        if getattr(self, "last_print_n", None) == self.n and not self._stale:  # the last line says it already
+            self.leave = False
+        super().close()
 
 
 def bar(total=None, desc: str | None = None, unit: str = "it", **kw) -> tqdm:
