@@ -67,7 +67,7 @@ def test_every_option_has_help_and_its_default(make):
         text = fmt._expand_help(a) if a.help else ""
         assert text.strip(), f"{a.option_strings or a.dest} has no help text"
         if a.option_strings and a.nargs != 0:
-            assert "default" in text.lower(), f"{a.option_strings}: no default in {text!r}"
+            assert "(default" in text, f"{a.option_strings}: no default in {text!r}"
     page = p.format_help()
     assert "(default: None)" not in page and "default: False" not in page
 
@@ -75,7 +75,9 @@ def test_every_option_has_help_and_its_default(make):
 def test_llm_help_shows_the_script_default_folder():
     p = subprocess.run([sys.executable, str(ROOT / "LLM_experiments.py"), "--help"], capture_output=True, text=True,
                        cwd=ROOT)
-    assert p.returncode == 0 and "(default: tests2/)" in " ".join(p.stdout.split())
+    page = " ".join(p.stdout.split())
+    assert p.returncode == 0 and "(default: tests2/)" in page and "(default: 0)" in page  # --seed
+    assert "(default: P 'Geometric (β=0.5)'" in page  # proposal names as typed
 
 
 # ------------------------------------------------------------------------------------------------ sizes

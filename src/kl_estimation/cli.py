@@ -16,17 +16,18 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Each option's help ends with its default, unless the text already states it (a default that depends on
-    other flags, or None, is written into the text); on/off flags are off unless given."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless the text states it already as "(default …" (a default that
+    depends on other flags, or None, is written into the text); on/off flags are off unless given. Defaults are
+    shown as they would be typed: names with spaces quoted."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text.lower() or action.nargs == 0 or action.default in (None, argparse.SUPPRESS) \
+        if "(default" in text or action.nargs == 0 or action.default in (None, argparse.SUPPRESS) \
                 or not action.option_strings:
             return text
         d = action.default
-        shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+        shown = " ".join(map(shlex.quote, map(str, d))) if isinstance(d, (list, tuple)) else shlex.quote(str(d))
         return f"{text} (default: {shown.replace('%', '%%')})"
 
 
@@ -220,8 +221,8 @@ def visualize_parser(prog: str, defaults: dict) -> Parser:
     p.add_argument("--format", default=defaults.get("format", "png"), help=f"one of {', '.join(plots.FORMATS)}")
     p.add_argument("--pairs", nargs="+", help="synthetic runs: redraw only these pairs, e.g. zipf/medium "
                                               "mixture/high; the other pairs' figures are kept (default: every pair)")
-    p.add_argument("--methods", nargs="+", help="only these proposals in per-proposal figures (quote names; "
-                                                "default: all)")
+    p.add_argument("--methods", nargs="+", help="only these proposals in per-proposal figures, names quoted "
+                                                "(default: all)")
     return p
 
 
