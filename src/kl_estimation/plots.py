@@ -335,20 +335,24 @@ def fig_scatter(plt, run: Run, key: str, methods):
     groups: dict[str, list] = {}
     for m in pts:
         groups.setdefault(m["family"], []).append(m["name"])
-    labels = []
+    labels, degenerate = [], []
     for m, xi, yi in zip(pts, x_shown, y):
         same = groups[m["family"]]
         c = _shade(m["family"], same.index(m["name"]), len(same))
         big = m["family"] in ("Naive MC", "Rao-Blackwell")
         ax.scatter(xi, yi, s=150 if big else 50, marker="X" if m["flags"] else ("*" if big else "o"), color=c,
                    edgecolor="#d62728" if m["flags"] else "black", lw=0.9 if m["flags"] else 0.4, zorder=3)
-        if big or m["flags"]:
-            labels.append((xi, yi, ("! " if m["flags"] else "") + m["name"], "#d62728" if m["flags"] else "black"))
-    _place_labels(ax, labels, lo, hi)
+        if big:
+            labels.append((xi, yi, m["name"], "black"))
+        elif xi > DEGENERATE_RATIO * yi:  # the message: far below the diagonal
+            degenerate.append((xi / yi, (xi, yi, "! " + m["name"], "#d62728")))
+    degenerate.sort(key=lambda t: -t[0])
+    named = [d for _, d in degenerate[:MAX_NAMED]]
+    _place_labels(ax, labels + named, lo, hi)
     for fam in groups:  # legend in each family's full colour (the points are shades of it)
         ax.scatter([], [], s=50, marker="*" if fam in ("Naive MC", "Rao-Blackwell") else "o", color=COLORS[fam],
                    edgecolor="black", lw=0.4, label=fam)
-    ax.scatter([], [], s=50, marker="X", color="white", edgecolor="#d62728", lw=0.9, label="flagged (named)")
+    ax.scatter([], [], s=50, marker="X", color="white", edgecolor="#d62728", lw=0.9, label="flagged")
     line = np.array([lo, hi])
     ax.plot(line, line, color="black", lw=0.8, label="empirical = exact")
     ax.plot(line, line / DEGENERATE_RATIO, color="#d62728", lw=0.8, ls="--",
@@ -360,27 +364,40 @@ def fig_scatter(plt, run: Run, key: str, methods):
     ax.set_xlabel("exact variance per draw (noise-free)" + (" — ▶ right edge: beyond float64" if not finite.all()
                                                               else ""))
     ax.set_ylabel(f"sample variance per draw (mean over {run.results['config'].get('n_repeats')} repeats)")
+    more = len(degenerate) - len(named)
     ax.set_title(f"Exact against observed variance — {_title(pair)}\non the diagonal the samples show the true "
-                 f"noise; far below it the rare huge weights were never drawn\nand the run looks calmer than it is"
-                 + (f"\n({left_out} methods without an exact variance left out)" if left_out else ""), fontsize=10)
+                 f"noise; far below it the heavy tail was never drawn\n(the run looks calmer than it is); named: the "
+                 f"{len(named)} furthest below{f' ({more} more unnamed)' if more > 0 else ''}"
+                 + (f"\n{left_out} methods without an exact variance (prefix-aware) left out" if left_out else ""),
+                 fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.7, bottom=0.09, top=0.85)  # fixed: labels never squeeze the axes
     return fig, ("Exact per-draw variance against the sample variance the run observed, per method (log axes): "
                  "points far below the diagonal had their heavy tail unsampled; flagged methods red ✕ and named.")
 
 
-def _place_labels(ax, labels, lo: float, hi: float, char: float = 0.0085, height: float = 0.028):
-    """Point labels on a log–log square [lo, hi]², moved down (with a leader line) until none overlap: the
-    degenerate points cluster, and their names are the message."""
+MAX_NAMED = 12  # degenerate points named in the variance scatter
+
+
+def _place_labels(ax, labels, lo: float, hi: float, char: float = 0.0105, height: float = 0.03):
+    """Point labels on a log–log square [lo, hi]², moved down, then up (with a leader line), until none overlap and
+    all stay inside the axes: the degenerate points cluster, and their names are the message."""
     span = math.log10(hi) - math.log10(lo)
     placed = []
+
+    def free(tx, ty, w):
+        return 0.01 <= ty <= 0.97 and not any(abs(ty - py) < height and tx < px + pw and px < tx + w
+                                                for px, py, pw in placed)
+
     for x, y, text, color in sorted(labels, key=lambda t: -t[1]):
         fx, fy = (math.log10(x) - math.log10(lo)) / span, (math.log10(y) - math.log10(lo)) / span
-        tx, ty, w = fx + 0.012, fy, char * len(text)
+        tx, w = fx + 0.012, char * len(text)
         if tx + w > 0.99:
             tx = fx - 0.012 - w
-        while any(abs(ty - py) < height and tx < px + pw and px < tx + w for px, py, pw in placed):
-            ty -= height
+        tries = [fy - k * height for k in range(40)] + [fy + k * height for k in range(1, 40)]
+        ty = next((t for t in tries if free(tx, t, w)), None)
+        if ty is None:
+            continue
         placed.append((tx, ty, w))
         ax.annotate(text, (x, y), xytext=(tx, ty), textcoords="axes fraction", fontsize=7, color=color,
                     va="center", arrowprops=dict(arrowstyle="-", color=color, lw=0.4, alpha=0.6)
