@@ -94,8 +94,7 @@ def test_killed_one_process_run_resumed_by_two_ranks_is_identical(tiny, one_proc
 
     monkeypatch.setattr(llm, "sample_batch", dying)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        llm_main(argv(tiny, out))
+    assert llm_main(argv(tiny, out)) == 130  # Ctrl-C: what was kept, exit 130
     assert (out / "p.partial.jsonl").exists()
     r = torchrun(2, argv(tiny, out, "--resume"))
     assert r.returncode == 0, r.stderr[-3000:]

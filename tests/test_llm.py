@@ -229,8 +229,11 @@ def test_resume_after_interruption_gives_the_same_records(tmp_path, tiny, monkey
         return real(*a, **k)
 
     monkeypatch.setattr(llm, "sample_batch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        run_cli(tmp_path, tiny, folder="killed")
+    capsys.readouterr()
+    assert run_cli(tmp_path, tiny, folder="killed")[0] == 130  # Ctrl-C: one line, exit 130, no traceback
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("LLM_experiments.py: interrupted: kept 1 of 3 proposals complete and 2 finished batches "
+                          "(32 sequences) of the next in ") and err.endswith(" --resume"), err
     killed = tmp_path / "killed"
     assert (killed / "p.json").exists() and (killed / "geometric_beta-0.5.partial.jsonl").exists()
     assert not (killed / "geometric_beta-0.5.json").exists()

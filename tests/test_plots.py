@@ -22,7 +22,7 @@ def run_dir(tmp_path_factory):
 
 def expected_files(pairs):
     return {f"{k.replace('/', '_')}_{i}_{n}.png" for k in pairs for i, n in enumerate(PAIR_FIGURES, 1)} | {
-        "cross_family_8_exact-variance.png", "index.html"}
+        "cross_family_8_exact-variance.png", "index.html", "captions.json"}
 
 
 def test_synthetic_run_draws_every_figure(run_dir):
@@ -30,7 +30,7 @@ def test_synthetic_run_draws_every_figure(run_dir):
     files = {p.name for p in plots.iterdir()}
     assert files == expected_files(["zipf/medium", "mixture/medium"])
     index = (plots / "index.html").read_text()
-    for f in files - {"index.html"}:
+    for f in files - {"index.html", "captions.json"}:
         data = (plots / f).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000, f
         assert f"src='{f}'" in index
@@ -45,15 +45,25 @@ def test_redraw_from_folder_alone_gives_same_files(run_dir, tmp_path):
     assert {p.name for p in (copy / "plots").iterdir()} == {p.name for p in (run_dir / "plots").iterdir()}
 
 
-def test_formats_and_narrowing(run_dir, tmp_path):
+def test_formats_and_narrowing_keep_the_other_pairs_figures(run_dir, tmp_path):
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "plots").iterdir()}
     assert visualize_main([str(run_dir), "--format", "svg", "--pairs", "mixture/medium",
                            "--methods", "Optimal", "Geometric (β=0.5)"]) == 0
     files = {p.name for p in (run_dir / "plots").iterdir()}
-    assert files == {f.replace(".png", ".svg") for f in expected_files(["mixture/medium"])}
+    zipf = {f for f in expected_files(["zipf/medium"]) if f.startswith("zipf_")}
+    mixture_svg = {f.replace(".png", ".svg") for f in expected_files(["mixture/medium"]) if f.startswith("mixture_")}
+    # the redrawn pair's PNGs are replaced by its SVGs; zipf's PNGs stay untouched; the cross figure is redrawn
+    assert files == zipf | mixture_svg | {"cross_family_8_exact-variance.svg", "index.html", "captions.json"}
+    assert all((run_dir / "plots" / f).stat().st_mtime_ns == before[f] for f in zipf)
+    index = (run_dir / "plots" / "index.html").read_text()
+    assert all(f"src='{f}'" in index for f in zipf | mixture_svg)
     assert (run_dir / "plots" / "mixture_medium_2_weights.svg").read_text().lstrip().startswith("<?xml")
     assert visualize_main([str(run_dir), "--format", "pdf", "--pairs", "zipf/medium"]) == 0
     assert (run_dir / "plots" / "zipf_medium_6_exact-variance.pdf").read_bytes().startswith(b"%PDF")
+    assert not list((run_dir / "plots").glob("zipf_*.png")) and list((run_dir / "plots").glob("mixture_*.svg"))
     assert visualize_main([str(run_dir)]) == 0  # back to the full set for the other tests
+    assert {p.name for p in (run_dir / "plots").iterdir()} == expected_files(["zipf/medium", "mixture/medium"])
+    assert not any(p.name.startswith(".plots-") for p in run_dir.iterdir())
 
 
 def one_line_error(argv, capsys, needle):

@@ -98,10 +98,10 @@ def run(cfg: llm.LLMConfig, pair=None, models: dict | None = None, progress: boo
         pair, models = llm.load_pair(cfg)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from . import progress as progress_bars
 
         def bar(**kw):
-            return tqdm(unit="batch", leave=False, disable=None, **kw)
+            return progress_bars.bar(unit="batch", **kw)
 
     return result_of(llm.run_experiment(pair, cfg, models, folder, bar))
 

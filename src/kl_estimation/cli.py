@@ -2,18 +2,95 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import shutil
+import signal
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 from . import runio
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless the text states it already as "(default …" (a default that
+    depends on other flags, or None, is written into the text); on/off flags are off unless given. Defaults are
+    shown as they would be typed: names with spaces quoted."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.nargs == 0 or action.default in (None, argparse.SUPPRESS) \
+                or not action.option_strings:
+            return text
+        d = action.default
+        shown = " ".join(map(shlex.quote, map(str, d))) if isinstance(d, (list, tuple)) else shlex.quote(str(d))
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports bad input in one line (no usage block) with exit status 2."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # noqa: D102 - argparse hook
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system or `kill`), handled like Ctrl-C: files closed, temporary folders removed."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted(prog: str, message: str) -> int:
+    """One line on stderr (after the ^C the terminal shows, on a line of its own) and exit status 130."""
+    if getattr(sys.stderr, "isatty", lambda: False)():
+        print(file=sys.stderr)
+    print(f"{prog}: interrupted: {message}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _python() -> str:
+    found = shutil.which("python")
+    return "python" if found and os.path.realpath(found) == os.path.realpath(sys.executable) else sys.executable
+
+
+def _command(prog: str, argv) -> list[str]:
+    """The command line as the user gave it: the script as run, or `prog` when called as a function."""
+    script = sys.argv[0] if argv is None and sys.argv and sys.argv[0].endswith(".py") else prog
+    return [_python(), script, *(sys.argv[1:] if argv is None else argv)]
+
+
+def set_threads(n) -> None:
+    """--threads: torch's CPU threads (intra-op); None leaves torch's choice (one per core)."""
+    if n is None:
+        return
+    from .synthetic import check_int
+
+    check_int("--threads", n, 1)
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def as_flag(message: str) -> str:
@@ -43,8 +120,7 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
     d = {**vars(SyntheticConfig()), **defaults}
     p = Parser(prog=prog, description="Synthetic KL(P‖Q) experiments: naive MC, Rao-Blackwellized MC and importance "
                                       "sampling with every registry proposal on long-tailed token distributions, "
-                                      "against exact values.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                      "against exact values.")
     from .sequences import SequenceConfig
 
     sd = SequenceConfig()
@@ -63,21 +139,36 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
                    help="Rao-Blackwell: top-k tokens of P summed exactly, the rest sampled (0 = naive MC)")
     p.add_argument("--seed", type=int, default=d["seed"], help="seed of every random stream")
     p.add_argument("--output-dir", default=d.get("output_dir"),
-                   help="write the run's files here (default: a new folder under results/synthetic/)")
-    p.add_argument("--no-plots", action="store_true", default=d.get("no_plots", False), help="skip the figures")
+                   help="write the run's files here (default: a new folder under results/synthetic/, or "
+                        "results/sequence/ with --sequence)")
+    p.add_argument("--no-plots", action="store_true", default=d.get("no_plots", False),
+                   help="skip the figures (draw them later with visualize_proposals.py)")
     p.add_argument("--sequence", action="store_true",
                    help="the sequence experiment: toy Markov pairs with exact sequence KL and exact variances")
     p.add_argument("--order", type=int, default=sd.order, help="--sequence: Markov order, 1 or 2")
     p.add_argument("--horizon", type=int, default=sd.horizon, help="--sequence: tokens per sequence T")
+    p.add_argument("--threads", type=int, default=d.get("threads"),
+                   help="--sequence: CPU threads for torch (default: torch's choice, one per core)")
     return p
 
 
 def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> int:
-    from tqdm import tqdm
-
-    from . import report, sequences, synthetic
-
     args = synthetic_parser(prog, defaults).parse_args(argv)
+    with _sigterm_as_interrupt():
+        try:
+            return _run_synthetic(args, prog, defaults)
+        except KeyboardInterrupt:
+            done = getattr(args, "written", None)
+            if done is None:
+                return interrupted(prog, "nothing was written (a synthetic run writes its folder when its "
+                                         "computations are done); run the same command again")
+            return interrupted(prog, f"the run folder {done} is complete but its figures are not; draw them with: "
+                                     f"{shlex.join([_python(), 'visualize_proposals.py', str(done)])}")
+
+
+def _run_synthetic(args, prog: str, defaults: dict) -> int:
+    from . import progress, report, sequences, synthetic
+
     mode = sequences if args.sequence else synthetic
     base = sequences.SequenceConfig() if args.sequence else synthetic.SyntheticConfig(**{
         k: v for k, v in defaults.items() if k in vars(synthetic.SyntheticConfig())})
@@ -89,10 +180,12 @@ def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> i
         cfg = sequences.SequenceConfig(**common, order=args.order, horizon=args.horizon)
     else:
         cfg = synthetic.SyntheticConfig(**common, rb_top_k=args.rb_top_k)
+    kind = "sequence" if args.sequence else "synthetic"
     try:
         cfg.validate()
-        runio.check_output_dir(args.output_dir)
-        with tqdm(total=mode.n_steps(cfg), desc=mode.__name__.rsplit(".", 1)[-1], disable=None, leave=False) as bar:
+        runio.check_output_dir(args.output_dir, "--output-dir", default=Path("results") / kind)
+        set_threads(args.threads)
+        with progress.bar(total=mode.n_steps(cfg), desc=f"{kind} run", unit="step") as bar:
             pairs, arrays = mode.run(cfg, progress=bar.update)
     except ValueError as err:
         return fail(prog, str(err))
@@ -101,13 +194,13 @@ def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> i
         print(report.pair_report(pair, cfg.n_samples, cfg.n_repeats), end="\n\n")
     print(report.cross_family_report(pairs))
 
-    kind = "sequence" if args.sequence else "synthetic"
     out = runio.make_run_dir(args.output_dir, kind)
     config = {"kind": kind, **synthetic.config_dict(cfg), "versions": runio.versions(*(("torch",) * args.sequence))}
     results = {"config": config, "pairs": pairs}
     runio.write_npz(out / runio.ARRAYS, arrays)
     runio.write_csv(out / runio.SUMMARY, synthetic.summary_rows(pairs))
     runio.write_json(out / runio.RESULTS, results)
+    args.written = out
     if not args.no_plots:
         from . import plots
         print(f"figures: {plots.draw_all(out)}")
@@ -117,85 +210,159 @@ def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> i
 
 # ---------------------------------------------------------------- visualize_proposals.py
 
-def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) -> int:
+def visualize_parser(prog: str, defaults: dict) -> Parser:
     from . import plots
 
-    p = Parser(prog=prog, description="Draw every figure of a synthetic run folder from its saved files "
-                                      "(results.json + distributions.npz) into <run folder>/plots/, with an "
-                                      "index.html.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run_folder", help="a folder written by Synthetic_tests.py")
+    p = Parser(prog=prog, description="Draw every figure of a run folder from its saved files into <run folder>/plots/, "
+                                      "with an index.html: a synthetic or sequence run of Synthetic_tests.py "
+                                      "(results.json + distributions.npz) or an LLM run of LLM_experiments.py "
+                                      "(summary.json + one JSON file per proposal).")
+    p.add_argument("run_folder", help="a folder written by Synthetic_tests.py or LLM_experiments.py")
     p.add_argument("--format", default=defaults.get("format", "png"), help=f"one of {', '.join(plots.FORMATS)}")
-    p.add_argument("--pairs", nargs="+", help="only these pairs, e.g. zipf/medium mixture/high")
-    p.add_argument("--methods", nargs="+", help="only these proposals in per-proposal figures (quote names)")
-    args = p.parse_args(argv)
-    try:
-        index = plots.draw_all(args.run_folder, args.format, args.pairs and _names(args.pairs), args.methods)
-    except ValueError as err:
-        return fail(prog, str(err))
+    p.add_argument("--pairs", nargs="+", help="synthetic runs: redraw only these pairs, e.g. zipf/medium "
+                                              "mixture/high; the other pairs' figures are kept (default: every pair)")
+    p.add_argument("--methods", nargs="+", help="only these proposals in per-proposal figures, names quoted "
+                                                "(default: all)")
+    return p
+
+
+def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) -> int:
+    args = visualize_parser(prog, defaults).parse_args(argv)
+    with _sigterm_as_interrupt():
+        try:
+            index = draw_figures(args.run_folder, args.format, args.pairs and _names(args.pairs), args.methods)
+        except ValueError as err:
+            return fail(prog, str(err))
+        except KeyboardInterrupt:
+            return interrupted(prog, "no figure was half-written (each replaces its file only when complete); run the "
+                                     "same command again to draw them all")
     print(f"figures: {index}")
     return 0
 
 
+def draw_figures(folder, fmt: str = "png", pairs=None, methods=None):
+    """Figures of any run folder: an LLM run (summary.json, per-proposal files) or a synthetic / sequence run."""
+    from . import plots
+
+    folder = Path(folder)
+    if (folder / "summary.json").is_file() and not (folder / runio.RESULTS).exists():
+        from . import plots_llm
+
+        if pairs:
+            raise ValueError("--pairs: an LLM run folder has no pairs (give --methods to narrow its proposals)")
+        return plots_llm.draw_all(folder, fmt, methods)
+    return plots.draw_all(folder, fmt, pairs, methods)
+
+
 # ---------------------------------------------------------------- LLM_experiments.py
 
-def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
+def llm_parser(prog: str, defaults: dict) -> Parser:
     from .llm import LLMConfig
 
     d = {**vars(LLMConfig()), **defaults}
     p = Parser(prog=prog, description="KL(P‖Q) between two causal LMs: sequences sampled token by token from each "
-                                      "proposal, every estimator (MC/IS, SNIS, RB/RB-IS, k3) from one sample set.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                      "proposal, every estimator (MC/IS, SNIS, RB/RB-IS, k3) from one sample set; "
+                                      "figures at the end (see visualize_proposals.py).")
     p.add_argument("--p-model", default=d["p_model"], help="base model P: transformers id or local folder "
-                                                           "(default with --q-model unset: the offline default pair)")
-    p.add_argument("--q-model", default=d["q_model"], help="fine-tuned model Q: transformers id or local folder")
-    p.add_argument("--prompt", default=d["prompt"], help="the prompt (a set of one) when no --prompts/--dataset")
+                                                           "(default with --q-model unset: the offline default pair, "
+                                                           "built once on this machine)")
+    p.add_argument("--q-model", default=d["q_model"], help="fine-tuned model Q: transformers id or local folder "
+                                                           "(default: the offline default pair's Q)")
+    p.add_argument("--prompt", default=d["prompt"], help="the text every sequence continues (a prompt set of one) "
+                                                         "when no --prompts / --dataset is given")
     p.add_argument("--prompts", dest="prompts_file", default=d["prompts_file"],
-                   help="a prompt set: .txt (one prompt per line), .jsonl or .csv (text under --prompt-field)")
+                   help="a prompt set: .txt (one prompt per line), .jsonl or .csv (text under --prompt-field) "
+                        "(default: none, --prompt alone)")
     p.add_argument("--dataset", default=d["dataset"], help="a prompt set from the datasets library: a folder "
-                                                         "written by save_to_disk (offline) or a load_dataset name")
+                                                         "written by save_to_disk (offline) or a load_dataset name "
+                                                         "(default: none)")
     p.add_argument("--split", default=d["split"], help="--dataset: the split")
     p.add_argument("--prompt-field", default=d["prompt_field"], help="--prompts .jsonl/.csv and --dataset: the "
                                                                      "field holding the prompt text")
-    p.add_argument("--n-prompts", type=int, default=d["n_prompts"], help="only the first N prompts of the set")
+    p.add_argument("--n-prompts", type=int, default=d["n_prompts"], help="only the first N prompts of the set "
+                                                                         "(default: all)")
     p.add_argument("--chat-template", action="store_true", default=d["chat_template"],
                    help="wrap each prompt as a user turn of the tokenizer's chat template")
     p.add_argument("--n-reps", type=int, default=d["n_reps"], help="sequences per proposal and prompt")
     p.add_argument("--t-length", type=int, default=d["t_length"], help="new tokens per sequence (the KL is of the "
-                                                                      "process truncated there)")
+                                                                      "process truncated there); prompt + T must fit "
+                                                                      "the models' context")
     p.add_argument("--temperature", type=float, default=d["temperature"], help="applied to both P and Q")
     p.add_argument("--proposals", nargs="+", default=list(d["proposals"]),
                    help="'P' (plain MC), registry names such as 'Geometric (β=0.5)', optionally + ' [prefix-aware]'")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per forward batch")
     p.add_argument("--device", default=d["device"], help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default=d["dtype"], help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, "
                                                        "float16; log-softmax is float32 whatever this is")
-    p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--output-folder", default=d["output_folder"])
+    p.add_argument("--threads", type=int, default=d.get("threads"),
+                   help="CPU threads for torch (default: torch's choice, one per core)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed of the sampling streams (the offline default "
+                                                               "pair has its own fixed seed)")
+    p.add_argument("--output-folder", default=d["output_folder"], help="folder of the run's files")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-folder")
-    p.add_argument("--overwrite", action="store_true", help="replace earlier results in --output-folder")
+    p.add_argument("--overwrite", action="store_true", help="replace every earlier result in --output-folder")
     p.add_argument("--ignore-eos", action="store_true", help="keep sampling after EOS (always t-length tokens)")
+    p.add_argument("--no-plots", action="store_true", default=d.get("no_plots", False),
+                   help="skip the figures (draw them later with visualize_proposals.py)")
     big = p.add_argument_group("big models (pip install 'kl-estimation[scale]'); data parallel: torchrun "
                                 "--nproc-per-node N LLM_experiments.py …")
-    big.add_argument("--p-dtype", help="P's dtype, overriding --dtype")
-    big.add_argument("--q-dtype", help="Q's dtype, overriding --dtype")
-    big.add_argument("--p-adapter", help="a PEFT adapter (folder or hub id) applied to --p-model")
+    big.add_argument("--p-dtype", help="P's dtype, overriding --dtype (default: --dtype)")
+    big.add_argument("--q-dtype", help="Q's dtype, overriding --dtype (default: --dtype)")
+    big.add_argument("--p-adapter", help="a PEFT adapter (folder or hub id) applied to --p-model (default: none)")
     big.add_argument("--q-adapter", help="a PEFT adapter applied to --q-model; without --q-model, to --p-model's "
-                                         "base, loaded once (adapter off for P, on for Q)")
-    big.add_argument("--device-map", help="auto: shard each model over the visible GPUs (accelerate)")
+                                         "base, loaded once (adapter off for P, on for Q) (default: none)")
+    big.add_argument("--device-map", help="auto: shard each model over the visible GPUs (accelerate) (default: "
+                                           "none, each model whole on --device)")
     big.add_argument("--offload", action="store_true", help="with --device-map auto: keep what does not fit on the "
                                                             "GPUs in CPU memory")
-    args = p.parse_args(argv)
+    return p
+
+
+def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
+    from .llm import LLMConfig
+
+    args = llm_parser(prog, defaults).parse_args(argv)
     if args.q_adapter and args.q_model is None:
         args.q_model = args.p_model  # Q = P's base + adapter
     cfg = LLMConfig(**{k: getattr(args, k) for k in vars(LLMConfig()) if hasattr(args, k)})
-    try:
-        return _run_llm(cfg)
-    except ValueError as err:
-        return fail(prog, str(err))
+    folder_existed = Path(cfg.output_folder).exists()
+    with _sigterm_as_interrupt():
+        try:
+            set_threads(args.threads)
+            return _run_llm(cfg, plots=not args.no_plots)
+        except ValueError as err:
+            return fail(prog, str(err))
+        except KeyboardInterrupt:
+            return interrupted(prog, _kept(cfg, folder_existed, _command(prog, argv)))
 
 
-def _run_llm(cfg) -> int:
+def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
+    """What an interrupted LLM run kept, and the command that continues it."""
+    from . import distributed, llm
+
+    folder = Path(cfg.output_folder)
+    done, batches, sequences = [], 0, 0
+    for name in cfg.proposals:
+        final, partials = folder / f"{llm.slug(name)}.json", distributed.partial_files(folder, llm.slug(name))
+        if final.exists() and not partials:
+            done.append(name)
+        for partial in partials:
+            lines = runio.read_jsonl(partial)[1:]
+            batches += len(lines)
+            sequences += sum(len(ln.get("sequences", [])) for ln in lines)
+    if not done and not batches:
+        if not folder_existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        return f"no sequence was kept ({cfg.output_folder} holds nothing of this run); run the same command again"
+    args = [a for a in command[2:] if a != "--overwrite"]
+    resume = shlex.join(command[:2] + args + ([] if "--resume" in args else ["--resume"]))
+    parts = [f"{len(done)} of {len(cfg.proposals)} proposals complete"] if done else []
+    if batches:
+        parts.append(f"{batches} finished batches ({sequences} sequences) of the next")
+    return f"kept {' and '.join(parts)} in {cfg.output_folder}; continue with: {resume}"
+
+
+def _run_llm(cfg, plots: bool = True) -> int:
     from . import api, distributed, report
 
     result = api.run(cfg, progress=True)
@@ -209,7 +376,11 @@ def _run_llm(cfg) -> int:
         print(f"\nOver {len(result.per_prompt)} prompts: the estimate is the mean of the per-prompt estimates; "
               f"'std err' is for this fixed prompt set (within-prompt noise only); the population SE (prompts as a "
               f"sample, their spread included) is std_error_population in summary.csv / summary.json.")
-    print(f"\noutput folder: {cfg.output_folder}")
+    if plots:
+        from . import plots_llm
+
+        print(f"\nfigures: {plots_llm.draw_all(cfg.output_folder)}")
+    print(f"output folder: {cfg.output_folder}")
     for p in result.per_prompt:
         rec = p["recommended"]
         print(report.recommendation_line(rec and rec.to_dict(), f"for prompt {p['prompt']}"))

@@ -5,13 +5,20 @@ Python install has); Q is P fine-tuned on a distinct slice, the ``email``, ``jso
 packages. Both are saved with ``save_pretrained`` (with a byte-level BPE tokenizer trained on the same text) in a
 cache folder and loaded back through the same ``from_pretrained`` path as hub models.
 
-Deterministic (fixed data order from a numpy Generator, initialisation inside a forked torch RNG, no dropout) and
-built once: later runs reuse the cache. ``KL_ESTIMATION_CACHE`` moves the cache (default ~/.cache/kl_estimation).
+Deterministic (fixed data order from a numpy Generator, initialisation inside a forked torch RNG, no dropout) with
+its own fixed ``SEED`` — a run's ``--seed`` is for sampling only, so everyone gets the same pair — and built once:
+later runs reuse the cache. ``KL_ESTIMATION_CACHE`` moves the cache (default ~/.cache/kl_estimation).
+
+Concurrent first runs: a file lock beside the cache lets one process build while the others wait and then reuse its
+pair. The build happens in a ``.building-*`` sibling that becomes the cache only when complete; it is removed when
+the build fails or is interrupted, and one left by a killed process is removed by the next build.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -20,6 +27,8 @@ import numpy as np
 from . import runio
 
 VERSION = "v1"
+SEED = 0  # the pair's own seed: a cache built with another (by older versions, from --seed) is rebuilt
+LOCK_TIMEOUT = 3600.0  # seconds to wait for another process's build
 BASE_STEPS, FINETUNE_STEPS = 600, 150
 BATCH, CONTEXT = 32, 64
 VOCAB = 2048
@@ -88,11 +97,13 @@ def _train(model, data: np.ndarray, steps: int, lr: float, rng: np.random.Genera
     return model
 
 
-def build(seed: int = 0) -> tuple[Path, Path]:
-    """Train and save the pair (about a minute or two on 2 CPU cores); returns the (P, Q) folders."""
+def build(seed: int = SEED) -> tuple[Path, Path]:
+    """Train and save the pair (about a minute or two on 2 CPU cores); returns the (P, Q) folders. Callers hold
+    the lock (``ensure`` does)."""
     import torch
-    from tqdm import tqdm
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .progress import bar as progress_bar
 
     with runio.replaced_folder(cache_dir()) as tmp:
         base_texts, tune_texts = _corpus()
@@ -105,8 +116,8 @@ def build(seed: int = 0) -> tuple[Path, Path]:
             torch.manual_seed(seed)  # scoped: the caller's global torch RNG is restored on exit
             model = GPT2LMHeadModel(cfg)
         rng = np.random.default_rng(seed)
-        with tqdm(total=BASE_STEPS + FINETUNE_STEPS, desc="building the offline default pair (once)",
-                  unit="step") as bar:
+        with progress_bar(total=BASE_STEPS + FINETUNE_STEPS, desc="building the offline default pair (once)",
+                          unit="step") as bar:
             _train(model, base, BASE_STEPS, 3e-3, rng, bar)
             model.save_pretrained(tmp / "p")
             tokenizer.save_pretrained(tmp / "p")
@@ -120,9 +131,53 @@ def build(seed: int = 0) -> tuple[Path, Path]:
     return paths()
 
 
-def ensure(seed: int = 0) -> tuple[str, str]:
-    """The (P, Q) folders, building them the first time."""
-    if not (cache_dir() / "built.json").exists():
-        build(seed)
+def lock_path() -> Path:
+    return cache_dir().parent / f".default-pair-{VERSION}.lock"
+
+
+def info() -> dict | None:
+    """What the cached pair records about its build (version, seed, data, torch), or None when not built."""
+    try:
+        return json.loads((cache_dir() / "built.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_current() -> bool:
+    built = info()
+    return built is not None and built.get("seed") == SEED and built.get("version") == VERSION
+
+
+def remove_stale_builds() -> list[Path]:
+    """Remove the ``.building-*`` folders of builds that died (call with the lock held: no build is running)."""
+    stale = sorted(cache_dir().parent.glob(".building-*"))
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return stale
+
+
+def ensure() -> tuple[str, str]:
+    """The (P, Q) folders, building them the first time: one process builds, concurrent ones wait for it."""
+    if not _is_current():
+        from filelock import FileLock, Timeout
+
+        cache_dir().parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_path())
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"waiting for another process that is building the offline default pair (lock {lock_path()})",
+                  file=sys.stderr)
+            try:
+                lock.acquire(timeout=LOCK_TIMEOUT)
+            except Timeout:
+                raise ValueError(f"--p-model: the offline default pair is still being built by another process after "
+                                 f"{LOCK_TIMEOUT:.0f} s (lock {lock_path()}); try again later") from None
+        try:
+            if not _is_current():  # the process we waited for may have built it
+                remove_stale_builds()
+                build(SEED)
+        finally:
+            lock.release()
     p, q = paths()
     return str(p), str(q)

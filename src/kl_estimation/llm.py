@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from . import distributed, runio
 from .engine import P_NAME, PREFIX_SUFFIX, sample_batch, sequence_proposal, unit_generator
 from .estimators import Z95, sequence_estimates
 from .models import DTYPES, check_loading_options
+from .resources import check_memory
 from .synthetic import check_int
 from .verdicts import judge
 
@@ -140,7 +142,33 @@ class LLMConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume: cannot be combined with --overwrite")
         check_loading_options(self)
+        check_memory(records_bytes(self), "--n-reps", f"keeping {self.n_reps} sequences × {len(self.prompt_set)} "
+                     f"prompts × {len(self.proposals)} proposals of up to {self.t_length} tokens (--t-length)")
         return self
+
+
+def records_bytes(cfg: "LLMConfig") -> int:
+    """Memory the records of a run take while it runs: every proposal's records stay in memory as Python lists (about
+    200 bytes per token and 1.5 kB per sequence), and writing one document copies it twice more."""
+    per_sequence = 200 * cfg.t_length + 1500
+    n = cfg.n_reps * len(cfg.prompt_set)
+    return n * per_sequence * (len(cfg.proposals) + 2)
+
+
+def check_fits(pair, cfg: "LLMConfig") -> None:
+    """Before any sampling: every prompt + T within the models' context, and one forward batch within memory."""
+    limit = getattr(pair, "context_length", None)
+    if limit is not None:
+        longest = max(pair.prompt_lengths)
+        used = longest + cfg.t_length - 1  # the last token drawn is never fed back to the models
+        if used > limit:
+            raise ValueError(f"--t-length: {cfg.t_length} new tokens after a prompt of {longest} tokens need {used} "
+                             f"positions but the models take {limit}; allowed here: --t-length ≤ "
+                             f"{max(limit - longest + 1, 0)}")
+    if hasattr(pair, "batch_bytes"):
+        free = torch.cuda.mem_get_info(pair.device)[0] if pair.device.type == "cuda" else None
+        check_memory(pair.batch_bytes(cfg.batch_size, cfg.t_length), "--batch-size",
+                     f"a forward batch of {cfg.batch_size} sequences (vocabulary {pair.vocab_size})", free)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,7 +204,7 @@ def load_pair(cfg: LLMConfig):
     if p_id is None:
         from . import default_pair
 
-        p_id, q_id = default_pair.ensure(cfg.seed)
+        p_id, q_id = default_pair.ensure()  # one pair for everyone, trained with its own fixed seed
     hf_logging.disable_progress_bar()
     scale = {k: getattr(cfg, k) for k in ("p_adapter", "q_adapter", "device_map", "offload") if getattr(cfg, k)}
     scale.update({k: resolve_dtype(getattr(cfg, k), device) for k in ("p_dtype", "q_dtype") if getattr(cfg, k)})
@@ -186,6 +214,8 @@ def load_pair(cfg: LLMConfig):
     models = {"p": cfg.p_model or "offline default pair (P)", "q": cfg.q_model or "offline default pair (Q)",
               "p_path": p_id, "q_path": q_id, "dtype": resolve_dtype(cfg.dtype, device),
               **{k: v for k, v in scale.items() if k not in ("device_map", "offload")}}  # what changes the records
+    if cfg.p_model is None:
+        models["default_pair"] = default_pair.info()
     return pair, models
 
 
@@ -214,6 +244,25 @@ def existing_outputs(folder, proposals) -> list:
     names = [f"{slug(p)}.json" for p in proposals] + ["summary.json"]
     return [folder / n for n in names if (folder / n).exists()] + [
         f for p in proposals for f in distributed.partial_files(folder, slug(p))]
+
+
+def earlier_run_files(folder) -> list[Path]:
+    """Every file an earlier run left in `folder`, whatever its proposals: summary files, figures, partial files and
+    the per-proposal documents (JSON files holding a run_key); a user's other files are not touched."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    out = [folder / n for n in ("summary.json", "summary.csv", "plots") if (folder / n).exists()]
+    out += sorted(folder.glob("*.partial.jsonl"))
+    for f in sorted(folder.glob("*.json")):
+        if f.name != "summary.json":
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    if '"run_key"' in fh.read():
+                        out.append(f)
+            except (OSError, UnicodeDecodeError):
+                pass
+    return out
 
 
 def prompt_set_digest(prompts) -> str:
@@ -329,21 +378,23 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
         batches = shard.mine(pack(todo, cfg.batch_size))
         bar = bar_factory(total=len(batches), desc=name) if bar_factory and shard.writes_final else None
         new: dict[Unit, list[dict]] = {}
-        for group in batches:
-            recs = sample_units(pair, prop, group, cfg)
-            for r in recs:
-                r["rank"] = shard.rank
-            if partial is not None:
-                runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in group],
-                                             "sequences": recs})
-            it = iter(recs)
-            for u in group:
-                new[u] = done[u] = [next(it) for _ in range(u.rows)]
+        try:
+            for group in batches:
+                recs = sample_units(pair, prop, group, cfg)
+                for r in recs:
+                    r["rank"] = shard.rank
+                if partial is not None:
+                    runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in group],
+                                                 "sequences": recs})
+                it = iter(recs)
+                for u in group:
+                    new[u] = done[u] = [next(it) for _ in range(u.rows)]
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix_str(_running(done.values(), prop.base is None))
+        finally:  # an interrupted run's bar ends before its one-line report
             if bar:
-                bar.update(1)
-                bar.set_postfix_str(_running(done.values(), prop.base is None))
-        if bar:
-            bar.close()
+                bar.close()
         done.update(shard.gather(new))
     records = [r for u in units for r in done[u]]
     doc = dict(meta, proposal=name, run_key=key, n_sequences=len(records),
@@ -357,20 +408,29 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
     return doc
 
 
-def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=None, shard=None) -> dict:
+def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=None, shard=None,
+                   exact_kl: float | None = None) -> dict:
     """Every proposal of cfg on a loaded pair → {"meta", "docs" (one per proposal), "rows" (ranked, flagged rows
     last), "recommended", "per_prompt" ([{prompt, text, rows, recommended}] for a set of several prompts)}. With a
     `folder`: resumable per-proposal files plus summary.json, summary.csv and summary_per_prompt.csv (the caller
-    checked the folder). Under torchrun the ranks share the work (`shard`, default distributed.from_env) and rank 0
-    writes the files."""
+    checked the folder); with cfg.overwrite, every file of an earlier run there is removed first. Under torchrun the
+    ranks share the work (`shard`, default distributed.from_env) and rank 0 writes the files. `exact_kl`: the exact
+    KL over the prompt set where one is known (tiny enumerable pairs), recorded for the figures."""
+    check_fits(pair, cfg)
     shard = distributed.from_env(cfg.device) if shard is None else shard
     config = {**vars(cfg), "proposals": list(cfg.proposals), "prompts": list(cfg.prompt_set),
               "device": str(pair.device), "world_size": shard.world_size}
     meta = dict(config=config, models=models, versions=runio.versions("torch", "transformers", "tokenizers"),
                 seed=cfg.seed, truncation=f"KL of the sequence process truncated at {cfg.t_length} tokens"
                                           + ("" if pair.eos_token_id is None else " or at EOS"))
+    if exact_kl is not None:
+        meta["exact_kl"] = float(exact_kl)
     if folder is not None:
+        if cfg.overwrite and shard.writes_final:
+            for f in earlier_run_files(folder):
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
         Path(folder).mkdir(parents=True, exist_ok=True)
+        shard.barrier()
     docs = [run_proposal(pair, cfg, name, folder, meta, bar_factory, shard) for name in cfg.proposals]
     verdict = judge(docs)  # rows with flags, ranked; the recommendation (overall and per prompt)
     for p, text in zip(verdict["per_prompt"], cfg.prompt_set):

@@ -124,6 +124,26 @@ class TransformersPair:
     def prompt_lengths(self) -> list[int]:
         return self.prompt_mask.sum(-1).tolist()
 
+    @property
+    def context_length(self) -> int | None:
+        """Positions both models can take (their configs' max_position_embeddings); None when neither sets one."""
+        sizes = [getattr(m.config, "max_position_embeddings", None) for m in (self.p_model, self.q_model)]
+        sizes = [s for s in sizes if isinstance(s, int) and s > 0]
+        return min(sizes) if sizes else None
+
+    def batch_bytes(self, batch_size: int, t_length: int) -> int:
+        """Peak memory of one forward batch, roughly: float32 (B, V) rows of logits, log-probabilities and proposal
+        arithmetic (about a dozen alive at once) plus both models' KV caches over prompt + T positions."""
+        B, L = batch_size, max(self.prompt_lengths) + t_length
+        kv = 0
+        for m in (self.p_model, self.q_model):
+            c = m.config
+            layers = getattr(c, "num_hidden_layers", 1)
+            heads, kv_heads = getattr(c, "num_attention_heads", 1), getattr(c, "num_key_value_heads", None)
+            width = c.hidden_size * (kv_heads or heads) // heads
+            kv += 2 * layers * B * L * width * next(m.parameters()).element_size()
+        return 12 * B * self.vocab_size * 4 + kv
+
     def _lp(self, logits):
         # a model sharded over devices (device_map) returns its logits where its last layer lives
         return tempered_log_softmax(logits.to(self.device), self.temperature, self.vocab_size)
@@ -168,14 +188,36 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def missing_in_model_folder(path: Path) -> str | None:
+    """What a local folder lacks to be a model saved with save_pretrained, in words; None if nothing obvious."""
+    if not path.is_dir():
+        return "it is a file, not a folder (give the folder save_pretrained wrote)"
+    names = {p.name for p in path.iterdir()}
+    missing = []
+    if "config.json" not in names:
+        missing.append("config.json")
+    if not names & set(WEIGHT_FILES):
+        missing.append("the weights (model.safetensors or pytorch_model.bin)")
+    if not names & set(TOKENIZER_FILES):
+        missing.append("the tokenizer files (tokenizer.json or tokenizer_config.json)")
+    if not missing:
+        return None
+    return (f"it is not a model folder: {' and '.join(missing)} missing (save_pretrained writes config.json and the "
+            f"weights, the tokenizer's save_pretrained its files)")
+
+
 def _from_pretrained(flag: str, name: str, load):
     """`load(**kw)` from the local cache / a local folder first, then from the hub; every failure as one line."""
     try:
         return load(local_files_only=True)  # a local folder, or a hub id already in the cache
     except Exception as err:  # transformers raises OSError, ValueError, …: all mean "not here"
         if Path(name).exists():
-            raise ValueError(f"{flag}: cannot load the local folder {name!r}: "
-                             f"{str(err).splitlines()[0][:200]}") from None
+            why = missing_in_model_folder(Path(name)) or " ".join(str(err).split())
+            raise ValueError(f"{flag}: cannot load the local folder {name!r}: {why}") from None
         if not _hub_reachable():
             raise ValueError(f"{flag}: cannot load {name!r}: not a local folder, not in the model cache, and the "
                              f"model hub is out of reach (offline)") from None

@@ -1,11 +1,14 @@
 """Figures of a synthetic run, drawn from its saved files alone (results.json + distributions.npz).
 
 Per (family, divergence) pair:
-  1 overlay     P, Q, |log P/Q| and every proposal r by rank, log–log, one panel per proposal family
-  2 weights     exact distribution of the weights w = P/r under r (log-spaced bins), one panel per proposal
+  1 overlay     P (solid), Q (dashed), |log P/Q| (right axis) and every proposal r by rank, log–log, one panel per
+                proposal family
+  2 weights     exact distribution of the weights w = P/r under r (log-spaced bins on each proposal's own range) and
+                the share of the IS second moment per bin (where the variance lives), one panel per proposal
   3 coverage    expected share of draws per vocabulary region for P and every proposal, plus where the KL lives
   4 ess         Kish ESS % and max weight per proposal, sorted
-  5 scatter     |error| vs sample variance per method, log axes
+  5 scatter     exact variance vs the sample variance the run saw, per method (far below the diagonal: the heavy
+                tail was never drawn), degenerate points named
   6 exact-var   exact variance relative to naive MC per method (the noise-free picture)
   7 error-vs-n  RMSE over repeats against n for naive MC, RB and the best proposals, beside the exact √(Var/n)
 Across pairs:
@@ -19,6 +22,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from html import escape
@@ -121,12 +126,13 @@ def _grid(n: int, max_cols: int = 4):
     return math.ceil(n / cols), cols
 
 
-def _grid_layout(fig, rows: int, hspace: float = 0.3):
-    """Fixed margins for small-multiple grids (tight_layout costs seconds on 30 log-scaled panels)."""
-    for ax in fig.axes:
-        ax.label_outer()  # shared axes: tick labels only on the outer panels
+def _grid_layout(fig, rows: int, hspace: float = 0.3, axes=None, wspace: float = 0.12, right: float = 0.97):
+    """Fixed margins for small-multiple grids (tight_layout costs seconds on 30 log-scaled panels). Tick labels go
+    on the outer panels of `axes` only (shared axes); other axes (a twin) keep theirs."""
+    for ax in (fig.axes if axes is None else axes):
+        ax.label_outer()
     h = fig.get_figheight()
-    fig.subplots_adjust(left=0.05, right=0.97, bottom=0.6 / h, top=1 - 0.95 / h, wspace=0.12, hspace=hspace)
+    fig.subplots_adjust(left=0.05, right=right, bottom=0.6 / h, top=1 - 0.95 / h, wspace=wspace, hspace=hspace)
 
 
 def _title(pair):
@@ -148,21 +154,27 @@ def fig_overlay(plt, run: Run, key: str, methods, n_tokens: int = 300):
     axes = axes.ravel()
     f = np.abs(log_ratio(np.log(P), np.log(Q)))[order]
     ax = axes[0]
-    ax.plot(ranks, P[order], color="black", lw=1.2, label="P")
-    ax.plot(ranks, Q[order], ".", color="0.45", ms=3, label="Q")
+    ax.vlines([], 0, 0, color="#d62728", lw=0.8, label="|log P/Q| (right axis)")  # legend entry only
     ax2 = ax.twinx()
-    ax2.vlines(ranks, 0, f, color="#d62728", lw=0.8, alpha=0.6)
+    ax2.vlines(ranks, 0, f, color="#d62728", lw=0.8, alpha=0.45)
+    ax2.set_ylim(0, 1.05 * max(float(f.max()), 1e-12))
     ax2.set_ylabel("|log P/Q|", color="#d62728")
+    ax2.tick_params(axis="y", colors="#d62728", labelsize=8)
     ax2.grid(False)
-    ax.set_title("P, Q and |log P/Q| (red bars, right axis)")
-    ax.legend(loc="lower left")
+    ax.set_zorder(ax2.get_zorder() + 1)  # P and Q above the bars
+    ax.patch.set_visible(False)
+    ax.set_title("P, Q and |log P/Q| by P-rank")
+    for i, ax in enumerate(axes[: len(groups) + 1]):  # Q lighter beside the proposals, so their dots stand out
+        ax.plot(ranks, P[order], color="black", lw=1.3, label="P", zorder=3)
+        ax.plot(ranks, Q[order], color="#555555", lw=1.1 if i == 0 else 0.8, ls=(0, (4, 2)), label="Q",
+                alpha=1 if i == 0 else 0.6, zorder=3 if i == 0 else 1)
     for ax, (group, ms) in zip(axes[1:], groups.items()):
-        ax.plot(ranks, P[order], color="black", lw=1.0, label="P")
         for i, m in enumerate(ms):
             ax.plot(ranks, a[f"{key}/r/{m['name']}"][order], ".", ms=3, color=_shade(group, i, len(ms)),
                     label=m["name"].removeprefix(group).strip(" ()") or group)
         ax.set_title(group)
-        ax.legend(loc="lower left", ncol=1 if len(ms) < 4 else 2, markerscale=3)
+        ax.legend(loc="lower left", ncol=1 if len(ms) < 3 else 2, markerscale=3, handlelength=1.6)
+    axes[0].legend(loc="lower left", handlelength=2.2)
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")
     axes[0].set_ylim(P[order].min() / 1e3, 1.5)
@@ -170,50 +182,78 @@ def fig_overlay(plt, run: Run, key: str, methods, n_tokens: int = 300):
         ax.set_visible(False)
     for ax in axes[(rows - 1) * cols:]:
         ax.set_xlabel("token rank under P")
-    fig.suptitle(f"P (black line) and every proposal r (dots) over the {order.size} most likely tokens — {_title(pair)}"
-                 f"\nshades: light = smallest parameter; dots above the line get more draws than under P")
-    _grid_layout(fig, rows)
-    return fig, (f"P, Q, |log P/Q| and every proposal over the {order.size} most likely tokens (log–log), one panel "
-                 f"per proposal family.")
+    for ax in axes[::cols]:
+        ax.set_ylabel("probability")
+    fig.suptitle(f"P (solid black), Q (dashed grey) and every proposal r (dots) over the {order.size} most likely "
+                 f"tokens — {_title(pair)}\nshades: light = smallest parameter; dots above P get more draws than "
+                 f"under P")
+    _grid_layout(fig, rows, axes=list(axes), wspace=0.16, right=0.95)
+    return fig, (f"P (solid), Q (dashed), |log P/Q| (red bars, right axis) and every proposal (dots) over the "
+                 f"{order.size} most likely tokens (log–log), one panel per proposal family.")
+
+
+def weight_bins(P: np.ndarray, r: np.ndarray, Q: np.ndarray, n_bins: int = 40):
+    """Exact histogram of log10 w, w = P/r, under r over bins spanning this proposal's own weights: the share of
+    draws per bin and the share of the IS second moment E_r[(w·log P/Q)²] per bin (where the variance comes from)."""
+    s = (r > 0) & (P > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lw = np.log10(P[s] / r[s])
+        g2 = r[s] * (P[s] / r[s] * log_ratio(np.log(P[s]), np.log(Q[s]))) ** 2
+    lo, hi = float(lw.min()), float(lw.max())
+    pad = max(0.05 * (hi - lo), 0.1)
+    edges = np.linspace(min(lo, 0.0) - pad, max(hi, 0.0) + pad, n_bins + 1)
+    # bincount, not np.histogram: its weighted sums are differences of a running total, which erase shares below
+    # 1e-16 of the total, the very bins this figure exists to show
+    idx = np.clip(np.searchsorted(edges, lw, side="right") - 1, 0, n_bins - 1)
+    draws = np.bincount(idx, weights=r[s], minlength=n_bins)
+    second = np.bincount(idx, weights=g2, minlength=n_bins)
+    total = second.sum()
+    return edges, draws, second / total if total > 0 and np.isfinite(total) else np.zeros_like(second)
 
 
 def fig_weights(plt, run: Run, key: str, methods):
     pair, a = run.pair(key), run.arrays
-    P = a[f"{key}/P"]
+    P, Q = a[f"{key}/P"], a[f"{key}/Q"]
     props = _proposals(pair, methods)
-    hists = []
-    for m in props:
-        r = a[f"{key}/r/{m['name']}"]
-        s = (r > 0) & (P > 0)
-        hists.append((np.log10(P[s] / r[s]), r[s]))
-    lo = min(h[0].min() for h in hists) - 0.1
-    hi = max(h[0].max() for h in hists) + 0.1
-    edges = np.linspace(lo, hi, 41)
-    rows, cols = _grid(len(props), 6)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.3 * rows), sharex=True, sharey=True, squeeze=False)
+    rows, cols = _grid(len(props), 5)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.55 * rows), squeeze=False)
     axes = axes.ravel()
-    for ax, m, (lw, share) in zip(axes, props, hists):
-        counts, _ = np.histogram(lw, bins=edges, weights=share)
-        ax.stairs(np.maximum(counts, 1e-12), edges, baseline=1e-12, fill=True, color=COLORS[m["family"]],
-                  hatch="//" if m["flags"] else None)
+    for ax, m in zip(axes, props):
+        edges, draws, second = weight_bins(P, a[f"{key}/r/{m['name']}"], Q)
+        c = COLORS[m["family"]]
+        # down to 1e-8, and further only as far as the bins that hold the variance need: rare heavy bins show,
+        # bins that hold neither draws nor variance do not flatten the rest
+        heavy = draws[(second >= 1e-4) & (draws > 0)]
+        floor = max(min(1e-8, float(heavy.min(initial=1.0))) / 100, 1e-300)
+        ax.stairs(np.maximum(draws, floor), edges, baseline=floor, fill=True, color=c, alpha=0.75,
+                  hatch="//" if m["flags"] else None, label="share of draws")
+        ax.stairs(np.maximum(second, floor), edges, baseline=floor, color="black", lw=1.1,
+                  label="share of E[(w·log P/Q)²]")
         ax.axvline(0.0, color="black", lw=0.6, ls=":")
+        ax.set_yscale("log")
+        ax.set_ylim(floor, 3.0)
+        ax.set_xlim(edges[0], edges[-1])
+        ax.tick_params(labelsize=7)
         khat = "—" if m["mean_khat"] is None else f"{m['mean_khat']:.2f}"
-        ax.set_title(f"{'! ' if m['flags'] else ''}{m['name']}\nESS {m['mean_ess_pct']:.0f}%  max w "
-                     f"{max(m['max_weight']):.3g}  k-hat {khat}", fontsize=8,
-                     color="#d62728" if m["flags"] else "black")
-    axes[0].set_yscale("log")
-    axes[0].set_ylim(1e-8, 1.5)
+        ev = m["exact_variance"]
+        ax.set_title(f"{'! ' if m['flags'] else ''}{m['name']}\nexact var {'—' if ev is None else f'{ev:.2g}'}  ESS "
+                     f"{m['mean_ess_pct']:.0f}%  k-hat {khat}", fontsize=8, color="#d62728" if m["flags"] else "black")
+    axes[0].legend(loc="upper left", fontsize=6.5, framealpha=0.85)
     for ax in axes[len(props):]:
         ax.set_visible(False)
     for ax in axes[(rows - 1) * cols:]:
-        ax.set_xlabel("log10 w")
+        ax.set_xlabel("log10 w", fontsize=8)
     for ax in axes[::cols]:
-        ax.set_ylabel("share of draws")
-    fig.suptitle(f"Exact distribution of the weights w = P/r under r (share of draws per bin; w = 1 dotted) — "
-                 f"{_title(pair)}\ntitles: mean Kish ESS, largest weight drawn and Pareto k-hat over the run's "
-                 f"repeats; red / hatched = flagged")
-    _grid_layout(fig, rows, hspace=0.55)
-    return fig, "Distribution of importance weights per proposal (exact, under r), with ESS, max weight and k̂."
+        ax.set_ylabel("share (log)", fontsize=8)
+    fig.suptitle(f"Exact distribution of the weights w = P/r under r — {_title(pair)}\nbars: share of draws per "
+                 f"bin; black line: share of the IS second moment, i.e. where the variance comes from — rare bins far "
+                 f"right holding it = degenerate weights\nw = 1 dotted; each panel on its own range; titles: exact "
+                 f"variance, mean Kish ESS, Pareto k-hat; red / hatched = flagged")
+    h = fig.get_figheight()
+    fig.subplots_adjust(left=0.05, right=0.985, bottom=0.55 / h, top=1 - 1.25 / h, wspace=0.28, hspace=0.75)
+    return fig, ("Exact distribution of the importance weights per proposal under r (share of draws per log10 w "
+                 "bin) and where the IS variance comes from (share of the second moment), each panel on its own "
+                 "range, with exact variance, ESS and k̂.")
 
 
 def _regions(V: int):
@@ -277,28 +317,91 @@ def fig_ess(plt, run: Run, key: str, methods):
 
 
 def fig_scatter(plt, run: Run, key: str, methods):
+    from .evaluation import DEGENERATE_RATIO
+
     pair = run.pair(key)
     ms = [m for m in pair["methods"] if methods is None or m["name"] in methods or m["family"] not in REGISTRY]
-    fig, ax = plt.subplots(figsize=(8.5, 6))
-    seen = set()
-    for m in ms:
-        x, y = max(m["empirical_variance"], 1e-300), max(m["abs_error"], 1e-300)
+    pts = [m for m in ms if m["exact_variance"] is not None and m["exact_variance"] > 0
+           and m["empirical_variance"] > 0]
+    left_out = len(ms) - len(pts)
+    fig, ax = plt.subplots(figsize=(10, 7))
+    x = np.array([m["exact_variance"] for m in pts], dtype=float)
+    y = np.array([m["empirical_variance"] for m in pts], dtype=float)
+    finite = np.isfinite(x)
+    lo = min(float(np.min(x[finite], initial=np.inf)), float(y.min(initial=np.inf))) / 3
+    hi_x = float(np.max(x[finite], initial=1.0)) * 3
+    hi = max(hi_x, float(y.max(initial=1.0)) * 3)
+    x_shown = np.where(finite, x, hi)  # a variance beyond float64 sits at the right edge
+    groups: dict[str, list] = {}
+    for m in pts:
+        groups.setdefault(m["family"], []).append(m["name"])
+    labels, degenerate = [], []
+    for m, xi, yi in zip(pts, x_shown, y):
+        same = groups[m["family"]]
+        c = _shade(m["family"], same.index(m["name"]), len(same))
         big = m["family"] in ("Naive MC", "Rao-Blackwell")
-        label = m["family"] if m["family"] not in seen else None
-        seen.add(m["family"])
-        ax.scatter(x, y, s=140 if big else 40, marker="X" if m["flags"] else ("*" if big else "o"),
-                   color=COLORS[m["family"]], edgecolor="black", lw=0.4, zorder=3 if big else 2, label=label)
+        ax.scatter(xi, yi, s=150 if big else 50, marker="X" if m["flags"] else ("*" if big else "o"), color=c,
+                   edgecolor="#d62728" if m["flags"] else "black", lw=0.9 if m["flags"] else 0.4, zorder=3)
         if big:
-            ax.annotate(m["name"], (x, y), xytext=(6, 6), textcoords="offset points", fontsize=8)
+            labels.append((xi, yi, m["name"], "black"))
+        elif xi > DEGENERATE_RATIO * yi:  # the message: far below the diagonal
+            degenerate.append((xi / yi, (xi, yi, "! " + m["name"], "#d62728")))
+    degenerate.sort(key=lambda t: -t[0])
+    named = [d for _, d in degenerate[:MAX_NAMED]]
+    _place_labels(ax, labels + named, lo, hi)
+    for fam in groups:  # legend in each family's full colour (the points are shades of it)
+        ax.scatter([], [], s=50, marker="*" if fam in ("Naive MC", "Rao-Blackwell") else "o", color=COLORS[fam],
+                   edgecolor="black", lw=0.4, label=fam)
+    ax.scatter([], [], s=50, marker="X", color="white", edgecolor="#d62728", lw=0.9, label="flagged")
+    line = np.array([lo, hi])
+    ax.plot(line, line, color="black", lw=0.8, label="empirical = exact")
+    ax.plot(line, line / DEGENERATE_RATIO, color="#d62728", lw=0.8, ls="--",
+            label=f"empirical = exact / {DEGENERATE_RATIO:g} (flagged below)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("sample variance per draw (mean over repeats)")
-    ax.set_ylabel("|estimate − KL| (mean over repeats)")
-    ax.set_title(f"Accuracy vs sample variance — {_title(pair)}\nbottom-left is better; ✕ = flagged (do not trust its "
-                 f"variance)")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("exact variance per draw (noise-free)" + (" — ▶ right edge: beyond float64" if not finite.all()
+                                                              else ""))
+    ax.set_ylabel(f"sample variance per draw (mean over {run.results['config'].get('n_repeats')} repeats)")
+    more = len(degenerate) - len(named)
+    ax.set_title(f"Exact against observed variance — {_title(pair)}\non the diagonal the samples show the true "
+                 f"noise; far below it the heavy tail was never drawn\n(the run looks calmer than it is); named: the "
+                 f"{len(named)} furthest below{f' ({more} more unnamed)' if more > 0 else ''}"
+                 + (f"\n{left_out} methods without an exact variance (prefix-aware) left out" if left_out else ""),
+                 fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
-    fig.tight_layout()
-    return fig, "|error| against sample variance per method (log axes); naive MC and RB as stars, flagged as ✕."
+    fig.subplots_adjust(left=0.1, right=0.7, bottom=0.09, top=0.85)  # fixed: labels never squeeze the axes
+    return fig, ("Exact per-draw variance against the sample variance the run observed, per method (log axes): "
+                 "points far below the diagonal had their heavy tail unsampled; flagged methods red ✕ and named.")
+
+
+MAX_NAMED = 12  # degenerate points named in the variance scatter
+
+
+def _place_labels(ax, labels, lo: float, hi: float, char: float = 0.0105, height: float = 0.03):
+    """Point labels on a log–log square [lo, hi]², moved down, then up (with a leader line), until none overlap and
+    all stay inside the axes: the degenerate points cluster, and their names are the message."""
+    span = math.log10(hi) - math.log10(lo)
+    placed = []
+
+    def free(tx, ty, w):
+        return 0.01 <= ty <= 0.97 and not any(abs(ty - py) < height and tx < px + pw and px < tx + w
+                                                for px, py, pw in placed)
+
+    for x, y, text, color in sorted(labels, key=lambda t: -t[1]):
+        fx, fy = (math.log10(x) - math.log10(lo)) / span, (math.log10(y) - math.log10(lo)) / span
+        tx, w = fx + 0.012, char * len(text)
+        if tx + w > 0.99:
+            tx = fx - 0.012 - w
+        tries = [fy - k * height for k in range(40)] + [fy + k * height for k in range(1, 40)]
+        ty = next((t for t in tries if free(tx, t, w)), None)
+        if ty is None:
+            continue
+        placed.append((tx, ty, w))
+        ax.annotate(text, (x, y), xytext=(tx, ty), textcoords="axes fraction", fontsize=7, color=color,
+                    va="center", arrowprops=dict(arrowstyle="-", color=color, lw=0.4, alpha=0.6)
+                    if abs(ty - fy) > height / 2 else None)
 
 
 def fig_exact_variance(plt, run: Run, key: str, methods, clip: float = 6.0):
@@ -451,50 +554,95 @@ def _render(job):
 
 
 def draw_all(path, fmt: str = "png", pairs=None, methods=None, workers: int | None = None) -> Path:
-    """Draw every figure of the run folder `path` into `path/plots/` with an index.html; returns the index path.
+    """Draw the figures of the run folder `path` into `path/plots/` with an index.html; returns the index path.
 
-    Figures are drawn into a temporary folder that replaces plots/ only when all succeeded: nothing half-written.
+    `pairs` narrows the per-pair figures: only those pairs' figures are replaced, the others' are kept (the
+    cross-family figure always covers every pair). Figures are drawn into a temporary folder and moved into plots/
+    only when all succeeded: nothing half-written.
     """
     if fmt not in FORMATS:
         raise RunFolderError(f"--format: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
     run = load_run(path)
     keys, methods = select(run, pairs, methods)
+    all_keys = [f"{p['family']}/{p['divergence']}" for p in run.results["pairs"]]
     path = Path(path)
     _LOADED.clear()
     _LOADED[path] = run
     final = path / "plots"
-    with runio.replaced_folder(final, ".plots-") as tmp:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".plots-", dir=path))
+    try:
         jobs = []
         for key in keys:
-            slug = key.replace("/", "_")
             for name in figure_names(run):
-                i = list(PAIR_FIGURES).index(name) + 1
-                jobs.append((path, fmt, name, key, methods, tmp / f"{slug}_{i}_{name}.{fmt}"))
-        jobs.append((path, fmt, "cross", keys, methods, tmp / f"cross_family_8_exact-variance.{fmt}"))
+                jobs.append((path, fmt, name, key, methods, tmp / _file_name(key, name, fmt)))
+        jobs.append((path, fmt, "cross", all_keys, methods, tmp / f"{CROSS_STEM}.{fmt}"))
         workers = workers or min(len(jobs), os.cpu_count() or 1)
         _plt()  # import matplotlib once, before the workers fork
         if workers > 1:
             from concurrent.futures import ProcessPoolExecutor
             import multiprocessing as mp
 
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_ignore_sigint) as pool:
                 captions = list(pool.map(_render, jobs))
         else:
             captions = [_render(j) for j in jobs]
-        _write_index(tmp, keys, [(j[-1].name, c) for j, c in zip(jobs, captions)], fmt, run)
+        _merge(final, tmp, keys, fmt, {j[-1].name: c for j, c in zip(jobs, captions)}, run, all_keys)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return final / "index.html"
 
 
-def _write_index(folder: Path, keys, files, fmt, run: Run):
+CROSS_STEM = "cross_family_8_exact-variance"
+CAPTIONS = "captions.json"  # file → caption of every figure in plots/, so a partial redraw keeps the index whole
+
+
+def _file_name(key: str, name: str, fmt: str) -> str:
+    return f"{key.replace('/', '_')}_{list(PAIR_FIGURES).index(name) + 1}_{name}.{fmt}"
+
+
+def _ignore_sigint():
+    """Workers leave Ctrl-C to the parent, which reports it in one line (a worker would print a traceback)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _merge(final: Path, tmp: Path, keys, fmt: str, captions: dict, run: "Run", all_keys) -> None:
+    """Move the new figures into plots/: the redrawn pairs' old figures (any format) go, the others stay."""
+    final.mkdir(exist_ok=True)
+    try:
+        known = json.loads((final / CAPTIONS).read_text())
+    except (OSError, ValueError):
+        known = {}
+    stems = [k.replace("/", "_") + "_" for k in keys] + [CROSS_STEM + "."]
+    for old in final.iterdir():
+        if old.is_file() and old.name.startswith(tuple(stems)) and old.suffix.lstrip(".") in FORMATS:
+            old.unlink()
+            known.pop(old.name, None)
+    for f in tmp.iterdir():
+        os.replace(f, final / f.name)
+    known = {n: c for n, c in {**known, **captions}.items() if (final / n).exists()}
+    runio.write_json(final / CAPTIONS, known)
+    order = [_file_name(k, n, f) for k in all_keys for n in PAIR_FIGURES for f in FORMATS] + \
+        [f"{CROSS_STEM}.{f}" for f in FORMATS]
+    files = [(n, known[n]) for n in order if n in known]
     cfg = run.results.get("config", {})
+    intro = (f"V = {cfg.get('vocab_size')}, n = {cfg.get('n_samples')} × {cfg.get('n_repeats')} repeats, "
+             f"seed {cfg.get('seed')}. Pairs: {escape(', '.join(all_keys))}.")
+    write_index(final, f"{'Sequence' if run.kind == 'sequence' else 'Synthetic'} run {run.path.name}", intro, files)
+
+
+def write_index(folder: Path, title: str, intro_html: str, files) -> None:
+    """index.html: every figure (file name, caption) with its caption; PDFs as links."""
     parts = ["<!doctype html><meta charset='utf-8'><title>KL estimation run — figures</title>",
              "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}figure{margin:1.5em 0}"
              "img{max-width:100%;border:1px solid #ddd}figcaption{color:#333}</style>",
-             f"<h1>Synthetic run {escape(run.path.name)}</h1>",
-             f"<p>V = {cfg.get('vocab_size')}, n = {cfg.get('n_samples')} × {cfg.get('n_repeats')} repeats, "
-             f"seed {cfg.get('seed')}. Pairs: {escape(', '.join(keys))}.</p>"]
+             f"<h1>{escape(title)}</h1>", f"<p>{intro_html}</p>"]
     for name, caption in files:
-        media = (f"<a href='{escape(name)}'>{escape(name)}</a>" if fmt == "pdf"
+        media = (f"<a href='{escape(name)}'>{escape(name)}</a>" if name.endswith(".pdf")
                  else f"<a href='{escape(name)}'><img src='{escape(name)}' alt='{escape(caption)}'></a>")
         parts.append(f"<figure>{media}<figcaption><b>{escape(name)}</b> — {escape(caption)}</figcaption></figure>")
-    (folder / "index.html").write_text("\n".join(parts) + "\n")
+    tmp = folder / ".index.html.tmp"
+    tmp.write_text("\n".join(parts) + "\n")
+    os.replace(tmp, folder / "index.html")

@@ -95,18 +95,29 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     _atomic_write(path, lambda fh: fh.write(buf.getvalue().encode()))
 
 
-def check_output_dir(path: str | Path | None, flag: str = "--output-dir") -> None:
-    """Fail early (before any work) when `path` cannot become a writable folder."""
+def check_output_dir(path: str | Path | None, flag: str = "--output-dir", default: Path | None = None) -> None:
+    """Fail early (before any work) when `path` cannot become a writable folder; with `path` None, when the
+    `default` folder used instead cannot."""
     if path is None:
+        if default is not None and (why := _unwritable(Path(default))):
+            raise ValueError(f"{flag}: not given, and the default folder {default} cannot be created here ({why}); "
+                             f"give a writable folder with {flag}")
         return
-    p = Path(path)
+    if why := _unwritable(Path(path)):
+        raise ValueError(f"{flag}: cannot write to {path} ({why})")
+
+
+def _unwritable(p: Path) -> str | None:
     if p.exists() and not p.is_dir():
-        raise ValueError(f"{flag}: {p} exists and is not a folder")
+        return f"{p} exists and is not a folder"
     probe = p
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag}: cannot write to {p} ({probe} is not a writable folder)")
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe.resolve()} is not writable"
+    return None
 
 
 def make_run_dir(path: str | Path | None, kind: str) -> Path:

@@ -37,7 +37,7 @@ import numpy as np
 
 from .distributions import DIVERGENCES, FAMILIES, HIGH_EXPONENT, MIN_VOCAB, SHIFTS, base_weights, shift_mass
 from .proposals import log_ratio
-from .synthetic import _stream, check_int, check_run
+from .synthetic import _stream, check_int, check_run, check_sizes
 
 EOS = 0
 EOS_PROB = 0.02
@@ -239,7 +239,18 @@ class SequenceConfig:
             check_size(self.vocab_size, self.order, self.horizon, fam)
         if not self.families:
             raise ValueError(f"--families: give at least one of {', '.join(FAMILIES)}")
+        check_sizes(*memory_needed(self), self.n_repeats, self.n_samples,
+                    f"order-{self.order} tables with V = {self.vocab_size}, T = {self.horizon}")
         return self
+
+
+def memory_needed(cfg: "SequenceConfig") -> tuple[int, int]:
+    """Peak bytes, (tables part, sequences part): P and Q tables with the DP's arrays (about six table-sized float64
+    arrays); all R·n sequences are drawn in one batch, holding about ten (R·n, V) float64 rows per step (log P, log Q,
+    the proposal's arithmetic) and some twenty (R·n, T) float64 arrays of per-step values and estimator terms."""
+    cells = cfg.horizon * (cfg.vocab_size + 1) ** cfg.order * cfg.vocab_size
+    rows = cfg.n_repeats * cfg.n_samples
+    return 8 * 6 * cells, 8 * rows * (10 * cfg.vocab_size + 20 * cfg.horizon)
 
 
 def sequence_proposals(alpha_values) -> list:

@@ -55,7 +55,32 @@ class SyntheticConfig:
                 or not 0 <= self.rb_top_k < self.vocab_size:
             raise ValueError(f"--rb-top-k: must be an integer in [0, vocab size {self.vocab_size}) "
                              f"(got {self.rb_top_k!r}; 0 is naive MC)")
+        vocab, draws = memory_needed(self)
+        check_sizes(vocab, draws, self.n_repeats, self.n_samples, f"V = {self.vocab_size} tokens × "
+                    f"{n_steps(self)} (pair, method) arrays")
         return self
+
+
+def memory_needed(cfg: "SyntheticConfig") -> tuple[int, int]:
+    """Peak bytes of a run, (vocabulary part, draws part): every pair keeps P, Q and each method's r for the npz;
+    the pair being run holds each method's log r, g and log w (float64) and about four more temporaries; each method's
+    draws are an (R, n) int64 array kept for the pair, with about six float64 (R, n) temporaries while evaluated."""
+    methods = n_steps(cfg) // (len(cfg.divergences) * len(cfg.families))
+    pairs = len(cfg.divergences) * len(cfg.families)
+    vocab = 8 * cfg.vocab_size * (pairs * (methods + 2) + 7 * methods)
+    draws = 8 * cfg.n_repeats * cfg.n_samples * (methods + 6)
+    return vocab, draws
+
+
+def check_sizes(vocab: int, draws: int, n_repeats: int, n_samples: int, what: str) -> None:
+    """Refuse a run that cannot fit in memory, naming the flag whose size dominates."""
+    from .resources import check_memory
+
+    if vocab >= draws:
+        check_memory(vocab + draws, "--vocab-size", what)
+    else:
+        flag = "--n-repeats" if n_repeats >= n_samples else "--n-samples"
+        check_memory(vocab + draws, flag, f"{n_repeats} repeats × {n_samples} samples (--n-repeats × --n-samples)")
 
 
 def check_int(flag: str, value, low: int) -> None:

@@ -1,0 +1,61 @@
+"""Progress bars for long work: tqdm's bar on a terminal, a plain line every few seconds in a log.
+
+tqdm redraws one line with carriage returns, which a log file or a batch system's output shows as one endless line
+(and ``disable=None`` shows nothing at all off a terminal). Off a terminal, ``bar`` prints complete lines instead: one
+when the work starts, one at most every ``LOG_INTERVAL`` seconds, one when it ends.
+"""
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+LOG_INTERVAL = 5.0  # seconds between lines in a log
+LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:3.0f}%) [{elapsed} elapsed, {remaining} left]{postfix}"
+
+
+class _Lines:
+    """A file for tqdm that turns its carriage-return redraws into whole lines."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        text = s.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class _LogBar(tqdm):
+    """Postfix updates wait for the next timed line instead of printing one each (they come once per batch)."""
+
+    _stale = False  # a postfix set since the last line
+
+    def set_postfix_str(self, s="", refresh=True):
+        super().set_postfix_str(s, refresh=False)
+        self._stale = True
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+        self._stale = True
+
+    def display(self, *args, **kwargs):
+        self._stale = False
+        return super().display(*args, **kwargs)
+
+    def close(self):
+        if getattr(self, "last_print_n", None) == self.n and not self._stale:  # the last line says it already
+            self.leave = False
+        super().close()
+
+
+def bar(total=None, desc: str | None = None, unit: str = "it", **kw) -> tqdm:
+    """A progress bar on stderr: tqdm's own on a terminal, timed lines otherwise."""
+    stream = sys.stderr
+    if getattr(stream, "isatty", lambda: False)():
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, file=stream, **kw)
+    return _LogBar(total=total, desc=desc, unit=unit, leave=True, file=_Lines(stream), mininterval=LOG_INTERVAL,
+                   bar_format=LOG_FORMAT if total else None, ascii=True, **kw)

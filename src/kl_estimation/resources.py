@@ -1,0 +1,36 @@
+"""Will a run fit? Memory estimates checked before any work, so a size that cannot fit fails in one line at once
+instead of minutes later with a MemoryError (or the machine swapping)."""
+from __future__ import annotations
+
+import os
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can get now (Linux MemAvailable; else physical memory); None if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} EB"
+
+
+def check_memory(need: float, flag: str, what: str, available: int | None = None) -> None:
+    """ValueError naming `flag` when `need` bytes (an estimate of the run's peak) exceed the memory available."""
+    have = available_memory() if available is None else available
+    if have is not None and need > have:
+        raise ValueError(f"{flag}: {what} needs about {human(need)} of memory; {human(have)} is available — "
+                         f"lower {flag}")
