@@ -12,7 +12,6 @@ Target: (a) faster than (b) and (c).
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,45 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from bench_llm import _Tok, models, timed  # noqa: E402  (the same pair and timer as bench_llm.py)
 from kl_estimation import llm  # noqa: E402
 from kl_estimation.models import TransformersPair, pad_left  # noqa: E402
 from kl_estimation.training import exact_token_kl  # noqa: E402
-
-
-class _Tok:
-    def __init__(self, V):
-        self.V = V
-
-    def __len__(self):
-        return self.V
-
-    def decode(self, ids):
-        return ""
-
-
-def models(device):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    out = []
-    for seed in (0, 1):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            m = GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_positions=128, n_embd=128, n_layer=2, n_head=4))
-        out.append(m.to(device).eval())
-    return out
-
-
-def timed(fn, device, repeats=3):
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main():
@@ -69,7 +33,7 @@ def main():
     ap.add_argument("-T", type=int, default=20)
     args = ap.parse_args()
     device = torch.device(args.device)
-    p, q = models(device)
+    p, q = models(False, device, torch.float32)
     rng = np.random.default_rng(0)
     prompt_ids = [rng.integers(1, 2048, size=rng.integers(4, 33)).tolist() for _ in range(args.prompts)]
     ids, mask = pad_left(prompt_ids)
@@ -106,7 +70,7 @@ def main():
             exact_token_kl(lp, lq).sum(-1).mean()
 
     ours()  # warm-up
-    t_a, t_b, t_c = timed(ours, device), timed(one_by_one, device, 1), timed(straightforward, device)
+    (t_a, _), (t_b, _), (t_c, _) = timed(ours, device, 3), timed(one_by_one, device), timed(straightforward, device, 3)
     print(f"(a) ours, one run over the prompt set:    {t_a:7.3f} s  {n_seq / t_a:8.1f} sequences/s")
     print(f"(b) {m} single-prompt runs:                {t_b:7.3f} s  {n_seq / t_b:8.1f} sequences/s   "
           f"(a) is {t_b / t_a:.1f}x faster")

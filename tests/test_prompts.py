@@ -159,3 +159,18 @@ def test_chat_template_wraps_each_prompt(tiny):
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} c{% endfor %}{% if add_generation_prompt %} b{% endif %}"
     ids = tokenize_prompts(tok, ["a b"], chat_template=True)
     assert ids == [[1, 2, 3, 2]]
+
+
+def test_resume_extends_a_finished_run_unit_by_unit(tmp_path, tiny):
+    """A finished run with fewer --n-reps is extended: its whole units are kept (by prompt and batch), a short
+    last unit is redrawn, and the records equal those of a straight run with the larger --n-reps."""
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(PROMPTS[:2]) + "\n")
+    assert cli(tmp_path, tiny, "--prompts", str(f), "--n-reps", "20", folder="grown") == 0
+    assert cli(tmp_path, tiny, "--prompts", str(f), "--n-reps", "32", "--resume", folder="grown") == 0
+    assert cli(tmp_path, tiny, "--prompts", str(f), "--n-reps", "32", folder="straight") == 0
+    for name in ("p.json", "adaptive.json"):
+        a = json.loads((tmp_path / "straight" / name).read_text())["sequences"]
+        b = json.loads((tmp_path / "grown" / name).read_text())["sequences"]
+        assert [(r["prompt"], r["batch"]) for r in a] == [(i, j) for i in range(2) for j in range(4) for _ in range(8)]
+        assert a == b

@@ -305,12 +305,15 @@ def pack(units: list[Unit], batch_size: int) -> list[list[Unit]]:
 
 
 def sample_units(pair, prop, units: list[Unit], cfg, sampler: str = "iid") -> list[dict]:
-    """One forward batch of units → their records (each tagged with its prompt)."""
+    """One forward batch of units → their records, each tagged with its unit (prompt and batch index)."""
     streams = [(unit_generator(cfg.seed, prop.name, u.batch, pair.device, u.prompt), u.rows) for u in units]
     rows = np.repeat([u.prompt for u in units], [u.rows for u in units])
     b = sample_batch(pair, prop, len(rows), cfg.t_length, streams, prompt_rows=torch.as_tensor(rows),
                      sampler=sampler)
-    return batch_records(b, pair.decode, rows)
+    records = batch_records(b, pair.decode, rows)
+    for r, batch in zip(records, np.repeat([u.batch for u in units], [u.rows for u in units])):
+        r["batch"] = int(batch)
+    return records
 
 
 def _read_partial(partial: Path, key: dict) -> dict:
