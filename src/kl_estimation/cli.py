@@ -36,6 +36,12 @@ def _names(values: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- Synthetic_tests.py
 
+def _samplers() -> list[str]:
+    from .sequences import SAMPLERS  # not draws.DRAWS: single-token runs never load torch
+
+    return list(SAMPLERS)
+
+
 def synthetic_parser(prog: str, defaults: dict) -> Parser:
     from .distributions import DIVERGENCES, FAMILIES
     from .synthetic import SyntheticConfig
@@ -69,6 +75,9 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
                    help="the sequence experiment: toy Markov pairs with exact sequence KL and exact variances")
     p.add_argument("--order", type=int, default=sd.order, help="--sequence: Markov order, 1 or 2")
     p.add_argument("--horizon", type=int, default=sd.horizon, help="--sequence: tokens per sequence T")
+    p.add_argument("--sampler", nargs="+", default=list(sd.samplers),
+                   help="--sequence: how sequences are drawn; samplers other than iid add MC / RB / RB+CV rows "
+                        "(variance over repeats, each repeat one randomization); one of " + ", ".join(_samplers()))
     return p
 
 
@@ -86,7 +95,8 @@ def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> i
     common = dict(**sizes, divergence=args.divergence, families=tuple(_names(args.families)),
                   alpha_values=tuple(args.alpha_values), seed=args.seed)
     if args.sequence:
-        cfg = sequences.SequenceConfig(**common, order=args.order, horizon=args.horizon)
+        cfg = sequences.SequenceConfig(**common, order=args.order, horizon=args.horizon,
+                                       samplers=tuple(_names(args.sampler)))
     else:
         cfg = synthetic.SyntheticConfig(**common, rb_top_k=args.rb_top_k)
     try:
@@ -99,6 +109,10 @@ def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> i
 
     for pair in pairs:
         print(report.pair_report(pair, cfg.n_samples, cfg.n_repeats), end="\n\n")
+        ratios = [m for m in pair["methods"] if m.get("variance_ratio_iid_rb") is not None]
+        if ratios:  # rows of samplers with dependent sequences: variance over repeats (one randomization each)
+            print("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
+                f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios), end="\n\n")
     print(report.cross_family_report(pairs))
 
     kind = "sequence" if args.sequence else "synthetic"
@@ -165,6 +179,9 @@ def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-folder")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in --output-folder")
     p.add_argument("--ignore-eos", action="store_true", help="keep sampling after EOS (always t-length tokens)")
+    p.add_argument("--sampler", default=d["sampler"], help="how sequences are drawn: " + ", ".join(_samplers()) +
+                   " (other than iid: each batch of --batch-size sequences is one randomization; standard errors "
+                   "come from the spread between batches)")
     args = p.parse_args(argv)
     cfg = LLMConfig(**{k: getattr(args, k) for k in vars(LLMConfig()) if hasattr(args, k)})
     try:
@@ -195,5 +212,8 @@ def _run_llm(cfg) -> int:
                                  f"T={cfg.t_length}, temperature {cfg.temperature}"))
     print("\nNo exact KL exists for real LMs: RB (exact per-step KL along sequences from P) is the low-variance "
           "reference; IS rows with large k̂ or tiny ESS are not to be trusted.")
+    if cfg.sampler != "iid":
+        method = next(iter(run["docs"][0]["estimates"].values())).get("std_error_method", "")
+        print(f"sampler {cfg.sampler}: standard errors from the {method}")
     print(f"output folder: {cfg.output_folder}")
     return 0
