@@ -184,3 +184,11 @@ def test_sequence_cli_adds_sampler_rows(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_study_fast_path_equals_the_engine():
+    tb = toy(T=6, V=8, order=2)
+    for sampler in DRAWS:
+        a, b = sq.sampler_repeats(tb, sampler, 16, 4, seed=2), sq.sampler_rb_repeats(tb, sampler, 16, 4, seed=2)
+        for k in ("MC", "RB"):
+            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-12)

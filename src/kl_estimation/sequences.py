@@ -365,6 +365,39 @@ def temper(tables: MarkovTables, temperature: float) -> MarkovTables:
                         tables.order, tables.family, tables.divergence)
 
 
+def sampler_rb_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int, seed: int = 0,
+                       max_rows: int = 32768) -> dict[str, np.ndarray]:
+    """sampler_repeats' MC and RB estimates through the same draw source, with the per-step KL looked up in a
+    (T, S) table instead of computed over the vocabulary per row: several times faster, for long studies."""
+    import torch
+
+    from .draws import make_source
+    from .engine import unit_generator
+
+    T, S, V = tables.shape
+    lp, lq = torch.as_tensor(tables.log_p), torch.as_tensor(tables.log_q)
+    kl = (lp.exp() * (lp - lq)).sum(-1)  # (T, S)
+    per = max(1, max_rows // n)
+    out = {"MC": [], "RB": []}
+    for start in range(0, repeats, per):
+        reps = range(start, min(repeats, start + per))
+        streams = [(unit_generator(seed, f"{tables.family}/{tables.divergence}/{sampler}/{n}", r, "cpu"), n)
+                   for r in reps]
+        src = make_source(sampler, streams, T, "cpu")
+        s = torch.full((n * len(reps),), tables.start_state, dtype=torch.long)
+        alive = torch.ones(s.shape, dtype=torch.bool)
+        mc, rb = torch.zeros(s.shape, dtype=torch.float64), torch.zeros(s.shape, dtype=torch.float64)
+        for t in range(T):
+            x = src(t, lp[t, s])
+            rb += torch.where(alive, kl[t, s], 0.0)
+            mc += torch.where(alive, lp[t, s, x] - lq[t, s, x], 0.0)
+            alive &= x != EOS
+            s = torch.as_tensor(tables.next_state(s, x))
+        out["MC"].append(mc.numpy().reshape(len(reps), n).mean(-1))
+        out["RB"].append(rb.numpy().reshape(len(reps), n).mean(-1))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
 def sampler_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int, seed: int = 0,
                     control_variate: bool = False, max_rows: int = 32768) -> dict[str, np.ndarray]:
     """`repeats` independent randomizations (one unit each) of n sequences from P drawn with `sampler`: the MC,
