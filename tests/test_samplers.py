@@ -170,6 +170,9 @@ def test_llm_cli_sampler_says_how_the_se_was_computed(tmp_path, tiny, capsys):
     code = llm_main(argv[:-1] + [str(tmp_path / "p"), "--sampler", "nope"])
     err = capsys.readouterr().err
     assert code == 2 and "--sampler: unknown sampler 'nope'" in err and len(err.strip().splitlines()) == 1
+    code = llm_main(argv[:-1] + [str(tmp_path / "p"), "--batch-size", "48"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--batch-size: with --sampler stratified" in err and not (tmp_path / "p").exists()
 
 
 def test_sequence_cli_adds_sampler_rows(tmp_path, capsys):

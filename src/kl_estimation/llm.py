@@ -120,15 +120,19 @@ class LLMConfig:
         resolve_device(self.device)
         if self.resume and self.overwrite:
             raise ValueError("--resume: cannot be combined with --overwrite")
-        check_sampler(self.sampler)
+        check_sampler(self.sampler, self.n_reps, self.batch_size)
         return self
 
 
-def check_sampler(name: str) -> None:
+def check_sampler(name: str, n_reps: int, batch_size: int) -> None:
     from .draws import DRAWS
 
     if name not in DRAWS:
         raise ValueError(f"--sampler: unknown sampler {name!r}; allowed: {', '.join(DRAWS)}")
+    if not DRAWS[name].independent_rows and math.ceil(n_reps / batch_size) < 2:
+        raise ValueError(f"--batch-size: with --sampler {name} each batch is one randomization and the standard "
+                         f"error needs at least 2 per prompt; use --batch-size ≤ {max(1, n_reps // 2)} for --n-reps "
+                         f"{n_reps}")
 
 
 def resolve_device(name: str) -> torch.device:
