@@ -113,6 +113,12 @@ def _names(values: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- Synthetic_tests.py
 
+def _samplers() -> list[str]:
+    from .sequences import SAMPLERS  # not draws.DRAWS: single-token runs never load torch
+
+    return list(SAMPLERS)
+
+
 def synthetic_parser(prog: str, defaults: dict) -> Parser:
     from .distributions import DIVERGENCES, FAMILIES
     from .synthetic import SyntheticConfig
@@ -149,6 +155,9 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
     p.add_argument("--horizon", type=int, default=sd.horizon, help="--sequence: tokens per sequence T")
     p.add_argument("--threads", type=int, default=d.get("threads"),
                    help="--sequence: CPU threads for torch (default: torch's choice, one per core)")
+    p.add_argument("--sampler", nargs="+", default=list(sd.samplers),
+                   help="--sequence: how sequences are drawn; samplers other than iid add MC / RB / RB+CV rows "
+                        "(variance over repeats, each repeat one randomization); one of " + ", ".join(_samplers()))
     return p
 
 
@@ -177,7 +186,8 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
     common = dict(**sizes, divergence=args.divergence, families=tuple(_names(args.families)),
                   alpha_values=tuple(args.alpha_values), seed=args.seed)
     if args.sequence:
-        cfg = sequences.SequenceConfig(**common, order=args.order, horizon=args.horizon)
+        cfg = sequences.SequenceConfig(**common, order=args.order, horizon=args.horizon,
+                                       samplers=tuple(_names(args.sampler)))
     else:
         cfg = synthetic.SyntheticConfig(**common, rb_top_k=args.rb_top_k)
     kind = "sequence" if args.sequence else "synthetic"
@@ -192,6 +202,10 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
 
     for pair in pairs:
         print(report.pair_report(pair, cfg.n_samples, cfg.n_repeats), end="\n\n")
+        ratios = [m for m in pair["methods"] if m.get("variance_ratio_iid_rb") is not None]
+        if ratios:  # rows of samplers with dependent sequences: variance over repeats (one randomization each)
+            print("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
+                f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios), end="\n\n")
     print(report.cross_family_report(pairs))
 
     out = runio.make_run_dir(args.output_dir, kind)
@@ -304,6 +318,9 @@ def llm_parser(prog: str, defaults: dict) -> Parser:
     p.add_argument("--ignore-eos", action="store_true", help="keep sampling after EOS (always t-length tokens)")
     p.add_argument("--no-plots", action="store_true", default=d.get("no_plots", False),
                    help="skip the figures (draw them later with visualize_proposals.py)")
+    p.add_argument("--sampler", default=d["sampler"], help="how sequences are drawn: " + ", ".join(_samplers()) +
+                   " (other than iid: each batch of --batch-size sequences is one randomization; standard errors "
+                   "come from the spread between batches)")
     big = p.add_argument_group("big models (pip install 'kl-estimation[scale]'); data parallel: torchrun "
                                 "--nproc-per-node N LLM_experiments.py …")
     big.add_argument("--p-dtype", help="P's dtype, overriding --dtype (default: --dtype)")
@@ -376,6 +393,9 @@ def _run_llm(cfg, plots: bool = True) -> int:
         print(f"\nOver {len(result.per_prompt)} prompts: the estimate is the mean of the per-prompt estimates; "
               f"'std err' is for this fixed prompt set (within-prompt noise only); the population SE (prompts as a "
               f"sample, their spread included) is std_error_population in summary.csv / summary.json.")
+    if cfg.sampler != "iid":
+        method = next(iter(result.docs[0]["estimates"].values())).get("std_error_method", "")
+        print(f"\nsampler {cfg.sampler}: standard errors from the {method}")
     if plots:
         from . import plots_llm
 

@@ -126,7 +126,7 @@ def self_normalized_is(log_ratio, log_weight, axis: int = -1) -> Estimate:
 Z95 = 1.959963984540054
 
 
-def rb_control_variate_terms(kl_step, log_ratio_step, log_weight_step, mask=None, folds: int = 2):
+def rb_control_variate_terms(kl_step, log_ratio_step, log_weight_step, mask=None, folds: int = 2, fold=None):
     """RB(-IS) plus a fitted multiple of a mean-zero control, cross-fitted so that it stays unbiased.
 
     a = Σ_t W_<t·K_t (the RB-IS term) and d = Σ_t W_<t·(w_t·f_t − K_t): given the prefix, w_t·f_t has mean K_t, so
@@ -135,6 +135,8 @@ def rb_control_variate_terms(kl_step, log_ratio_step, log_weight_step, mask=None
     folds of the sequences and applied to this one: a β fitted on the same draws it weights would correlate with
     them and bias the estimate. Works over leading axes (repeats); the last axis of the per-step arrays is T, the
     one before it the sequences. numpy or torch (β is treated as a constant: no gradient flows through it).
+    `fold` (one integer < folds per sequence) overrides the default i mod folds: dependent sequences (one
+    randomization of a stratified sampler) must share a fold.
     """
     xp, kl_step, f, lw, *m = _arrays(kl_step, log_ratio_step, log_weight_step,
                                      *(() if mask is None else (mask,)))
@@ -143,7 +145,7 @@ def rb_control_variate_terms(kl_step, log_ratio_step, log_weight_step, mask=None
     a = xp.sum(w_prefix * kl_step, axis=-1)
     d = xp.sum(w_prefix * (xp.exp(lw) * f - kl_step), axis=-1)
     n = a.shape[-1]
-    fold = np.arange(n) % folds
+    fold = np.arange(n) % folds if fold is None else np.asarray(fold)
     out = xp.zeros_like(a)
     for k in range(folds):  # a loop over folds (2), not samples
         train, test = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
@@ -220,3 +222,54 @@ def sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool) 
                        ess=out(ess), max_weight=out(max_w), khat=out(khat), ci_low=out(e.estimate - half * e.std_error),
                        ci_high=out(e.estimate + half * e.std_error), n=e.n, **diag)
             for name, e in results.items()}
+
+
+SE_FROM_RANDOMIZATIONS = ("spread of the estimates over {r} independent randomizations (units; cluster-robust, "
+                          "weighted by their sizes): the sequences of one randomization are dependent")
+
+
+def randomization_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool, groups) -> dict[str, dict]:
+    """sequence_estimates for sequences that are dependent within a randomization (stratified / quasi-random draws).
+
+    Arrays (N, T) as for sequence_estimates; `groups` (N,) names each sequence's randomization (unit): different
+    groups are independent, the sequences of one group are not. Each estimate is the mean over all N sequences (each
+    is an exact draw, so it stays unbiased); its standard error comes from the spread between randomizations — the
+    cluster-robust SE² = R/(R−1)·Σ_g (S_g − n_g·est)²/N² over the R groups' term sums S_g, which for equal sizes is
+    the variance of the R per-group estimates over R — never from the spread of the N terms. The cross-fitted
+    control variate fits β on other groups (folds by group), SNIS uses its linearised terms w·(f − est)/mean(w).
+    ``variance`` is N·SE²: the per-sequence variance an i.i.d. sampler would need for the same SE. With R < 2 every
+    SE is NaN. Each entry adds ``n_randomizations`` and ``std_error_method``.
+    """
+    base = sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p)
+    _, groups = np.unique(np.asarray(groups), return_inverse=True)
+    R, N = int(groups.max()) + 1, groups.size
+    mask = np.asarray(mask, dtype=bool)
+    f_step = np.where(mask, np.asarray(log_p) - np.asarray(log_q), 0.0)
+    lw_step = np.where(mask, np.asarray(log_p) - np.asarray(log_r), 0.0)
+    log_w, f = lw_step.sum(-1), f_step.sum(-1)
+    names = ("MC", "SNIS", "RB", "RB+CV", "k3") if proposal_is_p else ("IS", "SNIS", "RB-IS", "RB-IS+CV", "k3-IS")
+    w = np.exp(log_w)
+    terms = {names[0]: importance_sampling_terms(f, log_w),
+             names[2]: rao_blackwell_is_terms(kl_step, lw_step, mask),
+             names[3]: (rb_control_variate_terms(kl_step, f_step, lw_step, mask, fold=groups % 2) if R >= 2
+                        else np.full(N, np.nan)),
+             names[4]: importance_sampling_terms(k3_terms(f), log_w)}
+    snis = float(np.sum(w * f) / np.sum(w))
+    terms[names[1]] = w * (f - snis) / w.mean()  # linearised: mean 0, the spread is the SE's
+
+    def cluster_se(x, est):
+        sums, sizes = np.bincount(groups, x, R), np.bincount(groups, minlength=R)
+        if R < 2:
+            return math.nan
+        return math.sqrt(R / (R - 1) * np.sum((sums - sizes * est) ** 2)) / N
+
+    out = {name: dict(e, std_error=math.nan, variance=math.nan, ci_low=math.nan, ci_high=math.nan,
+                      n_randomizations=R, std_error_method="none: no randomization SE for this estimator yet")
+           for name, e in base.items() if name not in names}
+    for name in names:
+        est = snis if name == names[1] else float(np.mean(terms[name]))
+        se = cluster_se(terms[name], 0.0 if name == names[1] else est)
+        out[name] = dict(base[name], estimate=est, std_error=se, variance=N * se * se, ci_low=est - Z95 * se,
+                         ci_high=est + Z95 * se, n_randomizations=R,
+                         std_error_method=SE_FROM_RANDOMIZATIONS.format(r=R))
+    return out

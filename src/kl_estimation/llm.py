@@ -26,7 +26,7 @@ import torch
 
 from . import distributed, runio
 from .engine import P_NAME, PREFIX_SUFFIX, sample_batch, sequence_proposal, unit_generator
-from .estimators import Z95, sequence_estimates
+from .estimators import Z95, randomization_estimates, sequence_estimates
 from .models import DTYPES, check_loading_options
 from .resources import check_memory
 from .synthetic import check_int
@@ -92,6 +92,7 @@ class LLMConfig:
     prompt_field: str = "prompt"
     n_prompts: int | None = None
     chat_template: bool = False
+    sampler: str = "iid"  # draws.DRAWS: how sequences are drawn (non-i.i.d.: SEs from independent units)
     # loading big models (models.py): per-model dtypes, PEFT adapters, sharding over GPUs with accelerate
     p_dtype: str | None = None
     q_dtype: str | None = None
@@ -142,9 +143,21 @@ class LLMConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume: cannot be combined with --overwrite")
         check_loading_options(self)
+        check_sampler(self.sampler, self.n_reps, self.batch_size)
         check_memory(records_bytes(self), "--n-reps", f"keeping {self.n_reps} sequences × {len(self.prompt_set)} "
                      f"prompts × {len(self.proposals)} proposals of up to {self.t_length} tokens (--t-length)")
         return self
+
+
+def check_sampler(name: str, n_reps: int, batch_size: int) -> None:
+    from .draws import DRAWS
+
+    if name not in DRAWS:
+        raise ValueError(f"--sampler: unknown sampler {name!r}; allowed: {', '.join(DRAWS)}")
+    if not DRAWS[name].independent_rows and math.ceil(n_reps / batch_size) < 2:
+        raise ValueError(f"--batch-size: with --sampler {name} each batch is one randomization and the standard "
+                         f"error needs at least 2 per prompt; use --batch-size ≤ {max(1, n_reps // 2)} for --n-reps "
+                         f"{n_reps}")
 
 
 def records_bytes(cfg: "LLMConfig") -> int:
@@ -273,8 +286,9 @@ def run_key(cfg: LLMConfig, proposal: str, models: dict) -> dict:
     """Everything that fixes the records of a unit: a resumed run must match it exactly."""
     prompts = cfg.prompt_set
     return dict(models=models, prompts=prompts[0] if len(prompts) == 1 else f"{len(prompts)} prompts, sha256 "
-                f"{prompt_set_digest(prompts)}", chat_template=cfg.chat_template, t_length=cfg.t_length, temperature=cfg.temperature, seed=cfg.seed,
-                batch_size=cfg.batch_size, ignore_eos=cfg.ignore_eos, proposal=proposal)
+                f"{prompt_set_digest(prompts)}", chat_template=cfg.chat_template, t_length=cfg.t_length,
+                temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size, ignore_eos=cfg.ignore_eos,
+                proposal=proposal, **({} if cfg.sampler == "iid" else {"sampler": cfg.sampler}))
 
 
 @dataclass(frozen=True)
@@ -383,7 +397,7 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
         new: dict[Unit, list[dict]] = {}
         try:
             for group in batches:
-                recs = sample_units(pair, prop, group, cfg)
+                recs = sample_units(pair, prop, group, cfg, cfg.sampler)
                 for r in recs:
                     r["rank"] = shard.rank
                 if partial is not None:
@@ -402,7 +416,8 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
     records = [r for u in units for r in done[u]]
     doc = dict(meta, proposal=name, run_key=key, n_sequences=len(records),
                max_uncovered_mass=max(r.get("uncovered_mass", 0.0) for r in records),
-               **prompt_set_estimates(records, cfg.t_length, len(cfg.prompt_set), prop.base is None),
+               **prompt_set_estimates(records, cfg.t_length, len(cfg.prompt_set), prop.base is None,
+                                      unit_groups(units, cfg.sampler)),
                sequences=records)
     if final is not None and shard.writes_final:
         runio.write_json(final, doc)
@@ -447,18 +462,31 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=
     return dict(meta=meta, docs=docs, **verdict)
 
 
-def prompt_set_estimates(records: list[dict], t_length: int, n_prompts: int, proposal_is_p: bool) -> dict:
+def unit_groups(units: list[Unit], sampler: str):
+    """Each record's unit index when the sampler's rows are dependent (their SE must come from units), else None."""
+    from .draws import DRAWS
+
+    return None if DRAWS[sampler].independent_rows else np.repeat(np.arange(len(units)), [u.rows for u in units])
+
+
+def prompt_set_estimates(records: list[dict], t_length: int, n_prompts: int, proposal_is_p: bool,
+                         groups=None) -> dict:
     """Every estimator per prompt and over the prompt set (the mean of the per-prompt estimates).
 
     Returns ``estimates`` (overall; with one prompt exactly that prompt's) and, for several prompts, ``per_prompt``
     (a list of {prompt, n_sequences, estimates}). Overall ``std_error`` is over this fixed prompt set,
     ``std_error_population`` over prompts drawn from a population (between-prompt spread included; NaN for m = 1).
+    `groups` (one unit index per record, for samplers with dependent rows): per-prompt SEs from the spread between
+    units (estimators.randomization_estimates), never from the spread of the sequences.
     """
     by_prompt = [[r for r in records if r.get("prompt", 0) == i] for i in range(n_prompts)]
+    prompt_of = np.array([r.get("prompt", 0) for r in records])
     per = []
-    for recs in by_prompt:
+    for i, recs in enumerate(by_prompt):
         a = records_to_arrays(recs, t_length)
-        per.append(sequence_estimates(a["log_p"], a["log_q"], a["log_r"], a["kl_step"], a["mask"], proposal_is_p))
+        args = (a["log_p"], a["log_q"], a["log_r"], a["kl_step"], a["mask"], proposal_is_p)
+        per.append(sequence_estimates(*args) if groups is None else
+                   randomization_estimates(*args, np.asarray(groups)[prompt_of == i]))
     if n_prompts == 1:
         only = {k: dict(v, std_error_population=math.nan) for k, v in per[0].items()}
         return {"estimates": only}
@@ -475,6 +503,9 @@ def prompt_set_estimates(records: list[dict], t_length: int, n_prompts: int, pro
                             max_weight=float(np.max([p[est]["max_weight"] for p in per])),
                             khat=max((k for p in per if np.isfinite(k := p[est]["khat"])), default=math.nan),
                             ci_low=mean - Z95 * se_fixed, ci_high=mean + Z95 * se_fixed, n=len(records))
+    if groups is not None:
+        for est in overall:
+            overall[est]["std_error_method"] = per[0][est]["std_error_method"] + ", per prompt, combined over prompts"
     return {"estimates": overall,
             "per_prompt": [dict(prompt=i, n_sequences=len(recs), estimates=p)
                            for i, (recs, p) in enumerate(zip(by_prompt, per))]}

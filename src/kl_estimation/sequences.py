@@ -43,6 +43,7 @@ EOS = 0
 EOS_PROB = 0.02
 MAX_CELLS = 20_000_000
 ORDERS = (1, 2)
+SAMPLERS = ("iid", "stratified", "sobol", "array")  # draws.DRAWS, named here so that the CLI need not load torch
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ class SequenceConfig:
     families: tuple = FAMILIES
     alpha_values: tuple = (0.3, 0.5, 0.7, 0.9)
     seed: int = 0
+    samplers: tuple = ("iid",)  # each one other than iid adds MC / RB / RB+CV rows drawn with it
 
     @property
     def divergences(self):
@@ -241,7 +243,17 @@ class SequenceConfig:
             raise ValueError(f"--families: give at least one of {', '.join(FAMILIES)}")
         check_sizes(*memory_needed(self), self.n_repeats, self.n_samples,
                     f"order-{self.order} tables with V = {self.vocab_size}, T = {self.horizon}")
+        for s in self.samplers:
+            if s not in SAMPLERS:
+                raise ValueError(f"--sampler: unknown sampler {s!r}; allowed: {', '.join(SAMPLERS)}")
+        if self.extra_samplers and self.n_repeats < 2:
+            raise ValueError(f"--n-repeats: samplers other than iid need at least 2 repeats (independent "
+                             f"randomizations) for a variance; got {self.n_repeats}")
         return self
+
+    @property
+    def extra_samplers(self) -> tuple:
+        return tuple(s for s in self.samplers if s != "iid")
 
 
 def memory_needed(cfg: "SequenceConfig") -> tuple[int, int]:
@@ -301,7 +313,19 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
                     max_weight=e["max_weight"])
 
     est_p = draw(sequence_proposal("P"))
-    entries = [
+    entries = []
+    for sampler in cfg.extra_samplers:  # one randomization per repeat: variances and SEs over repeats only
+        reps = sampler_repeats(tables, sampler, n, R, cfg.seed, control_variate=True)
+        for est_name, group in (("MC", "Naive MC"), ("RB", "Rao-Blackwell"), ("RB+CV", "Rao-Blackwell")):
+            e = reps[est_name]
+            sd = float(e.std(ddof=1))
+            entries.append(dict(name=f"{est_name} [{sampler}]", family=group, sampler=sampler, exact_mean=kl,
+                                exact_variance=None, estimates=e.tolist(), sample_variances=[n * sd * sd] * R,
+                                std_errors=[sd] * R, ess_pct=[100.0] * R, khat=[None] * R, max_weight=[1.0] * R,
+                                variance_ratio_iid_rb=n * sd * sd / var_rb if var_rb > 0 else None))
+        if progress:
+            progress()
+    entries[:0] = [
         entry("MC", "Naive MC", est_p["MC"], (kl, var_mc), False),
         entry("RB", "Rao-Blackwell", est_p["RB"], (ex_p.rbis_mean, var_rb), False),
         entry("RB+CV (cross-fitted β)", "Rao-Blackwell", est_p["RB+CV"],
@@ -324,7 +348,8 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
 
 
 def n_steps(cfg: SequenceConfig) -> int:
-    return len(cfg.divergences) * len(cfg.families) * (1 + len(sequence_proposals(cfg.alpha_values)))
+    return len(cfg.divergences) * len(cfg.families) * (1 + len(sequence_proposals(cfg.alpha_values))
+                                                        + len(cfg.extra_samplers))
 
 
 def run(cfg: SequenceConfig, progress=None):
@@ -339,3 +364,73 @@ def run(cfg: SequenceConfig, progress=None):
             arrays[f"{family}/{divergence}/log_P"] = tables.log_p
             arrays[f"{family}/{divergence}/log_Q"] = tables.log_q
     return pairs, arrays
+
+
+# ------------------------------------------------------------------------------------------------ samplers
+
+def temper(tables: MarkovTables, temperature: float) -> MarkovTables:
+    """Both tables at temperature τ: log-softmax(log P/τ), log-softmax(log Q/τ) — what an LM's sampler does."""
+    from scipy.special import log_softmax
+
+    return MarkovTables(log_softmax(tables.log_p / temperature, -1), log_softmax(tables.log_q / temperature, -1),
+                        tables.order, tables.family, tables.divergence)
+
+
+def sampler_rb_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int, seed: int = 0,
+                       max_rows: int = 32768) -> dict[str, np.ndarray]:
+    """sampler_repeats' MC and RB estimates through the same draw source, with the per-step KL looked up in a
+    (T, S) table instead of computed over the vocabulary per row: several times faster, for long studies."""
+    import torch
+
+    from .draws import make_source
+    from .engine import unit_generator
+
+    T, S, V = tables.shape
+    lp, lq = torch.as_tensor(tables.log_p), torch.as_tensor(tables.log_q)
+    kl = (lp.exp() * (lp - lq)).sum(-1)  # (T, S)
+    per = max(1, max_rows // n)
+    out = {"MC": [], "RB": []}
+    for start in range(0, repeats, per):
+        reps = range(start, min(repeats, start + per))
+        streams = [(unit_generator(seed, f"{tables.family}/{tables.divergence}/{sampler}/{n}", r, "cpu"), n)
+                   for r in reps]
+        src = make_source(sampler, streams, T, "cpu")
+        s = torch.full((n * len(reps),), tables.start_state, dtype=torch.long)
+        alive = torch.ones(s.shape, dtype=torch.bool)
+        mc, rb = torch.zeros(s.shape, dtype=torch.float64), torch.zeros(s.shape, dtype=torch.float64)
+        for t in range(T):
+            x = src(t, lp[t, s])
+            rb += torch.where(alive, kl[t, s], 0.0)
+            mc += torch.where(alive, lp[t, s, x] - lq[t, s, x], 0.0)
+            alive &= x != EOS
+            s = torch.as_tensor(tables.next_state(s, x))
+        out["MC"].append(mc.numpy().reshape(len(reps), n).mean(-1))
+        out["RB"].append(rb.numpy().reshape(len(reps), n).mean(-1))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def sampler_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int, seed: int = 0,
+                    control_variate: bool = False, max_rows: int = 32768) -> dict[str, np.ndarray]:
+    """`repeats` independent randomizations (one unit each) of n sequences from P drawn with `sampler`: the MC,
+    RB (and with `control_variate`, RB+CV with β cross-fitted between repeats) estimate of each, arrays
+    (repeats,). Without the control variate, units are drawn in forward batches of ≤ max_rows sequences."""
+    from .engine import sample_batch, sequence_proposal, unit_generator
+    from .estimators import rao_blackwell_is_terms, rb_control_variate_terms
+
+    pair, prop = MarkovPair(tables), sequence_proposal("P")
+    T = tables.shape[0]
+    per = repeats if control_variate else max(1, max_rows // n)
+    out = {"MC": [], "RB": [], "RB+CV": []}
+    for start in range(0, repeats, per):
+        reps = range(start, min(repeats, start + per))
+        streams = [(unit_generator(seed, f"{tables.family}/{tables.divergence}/{sampler}/{n}", r, "cpu"), n)
+                   for r in reps]
+        b = sample_batch(pair, prop, n * len(reps), T, streams, sampler=sampler)
+        f_step = np.where(b.mask, b.log_p - b.log_q, 0.0)
+        zero = np.zeros_like(b.log_p)
+        out["MC"].append(f_step.sum(-1).reshape(len(reps), n).mean(-1))
+        out["RB"].append(rao_blackwell_is_terms(b.kl_step, zero, b.mask).reshape(len(reps), n).mean(-1))
+        if control_variate:
+            cv = rb_control_variate_terms(b.kl_step, f_step, zero, b.mask, fold=np.repeat(np.arange(len(reps)) % 2, n))
+            out["RB+CV"].append(cv.reshape(len(reps), n).mean(-1))
+    return {k: np.concatenate(v) for k, v in out.items() if v}

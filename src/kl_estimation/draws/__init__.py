@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from .array_rqmc import ArrayRQMCDraws
 from .iid import IIDDraws
+from .sobol import SobolDraws
+from .stratified import StratifiedDraws
 
 
 def invert_cdf(log_r: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -28,7 +31,7 @@ def invert_cdf(log_r: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torc
     return x, lo, hi
 
 
-DRAWS = {"iid": IIDDraws}
+DRAWS = {"iid": IIDDraws, "stratified": StratifiedDraws, "sobol": SobolDraws, "array": ArrayRQMCDraws}
 
 
 def make_source(name: str, streams, t_length: int, device):

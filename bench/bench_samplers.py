@@ -1,0 +1,100 @@
+"""Cost of each way of drawing sequences against i.i.d. draws (wall time per sequence, same engine, same batches),
+and with --llm-variance their RB variance on the offline default LM pair.
+
+    python bench/bench_samplers.py [--llm] [--llm-variance --units 40 --rows 64]
+
+Timing (one thread, best of 3): a toy order-1 Markov pair (V = 201, T = 20, 64 units × 64 sequences in one batch:
+the draw source's own cost shows there) and, with --llm, the offline default LM pair (built once by
+default_pair.ensure(); 64 sequences, T = 20), where the forward passes dominate.
+
+--llm-variance: for each sampler, --units independent randomizations (units) of --rows sequences from P after the
+default prompt (LLMConfig: T = 20, temperature 0.4); the ratio n·Var_units(RB) / Var(i.i.d. RB), the denominator from
+the spread of all i.i.d. terms (valid for independent rows), with its relative noise √(2/(units − 1)).
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from kl_estimation import sequences as sq  # noqa: E402
+from kl_estimation.draws import DRAWS  # noqa: E402
+from kl_estimation.engine import sample_batch, sequence_proposal, unit_generator  # noqa: E402
+
+
+def timed(pair, T, units, rows, sampler, repeats):
+    prop = sequence_proposal("P")
+    best = []
+    for rep in range(repeats):
+        streams = [(unit_generator(rep, "bench", u, "cpu"), rows) for u in range(units)]
+        t0 = time.perf_counter()
+        sample_batch(pair, prop, units * rows, T, streams, sampler=sampler)
+        best.append(time.perf_counter() - t0)
+    return min(best) / (units * rows)
+
+
+def report(label, pair, T, units, rows, repeats):
+    base = None
+    for sampler in DRAWS:
+        per = timed(pair, T, units, rows, sampler, repeats)
+        base = base or per
+        print(f"{label}: {sampler:>10} {per * 1e6:8.1f} µs per sequence  ({per / base:.2f}× iid)", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llm", action="store_true", help="also the offline default LM pair (builds it once)")
+    ap.add_argument("--llm-variance", action="store_true", help="only the RB variance on the default LM pair")
+    ap.add_argument("--units", type=int, default=40)
+    ap.add_argument("--rows", type=int, default=64)
+    args = ap.parse_args()
+    if args.llm_variance:
+        return llm_variance(args.units, args.rows)
+    torch.set_num_threads(1)
+    tb = sq.markov_pair("zipf", "medium", 201, 1, 20, np.random.default_rng(0))
+    report("toy V=201 T=20, 4096 sequences per batch", sq.MarkovPair(tb), 20, 64, 64, 3)
+    if args.llm:
+        from kl_estimation import default_pair
+        from kl_estimation.models import load_transformers_pair
+
+        p, q = default_pair.ensure(0)
+        pair = load_transformers_pair(p, q, prompts="import os\n", temperature=1.0, device="cpu", dtype="float32",
+                                      ignore_eos=False)
+        report("default LM pair, 64 sequences per batch, T=20", pair, 20, 1, 64, 3)
+
+
+def llm_variance(units: int, rows: int):
+    from kl_estimation import default_pair
+    from kl_estimation.estimators import rao_blackwell_is_terms
+    from kl_estimation.llm import LLMConfig
+    from kl_estimation.models import load_transformers_pair
+
+    cfg = LLMConfig()
+    p, q = default_pair.ensure(0)
+    pair = load_transformers_pair(p, q, prompts=cfg.prompt, temperature=cfg.temperature, device="cpu",
+                                  dtype="float32", ignore_eos=False)
+    prop = sequence_proposal("P")
+    var_iid = None
+    for sampler in DRAWS:
+        est, terms, t0 = [], [], time.perf_counter()
+        for u in range(units):
+            b = sample_batch(pair, prop, rows, cfg.t_length, [(unit_generator(7, sampler, u, "cpu"), rows)],
+                             sampler=sampler)
+            g = rao_blackwell_is_terms(b.kl_step, np.zeros_like(b.log_p), b.mask)
+            est.append(g.mean())
+            terms.append(g)
+        var_units = rows * np.var(est, ddof=1)
+        if var_iid is None:  # i.i.d. first: its per-sequence variance from all units × rows terms
+            var_iid = float(np.var(np.concatenate(terms), ddof=1))
+        print(f"default LM pair, T={cfg.t_length}, τ={cfg.temperature}, prompt {cfg.prompt!r}: {sampler:>10} "
+              f"RB {np.mean(est):.4f}, n·Var over {units} randomizations of n={rows} / Var(i.i.d. RB) = "
+              f"{var_units / var_iid:.3f} (±{var_units / var_iid * np.sqrt(2 / (units - 1)):.3f}), "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
