@@ -36,8 +36,9 @@ DEFAULT_PROPOSALS = (P_NAME, "Geometric (β=0.5)", "Fixed mixture (λ=0.9)", "Al
                      "Exponential family (β=0.5)", "Adaptive", "Adaptive" + PREFIX_SUFFIX)
 
 
-def batch_records(b, decode, prompt_rows=None) -> list[dict]:
-    """One JSON-ready record per sequence, per-step lists cut at EOS (only the steps that count)."""
+def batch_records(b, decode, **tags) -> list[dict]:
+    """One JSON-ready record per sequence, per-step lists cut at EOS (only the steps that count); `tags`: arrays of
+    one integer per sequence stored under their names (the unit: prompt, batch)."""
     out = []
     for i in range(b.token_ids.shape[0]):
         n = int(b.mask[i].sum())
@@ -46,8 +47,7 @@ def batch_records(b, decode, prompt_rows=None) -> list[dict]:
         rec = dict(text=decode(ids), token_ids=ids, log_p=lp.tolist(), log_q=lq.tolist(), log_r=lr.tolist(),
                    kl_step=b.kl_step[i, :n].tolist(), log_weight=float(np.sum(lp - lr)),
                    log_ratio=float(np.sum(lp - lq)), uncovered_mass=float(b.uncovered[i, :n].max(initial=0.0)))
-        if prompt_rows is not None:
-            rec["prompt"] = int(prompt_rows[i])
+        rec.update({k: int(v[i]) for k, v in tags.items()})
         out.append(rec)
     return out
 
@@ -61,11 +61,6 @@ def records_to_arrays(records: list[dict], t_length: int) -> dict[str, np.ndarra
         out[k] = np.zeros(mask.shape)
         out[k][mask] = np.concatenate([r[k] for r in records])  # row-major fill matches the records' order
     return out
-
-
-# ------------------------------------------------------------------------------------------------ runs
-
-ESTIMATOR_ORDER = ("RB", "MC", "SNIS", "k3", "RB-IS", "IS", "k3-IS")
 
 
 @dataclass
@@ -321,13 +316,11 @@ def pack(units: list[Unit], batch_size: int) -> list[list[Unit]]:
 def sample_units(pair, prop, units: list[Unit], cfg, sampler: str = "iid") -> list[dict]:
     """One forward batch of units → their records, each tagged with its unit (prompt and batch index)."""
     streams = [(unit_generator(cfg.seed, prop.name, u.batch, pair.device, u.prompt), u.rows) for u in units]
-    rows = np.repeat([u.prompt for u in units], [u.rows for u in units])
+    sizes = [u.rows for u in units]
+    rows, batch = np.repeat([u.prompt for u in units], sizes), np.repeat([u.batch for u in units], sizes)
     b = sample_batch(pair, prop, len(rows), cfg.t_length, streams, prompt_rows=torch.as_tensor(rows),
                      sampler=sampler)
-    records = batch_records(b, pair.decode, rows)
-    for r, batch in zip(records, np.repeat([u.batch for u in units], [u.rows for u in units])):
-        r["batch"] = int(batch)
-    return records
+    return batch_records(b, pair.decode, prompt=rows, batch=batch)
 
 
 def _read_partial(partial: Path, key: dict) -> dict:
