@@ -72,7 +72,10 @@ def test_overall_and_per_prompt_estimates_agree_with_enumeration(pair, name):
     e = np.array([p["estimates"][main[0]]["estimate"] for p in doc["per_prompt"]])
     se = np.array([p["estimates"][main[0]]["std_error"] for p in doc["per_prompt"]])
     assert doc["estimates"][main[0]]["std_error"] == pytest.approx(math.sqrt(np.sum(se ** 2)) / 3)
-    assert doc["estimates"][main[0]]["std_error_population"] == pytest.approx(e.std(ddof=1) / math.sqrt(3))
+    o = doc["estimates"][main[0]]
+    assert o["std_error_population"] == pytest.approx(e.std(ddof=1) / math.sqrt(3))
+    # the population interval rests on 3 per-prompt estimates: Student t on 2 degrees of freedom, not z = 1.96
+    assert o["ci_population_high"] - o["estimate"] == pytest.approx(4.302653 * o["std_error_population"], rel=1e-6)
 
 
 def test_prompt_files_of_every_kind(tmp_path):

@@ -77,6 +77,8 @@ def test_reported_se_matches_spread_over_replications(sampler):
     # Var of the sample variance over M replications ≈ 2σ⁴/(M−1); of the mean SE² ≈ Var(s²_units)/M: 4σ together
     assert abs(np.mean(se2) / var - 1) < 4 * math.sqrt(2 / (M - 1) + 2 / ((units - 1) * M)), (np.mean(se2), var)
     assert np.mean(naive2) > 1.3 * var  # the spread of the n terms overstates it: why the SE must come from units
+    # the interval uses Student t on units − 1 = 7 degrees of freedom (z = 1.96 covers about 0.91 here, 0.70 at 2)
+    assert e["ci_high"] - e["estimate"] == pytest.approx(2.364624 * e["std_error"], rel=1e-6)
 
 
 @pytest.mark.parametrize("sampler", NEW)

@@ -130,3 +130,39 @@ def test_single_token_bounded_weight_proposals_are_not_flagged_by_khat():
                 assert not m["flags"], (p["family"], p["divergence"], m["name"], m["flags"])
                 checked += 1
     assert checked >= 12
+
+
+def test_uninformative_p_still_judges_consistency_and_small_n_cv_is_flagged():
+    """With every P row's SE not informative (few distinct sequences), P's RB+CV is still the yardstick: an IS row
+    whose SE collapsed on a rare heavy atom disagrees with it and is flagged (the independent audit's case). And a
+    control variate fitted on fewer than 100 sequences is flagged."""
+    cold_p = _p_doc(rb_cv=(150.196, 0.013), mc=(150.19, 0.02), n_distinct=8, modal_share=0.6, se_informative=False)
+    atom = _is_doc("Geometric (β=0.7)", est=154.14, se=0.62)
+    rows = {(r["proposal"], r["estimator"]): r["flag"] for r in verdicts.judge([cold_p, atom])["rows"]}
+    assert "disagrees with P RB+CV (150.2 ± 0.013)" in rows[("Geometric (β=0.7)", "RB-IS+CV")]
+    small = verdicts.judge([_p_doc(n=60)])
+    flags = {r["estimator"]: r["flag"] for r in small["rows"]}
+    assert flags["RB+CV"].startswith("control variate fitted on 60 < 100") and not flags["RB"]
+    assert small["recommended"]["estimator"] == "RB"
+
+
+def test_the_audited_rare_atom_case_is_flagged(tmp_path):
+    """The audit's grid case (pair seed 13, noise 1.0, EOS ignored, temperature 0.1, T = 3, 3000 sequences, run seed
+    5149): Geometric (β=0.7) RB-IS+CV read 154.14 ± 0.62 against an exact KL of 150.18, unflagged — one sequence
+    with r = 7.6e-4 and weight 291 holds 90 % of RB-IS's variance and is rarely drawn; every sample-only check
+    passes, so only the comparison with P can catch it."""
+    from kl_estimation import engine, enumeration, llm
+    from kl_estimation.models import load_transformers_pair
+    from tiny_lms import save_pair
+
+    paths = save_pair(tmp_path, words=("<eos>", "a", "b", "c", "d"), extra_rows=3, seed=13, noise=1.0)
+    pair = load_transformers_pair(*paths, prompts="d", temperature=0.1, ignore_eos=True)
+    kl = enumeration.enumerate_sequences(pair, engine.sequence_proposal("P"), 3)["kl"]
+    cfg = llm.LLMConfig(p_model="x", q_model="y", prompt="d", n_reps=3000, t_length=3, temperature=0.1,
+                        proposals=("P", "Geometric (β=0.7)"), batch_size=1000, seed=5149, ignore_eos=True)
+    rows = {(r["proposal"], r["estimator"]): r for r in llm.run_experiment(pair, cfg, {})["rows"]}
+    cv = rows[("Geometric (β=0.7)", "RB-IS+CV")]
+    assert abs(cv["estimate"] - kl) > 5 * cv["std_error"]  # the case is still there to be caught
+    assert "disagrees with P" in cv["flag"]
+    for r in rows.values():
+        assert r["flag"] or abs(r["estimate"] - kl) <= 5 * r["std_error"], r

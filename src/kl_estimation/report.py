@@ -157,5 +157,11 @@ def recommendation_line(rec: dict | None, scope: str = "") -> str:
     if rec is None:
         return (f"Recommended{where}: none — every row is flagged (see above); draw more sequences or raise the "
                 f"temperature (a proposal whose weights degenerate needs P in the run to be judged).")
+    population = ""
+    if rec.get("std_error_population") is not None and rec["std_error_population"] == rec["std_error_population"]:
+        population = (f"; for the prompt population ± {rec['std_error_population']:.2g} (95% CI "
+                      f"[{rec['ci_population_low']:.4g}, {rec['ci_population_high']:.4g}])")
+    fixed = " for this prompt set" if population else ""
     return (f"Recommended{where}: {rec['proposal']} {rec['estimator']} = {rec['estimate']:.6g} ± "
-            f"{rec['std_error']:.2g} (95% CI [{rec['ci_low']:.4g}, {rec['ci_high']:.4g}]) — {rec['reason']}.")
+            f"{rec['std_error']:.2g} (95% CI [{rec['ci_low']:.4g}, {rec['ci_high']:.4g}]{fixed}{population}) — "
+            f"{rec['reason']}.")

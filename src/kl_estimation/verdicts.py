@@ -38,6 +38,8 @@ P_BASED = ("RB+CV", "RB", "MC")
 BIASED = ("SNIS",)
 CONSISTENCY_Z = 3.0
 CHALLENGER_MARGIN = 0.7  # a challenger must have SE below this fraction of RB+CV's (about half the variance)
+NOT_INFORMATIVE = "SE not informative"
+MIN_CV_SEQUENCES = 100  # below this the cross-fitted β is noise (n = 20: up to 6.5× the better of MC and RB)
 DEFAULT_REASON = ("RB+CV (cross-fitted β) is the default: unbiased, weights all 1, and asymptotically never worse "
                   "than the better of MC and RB")
 
@@ -55,11 +57,14 @@ def estimate_flags(proposal: str, estimator: str, e: dict, uncovered_mass: float
     if estimator in BIASED and proposal != P_NAME:
         flags.append("self-normalised: biased at O(1/n)")
     if not e.get("se_informative", True):
-        flags.append(f"SE not informative: {e['n_distinct']} distinct sequences in {e['n']} draws, "
+        flags.append(f"{NOT_INFORMATIVE}: {e['n_distinct']} distinct sequences in {e['n']} draws, "
                      f"{e['modal_share']:.0%} of them one sequence (needs ≥ {MIN_DISTINCT} distinct and ≥ "
                      f"{MIN_OTHER_DRAWS} draws off the most frequent) — the sample has not seen the variance")
     elif e.get("std_error") == 0 and e.get("n", 0) > 1:
-        flags.append("SE not informative: every draw gave the same value — the sample has not seen the variance")
+        flags.append(f"{NOT_INFORMATIVE}: every draw gave the same value — the sample has not seen the variance")
+    if estimator.endswith("+CV") and e.get("n", MIN_CV_SEQUENCES) < MIN_CV_SEQUENCES:
+        flags.append(f"control variate fitted on {e['n']} < {MIN_CV_SEQUENCES} sequences: its cross-fitted β is "
+                     f"noisy, so its variance can exceed both MC's and RB's and its SE is too small")
     if proposal != P_NAME:
         m, z = e.get("prefix_weight_mean"), e.get("prefix_weight_z")
         if m is not None and identity_failure(m, z):
@@ -96,19 +101,27 @@ def judge_rows(entries: list[tuple[str, dict, float]], extra_flags: dict | None 
                 continue
             combined = math.hypot(r["std_error"], ref["std_error"])
             gap = abs(r["estimate"] - ref["estimate"])
-            if gap > CONSISTENCY_Z * combined:
+            if gap > CONSISTENCY_Z * combined:  # both SEs 0 (an uninformative reference): any gap disagrees
                 r["flags"].append(f"disagrees with P {ref['estimator']} ({ref['estimate']:.4g} ± "
-                                  f"{ref['std_error']:.2g}) by {gap / combined:.1f} combined SEs")
+                                  f"{ref['std_error']:.2g}) by {gap / combined if combined else math.inf:.1f} "
+                                  f"combined SEs")
     for r in rows:
         r["flag"] = "; ".join(r.pop("flags"))
     return rank(rows)
 
 
 def reference(rows: list[dict]) -> dict | None:
-    """The best trusted P-based row (smallest SE), the yardstick of the consistency check; None without one."""
-    cands = [r for r in rows if r["proposal"] == P_NAME and r["estimator"] in P_BASED and not r["flags"]
-             and _finite(r["std_error"])]
-    return min(cands, key=lambda r: r["std_error"]) if cands else None
+    """The yardstick of the consistency check: the P-based row (MC, RB, RB+CV) with the smallest SE among those
+    with no flag — or, when every P row's SE is not informative (few distinct sequences: low temperature, a small
+    support), among those flagged for that alone. RB's estimate then still sums the exact per-step KL along the
+    sequences that carry P's mass, and the check only ever adds flags: an IS row that disagrees with it is not
+    to be trusted either. None without a P row."""
+    p_rows = [r for r in rows if r["proposal"] == P_NAME and r["estimator"] in P_BASED and _finite(r["std_error"])]
+    for ok in (lambda r: not r["flags"], lambda r: all(f.startswith(NOT_INFORMATIVE) for f in r["flags"])):
+        cands = [r for r in p_rows if ok(r)]
+        if cands:
+            return min(cands, key=lambda r: r["std_error"])
+    return None
 
 
 def rank(rows: list[dict]) -> list[dict]:
@@ -130,8 +143,9 @@ def recommend(rows: list[dict]) -> dict | None:
                   f"below P's RB+CV")
     else:
         reason = "the smallest SE among trusted unbiased rows (the run has no P-based RB+CV)"
-    return dict(proposal=best["proposal"], estimator=best["estimator"], estimate=best["estimate"],
-                std_error=best["std_error"], ci_low=best["ci_low"], ci_high=best["ci_high"], reason=reason)
+    keys = ("proposal", "estimator", "estimate", "std_error", "ci_low", "ci_high", "std_error_population",
+            "ci_population_low", "ci_population_high")
+    return dict({k: best[k] for k in keys if k in best}, reason=reason)
 
 
 def judge(docs: list[dict]) -> dict:
