@@ -169,6 +169,7 @@ def test_overwrite_with_fewer_proposals_leaves_no_earlier_file(tiny, tmp_path, c
     assert code == 0 and (out / "geometric_beta-0.5.json").exists()
     (out / "notes.json").write_text('{"mine": 1}')  # a user's own file is not the run's
     (out / "adaptive.partial.jsonl").write_text('{"run_key": {}}\n')  # an earlier interrupted proposal
+    (out / "summary_per_prompt.csv").write_text("prompt\n0\n")  # an earlier prompt-set run's
     code, _, _ = call(llm_main, llm_args(tiny, out, "--proposals", "P", "--overwrite"), capsys)
     assert code == 0
     names = sorted(p.name for p in out.iterdir())

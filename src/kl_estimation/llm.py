@@ -260,7 +260,8 @@ def earlier_run_files(folder) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    out = [folder / n for n in ("summary.json", "summary.csv", "plots") if (folder / n).exists()]
+    out = [folder / n for n in ("summary.json", "summary.csv", "summary_per_prompt.csv", "plots")
+           if (folder / n).exists()]
     out += sorted(folder.glob("*.partial.jsonl"))
     for f in sorted(folder.glob("*.json")):
         if f.name != "summary.json":
@@ -313,14 +314,21 @@ def pack(units: list[Unit], batch_size: int) -> list[list[Unit]]:
     return out
 
 
-def sample_units(pair, prop, units: list[Unit], cfg, sampler: str = "iid") -> list[dict]:
-    """One forward batch of units → their records, each tagged with its unit (prompt and batch index)."""
+def sample_units(pair, prop, units: list[Unit], cfg) -> list[dict]:
+    """One forward batch of units (drawn with cfg.sampler) → their records, each tagged with its unit (prompt and
+    batch index)."""
     streams = [(unit_generator(cfg.seed, prop.name, u.batch, pair.device, u.prompt), u.rows) for u in units]
     sizes = [u.rows for u in units]
     rows, batch = np.repeat([u.prompt for u in units], sizes), np.repeat([u.batch for u in units], sizes)
     b = sample_batch(pair, prop, len(rows), cfg.t_length, streams, prompt_rows=torch.as_tensor(rows),
-                     sampler=sampler)
+                     sampler=cfg.sampler)
     return batch_records(b, pair.decode, prompt=rows, batch=batch)
+
+
+def split_by_unit(units: list[Unit], records: list[dict]) -> dict[Unit, list[dict]]:
+    """A forward batch's (or a partial line's) records, in unit order, back to their units."""
+    it = iter(records)
+    return {u: [next(it) for _ in range(u.rows)] for u in units}
 
 
 def _read_partial(partial: Path, key: dict) -> dict:
@@ -330,9 +338,7 @@ def _read_partial(partial: Path, key: dict) -> dict:
                          f"({_diff(lines[0].get('run_key') if lines else None, key)})")
     done = {}
     for ln in lines[1:]:
-        recs = iter(ln["sequences"])
-        for prompt, batch, rows in ln["units"]:
-            done[Unit(prompt, batch, rows)] = [next(recs) for _ in range(rows)]
+        done.update(split_by_unit([Unit(*u) for u in ln["units"]], ln["sequences"]))
     return done
 
 
@@ -390,15 +396,15 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
         new: dict[Unit, list[dict]] = {}
         try:
             for group in batches:
-                recs = sample_units(pair, prop, group, cfg, cfg.sampler)
+                recs = sample_units(pair, prop, group, cfg)
                 for r in recs:
                     r["rank"] = shard.rank
                 if partial is not None:
                     runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in group],
                                                  "sequences": recs})
-                it = iter(recs)
-                for u in group:
-                    new[u] = done[u] = [next(it) for _ in range(u.rows)]
+                drawn = split_by_unit(group, recs)
+                new.update(drawn)
+                done.update(drawn)
                 if bar:
                     bar.update(1)
                     bar.set_postfix_str(_running(done.values(), prop.base is None))

@@ -29,6 +29,17 @@ def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
 
 
+def _zero_masked(x, mask):
+    """x with 0 where `mask` is False (mask numpy, list or torch; moved to x's kind and device)."""
+    if mask is None:
+        return x
+    if _is_torch(x):
+        import torch
+
+        return torch.where(torch.as_tensor(mask, device=x.device), x, torch.zeros_like(x))
+    return np.where(mask, x, 0.0)
+
+
 def _kl_rows(lp, lq):
     """KL of each row of (unnormalised) log-probabilities, in float32 or wider; 0·log 0 = 0."""
     import torch
@@ -58,8 +69,7 @@ def exact_token_kl(logits_p, logits_q, mask=None, *, temperature: float = 1.0, c
         lp = log_softmax(np.asarray(logits_p, dtype=np.float64) / temperature, axis=-1)
         lq = log_softmax(np.asarray(logits_q, dtype=np.float64) / temperature, axis=-1)
         p = np.exp(lp)
-        kl = np.where(p > 0, p * (lp - lq), 0.0).sum(-1)
-        return kl if mask is None else np.where(mask, kl, 0.0)
+        return _zero_masked(np.where(p > 0, p * (lp - lq), 0.0).sum(-1), mask)
     import torch
     from torch.utils.checkpoint import checkpoint
 
@@ -70,15 +80,12 @@ def exact_token_kl(logits_p, logits_q, mask=None, *, temperature: float = 1.0, c
     grad = torch.is_grad_enabled() and (fp.requires_grad or fq.requires_grad)
     parts = [checkpoint(_kl_rows, fp[i:i + chunk_size], fq[i:i + chunk_size], use_reentrant=False) if grad
              else _kl_rows(fp[i:i + chunk_size], fq[i:i + chunk_size]) for i in range(0, fp.shape[0], chunk_size)]
-    kl = torch.cat(parts).reshape(lead)
-    return kl if mask is None else torch.where(torch.as_tensor(mask, device=kl.device), kl, torch.zeros_like(kl))
+    return _zero_masked(torch.cat(parts).reshape(lead), mask)
 
 
 def _per_token(fn, logp, logq, mask):
-    xp, lp, lq = est._arrays(logp, logq)
-    out = fn(lp - lq)
-    return out if mask is None else xp.where(xp.asarray(mask, device=getattr(out, "device", None))
-                                             if _is_torch(out) else np.asarray(mask), out, xp.zeros_like(out))
+    _, lp, lq = est._arrays(logp, logq)
+    return _zero_masked(fn(lp - lq), mask)
 
 
 def k1(logp, logq, mask=None):
@@ -116,15 +123,13 @@ def sequence_kl(logp, logq, *, token_kl=None, logr=None, mask=None, estimator: s
     xp, lp, lq, *rest = est._arrays(logp, logq, *(x for x in (token_kl, logr) if x is not None))
     kl = rest.pop(0) if token_kl is not None else None
     lr = rest.pop(0) if logr is not None else lp
-    m = None if mask is None else (xp.asarray(mask, device=lp.device) if _is_torch(lp) else np.asarray(mask))
-    f = lp - lq if m is None else xp.where(m, lp - lq, xp.zeros_like(lp))
-    lw = lp - lr if m is None else xp.where(m, lp - lr, xp.zeros_like(lp))
+    f, lw = _zero_masked(lp - lq, mask), _zero_masked(lp - lr, mask)
     if estimator == "rb":
-        return est.rao_blackwell_is_terms(kl, lw, m)
+        return est.rao_blackwell_is_terms(kl, lw, mask)
     if estimator == "rb+cv":
         if lp.shape[-2] < 4:
             raise ValueError(f"logp: rb+cv needs at least 4 sequences on axis -2 (got {lp.shape[-2]})")
-        return est.rb_control_variate_terms(kl, f, lw, m)
+        return est.rb_control_variate_terms(kl, f, lw, mask)
     seq_f, seq_lw = xp.sum(f, axis=-1), xp.sum(lw, axis=-1)
     g = seq_f if estimator == "mc" else est.k3_terms(seq_f)
     return xp.exp(seq_lw) * g
