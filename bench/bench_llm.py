@@ -25,8 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kl_estimation.engine import exact_step_kl, sample_batch, sequence_proposal, unit_generator  # noqa: E402
-from kl_estimation.models import TransformersPair, tempered_log_softmax, _forward_last  # noqa: E402
+from kl_estimation.llm.engine import (  # noqa: E402
+    exact_step_kl,
+    sample_batch,
+    sequence_proposal,
+    unit_generator,
+)
+from kl_estimation.llm.pair import TransformersPair, _forward_last, tempered_log_softmax  # noqa: E402
 
 TEMPERATURE = 0.4
 

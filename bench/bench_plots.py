@@ -9,8 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kl_estimation import plots  # noqa: E402
 from kl_estimation.cli import synthetic_main  # noqa: E402
+from kl_estimation.figures import synthetic as plots  # noqa: E402
 
 
 def main():

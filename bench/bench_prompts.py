@@ -20,8 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench_llm import _Tok, models, timed  # noqa: E402  (the same pair and timer as bench_llm.py)
-from kl_estimation import llm  # noqa: E402
-from kl_estimation.models import TransformersPair, pad_left  # noqa: E402
+
+from kl_estimation.llm.pair import TransformersPair, pad_left  # noqa: E402
+from kl_estimation.llm.run.config import LLMConfig  # noqa: E402
+from kl_estimation.llm.run.runner import run_experiment  # noqa: E402
 from kl_estimation.training import exact_token_kl  # noqa: E402
 
 
@@ -40,21 +42,21 @@ def main():
     pair = TransformersPair(p, q, _Tok(2048), ids.to(device), mask.to(device), 1.0, None)
     m, R, T = args.prompts, args.reps, args.T
     n_seq = m * R
-    cfg = llm.LLMConfig(p_model="x", q_model="y", prompts=tuple(map(str, range(m))), n_reps=R, t_length=T,
+    cfg = LLMConfig(p_model="x", q_model="y", prompts=tuple(map(str, range(m))), n_reps=R, t_length=T,
                         temperature=1.0, proposals=("P",), batch_size=n_seq)
     print(f"random GPT-2 pair (2 layers, d=128, V=2048) on {device} ({torch.get_num_threads()} threads): {m} prompts "
           f"of 4–32 tokens × {R} sequences × T={T}")
 
     def ours():
-        llm.run_experiment(pair, cfg, {"p": "x", "q": "y"})
+        run_experiment(pair, cfg, {"p": "x", "q": "y"})
 
     def one_by_one():
         for i in range(m):
             single = TransformersPair(p, q, _Tok(2048), ids[i:i + 1, -len(prompt_ids[i]):].to(device),
                                       mask[i:i + 1, -len(prompt_ids[i]):].to(device), 1.0, None)
-            c = llm.LLMConfig(p_model="x", q_model="y", prompt=str(i), n_reps=R, t_length=T, temperature=1.0,
+            c = LLMConfig(p_model="x", q_model="y", prompt=str(i), n_reps=R, t_length=T, temperature=1.0,
                               proposals=("P",), batch_size=R)
-            llm.run_experiment(single, c, {"p": "x", "q": "y"})
+            run_experiment(single, c, {"p": "x", "q": "y"})
 
     def straightforward():
         torch.manual_seed(0)  # generate() draws from the global RNG; the benchmark owns this process

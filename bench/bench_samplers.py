@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kl_estimation import sequences as sq  # noqa: E402
-from kl_estimation.draws import DRAWS  # noqa: E402
-from kl_estimation.engine import sample_batch, sequence_proposal, unit_generator  # noqa: E402
+from kl_estimation.core.draws import DRAWS  # noqa: E402
+from kl_estimation.llm.engine import sample_batch, sequence_proposal, unit_generator  # noqa: E402
+from kl_estimation.toy import markov as sq  # noqa: E402
 
 
 def timed(pair, T, units, rows, sampler, repeats):
@@ -58,8 +58,8 @@ def main():
     tb = sq.markov_pair("zipf", "medium", 201, 1, 20, np.random.default_rng(0))
     report("toy V=201 T=20, 4096 sequences per batch", sq.MarkovPair(tb), 20, 64, 64, 3)
     if args.llm:
-        from kl_estimation import default_pair
-        from kl_estimation.models import load_transformers_pair
+        from kl_estimation.llm import default_pair
+        from kl_estimation.llm.loading import load_transformers_pair
 
         p, q = default_pair.ensure(0)
         pair = load_transformers_pair(p, q, prompts="import os\n", temperature=1.0, device="cpu", dtype="float32",
@@ -68,10 +68,10 @@ def main():
 
 
 def llm_variance(units: int, rows: int):
-    from kl_estimation import default_pair
-    from kl_estimation.estimators import rao_blackwell_is_terms
-    from kl_estimation.llm import LLMConfig
-    from kl_estimation.models import load_transformers_pair
+    from kl_estimation.core.estimators import rao_blackwell_is_terms
+    from kl_estimation.llm import default_pair
+    from kl_estimation.llm.loading import load_transformers_pair
+    from kl_estimation.llm.run.config import LLMConfig
 
     cfg = LLMConfig()
     p, q = default_pair.ensure(0)

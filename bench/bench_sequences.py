@@ -10,8 +10,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kl_estimation import sequences as sq  # noqa: E402
-from kl_estimation.proposals import build_proposals  # noqa: E402
+from kl_estimation.core.proposals import build_proposals  # noqa: E402
+from kl_estimation.toy import markov as sq  # noqa: E402
 
 
 def main():

@@ -19,8 +19,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from kl_estimation.proposals import build_proposals  # noqa: E402
-from kl_estimation.synthetic import SyntheticConfig, make_pair, run  # noqa: E402
+from kl_estimation.core.proposals import build_proposals  # noqa: E402
+from kl_estimation.synthetic.experiment import SyntheticConfig, make_pair, run  # noqa: E402
 
 
 def timed_script(args, repeats=1):

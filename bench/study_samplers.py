@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kl_estimation import sequences as sq  # noqa: E402
+from kl_estimation.toy import markov as sq  # noqa: E402
 
 CASES = {1: 201, 2: 51}  # order → V (order 2 at V = 51 keeps the DP tables small)
 
@@ -43,7 +43,7 @@ def first_step_ceilings(tb) -> dict:
 
 
 def distinct_share(tb, n: int, seed: int) -> float:
-    from kl_estimation.engine import sample_batch, sequence_proposal, unit_generator
+    from kl_estimation.llm.engine import sample_batch, sequence_proposal, unit_generator
 
     b = sample_batch(sq.MarkovPair(tb), sequence_proposal("P"), n, tb.shape[0], unit_generator(seed, "dup", n, "cpu"))
     return len({tuple(row[m]) for row, m in zip(b.token_ids, b.mask)}) / n

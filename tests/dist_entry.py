@@ -3,13 +3,13 @@ at its (k + r)-th forward batch, leaving its finished batches in its partial fil
 import os
 import sys
 
-from kl_estimation import llm
 from kl_estimation.cli import llm_main
+from kl_estimation.llm.run import units
 
 if __name__ == "__main__":
     die = int(os.environ.get("KL_TEST_DIE_AFTER", "0"))
     if die:
-        real, calls = llm.sample_batch, [0]
+        real, calls = units.sample_batch, [0]
 
         def dying(*a, **k):
             calls[0] += 1
@@ -17,5 +17,5 @@ if __name__ == "__main__":
                 raise KeyboardInterrupt
             return real(*a, **k)
 
-        llm.sample_batch = dying
+        units.sample_batch = dying
     sys.exit(llm_main(sys.argv[1:]))

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from kl_estimation import engine, enumeration
 from kl_estimation.cli import llm_main
-from kl_estimation.estimators import sequence_estimates
-from kl_estimation.models import AdapterView, load_transformers_pair
-
+from kl_estimation.core.estimators import sequence_estimates
+from kl_estimation.llm import engine, enumeration
+from kl_estimation.llm.loading import load_transformers_pair
+from kl_estimation.llm.pair import AdapterView
 from tiny_lms import save_pair, tokenizer
 
 peft = pytest.importorskip("peft")

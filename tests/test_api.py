@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 import kl_estimation as kle
-from kl_estimation import engine, enumeration
-from kl_estimation.models import load_transformers_pair
-
+from kl_estimation.llm import engine, enumeration
+from kl_estimation.llm.loading import load_transformers_pair
 from tiny_lms import save_pair
 
 PROMPTS = ["a b", "c"]

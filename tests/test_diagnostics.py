@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import genpareto
 
-from kl_estimation.diagnostics import gpd_fit, kish_ess, pareto_khat
+from kl_estimation.core.diagnostics import gpd_fit, kish_ess, pareto_khat
 
 
 def test_kish_ess():

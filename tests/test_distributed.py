@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kl_estimation import distributed, llm
 from kl_estimation.cli import llm_main
-
+from kl_estimation.llm.run import distributed, units
 from tiny_lms import save_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +83,7 @@ def test_fewer_gpus_than_ranks_is_one_clear_error(monkeypatch):
 
 
 def test_killed_one_process_run_resumed_by_two_ranks_is_identical(tiny, one_process, tmp_path, monkeypatch):
-    real, calls = llm.sample_batch, {"n": 0}
+    real, calls = units.sample_batch, {"n": 0}
 
     def dying(*a, **k):
         calls["n"] += 1
@@ -92,7 +91,7 @@ def test_killed_one_process_run_resumed_by_two_ranks_is_identical(tiny, one_proc
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(llm, "sample_batch", dying)
+    monkeypatch.setattr(units, "sample_batch", dying)
     out = tmp_path / "run"
     assert llm_main(argv(tiny, out)) == 130  # Ctrl-C: what was kept, exit 130
     assert (out / "p.partial.jsonl").exists()

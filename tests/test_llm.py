@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from kl_estimation import engine, enumeration, llm, verdicts
+from kl_estimation import verdicts
 from kl_estimation.cli import llm_main
-from kl_estimation.estimators import k3_terms, sequence_estimates
-from kl_estimation.models import load_transformers_pair, tempered_log_softmax
-
+from kl_estimation.core.estimators import k3_terms, sequence_estimates
+from kl_estimation.llm import engine, enumeration
+from kl_estimation.llm.loading import load_transformers_pair
+from kl_estimation.llm.pair import tempered_log_softmax
+from kl_estimation.llm.run import units
 from tiny_lms import save_pair
 
 T = 3
@@ -127,7 +129,7 @@ def test_sequence_rb_above_mc_on_a_tiny_transformer_and_rb_cv_at_least_as_good(t
     """A tiny random GPT-2 pair with EOS (save_pair seed 0, noise 0.8) at temperature 0.4, T = 4: exact Var(RB) =
     40.7 > Var(MC) = 25.0 by enumeration. The oracle RB+CV variance is below both, and the cross-fitted RB+CV's
     sample variance over 4000 sequences is no worse than the better of the two within 4 SE."""
-    from kl_estimation.estimators import rb_control_variate_terms
+    from kl_estimation.core.estimators import rb_control_variate_terms
 
     pair = load_transformers_pair(*save_pair(tmp_path / "pair", seed=0, noise=0.8), prompts="a b", temperature=0.4)
     T = 4
@@ -219,7 +221,7 @@ def test_json_per_step_numbers_match_a_fresh_forward_pass(tmp_path, tiny, capsys
 
 def test_resume_after_interruption_gives_the_same_records(tmp_path, tiny, monkeypatch, capsys):
     assert run_cli(tmp_path, tiny, folder="straight")[0] == 0
-    real = llm.sample_batch
+    real = units.sample_batch
     calls = {"n": 0}
 
     def dying(*a, **k):
@@ -228,7 +230,7 @@ def test_resume_after_interruption_gives_the_same_records(tmp_path, tiny, monkey
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(llm, "sample_batch", dying)
+    monkeypatch.setattr(units, "sample_batch", dying)
     capsys.readouterr()
     assert run_cli(tmp_path, tiny, folder="killed")[0] == 130  # Ctrl-C: one line, exit 130, no traceback
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -239,7 +241,7 @@ def test_resume_after_interruption_gives_the_same_records(tmp_path, tiny, monkey
     assert not (killed / "geometric_beta-0.5.json").exists()
     code, _ = run_cli(tmp_path, tiny, folder="killed")
     assert code == 2 and "--resume" in capsys.readouterr().err  # refuses to clobber without --resume
-    monkeypatch.setattr(llm, "sample_batch", real)
+    monkeypatch.setattr(units, "sample_batch", real)
     calls["n"] = 0
     assert run_cli(tmp_path, tiny, "--resume", folder="killed")[0] == 0
     for f in ("p.json", "geometric_beta-0.5.json", "adaptive_prefix-aware.json"):

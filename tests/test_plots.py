@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from kl_estimation.cli import synthetic_main, visualize_main
-from kl_estimation.plots import PAIR_FIGURES
+from kl_estimation.figures.synthetic import PAIR_FIGURES
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

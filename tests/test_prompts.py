@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from kl_estimation import engine, enumeration, llm
 from kl_estimation.cli import llm_main
-from kl_estimation.models import load_transformers_pair
-from kl_estimation.prompts import load_prompts
-
+from kl_estimation.llm import engine, enumeration
+from kl_estimation.llm.loading import load_transformers_pair
+from kl_estimation.llm.prompts import load_prompts
+from kl_estimation.llm.run import units
+from kl_estimation.llm.run.config import LLMConfig
+from kl_estimation.llm.run.runner import run_experiment
+from kl_estimation.llm.run.units import plan_units, sample_units
 from tiny_lms import save_pair
 
 PROMPTS = ["a", "a b c b", "c b"]  # different lengths: the batch is left-padded
@@ -42,11 +45,11 @@ def test_padded_prompts_give_the_distributions_they_give_alone(tiny, pair):
 
 
 def test_records_do_not_depend_on_packing(pair):
-    cfg = llm.LLMConfig(p_model="x", q_model="y", prompts=tuple(PROMPTS), n_reps=8, t_length=4, batch_size=8)
+    cfg = LLMConfig(p_model="x", q_model="y", prompts=tuple(PROMPTS), n_reps=8, t_length=4, batch_size=8)
     prop = engine.sequence_proposal("Geometric (β=0.5)")
-    units = llm.plan_units(3, 8, 8)
-    together = llm.sample_units(pair, prop, units, cfg)
-    alone = [r for u in units for r in llm.sample_units(pair, prop, [u], cfg)]
+    units = plan_units(3, 8, 8)
+    together = sample_units(pair, prop, units, cfg)
+    alone = [r for u in units for r in sample_units(pair, prop, [u], cfg)]
     assert [r["token_ids"] for r in together] == [r["token_ids"] for r in alone]
     assert [r["prompt"] for r in together] == [0] * 8 + [1] * 8 + [2] * 8
     np.testing.assert_allclose([r["log_weight"] for r in together], [r["log_weight"] for r in alone], atol=1e-5)
@@ -57,9 +60,9 @@ def test_overall_and_per_prompt_estimates_agree_with_enumeration(pair, name):
     T, n = 3, 1500
     truth = [enumeration.enumerate_sequences(pair, engine.sequence_proposal(name), T, prompt_index=i)["kl"]
              for i in range(len(PROMPTS))]
-    cfg = llm.LLMConfig(p_model="x", q_model="y", prompts=tuple(PROMPTS), n_reps=n, t_length=T, batch_size=500,
+    cfg = LLMConfig(p_model="x", q_model="y", prompts=tuple(PROMPTS), n_reps=n, t_length=T, batch_size=500,
                         proposals=(name,), seed=5)
-    doc = llm.run_experiment(pair, cfg, {"p": "x", "q": "y"})["docs"][0]
+    doc = run_experiment(pair, cfg, {"p": "x", "q": "y"})["docs"][0]
     main = ("MC", "RB", "RB+CV") if name == "P" else ("IS", "RB-IS", "RB-IS+CV")
     for est in main:
         o = doc["estimates"][est]
@@ -114,7 +117,7 @@ def test_cli_prompt_set_per_prompt_results_and_resume(tmp_path, tiny, monkeypatc
     assert [p["text"] for p in summary["per_prompt"]] == PROMPTS and len(summary["per_prompt"][0]["rows"]) == 10
     assert (tmp_path / "straight" / "summary_per_prompt.csv").exists()
     assert "std_error_population" in doc["estimates"]["RB"]
-    real, calls = llm.sample_batch, {"n": 0}
+    real, calls = units.sample_batch, {"n": 0}
 
     def dying(*a, **k):
         calls["n"] += 1
@@ -122,9 +125,9 @@ def test_cli_prompt_set_per_prompt_results_and_resume(tmp_path, tiny, monkeypatc
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(llm, "sample_batch", dying)
+    monkeypatch.setattr(units, "sample_batch", dying)
     assert cli(tmp_path, tiny, "--prompts", str(f), folder="killed") == 130
-    monkeypatch.setattr(llm, "sample_batch", real)
+    monkeypatch.setattr(units, "sample_batch", real)
     assert cli(tmp_path, tiny, "--prompts", str(f), "--resume", folder="killed") == 0
     for name in ("p.json", "adaptive.json"):
         a = json.loads((tmp_path / "straight" / name).read_text())
@@ -156,7 +159,7 @@ def test_bad_prompt_input(args, needle, tmp_path, tiny, capsys, monkeypatch):
 def test_chat_template_wraps_each_prompt(tiny):
     from transformers import AutoTokenizer
 
-    from kl_estimation.models import tokenize_prompts
+    from kl_estimation.llm.loading import tokenize_prompts
 
     tok = AutoTokenizer.from_pretrained(tiny[0])
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} c{% endfor %}{% if add_generation_prompt %} b{% endif %}"

@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kl_estimation.proposals import REGISTRY, build_proposals, by_name, log_ratio, proposal
+from kl_estimation.core.proposals import (
+    REGISTRY,
+    build_proposals,
+    by_name,
+    log_ratio,
+    proposal,
+)
 
 GRID = (0.0, 0.3, 0.5, 0.9, 1.0)
 ALL = build_proposals(GRID)

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from kl_estimation import cli, default_pair, engine, enumeration, llm, progress
+from kl_estimation import cli, progress
 from kl_estimation.cli import llm_main, synthetic_main, visualize_main
-from kl_estimation.models import load_transformers_pair
-
+from kl_estimation.llm import default_pair, engine, enumeration
+from kl_estimation.llm.loading import load_transformers_pair
+from kl_estimation.llm.run.config import LLMConfig
+from kl_estimation.llm.run.runner import load_pair, run_experiment
 from tiny_lms import save_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +193,7 @@ def test_threads_flag(tiny, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ Ctrl-C
 
 def test_synthetic_ctrl_c_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    from kl_estimation import synthetic
+    from kl_estimation.synthetic import experiment as synthetic
 
     def interrupted(cfg, progress=None):
         raise KeyboardInterrupt
@@ -302,7 +304,7 @@ def test_llm_run_records_the_default_pair_and_seed_is_for_sampling_only(tiny, mo
     calls = []
     monkeypatch.setattr(default_pair, "ensure", lambda *a: calls.append(a) or tiny)
     monkeypatch.setattr(default_pair, "info", lambda: {"version": "v1", "seed": default_pair.SEED})
-    _, models = llm.load_pair(llm.LLMConfig(seed=5, prompt="a b"))
+    _, models = load_pair(LLMConfig(seed=5, prompt="a b"))
     assert calls == [()] and models["default_pair"]["seed"] == default_pair.SEED
 
 
@@ -348,14 +350,14 @@ def test_llm_run_draws_its_figures_and_visualize_redraws_them(tiny, tmp_path, ca
 
 def test_llm_figures_with_prompt_set_and_exact_reference(tiny, tmp_path):
     """A prompt set gets the per-prompt figure; a run given the exact KL (enumerated here) records and draws it."""
-    from kl_estimation import plots_llm
+    from kl_estimation.figures import llm as plots_llm
 
-    cfg = llm.LLMConfig(p_model=tiny[0], q_model=tiny[1], prompts=("a b", "c", "b a c"), n_reps=40, t_length=3,
+    cfg = LLMConfig(p_model=tiny[0], q_model=tiny[1], prompts=("a b", "c", "b a c"), n_reps=40, t_length=3,
                         temperature=1.0, proposals=("P", "Exponential family (β=1)"), batch_size=32)
-    pair, models = llm.load_pair(cfg)
+    pair, models = load_pair(cfg)
     exact = np.mean([enumeration.enumerate_sequences(pair, engine.sequence_proposal("P"), 3, prompt_index=i)["kl"]
                      for i in range(3)])
-    run = llm.run_experiment(pair, cfg, models, tmp_path / "o", exact_kl=exact)
+    run = run_experiment(pair, cfg, models, tmp_path / "o", exact_kl=exact)
     assert run["meta"]["exact_kl"] == pytest.approx(exact)
     index = plots_llm.draw_all(tmp_path / "o")
     files = {p.name for p in index.parent.iterdir()}

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from kl_estimation import engine, enumeration, sequences as sq
 from kl_estimation.cli import llm_main, synthetic_main
-from kl_estimation.draws import DRAWS, make_source
-from kl_estimation.estimators import randomization_estimates, sequence_estimates
-from kl_estimation.models import load_transformers_pair
-
+from kl_estimation.core.draws import DRAWS, make_source
+from kl_estimation.core.estimators import randomization_estimates, sequence_estimates
+from kl_estimation.llm import engine, enumeration
+from kl_estimation.llm.loading import load_transformers_pair
+from kl_estimation.toy import markov as sq
 from tiny_lms import save_pair
 
 NEW = [s for s in DRAWS if s != "iid"]

@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 
-from kl_estimation import engine, enumeration, llm
-from kl_estimation import sequences as sq
 from kl_estimation.cli import synthetic_main
-from kl_estimation.estimators import sequence_estimates
-from kl_estimation.proposals import log_ratio
+from kl_estimation.core.estimators import sequence_estimates
+from kl_estimation.core.proposals import log_ratio
+from kl_estimation.llm import engine, enumeration
+from kl_estimation.toy import markov as sq
 
 TINY = [("zipf", "medium", 4, 1, 5), ("zipf", "high", 4, 2, 4), ("zipf", "low", 3, 2, 5)]
 PROPS = ["P", "Geometric (β=0.5)", "Optimal", "Exponential family (β=1)", "Fixed mixture (λ=0.3)", "Balanced 2"]

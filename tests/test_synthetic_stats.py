@@ -5,10 +5,15 @@ import numpy as np
 import pytest
 from scipy.stats import entropy
 
-from kl_estimation import estimators as est
-from kl_estimation.distributions import FAMILIES, DIVERGENCES, model_pair, MIN_VOCAB
-from kl_estimation.evaluation import exact_kl, exact_moments
-from kl_estimation.synthetic import methods_for, sample_indices
+from kl_estimation.core import estimators as est
+from kl_estimation.synthetic.distributions import (
+    DIVERGENCES,
+    FAMILIES,
+    MIN_VOCAB,
+    model_pair,
+)
+from kl_estimation.synthetic.evaluation import exact_kl, exact_moments
+from kl_estimation.synthetic.experiment import methods_for, sample_indices
 
 
 def pair(family="zipf", divergence="medium", V=400, seed=3):
@@ -121,8 +126,8 @@ def test_sampler_frequencies():
 
 
 def test_infinite_kl_is_refused_in_one_line():
-    from kl_estimation.distributions import ModelPair
-    from kl_estimation.synthetic import SyntheticConfig, run_pair
+    from kl_estimation.synthetic.distributions import ModelPair
+    from kl_estimation.synthetic.experiment import SyntheticConfig, run_pair
 
     bad = ModelPair("zipf", "medium", np.array([0.5, 0.3, 0.2]), np.array([0.6, 0.4, 0.0]), 0.0)
     with pytest.raises(ValueError, match=r"true KL\(P‖Q\) is infinite for zipf/medium: Q = 0 on 1 tokens"):

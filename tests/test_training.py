@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from kl_estimation import engine, enumeration, training as tr
-from kl_estimation.models import load_transformers_pair
-
+from kl_estimation import training as tr
+from kl_estimation.llm import engine, enumeration
+from kl_estimation.llm.loading import load_transformers_pair
 from tiny_lms import save_pair
 
 

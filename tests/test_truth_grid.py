@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 
-from kl_estimation import engine, enumeration, verdicts
-from kl_estimation.estimators import sequence_estimates
-from kl_estimation.models import load_transformers_pair
-
+from kl_estimation import verdicts
+from kl_estimation.core.estimators import sequence_estimates
+from kl_estimation.llm import engine, enumeration
+from kl_estimation.llm.loading import load_transformers_pair
 from tiny_lms import save_pair
 
 TOL_SE = 5.0

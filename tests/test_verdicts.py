@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 
 from kl_estimation import verdicts
-from kl_estimation.diagnostics import (distinct_draws, identity_failure, mean_one_test, pareto_khat,
-                                       prefix_weight_test, top_weight_share)
+from kl_estimation.core.diagnostics import (
+    distinct_draws,
+    identity_failure,
+    mean_one_test,
+    pareto_khat,
+    prefix_weight_test,
+    top_weight_share,
+)
 
 
 def test_mean_identity_quiet_on_unit_mean_weights_and_loud_when_mass_is_missing():
@@ -119,9 +125,9 @@ def test_prompt_sets_flag_overall_rows_flagged_at_any_prompt():
 
 def test_single_token_bounded_weight_proposals_are_not_flagged_by_khat():
     """Issue 8, part 4: where the exact variance is known it decides; k̂ on tied single-token draws does not."""
-    from kl_estimation import synthetic
+    from kl_estimation.synthetic.experiment import SyntheticConfig, run
 
-    pairs, _ = synthetic.run(synthetic.SyntheticConfig(vocab_size=2000, n_samples=300, divergence="all"))
+    pairs, _ = run(SyntheticConfig(vocab_size=2000, n_samples=300, divergence="all"))
     checked = 0
     for p in pairs:
         for m in p["methods"]:
@@ -151,16 +157,18 @@ def test_the_audited_rare_atom_case_is_flagged(tmp_path):
     5149): Geometric (β=0.7) RB-IS+CV read 154.14 ± 0.62 against an exact KL of 150.18, unflagged — one sequence
     with r = 7.6e-4 and weight 291 holds 90 % of RB-IS's variance and is rarely drawn; every sample-only check
     passes, so only the comparison with P can catch it."""
-    from kl_estimation import engine, enumeration, llm
-    from kl_estimation.models import load_transformers_pair
+    from kl_estimation.llm import engine, enumeration
+    from kl_estimation.llm.loading import load_transformers_pair
+    from kl_estimation.llm.run.config import LLMConfig
+    from kl_estimation.llm.run.runner import run_experiment
     from tiny_lms import save_pair
 
     paths = save_pair(tmp_path, words=("<eos>", "a", "b", "c", "d"), extra_rows=3, seed=13, noise=1.0)
     pair = load_transformers_pair(*paths, prompts="d", temperature=0.1, ignore_eos=True)
     kl = enumeration.enumerate_sequences(pair, engine.sequence_proposal("P"), 3)["kl"]
-    cfg = llm.LLMConfig(p_model="x", q_model="y", prompt="d", n_reps=3000, t_length=3, temperature=0.1,
+    cfg = LLMConfig(p_model="x", q_model="y", prompt="d", n_reps=3000, t_length=3, temperature=0.1,
                         proposals=("P", "Geometric (β=0.7)"), batch_size=1000, seed=5149, ignore_eos=True)
-    rows = {(r["proposal"], r["estimator"]): r for r in llm.run_experiment(pair, cfg, {})["rows"]}
+    rows = {(r["proposal"], r["estimator"]): r for r in run_experiment(pair, cfg, {})["rows"]}
     cv = rows[("Geometric (β=0.7)", "RB-IS+CV")]
     assert abs(cv["estimate"] - kl) > 5 * cv["std_error"]  # the case is still there to be caught
     assert "disagrees with P" in cv["flag"]

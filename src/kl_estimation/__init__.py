@@ -20,17 +20,32 @@ from __future__ import annotations
 
 import importlib
 
-from .diagnostics import kish_ess, pareto_khat
-from .estimators import (importance_sampling_terms, k2_terms, k3_terms, mean_estimate, naive_mc_terms,
-                         rao_blackwell_is_terms, rao_blackwell_terms, rb_control_variate_terms, self_normalized_is)
-from .evaluation import exact_kl, exact_moments
-from .proposals import REGISTRY, Proposal, build_proposals, by_name, proposal
-from .training import exact_token_kl, k1, k2, k3, sequence_kl
+from kl_estimation.core.diagnostics import kish_ess, pareto_khat
+from kl_estimation.core.estimators import (
+    importance_sampling_terms,
+    k2_terms,
+    k3_terms,
+    mean_estimate,
+    naive_mc_terms,
+    rao_blackwell_is_terms,
+    rao_blackwell_terms,
+    rb_control_variate_terms,
+    self_normalized_is,
+)
+from kl_estimation.core.proposals import (
+    REGISTRY,
+    Proposal,
+    build_proposals,
+    by_name,
+    proposal,
+)
+from kl_estimation.synthetic.evaluation import exact_kl, exact_moments
+from kl_estimation.training import exact_token_kl, k1, k2, k3, sequence_kl
 
 _LAZY = {  # names whose modules import torch / transformers: loaded on first access
     "estimate_kl": "api", "KLResult": "api", "KLRow": "api",
-    "sample_batch": "engine", "sequence_proposal": "engine", "unit_generator": "engine",
-    "enumerate_sequences": "enumeration", "LLMConfig": "llm",
+    "sample_batch": "llm.engine", "sequence_proposal": "llm.engine", "unit_generator": "llm.engine",
+    "enumerate_sequences": "llm.enumeration", "LLMConfig": "llm.run.config",
 }
 
 __all__ = sorted([

@@ -6,7 +6,9 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from . import llm
+from kl_estimation.llm.run.config import LLMConfig
+from kl_estimation.llm.run.runner import load_pair, run_experiment
+from kl_estimation.llm.run.store import check_folder
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,13 @@ class KLResult:
                              for p in self.per_prompt for r in p["rows"]])
 
     def __str__(self) -> str:
-        from .report import llm_table
+        from kl_estimation.report import llm_table
 
         return llm_table([r.to_dict() for r in self.rows], "KL(P‖Q) per sequence")
 
 
 def result_of(run: dict) -> KLResult:
-    """A KLResult from llm.run_experiment's output."""
+    """A KLResult from run_experiment's output."""
     rows = run["rows"]
     per_prompt = []
     for p in run["per_prompt"]:
@@ -87,23 +89,23 @@ def result_of(run: dict) -> KLResult:
                     run["meta"]["config"], run["docs"])
 
 
-def run(cfg: llm.LLMConfig, pair=None, models: dict | None = None, progress: bool = False) -> KLResult:
+def run(cfg: LLMConfig, pair=None, models: dict | None = None, progress: bool = False) -> KLResult:
     """Validate cfg, load its pair (unless given), sample every proposal, write files when cfg.output_folder is
     set (resumable), and return the result."""
     cfg.validate()
     folder = cfg.output_folder
     if folder is not None:
-        llm.check_folder(cfg)
+        check_folder(cfg)
     if pair is None:
-        pair, models = llm.load_pair(cfg)
+        pair, models = load_pair(cfg)
     bar = None
     if progress:
-        from . import progress as progress_bars
+        from kl_estimation import progress as progress_bars
 
         def bar(**kw):
             return progress_bars.bar(unit="batch", **kw)
 
-    return result_of(llm.run_experiment(pair, cfg, models, folder, bar))
+    return result_of(run_experiment(pair, cfg, models, folder, bar))
 
 
 _FLAG_TO_PARAM = {"--n-reps": "n_samples", "--t-length": "max_new_tokens", "--prompt": "prompts",
@@ -154,7 +156,7 @@ def estimate_kl(p_model, q_model, prompts, *, n_samples: int = 256, max_new_toke
     if loaded and tokenizer is None:
         raise ValueError("tokenizer: needed when the models are passed as loaded models")
     texts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
-    cfg = llm.LLMConfig(p_model=None if loaded else p_model, q_model=None if loaded else q_model, prompts=texts,
+    cfg = LLMConfig(p_model=None if loaded else p_model, q_model=None if loaded else q_model, prompts=texts,
                         n_reps=n_samples, t_length=max_new_tokens, temperature=temperature,
                         proposals=tuple(proposals), batch_size=batch_size, device=device, dtype=dtype, seed=seed,
                         output_folder=output_folder, resume=resume, overwrite=overwrite, ignore_eos=ignore_eos,
@@ -162,7 +164,7 @@ def estimate_kl(p_model, q_model, prompts, *, n_samples: int = 256, max_new_toke
     try:
         if not loaded:
             return run(cfg, progress=progress)
-        from .models import pair_from_models
+        from kl_estimation.llm.loading import pair_from_models
 
         cfg.validate()
         pair = pair_from_models(p_model, q_model, tokenizer, prompts=texts, temperature=temperature,

@@ -10,7 +10,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import runio
+from kl_estimation import runio
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -85,7 +85,7 @@ def set_threads(n) -> None:
     """--threads: torch's CPU threads (intra-op); None leaves torch's choice (one per core)."""
     if n is None:
         return
-    from .synthetic import check_int
+    from kl_estimation.core.validation import check_int
 
     check_int("--threads", n, 1)
     import torch
@@ -114,20 +114,22 @@ def _names(values: list[str]) -> list[str]:
 # ---------------------------------------------------------------- Synthetic_tests.py
 
 def _samplers() -> list[str]:
-    from .sequences import SAMPLERS  # not draws.DRAWS: single-token runs never load torch
+    from kl_estimation.toy.markov import (
+        SAMPLERS,  # not draws.DRAWS: single-token runs never load torch
+    )
 
     return list(SAMPLERS)
 
 
 def synthetic_parser(prog: str, defaults: dict) -> Parser:
-    from .distributions import DIVERGENCES, FAMILIES
-    from .synthetic import SyntheticConfig
+    from kl_estimation.synthetic.distributions import DIVERGENCES, FAMILIES
+    from kl_estimation.synthetic.experiment import SyntheticConfig
 
     d = {**vars(SyntheticConfig()), **defaults}
     p = Parser(prog=prog, description="Synthetic KL(P‖Q) experiments: naive MC, Rao-Blackwellized MC and importance "
                                       "sampling with every registry proposal on long-tailed token distributions, "
                                       "against exact values.")
-    from .sequences import SequenceConfig
+    from kl_estimation.toy.markov import SequenceConfig
 
     sd = SequenceConfig()
     p.add_argument("--vocab-size", type=int, help=f"vocabulary size V (default {d['vocab_size']}; with --sequence "
@@ -176,7 +178,9 @@ def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> i
 
 
 def _run_synthetic(args, prog: str, defaults: dict) -> int:
-    from . import progress, report, sequences, synthetic
+    from kl_estimation import progress, report
+    from kl_estimation.synthetic import experiment as synthetic
+    from kl_estimation.toy import markov as sequences
 
     mode = sequences if args.sequence else synthetic
     base = sequences.SequenceConfig() if args.sequence else synthetic.SyntheticConfig(**{
@@ -216,7 +220,7 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
     runio.write_json(out / runio.RESULTS, results)
     args.written = out
     if not args.no_plots:
-        from . import plots
+        from kl_estimation.figures import synthetic as plots
         print(f"figures: {plots.draw_all(out)}")
     print(f"run folder: {out}")
     return 0
@@ -225,7 +229,7 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
 # ---------------------------------------------------------------- visualize_proposals.py
 
 def visualize_parser(prog: str, defaults: dict) -> Parser:
-    from . import plots
+    from kl_estimation.figures import synthetic as plots
 
     p = Parser(prog=prog, description="Draw every figure of a run folder from its saved files into <run folder>/plots/, "
                                       "with an index.html: a synthetic or sequence run of Synthetic_tests.py "
@@ -256,11 +260,11 @@ def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) 
 
 def draw_figures(folder, fmt: str = "png", pairs=None, methods=None):
     """Figures of any run folder: an LLM run (summary.json, per-proposal files) or a synthetic / sequence run."""
-    from . import plots
+    from kl_estimation.figures import synthetic as plots
 
     folder = Path(folder)
     if (folder / "summary.json").is_file() and not (folder / runio.RESULTS).exists():
-        from . import plots_llm
+        from kl_estimation.figures import llm as plots_llm
 
         if pairs:
             raise ValueError("--pairs: an LLM run folder has no pairs (give --methods to narrow its proposals)")
@@ -271,7 +275,7 @@ def draw_figures(folder, fmt: str = "png", pairs=None, methods=None):
 # ---------------------------------------------------------------- LLM_experiments.py
 
 def llm_parser(prog: str, defaults: dict) -> Parser:
-    from .llm import LLMConfig
+    from kl_estimation.llm.run.config import LLMConfig
 
     d = {**vars(LLMConfig()), **defaults}
     p = Parser(prog=prog, description="KL(P‖Q) between two causal LMs: sequences sampled token by token from each "
@@ -336,7 +340,7 @@ def llm_parser(prog: str, defaults: dict) -> Parser:
 
 
 def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
-    from .llm import LLMConfig
+    from kl_estimation.llm.run.config import LLMConfig
 
     args = llm_parser(prog, defaults).parse_args(argv)
     if args.q_adapter and args.q_model is None:
@@ -355,12 +359,13 @@ def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
 
 def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
     """What an interrupted LLM run kept, and the command that continues it."""
-    from . import distributed, llm
+    from kl_estimation.llm.run import distributed
+    from kl_estimation.llm.run.store import slug
 
     folder = Path(cfg.output_folder)
     done, batches, sequences = [], 0, 0
     for name in cfg.proposals:
-        final, partials = folder / f"{llm.slug(name)}.json", distributed.partial_files(folder, llm.slug(name))
+        final, partials = folder / f"{slug(name)}.json", distributed.partial_files(folder, slug(name))
         if final.exists() and not partials:
             done.append(name)
         for partial in partials:
@@ -380,7 +385,8 @@ def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
 
 
 def _run_llm(cfg, plots: bool = True) -> int:
-    from . import api, distributed, report
+    from kl_estimation import api, report
+    from kl_estimation.llm.run import distributed
 
     result = api.run(cfg, progress=True)
     if distributed.current().rank != 0:  # under torchrun rank 0 alone reports
@@ -397,7 +403,7 @@ def _run_llm(cfg, plots: bool = True) -> int:
         method = next(iter(result.docs[0]["estimates"].values())).get("std_error_method", "")
         print(f"\nsampler {cfg.sampler}: standard errors from the {method}")
     if plots:
-        from . import plots_llm
+        from kl_estimation.figures import llm as plots_llm
 
         print(f"\nfigures: {plots_llm.draw_all(cfg.output_folder)}")
     print(f"output folder: {cfg.output_folder}")

@@ -4,10 +4,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 import math
 import os
 import platform
+import shutil
 import tempfile
 from contextlib import contextmanager
 from datetime import datetime

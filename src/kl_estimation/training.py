@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import estimators as est
-from ._xp import array_namespace
+from kl_estimation.core import estimators as est
 
 
 def _is_torch(x) -> bool:

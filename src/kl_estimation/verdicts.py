@@ -1,8 +1,8 @@
 r"""Verdicts on an LLM run: which (proposal, estimator) rows to trust, and the one estimate to report.
 
-Input: the per-proposal documents of a run (llm.run_experiment's ``docs``: ``proposal``, ``estimates`` overall,
+Input: the per-proposal documents of a run (llm.run.runner.run_experiment's ``docs``: ``proposal``, ``estimates`` overall,
 ``per_prompt`` for prompt sets, ``max_uncovered_mass``), whose estimate entries carry the diagnostics of
-estimators.sequence_estimates. Output: rows with a ``flag`` (empty = trusted; else what went wrong, in words),
+core.estimators.sequence_estimates. Output: rows with a ``flag`` (empty = trusted; else what went wrong, in words),
 flagged rows ranked after every trusted row, and a recommendation. Pure: no printing, no files.
 
 A row is flagged when
@@ -30,8 +30,15 @@ from __future__ import annotations
 
 import math
 
-from .diagnostics import (IDENTITY_FLOOR, IDENTITY_Z, KHAT_LIMIT, MIN_DISTINCT, MIN_OTHER_DRAWS, TOP_SHARE_LIMIT,
-                          identity_failure)
+from kl_estimation.core.diagnostics import (
+    IDENTITY_FLOOR,
+    IDENTITY_Z,
+    KHAT_LIMIT,
+    MIN_DISTINCT,
+    MIN_OTHER_DRAWS,
+    TOP_SHARE_LIMIT,
+    identity_failure,
+)
 
 P_NAME = "P"
 P_BASED = ("RB+CV", "RB", "MC")

@@ -35,9 +35,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .distributions import DIVERGENCES, FAMILIES, HIGH_EXPONENT, MIN_VOCAB, SHIFTS, base_weights, shift_mass
-from .proposals import log_ratio
-from .synthetic import _stream, check_int, check_run, check_sizes
+from kl_estimation.core.proposals import log_ratio
+from kl_estimation.core.streams import named_stream
+from kl_estimation.core.validation import check_int, check_sizes
+from kl_estimation.synthetic.distributions import (
+    DIVERGENCES,
+    FAMILIES,
+    HIGH_EXPONENT,
+    MIN_VOCAB,
+    SHIFTS,
+    base_weights,
+    shift_mass,
+)
+from kl_estimation.synthetic.experiment import check_run
 
 EOS = 0
 EOS_PROB = 0.02
@@ -115,7 +125,7 @@ def markov_pair(family: str, divergence: str, vocab_size: int, order: int, horiz
 
 
 class MarkovPair:
-    """The toy pair behind the sampling engine's interface (models.py): start(prompt_rows) and step(state, tokens).
+    """The toy pair behind the sampling engine's interface (llm/pair.py): start(prompt_rows) and step(state, tokens).
     It has one (empty) prompt: every row starts in the start state."""
 
     def __init__(self, tables: MarkovTables, device="cpu"):
@@ -267,8 +277,12 @@ def memory_needed(cfg: "SequenceConfig") -> tuple[int, int]:
 
 def sequence_proposals(alpha_values) -> list:
     """Every token-local registry proposal, then the prefix-aware variants of the families that have one."""
-    from .engine import PREFIX_FAMILIES, PREFIX_SUFFIX, sequence_proposal
-    from .proposals import build_proposals
+    from kl_estimation.core.proposals import build_proposals
+    from kl_estimation.llm.engine import (
+        PREFIX_FAMILIES,
+        PREFIX_SUFFIX,
+        sequence_proposal,
+    )
 
     local = build_proposals(alpha_values)
     names = [p.name for p in local] + [p.name + PREFIX_SUFFIX for p in local if p.family in PREFIX_FAMILIES]
@@ -286,9 +300,9 @@ def _exact_for(tables: MarkovTables, prop) -> dict[str, tuple[float, float] | No
 
 def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
     """Every proposal × estimator on one toy pair: exact values by DP, estimates from the LLM sampler."""
-    from .evaluation import method_metrics, rankings
-    from .estimators import sequence_estimates
-    from .engine import sample_batch, sequence_proposal, unit_generator
+    from kl_estimation.core.estimators import sequence_estimates
+    from kl_estimation.llm.engine import sample_batch, sequence_proposal, unit_generator
+    from kl_estimation.synthetic.evaluation import method_metrics, rankings
 
     pair = MarkovPair(tables)
     ex_p = exact_values(tables)
@@ -359,7 +373,7 @@ def run(cfg: SequenceConfig, progress=None):
     for divergence in cfg.divergences:
         for family in cfg.families:
             tables = markov_pair(family, divergence, cfg.vocab_size, cfg.order, cfg.horizon,
-                                 _stream(cfg.seed, "markov", family, divergence))
+                                 named_stream(cfg.seed, "markov", family, divergence))
             pairs.append(run_pair(tables, cfg, progress))
             arrays[f"{family}/{divergence}/log_P"] = tables.log_p
             arrays[f"{family}/{divergence}/log_Q"] = tables.log_q
@@ -382,8 +396,8 @@ def sampler_rb_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int,
     (T, S) table instead of computed over the vocabulary per row: several times faster, for long studies."""
     import torch
 
-    from .draws import make_source
-    from .engine import unit_generator
+    from kl_estimation.core.draws import make_source
+    from kl_estimation.llm.engine import unit_generator
 
     T, S, V = tables.shape
     lp, lq = torch.as_tensor(tables.log_p), torch.as_tensor(tables.log_q)
@@ -414,8 +428,11 @@ def sampler_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int, se
     """`repeats` independent randomizations (one unit each) of n sequences from P drawn with `sampler`: the MC,
     RB (and with `control_variate`, RB+CV with β cross-fitted between repeats) estimate of each, arrays
     (repeats,). Without the control variate, units are drawn in forward batches of ≤ max_rows sequences."""
-    from .engine import sample_batch, sequence_proposal, unit_generator
-    from .estimators import rao_blackwell_is_terms, rb_control_variate_terms
+    from kl_estimation.core.estimators import (
+        rao_blackwell_is_terms,
+        rb_control_variate_terms,
+    )
+    from kl_estimation.llm.engine import sample_batch, sequence_proposal, unit_generator
 
     pair, prop = MarkovPair(tables), sequence_proposal("P")
     T = tables.shape[0]

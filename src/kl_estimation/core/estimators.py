@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import softmax
 
-from ._xp import array_namespace
+from kl_estimation.core.xp import array_namespace
 
 
 @dataclass(frozen=True)
@@ -192,8 +192,16 @@ def sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool) 
     frequent sequence or fewer than MIN_DISTINCT sequences are distinct: the sample variance then measures the
     spread among a few sequences, not the estimator's, and the interval is NaN rather than zero-width).
     """
-    from .diagnostics import (MIN_DISTINCT, MIN_OTHER_DRAWS, distinct_draws, kish_ess, mean_one_test, pareto_khat,
-                              prefix_weight_test, top_weight_share)
+    from kl_estimation.core.diagnostics import (
+        MIN_DISTINCT,
+        MIN_OTHER_DRAWS,
+        distinct_draws,
+        kish_ess,
+        mean_one_test,
+        pareto_khat,
+        prefix_weight_test,
+        top_weight_share,
+    )
 
     mask = np.asarray(mask, dtype=bool)
     f_step = np.where(mask, np.asarray(log_p) - np.asarray(log_q), 0.0)

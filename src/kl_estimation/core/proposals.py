@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ._xp import array_namespace, log_normalize
+from kl_estimation.core.xp import array_namespace, log_normalize
 
 ALPHA_GRID = "--alpha-values"  # marks families whose grid follows --alpha-values
 DEFAULT_ALPHA_VALUES = (0.3, 0.5, 0.7, 0.9)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import runio
+from kl_estimation import runio
 
 VERSION = "v1"
 SEED = 0  # the pair's own seed: a cache built with another (by older versions, from --seed) is rebuilt
@@ -103,7 +103,7 @@ def build(seed: int = SEED) -> tuple[Path, Path]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from .progress import bar as progress_bar
+    from kl_estimation.progress import bar as progress_bar
 
     with runio.replaced_folder(cache_dir()) as tmp:
         base_texts, tune_texts = _corpus()

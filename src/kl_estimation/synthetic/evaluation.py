@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from .diagnostics import KHAT_LIMIT
+from kl_estimation.core.diagnostics import KHAT_LIMIT
 
 DEGENERATE_RATIO = 10.0
 COMBINED_WEIGHTS = (0.7, 0.3)  # the seed's score: 0.7·|error|/KL + 0.3·variance/theoretical variance

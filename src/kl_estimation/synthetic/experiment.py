@@ -1,7 +1,7 @@
 r"""Single-token synthetic experiments: every method on every (family, divergence) pair, against exact values.
 
 A *method* is a sampling distribution r over the vocabulary plus a per-sample term g(x); its estimate over n draws is
-the mean of g, and its exact mean and variance are sums over the vocabulary (``evaluation.exact_moments``). Naive MC,
+the mean of g, and its exact mean and variance are sums over the vocabulary (``synthetic.evaluation.exact_moments``). Naive MC,
 Schulman's k2/k3, sum-and-sample Rao-Blackwell and importance sampling with every registry proposal are all of this
 shape, so one vectorised sampler serves them all: for R repeats × n draws it inverts the CDF of r with one
 ``searchsorted`` call — no Python loop over samples or repeats.
@@ -13,17 +13,34 @@ unchanged. Naive MC, k2 and k3 share one set of draws from P.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
-from . import estimators as est
-from .diagnostics import kish_ess, pareto_khat
-from .distributions import DIVERGENCES, FAMILIES, ModelPair, check_family, model_pair, top_mass
-from .evaluation import exact_kl, exact_moments, method_metrics, rankings
-from .proposals import DEFAULT_ALPHA_VALUES, build_proposals, log_ratio
+from kl_estimation.core import estimators as est
+from kl_estimation.core.diagnostics import kish_ess, pareto_khat
+from kl_estimation.core.proposals import (
+    DEFAULT_ALPHA_VALUES,
+    build_proposals,
+    log_ratio,
+)
+from kl_estimation.core.streams import named_stream
+from kl_estimation.core.validation import check_int, check_sizes
+from kl_estimation.synthetic.distributions import (
+    DIVERGENCES,
+    FAMILIES,
+    ModelPair,
+    check_family,
+    model_pair,
+    top_mass,
+)
+from kl_estimation.synthetic.evaluation import (
+    exact_kl,
+    exact_moments,
+    method_metrics,
+    rankings,
+)
 
 DEFAULT_RB_TOP_K = 100
 
@@ -72,23 +89,6 @@ def memory_needed(cfg: "SyntheticConfig") -> tuple[int, int]:
     return vocab, draws
 
 
-def check_sizes(vocab: int, draws: int, n_repeats: int, n_samples: int, what: str) -> None:
-    """Refuse a run that cannot fit in memory, naming the flag whose size dominates."""
-    from .resources import check_memory
-
-    if vocab >= draws:
-        check_memory(vocab + draws, "--vocab-size", what)
-    else:
-        flag = "--n-repeats" if n_repeats >= n_samples else "--n-samples"
-        check_memory(vocab + draws, flag, f"{n_repeats} repeats × {n_samples} samples (--n-repeats × --n-samples)")
-
-
-def check_int(flag: str, value, low: int) -> None:
-    """ValueError unless `value` is an integer ≥ `low` (bools are not integers here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{flag}: must be an integer ≥ {low} (got {value!r})")
-
-
 def check_run(n_samples, n_repeats, divergence: str, alpha_values, seed) -> None:
     """The settings the single-token and the sequence experiments share."""
     check_int("--n-samples", n_samples, 2)
@@ -117,12 +117,8 @@ class Method:
     is_weighted: bool = False
 
 
-def _stream(seed: int, *names: str) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=tuple(zlib.crc32(n.encode()) for n in names)))
-
-
 def make_pair(family: str, divergence: str, cfg: SyntheticConfig) -> ModelPair:
-    return model_pair(family, divergence, cfg.vocab_size, _stream(cfg.seed, "pair", family, divergence))
+    return model_pair(family, divergence, cfg.vocab_size, named_stream(cfg.seed, "pair", family, divergence))
 
 
 def methods_for(P: np.ndarray, Q: np.ndarray, alpha_values=DEFAULT_ALPHA_VALUES, rb_top_k=DEFAULT_RB_TOP_K):
@@ -212,7 +208,7 @@ def run_pair(pair: ModelPair, cfg: SyntheticConfig, on_method: Callable[[], None
     entries, rs = [], {}
     for m in methods_for(pair.P, pair.Q, cfg.alpha_values, cfg.rb_top_k):
         if m.draws not in draws:
-            rng = _stream(cfg.seed, "draws", pair.family, pair.divergence, m.draws)
+            rng = named_stream(cfg.seed, "draws", pair.family, pair.divergence, m.draws)
             draws[m.draws] = sample_indices(m.log_r, (cfg.n_repeats, cfg.n_samples), rng)
         entries.append(evaluate_method(m, draws[m.draws]))
         rs[m.name] = np.exp(m.log_r)

@@ -21,9 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import runio
-from .engine import P_NAME, PREFIX_SUFFIX, sequence_proposal
-from .plots import COLORS, FORMATS, RunFolderError, _grid, _plt, _shade, write_index
+from kl_estimation import runio
+from kl_estimation.figures.synthetic import (
+    COLORS,
+    FORMATS,
+    RunFolderError,
+    _grid,
+    _plt,
+    _shade,
+    write_index,
+)
+from kl_estimation.llm.engine import P_NAME, PREFIX_SUFFIX, sequence_proposal
 
 LN10 = math.log(10)
 MAIN_ESTIMATOR = {True: "RB", False: "RB-IS"}  # the low-variance estimator of P / of any other proposal
@@ -45,7 +53,7 @@ class LLMRun:
 
 
 def load_llm_run(path, methods=None) -> LLMRun:
-    from .llm import slug
+    from kl_estimation.llm.run.store import slug
 
     path = Path(path)
     if not path.is_dir():
@@ -102,7 +110,7 @@ def _is_p(doc) -> bool:
 
 
 def _arrays(run: LLMRun, doc) -> dict[str, np.ndarray]:
-    from .llm import records_to_arrays
+    from kl_estimation.llm.run.store import records_to_arrays
 
     return records_to_arrays(doc["sequences"], run.t_length)
 
@@ -279,7 +287,7 @@ def distinct_share(doc) -> float:
 
 
 def kish_share(doc) -> float:
-    from .diagnostics import kish_ess
+    from kl_estimation.core.diagnostics import kish_ess
 
     lw = np.array([r["log_weight"] for r in doc["sequences"]])
     return float(kish_ess(lw)) / max(lw.size, 1)

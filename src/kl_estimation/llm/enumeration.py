@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .engine import SequenceProposal, exact_step_kl
+from kl_estimation.llm.engine import SequenceProposal, exact_step_kl
 
 
 @torch.inference_mode()

@@ -9,7 +9,7 @@ running log-ratio of the prefix (done by handing the registry function log Q_t �
 Monte Carlo. Per step the engine keeps log P_t(x_t), log Q_t(x_t), log r_t(x_t) and the exact KL(P_t‖Q_t), so every
 estimator (estimators.sequence_estimates) can be recomputed later from the saved arrays alone.
 
-The engine knows nothing of files or of where prompts come from: a pair (models.py) holds a tokenized prompt set
+The engine knows nothing of files or of where prompts come from: a pair (llm/pair.py) holds a tokenized prompt set
 and ``pair.start(prompt_rows)`` starts one sequence per row from the given prompts (left-padded inside the pair).
 Tokens come from a draw source (draws/): i.i.d. or any other way of drawing that keeps each sequence an exact draw.
 Batched over sequences, one forward per model per step on a KV cache. (Sampling from P with P alone and scoring Q in
@@ -20,14 +20,14 @@ still gets a token so the batch stays rectangular).
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .draws import make_source
-from .proposals import REGISTRY, Proposal, by_name
+from kl_estimation.core.draws import make_source
+from kl_estimation.core.proposals import REGISTRY, Proposal, by_name
+from kl_estimation.core.streams import torch_stream
 
 P_NAME = "P"
 PREFIX_SUFFIX = " [prefix-aware]"
@@ -94,8 +94,7 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def unit_generator(seed: int, proposal: str, batch_index: int, device, prompt_index: int = 0) -> torch.Generator:
     """The random stream of one unit (prompt × proposal × batch), derived from names and positions only: a resumed
     or re-packed run redraws nothing it kept and draws the same records."""
-    ss = np.random.SeedSequence(seed, spawn_key=(zlib.crc32(proposal.encode()), batch_index, prompt_index))
-    return torch.Generator(device=device).manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
+    return torch_stream(seed, proposal, batch_index, prompt_index, device=device)
 
 
 @torch.inference_mode()

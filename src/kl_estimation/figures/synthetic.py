@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import runio
-from .evaluation import exact_kl, exact_moments
-from .proposals import REGISTRY, log_ratio
-from .synthetic import _stream, methods_for, sample_indices
+from kl_estimation import runio
+from kl_estimation.core.proposals import REGISTRY, log_ratio
+from kl_estimation.core.streams import named_stream
+from kl_estimation.synthetic.evaluation import exact_kl, exact_moments
+from kl_estimation.synthetic.experiment import methods_for, sample_indices
 
 FORMATS = ("png", "pdf", "svg")
 GROUP_ORDER = ("Naive MC", "Rao-Blackwell", "Schulman", *REGISTRY)
@@ -317,7 +318,7 @@ def fig_ess(plt, run: Run, key: str, methods):
 
 
 def fig_scatter(plt, run: Run, key: str, methods):
-    from .evaluation import DEGENERATE_RATIO
+    from kl_estimation.synthetic.evaluation import DEGENERATE_RATIO
 
     pair = run.pair(key)
     ms = [m for m in pair["methods"] if methods is None or m["name"] in methods or m["family"] not in REGISTRY]
@@ -448,7 +449,7 @@ def error_vs_n(run: Run, key: str, n_best: int = 3, sizes=SAMPLE_SIZES, repeats=
     for name in names:
         m = built[name]
         var = exact_moments(np.exp(m.log_r), m.g)[1]
-        rng = _stream(cfg["seed"], "error-vs-n", key, name)
+        rng = named_stream(cfg["seed"], "error-vs-n", key, name)
         rmse = [float(np.sqrt(np.mean((m.g[sample_indices(m.log_r, (repeats, n), rng)].mean(-1) - kl) ** 2)))
                 for n in sizes]
         out[name] = (np.array(rmse), var)
@@ -580,8 +581,8 @@ def draw_all(path, fmt: str = "png", pairs=None, methods=None, workers: int | No
         workers = workers or min(len(jobs), os.cpu_count() or 1)
         _plt()  # import matplotlib once, before the workers fork
         if workers > 1:
-            from concurrent.futures import ProcessPoolExecutor
             import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_ignore_sigint) as pool:
                 captions = list(pool.map(_render, jobs))
