@@ -4,12 +4,12 @@ import sys
 from kl_estimation.cli import llm_main
 
 if __name__ == "__main__":
-    # Defaults a user edits here; every one is also a flag. Without --p-model/--q-model the offline default pair is
-    # built once (about 1.5 minutes on 2 cores) and reused.
-    n_reps = 1000
-    t_length = 20
+    # Defaults a user edits here; every one is also a flag, and the same setting of estimate_kl (kl_estimation's API).
+    # Without --p-model/--q-model the offline default pair is built once (about 1.5 minutes on 2 cores) and reused.
+    n_samples = 1000
+    max_new_tokens = 20
     temperature = 0.4
-    output_folder = "tests2/"
+    output_dir = None  # None: a new folder under tests2/ for each run
     prompt = "An interesting fact is that"
-    sys.exit(llm_main(n_reps=n_reps, t_length=t_length, temperature=temperature, output_folder=output_folder,
+    sys.exit(llm_main(n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature, output_dir=output_dir,
                       prompt=prompt))

@@ -42,7 +42,7 @@ def main():
     pair = TransformersPair(p, q, _Tok(2048), ids.to(device), mask.to(device), 1.0, None)
     m, R, T = args.prompts, args.reps, args.T
     n_seq = m * R
-    cfg = LLMConfig(p_model="x", q_model="y", prompts=tuple(map(str, range(m))), n_reps=R, t_length=T,
+    cfg = LLMConfig(p_model="x", q_model="y", prompts=tuple(map(str, range(m))), n_samples=R, max_new_tokens=T,
                         temperature=1.0, proposals=("P",), batch_size=n_seq)
     print(f"random GPT-2 pair (2 layers, d=128, V=2048) on {device} ({torch.get_num_threads()} threads): {m} prompts "
           f"of 4–32 tokens × {R} sequences × T={T}")
@@ -54,7 +54,7 @@ def main():
         for i in range(m):
             single = TransformersPair(p, q, _Tok(2048), ids[i:i + 1, -len(prompt_ids[i]):].to(device),
                                       mask[i:i + 1, -len(prompt_ids[i]):].to(device), 1.0, None)
-            c = LLMConfig(p_model="x", q_model="y", prompt=str(i), n_reps=R, t_length=T, temperature=1.0,
+            c = LLMConfig(p_model="x", q_model="y", prompt=str(i), n_samples=R, max_new_tokens=T, temperature=1.0,
                               proposals=("P",), batch_size=R)
             run_experiment(single, c, {"p": "x", "q": "y"})
 

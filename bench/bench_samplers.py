@@ -82,7 +82,7 @@ def llm_variance(units: int, rows: int):
     for sampler in DRAWS:
         est, terms, t0 = [], [], time.perf_counter()
         for u in range(units):
-            b = sample_batch(pair, prop, rows, cfg.t_length, [(unit_generator(7, sampler, u, "cpu"), rows)],
+            b = sample_batch(pair, prop, rows, cfg.max_new_tokens, [(unit_generator(7, sampler, u, "cpu"), rows)],
                              sampler=sampler)
             g = rao_blackwell_is_terms(b.kl_step, np.zeros_like(b.log_p), b.mask)
             est.append(g.mean())
@@ -90,7 +90,7 @@ def llm_variance(units: int, rows: int):
         var_units = rows * np.var(est, ddof=1)
         if var_iid is None:  # i.i.d. first: its per-sequence variance from all units × rows terms
             var_iid = float(np.var(np.concatenate(terms), ddof=1))
-        print(f"default LM pair, T={cfg.t_length}, τ={cfg.temperature}, prompt {cfg.prompt!r}: {sampler:>10} "
+        print(f"default LM pair, T={cfg.max_new_tokens}, τ={cfg.temperature}, prompt {cfg.prompt!r}: {sampler:>10} "
               f"RB {np.mean(est):.4f}, n·Var over {units} randomizations of n={rows} / Var(i.i.d. RB) = "
               f"{var_units / var_iid:.3f} (±{var_units / var_iid * np.sqrt(2 / (units - 1)):.3f}), "
               f"{time.perf_counter() - t0:.0f} s", flush=True)

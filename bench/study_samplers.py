@@ -57,7 +57,7 @@ def main():
     ap.add_argument("--samplers", nargs="+", default=["iid", "stratified", "sobol", "array"])
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.4, 1.0])
     ap.add_argument("--orders", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--horizon", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--iid-max-n", type=int, default=256, help="i.i.d. (exactly 1 in expectation) only up to this n")
     ap.add_argument("--out", default="results/sampler_study")
     args = ap.parse_args()
@@ -68,7 +68,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     rows, cases = [], []
     for order in args.orders:
-        base = sq.markov_pair("zipf", "medium", CASES[order], order, args.horizon, np.random.default_rng(0))
+        base = sq.markov_pair("zipf", "medium", CASES[order], order, args.max_new_tokens, np.random.default_rng(0))
         for tau in args.temperatures:
             tb = sq.temper(base, tau)
             ex = sq.exact_values(tb)

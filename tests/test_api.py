@@ -2,6 +2,7 @@
 errors that name parameters; the package namespace."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def truth(tiny):
 def test_estimate_kl_from_paths_agrees_with_enumeration_and_writes_nothing(tiny, truth, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = kle.estimate_kl(*tiny, PROMPTS, n_samples=800, max_new_tokens=3, proposals=("P", "Fixed mixture (λ=0.5)"),
-                          seed=1, batch_size=400)
+                          temperature=1.0, seed=1, batch_size=400)
     assert list(tmp_path.iterdir()) == []
     rec = res.recommended
     assert rec is not None and not rec.flag and rec.ci[0] < rec.estimate < rec.ci[1]
@@ -58,17 +59,18 @@ def test_loaded_models_give_the_same_rows_as_paths(tiny):
 
 
 def test_output_folder_is_written_and_resumable(tiny, tmp_path):
-    kw = dict(n_samples=32, max_new_tokens=3, batch_size=16, output_folder=str(tmp_path / "run"))
+    kw = dict(n_samples=32, max_new_tokens=3, batch_size=16, proposals="P", output_dir=str(tmp_path / "run"))
     a = kle.estimate_kl(*tiny, PROMPTS, **kw)
     assert (tmp_path / "run" / "summary.csv").exists() and (tmp_path / "run" / "p.json").exists()
-    with pytest.raises(ValueError, match="^output_folder: .* already holds results"):
+    with pytest.raises(ValueError, match="^output_dir: .* already holds results"):
         kle.estimate_kl(*tiny, PROMPTS, **kw)
     b = kle.estimate_kl(*tiny, PROMPTS, resume=True, **kw)
     assert a.to_dict()["rows"] == b.to_dict()["rows"]
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    (dict(n_samples=0), "^n_samples: "),
+    (dict(n_samples=1), "^n_samples: must be an integer ≥ 2"),
+    (dict(n_sample=10), "^n_sample: not a setting of an LLM run; did you mean 'n_samples'"),
     (dict(max_new_tokens=-1), "^max_new_tokens: "),
     (dict(temperature=0.0), "^temperature: "),
     (dict(proposals=("Nope",)), "^proposals: unknown proposal 'Nope'"),
@@ -97,8 +99,43 @@ def test_namespace_is_documented_and_light():
     import subprocess
     import sys
 
-    assert set(kle.__all__) <= set(dir(kle))
     for name in kle.__all__:
         assert getattr(kle, name).__doc__, name
+        assert name in kle.__doc__, f"{name} is exported but not described in the package docstring"
     code = "import sys, kl_estimation; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_cli_and_api_give_the_same_numbers_by_default(tiny, tmp_path, capsys):
+    """One set of defaults: only the models and the output folder are given, on both sides."""
+    from kl_estimation.cli import llm_main
+
+    assert llm_main(["--p-model", tiny[0], "--q-model", tiny[1], "--output-dir", str(tmp_path / "cli"),
+                     "--no-plots"]) == 0
+    capsys.readouterr()
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    api = kle.estimate_kl(Path(tiny[0]), Path(tiny[1]), progress=False)  # Path objects are model folders
+    assert [(r["proposal"], r["estimator"], r["estimate"]) for r in summary["rows"]] == \
+        [(r.proposal, r.estimator, r.estimate) for r in api.rows]
+    assert summary["config"]["n_samples"] == 1000 and summary["config"]["max_new_tokens"] == 20
+
+
+def test_api_inputs_behave_as_a_user_expects(tiny, tmp_path):
+    one = kle.estimate_kl(*tiny, "a b", proposals="P", n_samples=8, max_new_tokens=2, progress=False)
+    assert {r.proposal for r in one.rows} == {"P"}  # one proposal name, not its letters
+    default = kle.estimate_kl(*tiny, proposals="P", n_samples=8, max_new_tokens=2, progress=False)
+    assert default.config["prompts"] == ["An interesting fact is that"]
+    f = tmp_path / "prompts.txt"
+    f.write_text("a\nb c\n")
+    from_file = kle.estimate_kl(*tiny, f, proposals="P", n_samples=8, max_new_tokens=2, progress=False)
+    assert from_file.config["prompts"] == ["a", "b c"]
+    with pytest.raises(ValueError, match="^prompts: a string, a list of strings or a path"):
+        kle.estimate_kl(*tiny, 42, proposals="P")
+    with pytest.raises(ValueError, match=r"^max_new_tokens: .* allowed here: `max_new_tokens` ≤ 5$"):
+        kle.estimate_kl(*tiny, "a " * 60, proposals="P", n_samples=8, max_new_tokens=10, progress=False)
+    with pytest.raises(ValueError, match=r"^prompts: prompt 1 alone is 70 tokens; the models take 64"):
+        kle.estimate_kl(*tiny, ["a", "a " * 70], proposals="P", n_samples=8, max_new_tokens=2, progress=False)
+
+
+def test_default_pair_is_public():
+    assert callable(kle.default_pair) and "offline default pair" in kle.default_pair.__doc__

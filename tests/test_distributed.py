@@ -24,8 +24,8 @@ def tiny(tmp_path_factory):
 
 
 def argv(tiny, out, *extra):
-    return ["--p-model", tiny[0], "--q-model", tiny[1], "--prompt", "a b", "--n-reps", "40", "--t-length", "4",
-            "--temperature", "0.8", "--batch-size", "16", "--output-folder", str(out), "--proposals", *PROPOSALS,
+    return ["--p-model", tiny[0], "--q-model", tiny[1], "--prompt", "a b", "--n-samples", "40", "--max-new-tokens", "4",
+            "--temperature", "0.8", "--batch-size", "16", "--output-dir", str(out), "--proposals", *PROPOSALS,
             *extra]
 
 

@@ -167,8 +167,8 @@ def test_proposal_p_has_unit_weights(pair):
 
 def run_cli(tmp_path, tiny, *extra, folder="out"):
     out = tmp_path / folder
-    argv = ["--p-model", tiny[0], "--q-model", tiny[1], "--prompt", "a b", "--n-reps", "40", "--t-length", "4",
-            "--temperature", "0.8", "--batch-size", "16", "--output-folder", str(out),
+    argv = ["--p-model", tiny[0], "--q-model", tiny[1], "--prompt", "a b", "--n-samples", "40", "--max-new-tokens", "4",
+            "--temperature", "0.8", "--batch-size", "16", "--output-dir", str(out),
             "--proposals", "P", "Geometric (β=0.5)", "Adaptive [prefix-aware]", *extra]
     try:
         code = llm_main(argv)
@@ -252,8 +252,8 @@ def test_resume_after_interruption_gives_the_same_records(tmp_path, tiny, monkey
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--t-length", "0"], "--t-length"),
-    (["--n-reps", "0"], "--n-reps"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--n-samples", "0"], "--n-samples"),
     (["--temperature", "0"], "--temperature"),
     (["--temperature", "nan"], "--temperature"),
     (["--prompt", " "], "--prompt"),
@@ -266,7 +266,7 @@ def test_resume_after_interruption_gives_the_same_records(tmp_path, tiny, monkey
     (["--p-model", "no-such-org/no-such-model"], "--p-model: cannot load 'no-such-org/no-such-model'"),
 ])
 def test_bad_input(args, needle, tmp_path, tiny, capsys):
-    base = ["--p-model", tiny[0], "--q-model", tiny[1], "--output-folder", str(tmp_path / "o"), "--n-reps", "4"]
+    base = ["--p-model", tiny[0], "--q-model", tiny[1], "--output-dir", str(tmp_path / "o"), "--n-samples", "4"]
     try:
         code = llm_main(base + args)
     except SystemExit as e:
@@ -279,15 +279,15 @@ def test_bad_input(args, needle, tmp_path, tiny, capsys):
 def test_output_folder_checked_before_models_load(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code = llm_main(["--p-model", "/nonexistent/p", "--q-model", "/nonexistent/q", "--output-folder",
+    code = llm_main(["--p-model", "/nonexistent/p", "--q-model", "/nonexistent/q", "--output-dir",
                      str(blocker / "sub")])
     err = capsys.readouterr().err
-    assert code == 2 and "--output-folder" in err and "nonexistent" not in err
+    assert code == 2 and "--output-dir" in err and "nonexistent" not in err
 
 
 def test_different_tokenizers_named_with_both_sizes(tmp_path, tiny, capsys):
     other = save_pair(tmp_path / "other", words=("<eos>", "a", "b", "c", "d"))
-    code = llm_main(["--p-model", tiny[0], "--q-model", other[1], "--output-folder", str(tmp_path / "o")])
+    code = llm_main(["--p-model", tiny[0], "--q-model", other[1], "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "tokenizer differs" in err and "5 and 4" in err
 
@@ -332,3 +332,16 @@ class _OneStepPair:
 
     def start(self, prompt_rows):
         return self.log_p.expand(len(prompt_rows), -1), self.log_q.expand(len(prompt_rows), -1), None
+
+
+def test_runs_without_an_output_dir_never_collide_and_old_flag_names_still_work(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    base = ["--p-model", tiny[0], "--q-model", tiny[1], "--proposals", "P", "--no-plots"]
+    assert llm_main(base + ["--n-samples", "8", "--max-new-tokens", "2"]) == 0
+    assert llm_main(base + ["--n-reps", "8", "--t-length", "2"]) == 0  # the seed's spellings are aliases
+    runs = sorted((tmp_path / "tests2").iterdir())
+    assert len(runs) == 2 and all((r / "summary.json").exists() for r in runs)
+    a, b = (json.loads((r / "summary.json").read_text())["rows"] for r in runs)
+    assert a == b
+    out = capsys.readouterr().out
+    assert f"output folder: {runs[0].relative_to(tmp_path)}" in out or str(runs[0]) in out

@@ -45,7 +45,7 @@ def test_padded_prompts_give_the_distributions_they_give_alone(tiny, pair):
 
 
 def test_records_do_not_depend_on_packing(pair):
-    cfg = LLMConfig(p_model="x", q_model="y", prompts=tuple(PROMPTS), n_reps=8, t_length=4, batch_size=8)
+    cfg = LLMConfig(p_model="x", q_model="y", prompts=tuple(PROMPTS), n_samples=8, max_new_tokens=4, batch_size=8)
     prop = engine.sequence_proposal("Geometric (β=0.5)")
     units = plan_units(3, 8, 8)
     together = sample_units(pair, prop, units, cfg)
@@ -60,7 +60,7 @@ def test_overall_and_per_prompt_estimates_agree_with_enumeration(pair, name):
     T, n = 3, 1500
     truth = [enumeration.enumerate_sequences(pair, engine.sequence_proposal(name), T, prompt_index=i)["kl"]
              for i in range(len(PROMPTS))]
-    cfg = LLMConfig(p_model="x", q_model="y", prompts=tuple(PROMPTS), n_reps=n, t_length=T, batch_size=500,
+    cfg = LLMConfig(p_model="x", q_model="y", prompts=tuple(PROMPTS), n_samples=n, max_new_tokens=T, batch_size=500,
                         proposals=(name,), seed=5)
     doc = run_experiment(pair, cfg, {"p": "x", "q": "y"})["docs"][0]
     main = ("MC", "RB", "RB+CV") if name == "P" else ("IS", "RB-IS", "RB-IS+CV")
@@ -99,8 +99,8 @@ def test_prompt_files_of_every_kind(tmp_path):
 
 
 def cli(tmp_path, tiny, *extra, folder="o"):
-    argv = ["--p-model", tiny[0], "--q-model", tiny[1], "--n-reps", "16", "--t-length", "3", "--batch-size", "8",
-            "--output-folder", str(tmp_path / folder), "--proposals", "P", "Adaptive", *extra]
+    argv = ["--p-model", tiny[0], "--q-model", tiny[1], "--n-samples", "16", "--max-new-tokens", "3", "--batch-size", "8",
+            "--output-dir", str(tmp_path / folder), "--proposals", "P", "Adaptive", *extra]
     try:
         return llm_main(argv)
     except SystemExit as e:
@@ -172,9 +172,9 @@ def test_resume_extends_a_finished_run_unit_by_unit(tmp_path, tiny):
     last unit is redrawn, and the records equal those of a straight run with the larger --n-reps."""
     f = tmp_path / "prompts.txt"
     f.write_text("\n".join(PROMPTS[:2]) + "\n")
-    assert cli(tmp_path, tiny, "--prompts", str(f), "--n-reps", "20", folder="grown") == 0
-    assert cli(tmp_path, tiny, "--prompts", str(f), "--n-reps", "32", "--resume", folder="grown") == 0
-    assert cli(tmp_path, tiny, "--prompts", str(f), "--n-reps", "32", folder="straight") == 0
+    assert cli(tmp_path, tiny, "--prompts", str(f), "--n-samples", "20", folder="grown") == 0
+    assert cli(tmp_path, tiny, "--prompts", str(f), "--n-samples", "32", "--resume", folder="grown") == 0
+    assert cli(tmp_path, tiny, "--prompts", str(f), "--n-samples", "32", folder="straight") == 0
     for name in ("p.json", "adaptive.json"):
         a = json.loads((tmp_path / "straight" / name).read_text())["sequences"]
         b = json.loads((tmp_path / "grown" / name).read_text())["sequences"]

@@ -49,15 +49,15 @@ def one_line(code, err, needle, status=2):
 
 
 def llm_args(tiny, out, *extra):
-    return ["--p-model", tiny[0], "--q-model", tiny[1], "--prompt", "a b", "--n-reps", "24", "--t-length", "3",
-            "--batch-size", "8", "--output-folder", str(out), *extra]
+    return ["--p-model", tiny[0], "--q-model", tiny[1], "--prompt", "a b", "--n-samples", "24", "--max-new-tokens", "3",
+            "--batch-size", "8", "--output-dir", str(out), *extra]
 
 
 # ------------------------------------------------------------------------------------------------ --help
 
 @pytest.mark.parametrize("make", [
     lambda: cli.synthetic_parser("Synthetic_tests.py", {}),
-    lambda: cli.llm_parser("LLM_experiments.py", {"output_folder": "tests2/"}),
+    lambda: cli.llm_parser("LLM_experiments.py", {}),
     lambda: cli.visualize_parser("visualize_proposals.py", {}),
 ])
 def test_every_option_has_help_and_its_default(make):
@@ -78,7 +78,7 @@ def test_llm_help_shows_the_script_default_folder():
     p = subprocess.run([sys.executable, str(ROOT / "LLM_experiments.py"), "--help"], capture_output=True, text=True,
                        cwd=ROOT)
     page = " ".join(p.stdout.split())
-    assert p.returncode == 0 and "(default: tests2/)" in page and "(default: 0)" in page  # --seed
+    assert p.returncode == 0 and "a new folder under tests2/" in page and "(default: 0)" in page  # --seed
     assert "(default: P 'Geometric (β=0.5)'" in page  # proposal names as typed
 
 
@@ -97,10 +97,10 @@ def test_sizes_that_cannot_fit_are_refused_before_work(argv, flag, tmp_path, cap
 
 
 def test_llm_records_that_cannot_fit_are_refused_before_loading(tmp_path, capsys):
-    code, _, err = call(llm_main, ["--p-model", "/nonexistent/p", "--q-model", "/nonexistent/q", "--n-reps",
-                                   str(10 ** 12), "--t-length", "50", "--output-folder", str(tmp_path / "o")], capsys)
-    one_line(code, err, "--n-reps: ")
-    assert "memory" in err and "--t-length" in err and not (tmp_path / "o").exists()
+    code, _, err = call(llm_main, ["--p-model", "/nonexistent/p", "--q-model", "/nonexistent/q", "--n-samples",
+                                   str(10 ** 12), "--max-new-tokens", "50", "--output-dir", str(tmp_path / "o")], capsys)
+    one_line(code, err, "--n-samples: ")
+    assert "memory" in err and "--max-new-tokens" in err and not (tmp_path / "o").exists()
 
 
 def test_llm_batch_that_cannot_fit_is_refused(tiny, tmp_path, capsys):
@@ -112,9 +112,9 @@ def test_llm_batch_that_cannot_fit_is_refused(tiny, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ context
 
 def test_t_length_beyond_the_context_is_refused_and_the_bound_is_exact(tiny, tmp_path, capsys):
-    code, _, err = call(llm_main, llm_args(tiny, tmp_path / "o", "--t-length", "64"), capsys)
-    one_line(code, err, "--t-length: 64 new tokens after a prompt of 2 tokens need 65 positions")
-    assert "--t-length ≤ 63" in err and not (tmp_path / "o").exists()
+    code, _, err = call(llm_main, llm_args(tiny, tmp_path / "o", "--max-new-tokens", "64"), capsys)
+    one_line(code, err, "--max-new-tokens: 64 new tokens after a prompt of 2 tokens need 65 positions")
+    assert "--max-new-tokens ≤ 63" in err and not (tmp_path / "o").exists()
     pair = load_transformers_pair(*tiny, prompts="a b", temperature=1.0, ignore_eos=True)
     assert pair.context_length == 64
     prop = engine.sequence_proposal("P")
@@ -151,7 +151,7 @@ def test_synthetic_from_a_read_only_folder(tmp_path, monkeypatch, capsys):
 def test_p_model_folder_that_is_not_a_model_says_what_is_missing(tmp_path, tiny, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, err = call(llm_main, ["--p-model", str(empty), "--q-model", tiny[1], "--output-folder",
+    code, _, err = call(llm_main, ["--p-model", str(empty), "--q-model", tiny[1], "--output-dir",
                                    str(tmp_path / "o")], capsys)
     one_line(code, err, "it is not a model folder: config.json and the weights (model.safetensors or "
                         "pytorch_model.bin) and the tokenizer files")
@@ -159,7 +159,7 @@ def test_p_model_folder_that_is_not_a_model_says_what_is_missing(tmp_path, tiny,
     half = tmp_path / "half"
     half.mkdir()
     (half / "config.json").write_text((Path(tiny[0]) / "config.json").read_text())
-    code, _, err = call(llm_main, ["--p-model", str(half), "--q-model", tiny[1], "--output-folder",
+    code, _, err = call(llm_main, ["--p-model", str(half), "--q-model", tiny[1], "--output-dir",
                                    str(tmp_path / "o")], capsys)
     one_line(code, err, "it is not a model folder: the weights (model.safetensors or pytorch_model.bin) and the "
                         "tokenizer files (tokenizer.json or tokenizer_config.json) missing")
@@ -180,11 +180,13 @@ def test_overwrite_with_fewer_proposals_leaves_no_earlier_file(tiny, tmp_path, c
 
 
 def test_threads_flag(tiny, tmp_path, capsys):
+    from kl_estimation.core.resources import set_threads
+
     code, _, err = call(llm_main, llm_args(tiny, tmp_path / "o", "--threads", "0"), capsys)
     one_line(code, err, "--threads: must be an integer ≥ 1")
     before = torch.get_num_threads()
     try:
-        cli.set_threads(1)
+        set_threads(1)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -207,7 +209,7 @@ def test_synthetic_ctrl_c_is_one_line_and_writes_nothing(tmp_path, monkeypatch, 
 def test_llm_sigint_keeps_work_and_prints_the_resume_command(tiny, tmp_path):
     """A real SIGINT to a real run: one line naming what was kept and the command; that command finishes the run."""
     out = tmp_path / "o"
-    argv = [sys.executable, "LLM_experiments.py", *llm_args(tiny, out, "--n-reps", "600", "--batch-size", "20",
+    argv = [sys.executable, "LLM_experiments.py", *llm_args(tiny, out, "--n-samples", "600", "--batch-size", "20",
                                                              "--proposals", "P", "--no-plots")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -352,7 +354,7 @@ def test_llm_figures_with_prompt_set_and_exact_reference(tiny, tmp_path):
     """A prompt set gets the per-prompt figure; a run given the exact KL (enumerated here) records and draws it."""
     from kl_estimation.figures import llm as plots_llm
 
-    cfg = LLMConfig(p_model=tiny[0], q_model=tiny[1], prompts=("a b", "c", "b a c"), n_reps=40, t_length=3,
+    cfg = LLMConfig(p_model=tiny[0], q_model=tiny[1], prompts=("a b", "c", "b a c"), n_samples=40, max_new_tokens=3,
                         temperature=1.0, proposals=("P", "Exponential family (β=1)"), batch_size=32)
     pair, models = load_pair(cfg)
     exact = np.mean([enumeration.enumerate_sequences(pair, engine.sequence_proposal("P"), 3, prompt_index=i)["kl"]

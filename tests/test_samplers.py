@@ -158,9 +158,9 @@ def test_tiny_transformer_every_estimator_within_4_se_of_enumerated_kl(tiny, sam
 
 
 def test_llm_cli_sampler_says_how_the_se_was_computed(tmp_path, tiny, capsys):
-    argv = ["--p-model", tiny[0], "--q-model", tiny[1], "--prompt", "a b", "--n-reps", "48", "--t-length", "3",
+    argv = ["--p-model", tiny[0], "--q-model", tiny[1], "--prompt", "a b", "--n-samples", "48", "--max-new-tokens", "3",
             "--temperature", "0.8", "--batch-size", "8", "--proposals", "P", "--sampler", "stratified",
-            "--output-folder", str(tmp_path / "o")]
+            "--output-dir", str(tmp_path / "o")]
     assert llm_main(argv) == 0
     out = capsys.readouterr().out
     assert "standard errors from the spread of the estimates over 6 independent randomizations" in out
@@ -178,7 +178,7 @@ def test_llm_cli_sampler_says_how_the_se_was_computed(tmp_path, tiny, capsys):
 
 
 def test_sequence_cli_adds_sampler_rows(tmp_path, capsys):
-    code = synthetic_main(["--sequence", "--vocab-size", "11", "--horizon", "5", "--families", "zipf",
+    code = synthetic_main(["--sequence", "--vocab-size", "11", "--max-new-tokens", "5", "--families", "zipf",
                            "--n-samples", "32", "--n-repeats", "6", "--alpha-values", "0.5", "--no-plots",
                            "--sampler", "iid", "array", "--output-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out

@@ -127,10 +127,10 @@ def test_control_variate_unbiased_and_oracle_never_worse_than_rb():
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    (dict(vocab_size=2, order=1, horizon=5), "--vocab-size"),
-    (dict(vocab_size=10, order=3, horizon=5), "--order"),
-    (dict(vocab_size=10, order=1, horizon=0), "--horizon"),
-    (dict(vocab_size=300, order=2, horizon=20), "limited to"),
+    (dict(vocab_size=2, order=1, max_new_tokens=5), "^vocab_size: "),
+    (dict(vocab_size=10, order=3, max_new_tokens=5), "^order: "),
+    (dict(vocab_size=10, order=1, max_new_tokens=0), "^max_new_tokens: "),
+    (dict(vocab_size=300, order=2, max_new_tokens=20), "limited to"),
 ])
 def test_bad_sizes(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -150,7 +150,7 @@ def test_cli_bad_size_one_line(capsys, tmp_path):
 
 def test_cli_sequence_run_folder(capsys, tmp_path):
     out = tmp_path / "seq"
-    code = synthetic_main(["--sequence", "--vocab-size", "21", "--order", "2", "--horizon", "6", "--families", "zipf",
+    code = synthetic_main(["--sequence", "--vocab-size", "21", "--order", "2", "--max-new-tokens", "6", "--families", "zipf",
                            "mixture", "--alpha-values", "0.5", "--n-samples", "100", "--n-repeats", "3",
                            "--output-dir", str(out)])
     assert code == 0

@@ -33,19 +33,19 @@ PAIRS = (("eos", dict(seed=0), False, (3, 6)),
          ("no-eos", dict(seed=1, noise=0.8), True, (3, 5)),
          ("wide", dict(seed=2, words=("<eos>", "a", "b", "c", "d", "e"), extra_rows=2, noise=0.6), False, (3, 5)))
 TEMPERATURES = (0.05, 0.4, 1.0, 1.5)
-LONG = (("eos", 1.0, 32), ("no-eos", 0.7, 24))  # (pair, temperature, horizon) against a 10⁵-sequence MC reference
+LONG = (("eos", 1.0, 32), ("no-eos", 0.7, 24))  # (pair, temperature, max_new_tokens) against a 10⁵-sequence MC reference
 LONG_PROPOSALS = ("P", "Alpha-mixture (α=0.5)", "Exponential family (β=5)", "Adaptive [prefix-aware]")
 REFERENCE_N = 100_000
 
 GRID_SUMMARY: dict = {}
 
 
-def run_setting(pair, proposals, t_length, seed, n=N):
+def run_setting(pair, proposals, max_new_tokens, seed, n=N):
     """One run: every proposal on `pair` → (docs as the run layer makes them, judged verdicts)."""
     docs = []
     for name in proposals:
         prop = engine.sequence_proposal(name)
-        b = engine.sample_batch(pair, prop, n, t_length, engine.unit_generator(seed, name, 0, "cpu"))
+        b = engine.sample_batch(pair, prop, n, max_new_tokens, engine.unit_generator(seed, name, 0, "cpu"))
         est = sequence_estimates(b.log_p, b.log_q, b.log_r, b.kl_step, b.mask, prop.base is None)
         docs.append(dict(proposal=name, estimates=est, max_uncovered_mass=float(b.uncovered.max(initial=0.0))))
     return docs, verdicts.judge(docs)
@@ -80,19 +80,19 @@ def _grid(tmp_path_factory):
         loaded[pname] = base
         for temp in TEMPERATURES:
             pair = dataclasses.replace(base, temperature=temp)
-            for t_length in horizons:
-                kl = enumeration.enumerate_sequences(pair, engine.sequence_proposal("P"), t_length)["kl"]
-                _, judged = run_setting(pair, PROPOSALS, t_length, seed=SEED + len(all_cells))
-                c, rz = cells(f"{pname} temp={temp} T={t_length}", kl, 0.0, judged)
+            for max_new_tokens in horizons:
+                kl = enumeration.enumerate_sequences(pair, engine.sequence_proposal("P"), max_new_tokens)["kl"]
+                _, judged = run_setting(pair, PROPOSALS, max_new_tokens, seed=SEED + len(all_cells))
+                c, rz = cells(f"{pname} temp={temp} T={max_new_tokens}", kl, 0.0, judged)
                 all_cells += c
                 recs.append((c[0]["setting"], judged["recommended"], rz))
-    for pname, temp, t_length in LONG:
+    for pname, temp, max_new_tokens in LONG:
         pair = dataclasses.replace(loaded[pname], temperature=temp)
         prop = engine.sequence_proposal("P")
-        b = engine.sample_batch(pair, prop, REFERENCE_N, t_length, engine.unit_generator(SEED + 99, "reference", 0, "cpu"))
+        b = engine.sample_batch(pair, prop, REFERENCE_N, max_new_tokens, engine.unit_generator(SEED + 99, "reference", 0, "cpu"))
         ref = sequence_estimates(b.log_p, b.log_q, b.log_r, b.kl_step, b.mask, True)["RB+CV"]
-        _, judged = run_setting(pair, LONG_PROPOSALS, t_length, seed=SEED + 7)
-        c, rz = cells(f"{pname} temp={temp} T={t_length} (10^5 MC reference)", ref["estimate"], ref["std_error"],
+        _, judged = run_setting(pair, LONG_PROPOSALS, max_new_tokens, seed=SEED + 7)
+        c, rz = cells(f"{pname} temp={temp} T={max_new_tokens} (10^5 MC reference)", ref["estimate"], ref["std_error"],
                       judged)
         all_cells += c
         recs.append((c[0]["setting"], judged["recommended"], rz))

@@ -166,7 +166,7 @@ def test_the_audited_rare_atom_case_is_flagged(tmp_path):
     paths = save_pair(tmp_path, words=("<eos>", "a", "b", "c", "d"), extra_rows=3, seed=13, noise=1.0)
     pair = load_transformers_pair(*paths, prompts="d", temperature=0.1, ignore_eos=True)
     kl = enumeration.enumerate_sequences(pair, engine.sequence_proposal("P"), 3)["kl"]
-    cfg = LLMConfig(p_model="x", q_model="y", prompt="d", n_reps=3000, t_length=3, temperature=0.1,
+    cfg = LLMConfig(p_model="x", q_model="y", prompt="d", n_samples=3000, max_new_tokens=3, temperature=0.1,
                         proposals=("P", "Geometric (β=0.7)"), batch_size=1000, seed=5149, ignore_eos=True)
     rows = {(r["proposal"], r["estimator"]): r for r in run_experiment(pair, cfg, {})["rows"]}
     cv = rows[("Geometric (β=0.7)", "RB-IS+CV")]

@@ -2,8 +2,11 @@ r"""kl_estimation: estimate KL(P‖Q) between language models, and know which es
 
 LLM pairs (torch and transformers are imported on first use, so the single-token half starts fast):
 
-    estimate_kl(p_model, q_model, prompts, *, n_samples, max_new_tokens, temperature, proposals=("P",), ...)
-        → KLResult: ranked rows (estimate, std_error, ci, flag), .recommended, .per_prompt, .to_pandas(), .to_dict()
+    estimate_kl(p_model=None, q_model=None, prompts=None, *, n_samples=1000, max_new_tokens=20, temperature=0.4,
+                proposals=LLMConfig's seven, sampler="iid", ...)    the same settings and defaults as LLM_experiments.py
+        → KLResult: ranked rows (KLRow: estimate, std_error, ci, flag), .recommended, .per_prompt, .to_pandas()
+    LLMConfig        every setting of a run, with its default (the command line's flags are built from it)
+    default_pair()   the folders of the offline default pair, built on first use
 
 Training-loop terms over logits / log-probs (numpy or torch on any device; torch keeps autograd), with masks:
 
@@ -11,10 +14,11 @@ Training-loop terms over logits / log-probs (numpy or torch on any device; torch
     k1, k2, k3(logp, logq, mask)                   Schulman's per-token estimators of the sampled tokens
     sequence_kl(logp, logq, token_kl=, logr=, mask=, estimator="mc"|"rb"|"rb+cv"|"k3")   one term per sequence
 
-Building blocks: the proposal registry (REGISTRY, proposal, by_name, build_proposals), the single-token estimator
-terms (naive_mc_terms, importance_sampling_terms, k2_terms, k3_terms, rao_blackwell_terms, mean_estimate), exact
-values (exact_kl, exact_moments), weight diagnostics (kish_ess, pareto_khat), the sampling engine (sample_batch,
-sequence_proposal, unit_generator) and enumeration ground truth (enumerate_sequences).
+Building blocks: the proposal registry (REGISTRY, Proposal, proposal, by_name, build_proposals), the estimator terms
+(naive_mc_terms, importance_sampling_terms, k2_terms, k3_terms, rao_blackwell_terms, rao_blackwell_is_terms,
+rb_control_variate_terms, self_normalized_is, mean_estimate), exact values (exact_kl, exact_moments), weight
+diagnostics (kish_ess, pareto_khat), the sampling engine (sample_batch, sequence_proposal, unit_generator) and
+enumeration ground truth (enumerate_sequences).
 """
 from __future__ import annotations
 
@@ -43,13 +47,13 @@ from kl_estimation.synthetic.evaluation import exact_kl, exact_moments
 from kl_estimation.training import exact_token_kl, k1, k2, k3, sequence_kl
 
 _LAZY = {  # names whose modules import torch / transformers: loaded on first access
-    "estimate_kl": "api", "KLResult": "api", "KLRow": "api",
+    "estimate_kl": "api", "KLResult": "api", "KLRow": "api", "default_pair": "api",
     "sample_batch": "llm.engine", "sequence_proposal": "llm.engine", "unit_generator": "llm.engine",
     "enumerate_sequences": "llm.enumeration", "LLMConfig": "llm.run.config",
 }
 
 __all__ = sorted([
-    "estimate_kl", "KLResult", "KLRow", "LLMConfig",
+    "estimate_kl", "KLResult", "KLRow", "LLMConfig", "default_pair",
     "exact_token_kl", "k1", "k2", "k3", "sequence_kl",
     "REGISTRY", "Proposal", "proposal", "by_name", "build_proposals",
     "naive_mc_terms", "importance_sampling_terms", "k2_terms", "k3_terms", "rao_blackwell_terms",

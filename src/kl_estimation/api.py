@@ -3,9 +3,10 @@ over the same `run` function."""
 from __future__ import annotations
 
 import math
-import re
+import os
 from dataclasses import asdict, dataclass, field
 
+from kl_estimation.core.resources import set_threads
 from kl_estimation.llm.run.config import LLMConfig
 from kl_estimation.llm.run.runner import load_pair, run_experiment
 from kl_estimation.llm.run.store import check_folder
@@ -90,11 +91,11 @@ def result_of(run: dict) -> KLResult:
 
 
 def run(cfg: LLMConfig, pair=None, models: dict | None = None, progress: bool = False) -> KLResult:
-    """Validate cfg, load its pair (unless given), sample every proposal, write files when cfg.output_folder is
-    set (resumable), and return the result."""
+    """Validate cfg, load its pair (unless given), sample every proposal, write files when cfg.output_dir is
+    set (resumable), and return the result. The command line and estimate_kl both run through here."""
     cfg.validate()
-    folder = cfg.output_folder
-    if folder is not None:
+    cfg.threads = set_threads(cfg.threads)
+    if cfg.output_dir is not None:
         check_folder(cfg)
     if pair is None:
         pair, models = load_pair(cfg)
@@ -105,71 +106,88 @@ def run(cfg: LLMConfig, pair=None, models: dict | None = None, progress: bool = 
         def bar(**kw):
             return progress_bars.bar(unit="batch", **kw)
 
-    return result_of(run_experiment(pair, cfg, models, folder, bar))
+    return result_of(run_experiment(pair, cfg, models, cfg.output_dir, bar))
 
 
-_FLAG_TO_PARAM = {"--n-reps": "n_samples", "--t-length": "max_new_tokens", "--prompt": "prompts",
-                  "--prompts": "prompts", "--output-folder": "output_folder"}
+def default_pair() -> tuple[str, str]:
+    """The folders of the offline default pair (P, Q), built on first use (a minute or two on 2 CPU cores):
+    what estimate_kl and LLM_experiments.py compare when no models are given."""
+    from kl_estimation.llm import default_pair as dp
+
+    return dp.ensure()
 
 
-def _as_param(message: str) -> str:
-    """Config errors name command-line flags; here they name estimate_kl's parameters."""
-    m = re.match(r"(--[a-z-]+)(:.*)", message, re.S)
-    if not m:
-        return message
-    return _FLAG_TO_PARAM.get(m[1], m[1][2:].replace("-", "_")) + m[2]
+def _is_model_id(x) -> bool:
+    return isinstance(x, (str, os.PathLike))
 
 
-def estimate_kl(p_model, q_model, prompts, *, n_samples: int = 256, max_new_tokens: int = 20,
-                temperature: float = 1.0, proposals=("P",), seed: int = 0, device: str = "auto",
-                dtype: str = "auto", batch_size: int = 64, tokenizer=None, ignore_eos: bool = False,
-                chat_template: bool = False, output_folder=None, resume: bool = False, overwrite: bool = False,
-                progress: bool = False) -> KLResult:
+def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, progress: bool = True,
+                **settings) -> KLResult:
     """Estimate KL(P‖Q) between two causal LMs over a prompt set, with every estimator from the same samples.
+
+    The same call as ``LLM_experiments.py`` with the same settings gives the same numbers: both run
+    :func:`run` on an :class:`~kl_estimation.llm.run.config.LLMConfig` with one set of defaults.
 
     Parameters
     ----------
-    p_model, q_model : str or transformers model
+    p_model, q_model : str, os.PathLike or transformers model, optional
         Hub ids or local folders (loaded with from_pretrained), or already-loaded causal LMs sharing ``tokenizer``.
-    prompts : str or list of str
-        The prompt set; the target is the mean over prompts of the KL of the continuation after each prompt.
-    n_samples : sequences drawn per prompt and proposal.
-    max_new_tokens : T; the KL is that of the sequence process truncated at T tokens (or at EOS).
-    temperature : applied to both models' logits (1.0: the models as they are).
-    proposals : "P" (plain MC: the MC, RB, RB+CV, k3 and SNIS estimators) and/or registry proposals such as
-        "Geometric (β=0.5)" (importance sampling), optionally + " [prefix-aware]".
-    seed : every (prompt, proposal, batch) unit draws from its own stream derived from it.
-    device, dtype : "auto" (CUDA if available; bfloat16 on CUDA) or explicit; ignored for loaded models.
-    batch_size : sequences per forward batch (prompts are mixed, left-padded).
+        Both None: the offline default pair (:func:`default_pair`).
+    prompts : str, sequence of str or os.PathLike, optional
+        One prompt, a prompt set, or a prompt file (.txt/.jsonl/.csv); the target is the mean over prompts of the KL
+        of the continuation after each prompt. None: the default prompt (or ``prompts_file`` / ``dataset``).
     tokenizer : needed when the models are passed loaded.
-    output_folder : write resumable files there (nothing is written when None); resume / overwrite as on the CLI.
-    progress : show a progress bar.
+    progress : one progress bar over the whole run, with the time left (False: silent).
+    **settings
+        Any setting of an LLM run, under the same name as the command line's flag without dashes: e.g.
+        ``n_samples`` (1000), ``max_new_tokens`` (20), ``temperature`` (0.4), ``proposals``, ``sampler``,
+        ``batch_size``, ``seed``, ``device``, ``dtype``, ``p_dtype``/``q_dtype``, ``p_adapter``/``q_adapter``,
+        ``device_map``, ``offload``, ``chat_template``, ``ignore_eos``, ``threads``, ``output_dir`` (None: nothing
+        is written), ``resume``, ``overwrite``. ``help(kl_estimation.LLMConfig)`` and ``LLM_experiments.py --help``
+        list them all with their defaults.
 
     Returns
     -------
     KLResult with ``rows`` (KLRow: estimate, std_error, ci, flag, …), ``recommended`` (the row to report),
     ``per_prompt``, ``to_pandas()`` and ``to_dict()``.
+
+    Raises
+    ------
+    ValueError
+        For bad input, naming the parameter first (``n_samples: must be an integer ≥ 2 (got 1)``).
     """
-    loaded = not isinstance(p_model, str)
-    if loaded != (not isinstance(q_model, str)):
+    if isinstance(settings.get("proposals"), str):
+        settings["proposals"] = (settings["proposals"],)  # one name, not its letters
+    elif settings.get("proposals") is not None:
+        settings["proposals"] = tuple(settings["proposals"])
+    if prompts is not None:
+        if isinstance(prompts, os.PathLike):
+            settings["prompts_file"] = os.fspath(prompts)
+        elif isinstance(prompts, str):
+            settings["prompts"] = (prompts,)
+        elif isinstance(prompts, (list, tuple)):
+            settings["prompts"] = tuple(prompts)
+        else:
+            raise ValueError(f"prompts: a string, a list of strings or a path to a prompt file (got "
+                             f"{type(prompts).__name__})")
+    given = [m is not None for m in (p_model, q_model)]
+    loaded = any(m is not None and not _is_model_id(m) for m in (p_model, q_model))
+    if loaded and not all(m is not None and not _is_model_id(m) for m in (p_model, q_model)):
         raise ValueError("q_model: give both models as ids/paths or both as loaded models")
-    if loaded and tokenizer is None:
-        raise ValueError("tokenizer: needed when the models are passed as loaded models")
-    texts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
-    cfg = LLMConfig(p_model=None if loaded else p_model, q_model=None if loaded else q_model, prompts=texts,
-                        n_reps=n_samples, t_length=max_new_tokens, temperature=temperature,
-                        proposals=tuple(proposals), batch_size=batch_size, device=device, dtype=dtype, seed=seed,
-                        output_folder=output_folder, resume=resume, overwrite=overwrite, ignore_eos=ignore_eos,
-                        chat_template=chat_template)
-    try:
-        if not loaded:
-            return run(cfg, progress=progress)
+    if loaded:
+        if tokenizer is None:
+            raise ValueError("tokenizer: needed when the models are passed as loaded models")
+        cfg = LLMConfig.from_settings(**settings)
+        cfg.validate()
         from kl_estimation.llm.loading import pair_from_models
 
-        cfg.validate()
-        pair = pair_from_models(p_model, q_model, tokenizer, prompts=texts, temperature=temperature,
-                                ignore_eos=ignore_eos, chat_template=chat_template)
+        pair = pair_from_models(p_model, q_model, tokenizer, prompts=cfg.prompt_set, temperature=cfg.temperature,
+                                ignore_eos=cfg.ignore_eos, chat_template=cfg.chat_template)
         models = {"p": type(p_model).__name__ + " (loaded)", "q": type(q_model).__name__ + " (loaded)"}
         return run(cfg, pair, models, progress)
-    except ValueError as err:
-        raise ValueError(_as_param(str(err))) from None
+    if any(given) and not settings.get("q_adapter"):
+        if not all(given):
+            raise ValueError("q_model: give both `p_model` and `q_model`, or neither for the offline default pair")
+    cfg = LLMConfig.from_settings(p_model=p_model and os.fspath(p_model), q_model=q_model and os.fspath(q_model),
+                                  **settings)
+    return run(cfg, progress=progress)

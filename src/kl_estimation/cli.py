@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -81,24 +82,23 @@ def _command(prog: str, argv) -> list[str]:
     return [_python(), script, *(sys.argv[1:] if argv is None else argv)]
 
 
-def set_threads(n) -> None:
-    """--threads: torch's CPU threads (intra-op); None leaves torch's choice (one per core)."""
-    if n is None:
-        return
-    from kl_estimation.core.validation import check_int
+def as_flag_name(name: str) -> str:
+    """A parameter's command-line flag: `n_samples` → `--n-samples`."""
+    return "--" + name.replace("_", "-")
 
-    check_int("--threads", n, 1)
-    import torch
 
-    torch.set_num_threads(n)
+def flag_text(text: str) -> str:
+    """Parameters written `like_this` in library text become their flags on the command line."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: as_flag_name(m[1]), text)
 
 
 def as_flag(message: str) -> str:
-    """Library errors name their parameter ('n_reps: …'); on the command line that is the flag ('--n-reps: …')."""
+    """Library errors name their parameter ('n_samples: …', other parameters `in backticks`); on the command line
+    each is its flag ('--n-samples: …')."""
     head, sep, rest = message.partition(": ")
     if sep and head.isidentifier():
-        return f"--{head.replace('_', '-')}: {rest}"
-    return message
+        return f"{as_flag_name(head)}: {flag_text(rest)}"
+    return flag_text(message)
 
 
 def fail(prog: str, message: str) -> int:
@@ -154,7 +154,8 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
     p.add_argument("--sequence", action="store_true",
                    help="the sequence experiment: toy Markov pairs with exact sequence KL and exact variances")
     p.add_argument("--order", type=int, default=sd.order, help="--sequence: Markov order, 1 or 2")
-    p.add_argument("--horizon", type=int, default=sd.horizon, help="--sequence: tokens per sequence T")
+    p.add_argument("--max-new-tokens", "--horizon", type=int, default=sd.max_new_tokens,
+                   help="--sequence: tokens per sequence T")
     p.add_argument("--threads", type=int, default=d.get("threads"),
                    help="--sequence: CPU threads for torch (default: torch's choice, one per core)")
     p.add_argument("--sampler", nargs="+", default=list(sd.samplers),
@@ -190,15 +191,18 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
     common = dict(**sizes, divergence=args.divergence, families=tuple(_names(args.families)),
                   alpha_values=tuple(args.alpha_values), seed=args.seed)
     if args.sequence:
-        cfg = sequences.SequenceConfig(**common, order=args.order, horizon=args.horizon,
+        cfg = sequences.SequenceConfig(**common, order=args.order, max_new_tokens=args.max_new_tokens,
                                        samplers=tuple(_names(args.sampler)))
     else:
         cfg = synthetic.SyntheticConfig(**common, rb_top_k=args.rb_top_k)
     kind = "sequence" if args.sequence else "synthetic"
     try:
         cfg.validate()
-        runio.check_output_dir(args.output_dir, "--output-dir", default=Path("results") / kind)
-        set_threads(args.threads)
+        runio.check_output_dir(args.output_dir, "output_dir", default=Path("results") / kind)
+        if args.sequence:
+            from kl_estimation.core.resources import set_threads
+
+            set_threads(args.threads)
         with progress.bar(total=mode.n_steps(cfg), desc=f"{kind} run", unit="step") as bar:
             pairs, arrays = mode.run(cfg, progress=bar.update)
     except ValueError as err:
@@ -275,86 +279,65 @@ def draw_figures(folder, fmt: str = "png", pairs=None, methods=None):
 # ---------------------------------------------------------------- LLM_experiments.py
 
 def llm_parser(prog: str, defaults: dict) -> Parser:
+    """Every LLMConfig setting as `--name-with-dashes` (plus its aliases), with the same defaults as the API."""
     from kl_estimation.llm.run.config import LLMConfig
 
-    d = {**vars(LLMConfig()), **defaults}
     p = Parser(prog=prog, description="KL(P‖Q) between two causal LMs: sequences sampled token by token from each "
                                       "proposal, every estimator (MC/IS, SNIS, RB/RB-IS, k3) from one sample set; "
                                       "figures at the end (see visualize_proposals.py).")
-    p.add_argument("--p-model", default=d["p_model"], help="base model P: transformers id or local folder "
-                                                           "(default with --q-model unset: the offline default pair, "
-                                                           "built once on this machine)")
-    p.add_argument("--q-model", default=d["q_model"], help="fine-tuned model Q: transformers id or local folder "
-                                                           "(default: the offline default pair's Q)")
-    p.add_argument("--prompt", default=d["prompt"], help="the text every sequence continues (a prompt set of one) "
-                                                         "when no --prompts / --dataset is given")
-    p.add_argument("--prompts", dest="prompts_file", default=d["prompts_file"],
-                   help="a prompt set: .txt (one prompt per line), .jsonl or .csv (text under --prompt-field) "
-                        "(default: none, --prompt alone)")
-    p.add_argument("--dataset", default=d["dataset"], help="a prompt set from the datasets library: a folder "
-                                                         "written by save_to_disk (offline) or a load_dataset name "
-                                                         "(default: none)")
-    p.add_argument("--split", default=d["split"], help="--dataset: the split")
-    p.add_argument("--prompt-field", default=d["prompt_field"], help="--prompts .jsonl/.csv and --dataset: the "
-                                                                     "field holding the prompt text")
-    p.add_argument("--n-prompts", type=int, default=d["n_prompts"], help="only the first N prompts of the set "
-                                                                         "(default: all)")
-    p.add_argument("--chat-template", action="store_true", default=d["chat_template"],
-                   help="wrap each prompt as a user turn of the tokenizer's chat template")
-    p.add_argument("--n-reps", type=int, default=d["n_reps"], help="sequences per proposal and prompt")
-    p.add_argument("--t-length", type=int, default=d["t_length"], help="new tokens per sequence (the KL is of the "
-                                                                      "process truncated there); prompt + T must fit "
-                                                                      "the models' context")
-    p.add_argument("--temperature", type=float, default=d["temperature"], help="applied to both P and Q")
-    p.add_argument("--proposals", nargs="+", default=list(d["proposals"]),
-                   help="'P' (plain MC), registry names such as 'Geometric (β=0.5)', optionally + ' [prefix-aware]'")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per forward batch")
-    p.add_argument("--device", default=d["device"], help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default=d["dtype"], help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, "
-                                                       "float16; log-softmax is float32 whatever this is")
-    p.add_argument("--threads", type=int, default=d.get("threads"),
-                   help="CPU threads for torch (default: torch's choice, one per core)")
-    p.add_argument("--seed", type=int, default=d["seed"], help="seed of the sampling streams (the offline default "
-                                                               "pair has its own fixed seed)")
-    p.add_argument("--output-folder", default=d["output_folder"], help="folder of the run's files")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-folder")
-    p.add_argument("--overwrite", action="store_true", help="replace every earlier result in --output-folder")
-    p.add_argument("--ignore-eos", action="store_true", help="keep sampling after EOS (always t-length tokens)")
-    p.add_argument("--no-plots", action="store_true", default=d.get("no_plots", False),
-                   help="skip the figures (draw them later with visualize_proposals.py)")
-    p.add_argument("--sampler", default=d["sampler"], help="how sequences are drawn: " + ", ".join(_samplers()) +
-                   " (other than iid: each batch of --batch-size sequences is one randomization; standard errors "
-                   "come from the spread between batches)")
     big = p.add_argument_group("big models (pip install 'kl-estimation[scale]'); data parallel: torchrun "
                                 "--nproc-per-node N LLM_experiments.py …")
-    big.add_argument("--p-dtype", help="P's dtype, overriding --dtype (default: --dtype)")
-    big.add_argument("--q-dtype", help="Q's dtype, overriding --dtype (default: --dtype)")
-    big.add_argument("--p-adapter", help="a PEFT adapter (folder or hub id) applied to --p-model (default: none)")
-    big.add_argument("--q-adapter", help="a PEFT adapter applied to --q-model; without --q-model, to --p-model's "
-                                         "base, loaded once (adapter off for P, on for Q) (default: none)")
-    big.add_argument("--device-map", help="auto: shard each model over the visible GPUs (accelerate) (default: "
-                                           "none, each model whole on --device)")
-    big.add_argument("--offload", action="store_true", help="with --device-map auto: keep what does not fit on the "
-                                                            "GPUs in CPU memory")
+    for name, f in LLMConfig.settings().items():
+        m = f.metadata
+        if not m["flag"]:
+            continue
+        default = defaults.get(name, f.default)
+        text = m["help"] if default is not None or "(default" in m["help"] else m["help"] + " (default: none)"
+        kw = dict(dest=name, default=default, help=flag_text(text))
+        if isinstance(f.default, bool):
+            kw["action"] = "store_true"
+        else:
+            kw.update({k: m[k] for k in ("type", "nargs") if m[k]})
+            if m["nargs"] and default is not None:
+                kw["default"] = list(default)
+        group = big if name in _BIG_MODELS else p
+        group.add_argument(as_flag_name(name), *m["aliases"], **kw)
+    p.add_argument("--no-plots", action="store_true", default=defaults.get("no_plots", False),
+                   help="skip the figures (draw them later with visualize_proposals.py)")
     return p
+
+
+_BIG_MODELS = ("p_dtype", "q_dtype", "p_adapter", "q_adapter", "device_map", "offload")
+
+
+LLM_RUNS = Path("tests2")  # the seed's output root: each run without --output-dir gets a new folder in it
 
 
 def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     from kl_estimation.llm.run.config import LLMConfig
 
     args = llm_parser(prog, defaults).parse_args(argv)
-    if args.q_adapter and args.q_model is None:
-        args.q_model = args.p_model  # Q = P's base + adapter
-    cfg = LLMConfig(**{k: getattr(args, k) for k in vars(LLMConfig()) if hasattr(args, k)})
-    folder_existed = Path(cfg.output_folder).exists()
+    settings = {k: getattr(args, k) for k in LLMConfig.settings() if hasattr(args, k)}
+    settings["proposals"] = tuple(settings["proposals"])
+    reserved = None
+    if settings["output_dir"] is None and not settings["resume"]:
+        reserved = runio.make_run_dir(None, "", root=LLM_RUNS)  # a new folder: runs never collide
+        settings["output_dir"] = str(reserved)
+    cfg = LLMConfig(**settings)
+    folder_existed = reserved is None and Path(cfg.output_dir or ".").exists()
     with _sigterm_as_interrupt():
         try:
-            set_threads(args.threads)
             return _run_llm(cfg, plots=not args.no_plots)
         except ValueError as err:
+            _remove_if_empty(reserved)
             return fail(prog, str(err))
         except KeyboardInterrupt:
             return interrupted(prog, _kept(cfg, folder_existed, _command(prog, argv)))
+
+
+def _remove_if_empty(folder) -> None:
+    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
@@ -362,7 +345,7 @@ def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
     from kl_estimation.llm.run import distributed
     from kl_estimation.llm.run.store import slug
 
-    folder = Path(cfg.output_folder)
+    folder = Path(cfg.output_dir)
     done, batches, sequences = [], 0, 0
     for name in cfg.proposals:
         final, partials = folder / f"{slug(name)}.json", distributed.partial_files(folder, slug(name))
@@ -375,13 +358,16 @@ def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
     if not done and not batches:
         if not folder_existed and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
-        return f"no sequence was kept ({cfg.output_folder} holds nothing of this run); run the same command again"
+        return f"no sequence was kept ({cfg.output_dir} holds nothing of this run); run the same command again"
     args = [a for a in command[2:] if a != "--overwrite"]
+    if not any(a in ("--output-dir", "--output-folder") or a.startswith(("--output-dir=", "--output-folder="))
+               for a in args):
+        args += ["--output-dir", str(cfg.output_dir)]  # the folder this run chose for itself
     resume = shlex.join(command[:2] + args + ([] if "--resume" in args else ["--resume"]))
     parts = [f"{len(done)} of {len(cfg.proposals)} proposals complete"] if done else []
     if batches:
         parts.append(f"{batches} finished batches ({sequences} sequences) of the next")
-    return f"kept {' and '.join(parts)} in {cfg.output_folder}; continue with: {resume}"
+    return f"kept {' and '.join(parts)} in {cfg.output_dir}; continue with: {resume}"
 
 
 def _run_llm(cfg, plots: bool = True) -> int:
@@ -392,9 +378,9 @@ def _run_llm(cfg, plots: bool = True) -> int:
     if distributed.current().rank != 0:  # under torchrun rank 0 alone reports
         return 0
     print(report.llm_table([r.to_dict() for r in result.rows],
-                           f"KL(P‖Q) per sequence, {cfg.n_reps} sequences × {len(result.docs)} proposals"
+                           f"KL(P‖Q) per sequence, {cfg.n_samples} sequences × {len(result.docs)} proposals"
                            f"{f' × {len(cfg.prompt_set)} prompts' if len(cfg.prompt_set) > 1 else ''}, "
-                           f"T={cfg.t_length}, temperature {cfg.temperature}"))
+                           f"T={cfg.max_new_tokens}, temperature {cfg.temperature}"))
     if result.per_prompt:
         print(f"\nOver {len(result.per_prompt)} prompts: the estimate is the mean of the per-prompt estimates; "
               f"'std err' is for this fixed prompt set (within-prompt noise only); the population SE (prompts as a "
@@ -405,8 +391,8 @@ def _run_llm(cfg, plots: bool = True) -> int:
     if plots:
         from kl_estimation.figures import llm as plots_llm
 
-        print(f"\nfigures: {plots_llm.draw_all(cfg.output_folder)}")
-    print(f"output folder: {cfg.output_folder}")
+        print(f"\nfigures: {plots_llm.draw_all(cfg.output_dir)}")
+    print(f"output folder: {cfg.output_dir}")
     for p in result.per_prompt:
         rec = p["recommended"]
         print(report.recommendation_line(rec and rec.to_dict(), f"for prompt {p['prompt']}"))

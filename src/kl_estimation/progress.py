@@ -2,11 +2,14 @@
 
 tqdm redraws one line with carriage returns, which a log file or a batch system's output shows as one endless line
 (and ``disable=None`` shows nothing at all off a terminal). Off a terminal, ``bar`` prints complete lines instead: one
-when the work starts, one at most every ``LOG_INTERVAL`` seconds, one when it ends.
+when the work starts, one every ``LOG_INTERVAL`` seconds, one when it ends. tqdm redraws only when its count moves,
+so a step that takes minutes (a forward batch of a big model, a lock held by another process) would leave the screen
+or the log silent: a ticker thread redraws every ``LOG_INTERVAL`` seconds whatever the count.
 """
 from __future__ import annotations
 
 import sys
+import threading
 
 from tqdm import tqdm
 
@@ -52,10 +55,39 @@ class _LogBar(tqdm):
         super().close()
 
 
-def bar(total=None, desc: str | None = None, unit: str = "it", **kw) -> tqdm:
-    """A progress bar on stderr: tqdm's own on a terminal, timed lines otherwise."""
+class _Ticker(threading.Thread):
+    """Redraws `bar` every `interval` seconds until the bar closes."""
+
+    def __init__(self, bar: tqdm, interval: float):
+        super().__init__(daemon=True)
+        self.bar, self.interval, self.stopped = bar, interval, threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            with self.bar.get_lock():
+                if not self.bar.disable:
+                    self.bar.refresh()
+
+
+def _ticking(b: tqdm, interval: float) -> tqdm:
+    ticker = _Ticker(b, interval)
+    close = b.close
+
+    def closing():
+        ticker.stopped.set()
+        close()
+
+    b.close = closing
+    ticker.start()
+    return b
+
+
+def bar(total=None, desc: str | None = None, unit: str = "it", *, interval: float = LOG_INTERVAL, **kw) -> tqdm:
+    """A progress bar on stderr, redrawn at least every `interval` seconds: tqdm's own on a terminal, timed lines
+    otherwise."""
     stream = sys.stderr
     if getattr(stream, "isatty", lambda: False)():
-        return tqdm(total=total, desc=desc, unit=unit, leave=False, file=stream, **kw)
-    return _LogBar(total=total, desc=desc, unit=unit, leave=True, file=_Lines(stream), mininterval=LOG_INTERVAL,
-                   bar_format=LOG_FORMAT if total else None, ascii=True, **kw)
+        return _ticking(tqdm(total=total, desc=desc, unit=unit, leave=False, file=stream, **kw), min(interval, 1.0))
+    return _ticking(_LogBar(total=total, desc=desc, unit=unit, leave=True, file=_Lines(stream),
+                            mininterval=interval, bar_format=LOG_FORMAT if total else None, ascii=True, **kw),
+                    interval)

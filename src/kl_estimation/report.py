@@ -43,8 +43,8 @@ def _rule(title: str) -> str:
 
 def pair_report(pair: dict, n_samples: int, n_repeats: int) -> str:
     if "order" in pair:  # a toy sequence pair
-        stats = (f"order-{pair['order']} Markov pair, V = {pair['vocab_size']} (token 0 = EOS), horizon T = "
-                 f"{pair['horizon']}; exact values by DP   oracle control-variate β* = {pair['cv_beta_star']:.4g}")
+        stats = (f"order-{pair['order']} Markov pair, V = {pair['vocab_size']} (token 0 = EOS), max_new_tokens T = "
+                 f"{pair['max_new_tokens']}; exact values by DP   oracle control-variate β* = {pair['cv_beta_star']:.4g}")
         unit = "sequence"
     else:
         stats = (f"P: top-10 mass {pair['top10_mass_p']:.3f}, top-100 {pair['top100_mass_p']:.3f}   "

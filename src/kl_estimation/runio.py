@@ -95,13 +95,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     _atomic_write(path, lambda fh: fh.write(buf.getvalue().encode()))
 
 
-def check_output_dir(path: str | Path | None, flag: str = "--output-dir", default: Path | None = None) -> None:
+def check_output_dir(path: str | Path | None, flag: str = "output_dir", default: Path | None = None) -> None:
     """Fail early (before any work) when `path` cannot become a writable folder; with `path` None, when the
     `default` folder used instead cannot."""
     if path is None:
         if default is not None and (why := _unwritable(Path(default))):
             raise ValueError(f"{flag}: not given, and the default folder {default} cannot be created here ({why}); "
-                             f"give a writable folder with {flag}")
+                             f"give a writable folder with `{flag}`")
         return
     if why := _unwritable(Path(path)):
         raise ValueError(f"{flag}: cannot write to {path} ({why})")
@@ -120,13 +120,14 @@ def _unwritable(p: Path) -> str | None:
     return None
 
 
-def make_run_dir(path: str | Path | None, kind: str) -> Path:
-    """`path` itself, or a new timestamped folder under results/<kind>/."""
+def make_run_dir(path: str | Path | None, kind: str, root: Path = Path("results")) -> Path:
+    """`path` itself, or a new timestamped folder under <root>/<kind>/ (created here, so two runs started in the
+    same second still get folders of their own)."""
     if path is not None:
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         return p
-    base = Path("results") / kind
+    base = Path(root) / kind
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     for i in range(1000):
         p = base / (stamp if i == 0 else f"{stamp}-{i}")

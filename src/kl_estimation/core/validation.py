@@ -15,7 +15,7 @@ def check_sizes(vocab: int, draws: int, n_repeats: int, n_samples: int, what: st
     from kl_estimation.core.resources import check_memory
 
     if vocab >= draws:
-        check_memory(vocab + draws, "--vocab-size", what)
+        check_memory(vocab + draws, "vocab_size", what)
     else:
-        flag = "--n-repeats" if n_repeats >= n_samples else "--n-samples"
-        check_memory(vocab + draws, flag, f"{n_repeats} repeats × {n_samples} samples (--n-repeats × --n-samples)")
+        flag = "n_repeats" if n_repeats >= n_samples else "n_samples"
+        check_memory(vocab + draws, flag, f"{n_repeats} repeats × {n_samples} samples (`n_repeats` × `n_samples`)")

@@ -48,8 +48,8 @@ class LLMRun:
         return self.summary.get("config", {})
 
     @property
-    def t_length(self) -> int:
-        return int(self.config.get("t_length") or max(len(r["log_p"]) for d in self.docs for r in d["sequences"]))
+    def max_new_tokens(self) -> int:
+        return int(self.config.get("max_new_tokens") or max(len(r["log_p"]) for d in self.docs for r in d["sequences"]))
 
 
 def load_llm_run(path, methods=None) -> LLMRun:
@@ -112,7 +112,7 @@ def _is_p(doc) -> bool:
 def _arrays(run: LLMRun, doc) -> dict[str, np.ndarray]:
     from kl_estimation.llm.run.store import records_to_arrays
 
-    return records_to_arrays(doc["sequences"], run.t_length)
+    return records_to_arrays(doc["sequences"], run.max_new_tokens)
 
 
 def step_contributions(a: dict[str, np.ndarray]) -> np.ndarray:
@@ -188,7 +188,7 @@ def fig_estimates(plt, run: LLMRun):
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("KL(P‖Q) per sequence (nats); ◀ ▶: interval runs off the axis")
     cfg = run.config
-    ax.set_title(f"Estimates with 95% CIs, T = {cfg.get('t_length')}, {cfg.get('n_reps')} sequences per proposal"
+    ax.set_title(f"Estimates with 95% CIs, T = {cfg.get('max_new_tokens')}, {cfg.get('n_samples')} sequences per proposal"
                  f"{_prompts_note(run)}\n{ref}; hollow red ! = flagged (do not trust), see summary.csv", fontsize=10)
     fig.tight_layout()
     return fig, (f"Every proposal × estimator with its 95% confidence interval; flagged rows are hollow, red and "
@@ -203,7 +203,7 @@ def _prompts_note(run: LLMRun) -> str:
 def fig_per_step(plt, run: LLMRun):
     names = [d["proposal"] for d in run.docs]
     colors = _colors(names)
-    T = run.t_length
+    T = run.max_new_tokens
     t = np.arange(1, T + 1)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
     means, cums = [], []
@@ -378,8 +378,8 @@ def draw_all(path, fmt: str = "png", methods=None) -> Path:
             files.append((fname, caption))
         cfg = run.config
         models = run.summary.get("models", {})
-        intro = (f"P = {escape(str(models.get('p')))}, Q = {escape(str(models.get('q')))}; T = {cfg.get('t_length')}, "
-                 f"temperature {cfg.get('temperature')}, {cfg.get('n_reps')} sequences per proposal and prompt, "
+        intro = (f"P = {escape(str(models.get('p')))}, Q = {escape(str(models.get('q')))}; T = {cfg.get('max_new_tokens')}, "
+                 f"temperature {cfg.get('temperature')}, {cfg.get('n_samples')} sequences per proposal and prompt, "
                  f"seed {cfg.get('seed')}. {escape(run.summary.get('truncation', ''))}.")
         write_index(tmp, f"LLM run {path.resolve().name}", intro, files)
     return path / "plots" / "index.html"

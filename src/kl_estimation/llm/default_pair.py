@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -166,12 +165,14 @@ def ensure() -> tuple[str, str]:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            print(f"waiting for another process that is building the offline default pair (lock {lock_path()})",
-                  file=sys.stderr)
-            try:
-                lock.acquire(timeout=LOCK_TIMEOUT)
+            from kl_estimation.progress import bar as progress_bar
+
+            try:  # the bar prints a line every few seconds while we wait
+                with progress_bar(desc=f"waiting for another process building the offline default pair (lock "
+                                       f"{lock_path()})", unit="s"):
+                    lock.acquire(timeout=LOCK_TIMEOUT)
             except Timeout:
-                raise ValueError(f"--p-model: the offline default pair is still being built by another process after "
+                raise ValueError(f"p_model: the offline default pair is still being built by another process after "
                                  f"{LOCK_TIMEOUT:.0f} s (lock {lock_path()}); try again later") from None
         try:
             if not _is_current():  # the process we waited for may have built it

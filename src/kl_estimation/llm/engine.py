@@ -98,9 +98,9 @@ def unit_generator(seed: int, proposal: str, batch_index: int, device, prompt_in
 
 
 @torch.inference_mode()
-def sample_batch(pair, proposal: SequenceProposal, n: int, t_length: int, generator, *, prompt_rows=None,
+def sample_batch(pair, proposal: SequenceProposal, n: int, max_new_tokens: int, generator, *, prompt_rows=None,
                  sampler: str = "iid") -> Batch:
-    """Draw `n` sequences of up to `t_length` tokens from the proposal; one Python iteration per step.
+    """Draw `n` sequences of up to `max_new_tokens` tokens from the proposal; one Python iteration per step.
 
     `generator`: a torch.Generator for all n rows, or a list of (torch.Generator, rows) — one per unit, in row order.
     `prompt_rows`: (n,) indices into the pair's prompt set (default: prompt 0 for every row).
@@ -112,11 +112,11 @@ def sample_batch(pair, proposal: SequenceProposal, n: int, t_length: int, genera
     rows = torch.zeros(n, dtype=torch.long) if prompt_rows is None else torch.as_tensor(prompt_rows)
     log_p, log_q, state = pair.start(rows)
     dev = log_p.device
-    draw = make_source(sampler, streams, t_length, dev)
+    draw = make_source(sampler, streams, max_new_tokens, dev)
     alive = torch.ones(n, dtype=torch.bool, device=dev)
     prefix = torch.zeros(n, dtype=torch.float64, device=dev)
     cols = {k: [] for k in ("token_ids", "log_p", "log_q", "log_r", "kl_step", "mask", "uncovered")}
-    for t in range(t_length):
+    for t in range(max_new_tokens):
         log_r = proposal(log_p, log_q, prefix)
         x = draw(t, log_r)
         lp_x, lq_x = _gather(log_p, x), _gather(log_q, x)
@@ -131,10 +131,10 @@ def sample_batch(pair, proposal: SequenceProposal, n: int, t_length: int, genera
         prefix += torch.where(alive, lp_x - lq_x, 0.0)
         if pair.eos_token_id is not None:
             alive &= x != pair.eos_token_id
-        if t + 1 < t_length and alive.any():
+        if t + 1 < max_new_tokens and alive.any():
             log_p, log_q, state = pair.step(state, x)
-        elif t + 1 < t_length:  # every sequence ended: the remaining steps are masked out
+        elif t + 1 < max_new_tokens:  # every sequence ended: the remaining steps are masked out
             for k in cols:
-                cols[k] += [torch.zeros_like(cols[k][-1])] * (t_length - t - 1)
+                cols[k] += [torch.zeros_like(cols[k][-1])] * (max_new_tokens - t - 1)
             break
     return Batch(**{k: torch.stack(v, dim=1).cpu().numpy() for k, v in cols.items()})

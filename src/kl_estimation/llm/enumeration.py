@@ -9,9 +9,9 @@ from kl_estimation.llm.engine import SequenceProposal, exact_step_kl
 
 
 @torch.inference_mode()
-def enumerate_sequences(pair, proposal: SequenceProposal, t_length: int, max_sequences: int = 1_000_000,
+def enumerate_sequences(pair, proposal: SequenceProposal, max_new_tokens: int, max_sequences: int = 1_000_000,
                         prompt_index: int = 0) -> dict:
-    """Every complete sequence after prompt `prompt_index` of a small pair (a leaf: EOS or t_length tokens).
+    """Every complete sequence after prompt `prompt_index` of a small pair (a leaf: EOS or max_new_tokens tokens).
 
     Returns float64 arrays over leaves — ``log_p``, ``log_q``, ``log_r`` (sequence log-probabilities under P, Q and
     the proposal), ``rb`` (Σ_t w_<t·KL_t along the sequence) — and ``kl``, the exact KL of the truncated process
@@ -24,10 +24,10 @@ def enumerate_sequences(pair, proposal: SequenceProposal, t_length: int, max_seq
     acc = {k: torch.zeros(1, dtype=torch.float64, device=pair.device) for k in ("log_p", "log_q", "log_r", "rb")}
     leaves = {k: [] for k in acc}
     kl = 0.0
-    for t in range(t_length):
+    for t in range(max_new_tokens):
         n = prefixes.shape[0]
         if n * V > max_sequences:
-            raise ValueError(f"enumeration would visit more than {max_sequences} sequences (V={V}, T={t_length})")
+            raise ValueError(f"enumeration would visit more than {max_sequences} sequences (V={V}, T={max_new_tokens})")
         log_p, log_q, state = pair.start(torch.full((n,), prompt_index, dtype=torch.long))
         for s in range(t):
             log_p, log_q, state = pair.step(state, prefixes[:, s])
@@ -43,7 +43,7 @@ def enumerate_sequences(pair, proposal: SequenceProposal, t_length: int, max_seq
         reachable = (child["log_p"] > -math.inf) | (child["log_r"] > -math.inf)
         tokens = torch.arange(V, device=pair.device).expand(n, V)
         ends = reachable & ((tokens == pair.eos_token_id) if pair.eos_token_id is not None else False)
-        if t + 1 == t_length:
+        if t + 1 == max_new_tokens:
             ends = reachable
         for k in leaves:
             leaves[k].append(child[k][ends])

@@ -86,7 +86,7 @@ def _load_one(flag: str, name: str, device, dtype, device_map=None, offload: boo
         tok, model = _from_pretrained(flag, name, load)
     except ValueError as err:
         if device_map is not None and "offload" in str(err) and not offload:
-            raise ValueError(f"{flag}: {name!r} does not fit on the visible GPUs; add offload (--offload) to keep the rest in "
+            raise ValueError(f"{flag}: {name!r} does not fit on the visible GPUs; add offload (`offload`) to keep the rest in "
                              f"CPU memory") from None
         raise
     return tok, (model if device_map is not None else model.to(device)).eval()
@@ -210,7 +210,7 @@ def check_tokenizers(tok_p, tok_q, *, ignore_eos: bool = False, chat_template: b
     if not ignore_eos and tok_p.eos_token_id != tok_q.eos_token_id:
         raise ValueError(f"q_model: its EOS token (id {tok_q.eos_token_id}) differs from p_model's (id "
                          f"{tok_p.eos_token_id}): the two would end sequences at different tokens; pass "
-                         f"ignore_eos (--ignore-eos) to compare fixed-length continuations")
+                         f"ignore_eos (`ignore_eos`) to compare fixed-length continuations")
     if chat_template and getattr(tok_p, "chat_template", None) != getattr(tok_q, "chat_template", None):
         raise ValueError("q_model: its chat template differs from p_model's: prompts are wrapped in P's, a "
                          "format Q was not trained on")

@@ -128,10 +128,10 @@ class TransformersPair:
         sizes = [s for s in sizes if isinstance(s, int) and s > 0]
         return min(sizes) if sizes else None
 
-    def batch_bytes(self, batch_size: int, t_length: int) -> int:
+    def batch_bytes(self, batch_size: int, max_new_tokens: int) -> int:
         """Peak memory of one forward batch, roughly: float32 (B, V) rows of logits, log-probabilities and proposal
         arithmetic (about a dozen alive at once) plus both models' KV caches over prompt + T positions."""
-        B, L = batch_size, max(self.prompt_lengths) + t_length
+        B, L = batch_size, max(self.prompt_lengths) + max_new_tokens
         kv = 0
         for m in (self.p_model, self.q_model):
             c = m.config

@@ -40,9 +40,9 @@ class ModelPair:
 
 def check_family(family: str, vocab_size: int) -> None:
     if family not in FAMILIES:
-        raise ValueError(f"--families: unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
+        raise ValueError(f"families: unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
     if vocab_size < MIN_VOCAB[family]:
-        raise ValueError(f"--vocab-size: family {family} needs a vocabulary of at least {MIN_VOCAB[family]} "
+        raise ValueError(f"vocab_size: family {family} needs a vocabulary of at least {MIN_VOCAB[family]} "
                          f"tokens (got {vocab_size})")
 
 
@@ -93,7 +93,7 @@ def model_pair(family: str, divergence: str, vocab_size: int, rng: np.random.Gen
     """P and Q for one (family, divergence), deterministic given `rng`."""
     check_family(family, vocab_size)
     if divergence not in SHIFTS:
-        raise ValueError(f"--divergence: unknown level {divergence!r}; allowed: {', '.join(DIVERGENCES)}, all")
+        raise ValueError(f"divergence: unknown level {divergence!r}; allowed: {', '.join(DIVERGENCES)}, all")
     noise = rng.lognormal(0.0, 0.5, size=vocab_size) if family == "mixture" else None
     p = base_weights(family, vocab_size, noise=noise)
     p /= p.sum()

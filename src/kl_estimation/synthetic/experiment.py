@@ -62,15 +62,15 @@ class SyntheticConfig:
 
     def validate(self) -> "SyntheticConfig":
         """Raise ValueError naming the flag and what is allowed; returns self for chaining."""
-        check_int("--vocab-size", self.vocab_size, 2)
+        check_int("vocab_size", self.vocab_size, 2)
         check_run(self.n_samples, self.n_repeats, self.divergence, self.alpha_values, self.seed)
         if not self.families:
-            raise ValueError(f"--families: give at least one of {', '.join(FAMILIES)}")
+            raise ValueError(f"families: give at least one of {', '.join(FAMILIES)}")
         for fam in self.families:
             check_family(fam, self.vocab_size)
         if isinstance(self.rb_top_k, bool) or not isinstance(self.rb_top_k, (int, np.integer)) \
                 or not 0 <= self.rb_top_k < self.vocab_size:
-            raise ValueError(f"--rb-top-k: must be an integer in [0, vocab size {self.vocab_size}) "
+            raise ValueError(f"rb_top_k: must be an integer in [0, vocab size {self.vocab_size}) "
                              f"(got {self.rb_top_k!r}; 0 is naive MC)")
         vocab, draws = memory_needed(self)
         check_sizes(vocab, draws, self.n_repeats, self.n_samples, f"V = {self.vocab_size} tokens × "
@@ -91,16 +91,16 @@ def memory_needed(cfg: "SyntheticConfig") -> tuple[int, int]:
 
 def check_run(n_samples, n_repeats, divergence: str, alpha_values, seed) -> None:
     """The settings the single-token and the sequence experiments share."""
-    check_int("--n-samples", n_samples, 2)
-    check_int("--n-repeats", n_repeats, 1)
-    check_int("--seed", seed, 0)
+    check_int("n_samples", n_samples, 2)
+    check_int("n_repeats", n_repeats, 1)
+    check_int("seed", seed, 0)
     if divergence not in (*DIVERGENCES, "all"):
-        raise ValueError(f"--divergence: unknown level {divergence!r}; allowed: {', '.join(DIVERGENCES)}, all")
+        raise ValueError(f"divergence: unknown level {divergence!r}; allowed: {', '.join(DIVERGENCES)}, all")
     if not alpha_values:
-        raise ValueError("--alpha-values: give at least one value in [0, 1]")
+        raise ValueError("alpha_values: give at least one value in [0, 1]")
     for a in alpha_values:
         if not isinstance(a, (int, float)) or not 0 <= a <= 1:  # NaN fails too
-            raise ValueError(f"--alpha-values: each value must be in [0, 1] (it sets α, β, λ and t of the "
+            raise ValueError(f"alpha_values: each value must be in [0, 1] (it sets α, β, λ and t of the "
                              f"mixture, geometric, chi-square and cross-entropy proposals); got {a!r}")
 
 

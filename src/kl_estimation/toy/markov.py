@@ -82,32 +82,32 @@ class MarkovTables:
         return (s * (self.vocab_size + 1) + v) % (self.vocab_size + 1) ** self.order
 
 
-def check_size(vocab_size: int, order: int, horizon: int, family: str | None = None) -> None:
+def check_size(vocab_size: int, order: int, max_new_tokens: int, family: str | None = None) -> None:
     if order not in ORDERS:
-        raise ValueError(f"--order: must be 1 or 2 (got {order!r})")
-    check_int("--horizon", horizon, 1)
+        raise ValueError(f"order: must be 1 or 2 (got {order!r})")
+    check_int("max_new_tokens", max_new_tokens, 1)
     if vocab_size < 3:
-        raise ValueError(f"--vocab-size: a toy sequence model needs at least 3 tokens, EOS included (got {vocab_size})")
+        raise ValueError(f"vocab_size: a toy sequence model needs at least 3 tokens, EOS included (got {vocab_size})")
     if family is not None and vocab_size - 1 < MIN_VOCAB[family]:
-        raise ValueError(f"--vocab-size: family {family} needs at least {MIN_VOCAB[family] + 1} tokens in a sequence "
+        raise ValueError(f"vocab_size: family {family} needs at least {MIN_VOCAB[family] + 1} tokens in a sequence "
                          f"model, EOS included (got {vocab_size})")
-    cells = horizon * (vocab_size + 1) ** order * vocab_size
+    cells = max_new_tokens * (vocab_size + 1) ** order * vocab_size
     if cells > MAX_CELLS:
-        raise ValueError(f"--vocab-size: an order-{order} model with V={vocab_size}, T={horizon} needs {cells:,} table "
+        raise ValueError(f"vocab_size: an order-{order} model with V={vocab_size}, T={max_new_tokens} needs {cells:,} table "
                          f"entries; the exact DP is limited to {MAX_CELLS:,} (e.g. order 2 with V ≤ 77 at T = 20, "
                          f"order 1 with V ≤ 1000)")
 
 
-def markov_pair(family: str, divergence: str, vocab_size: int, order: int, horizon: int,
+def markov_pair(family: str, divergence: str, vocab_size: int, order: int, max_new_tokens: int,
                 rng: np.random.Generator) -> MarkovTables:
     """A random order-`order` pair whose rows are long-tailed `family` rows, Q shifted at `divergence`."""
     if family not in FAMILIES:
-        raise ValueError(f"--families: unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
+        raise ValueError(f"families: unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
     if divergence not in SHIFTS:
-        raise ValueError(f"--divergence: unknown level {divergence!r}; allowed: {', '.join(DIVERGENCES)}, all")
-    check_size(vocab_size, order, horizon, family)
+        raise ValueError(f"divergence: unknown level {divergence!r}; allowed: {', '.join(DIVERGENCES)}, all")
+    check_size(vocab_size, order, max_new_tokens, family)
     S, W = (vocab_size + 1) ** order, vocab_size - 1
-    shape = (horizon, S, W)
+    shape = (max_new_tokens, S, W)
 
     def rows(exponent):
         noise = rng.lognormal(0.0, 0.5, size=shape) if family == "mixture" else None
@@ -164,11 +164,11 @@ class ExactValues:
     rb_mc_covariance: float | None  # Cov(RB, MC) under r = P (None for other proposals)
 
 
-def exact_values(tables: MarkovTables, log_r: np.ndarray | None = None, horizon: int | None = None) -> ExactValues:
-    """Exact KL of the process truncated at `horizon` (default: the tables' T) and the exact mean and per-sequence
+def exact_values(tables: MarkovTables, log_r: np.ndarray | None = None, max_new_tokens: int | None = None) -> ExactValues:
+    """Exact KL of the process truncated at `max_new_tokens` (default: the tables' T) and the exact mean and per-sequence
     variance of IS, SNIS and RB-IS with the token-local proposal `log_r` (same shape as the tables; None = P)."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        return _exact_values(tables, log_r, horizon or tables.shape[0])
+        return _exact_values(tables, log_r, max_new_tokens or tables.shape[0])
 
 
 def _exact_values(tables, log_r, T) -> ExactValues:
@@ -230,7 +230,7 @@ def proposal_table(tables: MarkovTables, proposal) -> np.ndarray:
 class SequenceConfig:
     vocab_size: int = 201  # 200 ordinary tokens + EOS
     order: int = 1
-    horizon: int = 20
+    max_new_tokens: int = 20
     n_samples: int = 200  # sequences per repeat
     n_repeats: int = 10
     divergence: str = "medium"
@@ -247,17 +247,17 @@ class SequenceConfig:
         check_run(self.n_samples, self.n_repeats, self.divergence, self.alpha_values, self.seed)
         for fam in self.families:
             if fam not in FAMILIES:
-                raise ValueError(f"--families: unknown family {fam!r}; allowed: {', '.join(FAMILIES)}")
-            check_size(self.vocab_size, self.order, self.horizon, fam)
+                raise ValueError(f"families: unknown family {fam!r}; allowed: {', '.join(FAMILIES)}")
+            check_size(self.vocab_size, self.order, self.max_new_tokens, fam)
         if not self.families:
-            raise ValueError(f"--families: give at least one of {', '.join(FAMILIES)}")
+            raise ValueError(f"families: give at least one of {', '.join(FAMILIES)}")
         check_sizes(*memory_needed(self), self.n_repeats, self.n_samples,
-                    f"order-{self.order} tables with V = {self.vocab_size}, T = {self.horizon}")
+                    f"order-{self.order} tables with V = {self.vocab_size}, T = {self.max_new_tokens}")
         for s in self.samplers:
             if s not in SAMPLERS:
-                raise ValueError(f"--sampler: unknown sampler {s!r}; allowed: {', '.join(SAMPLERS)}")
+                raise ValueError(f"sampler: unknown sampler {s!r}; allowed: {', '.join(SAMPLERS)}")
         if self.extra_samplers and self.n_repeats < 2:
-            raise ValueError(f"--n-repeats: samplers other than iid need at least 2 repeats (independent "
+            raise ValueError(f"n_repeats: samplers other than iid need at least 2 repeats (independent "
                              f"randomizations) for a variance; got {self.n_repeats}")
         return self
 
@@ -270,9 +270,9 @@ def memory_needed(cfg: "SequenceConfig") -> tuple[int, int]:
     """Peak bytes, (tables part, sequences part): P and Q tables with the DP's arrays (about six table-sized float64
     arrays); all R·n sequences are drawn in one batch, holding about ten (R·n, V) float64 rows per step (log P, log Q,
     the proposal's arithmetic) and some twenty (R·n, T) float64 arrays of per-step values and estimator terms."""
-    cells = cfg.horizon * (cfg.vocab_size + 1) ** cfg.order * cfg.vocab_size
+    cells = cfg.max_new_tokens * (cfg.vocab_size + 1) ** cfg.order * cfg.vocab_size
     rows = cfg.n_repeats * cfg.n_samples
-    return 8 * 6 * cells, 8 * rows * (10 * cfg.vocab_size + 20 * cfg.horizon)
+    return 8 * 6 * cells, 8 * rows * (10 * cfg.vocab_size + 20 * cfg.max_new_tokens)
 
 
 def sequence_proposals(alpha_values) -> list:
@@ -314,7 +314,7 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
     R, n = cfg.n_repeats, cfg.n_samples
 
     def draw(prop):
-        b = sample_batch(pair, prop, R * n, cfg.horizon, unit_generator(cfg.seed, f"{tables.family}/"
+        b = sample_batch(pair, prop, R * n, cfg.max_new_tokens, unit_generator(cfg.seed, f"{tables.family}/"
                                                                       f"{tables.divergence}/{prop.name}", 0, "cpu"))
         a = {k: getattr(b, k).reshape(R, n, -1) for k in ("log_p", "log_q", "log_r", "kl_step", "mask")}
         return sequence_estimates(a["log_p"], a["log_q"], a["log_r"], a["kl_step"], a["mask"], prop.base is None)
@@ -357,7 +357,7 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
             progress()
     methods = [method_metrics(m, kl, var_mc, float(np.mean(entries[0]["sample_variances"]))) for m in entries]
     return dict(family=tables.family, divergence=tables.divergence, true_kl=kl, theoretical_variance=var_mc,
-                cv_beta_star=beta_star, order=tables.order, horizon=cfg.horizon, vocab_size=tables.vocab_size,
+                cv_beta_star=beta_star, order=tables.order, max_new_tokens=cfg.max_new_tokens, vocab_size=tables.vocab_size,
                 methods=methods, rankings=rankings(methods))
 
 
@@ -372,7 +372,7 @@ def run(cfg: SequenceConfig, progress=None):
     pairs, arrays = [], {}
     for divergence in cfg.divergences:
         for family in cfg.families:
-            tables = markov_pair(family, divergence, cfg.vocab_size, cfg.order, cfg.horizon,
+            tables = markov_pair(family, divergence, cfg.vocab_size, cfg.order, cfg.max_new_tokens,
                                  named_stream(cfg.seed, "markov", family, divergence))
             pairs.append(run_pair(tables, cfg, progress))
             arrays[f"{family}/{divergence}/log_P"] = tables.log_p

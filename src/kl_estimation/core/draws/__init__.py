@@ -34,10 +34,10 @@ def invert_cdf(log_r: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torc
 DRAWS = {"iid": IIDDraws, "stratified": StratifiedDraws, "sobol": SobolDraws, "array": ArrayRQMCDraws}
 
 
-def make_source(name: str, streams, t_length: int, device):
+def make_source(name: str, streams, max_new_tokens: int, device):
     """The draw source `name` over `streams`, a list of (torch.Generator, rows) — one per unit, in row order."""
     try:
         cls = DRAWS[name]
     except KeyError:
         raise ValueError(f"sampler: unknown sampler {name!r}; allowed: {', '.join(DRAWS)}") from None
-    return cls(streams, t_length, device)
+    return cls(streams, max_new_tokens, device)

@@ -29,13 +29,13 @@ class ArrayRQMCDraws:
 
     independent_rows = False
 
-    def __init__(self, streams, t_length: int, device):
+    def __init__(self, streams, max_new_tokens: int, device):
         jitter, shift, unit, rev, scale = [], [], [], [], []
         for i, (g, n) in enumerate(streams):
             m = max(1, (n - 1).bit_length())
-            jitter.append(torch.rand((n, t_length), generator=g, dtype=torch.float64, device=g.device).to(device))
-            d = torch.randint(0, 2 ** m, (1, t_length), generator=g, device=g.device).to(device)
-            shift.append(d.expand(n, t_length))
+            jitter.append(torch.rand((n, max_new_tokens), generator=g, dtype=torch.float64, device=g.device).to(device))
+            d = torch.randint(0, 2 ** m, (1, max_new_tokens), generator=g, device=g.device).to(device)
+            shift.append(d.expand(n, max_new_tokens))
             unit.append(torch.full((n,), i, device=device))
             rev.append(bit_reverse(torch.arange(n, device=device), m))
             scale.append(torch.full((n,), 2.0 ** -m, dtype=torch.float64, device=device))

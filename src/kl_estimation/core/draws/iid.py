@@ -9,9 +9,9 @@ class IIDDraws:
 
     independent_rows = True
 
-    def __init__(self, streams, t_length: int, device):
+    def __init__(self, streams, max_new_tokens: int, device):
         # all of a unit's uniforms up front, from its own generator: independent of how units share a batch
-        self.u = torch.cat([torch.rand((n, t_length), generator=g, dtype=torch.float64, device=g.device)
+        self.u = torch.cat([torch.rand((n, max_new_tokens), generator=g, dtype=torch.float64, device=g.device)
                             for g, n in streams]).to(device)
 
     def __call__(self, t: int, log_r: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,8 @@ class SobolDraws:
 
     independent_rows = False
 
-    def __init__(self, streams, t_length: int, device):
-        self.u = torch.cat([sobol_points(n, t_length, g) for g, n in streams]).to(device)
+    def __init__(self, streams, max_new_tokens: int, device):
+        self.u = torch.cat([sobol_points(n, max_new_tokens, g) for g, n in streams]).to(device)
 
     def __call__(self, t: int, log_r: torch.Tensor) -> torch.Tensor:
         from . import invert_cdf

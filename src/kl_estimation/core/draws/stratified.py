@@ -36,11 +36,11 @@ class StratifiedDraws:
 
     independent_rows = False
 
-    def __init__(self, streams, t_length: int, device):
+    def __init__(self, streams, max_new_tokens: int, device):
         codes, fresh = [], []
         for g, n in streams:  # everything of a unit from its own generator, in a fixed order
             codes.append(stratified_codes(n, g))
-            fresh.append(torch.rand((n, t_length), generator=g, dtype=torch.float64, device=g.device))
+            fresh.append(torch.rand((n, max_new_tokens), generator=g, dtype=torch.float64, device=g.device))
         self.u = torch.cat(codes).to(device)
         self.fresh = torch.cat(fresh).to(device)
         self.log_width = torch.zeros_like(self.u)

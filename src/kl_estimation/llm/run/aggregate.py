@@ -14,7 +14,7 @@ from kl_estimation.core.estimators import (
 from kl_estimation.llm.run.store import records_to_arrays
 
 
-def prompt_set_estimates(records: list[dict], t_length: int, n_prompts: int, proposal_is_p: bool,
+def prompt_set_estimates(records: list[dict], max_new_tokens: int, n_prompts: int, proposal_is_p: bool,
                          groups=None) -> dict:
     """Every estimator per prompt and over the prompt set (the mean of the per-prompt estimates).
 
@@ -30,7 +30,7 @@ def prompt_set_estimates(records: list[dict], t_length: int, n_prompts: int, pro
     prompt_of = np.array([r.get("prompt", 0) for r in records])
     per = []
     for i, recs in enumerate(by_prompt):
-        a = records_to_arrays(recs, t_length)
+        a = records_to_arrays(recs, max_new_tokens)
         args = (a["log_p"], a["log_q"], a["log_r"], a["kl_step"], a["mask"], proposal_is_p)
         per.append(sequence_estimates(*args) if groups is None else
                    randomization_estimates(*args, np.asarray(groups)[prompt_of == i]))

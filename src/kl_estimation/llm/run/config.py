@@ -2,8 +2,9 @@
 the device and dtype a setting resolves to."""
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -17,38 +18,87 @@ DEFAULT_PROPOSALS = (P_NAME, "Geometric (β=0.5)", "Fixed mixture (λ=0.9)", "Al
                      "Exponential family (β=0.5)", "Adaptive", "Adaptive" + PREFIX_SUFFIX)
 
 
+def setting(default, help: str, *, flag: bool | str = True, aliases: tuple = (), type=None, nargs=None):
+    """A field of LLMConfig with what the command line needs: its help, its flag (``--`` + the name with dashes,
+    False for API-only settings), accepted aliases (the seed's flag names) and the argparse type."""
+    meta = dict(help=help, flag=flag, aliases=aliases, type=type, nargs=nargs)
+    if isinstance(default, (list, dict)):
+        raise TypeError("use a tuple")
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class LLMConfig:
-    p_model: str | None = None  # None (with q_model None): the offline default pair
-    q_model: str | None = None
-    prompt: str = "An interesting fact is that"
-    n_reps: int = 1000
-    t_length: int = 20
-    temperature: float = 0.4
-    proposals: tuple = DEFAULT_PROPOSALS
-    batch_size: int = 64
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    output_folder: str = "tests2/"
-    resume: bool = False
-    overwrite: bool = False
-    ignore_eos: bool = False
-    prompts: tuple | None = None  # a prompt set (texts); None: read from prompts_file / dataset, else `prompt`
-    prompts_file: str | None = None
-    dataset: str | None = None
-    split: str = "train"
-    prompt_field: str = "prompt"
-    n_prompts: int | None = None
-    chat_template: bool = False
-    sampler: str = "iid"  # draws.DRAWS: how sequences are drawn (non-i.i.d.: SEs from independent units)
+    """Every setting of an LLM run, under the one name it has as an API keyword (estimate_kl), a config field and a
+    JSON key in summary.json; its command-line flag is ``--`` + the name with dashes (older spellings are accepted
+    aliases). The defaults are the same for LLM_experiments.py and estimate_kl."""
+
+    p_model: str | None = setting(None, "base model P: a transformers hub id or a local folder (default with `q_model` "
+                                  "unset: the offline default pair, built once on this machine)")
+    q_model: str | None = setting(None, "fine-tuned model Q: a hub id or local folder (default: the offline default "
+                                  "pair's Q)")
+    prompt: str = setting("An interesting fact is that", "the text every sequence continues (a prompt set of one) "
+                          "when no `prompts_file` / `dataset` is given")
+    prompts: tuple | None = setting(None, "a prompt set given as texts", flag=False)
+    prompts_file: str | None = setting(None, "a prompt set: .txt (one prompt per line), .jsonl or .csv (text under "
+                                       "`prompt_field`)", aliases=("--prompts",))
+    dataset: str | None = setting(None, "a prompt set from the datasets library: a folder written by save_to_disk "
+                                  "(offline) or a load_dataset name")
+    split: str = setting("train", "`dataset`: the split")
+    prompt_field: str = setting("prompt", "`prompts_file` .jsonl/.csv and `dataset`: the field holding the prompt text")
+    n_prompts: int | None = setting(None, "only the first N prompts of the set (default: all)", type=int)
+    chat_template: bool = setting(False, "wrap each prompt as a user turn of the tokenizer's chat template")
+    n_samples: int = setting(1000, "sequences drawn per proposal and prompt", aliases=("--n-reps",), type=int)
+    max_new_tokens: int = setting(20, "new tokens per sequence T (the KL is that of the process truncated there, or "
+                                  "at EOS); prompt + T must fit the models' context", aliases=("--t-length",),
+                                  type=int)
+    temperature: float = setting(0.4, "applied to both P and Q", type=float)
+    proposals: tuple = setting(DEFAULT_PROPOSALS, "'P' (plain MC) and/or registry proposals such as "
+                               "'Geometric (β=0.5)', optionally + ' [prefix-aware]'", nargs="+")
+    sampler: str = setting("iid", "how sequences are drawn: iid, stratified, sobol, array (other than iid: each "
+                           "batch of `batch_size` sequences is one randomization; standard errors come from the "
+                           "spread between batches)")
+    batch_size: int = setting(64, "sequences per forward batch", type=int)
+    seed: int = setting(0, "seed of the sampling streams (the offline default pair has its own fixed seed)", type=int)
+    ignore_eos: bool = setting(False, "keep sampling after EOS (always `max_new_tokens` tokens)")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = setting("auto", "auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16; log-softmax "
+                         "is float32 whatever this is")
+    threads: int | None = setting(None, "CPU threads for torch (default: the cores not already busy, at least 1; "
+                                  "recorded in the run)", type=int)
+    output_dir: str | None = setting(None, "folder of the run's files (default: the API writes nothing; "
+                                     "LLM_experiments.py a new folder under tests2/)", aliases=("--output-folder",))
+    resume: bool = setting(False, "continue an interrupted run in `output_dir`, reusing what it kept")
+    overwrite: bool = setting(False, "replace every earlier result in `output_dir`")
     # loading big models (llm/loading.py): per-model dtypes, PEFT adapters, sharding over GPUs with accelerate
-    p_dtype: str | None = None
-    q_dtype: str | None = None
-    p_adapter: str | None = None
-    q_adapter: str | None = None
-    device_map: str | None = None
-    offload: bool = False
+    p_dtype: str | None = setting(None, "P's dtype, overriding `dtype` (default: `dtype`)")
+    q_dtype: str | None = setting(None, "Q's dtype, overriding `dtype` (default: `dtype`)")
+    p_adapter: str | None = setting(None, "a PEFT adapter (folder or hub id) applied to `p_model` (default: none)")
+    q_adapter: str | None = setting(None, "a PEFT adapter applied to `q_model`; without `q_model`, to `p_model`'s base, "
+                                    "loaded once (adapter off for P, on for Q) (default: none)")
+    device_map: str | None = setting(None, "auto: shard each model over the visible GPUs with accelerate (default: "
+                                     "none, each model whole on `device`)")
+    offload: bool = setting(False, "with `device_map` auto: keep what does not fit on the GPUs in CPU memory")
+
+    @classmethod
+    def settings(cls) -> dict:
+        """name → dataclass field, in the order above (the command line and the API docs are built from it)."""
+        return {f.name: f for f in fields(cls)}
+
+    @classmethod
+    def from_settings(cls, **settings) -> "LLMConfig":
+        """An LLMConfig from keyword settings; an unknown name is a ValueError naming it, with the closest known."""
+        known = cls.settings()
+        for name in settings:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(known)}"
+                raise ValueError(f"{name}: not a setting of an LLM run{hint}")
+        return cls(**settings)
+
+    def __post_init__(self):
+        if self.q_adapter and self.q_model is None:
+            self.q_model = self.p_model  # Q = P's base + the adapter (None: the default pair's P)
 
     @property
     def prompt_set(self) -> tuple:
@@ -56,13 +106,19 @@ class LLMConfig:
 
     def validate(self) -> "LLMConfig":
         """Check every setting (errors name the flag) and read the prompt set from its file or dataset."""
-        check_int("--n-reps", self.n_reps, 1)
-        check_int("--t-length", self.t_length, 1)
-        check_int("--batch-size", self.batch_size, 1)
-        check_int("--seed", self.seed, 0)
+        check_int("n_samples", self.n_samples, 2)  # an SE needs two
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("seed", self.seed, 0)
+        if self.threads is not None:
+            check_int("threads", self.threads, 1)
+        if self.n_prompts is not None:
+            check_int("n_prompts", self.n_prompts, 1)
+        if self.resume and self.output_dir is None:
+            raise ValueError("resume: give the `output_dir` of the run to continue")
         t = self.temperature
         if not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)):
-            raise ValueError(f"--temperature: must be a number > 0 (got {self.temperature!r})")
+            raise ValueError(f"temperature: must be a number > 0 (got {self.temperature!r})")
         if self.prompts is None and (self.prompts_file or self.dataset or self.n_prompts is not None):
             from kl_estimation.llm.prompts import load_prompts
 
@@ -70,50 +126,47 @@ class LLMConfig:
                                               dataset=self.dataset, split=self.split, prompt_field=self.prompt_field,
                                               n_prompts=self.n_prompts))
         if self.prompts is not None and not self.prompts:
-            raise ValueError("--prompts: the prompt set is empty")
+            raise ValueError("prompts: the prompt set is empty")
         for i, text in enumerate(self.prompt_set):
             if not isinstance(text, str) or not text.strip():
-                raise ValueError("--prompt: must not be empty" if self.prompts is None else
-                                 f"--prompts: prompt {i} is empty")
+                raise ValueError("prompt: must not be empty" if self.prompts is None else
+                                 f"prompts: prompt {i} is empty")
         if (self.p_model is None) != (self.q_model is None):
-            raise ValueError("--q-model: give both --p-model and --q-model, or neither for the offline default pair")
+            raise ValueError("q_model: give both `p_model` and `q_model`, or neither for the offline default pair")
         if not self.proposals:
-            raise ValueError("--proposals: give at least one proposal (P is plain Monte Carlo)")
+            raise ValueError("proposals: give at least one proposal (P is plain Monte Carlo)")
         if len(set(self.proposals)) != len(self.proposals):
-            raise ValueError("--proposals: a proposal is listed twice")
+            raise ValueError("proposals: a proposal is listed twice")
         for name in self.proposals:
-            try:
-                sequence_proposal(name)
-            except ValueError as err:
-                raise ValueError(f"--{err}") from None
+            sequence_proposal(name)  # its errors name `proposals`
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"--dtype: unknown dtype {self.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+            raise ValueError(f"dtype: unknown dtype {self.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
         resolve_device(self.device)
         if self.resume and self.overwrite:
-            raise ValueError("--resume: cannot be combined with --overwrite")
+            raise ValueError("resume: cannot be combined with `overwrite`")
         check_loading_options(self)
-        check_sampler(self.sampler, self.n_reps, self.batch_size)
-        check_memory(records_bytes(self), "--n-reps", f"keeping {self.n_reps} sequences × {len(self.prompt_set)} "
-                     f"prompts × {len(self.proposals)} proposals of up to {self.t_length} tokens (--t-length)")
+        check_sampler(self.sampler, self.n_samples, self.batch_size)
+        check_memory(records_bytes(self), "n_samples", f"keeping {self.n_samples} sequences × {len(self.prompt_set)} "
+                     f"prompts × {len(self.proposals)} proposals of up to {self.max_new_tokens} tokens (`max_new_tokens`)")
         return self
 
 
-def check_sampler(name: str, n_reps: int, batch_size: int) -> None:
+def check_sampler(name: str, n_samples: int, batch_size: int) -> None:
     from kl_estimation.core.draws import DRAWS
 
     if name not in DRAWS:
-        raise ValueError(f"--sampler: unknown sampler {name!r}; allowed: {', '.join(DRAWS)}")
-    if not DRAWS[name].independent_rows and math.ceil(n_reps / batch_size) < 2:
-        raise ValueError(f"--batch-size: with --sampler {name} each batch is one randomization and the standard "
-                         f"error needs at least 2 per prompt; use --batch-size ≤ {max(1, n_reps // 2)} for --n-reps "
-                         f"{n_reps}")
+        raise ValueError(f"sampler: unknown sampler {name!r}; allowed: {', '.join(DRAWS)}")
+    if not DRAWS[name].independent_rows and math.ceil(n_samples / batch_size) < 2:
+        raise ValueError(f"batch_size: with `sampler` {name} each batch is one randomization and the standard "
+                         f"error needs at least 2 per prompt; use `batch_size` ≤ {max(1, n_samples // 2)} for `n_samples` "
+                         f"{n_samples}")
 
 
 def records_bytes(cfg: "LLMConfig") -> int:
     """Memory the records of a run take while it runs: every proposal's records stay in memory as Python lists (about
     200 bytes per token and 1.5 kB per sequence), and writing one document copies it twice more."""
-    per_sequence = 200 * cfg.t_length + 1500
-    n = cfg.n_reps * len(cfg.prompt_set)
+    per_sequence = 200 * cfg.max_new_tokens + 1500
+    n = cfg.n_samples * len(cfg.prompt_set)
     return n * per_sequence * (len(cfg.proposals) + 2)
 
 
@@ -123,11 +176,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ValueError(f"--device: unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N, mps") from None
+        raise ValueError(f"device: unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N, mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {name} requested but CUDA is not available on this machine")
+        raise ValueError(f"device: {name} requested but CUDA is not available on this machine")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device: {name} requested but MPS is not available on this machine")
+        raise ValueError(f"device: {name} requested but MPS is not available on this machine")
     return dev
 
 

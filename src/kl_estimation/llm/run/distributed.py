@@ -106,7 +106,7 @@ def local_gpus(n_visible: int) -> list[int]:
     if n_visible < local_world:
         raise ValueError(f"device: torchrun started {local_world} processes on this node but "
                          f"{'no GPU is' if n_visible == 0 else f'only {n_visible} GPUs are'} visible; nccl needs one "
-                         f"GPU per process: use --device cpu (gloo), or --nproc-per-node {max(n_visible, 1)}")
+                         f"GPU per process: use `device` cpu (gloo), or --nproc-per-node {max(n_visible, 1)}")
     per = n_visible // local_world
     return list(range(local_rank * per, (local_rank + 1) * per))
 
@@ -125,8 +125,8 @@ def from_env(device: str = "auto") -> Shard:
         raise ValueError("device: torchrun launched this run but this torch build has no torch.distributed")
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
-        raise ValueError(f"device: torchrun with --device {device} (backend nccl) but CUDA is not available on this "
-                         f"machine; use --device cpu (backend gloo)")
+        raise ValueError(f"device: torchrun with `device` {device} (backend nccl) but CUDA is not available on this "
+                         f"machine; use `device` cpu (backend gloo)")
     if cuda and device in ("auto", "cuda"):
         torch.cuda.set_device(local_gpus(torch.cuda.device_count())[0])
     if not dist.is_initialized():

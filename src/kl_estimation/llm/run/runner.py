@@ -15,6 +15,7 @@ the spread of the per-prompt estimates over prompts, √(s²/m), for the prompt 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,7 @@ from kl_estimation.llm.run import distributed
 from kl_estimation.llm.run.aggregate import prompt_set_estimates
 from kl_estimation.llm.run.config import LLMConfig, resolve_device, resolve_dtype
 from kl_estimation.llm.run.store import (
-    _read_final,
-    _read_partial,
+    ProposalFiles,
     earlier_run_files,
     run_key,
     slug,
@@ -77,84 +77,78 @@ def check_fits(pair, cfg: "LLMConfig") -> None:
     limit = getattr(pair, "context_length", None)
     if limit is not None:
         longest = max(pair.prompt_lengths)
-        used = longest + cfg.t_length - 1  # the last token drawn is never fed back to the models
+        if longest >= limit:
+            i = pair.prompt_lengths.index(longest)
+            raise ValueError(f"prompts: prompt {i} alone is {longest} tokens; the models take {limit} positions, so "
+                             f"no token can follow it — shorten it")
+        used = longest + cfg.max_new_tokens - 1  # the last token drawn is never fed back to the models
         if used > limit:
-            raise ValueError(f"--t-length: {cfg.t_length} new tokens after a prompt of {longest} tokens need {used} "
-                             f"positions but the models take {limit}; allowed here: --t-length ≤ "
-                             f"{max(limit - longest + 1, 0)}")
+            raise ValueError(f"max_new_tokens: {cfg.max_new_tokens} new tokens after a prompt of {longest} tokens "
+                             f"need {used} positions but the models take {limit}; allowed here: `max_new_tokens` ≤ "
+                             f"{limit - longest + 1}")
     if hasattr(pair, "batch_bytes"):
         free = torch.cuda.mem_get_info(pair.device)[0] if pair.device.type == "cuda" else None
-        check_memory(pair.batch_bytes(cfg.batch_size, cfg.t_length), "--batch-size",
+        check_memory(pair.batch_bytes(cfg.batch_size, cfg.max_new_tokens), "batch_size",
                      f"a forward batch of {cfg.batch_size} sequences (vocabulary {pair.vocab_size})", free)
 
 
-def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factory=None,
-                 shard: distributed.Shard = distributed.ONE) -> dict:
-    """Sample cfg.n_reps sequences per prompt from proposal `name` and return its document (records, estimates).
+@dataclass
+class ProposalRun:
+    """One proposal's part of a run: its units, those already done (resumed), this rank's forward batches still to
+    draw, and its files (None: nothing is written)."""
 
-    With a `folder`, finished forward batches go to <slug>.partial.jsonl as they come (resuming finished units when
-    cfg.resume) and the document to <slug>.json, atomically; with folder None nothing is written.
-    `shard`: under torchrun, this rank's share of the forward batches (distributed.py): its batches go to
-    <slug>.rank<k>.partial.jsonl, rank 0 writes <slug>.json, and every rank returns the whole document."""
-    prop = sequence_proposal(name)
-    key = run_key(cfg, name, meta["models"])
-    units = plan_units(len(cfg.prompt_set), cfg.n_reps, cfg.batch_size)
-    done: dict[Unit, list[dict]] = {}
-    final = partial = None
-    if folder is not None:
-        final, partial = Path(folder) / f"{slug(name)}.json", shard.partial(folder, slug(name))
-        earlier = distributed.partial_files(folder, slug(name))  # any earlier world size's
-        if cfg.resume and final.exists():
-            done = _read_final(final, key, units)
-        elif cfg.resume and earlier:
-            for f in earlier:
-                done.update(_read_partial(f, key))
-        shard.barrier()  # every rank has read the files before any appends to them
+    name: str
+    key: dict
+    units: list[Unit]
+    done: dict
+    batches: list
+    files: ProposalFiles | None
+
+    @property
+    def proposal(self):
+        return sequence_proposal(self.name)
+
+
+def plan_proposal(cfg: LLMConfig, name: str, models: dict, folder, shard: distributed.Shard) -> ProposalRun:
+    """The units of proposal `name`, what an earlier run kept of them (cfg.resume), and this rank's share of the
+    forward batches left to draw."""
+    key = run_key(cfg, name, models)
+    units = plan_units(len(cfg.prompt_set), cfg.n_samples, cfg.batch_size)
+    files = None if folder is None else ProposalFiles(Path(folder), slug(name), shard)
+    done = {} if files is None else files.read_done(key, units, cfg.resume)
     todo = [u for u in units if u not in done]
-    if todo:
-        fresh = partial is not None and not (cfg.resume and partial.exists())
-        if partial is not None and not cfg.resume and shard.writes_final:
-            for f in earlier:  # every rank's file of an earlier run, whatever its world size
-                f.unlink(missing_ok=True)
-        shard.barrier()
-        if fresh:
-            partial.unlink(missing_ok=True)
-            runio.append_jsonl(partial, {"run_key": key})
-            if done and shard.writes_final:  # units carried over from a finished run with fewer --n-reps
-                runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in done],
-                                             "sequences": [r for recs in done.values() for r in recs]})
-        batches = shard.mine(pack(todo, cfg.batch_size))
-        bar = bar_factory(total=len(batches), desc=name) if bar_factory and shard.writes_final else None
-        new: dict[Unit, list[dict]] = {}
-        try:
-            for group in batches:
-                recs = sample_units(pair, prop, group, cfg)
-                for r in recs:
-                    r["rank"] = shard.rank
-                if partial is not None:
-                    runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in group],
-                                                 "sequences": recs})
-                drawn = split_by_unit(group, recs)
-                new.update(drawn)
-                done.update(drawn)
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix_str(_running(done.values(), prop.base is None))
-        finally:  # an interrupted run's bar ends before its one-line report
-            if bar:
-                bar.close()
-        done.update(shard.gather(new))
-    records = [r for u in units for r in done[u]]
-    doc = dict(meta, proposal=name, run_key=key, n_sequences=len(records),
-               max_uncovered_mass=max(r.get("uncovered_mass", 0.0) for r in records),
-               **prompt_set_estimates(records, cfg.t_length, len(cfg.prompt_set), prop.base is None,
-                                      unit_groups(units, cfg.sampler)),
-               sequences=records)
-    if final is not None and shard.writes_final:
-        runio.write_json(final, doc)
-        for f in distributed.partial_files(folder, slug(name)):
-            f.unlink(missing_ok=True)
-    return doc
+    return ProposalRun(name, key, units, done, shard.mine(pack(todo, cfg.batch_size)), files)
+
+
+def draw(pair, cfg: LLMConfig, run: ProposalRun, shard: distributed.Shard, bar=None) -> None:
+    """Draw this rank's batches of `run` (each appended to the partial file as it finishes), then gather every
+    rank's into run.done."""
+    if run.files is not None:
+        run.files.start(run.key, run.done, cfg.resume)
+    prop, new = run.proposal, {}
+    for group in run.batches:
+        recs = sample_units(pair, prop, group, cfg)
+        for r in recs:
+            r["rank"] = shard.rank
+        if run.files is not None:
+            run.files.append(group, recs)
+        drawn = split_by_unit(group, recs)
+        new.update(drawn)
+        run.done.update(drawn)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(_running(run.done.values(), prop.base is None))
+    run.done.update(shard.gather(new))
+
+
+def proposal_document(cfg: LLMConfig, run: ProposalRun, meta: dict) -> dict:
+    """The proposal's document: its records in unit order and every estimator per prompt and overall."""
+    records = [r for u in run.units for r in run.done[u]]
+    return dict(meta, proposal=run.name, run_key=run.key, n_sequences=len(records),
+                max_uncovered_mass=max(r.get("uncovered_mass", 0.0) for r in records),
+                **prompt_set_estimates(records, cfg.max_new_tokens, len(cfg.prompt_set), run.proposal.base is None,
+                                       unit_groups(run.units, cfg.sampler)),
+                sequences=records)
 
 
 def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=None, shard=None,
@@ -170,7 +164,7 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=
     config = {**vars(cfg), "proposals": list(cfg.proposals), "prompts": list(cfg.prompt_set),
               "device": str(pair.device), "world_size": shard.world_size}
     meta = dict(config=config, models=models, versions=runio.versions("torch", "transformers", "tokenizers"),
-                seed=cfg.seed, truncation=f"KL of the sequence process truncated at {cfg.t_length} tokens"
+                seed=cfg.seed, truncation=f"KL of the sequence process truncated at {cfg.max_new_tokens} tokens"
                                           + ("" if pair.eos_token_id is None else " or at EOS"))
     if exact_kl is not None:
         meta["exact_kl"] = float(exact_kl)
@@ -180,7 +174,21 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
         Path(folder).mkdir(parents=True, exist_ok=True)
         shard.barrier()
-    docs = [run_proposal(pair, cfg, name, folder, meta, bar_factory, shard) for name in cfg.proposals]
+    runs = [plan_proposal(cfg, name, models, folder, shard) for name in cfg.proposals]
+    total = sum(len(r.batches) for r in runs)
+    bar = bar_factory(total=total, desc="sampling") if bar_factory and shard.writes_final and total else None
+    docs = []
+    try:  # one bar over every proposal's batches: the time left is the whole run's
+        for i, run in enumerate(runs, 1):
+            if bar is not None:
+                bar.set_description_str(f"proposal {i}/{len(runs)}: {run.name}")
+            draw(pair, cfg, run, shard, bar)
+            docs.append(proposal_document(cfg, run, meta))
+            if run.files is not None:
+                run.files.finish(docs[-1])
+    finally:  # an interrupted run's bar ends before its one-line report
+        if bar is not None:
+            bar.close()
     verdict = judge(docs)  # rows with flags, ranked; the recommendation (overall and per prompt)
     for p, text in zip(verdict["per_prompt"], cfg.prompt_set):
         p["text"] = text

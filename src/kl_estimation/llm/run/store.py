@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,10 @@ from kl_estimation.llm.run.config import LLMConfig
 from kl_estimation.llm.run.units import Unit, split_by_unit
 
 
-def records_to_arrays(records: list[dict], t_length: int) -> dict[str, np.ndarray]:
+def records_to_arrays(records: list[dict], max_new_tokens: int) -> dict[str, np.ndarray]:
     """Saved records back to padded (N, T) arrays plus mask: what the estimators take."""
     lengths = np.array([len(r["log_p"]) for r in records])
-    mask = np.arange(t_length) < lengths[:, None]
+    mask = np.arange(max_new_tokens) < lengths[:, None]
     out = {"mask": mask}
     for k in ("log_p", "log_q", "log_r", "kl_step"):
         out[k] = np.zeros(mask.shape)
@@ -38,11 +39,11 @@ def slug(name: str) -> str:
 
 def check_folder(cfg: LLMConfig) -> None:
     """Before any work: the output folder can be written, and holds no results unless resuming or overwriting."""
-    runio.check_output_dir(cfg.output_folder, "--output-folder")
-    earlier = existing_outputs(cfg.output_folder, cfg.proposals)
+    runio.check_output_dir(cfg.output_dir, "`output_dir`")
+    earlier = existing_outputs(cfg.output_dir, cfg.proposals)
     if earlier and not (cfg.resume or cfg.overwrite):
-        raise ValueError(f"--output-folder: {cfg.output_folder} already holds results ({earlier[0].name}); pass "
-                         f"--resume to continue or reuse them, --overwrite to replace them, or choose another folder")
+        raise ValueError(f"output_dir: {cfg.output_dir} already holds results ({earlier[0].name}); pass "
+                         f"`resume` to continue or reuse them, `overwrite` to replace them, or choose another folder")
 
 
 def existing_outputs(folder, proposals) -> list:
@@ -80,7 +81,7 @@ def run_key(cfg: LLMConfig, proposal: str, models: dict) -> dict:
     """Everything that fixes the records of a unit: a resumed run must match it exactly."""
     prompts = cfg.prompt_set
     return dict(models=models, prompts=prompts[0] if len(prompts) == 1 else f"{len(prompts)} prompts, sha256 "
-                f"{prompt_set_digest(prompts)}", chat_template=cfg.chat_template, t_length=cfg.t_length,
+                f"{prompt_set_digest(prompts)}", chat_template=cfg.chat_template, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size, ignore_eos=cfg.ignore_eos,
                 proposal=proposal, **({} if cfg.sampler == "iid" else {"sampler": cfg.sampler}))
 
@@ -88,7 +89,7 @@ def run_key(cfg: LLMConfig, proposal: str, models: dict) -> dict:
 def _read_partial(partial: Path, key: dict) -> dict:
     lines = runio.read_jsonl(partial)
     if not lines or lines[0].get("run_key") != key:
-        raise ValueError(f"--resume: {partial} was written with other settings "
+        raise ValueError(f"resume: {partial} was written with other settings "
                          f"({_diff(lines[0].get('run_key') if lines else None, key)})")
     done = {}
     for ln in lines[1:]:
@@ -99,7 +100,7 @@ def _read_partial(partial: Path, key: dict) -> dict:
 def _read_final(final: Path, key: dict, units: list[Unit]) -> dict:
     doc = json.loads(final.read_text())
     if doc.get("run_key") != key:
-        raise ValueError(f"--resume: {final} was written with other settings ({_diff(doc.get('run_key'), key)})")
+        raise ValueError(f"resume: {final} was written with other settings ({_diff(doc.get('run_key'), key)})")
     done, by_unit = {}, {}
     for rec in doc["sequences"]:
         by_unit.setdefault((rec.get("prompt", 0), rec.get("batch", 0)), []).append(rec)
@@ -108,6 +109,63 @@ def _read_final(final: Path, key: dict, units: list[Unit]) -> dict:
         if len(recs) >= u.rows:  # a unit of a run with more --n-reps ends in the same records
             done[u] = recs[: u.rows]
     return done
+
+
+@dataclass
+class ProposalFiles:
+    """One proposal's files in a run folder: ``<slug>.partial.jsonl`` (``.rank<k>.partial.jsonl`` under torchrun)
+    while it runs — a header with the run key, then one line per finished forward batch — and ``<slug>.json`` when
+    it is done. Under torchrun every rank appends to its own partial file and rank 0 alone writes the final one."""
+
+    folder: Path
+    slug: str
+    shard: distributed.Shard = distributed.ONE
+
+    @property
+    def final(self) -> Path:
+        return Path(self.folder) / f"{self.slug}.json"
+
+    @property
+    def partial(self) -> Path:
+        return self.shard.partial(self.folder, self.slug)
+
+    def earlier_partials(self) -> list[Path]:
+        return distributed.partial_files(self.folder, self.slug)  # any earlier world size's
+
+    def read_done(self, key: dict, units: list[Unit], resume: bool) -> dict[Unit, list[dict]]:
+        """The units an earlier run finished (with `resume`; else none). Every rank reads before any appends."""
+        done = {}
+        if resume and self.final.exists():
+            done = _read_final(self.final, key, units)
+        elif resume:
+            for f in self.earlier_partials():
+                done.update(_read_partial(f, key))
+        self.shard.barrier()
+        return done
+
+    def start(self, key: dict, carried: dict[Unit, list[dict]], resume: bool) -> None:
+        """Before new batches: an earlier run's partial files go (unless resuming), a fresh partial file gets the
+        header and the units carried over from a finished run with fewer `n_samples`."""
+        if not resume and self.shard.writes_final:
+            for f in self.earlier_partials():
+                f.unlink(missing_ok=True)
+        self.shard.barrier()
+        if resume and self.partial.exists():
+            return
+        self.partial.unlink(missing_ok=True)
+        runio.append_jsonl(self.partial, {"run_key": key})
+        if carried and self.shard.writes_final:
+            self.append(list(carried), [r for recs in carried.values() for r in recs])
+
+    def append(self, units: list[Unit], records: list[dict]) -> None:
+        runio.append_jsonl(self.partial, {"units": [[u.prompt, u.batch, u.rows] for u in units],
+                                          "sequences": records})
+
+    def finish(self, doc: dict) -> None:
+        if self.shard.writes_final:
+            runio.write_json(self.final, doc)
+            for f in self.earlier_partials():
+                f.unlink(missing_ok=True)
 
 
 def _diff(old, new) -> str:

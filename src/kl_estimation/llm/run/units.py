@@ -36,10 +36,10 @@ def batch_records(b, decode, **tags) -> list[dict]:
     return out
 
 
-def plan_units(n_prompts: int, n_reps: int, batch_size: int) -> list[Unit]:
-    """Every unit of one proposal, in record order: per prompt, ⌈n_reps / batch_size⌉ batches."""
-    return [Unit(i, j, min(batch_size, n_reps - j * batch_size))
-            for i in range(n_prompts) for j in range(math.ceil(n_reps / batch_size))]
+def plan_units(n_prompts: int, n_samples: int, batch_size: int) -> list[Unit]:
+    """Every unit of one proposal, in record order: per prompt, ⌈n_samples / batch_size⌉ batches."""
+    return [Unit(i, j, min(batch_size, n_samples - j * batch_size))
+            for i in range(n_prompts) for j in range(math.ceil(n_samples / batch_size))]
 
 
 def pack(units: list[Unit], batch_size: int) -> list[list[Unit]]:
@@ -60,7 +60,7 @@ def sample_units(pair, prop, units: list[Unit], cfg) -> list[dict]:
     streams = [(unit_generator(cfg.seed, prop.name, u.batch, pair.device, u.prompt), u.rows) for u in units]
     sizes = [u.rows for u in units]
     rows, batch = np.repeat([u.prompt for u in units], sizes), np.repeat([u.batch for u in units], sizes)
-    b = sample_batch(pair, prop, len(rows), cfg.t_length, streams, prompt_rows=torch.as_tensor(rows),
+    b = sample_batch(pair, prop, len(rows), cfg.max_new_tokens, streams, prompt_rows=torch.as_tensor(rows),
                      sampler=cfg.sampler)
     return batch_records(b, pair.decode, prompt=rows, batch=batch)
 
