@@ -494,21 +494,21 @@ def _extra_text(s: dict) -> str:
     pc = "%g%%" % (100 * conf)
     o = ["====== kl_estimation: both directions, Jeffreys, clustered SEs ======",
          f"scored tokens {N}, clusters {G} {s['cluster_by']}s; SE(cluster): ratio-estimator sandwich with G/(G-1), "
-         f"CI Student t on {G - 1} df; SE(iid): token-i.i.d. as llama.cpp's ±, CI t on {N - 1} df",
+         f"CI Student t on {G - 1} df; SE(iid): token-i.i.d., llama.cpp's error, CI t on {N - 1} df",
          "%-34s %12s %12s %12s %8s   %s" % ("quantity", "mean", "SE(cluster)", "SE(iid)", "ratio",
                                              f"{pc} CI (cluster)")]
     rows = (("KL(base||Q)  [llama.cpp's KLD]", "kl_forward", 1.0), ("KL(Q||base)  [reverse]", "kl_reverse", 1.0),
             ("Jeffreys = KL(base||Q)+KL(Q||base)", "jeffreys", 1.0), ("dp = p_Q(x)-p_base(x)  [%]", "delta_p", 100.0),
-            ("same top-1 token  [%]", "same_top", 100.0), ("ln(PPL(Q)/PPL(base))", "ln_ppl_ratio", 1.0),
-            ("ln PPL(Q) = mean NLL(Q)", "nll_q", 1.0), ("ln PPL(base) = mean NLL(base)", "nll_base", 1.0))
+            ("same top-1 token  [%]", "same_top", 100.0), ("ln perplexity ratio Q/base", "ln_ppl_ratio", 1.0),
+            ("mean NLL of Q = ln perplexity", "nll_q", 1.0), ("mean NLL of base = ln perplexity", "nll_base", 1.0))
     for label, key, sc in rows:
         r = M[key]
         ratio = r["se_cluster"] / r["se_iid"] if r["se_iid"] > 0 else math.nan
         o.append("%-34s %12.6f %12.6f %12.6f %8.2f   [%.6f, %.6f]" % (
             label, sc * r["mean"], sc * r["se_cluster"], sc * r["se_iid"], ratio,
             sc * r["ci_cluster"][0], sc * r["ci_cluster"][1]))
-    for label, key, sc in (("PPL(Q)", "ppl_q", 1.0), ("PPL(base)", "ppl_base", 1.0),
-                           ("PPL(Q)/PPL(base)", "ppl_ratio", 1.0), ("RMS dp  [%]", "rms_dp", 100.0)):
+    for label, key, sc in (("perplexity of Q", "ppl_q", 1.0), ("perplexity of base", "ppl_base", 1.0),
+                           ("perplexity ratio Q/base", "ppl_ratio", 1.0), ("RMS dp  [%]", "rms_dp", 100.0)):
         r = M[key]
         ratio = r["se_cluster"] / r["se_iid"] if r["se_iid"] > 0 else math.nan
         o.append("%-34s %12.6f %12.6f %12.6f %8.2f   [%.6f, %.6f]" % (
