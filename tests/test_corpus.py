@@ -187,26 +187,52 @@ def test_token_stats_errors():
 
 def test_windows_hand_worked_llama_rule():
     ids = np.arange(10, 24)                      # 14 tokens; "10" plays the tokenizer's leading BOS
-    w, m, starts = llama_windows(ids, 4, bos_id=1)
+    w, m = llama_windows(ids, 4, bos_id=1)
     # 14 // 4 = 3 windows, tail [22, 23] dropped; every window's first token → BOS; first = 2 → target 3 only
     np.testing.assert_array_equal(w, [[1, 11, 12, 13], [1, 15, 16, 17], [1, 19, 20, 21]])
     np.testing.assert_array_equal(m, [[0, 0, 0, 1]] * 3)
-    np.testing.assert_array_equal(starts, [0, 4, 8])
-    w, m, _ = llama_windows(ids, 5, bos_id=1)    # first = 2: logits 2, 3 score targets 3, 4
+    w, m = llama_windows(ids, 5, bos_id=1)    # first = 2: logits 2, 3 score targets 3, 4
     np.testing.assert_array_equal(w, [[1, 11, 12, 13, 14], [1, 16, 17, 18, 19]])
     np.testing.assert_array_equal(m, [[0, 0, 0, 1, 1]] * 2)
-    w, m, _ = llama_windows(ids, 7)              # no BOS replacement; first = 3: targets 4, 5, 6
+    w, m = llama_windows(ids, 7)              # no BOS replacement; first = 3: targets 4, 5, 6
     np.testing.assert_array_equal(w, [np.arange(10, 17), np.arange(17, 24)])
     np.testing.assert_array_equal(m, [[0, 0, 0, 0, 1, 1, 1]] * 2)
     for n_ctx in range(3, 40):
-        _, m, _ = llama_windows(np.arange(100), n_ctx, score="second-half")
+        _, m = llama_windows(np.arange(100), n_ctx, score="second-half")
         assert (m.sum(1) == n_ctx - 1 - n_ctx // 2).all()        # llama.cpp's count per chunk
-    w, m, _ = llama_windows(ids, 4, 1, score="all")
+    w, m = llama_windows(ids, 4, 1, score="all")
     assert w.shape == (3, 4) and (m == [[0, 1, 1, 1]] * 3).all()
-    w, m, _ = llama_windows(ids, 3, 1, score="all")              # "all" needs only one window
+    w, m = llama_windows(ids, 3, 1, score="all")              # "all" needs only one window
     assert w.shape == (4, 3)
     assert llama_windows(ids, 4, 1, n_chunks=2).windows.shape == (2, 4)
     assert llama_windows(ids, 4, 1, n_chunks=-1).windows.shape == (3, 4)
+
+
+def test_pipeline_scores_what_llama_cpp_scores():
+    """windows → logits → token_stats(shifted) → summarize counts the tokens of llama.cpp's loop, with its KL."""
+    rng = np.random.default_rng(11)
+    V, n_ctx = 20, 16
+    ids = rng.integers(2, V, size=203)
+    ids[0] = 1                                                # tokenizer's BOS
+    w, m = llama_windows(ids, n_ctx, bos_id=1)
+    table_p = rng.normal(size=(V, V))
+    table_q = table_p + 0.2 * rng.normal(size=(V, V))
+    lp, lq = table_p[w], table_q[w]                            # a "model" whose logits depend on the current token
+    st = token_stats(torch.as_tensor(lp[:, :-1]), torch.as_tensor(lq[:, :-1]), torch.as_tensor(w[:, 1:]),
+                     torch.as_tensor(m[:, 1:]))
+    s = summarize(st)
+    # llama.cpp: for chunk i, logits j = first … n_ctx − 2 (input tokens with BOS at 0) predict tokens[start + j + 1]
+    first, kls = n_ctx // 2, []
+    for i in range(len(ids) // n_ctx):
+        chunk = ids[i * n_ctx:(i + 1) * n_ctx].copy()
+        chunk[0] = 1
+        for j in range(first, n_ctx - 1):
+            a, c = table_p[chunk[j]], table_q[chunk[j]]
+            la, lc = a - np.logaddexp.reduce(a), c - np.logaddexp.reduce(c)
+            kls.append(np.sum(np.exp(la) * (la - lc)))
+            assert ids[i * n_ctx + j + 1] == w[i, j + 1]
+    assert s["n_tokens"] == len(kls) == (len(ids) // n_ctx) * (n_ctx - 1 - n_ctx // 2)
+    assert s["llama"]["kld"][0] == pytest.approx(np.mean(kls), rel=1e-10)
 
 
 def test_windows_errors():
@@ -260,7 +286,7 @@ def test_summary_llama_statistics_match_numpy():
     nq, nb = -st["logp_q"][m], -st["logp_p"][m]
     same = st["top1_agree"][m].astype(float)
     n = kl.size
-    se = lambda v: v.std(ddof=1) / math.sqrt(n)  # noqa: E731
+    se = lambda v: v.std(ddof=1) / math.sqrt(n)  # noqa: E731 — the i.i.d. SE
     L = s["llama"]
     assert s["n_tokens"] == n == L["n_tokens"] and s["n_windows"] == 12
     np.testing.assert_allclose(L["ppl_q"], (np.exp(nq.mean()), np.exp(nq.mean()) * se(nq)), rtol=1e-9)
@@ -464,7 +490,7 @@ COVERAGE_CASES = {"window effect + AR(1)": dict(su=0.4, se=0.6, phi=0.7),
 
 @pytest.mark.parametrize("case", list(COVERAGE_CASES))
 def test_clustered_interval_covers_and_iid_interval_does_not(case):
-    cov_cl, cov_iid, (x, keep, true) = simulate_coverage(np.random.default_rng(20240611), G=80, m_lo=16, m_hi=64,
+    cov_cl, cov_iid, (x, keep, _) = simulate_coverage(np.random.default_rng(20240611), G=80, m_lo=16, m_hi=64,
                                                          **COVERAGE_CASES[case])
     assert 0.92 <= cov_cl <= 0.975, cov_cl
     assert cov_iid < 0.85, cov_iid

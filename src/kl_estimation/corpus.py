@@ -51,11 +51,10 @@ _DP_ROWS = ("max", "99.9", "99.0", "95.0", "90.0", "75.0", "median", "25.0", "10
 
 class LlamaWindows(NamedTuple):
     """``windows`` (W, n_ctx) int64 model inputs; ``mask`` (W, n_ctx) bool, True where token ``windows[w, t]`` is a
-    scored target; ``starts`` (W,) offset of each window in ``token_ids`` (to window per-token document ids:
-    ``doc[starts[:, None] + np.arange(n_ctx)]``)."""
+    scored target. Window w is ``token_ids[w·n_ctx : (w+1)·n_ctx]``, so per-token document ids window the same way:
+    ``doc[: W * n_ctx].reshape(W, n_ctx)``."""
     windows: np.ndarray
     mask: np.ndarray
-    starts: np.ndarray
 
 
 def _is_int(x) -> bool:
@@ -108,7 +107,7 @@ def llama_windows(token_ids, n_ctx, bos_id=None, *, score: str = "second-half", 
         windows[:, 0] = bos_id                                             # "add BOS token for the first batch"
     mask = np.zeros((n, n_ctx), dtype=bool)
     mask[:, (n_ctx // 2 + 1) if score == "second-half" else 1:] = True    # first = n_ctx/2 (l. 539, 1821)
-    return LlamaWindows(windows, mask, np.arange(n, dtype=np.int64) * n_ctx)
+    return LlamaWindows(windows, mask)
 
 
 # ------------------------------------------------------------------------------------------------------ token stats
@@ -177,7 +176,7 @@ def token_stats(logits_p, logits_q, targets, mask=None, *, chunk_size=None, base
 
     ``logits_p`` (base) and ``logits_q`` (B, T, V), any float dtype, with ``logits[:, t]`` predicting
     ``targets[:, t]`` (B, T) ints; ``mask`` (B, T) bool, None = all. The vocabulary-wide work is done in float32 (or
-    float64 for float64 input) on blocks of at most ``chunk_size`` positions (default: 2**24 // V), so beyond the
+    float64 for float64 input) on blocks of at most ``chunk_size`` positions (default: 2**22 // V), so beyond the
     inputs only one block is ever upcast; unscored positions are skipped.
 
     ``base_storage="llama-uint16"`` reproduces llama.cpp's arithmetic instead of the exact values: the base's log-probs
@@ -223,7 +222,7 @@ def token_stats(logits_p, logits_q, targets, mask=None, *, chunk_size=None, base
     if bool(((tg < 0) | (tg >= V))[m_all].any()):
         raise ValueError(f"targets: scored token ids must lie in [0, {V})")
     if chunk_size is None:
-        chunk_size = max(1, (1 << 24) // V)
+        chunk_size = max(1, (1 << 22) // V)
     if not (_is_int(chunk_size) and chunk_size >= 1):
         raise ValueError(f"chunk_size: must be an integer ≥ 1 or None (got {chunk_size!r})")
 
