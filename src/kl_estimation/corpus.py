@@ -94,7 +94,7 @@ def llama_windows(token_ids, n_ctx, bos_id=None, *, score: str = "second-half", 
         raise ValueError(f"token_ids: must be a 1-D sequence of token ids (got shape {ids.shape})")
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"token_ids: must be integers (got dtype {ids.dtype})")
-    # perplexity() (base pass, l. 480) refuses fewer than 2*n_ctx tokens, though it then uses size/n_ctx chunks.
+    # perplexity() (base pass, l. 477) refuses fewer than 2*n_ctx tokens, though it then uses size/n_ctx chunks.
     need = 2 * n_ctx if score == "second-half" else n_ctx
     if ids.size < need:
         rule = "llama.cpp needs at least 2*n_ctx" if score == "second-half" else "one window needs n_ctx"
@@ -130,7 +130,7 @@ def _rows_exact(x, y, tg, cdt):
 
 
 def _rows_llama(x, y, tg, cdt):
-    """llama.cpp's float32 arithmetic with the base stored as uint16 (l. 77-105 writes, l. 189-246 reads)."""
+    """llama.cpp's float32 arithmetic with the base stored as uint16 (l. 77-105 writes, l. 189-250 reads)."""
     x, y = x.float(), y.float()
     t = tg[:, None]
     # base pass: keep logits within 16 of the max, quantize (logit − min)/scale to uint16 with round-half-even
