@@ -10,7 +10,7 @@ import torch
 from scipy import stats as sps
 from scipy.signal import lfilter
 
-from kl_estimation.corpus import (STAT_KEYS, cluster_mean, format_llama, llama_windows, summarize, token_stats)
+from kl_estimation.llm.corpus.stats import (STAT_KEYS, cluster_mean, format_llama, llama_windows, summarize, token_stats)
 
 FLOAT_KEYS = [k for k in STAT_KEYS if k != "top1_agree"]
 
@@ -327,7 +327,7 @@ def test_summary_llama_statistics_match_numpy():
 
 
 def test_llama_percentile_float32_arithmetic():
-    from kl_estimation.corpus import _llama_percentiles
+    from kl_estimation.llm.corpus.stats import _llama_percentiles
     v = np.arange(10, dtype=np.float32)        # 0.999f·9 = 8.991 (float): 8 + 0.991·1
     q = _llama_percentiles(v[::-1])
     f32 = np.float32
