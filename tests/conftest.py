@@ -3,3 +3,8 @@ import os
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: grids, torchrun, lock races, real models and figures; "
+                                       "`pytest -m 'not slow'` runs the rest in about a minute")

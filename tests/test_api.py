@@ -106,6 +106,7 @@ def test_namespace_is_documented_and_light():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_cli_and_api_give_the_same_numbers_by_default(tiny, tmp_path, capsys):
     """One set of defaults: only the models and the output folder are given, on both sides."""
     from kl_estimation.cli import llm_main

@@ -13,6 +13,8 @@ from kl_estimation.cli import llm_main
 from kl_estimation.llm.run import distributed, units
 from tiny_lms import save_pair
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 PROPOSALS = ["P", "Geometric (β=0.5)", "Adaptive [prefix-aware]"]
 FILES = ("p.json", "geometric_beta-0.5.json", "adaptive_prefix-aware.json")

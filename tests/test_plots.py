@@ -1,4 +1,5 @@
 """visualize_proposals.py: every figure drawn from a saved run folder alone, and each error path."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,8 @@ import pytest
 
 from kl_estimation.cli import synthetic_main, visualize_main
 from kl_estimation.figures.synthetic import PAIR_FIGURES
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -46,6 +49,7 @@ def test_redraw_from_folder_alone_gives_same_files(run_dir, tmp_path):
 
 
 def test_formats_and_narrowing_keep_the_other_pairs_figures(run_dir, tmp_path):
+    run_dir = Path(shutil.copytree(run_dir, tmp_path / "copy"))  # the module's folder stays as it was
     before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "plots").iterdir()}
     assert visualize_main([str(run_dir), "--format", "svg", "--pairs", "mixture/medium",
                            "--methods", "Optimal", "Geometric (β=0.5)"]) == 0
@@ -61,7 +65,7 @@ def test_formats_and_narrowing_keep_the_other_pairs_figures(run_dir, tmp_path):
     assert visualize_main([str(run_dir), "--format", "pdf", "--pairs", "zipf/medium"]) == 0
     assert (run_dir / "plots" / "zipf_medium_6_exact-variance.pdf").read_bytes().startswith(b"%PDF")
     assert not list((run_dir / "plots").glob("zipf_*.png")) and list((run_dir / "plots").glob("mixture_*.svg"))
-    assert visualize_main([str(run_dir)]) == 0  # back to the full set for the other tests
+    assert visualize_main([str(run_dir)]) == 0  # back to the full set
     assert {p.name for p in (run_dir / "plots").iterdir()} == expected_files(["zipf/medium", "mixture/medium"])
     assert not any(p.name.startswith(".plots-") for p in run_dir.iterdir())
 

@@ -74,6 +74,7 @@ def test_every_option_has_help_and_its_default(make):
     assert "(default: None)" not in page and "default: False" not in page
 
 
+@pytest.mark.slow
 def test_llm_help_shows_the_script_default_folder():
     p = subprocess.run([sys.executable, str(ROOT / "LLM_experiments.py"), "--help"], capture_output=True, text=True,
                        cwd=ROOT)
@@ -206,6 +207,7 @@ def test_synthetic_ctrl_c_is_one_line_and_writes_nothing(tmp_path, monkeypatch, 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_llm_sigint_keeps_work_and_prints_the_resume_command(tiny, tmp_path):
     """A real SIGINT to a real run: one line naming what was kept and the command; that command finishes the run."""
     out = tmp_path / "o"
@@ -245,6 +247,14 @@ def test_progress_off_a_terminal_is_whole_lines(monkeypatch, capsys):
     assert err.splitlines()[-1].startswith("work: 3/3 step (100%)") and err.endswith("x 2\n")
 
 
+def test_progress_off_a_terminal_prints_a_line_every_interval_even_without_progress(capsys):
+    """A batch of a big model can take minutes: the log must still get a line every few seconds."""
+    with progress.bar(total=2, desc="slow", unit="batch", interval=0.2):
+        time.sleep(1.1)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 4 and all(ln.startswith("slow: 0/2 batch") for ln in lines)
+
+
 # ------------------------------------------------------------------------------------------------ default pair
 
 def _fake_build(seed=default_pair.SEED):
@@ -266,6 +276,7 @@ def _ensure_in_child(q):
     q.put(default_pair.ensure())
 
 
+@pytest.mark.slow
 def test_default_pair_is_built_once_under_concurrency_and_cleans_up(tmp_path, monkeypatch):
     monkeypatch.setenv("KL_ESTIMATION_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("BUILD_LOG", str(tmp_path / "builds.log"))
@@ -327,6 +338,7 @@ def test_no_past_key_values_future_warning(tiny):
 LLM_FIGURES = {"llm_1_estimates.png", "llm_2_per-step.png", "llm_3_log-weights.png", "llm_4_ess.png"}
 
 
+@pytest.mark.slow
 def test_llm_run_draws_its_figures_and_visualize_redraws_them(tiny, tmp_path, capsys):
     out = tmp_path / "o"
     code, stdout, _ = call(llm_main, llm_args(tiny, out, "--proposals", "P", "Geometric (β=0.5)",
@@ -350,6 +362,7 @@ def test_llm_run_draws_its_figures_and_visualize_redraws_them(tiny, tmp_path, ca
     one_line(code, err, "p.json (proposal 'P') is missing or corrupt")
 
 
+@pytest.mark.slow
 def test_llm_figures_with_prompt_set_and_exact_reference(tiny, tmp_path):
     """A prompt set gets the per-prompt figure; a run given the exact KL (enumerated here) records and draws it."""
     from kl_estimation.figures import llm as plots_llm

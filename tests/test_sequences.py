@@ -148,6 +148,7 @@ def test_cli_bad_size_one_line(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_cli_sequence_run_folder(capsys, tmp_path):
     out = tmp_path / "seq"
     code = synthetic_main(["--sequence", "--vocab-size", "21", "--order", "2", "--max-new-tokens", "6", "--families", "zipf",

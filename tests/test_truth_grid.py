@@ -20,6 +20,8 @@ from kl_estimation.llm import engine, enumeration
 from kl_estimation.llm.loading import load_transformers_pair
 from tiny_lms import save_pair
 
+pytestmark = pytest.mark.slow
+
 TOL_SE = 5.0
 SEED = 0
 N = 1000

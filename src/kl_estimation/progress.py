@@ -70,7 +70,7 @@ class _Ticker(threading.Thread):
 
 
 def _ticking(b: tqdm, interval: float) -> tqdm:
-    ticker = _Ticker(b, interval)
+    ticker = _Ticker(b, max(interval, 0.05))
     close = b.close
 
     def closing():
@@ -82,9 +82,10 @@ def _ticking(b: tqdm, interval: float) -> tqdm:
     return b
 
 
-def bar(total=None, desc: str | None = None, unit: str = "it", *, interval: float = LOG_INTERVAL, **kw) -> tqdm:
-    """A progress bar on stderr, redrawn at least every `interval` seconds: tqdm's own on a terminal, timed lines
-    otherwise."""
+def bar(total=None, desc: str | None = None, unit: str = "it", *, interval: float | None = None, **kw) -> tqdm:
+    """A progress bar on stderr, redrawn at least every `interval` seconds (default LOG_INTERVAL): tqdm's own on a
+    terminal, timed lines otherwise."""
+    interval = LOG_INTERVAL if interval is None else interval
     stream = sys.stderr
     if getattr(stream, "isatty", lambda: False)():
         return _ticking(tqdm(total=total, desc=desc, unit=unit, leave=False, file=stream, **kw), min(interval, 1.0))
