@@ -342,19 +342,10 @@ def _remove_if_empty(folder) -> None:
 
 def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
     """What an interrupted LLM run kept, and the command that continues it."""
-    from kl_estimation.llm.run import distributed
-    from kl_estimation.llm.run.store import slug
+    from kl_estimation.llm.run.store import kept
 
     folder = Path(cfg.output_dir)
-    done, batches, sequences = [], 0, 0
-    for name in cfg.proposals:
-        final, partials = folder / f"{slug(name)}.json", distributed.partial_files(folder, slug(name))
-        if final.exists() and not partials:
-            done.append(name)
-        for partial in partials:
-            lines = runio.read_jsonl(partial)[1:]
-            batches += len(lines)
-            sequences += sum(len(ln.get("sequences", [])) for ln in lines)
+    done, batches, sequences = kept(folder, cfg.proposals)
     if not done and not batches:
         if not folder_existed and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()

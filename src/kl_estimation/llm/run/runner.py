@@ -32,6 +32,7 @@ from kl_estimation.llm.run.store import (
     earlier_run_files,
     run_key,
     slug,
+    write_summary,
 )
 from kl_estimation.llm.run.units import (
     Unit,
@@ -193,11 +194,7 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=
     for p, text in zip(verdict["per_prompt"], cfg.prompt_set):
         p["text"] = text
     if folder is not None and shard.writes_final:
-        runio.write_json(Path(folder) / "summary.json", dict(meta, **verdict))
-        runio.write_csv(Path(folder) / "summary.csv", verdict["rows"])
-        if verdict["per_prompt"]:
-            runio.write_csv(Path(folder) / "summary_per_prompt.csv",
-                            [dict(prompt=p["prompt"], **r) for p in verdict["per_prompt"] for r in p["rows"]])
+        write_summary(folder, meta, verdict)
     return dict(meta=meta, docs=docs, **verdict)
 
 

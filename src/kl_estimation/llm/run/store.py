@@ -48,7 +48,7 @@ def check_folder(cfg: LLMConfig) -> None:
 
 def existing_outputs(folder, proposals) -> list:
     folder = Path(folder)
-    names = [f"{slug(p)}.json" for p in proposals] + ["summary.json"]
+    names = [f"{slug(p)}.json" for p in proposals] + [SUMMARY_JSON]
     return [folder / n for n in names if (folder / n).exists()] + [
         f for p in proposals for f in distributed.partial_files(folder, slug(p))]
 
@@ -59,11 +59,11 @@ def earlier_run_files(folder) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    out = [folder / n for n in ("summary.json", "summary.csv", "summary_per_prompt.csv", "plots")
+    out = [folder / n for n in (SUMMARY_JSON, SUMMARY_CSV, PER_PROMPT_CSV, "plots")
            if (folder / n).exists()]
     out += sorted(folder.glob("*.partial.jsonl"))
     for f in sorted(folder.glob("*.json")):
-        if f.name != "summary.json":
+        if f.name != SUMMARY_JSON:
             try:
                 with open(f, encoding="utf-8") as fh:
                     if '"run_key"' in fh.read():
@@ -166,6 +166,36 @@ class ProposalFiles:
             runio.write_json(self.final, doc)
             for f in self.earlier_partials():
                 f.unlink(missing_ok=True)
+
+
+SUMMARY_JSON, SUMMARY_CSV, PER_PROMPT_CSV = "summary.json", "summary.csv", "summary_per_prompt.csv"
+
+
+def write_summary(folder, meta: dict, verdict: dict) -> None:
+    """summary.json (the config, versions, every ranked row, the recommendation), summary.csv (one row per
+    proposal × estimator) and, for a prompt set, summary_per_prompt.csv."""
+    folder = Path(folder)
+    runio.write_json(folder / SUMMARY_JSON, dict(meta, **verdict))
+    runio.write_csv(folder / SUMMARY_CSV, verdict["rows"])
+    if verdict["per_prompt"]:
+        runio.write_csv(folder / PER_PROMPT_CSV,
+                        [dict(prompt=p["prompt"], **r) for p in verdict["per_prompt"] for r in p["rows"]])
+
+
+def kept(folder, proposals) -> tuple[list[str], int, int]:
+    """What an interrupted run left in `folder`: the proposals whose documents are complete, and the finished
+    forward batches and their sequences in the partial files of the others."""
+    done, batches, sequences = [], 0, 0
+    for name in proposals:
+        files = ProposalFiles(Path(folder), slug(name))
+        partials = files.earlier_partials()
+        if files.final.exists() and not partials:
+            done.append(name)
+        for partial in partials:
+            lines = runio.read_jsonl(partial)[1:]
+            batches += len(lines)
+            sequences += sum(len(ln.get("sequences", [])) for ln in lines)
+    return done, batches, sequences
 
 
 def _diff(old, new) -> str:
