@@ -343,14 +343,16 @@ def _remove_if_empty(folder) -> None:
 def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
     """What an interrupted LLM run kept, and the command that continues it."""
     from kl_estimation.llm.run import distributed
-    from kl_estimation.llm.run.store import slug
+    from kl_estimation.llm.run.store import direction_folder, proposal_slug
 
     folder = Path(cfg.output_dir)
     done, batches, sequences = [], 0, 0
-    for name in cfg.proposals:
-        final, partials = folder / f"{slug(name)}.json", distributed.partial_files(folder, slug(name))
+    parts_of_run = [(d, name) for d in cfg.directions for name in cfg.proposals]
+    for d, name in parts_of_run:
+        where, stem = direction_folder(folder, d), proposal_slug(name, d)
+        final, partials = where / f"{stem}.json", distributed.partial_files(where, stem)
         if final.exists() and not partials:
-            done.append(name)
+            done.append((d, name))
         for partial in partials:
             lines = runio.read_jsonl(partial)[1:]
             batches += len(lines)
@@ -364,7 +366,8 @@ def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
                for a in args):
         args += ["--output-dir", str(cfg.output_dir)]  # the folder this run chose for itself
     resume = shlex.join(command[:2] + args + ([] if "--resume" in args else ["--resume"]))
-    parts = [f"{len(done)} of {len(cfg.proposals)} proposals complete"] if done else []
+    unit = "proposals" if len(cfg.directions) == 1 else "proposals × directions"
+    parts = [f"{len(done)} of {len(parts_of_run)} {unit} complete"] if done else []
     if batches:
         parts.append(f"{batches} finished batches ({sequences} sequences) of the next")
     return f"kept {' and '.join(parts)} in {cfg.output_dir}; continue with: {resume}"
@@ -373,14 +376,21 @@ def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
 def _run_llm(cfg, plots: bool = True) -> int:
     from kl_estimation import api, report
     from kl_estimation.llm.run import distributed
+    from kl_estimation.llm.run.directions import direction_title, recommendation_scope
 
     result = api.run(cfg, progress=True)
     if distributed.current().rank != 0:  # under torchrun rank 0 alone reports
         return 0
-    print(report.llm_table([r.to_dict() for r in result.rows],
-                           f"KL(P‖Q) per sequence, {cfg.n_samples} sequences × {len(result.docs)} proposals"
-                           f"{f' × {len(cfg.prompt_set)} prompts' if len(cfg.prompt_set) > 1 else ''}, "
-                           f"T={cfg.max_new_tokens}, temperature {cfg.temperature}"))
+    directions = cfg.directions
+    for i, d in enumerate(directions):  # one table per direction, each ranked and judged on its own
+        print(("\n" if i else "") + report.llm_table(
+            [r.to_dict() for r in result.rows_for(d)],
+            f"{direction_title(d)}, {cfg.n_samples} sequences × {len(cfg.proposals)} proposals"
+            f"{f' × {len(cfg.prompt_set)} prompts' if len(cfg.prompt_set) > 1 else ''}, "
+            f"T={cfg.max_new_tokens}, temperature {cfg.temperature}"))
+    if "reverse" in directions:
+        print("\nreverse: every proposal is built from Q (the sampling model) and P with the roles swapped, so "
+              "plain Monte Carlo from Q is the row Q; the flags speak of the models by their names.")
     if result.per_prompt:
         print(f"\nOver {len(result.per_prompt)} prompts: the estimate is the mean of the per-prompt estimates; "
               f"'std err' is for this fixed prompt set (within-prompt noise only); the population SE (prompts as a "
@@ -393,9 +403,18 @@ def _run_llm(cfg, plots: bool = True) -> int:
 
         print(f"\nfigures: {plots_llm.draw_all(cfg.output_dir)}")
     print(f"output folder: {cfg.output_dir}")
-    for p in result.per_prompt:
-        rec = p["recommended"]
-        print(report.recommendation_line(rec and rec.to_dict(), f"for prompt {p['prompt']}"))
-    rec = result.recommended
-    print(report.recommendation_line(rec and rec.to_dict(), "over the prompt set" if result.per_prompt else ""))
+    n = len(directions)
+    for d in directions:
+        for p in result.per_prompt:
+            rec = p["recommended_by_direction"][d]
+            print(report.recommendation_line(rec and rec.to_dict(), recommendation_scope(d, n, p["prompt"])))
+        rec = result.recommended_by_direction[d]
+        scope = recommendation_scope(d, n)
+        if result.per_prompt:
+            scope = (scope + " " if scope else "") + "over the prompt set"
+        print(report.recommendation_line(rec and rec.to_dict(), scope))
+    if result.jeffreys is not None:  # both directions: their sum last
+        for p in result.per_prompt:
+            print(report.jeffreys_line(p["jeffreys"].to_dict(), f"for prompt {p['prompt']}"))
+        print(report.jeffreys_line(result.jeffreys.to_dict(), "over the prompt set" if result.per_prompt else ""))
     return 0
