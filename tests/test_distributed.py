@@ -136,3 +136,17 @@ def test_cuda_backend_without_gpus_fails_on_every_rank(tiny, tmp_path):
     for f in per_rank:
         err = f.read_text().strip().splitlines()
         assert len(err) == 1 and err[0].startswith("LLM_experiments.py: error: --device: cuda"), err
+
+
+def test_both_directions_under_two_ranks_match_one_process(tiny, tmp_path):
+    """The reverse units are sharded like the forward ones: the same records in reverse/ whatever the world size."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert llm_main(argv(tiny, one, "--direction", "both", "--no-plots")) == 0
+    r = torchrun(2, argv(tiny, two, "--direction", "both", "--no-plots"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in FILES + ("reverse/q.json", "reverse/geometric_beta-0.5.json", "reverse/adaptive_prefix-aware.json"):
+        assert without_rank(records(two, f)) == without_rank(records(one, f)), f
+    assert {r["rank"] for r in records(two, "reverse/q.json")} == {0, 1}
+    assert json.loads((two / "summary.json").read_text())["jeffreys"] == json.loads(
+        (one / "summary.json").read_text())["jeffreys"]
+    assert not list(two.rglob("*.partial.jsonl"))

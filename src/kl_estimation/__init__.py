@@ -5,6 +5,8 @@ LLM pairs (torch and transformers are imported on first use, so the single-token
     estimate_kl(p_model=None, q_model=None, prompts=None, *, n_samples=1000, max_new_tokens=20, temperature=0.4,
                 proposals=LLMConfig's seven, sampler="iid", ...)    the same settings and defaults as LLM_experiments.py
         → KLResult: ranked rows (KLRow: estimate, std_error, ci, flag), .recommended, .per_prompt, .to_pandas()
+        direction="forward" (KL(P‖Q), sequences of P) | "reverse" (KL(Q‖P), sequences of Q) | "both" (the two, and
+        their sum KLResult.jeffreys); rows carry their direction, .recommended_by_direction
     LLMConfig        every setting of a run, with its default (the command line's flags are built from it)
     default_pair()   the folders of the offline default pair, built on first use
 

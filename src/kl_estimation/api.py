@@ -18,7 +18,9 @@ class KLRow:
 
     ``std_error`` is over this fixed prompt set (within-prompt noise only); ``std_error_population`` treats the
     prompts as a sample from a population (NaN for one prompt); ``ci`` is the normal 95 % interval from
-    ``std_error``; ``flag`` is empty when the estimate is trusted, else says in words what went wrong."""
+    ``std_error``; ``flag`` is empty when the estimate is trusted, else says in words what went wrong.
+    ``direction``: "forward" (an estimate of KL(P‖Q) from sequences of P), "reverse" (KL(Q‖P) from sequences of Q;
+    its plain Monte Carlo proposal is named "Q") or "both" (the Jeffreys row, KL(P‖Q) + KL(Q‖P))."""
 
     proposal: str
     estimator: str
@@ -28,13 +30,16 @@ class KLRow:
     flag: str = ""
     std_error_population: float = math.nan
     details: dict = field(default_factory=dict, repr=False)  # variance, ESS, max weight, k̂, n, diagnostics
+    direction: str = "forward"
 
     @classmethod
     def from_row(cls, row: dict) -> "KLRow":
-        main = ("proposal", "estimator", "estimate", "std_error", "flag", "std_error_population", "ci_low", "ci_high")
+        main = ("proposal", "estimator", "estimate", "std_error", "flag", "std_error_population", "ci_low", "ci_high",
+                "direction")
         return cls(row["proposal"], row["estimator"], row["estimate"], row["std_error"],
                    (row["ci_low"], row["ci_high"]), row.get("flag", ""),
-                   row.get("std_error_population", math.nan), {k: v for k, v in row.items() if k not in main})
+                   row.get("std_error_population", math.nan), {k: v for k, v in row.items() if k not in main},
+                   row.get("direction", "forward"))
 
     def to_dict(self) -> dict:
         """Flat: the interval as ci_low / ci_high, the details as columns (as in summary.csv)."""
@@ -47,19 +52,43 @@ class KLRow:
 @dataclass
 class KLResult:
     """The outcome of estimate_kl: ranked rows (trusted rows first, smallest standard error first), the row to
-    report (``recommended``), per-prompt results, and the raw per-proposal documents (records included)."""
+    report (``recommended``), per-prompt results, and the raw per-proposal documents (records included).
+
+    Directions: ``rows`` holds every direction's rows (forward first), each ranked on its own and carrying its
+    ``direction``; ``recommended`` is the first direction's recommendation (forward, unless the run is reverse only),
+    ``recommended_by_direction`` every direction's, ``jeffreys`` (runs of both directions) the row of
+    KL(P‖Q) + KL(Q‖P) in nats per sequence; :meth:`rows_for` selects one direction's rows."""
 
     rows: list[KLRow]
     recommended: KLRow | None
-    per_prompt: list[dict]  # one per prompt: {"prompt": i, "text", "rows": [KLRow], "recommended": KLRow | None}
+    per_prompt: list[dict]  # one per prompt: {"prompt": i, "text", "rows": [KLRow], "recommended": KLRow | None,
+    #                         "recommended_by_direction": {direction: KLRow | None}, "jeffreys": KLRow (both)}
     config: dict = field(repr=False)
     docs: list[dict] = field(repr=False, default_factory=list)
+    recommended_by_direction: dict = field(default_factory=dict)  # {"forward" / "reverse": KLRow | None}
+    jeffreys: KLRow | None = None
+
+    @property
+    def directions(self) -> tuple:
+        """The directions of the run, in run order."""
+        return tuple(self.recommended_by_direction) or ("forward",)
+
+    def rows_for(self, direction: str) -> list[KLRow]:
+        """The ranked rows of one direction ("forward" or "reverse")."""
+        return [r for r in self.rows if r.direction == direction]
 
     def to_dict(self) -> dict:
-        return {"config": self.config, "recommended": self.recommended and self.recommended.to_dict(),
+        def one(r):
+            return r and r.to_dict()
+
+        return {"config": self.config, "recommended": one(self.recommended),
                 "rows": [r.to_dict() for r in self.rows],
-                "per_prompt": [dict(p, rows=[r.to_dict() for r in p["rows"]],
-                                    recommended=p["recommended"] and p["recommended"].to_dict())
+                "recommended_by_direction": {d: one(r) for d, r in self.recommended_by_direction.items()},
+                **({"jeffreys": one(self.jeffreys)} if self.jeffreys is not None else {}),
+                "per_prompt": [dict(p, rows=[r.to_dict() for r in p["rows"]], recommended=one(p["recommended"]),
+                                    recommended_by_direction={d: one(r) for d, r in
+                                                              p.get("recommended_by_direction", {}).items()},
+                                    **({"jeffreys": one(p["jeffreys"])} if "jeffreys" in p else {}))
                                for p in self.per_prompt]}
 
     def to_pandas(self, per_prompt: bool = False):
@@ -72,9 +101,16 @@ class KLResult:
                              for p in self.per_prompt for r in p["rows"]])
 
     def __str__(self) -> str:
-        from kl_estimation.report import llm_table
+        from kl_estimation.llm.run.directions import direction_title
+        from kl_estimation.report import jeffreys_line, llm_table
 
-        return llm_table([r.to_dict() for r in self.rows], "KL(P‖Q) per sequence")
+        tables = [llm_table([r.to_dict() for r in self.rows_for(d)], f"{direction_title(d)} (per sequence)")
+                  for d in self.directions]
+        return "\n\n".join(tables + ([jeffreys_line(self.jeffreys.to_dict())] if self.jeffreys else []))
+
+
+def _row(r: dict | None) -> KLRow | None:
+    return r and KLRow.from_row(r)
 
 
 def result_of(run: dict) -> KLResult:
@@ -82,12 +118,15 @@ def result_of(run: dict) -> KLResult:
     rows = run["rows"]
     per_prompt = []
     for p in run["per_prompt"]:
-        rec = p["recommended"]
         per_prompt.append(dict(prompt=p["prompt"], text=p["text"], rows=[KLRow.from_row(r) for r in p["rows"]],
-                               recommended=rec and KLRow.from_row(rec)))
-    rec = run["recommended"]
-    return KLResult([KLRow.from_row(r) for r in rows], rec and KLRow.from_row(rec), per_prompt,
-                    run["meta"]["config"], run["docs"])
+                               recommended=_row(p["recommended"]),
+                               recommended_by_direction={d: _row(r) for d, r in
+                                                         p.get("recommended_by_direction", {}).items()},
+                               **({"jeffreys": _row(p["jeffreys"])} if "jeffreys" in p else {})))
+    return KLResult([KLRow.from_row(r) for r in rows], _row(run["recommended"]), per_prompt,
+                    run["meta"]["config"], run["docs"],
+                    {d: _row(r) for d, r in run.get("recommended_by_direction", {}).items()},
+                    _row(run.get("jeffreys")))
 
 
 def run(cfg: LLMConfig, pair=None, models: dict | None = None, progress: bool = False) -> KLResult:
@@ -140,7 +179,9 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
     progress : one progress bar over the whole run, with the time left (False: silent).
     **settings
         Any setting of an LLM run, under the same name as the command line's flag without dashes: e.g.
-        ``n_samples`` (1000), ``max_new_tokens`` (20), ``temperature`` (0.4), ``proposals``, ``sampler``,
+        ``n_samples`` (1000), ``max_new_tokens`` (20), ``temperature`` (0.4), ``direction`` ("forward": KL(P‖Q)
+        from sequences of P; "reverse": KL(Q‖P) from sequences of Q; "both": the two and their sum), ``proposals``,
+        ``sampler``,
         ``batch_size``, ``seed``, ``device``, ``dtype``, ``p_dtype``/``q_dtype``, ``p_adapter``/``q_adapter``,
         ``device_map``, ``offload``, ``chat_template``, ``ignore_eos``, ``threads``, ``output_dir`` (None: nothing
         is written), ``resume``, ``overwrite``. ``help(kl_estimation.LLMConfig)`` and ``LLM_experiments.py --help``
@@ -148,8 +189,10 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
 
     Returns
     -------
-    KLResult with ``rows`` (KLRow: estimate, std_error, ci, flag, …), ``recommended`` (the row to report),
-    ``per_prompt``, ``to_pandas()`` and ``to_dict()``.
+    KLResult with ``rows`` (KLRow: estimate, std_error, ci, flag, direction, …), ``recommended`` (the row to
+    report; with ``direction="both"`` the forward one), ``recommended_by_direction``, ``jeffreys`` (both directions:
+    KL(P‖Q) + KL(Q‖P) with SE √(SE_f² + SE_r²)), ``rows_for(direction)``, ``per_prompt``, ``to_pandas()`` and
+    ``to_dict()``.
 
     Raises
     ------

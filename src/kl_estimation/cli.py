@@ -345,7 +345,8 @@ def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
     from kl_estimation.llm.run.store import kept
 
     folder = Path(cfg.output_dir)
-    done, batches, sequences = kept(folder, cfg.proposals)
+    parts_of_run = [(d, name) for d in cfg.directions for name in cfg.proposals]
+    done, batches, sequences = kept(folder, parts_of_run)
     if not done and not batches:
         if not folder_existed and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
@@ -355,7 +356,8 @@ def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
                for a in args):
         args += ["--output-dir", str(cfg.output_dir)]  # the folder this run chose for itself
     resume = shlex.join(command[:2] + args + ([] if "--resume" in args else ["--resume"]))
-    parts = [f"{len(done)} of {len(cfg.proposals)} proposals complete"] if done else []
+    unit = "proposals" if len(cfg.directions) == 1 else "proposals × directions"
+    parts = [f"{len(done)} of {len(parts_of_run)} {unit} complete"] if done else []
     if batches:
         parts.append(f"{batches} finished batches ({sequences} sequences) of the next")
     return f"kept {' and '.join(parts)} in {cfg.output_dir}; continue with: {resume}"
@@ -364,14 +366,21 @@ def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
 def _run_llm(cfg, plots: bool = True) -> int:
     from kl_estimation import api, report
     from kl_estimation.llm.run import distributed
+    from kl_estimation.llm.run.directions import direction_title, recommendation_scope
 
     result = api.run(cfg, progress=True)
     if distributed.current().rank != 0:  # under torchrun rank 0 alone reports
         return 0
-    print(report.llm_table([r.to_dict() for r in result.rows],
-                           f"KL(P‖Q) per sequence, {cfg.n_samples} sequences × {len(result.docs)} proposals"
-                           f"{f' × {len(cfg.prompt_set)} prompts' if len(cfg.prompt_set) > 1 else ''}, "
-                           f"T={cfg.max_new_tokens}, temperature {cfg.temperature}"))
+    directions = cfg.directions
+    for i, d in enumerate(directions):  # one table per direction, each ranked and judged on its own
+        print(("\n" if i else "") + report.llm_table(
+            [r.to_dict() for r in result.rows_for(d)],
+            f"{direction_title(d)}, {cfg.n_samples} sequences × {len(cfg.proposals)} proposals"
+            f"{f' × {len(cfg.prompt_set)} prompts' if len(cfg.prompt_set) > 1 else ''}, "
+            f"T={cfg.max_new_tokens}, temperature {cfg.temperature}"))
+    if "reverse" in directions:
+        print("\nreverse: every proposal is built from Q (the sampling model) and P with the roles swapped, so "
+              "plain Monte Carlo from Q is the row Q; the flags speak of the models by their names.")
     if result.per_prompt:
         print(f"\nOver {len(result.per_prompt)} prompts: the estimate is the mean of the per-prompt estimates; "
               f"'std err' is for this fixed prompt set (within-prompt noise only); the population SE (prompts as a "
@@ -384,9 +393,18 @@ def _run_llm(cfg, plots: bool = True) -> int:
 
         print(f"\nfigures: {plots_llm.draw_all(cfg.output_dir)}")
     print(f"output folder: {cfg.output_dir}")
-    for p in result.per_prompt:
-        rec = p["recommended"]
-        print(report.recommendation_line(rec and rec.to_dict(), f"for prompt {p['prompt']}"))
-    rec = result.recommended
-    print(report.recommendation_line(rec and rec.to_dict(), "over the prompt set" if result.per_prompt else ""))
+    n = len(directions)
+    for d in directions:
+        for p in result.per_prompt:
+            rec = p["recommended_by_direction"][d]
+            print(report.recommendation_line(rec and rec.to_dict(), recommendation_scope(d, n, p["prompt"])))
+        rec = result.recommended_by_direction[d]
+        scope = recommendation_scope(d, n)
+        if result.per_prompt:
+            scope = (scope + " " if scope else "") + "over the prompt set"
+        print(report.recommendation_line(rec and rec.to_dict(), scope))
+    if result.jeffreys is not None:  # both directions: their sum last
+        for p in result.per_prompt:
+            print(report.jeffreys_line(p["jeffreys"].to_dict(), f"for prompt {p['prompt']}"))
+        print(report.jeffreys_line(result.jeffreys.to_dict(), "over the prompt set" if result.per_prompt else ""))
     return 0

@@ -165,3 +165,20 @@ def recommendation_line(rec: dict | None, scope: str = "") -> str:
     return (f"Recommended{where}: {rec['proposal']} {rec['estimator']} = {rec['estimate']:.6g} ± "
             f"{rec['std_error']:.2g} (95% CI [{rec['ci_low']:.4g}, {rec['ci_high']:.4g}]{fixed}{population}) — "
             f"{rec['reason']}.")
+
+
+def jeffreys_line(j: dict, scope: str = "") -> str:
+    """The line of the Jeffreys row of a run of both directions (llm.run.directions.jeffreys_row)."""
+    where = f" {scope}" if scope else ""
+    target = j.get("target", "KL(P‖Q) + KL(Q‖P)")
+    if j["estimate"] != j["estimate"]:  # NaN: a direction has no row to add
+        return f"Jeffreys {target}{where}: none — {j['flag']}."
+    population = ""
+    if j.get("std_error_population") is not None and j["std_error_population"] == j["std_error_population"]:
+        population = (f"; for the prompt population ± {j['std_error_population']:.2g} (95% CI "
+                      f"[{j['ci_population_low']:.4g}, {j['ci_population_high']:.4g}])")
+    flag = f" ! flagged: {j['flag']}" if j.get("flag") else ""
+    parts = " + ".join(f"{d} {j[d]['proposal']} {j[d]['estimator']}" for d in ("forward", "reverse") if j.get(d))
+    return (f"Jeffreys {target}{where} = {j['estimate']:.6g} ± {j['std_error']:.2g} {j.get('unit', '')} (95% CI "
+            f"[{j['ci_low']:.4g}, {j['ci_high']:.4g}]{population}) — {parts}; SE = √(SE_forward² + SE_reverse²), "
+            f"the directions' sequences being independent.{flag}")

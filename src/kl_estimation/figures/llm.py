@@ -10,6 +10,10 @@ r"""Figures of an LLM run, drawn from its saved files alone (summary.json + one 
   5 per-prompt   (prompt sets) each prompt's estimate ± 95 % CI for every proposal's RB / RB-IS estimator
 
 Colours: a proposal keeps its registry family's colour from the synthetic figures (plots.COLORS); P is black.
+
+Directions: a run of the reverse direction (or of both) gets every figure once per direction, the reverse ones as
+``llm_<i>_<name>_reverse.<fmt>`` drawn from the files in ``reverse/``; titles, axes and captions name the direction
+(KL(Q‖P), sequences from Q, whose plain Monte Carlo row is "Q").
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from kl_estimation.figures.synthetic import (
     _shade,
     write_index,
 )
-from kl_estimation.llm.engine import P_NAME, PREFIX_SUFFIX, sequence_proposal
+from kl_estimation.llm.engine import FORWARD, P_NAME, PREFIX_SUFFIX, SAMPLED_FROM, TARGET, sequence_proposal
 
 LN10 = math.log(10)
 MAIN_ESTIMATOR = {True: "RB", False: "RB-IS"}  # the low-variance estimator of P / of any other proposal
@@ -40,8 +44,17 @@ MAIN_ESTIMATOR = {True: "RB", False: "RB-IS"}  # the low-variance estimator of P
 @dataclass
 class LLMRun:
     path: Path
-    summary: dict
+    summary: dict  # one direction's view: its rows, its exact KL
     docs: list[dict]  # one per proposal, in the run's order
+    direction: str = FORWARD
+
+    @property
+    def target(self) -> str:
+        return TARGET[self.direction]
+
+    @property
+    def sampled(self) -> str:
+        return SAMPLED_FROM[self.direction]
 
     @property
     def config(self) -> dict:
@@ -52,8 +65,25 @@ class LLMRun:
         return int(self.config.get("max_new_tokens") or max(len(r["log_p"]) for d in self.docs for r in d["sequences"]))
 
 
-def load_llm_run(path, methods=None) -> LLMRun:
-    from kl_estimation.llm.run.store import slug
+def run_directions(summary: dict) -> tuple:
+    """The directions a run folder holds (a summary written before directions existed: forward)."""
+    from kl_estimation.llm.run.directions import BOTH
+
+    d = summary.get("config", {}).get("direction") or FORWARD
+    return tuple(SAMPLED_FROM) if d == BOTH else (d,)
+
+
+def _direction_view(summary: dict, direction: str) -> dict:
+    """The summary as one direction's figures read it: its rows, its exact KL (a number or {direction: number})."""
+    out = dict(summary, rows=[r for r in summary["rows"] if r.get("direction", FORWARD) == direction])
+    for k in ("exact_kl", "exact_per_prompt"):
+        if isinstance(out.get(k), dict):
+            out[k] = out[k].get(direction)
+    return out
+
+
+def load_llm_run(path, methods=None, direction: str = FORWARD) -> LLMRun:
+    from kl_estimation.llm.run.store import direction_folder, proposal_slug
 
     path = Path(path)
     if not path.is_dir():
@@ -70,9 +100,11 @@ def load_llm_run(path, methods=None) -> LLMRun:
         if unknown:
             raise RunFolderError(f"--methods: unknown proposal {unknown[0]!r}; this run has: {', '.join(proposals)}")
         proposals = [p for p in proposals if p in methods]
+    if direction not in run_directions(summary):
+        raise RunFolderError(f"{path / 'summary.json'} holds no {direction} direction")
     docs = []
     for name in proposals:
-        f = path / f"{slug(name)}.json"
+        f = direction_folder(path, direction) / f"{proposal_slug(name, direction)}.json"
         try:
             doc = json.loads(f.read_text())
             doc["sequences"], doc["estimates"]  # noqa: B018 - key check
@@ -80,14 +112,14 @@ def load_llm_run(path, methods=None) -> LLMRun:
             raise RunFolderError(f"{f} (proposal {name!r}) is missing or corrupt ({type(err).__name__}: {err})") \
                 from None
         docs.append(doc)
-    return LLMRun(path, summary, docs)
+    return LLMRun(path, _direction_view(summary, direction), docs, direction)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
 def _family(name: str) -> str:
 
-    return "Naive MC" if name == P_NAME else sequence_proposal(name).base.family
+    return "Naive MC" if name in SAMPLED_FROM.values() else sequence_proposal(name).base.family
 
 
 def _colors(names: list[str]) -> dict[str, tuple]:
@@ -106,7 +138,7 @@ ESTIMATOR_ROWS = ("RB", "RB+CV", "MC", "RB-IS", "RB-IS+CV", "IS", "SNIS", "k3", 
 
 
 def _is_p(doc) -> bool:
-    return doc["proposal"] == P_NAME
+    return doc["proposal"] == doc.get("sampled_from", P_NAME)  # plain Monte Carlo: "Q" in reverse
 
 
 def _arrays(run: LLMRun, doc) -> dict[str, np.ndarray]:
@@ -180,19 +212,24 @@ def fig_estimates(plt, run: LLMRun):
         ax.axvline(exact, color="#2ca02c", lw=1.5, label=f"exact KL {exact:.4g}")
         ref = "green line: the exact KL"
     else:
-        rb = next((r for r in rows if r["proposal"] == "P" and r["estimator"] == "RB"), None)
+        rb = next((r for r in rows if r["proposal"] == run.sampled and r["estimator"] == "RB"), None)
         if rb and rb["ci_low"] is not None:
-            ax.axvspan(rb["ci_low"], rb["ci_high"], color="0.85", zorder=0, label="RB from P, 95% CI")
-        ref = "grey band: RB from P (no exact KL for this pair)"
+            ax.axvspan(rb["ci_low"], rb["ci_high"], color="0.85", zorder=0, label=f"RB from {run.sampled}, 95% CI")
+        ref = f"grey band: RB from {run.sampled} (no exact KL for this pair)"
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlabel("KL(P‖Q) per sequence (nats); ◀ ▶: interval runs off the axis")
+    ax.set_xlabel(f"{run.target} per sequence (nats); ◀ ▶: interval runs off the axis")
     cfg = run.config
-    ax.set_title(f"Estimates with 95% CIs, T = {cfg.get('max_new_tokens')}, {cfg.get('n_samples')} sequences per proposal"
+    ax.set_title(f"{run.target} {run.direction}: sequences from {run.sampled} — estimates with 95% CIs, T = "
+                 f"{cfg.get('max_new_tokens')}, {cfg.get('n_samples')} sequences per proposal"
                  f"{_prompts_note(run)}\n{ref}; hollow red ! = flagged (do not trust), see summary.csv", fontsize=10)
     fig.tight_layout()
-    return fig, (f"Every proposal × estimator with its 95% confidence interval; flagged rows are hollow, red and "
-                 f"marked '!'; {ref}.")
+    return fig, (f"{run.target}, {run.direction} direction (sequences from {run.sampled}): every proposal × "
+                 f"estimator with its 95% confidence interval; flagged rows are hollow, red and marked '!'; {ref}.")
+
+
+def _step_kl(run: LLMRun) -> str:
+    return "KL(P_t‖Q_t)" if run.direction == FORWARD else "KL(Q_t‖P_t)"
 
 
 def _prompts_note(run: LLMRun) -> str:
@@ -228,7 +265,7 @@ def fig_per_step(plt, run: LLMRun):
         ax.set_ylim(bottom, 1.35 * top if top > 0 else 1.0)  # from the means: a wild band runs off, not the scale
         ax.set_xlabel("position t (new token)")
         ax.set_xlim(0.5, T + 0.5)
-    a1.set_ylabel("mean of W<t · KL(P_t‖Q_t)  (nats)")
+    a1.set_ylabel(f"mean of W<t · {_step_kl(run)}  (nats)")
     a1.set_title("KL contributed at each position")
     a2.set_ylabel("KL of the process truncated at t (nats)")
     a2.set_title("Running sum: KL up to position t")
@@ -267,7 +304,7 @@ def fig_log_weights(plt, run: LLMRun):
         ax.set_title(f"{_label(d['proposal'])}\nlargest weight: {top:.0%} of Σw; k-hat "
                      f"{'—' if khat is None or not np.isfinite(khat) else f'{khat:.2f}'}", fontsize=8,
                      color="#d62728" if top > 0.1 else "black")
-        ax.set_xlabel("log10 w, w = P(x)/r(x)", fontsize=8)
+        ax.set_xlabel(f"log10 w, w = {run.sampled}(x)/r(x)", fontsize=8)
         ax.tick_params(labelsize=8)
     for ax in axes[len(docs):]:
         ax.set_visible(False)
@@ -310,7 +347,8 @@ def fig_ess(plt, run: LLMRun):
     a1.set_yticks(y, [_label(n) for n in names], fontsize=8)
     a1.invert_yaxis()
     fig.suptitle("Effective sample size and distinct sequences per proposal\nESS near 100% = weights near equal "
-                 "(P: always 100%); few distinct sequences = the proposal keeps redrawing the same text", fontsize=10)
+                 f"({run.sampled}: always 100%); few distinct sequences = the proposal keeps redrawing the same text",
+                 fontsize=10)
     fig.tight_layout()
     return fig, "Kish ESS of the sequence weights and the share of distinct sequences, per proposal."
 
@@ -345,7 +383,7 @@ def fig_per_prompt(plt, run: LLMRun):
     labels = [(prompts[i] if i < len(prompts) else str(i)) for i in range(m)]
     ax.set_xticks(np.arange(m), [f"{i}: {t[:18]}{'…' if len(t) > 18 else ''}" for i, t in enumerate(labels)],
                   rotation=35, ha="right", fontsize=7)
-    ax.set_ylabel("KL(P‖Q) per sequence after the prompt (nats)")
+    ax.set_ylabel(f"{run.target} per sequence after the prompt (nats)")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     ax.set_title(f"Per-prompt KL: RB / RB-IS estimate ± 95% CI of each proposal, {m} prompts\nthe spread between "
                  f"prompts is what std_error_population adds to the overall standard error", fontsize=10)
@@ -363,23 +401,30 @@ def draw_all(path, fmt: str = "png", methods=None) -> Path:
     if fmt not in FORMATS:
         raise RunFolderError(f"--format: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
     run = load_llm_run(path, methods)
+    runs = [run] if run_directions(run.summary) == (FORWARD,) else [
+        load_llm_run(path, methods, d) for d in run_directions(run.summary)]
     path = Path(path)
     plt = _plt()
     files = []
     with runio.replaced_folder(path / "plots", ".plots-") as tmp:
-        for i, (name, draw) in enumerate(FIGURES.items(), 1):
-            made = draw(plt, run)
-            if made is None:
-                continue
-            fig, caption = made
-            fname = f"llm_{i}_{name}.{fmt}"
-            fig.savefig(tmp / fname, format=fmt)
-            plt.close(fig)
-            files.append((fname, caption))
+        for run in runs:  # a reverse direction's figures: the same ones, named …_reverse
+            suffix = "" if run.direction == FORWARD else f"_{run.direction}"
+            for i, (name, draw) in enumerate(FIGURES.items(), 1):
+                made = draw(plt, run)
+                if made is None:
+                    continue
+                fig, caption = made
+                fname = f"llm_{i}_{name}{suffix}.{fmt}"
+                fig.savefig(tmp / fname, format=fmt)
+                plt.close(fig)
+                tagged = i > 1 and len(runs) + (run.direction != FORWARD) > 1  # the estimates caption says it
+                files.append((fname, f"[{run.target}, {run.direction}] {caption}" if tagged else caption))
         cfg = run.config
         models = run.summary.get("models", {})
-        intro = (f"P = {escape(str(models.get('p')))}, Q = {escape(str(models.get('q')))}; T = {cfg.get('max_new_tokens')}, "
-                 f"temperature {cfg.get('temperature')}, {cfg.get('n_samples')} sequences per proposal and prompt, "
-                 f"seed {cfg.get('seed')}. {escape(run.summary.get('truncation', ''))}.")
+        which = "; ".join(f"{r.target} {r.direction} (sequences from {r.sampled})" for r in runs)
+        intro = (f"P = {escape(str(models.get('p')))}, Q = {escape(str(models.get('q')))}; {which}; T = "
+                 f"{cfg.get('max_new_tokens')}, temperature {cfg.get('temperature')}, {cfg.get('n_samples')} "
+                 f"sequences per proposal and prompt, seed {cfg.get('seed')}. "
+                 f"{escape(run.summary.get('truncation', ''))}.")
         write_index(tmp, f"LLM run {path.resolve().name}", intro, files)
     return path / "plots" / "index.html"

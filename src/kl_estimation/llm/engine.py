@@ -16,6 +16,12 @@ Batched over sequences, one forward per model per step on a KV cache. (Sampling 
 one teacher-forced pass measured slower on CPU — 0.50 s against 0.41 s for 256 × 20 tokens, bench/bench_llm.py — as
 it holds (B, T, V) arrays.) A sequence that emits EOS stops contributing: its later steps are masked out (the model
 still gets a token so the batch stays rectangular).
+
+Directions: the reverse KL(Q‖P) = E_Q[Σ_t log Q_t/P_t] is the same problem with the roles swapped, so
+``pair_view(pair, "reverse")`` (a :class:`SwappedPair`) hands the engine (log Q, log P) and everything above runs
+unchanged; in its records ``log_p`` is then the sampling model's (Q's) log-probability, ``log_q`` the other's (P's),
+``kl_step`` KL(Q_t‖P_t). Sequences from P and from Q are different sequences, so the two directions share no
+forward pass.
 """
 from __future__ import annotations
 
@@ -34,6 +40,11 @@ PREFIX_SUFFIX = " [prefix-aware]"
 # Families whose formula depends on Q only through log P/Q or a per-row constant factor: shifting log Q by the
 # prefix log-ratio then means exactly "use the running sequence log-ratio".
 PREFIX_FAMILIES = ("Alpha-mixture", "Exponential family", "Balanced 1", "Balanced 3", "Adaptive", "Optimal")
+# Directions: forward estimates KL(P‖Q) from sequences of P, reverse KL(Q‖P) from sequences of Q (SwappedPair).
+FORWARD, REVERSE = "forward", "reverse"
+DIRECTIONS = (FORWARD, REVERSE)
+SAMPLED_FROM = {FORWARD: "P", REVERSE: "Q"}  # the model whose sequences a direction draws (its "P" proposal)
+TARGET = {FORWARD: "KL(P‖Q)", REVERSE: "KL(Q‖P)"}
 
 
 @dataclass(frozen=True)
@@ -91,10 +102,56 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, idx[..., None])[..., 0].double()
 
 
-def unit_generator(seed: int, proposal: str, batch_index: int, device, prompt_index: int = 0) -> torch.Generator:
-    """The random stream of one unit (prompt × proposal × batch), derived from names and positions only: a resumed
-    or re-packed run redraws nothing it kept and draws the same records."""
-    return torch_stream(seed, proposal, batch_index, prompt_index, device=device)
+def unit_generator(seed: int, proposal: str, batch_index: int, device, prompt_index: int = 0,
+                   direction: str = FORWARD) -> torch.Generator:
+    """The random stream of one unit (direction × prompt × proposal × batch), derived from names and positions only:
+    a resumed or re-packed run redraws nothing it kept and draws the same records. A reverse unit's stream has the
+    direction as one more name, so it differs from the forward unit's; forward streams are those of a run before
+    directions existed."""
+    names = (proposal, batch_index, prompt_index) + (() if direction == FORWARD else (direction,))
+    return torch_stream(seed, *names, device=device)
+
+
+# ------------------------------------------------------------------------------------------------ directions
+
+
+
+class SwappedPair:
+    """A pair with the roles of P and Q swapped: ``start`` / ``step`` return (log Q, log P, state). Sampling from it
+    with proposal "P" draws sequences from Q, and every estimator, proposal and diagnostic then estimates KL(Q‖P)
+    unchanged — a proposal is built from the sampling model (Q) and the other one (P) by the same formula. Every
+    other attribute (vocab_size, eos_token_id, device, decode, prompt lengths, …) is the wrapped pair's."""
+
+    def __init__(self, pair):
+        self.pair = pair
+
+    def start(self, prompt_rows):
+        log_p, log_q, state = self.pair.start(prompt_rows)
+        return log_q, log_p, state
+
+    def step(self, state, tokens):
+        log_p, log_q, state = self.pair.step(state, tokens)
+        return log_q, log_p, state
+
+    def __getattr__(self, name):
+        if name == "pair":  # not set yet (copy / unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.pair, name)
+
+
+def proposal_label(name: str, direction: str = FORWARD) -> str:
+    """A proposal's name in a direction's outputs: plain Monte Carlo ("P", the sampling model) is "Q" in reverse;
+    every other proposal keeps its name (its formula taken with the sampling model Q in P's place)."""
+    return SAMPLED_FROM[direction] if name == P_NAME else name
+
+
+def pair_view(pair, direction: str = FORWARD):
+    """The pair as a direction samples it: itself for forward, P and Q swapped for reverse."""
+    if direction == FORWARD:
+        return pair
+    if direction == REVERSE:
+        return SwappedPair(pair)
+    raise ValueError(f"direction: unknown direction {direction!r}; allowed: {', '.join(DIRECTIONS)}")
 
 
 @torch.inference_mode()

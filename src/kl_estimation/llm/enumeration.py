@@ -5,13 +5,15 @@ import math
 
 import torch
 
-from kl_estimation.llm.engine import SequenceProposal, exact_step_kl
+from kl_estimation.llm.engine import FORWARD, P_NAME, SequenceProposal, exact_step_kl, pair_view, sequence_proposal
 
 
 @torch.inference_mode()
 def enumerate_sequences(pair, proposal: SequenceProposal, max_new_tokens: int, max_sequences: int = 1_000_000,
-                        prompt_index: int = 0) -> dict:
+                        prompt_index: int = 0, direction: str = FORWARD) -> dict:
     """Every complete sequence after prompt `prompt_index` of a small pair (a leaf: EOS or max_new_tokens tokens).
+    `direction` "reverse" enumerates the swapped pair (engine.SwappedPair): ``log_p`` is then Q's, ``log_q`` P's,
+    the proposal is built from Q and P, and ``kl`` is the exact KL(Q‖P).
 
     Returns float64 arrays over leaves — ``log_p``, ``log_q``, ``log_r`` (sequence log-probabilities under P, Q and
     the proposal), ``rb`` (Σ_t w_<t·KL_t along the sequence) — and ``kl``, the exact KL of the truncated process
@@ -19,6 +21,7 @@ def enumerate_sequences(pair, proposal: SequenceProposal, max_new_tokens: int, m
     proposal follow as sums Σ_x r(x)·g(x). Prefixes are replayed from the prompt at each depth (no cache reuse):
     fine for the tiny models this is for.
     """
+    pair = pair_view(pair, direction)
     V = pair.vocab_size
     prefixes = torch.zeros((1, 0), dtype=torch.long, device=pair.device)
     acc = {k: torch.zeros(1, dtype=torch.float64, device=pair.device) for k in ("log_p", "log_q", "log_r", "rb")}
@@ -56,3 +59,9 @@ def enumerate_sequences(pair, proposal: SequenceProposal, max_new_tokens: int, m
     out = {k: torch.cat(v).cpu().numpy() for k, v in leaves.items()}
     out["kl"] = kl
     return out
+
+
+def exact_kl(pair, max_new_tokens: int, prompt_index: int = 0, direction: str = FORWARD, **kw) -> float:
+    """The exact KL of the truncated process after one prompt: KL(P‖Q) forward, KL(Q‖P) reverse."""
+    return enumerate_sequences(pair, sequence_proposal(P_NAME), max_new_tokens, prompt_index=prompt_index,
+                               direction=direction, **kw)["kl"]

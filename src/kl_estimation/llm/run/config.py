@@ -10,10 +10,12 @@ import torch
 
 from kl_estimation.core.resources import check_memory
 from kl_estimation.core.validation import check_int
-from kl_estimation.llm.engine import P_NAME, PREFIX_SUFFIX, sequence_proposal
+from kl_estimation.llm.engine import DIRECTIONS, P_NAME, PREFIX_SUFFIX, sequence_proposal
 from kl_estimation.llm.loading import check_loading_options
 from kl_estimation.llm.pair import DTYPES
+from kl_estimation.llm.run.directions import BOTH
 
+DIRECTION_SETTINGS = DIRECTIONS + (BOTH,)
 DEFAULT_PROPOSALS = (P_NAME, "Geometric (β=0.5)", "Fixed mixture (λ=0.9)", "Alpha-mixture (α=0.5)",
                      "Exponential family (β=0.5)", "Adaptive", "Adaptive" + PREFIX_SUFFIX)
 
@@ -53,6 +55,9 @@ class LLMConfig:
                                   "at EOS); prompt + T must fit the models' context", aliases=("--t-length",),
                                   type=int)
     temperature: float = setting(0.4, "applied to both P and Q", type=float)
+    direction: str = setting("forward", "forward: KL(P‖Q) from sequences of P; reverse: KL(Q‖P) from sequences of Q "
+                             "(the fine-tuned model first, as in RLHF), every proposal then built from Q and P with "
+                             "the roles swapped; both: the two in one run, plus their sum (the Jeffreys divergence)")
     proposals: tuple = setting(DEFAULT_PROPOSALS, "'P' (plain MC) and/or registry proposals such as "
                                "'Geometric (β=0.5)', optionally + ' [prefix-aware]'", nargs="+")
     sampler: str = setting("iid", "how sequences are drawn: iid, stratified, sobol, array (other than iid: each "
@@ -104,6 +109,11 @@ class LLMConfig:
     def prompt_set(self) -> tuple:
         return tuple(self.prompts) if self.prompts is not None else (self.prompt,)
 
+    @property
+    def directions(self) -> tuple:
+        """The directions this run estimates, in run order: ("forward",), ("reverse",) or both."""
+        return DIRECTIONS if self.direction == BOTH else (self.direction,)
+
     def validate(self) -> "LLMConfig":
         """Check every setting (errors name the flag) and read the prompt set from its file or dataset."""
         check_int("n_samples", self.n_samples, 2)  # an SE needs two
@@ -133,6 +143,9 @@ class LLMConfig:
                                  f"prompts: prompt {i} is empty")
         if (self.p_model is None) != (self.q_model is None):
             raise ValueError("q_model: give both `p_model` and `q_model`, or neither for the offline default pair")
+        if self.direction not in DIRECTION_SETTINGS:
+            raise ValueError(f"direction: unknown direction {self.direction!r}; allowed: "
+                             f"{', '.join(DIRECTION_SETTINGS)}")
         if not self.proposals:
             raise ValueError("proposals: give at least one proposal (P is plain Monte Carlo)")
         if len(set(self.proposals)) != len(self.proposals):
@@ -146,8 +159,10 @@ class LLMConfig:
             raise ValueError("resume: cannot be combined with `overwrite`")
         check_loading_options(self)
         check_sampler(self.sampler, self.n_samples, self.batch_size)
+        both = " × 2 directions" if len(self.directions) > 1 else ""
         check_memory(records_bytes(self), "n_samples", f"keeping {self.n_samples} sequences × {len(self.prompt_set)} "
-                     f"prompts × {len(self.proposals)} proposals of up to {self.max_new_tokens} tokens (`max_new_tokens`)")
+                     f"prompts × {len(self.proposals)} proposals{both} of up to {self.max_new_tokens} tokens "
+                     f"(`max_new_tokens`)")
         return self
 
 
@@ -167,7 +182,7 @@ def records_bytes(cfg: "LLMConfig") -> int:
     200 bytes per token and 1.5 kB per sequence), and writing one document copies it twice more."""
     per_sequence = 200 * cfg.max_new_tokens + 1500
     n = cfg.n_samples * len(cfg.prompt_set)
-    return n * per_sequence * (len(cfg.proposals) + 2)
+    return n * per_sequence * (len(cfg.proposals) * len(cfg.directions) + 2)
 
 
 def resolve_device(name: str) -> torch.device:

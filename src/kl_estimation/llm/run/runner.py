@@ -6,6 +6,11 @@ into *units* — (prompt, proposal, batch index), each with its own random strea
 units of a proposal are packed into forward batches of at most ``batch_size`` sequences, mixing prompts; so the
 records do not depend on the packing, and a resumed run redraws nothing it kept.
 
+Directions (cfg.direction): forward estimates KL(P‖Q) from sequences of P, reverse KL(Q‖P) from sequences of Q on
+the swapped pair (engine.SwappedPair: the same engine, proposals, estimators and verdicts), both does the two in one
+run on one loaded pair — first every forward unit, then every reverse one — and adds their sum, the Jeffreys row
+(llm.run.directions). A reverse unit's stream and run key carry the direction; its files sit in ``reverse/``.
+
 Files per proposal: ``<slug>.partial.jsonl`` while running (a header line with the run key, then one line per finished
 forward batch: its units and records, fsynced), then ``<slug>.json`` written atomically: records, estimates per
 prompt and overall. The two-level design gives two standard errors for the overall estimate (the mean over prompts):
@@ -16,22 +21,31 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from kl_estimation import runio
 from kl_estimation.core.resources import check_memory
-from kl_estimation.llm.engine import sequence_proposal
+from kl_estimation.llm.engine import (
+    FORWARD,
+    REVERSE,
+    SAMPLED_FROM,
+    TARGET,
+    pair_view,
+    proposal_label,
+    sequence_proposal,
+)
+from kl_estimation.llm.run import directions as dirs
 from kl_estimation.llm.run import distributed
 from kl_estimation.llm.run.aggregate import prompt_set_estimates
 from kl_estimation.llm.run.config import LLMConfig, resolve_device, resolve_dtype
 from kl_estimation.llm.run.store import (
     ProposalFiles,
+    direction_folder,
     earlier_run_files,
+    proposal_slug,
     run_key,
-    slug,
     write_summary,
 )
 from kl_estimation.llm.run.units import (
@@ -95,8 +109,9 @@ def check_fits(pair, cfg: "LLMConfig") -> None:
 
 @dataclass
 class ProposalRun:
-    """One proposal's part of a run: its units, those already done (resumed), this rank's forward batches still to
-    draw, and its files (None: nothing is written)."""
+    """One proposal's part of a run in one direction: its units, those already done (resumed), this rank's forward
+    batches still to draw, and its files (None: nothing is written). `name` is the proposal as configured (its
+    formula in the sampling frame: "P" is the sampling model), `label` its name in the direction's outputs."""
 
     name: str
     key: dict
@@ -104,31 +119,38 @@ class ProposalRun:
     done: dict
     batches: list
     files: ProposalFiles | None
+    direction: str = FORWARD
 
     @property
     def proposal(self):
         return sequence_proposal(self.name)
 
+    @property
+    def label(self) -> str:
+        return proposal_label(self.name, self.direction)
 
-def plan_proposal(cfg: LLMConfig, name: str, models: dict, folder, shard: distributed.Shard) -> ProposalRun:
-    """The units of proposal `name`, what an earlier run kept of them (cfg.resume), and this rank's share of the
-    forward batches left to draw."""
-    key = run_key(cfg, name, models)
+
+def plan_proposal(cfg: LLMConfig, name: str, models: dict, folder, shard: distributed.Shard,
+                  direction: str = FORWARD) -> ProposalRun:
+    """The units of proposal `name` in `direction`, what an earlier run kept of them (cfg.resume), and this rank's
+    share of the forward batches left to draw."""
+    key = run_key(cfg, name, models, direction)
     units = plan_units(len(cfg.prompt_set), cfg.n_samples, cfg.batch_size)
-    files = None if folder is None else ProposalFiles(Path(folder), slug(name), shard)
+    files = None if folder is None else ProposalFiles(direction_folder(folder, direction),
+                                                      proposal_slug(name, direction), shard)
     done = {} if files is None else files.read_done(key, units, cfg.resume)
     todo = [u for u in units if u not in done]
-    return ProposalRun(name, key, units, done, shard.mine(pack(todo, cfg.batch_size)), files)
+    return ProposalRun(name, key, units, done, shard.mine(pack(todo, cfg.batch_size)), files, direction)
 
 
 def draw(pair, cfg: LLMConfig, run: ProposalRun, shard: distributed.Shard, bar=None) -> None:
     """Draw this rank's batches of `run` (each appended to the partial file as it finishes), then gather every
-    rank's into run.done."""
+    rank's into run.done. `pair` is the loaded pair; the run's direction decides how it is sampled."""
     if run.files is not None:
         run.files.start(run.key, run.done, cfg.resume)
-    prop, new = run.proposal, {}
+    prop, new, view = run.proposal, {}, pair_view(pair, run.direction)
     for group in run.batches:
-        recs = sample_units(pair, prop, group, cfg)
+        recs = sample_units(view, prop, group, cfg, run.direction)
         for r in recs:
             r["rank"] = shard.rank
         if run.files is not None:
@@ -142,10 +164,20 @@ def draw(pair, cfg: LLMConfig, run: ProposalRun, shard: distributed.Shard, bar=N
     run.done.update(shard.gather(new))
 
 
+ROLES_REVERSE = {"log_p": "log Q(x_t): the sampling model's", "log_q": "log P(x_t)", "kl_step": "KL(Q_t‖P_t)",
+                 "log_weight": "log Q(x)/r(x)", "log_ratio": "log Q(x)/P(x)",
+                 "estimates": "of KL(Q‖P); diagnostics named after P and Q (q_over_r_mean, …) mean the sampling "
+                              "model and the other one: in reverse Q and P"}
+
+
 def proposal_document(cfg: LLMConfig, run: ProposalRun, meta: dict) -> dict:
-    """The proposal's document: its records in unit order and every estimator per prompt and overall."""
+    """The proposal's document: its records in unit order and every estimator per prompt and overall. A reverse
+    document's records are in the sampling frame (`roles` says what each field holds)."""
     records = [r for u in run.units for r in run.done[u]]
-    return dict(meta, proposal=run.name, run_key=run.key, n_sequences=len(records),
+    d = run.direction
+    where = dict(direction=d, target=TARGET[d], sampled_from=SAMPLED_FROM[d],
+                 **({"roles": ROLES_REVERSE} if d == REVERSE else {}))
+    return dict(meta, proposal=run.label, **where, run_key=run.key, n_sequences=len(records),
                 max_uncovered_mass=max(r.get("uncovered_mass", 0.0) for r in records),
                 **prompt_set_estimates(records, cfg.max_new_tokens, len(cfg.prompt_set), run.proposal.base is None,
                                        unit_groups(run.units, cfg.sampler)),
@@ -153,13 +185,17 @@ def proposal_document(cfg: LLMConfig, run: ProposalRun, meta: dict) -> dict:
 
 
 def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=None, shard=None,
-                   exact_kl: float | None = None) -> dict:
-    """Every proposal of cfg on a loaded pair → {"meta", "docs" (one per proposal), "rows" (ranked, flagged rows
-    last), "recommended", "per_prompt" ([{prompt, text, rows, recommended}] for a set of several prompts)}. With a
-    `folder`: resumable per-proposal files plus summary.json, summary.csv and summary_per_prompt.csv (the caller
-    checked the folder); with cfg.overwrite, every file of an earlier run there is removed first. Under torchrun the
-    ranks share the work (`shard`, default distributed.from_env) and rank 0 writes the files. `exact_kl`: the exact
-    KL over the prompt set where one is known (tiny enumerable pairs), recorded for the figures."""
+                   exact_kl: float | dict | None = None) -> dict:
+    """Every proposal of cfg in every direction of cfg on a loaded pair → {"meta", "docs" (one per direction and
+    proposal), "rows" (every direction's rows, each ranked with flagged rows last, forward first; each row has its
+    `direction`), "recommended" (the first direction's: forward unless the run is reverse only),
+    "recommended_by_direction", "by_direction" ({direction: {rows, recommended, per_prompt}}), "per_prompt"
+    ([{prompt, text, rows, recommended, recommended_by_direction}] for a set of several prompts) and, for both
+    directions, "jeffreys" (the Jeffreys row; per prompt too)}. With a `folder`: resumable per-proposal files
+    plus summary.json, summary.csv and summary_per_prompt.csv (the caller checked the folder); with cfg.overwrite,
+    every file of an earlier run there is removed first. Under torchrun the ranks share the work (`shard`, default
+    distributed.from_env) and rank 0 writes the files. `exact_kl`: the exact KL over the prompt set where one is
+    known (tiny enumerable pairs), recorded for the figures: a number (forward runs) or {direction: number}."""
     check_fits(pair, cfg)
     shard = distributed.from_env(cfg.device) if shard is None else shard
     config = {**vars(cfg), "proposals": list(cfg.proposals), "prompts": list(cfg.prompt_set),
@@ -168,21 +204,24 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=
                 seed=cfg.seed, truncation=f"KL of the sequence process truncated at {cfg.max_new_tokens} tokens"
                                           + ("" if pair.eos_token_id is None else " or at EOS"))
     if exact_kl is not None:
-        meta["exact_kl"] = float(exact_kl)
+        meta["exact_kl"] = ({d: float(v) for d, v in exact_kl.items()} if isinstance(exact_kl, dict)
+                            else float(exact_kl))
     if folder is not None:
         if cfg.overwrite and shard.writes_final:
             for f in earlier_run_files(folder):
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        for d in cfg.directions:
+            direction_folder(folder, d).mkdir(parents=True, exist_ok=True)
         shard.barrier()
-    runs = [plan_proposal(cfg, name, models, folder, shard) for name in cfg.proposals]
+    runs = [plan_proposal(cfg, name, models, folder, shard, d) for d in cfg.directions for name in cfg.proposals]
     total = sum(len(r.batches) for r in runs)
     bar = bar_factory(total=total, desc="sampling") if bar_factory and shard.writes_final and total else None
     docs = []
     try:  # one bar over every proposal's batches: the time left is the whole run's
         for i, run in enumerate(runs, 1):
             if bar is not None:
-                bar.set_description_str(f"proposal {i}/{len(runs)}: {run.name}")
+                where = f"{run.direction} " if len(cfg.directions) > 1 else ""
+                bar.set_description_str(f"{where}proposal {i}/{len(runs)}: {run.label}")
             draw(pair, cfg, run, shard, bar)
             docs.append(proposal_document(cfg, run, meta))
             if run.files is not None:
@@ -190,12 +229,36 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=
     finally:  # an interrupted run's bar ends before its one-line report
         if bar is not None:
             bar.close()
-    verdict = judge(docs)  # rows with flags, ranked; the recommendation (overall and per prompt)
-    for p, text in zip(verdict["per_prompt"], cfg.prompt_set):
-        p["text"] = text
+    verdict = judge_directions(cfg, runs, docs)
     if folder is not None and shard.writes_final:
         write_summary(folder, meta, verdict)
     return dict(meta=meta, docs=docs, **verdict)
+
+
+def judge_directions(cfg: LLMConfig, runs: list[ProposalRun], docs: list[dict]) -> dict:
+    """Each direction judged on its own (verdicts.judge, in the sampling frame, then relabelled: directions.relabel),
+    merged into one verdict; the Jeffreys rows for both directions."""
+    by_direction = {}
+    for d in cfg.directions:
+        mine = [dict(doc, proposal=run.name) for run, doc in zip(runs, docs) if run.direction == d]
+        v = dirs.relabel(judge(mine), d)  # rows with flags, ranked; the recommendation (overall and per prompt)
+        for p, text in zip(v["per_prompt"], cfg.prompt_set):
+            p["text"] = text
+        by_direction[d] = v
+    first = by_direction[cfg.directions[0]]
+    per_prompt = [dict(prompt=p["prompt"], text=p["text"],
+                       rows=[r for v in by_direction.values() for r in v["per_prompt"][i]["rows"]],
+                       recommended=p["recommended"],
+                       recommended_by_direction={d: v["per_prompt"][i]["recommended"] for d, v in by_direction.items()})
+                  for i, p in enumerate(first["per_prompt"])]
+    out = dict(rows=[r for v in by_direction.values() for r in v["rows"]], recommended=first["recommended"],
+               recommended_by_direction={d: v["recommended"] for d, v in by_direction.items()},
+               per_prompt=per_prompt, by_direction=by_direction)
+    if len(by_direction) > 1:
+        out["jeffreys"], per_prompt_j = dirs.jeffreys(by_direction)
+        for p, j in zip(per_prompt, per_prompt_j):
+            p["jeffreys"] = j
+    return out
 
 
 def _running(batches, is_p: bool) -> str:

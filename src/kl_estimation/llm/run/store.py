@@ -1,5 +1,9 @@
 """The run folder of an LLM run: file names, the run key a resumed run must match, reading partial and final
-files back into units, and records back to arrays."""
+files back into units, and records back to arrays.
+
+Directions: the forward direction's files sit in the run folder itself (as before directions existed, so a forward
+run's folder resumes into a run of both directions), the reverse direction's in its ``reverse/`` subfolder, named
+after the proposal's label there (plain Monte Carlo from Q: ``reverse/q.json``); summary files stay at the top."""
 from __future__ import annotations
 
 import hashlib
@@ -10,9 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from kl_estimation import runio
+from kl_estimation.llm.engine import FORWARD, proposal_label
 from kl_estimation.llm.run import distributed
 from kl_estimation.llm.run.config import LLMConfig
 from kl_estimation.llm.run.units import Unit, split_by_unit
+
+SUMMARY_JSON, SUMMARY_CSV, PER_PROMPT_CSV = "summary.json", "summary.csv", "summary_per_prompt.csv"
 
 
 def records_to_arrays(records: list[dict], max_new_tokens: int) -> dict[str, np.ndarray]:
@@ -37,20 +44,35 @@ def slug(name: str) -> str:
     return "_".join(out)
 
 
+REVERSE_FOLDER = "reverse"
+
+
+def direction_folder(folder, direction: str = FORWARD) -> Path:
+    """Where a direction's per-proposal files go: the run folder (forward) or its ``reverse/`` subfolder."""
+    return Path(folder) if direction == FORWARD else Path(folder) / REVERSE_FOLDER
+
+
+def proposal_slug(name: str, direction: str = FORWARD) -> str:
+    """File name (without suffix) of a proposal in a direction: the slug of its label there."""
+    return slug(proposal_label(name, direction))
+
+
 def check_folder(cfg: LLMConfig) -> None:
     """Before any work: the output folder can be written, and holds no results unless resuming or overwriting."""
     runio.check_output_dir(cfg.output_dir, "`output_dir`")
-    earlier = existing_outputs(cfg.output_dir, cfg.proposals)
+    earlier = existing_outputs(cfg.output_dir, cfg.proposals, cfg.directions)
     if earlier and not (cfg.resume or cfg.overwrite):
-        raise ValueError(f"output_dir: {cfg.output_dir} already holds results ({earlier[0].name}); pass "
+        first = earlier[0].relative_to(cfg.output_dir)
+        raise ValueError(f"output_dir: {cfg.output_dir} already holds results ({first}); pass "
                          f"`resume` to continue or reuse them, `overwrite` to replace them, or choose another folder")
 
 
-def existing_outputs(folder, proposals) -> list:
+def existing_outputs(folder, proposals, directions=(FORWARD,)) -> list:
     folder = Path(folder)
-    names = [f"{slug(p)}.json" for p in proposals] + [SUMMARY_JSON]
-    return [folder / n for n in names if (folder / n).exists()] + [
-        f for p in proposals for f in distributed.partial_files(folder, slug(p))]
+    files = [direction_folder(folder, d) / f"{proposal_slug(p, d)}.json" for d in directions for p in proposals]
+    return [f for f in files + [folder / SUMMARY_JSON] if f.exists()] + [
+        f for d in directions for p in proposals
+        for f in distributed.partial_files(direction_folder(folder, d), proposal_slug(p, d))]
 
 
 def earlier_run_files(folder) -> list[Path]:
@@ -61,7 +83,17 @@ def earlier_run_files(folder) -> list[Path]:
         return []
     out = [folder / n for n in (SUMMARY_JSON, SUMMARY_CSV, PER_PROMPT_CSV, "plots")
            if (folder / n).exists()]
-    out += sorted(folder.glob("*.partial.jsonl"))
+    out += _proposal_files(folder)
+    reverse = folder / REVERSE_FOLDER
+    if reverse.is_dir():
+        inside = _proposal_files(reverse)
+        out += [reverse] if set(inside) == set(reverse.iterdir()) else inside  # a user's file there stays
+    return out
+
+
+def _proposal_files(folder: Path) -> list[Path]:
+    """The partial files and per-proposal documents (JSON holding a run_key) directly in `folder`."""
+    out = sorted(folder.glob("*.partial.jsonl"))
     for f in sorted(folder.glob("*.json")):
         if f.name != SUMMARY_JSON:
             try:
@@ -77,13 +109,15 @@ def prompt_set_digest(prompts) -> str:
     return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def run_key(cfg: LLMConfig, proposal: str, models: dict) -> dict:
-    """Everything that fixes the records of a unit: a resumed run must match it exactly."""
+def run_key(cfg: LLMConfig, proposal: str, models: dict, direction: str = FORWARD) -> dict:
+    """Everything that fixes the records of a unit: a resumed run must match it exactly. A forward key is the one
+    of a run before directions existed (no `direction` entry), so such a run's files resume."""
     prompts = cfg.prompt_set
     return dict(models=models, prompts=prompts[0] if len(prompts) == 1 else f"{len(prompts)} prompts, sha256 "
                 f"{prompt_set_digest(prompts)}", chat_template=cfg.chat_template, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size, ignore_eos=cfg.ignore_eos,
-                proposal=proposal, **({} if cfg.sampler == "iid" else {"sampler": cfg.sampler}))
+                proposal=proposal, **({} if cfg.sampler == "iid" else {"sampler": cfg.sampler}),
+                **({} if direction == FORWARD else {"direction": direction}))
 
 
 def _read_partial(partial: Path, key: dict) -> dict:
@@ -168,29 +202,33 @@ class ProposalFiles:
                 f.unlink(missing_ok=True)
 
 
-SUMMARY_JSON, SUMMARY_CSV, PER_PROMPT_CSV = "summary.json", "summary.csv", "summary_per_prompt.csv"
-
-
 def write_summary(folder, meta: dict, verdict: dict) -> None:
-    """summary.json (the config, versions, every ranked row, the recommendation), summary.csv (one row per
-    proposal × estimator) and, for a prompt set, summary_per_prompt.csv."""
+    """summary.json (meta and the verdict), summary.csv (every row, the direction first, then the Jeffreys row) and,
+    for prompt sets, summary_per_prompt.csv."""
     folder = Path(folder)
-    runio.write_json(folder / SUMMARY_JSON, dict(meta, **verdict))
-    runio.write_csv(folder / SUMMARY_CSV, verdict["rows"])
+    runio.write_json(folder / SUMMARY_JSON, dict(meta, **{k: v for k, v in verdict.items() if k != "by_direction"}))
+    rows = verdict["rows"] + ([_csv_row(verdict["jeffreys"], verdict["rows"][0])] if "jeffreys" in verdict else [])
+    runio.write_csv(folder / SUMMARY_CSV, rows)
     if verdict["per_prompt"]:
-        runio.write_csv(folder / PER_PROMPT_CSV,
-                        [dict(prompt=p["prompt"], **r) for p in verdict["per_prompt"] for r in p["rows"]])
+        runio.write_csv(folder / PER_PROMPT_CSV, [
+            dict(prompt=p["prompt"], **r) for p in verdict["per_prompt"]
+            for r in p["rows"] + ([_csv_row(p["jeffreys"], p["rows"][0])] if "jeffreys" in p else [])])
 
 
-def kept(folder, proposals) -> tuple[list[str], int, int]:
-    """What an interrupted run left in `folder`: the proposals whose documents are complete, and the finished
-    forward batches and their sequences in the partial files of the others."""
+def _csv_row(jeffreys: dict, like: dict) -> dict:
+    """The Jeffreys row with the columns of the other rows (empty where it has no value)."""
+    return {k: jeffreys[k] for k in like if k in jeffreys}
+
+
+def kept(folder, parts: list[tuple[str, str]]) -> tuple[list, int, int]:
+    """What an interrupted run left in `folder` of its (direction, proposal) parts: those whose documents are
+    complete, and the finished forward batches and their sequences in the partial files of the others."""
     done, batches, sequences = [], 0, 0
-    for name in proposals:
-        files = ProposalFiles(Path(folder), slug(name))
+    for d, name in parts:
+        files = ProposalFiles(direction_folder(folder, d), proposal_slug(name, d))
         partials = files.earlier_partials()
         if files.final.exists() and not partials:
-            done.append(name)
+            done.append((d, name))
         for partial in partials:
             lines = runio.read_jsonl(partial)[1:]
             batches += len(lines)

@@ -1,5 +1,5 @@
-"""Units of work — (prompt, proposal, batch), each with its own random stream — packed into forward batches, and the
-records a batch yields."""
+"""Units of work — (direction, prompt, proposal, batch), each with its own random stream — packed into forward
+batches, and the records a batch yields."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kl_estimation.llm.engine import sample_batch, unit_generator
+from kl_estimation.llm.engine import FORWARD, sample_batch, unit_generator
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,11 @@ def pack(units: list[Unit], batch_size: int) -> list[list[Unit]]:
     return out
 
 
-def sample_units(pair, prop, units: list[Unit], cfg) -> list[dict]:
+def sample_units(pair, prop, units: list[Unit], cfg, direction: str = FORWARD) -> list[dict]:
     """One forward batch of units (drawn with cfg.sampler) → their records, each tagged with its unit (prompt and
-    batch index)."""
-    streams = [(unit_generator(cfg.seed, prop.name, u.batch, pair.device, u.prompt), u.rows) for u in units]
+    batch index). `pair` is the direction's view of the pair (engine.pair_view); `direction` keys the streams."""
+    streams = [(unit_generator(cfg.seed, prop.name, u.batch, pair.device, u.prompt, direction), u.rows)
+               for u in units]
     sizes = [u.rows for u in units]
     rows, batch = np.repeat([u.prompt for u in units], sizes), np.repeat([u.batch for u in units], sizes)
     b = sample_batch(pair, prop, len(rows), cfg.max_new_tokens, streams, prompt_rows=torch.as_tensor(rows),
