@@ -45,7 +45,7 @@ def run_setting(pair, proposals, t_length, seed, n=N):
     docs = []
     for name in proposals:
         prop = engine.sequence_proposal(name)
-        b = engine.sample_batch(pair, prop, n, t_length, engine.unit_generator(seed, name, 0, "cpu"))
+        b = engine.sample_batch(pair, prop, n, t_length, engine.unit_generator(seed, prop, 0, "cpu"))  # key stream
         est = sequence_estimates(b.log_p, b.log_q, b.log_r, b.kl_step, b.mask, prop.base is None)
         docs.append(dict(proposal=name, estimates=est, max_uncovered_mass=float(b.uncovered.max(initial=0.0))))
     return docs, verdicts.judge(docs)

@@ -41,7 +41,7 @@ from kl_estimation.llm.run.units import (
     split_by_unit,
     unit_groups,
 )
-from kl_estimation.verdicts import judge
+from kl_estimation.verdicts import judge, table_rows
 
 
 def load_pair(cfg: LLMConfig):
@@ -145,7 +145,7 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
                 bar.close()
         done.update(shard.gather(new))
     records = [r for u in units for r in done[u]]
-    doc = dict(meta, proposal=name, run_key=key, n_sequences=len(records),
+    doc = dict(meta, proposal=prop.label, proposal_key=prop.key, run_key=key, n_sequences=len(records),
                max_uncovered_mass=max(r.get("uncovered_mass", 0.0) for r in records),
                **prompt_set_estimates(records, cfg.t_length, len(cfg.prompt_set), prop.base is None,
                                       unit_groups(units, cfg.sampler)),
@@ -186,10 +186,10 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=
         p["text"] = text
     if folder is not None and shard.writes_final:
         runio.write_json(Path(folder) / "summary.json", dict(meta, **verdict))
-        runio.write_csv(Path(folder) / "summary.csv", verdict["rows"])
+        runio.write_csv(Path(folder) / "summary.csv", table_rows(verdict["rows"]))
         if verdict["per_prompt"]:
             runio.write_csv(Path(folder) / "summary_per_prompt.csv",
-                            [dict(prompt=p["prompt"], **r) for p in verdict["per_prompt"] for r in p["rows"]])
+                            [r for p in verdict["per_prompt"] for r in table_rows(p["rows"], prompt=p["prompt"])])
     return dict(meta=meta, docs=docs, **verdict)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from kl_estimation import runio
+from kl_estimation.llm.engine import sequence_proposal
 from kl_estimation.llm.run import distributed
 from kl_estimation.llm.run.config import LLMConfig
 from kl_estimation.llm.run.units import Unit, split_by_unit
@@ -25,15 +26,10 @@ def records_to_arrays(records: list[dict], t_length: int) -> dict[str, np.ndarra
     return out
 
 
-def slug(name: str) -> str:
-    """File name of a proposal: 'Alpha-mixture (α=0.5) [prefix-aware]' → 'alpha-mixture_alpha-0.5_prefix-aware'."""
-    s = name.lower()
-    for greek, latin in (("α", "alpha"), ("β", "beta"), ("λ", "lambda")):
-        s = s.replace(greek, latin)
-    out = []
-    for part in s.replace("[", " ").replace("]", " ").replace("(", " ").replace(")", " ").split():
-        out.append("".join(c if c.isalnum() or c in ".-" else "-" for c in part.replace("=", "-")))
-    return "_".join(out)
+def slug(name) -> str:
+    """File name stem of a proposal: its stable key ('Alpha-mixture (α=0.5) [prefix-aware]' →
+    'alpha-mixture_alpha-0.5_prefix-aware', 'P' → 'p'), whatever spelling named it."""
+    return sequence_proposal(name).key
 
 
 def check_folder(cfg: LLMConfig) -> None:
@@ -82,7 +78,8 @@ def run_key(cfg: LLMConfig, proposal: str, models: dict) -> dict:
     return dict(models=models, prompts=prompts[0] if len(prompts) == 1 else f"{len(prompts)} prompts, sha256 "
                 f"{prompt_set_digest(prompts)}", chat_template=cfg.chat_template, t_length=cfg.t_length,
                 temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size, ignore_eos=cfg.ignore_eos,
-                proposal=proposal, **({} if cfg.sampler == "iid" else {"sampler": cfg.sampler}))
+                proposal=sequence_proposal(proposal).key,  # the stable key, never the label
+                **({} if cfg.sampler == "iid" else {"sampler": cfg.sampler}))
 
 
 def _read_partial(partial: Path, key: dict) -> dict:

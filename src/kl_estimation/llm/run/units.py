@@ -57,7 +57,7 @@ def pack(units: list[Unit], batch_size: int) -> list[list[Unit]]:
 def sample_units(pair, prop, units: list[Unit], cfg) -> list[dict]:
     """One forward batch of units (drawn with cfg.sampler) → their records, each tagged with its unit (prompt and
     batch index)."""
-    streams = [(unit_generator(cfg.seed, prop.name, u.batch, pair.device, u.prompt), u.rows) for u in units]
+    streams = [(unit_generator(cfg.seed, prop, u.batch, pair.device, u.prompt), u.rows) for u in units]
     sizes = [u.rows for u in units]
     rows, batch = np.repeat([u.prompt for u in units], sizes), np.repeat([u.batch for u in units], sizes)
     b = sample_batch(pair, prop, len(rows), cfg.t_length, streams, prompt_rows=torch.as_tensor(rows),
