@@ -10,7 +10,7 @@ import torch
 from scipy import stats as sps
 from scipy.signal import lfilter
 
-from kl_estimation.llm.corpus.stats import (STAT_KEYS, cluster_mean, format_llama, llama_windows, summarize, token_stats)
+from kl_estimation.llm.corpus.stats import STAT_KEYS, cluster_mean, format_llama, llama_windows, summarize, token_stats
 
 FLOAT_KEYS = [k for k in STAT_KEYS if k != "top1_agree"]
 

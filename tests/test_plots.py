@@ -103,3 +103,78 @@ def test_script_entry_point(run_dir):
     p = subprocess.run([sys.executable, str(ROOT / "visualize_proposals.py"), str(run_dir / "missing")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def llm_run(tmp_path_factory):
+    """A small LLM run folder with a prompt set, P and three proposals (one of them degenerate)."""
+    from kl_estimation.llm.loading import load_transformers_pair
+    from kl_estimation.llm.run.config import LLMConfig
+    from kl_estimation.llm.run.runner import run_experiment
+    from tiny_lms import save_pair
+
+    root = tmp_path_factory.mktemp("llm")
+    paths = save_pair(root / "m", seed=0)
+    prompts = ("a b", "c", "b")
+    pair = load_transformers_pair(*paths, prompts=list(prompts), temperature=1.0)
+    cfg = LLMConfig(p_model="x", q_model="y", prompts=prompts, n_reps=150, t_length=4, temperature=1.0,
+                    proposals=("P", "Geometric (beta=0.5)", "Exponential family (β=5)", "Adaptive [prefix-aware]"),
+                    batch_size=150, output_folder=str(root / "run"))
+    run_experiment(pair, cfg, {}, root / "run")
+    return root / "run"
+
+
+def test_llm_figures_take_every_verdict_from_the_saved_flags(llm_run, tmp_path):
+    import json
+    import shutil
+
+    from kl_estimation.figures import llm as fl
+
+    plt = fl._plt()
+    run = fl.load_llm_run(llm_run)
+    assert [d["proposal"] for d in run.docs][1] == "Geometric (β=0.5)"  # labelled with β, read by key
+    fig, _ = fl.fig_log_weights(plt, run)
+    red = {ax.get_title().splitlines()[0].lstrip("! "): ax.title.get_color() == "#d62728" for ax in fig.axes
+           if ax.get_visible()}
+    saved = {d["proposal"]: bool(fl._weight_flags(run, d["proposal"])) for d in run.docs if not fl._is_p(d)}
+    assert red == {fl._label(k): v for k, v in saved.items()} and any(saved.values())
+    plt.close(fig)
+    # the same figure from a summary whose flags were removed: nothing is red — no threshold is recomputed
+    copy = tmp_path / "copy"
+    shutil.copytree(llm_run, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    for r in summary["rows"]:
+        r["flag"], r["flags"] = "", []
+    (copy / "summary.json").write_text(json.dumps(summary))
+    fig, _ = fl.fig_log_weights(plt, fl.load_llm_run(copy))
+    assert not any(ax.title.get_color() == "#d62728" for ax in fig.axes if ax.get_visible())
+    plt.close(fig)
+
+
+def test_llm_figures_and_index_mark_the_recommended_row(llm_run):
+    import json
+
+    from kl_estimation.figures import llm as fl
+
+    plt = fl._plt()
+    run = fl.load_llm_run(llm_run)
+    summary = json.loads((llm_run / "summary.json").read_text())
+    rec = summary["recommended"]
+    fig, _ = fl.fig_estimates(plt, run)
+    starred = [t.get_text() for t in fig.axes[0].get_yticklabels() if t.get_text().startswith("★")]
+    assert starred == [f"★ {fl._label(rec['proposal'])} · {rec['estimator']}"]
+    plt.close(fig)
+    index = fl.draw_all(llm_run)
+    html = index.read_text()
+    assert "class='recommended'" in html and f"{rec['proposal']} · {rec['estimator']}" in html
+    assert "Recommended per prompt" in html
+
+
+def test_llm_ess_figure_shows_the_tables_percentage(llm_run):
+    from kl_estimation import report
+    from kl_estimation.figures import llm as fl
+
+    run = fl.load_llm_run(llm_run)
+    for d in run.docs:
+        row = next(r for r in run.summary["rows"] if r["proposal"] == d["proposal"])
+        assert fl.ess_pct(run, d) == pytest.approx(report.ess_pct(row))

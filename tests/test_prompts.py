@@ -114,7 +114,7 @@ def test_cli_prompt_set_per_prompt_results_and_resume(tmp_path, tiny, monkeypatc
     doc = json.loads((tmp_path / "straight" / "p.json").read_text())
     assert [p["prompt"] for p in doc["per_prompt"]] == [0, 1, 2] and doc["config"]["prompts"] == PROMPTS
     summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
-    assert [p["text"] for p in summary["per_prompt"]] == PROMPTS and len(summary["per_prompt"][0]["rows"]) == 10
+    assert [p["text"] for p in summary["per_prompt"]] == PROMPTS and len(summary["per_prompt"][0]["rows"]) == 9
     assert (tmp_path / "straight" / "summary_per_prompt.csv").exists()
     assert "std_error_population" in doc["estimates"]["RB"]
     real, calls = units.sample_batch, {"n": 0}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kl_estimation.core.streams import named_stream
-from kl_estimation.synthetic.experiment import SyntheticConfig, make_pair, methods_for
 from kl_estimation.synthetic.evaluation import exact_moments
+from kl_estimation.synthetic.experiment import SyntheticConfig, make_pair, methods_for
 from kl_estimation.toy import markov
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -177,7 +177,7 @@ def test_overwrite_with_fewer_proposals_leaves_no_earlier_file(tiny, tmp_path, c
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["notes.json", "p.json", "plots", "summary.csv", "summary.json"], names
-    assert [r["proposal"] for r in json.loads((out / "summary.json").read_text())["rows"]] == ["P"] * 5
+    assert [r["proposal"] for r in json.loads((out / "summary.json").read_text())["rows"]] == ["P"] * 4  # no SNIS
 
 
 def test_threads_flag(tiny, tmp_path, capsys):

@@ -101,11 +101,11 @@ def test_degenerate_method_never_crowned(capsys, tmp_path):
     p = json.loads((out / "results.json").read_text())["pairs"][0]
     m = next(m for m in p["methods"] if m["name"] == "Exponential family (β=5)")
     assert m["exact_variance"] > 1e6 * p["theoretical_variance"]
-    assert any("degenerate" in f for f in m["flags"])
+    assert any(f["code"] == "SAMPLE_VAR_COLLAPSE" and "degenerate" in f["message"] for f in m["flags"])
     unflagged = [x["name"] for x in p["methods"] if not x["flags"]]
     for ranking in p["rankings"].values():
         assert ranking.index("Exponential family (β=5)") >= len(unflagged)
-    assert "Exponential family (β=5): degenerate weights" in stdout
+    assert "Exponential family (β=5) — SAMPLE_VAR_COLLAPSE: degenerate weights" in stdout
 
 
 def test_same_seed_same_results(capsys, tmp_path):

@@ -47,7 +47,7 @@ def run_setting(pair, proposals, max_new_tokens, seed, n=N):
     docs = []
     for name in proposals:
         prop = engine.sequence_proposal(name)
-        b = engine.sample_batch(pair, prop, n, max_new_tokens, engine.unit_generator(seed, name, 0, "cpu"))
+        b = engine.sample_batch(pair, prop, n, max_new_tokens, engine.unit_generator(seed, prop, 0, "cpu"))  # key stream
         est = sequence_estimates(b.log_p, b.log_q, b.log_r, b.kl_step, b.mask, prop.base is None)
         docs.append(dict(proposal=name, estimates=est, max_uncovered_mass=float(b.uncovered.max(initial=0.0))))
     return docs, verdicts.judge(docs)

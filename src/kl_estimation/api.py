@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 from kl_estimation.core.resources import set_threads
 from kl_estimation.llm.run.config import LLMConfig
@@ -17,10 +17,12 @@ class KLRow:
     """One (proposal, estimator) estimate of KL(P‖Q) in nats per sequence (averaged over the prompt set).
 
     ``std_error`` is over this fixed prompt set (within-prompt noise only); ``std_error_population`` treats the
-    prompts as a sample from a population (NaN for one prompt); ``ci`` is the normal 95 % interval from
-    ``std_error``; ``flag`` is empty when the estimate is trusted, else says in words what went wrong.
-    ``direction``: "forward" (an estimate of KL(P‖Q) from sequences of P), "reverse" (KL(Q‖P) from sequences of Q;
-    its plain Monte Carlo proposal is named "Q") or "both" (the Jeffreys row, KL(P‖Q) + KL(Q‖P))."""
+    prompts as a sample from a population (NaN for one prompt); ``ci`` is the 95 % interval from ``std_error``;
+    ``flags`` are the verdict's records (verdicts.Flag: a code and a message; empty when the estimate is trusted) and
+    ``flag`` the short string of their codes; ``recommended`` marks the row to report; ``proposal_key`` is the
+    proposal's stable identity (file names, random streams). ``direction``: "forward" (an estimate of KL(P‖Q) from
+    sequences of P), "reverse" (KL(Q‖P) from sequences of Q; its plain Monte Carlo proposal is named "Q") or "both"
+    (the Jeffreys row, KL(P‖Q) + KL(Q‖P))."""
 
     proposal: str
     estimator: str
@@ -29,24 +31,41 @@ class KLRow:
     ci: tuple[float, float]
     flag: str = ""
     std_error_population: float = math.nan
+    flags: tuple = ()
+    recommended: bool = False
+    proposal_key: str = ""
     details: dict = field(default_factory=dict, repr=False)  # variance, ESS, max weight, k̂, n, diagnostics
     direction: str = "forward"
 
+    MAIN = ("proposal", "estimator", "estimate", "std_error", "flag", "flags", "std_error_population", "ci_low",
+            "ci_high", "recommended", "proposal_key", "direction")
+
     @classmethod
     def from_row(cls, row: dict) -> "KLRow":
-        main = ("proposal", "estimator", "estimate", "std_error", "flag", "std_error_population", "ci_low", "ci_high",
-                "direction")
+        from kl_estimation.verdicts import as_flags, codes
+
+        flags = tuple(as_flags(row.get("flags")))
         return cls(row["proposal"], row["estimator"], row["estimate"], row["std_error"],
-                   (row["ci_low"], row["ci_high"]), row.get("flag", ""),
-                   row.get("std_error_population", math.nan), {k: v for k, v in row.items() if k not in main},
+                   (row["ci_low"], row["ci_high"]), row.get("flag") or codes(flags),
+                   row.get("std_error_population", math.nan), flags, bool(row.get("recommended", False)),
+                   row.get("proposal_key", ""), {k: v for k, v in row.items() if k not in cls.MAIN},
                    row.get("direction", "forward"))
 
-    def to_dict(self) -> dict:
-        """Flat: the interval as ci_low / ci_high, the details as columns (as in summary.csv)."""
-        d = asdict(self)
+    def to_dict(self, records: bool = True) -> dict:
+        """Flat: the interval as ci_low / ci_high, the details as columns (as in summary.csv); with `records` the
+        flag records as {code, message} dicts under ``flags`` (as in summary.json)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["ci_low"], d["ci_high"] = d.pop("ci")
         d.update(d.pop("details"))
+        flags = d.pop("flags")
+        if records:
+            d["flags"] = [f.to_dict() for f in flags]
         return d
+
+    @property
+    def messages(self) -> list[str]:
+        """What went wrong, in words (one line per flag)."""
+        return [str(f) for f in self.flags]
 
 
 @dataclass
@@ -92,12 +111,13 @@ class KLResult:
                                for p in self.per_prompt]}
 
     def to_pandas(self, per_prompt: bool = False):
-        """The rows as a DataFrame (``per_prompt=True``: one row per prompt × proposal × estimator)."""
+        """The rows as a DataFrame (``per_prompt=True``: one row per prompt × proposal × estimator). Cells stay
+        short: ``flag`` holds the codes; the messages are in each KLRow's ``flags`` (and ``messages``)."""
         import pandas as pd
 
         if not per_prompt:
-            return pd.DataFrame([r.to_dict() for r in self.rows])
-        return pd.DataFrame([dict(prompt=p["prompt"], text=p["text"], **r.to_dict())
+            return pd.DataFrame([r.to_dict(records=False) for r in self.rows])
+        return pd.DataFrame([dict(prompt=p["prompt"], text=p["text"], **r.to_dict(records=False))
                              for p in self.per_prompt for r in p["rows"]])
 
     def __str__(self) -> str:

@@ -393,16 +393,11 @@ def _run_llm(cfg, plots: bool = True) -> int:
 
         print(f"\nfigures: {plots_llm.draw_all(cfg.output_dir)}")
     print(f"output folder: {cfg.output_dir}")
-    n = len(directions)
-    for d in directions:
-        for p in result.per_prompt:
-            rec = p["recommended_by_direction"][d]
-            print(report.recommendation_line(rec and rec.to_dict(), recommendation_scope(d, n, p["prompt"])))
-        rec = result.recommended_by_direction[d]
-        scope = recommendation_scope(d, n)
-        if result.per_prompt:
-            scope = (scope + " " if scope else "") + "over the prompt set"
-        print(report.recommendation_line(rec and rec.to_dict(), scope))
+    for d in directions:  # what to report, per direction: one block (a line per prompt, one overall line)
+        view = dict(per_prompt=[dict(p, recommended=p["recommended_by_direction"][d]) for p in result.per_prompt],
+                    recommended=result.recommended_by_direction[d])
+        print(report.recommendation_block(view, max_new_tokens=cfg.max_new_tokens,
+                                          scope=recommendation_scope(d, len(directions))))
     if result.jeffreys is not None:  # both directions: their sum last
         for p in result.per_prompt:
             print(report.jeffreys_line(p["jeffreys"].to_dict(), f"for prompt {p['prompt']}"))

@@ -1,6 +1,10 @@
-"""Console tables (≤ 120 columns) for synthetic runs. Pure string building; the CLI prints."""
+"""Console tables and the recommendation lines: synthetic runs (≤ 120 columns) and LLM runs (fitted to the
+terminal, at least 80 columns). Pure string building; the CLI prints."""
 from __future__ import annotations
 
+import math
+import shutil
+import textwrap
 from collections import defaultdict
 
 WIDTH = 120
@@ -37,8 +41,10 @@ def _name(n: str, w: int = NAME_W) -> str:
     return n[:head] + "…" + n[len(n) - (w - 1 - head):]
 
 
-def _rule(title: str) -> str:
-    return f"── {title} " + "─" * max(0, WIDTH - len(title) - 4)
+def _rule(title: str, columns: int = WIDTH) -> str:
+    if len(title) + 4 > columns:
+        title = title[: columns - 5] + "…"
+    return f"── {title} " + "─" * max(0, columns - len(title) - 4)
 
 
 def pair_report(pair: dict, n_samples: int, n_repeats: int) -> str:
@@ -72,7 +78,8 @@ def pair_report(pair: dict, n_samples: int, n_repeats: int) -> str:
     flagged = [m for m in pair["methods"] if m["flags"]]
     if flagged:
         lines += ["", "! flagged — ranked after every unflagged method:"]
-        lines += [f"  {m['name']}: {flag}" for m in flagged for flag in m["flags"]]
+        lines += [_wrap(f"{m['name']} — {f.code}: {f.message}", WIDTH, "  ", "      ")
+                  for m in flagged for f in _flag_records(m)]
     lines += ["", _top5(pair)]
     return "\n".join(lines)
 
@@ -107,8 +114,9 @@ def cross_family_report(pairs: list[dict], top: int = 3) -> str:
         names = []
         for p in ps:
             names += [n for n in p["rankings"]["by_exact_variance"][:top] if n not in names]
-        for ref in tuple(n for n in ps[0]["rankings"]["by_exact_variance"]
-                         if n.startswith(("Naive MC", "MC", "Rao-Blackwell", "RB")) and "·" not in n):
+        group = {m["name"]: m for m in ps[0]["methods"]}
+        for ref in tuple(n for n in ps[0]["rankings"]["by_exact_variance"]  # P's own MC and RB rows (i.i.d.)
+                         if group[n]["family"] in ("Naive MC", "Rao-Blackwell") and not group[n].get("sampler")):
             if ref not in names:
                 names.append(ref)
         fams = [p["family"] for p in ps]
@@ -125,46 +133,202 @@ def cross_family_report(pairs: list[dict], top: int = 3) -> str:
     return "\n".join(out)
 
 
-def llm_table(rows: list[dict], title: str) -> str:
-    """Ranked (proposal, estimator) rows of an LLM run (verdicts.judge): trusted rows first by standard error, then
-    the flagged ones (!) with what went wrong. An SE that is not informative shows as 'n/i', never as a zero-width
-    interval."""
-    w = 34
-    lines = [_rule(title),
-             f"{'rank':>4} {'proposal':<{w}} {'estim.':<8} {'estimate':>10} {'std err':>9} {'95% CI':>21} "
-             f"{'var/seq':>9} {'ESS':>7} {'k̂':>5}",]
+# ------------------------------------------------------------------------------------------------ LLM runs
+
+MIN_WIDTH = 80
+
+
+def width(columns: int | None = None) -> int:
+    """The width to fit: `columns`, else the terminal's (shutil.get_terminal_size; 120 off a terminal), at least
+    MIN_WIDTH."""
+    return max(MIN_WIDTH, columns if columns is not None else shutil.get_terminal_size((120, 24)).columns)
+
+
+def se_decimals(se) -> int | None:
+    """Decimals that show a standard error to its significant digits (the Particle Data Group rule: two
+    significant digits when its three leading digits are 100–354, one for 355–949, and 950–999 round up to two of
+    the next power of ten) — estimate and interval are then shown to the same decimals. None for a missing, zero or
+    non-finite SE. At most 10 decimals."""
+    if se is None or not math.isfinite(se) or se <= 0:
+        return None
+    e = math.floor(math.log10(se))
+    lead = round(se / 10 ** (e - 2))
+    if lead >= 1000:  # 999.6 → 1000
+        lead, e = lead // 10, e + 1
+    if lead < 355:
+        sig = 2
+    elif lead < 950:
+        sig = 1
+    else:
+        sig, e = 2, e + 1
+    return min(max(sig - 1 - e, 0), 10)
+
+
+def fixed(x, decimals: int | None, fallback_digits: int = 4) -> str:
+    """x to `decimals` decimals (None: `fallback_digits` significant digits); '—' for a missing value."""
+    if x is None or x != x:
+        return "—"
+    if x in (math.inf, -math.inf):
+        return "∞" if x > 0 else "−∞"
+    return f"{x:.{decimals}f}" if decimals is not None else f"{x:.{fallback_digits}g}"
+
+
+def estimate_text(est, se) -> tuple[str, str]:
+    """(estimate, SE) as text, the estimate to the decimals its SE supports (se_decimals)."""
+    d = se_decimals(se)
+    se_text = "n/a" if se is None or se != se else ("0" if se == 0 else fixed(se, d))
+    return fixed(est, d), se_text
+
+
+def _ci_text(lo, hi, se, clip_zero: bool = False) -> tuple[str, bool]:
+    """'[lo, hi]' to the SE's decimals; with clip_zero a negative lower bound shows as 0 (a KL is ≥ 0).
+    Returns (text, clipped)."""
+    d = se_decimals(se)
+    clipped = clip_zero and lo is not None and lo == lo and lo < 0
+    return f"[{fixed(0.0 if clipped else lo, d)}, {fixed(hi, d)}]", clipped
+
+
+def _get(r, key, default=None):
+    return r.get(key, default) if isinstance(r, dict) else getattr(r, key, default)
+
+
+def _row_dict(r) -> dict:
+    """A row as a dict: verdict rows are dicts already; api.KLRow gives its flat dict with its flag records."""
+    return r if isinstance(r, dict) else r.to_dict()
+
+
+def _flag_records(r: dict) -> list:
+    from kl_estimation.verdicts import as_flags
+
+    if r.get("flags"):
+        return as_flags(r["flags"])
+    return []
+
+
+def ess_pct(r: dict):
+    """ESS as a percentage of the sequences drawn (the unit used in tables and figures alike)."""
+    ess, n = r.get("ess"), r.get("n")
+    if ess is None or not n or ess != ess:
+        return None
+    return 100.0 * ess / n
+
+
+def llm_table(rows: list, title: str, columns: int | None = None) -> str:
+    """Ranked (proposal, estimator) rows of an LLM run (verdicts.judge; dicts or api.KLRow): trusted rows first by
+    standard error, then the flagged ones (!, with their codes) and, below, what went wrong in words.
+
+    Fits `columns` (default: the terminal's width, at least 80): columns are dropped (k̂, var/seq, ESS, then the
+    interval) and proposal names shortened until every line fits. Estimate and 95% CI are shown to the decimals
+    their SE supports (se_decimals); an SE that is not informative shows as 'n/i', never as a zero-width interval;
+    ESS is a percentage of the sequences drawn; * marks the recommended row."""
+    W = width(columns)
+    rows = [_row_dict(r) for r in rows]
+    cells = []
     for i, r in enumerate(rows, 1):
-        informative = r.get("se_informative", True) and r["ci_low"] == r["ci_low"]
-        ci = f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]" if informative else "SE not informative"
-        se = num(r["std_error"]) if informative else "n/i".rjust(9)
-        lines.append(f"{i:>4} {_name(r['proposal'], w):<{w}} {r['estimator']:<8} {num(r['estimate'], 10, 4)} "
-                     f"{se} {ci:>21} {num(r['variance'])} {num(r['ess'], 7, 1)} "
-                     f"{num(r['khat'], 5, 2)}{'  !' if r['flag'] else ''}")
-    flagged = [r for r in rows if r["flag"]]
+        informative = r.get("se_informative", True) and r.get("ci_low") == r.get("ci_low") \
+            and r.get("ci_low") is not None
+        est, se = estimate_text(r.get("estimate"), r.get("std_error"))
+        if not informative:
+            se = "n/i" if not r.get("se_informative", True) else se
+        ci = _ci_text(r.get("ci_low"), r.get("ci_high"), r.get("std_error"))[0] if informative else (
+            "n/i" if not r.get("se_informative", True) else "n/a")
+        pct = ess_pct(r)
+        cells.append(dict(rank=f"{i}{'*' if r.get('recommended') else ''}", proposal=r["proposal"],
+                          estimator=r["estimator"], estimate=est, se=se, ci=ci,
+                          variance=num(r.get("variance"), 9).strip(), ess="—" if pct is None else f"{pct:.0f}%",
+                          khat=num(r.get("khat"), 5, 2).strip(), flag=("! " + r["flag"]) if r.get("flag") else ""))
+    heads = dict(rank="rank", proposal="proposal", estimator="estim.", estimate="estimate", se="SE", ci="95% CI",
+                 variance="var/seq", ess="ESS", khat="k̂", flag="flag")
+    right = {"rank", "estimate", "se", "ci", "variance", "ess", "khat"}
+    shown = list(heads)
+
+    def natural(k):
+        return max([len(heads[k])] + [len(c[k]) for c in cells])
+
+    widths = {k: natural(k) for k in heads}
+    widths["proposal"] = min(widths["proposal"], 44)
+    widths["flag"] = min(widths["flag"], 40)
+
+    def total():
+        return sum(widths[k] for k in shown) + len(shown) - 1
+
+    def shrink(k, floor):
+        widths[k] = max(min(widths[k], floor), widths[k] - max(0, total() - W))
+
+    shrink("flag", 20)  # first shorten the codes and the names a little, then drop columns, least important first
+    shrink("proposal", 26)
+    for k in ("khat", "variance", "ess"):
+        if total() > W:
+            shown.remove(k)
+    shrink("proposal", 16)
+    shrink("flag", 10)
+    if total() > W:
+        shown.remove("ci")
+    shrink("proposal", 10)
+    shrink("flag", 2)
+
+    def cell(k, text):
+        text = _name(text, widths[k]) if k == "proposal" else (text if len(text) <= widths[k]
+                                                               else text[: widths[k] - 1] + "…")
+        return text.rjust(widths[k]) if k in right else text.ljust(widths[k])
+
+    lines = [_rule(title, W), " ".join(cell(k, heads[k]) for k in shown).rstrip()]
+    lines += [" ".join(cell(k, c[k]) for k in shown).rstrip() for c in cells]
+    notes = []
+    if any(r.get("recommended") for r in rows):
+        notes.append("* recommended")
+    if "ess" in shown:
+        notes.append("ESS: Kish effective sample size, % of the sequences drawn")
+    if notes:
+        lines.append(_wrap("; ".join(notes), W))
+    flagged = [r for r in rows if r.get("flag")]
     if flagged:
         lines += ["", "! flagged rows (ranked last):"]
         by_reason: dict = {}
-        for r in flagged:  # one line per (proposal, reason), naming the estimators it applies to
-            for reason in r["flag"].split("; "):
-                by_reason.setdefault((r["proposal"], reason), []).append(r["estimator"])
-        lines += [f"  {p} · {'/'.join(ests)}: {reason}" for (p, reason), ests in by_reason.items()]
+        for r in flagged:  # one line per (proposal, code, message), naming the estimators it applies to
+            for f in _flag_records(r) or [None]:
+                key = (r["proposal"], f.code.value if f else r["flag"], f.message if f else "")
+                by_reason.setdefault(key, []).append(r["estimator"])
+        for (p, code, message), ests in by_reason.items():
+            lines.append(_wrap(f"{p} · {'/'.join(ests)} — {code}{': ' + message if message else ''}", W, "  ",
+                               "      "))
     return "\n".join(lines)
 
 
-def recommendation_line(rec: dict | None, scope: str = "") -> str:
-    """The one line that says which estimate to report (verdicts.recommend), or that none can be."""
+def _wrap(text: str, columns: int, first: str = "", rest: str = "  ") -> str:
+    return textwrap.fill(text, columns, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
+
+
+def _horizon(rec: dict, max_new_tokens=None) -> str:
+    t = max_new_tokens if max_new_tokens is not None else rec.get("max_new_tokens")
+    if t is None:
+        return ""
+    eos = rec.get("eos")
+    return f"; a sequence is up to {t} new tokens{', cut at EOS' if eos else ''}"
+
+
+def recommendation_line(rec, scope: str = "", *, max_new_tokens: int | None = None, unit: str | None = None,
+                        advice: str | None = None) -> str:
+    """The one line that says which estimate to report (verdicts.recommend; a dict or an api.KLRow), in its unit,
+    or that none can be (with `advice`: what to change).
+
+    ``Recommended: P · RB+CV = 10.70 nats/sequence (SE 0.08, 95% CI [10.55, 10.86]; a sequence is up to 20 new
+    tokens, cut at EOS) — <reason>.`` The unit is nats per sequence (``unit`` overrides it), the horizon comes from
+    `max_new_tokens` or the recommendation's own ``max_new_tokens`` / ``eos`` (verdicts.judge records them). Estimate and CI are
+    shown to the decimals the SE supports; a negative lower bound is shown as 0 and said to be clipped (a KL is ≥ 0)."""
     where = f" {scope}" if scope else ""
     if rec is None:
-        return (f"Recommended{where}: none — every row is flagged (see above); draw more sequences or raise the "
-                f"temperature (a proposal whose weights degenerate needs P in the run to be judged).")
-    population = ""
-    if rec.get("std_error_population") is not None and rec["std_error_population"] == rec["std_error_population"]:
-        population = (f"; for the prompt population ± {rec['std_error_population']:.2g} (95% CI "
-                      f"[{rec['ci_population_low']:.4g}, {rec['ci_population_high']:.4g}])")
-    fixed = " for this prompt set" if population else ""
-    return (f"Recommended{where}: {rec['proposal']} {rec['estimator']} = {rec['estimate']:.6g} ± "
-            f"{rec['std_error']:.2g} (95% CI [{rec['ci_low']:.4g}, {rec['ci_high']:.4g}]{fixed}{population}) — "
-            f"{rec['reason']}.")
+        return f"Recommended{where}: none — " + (advice or "every row is flagged (see above); draw more sequences or "
+                                                  "raise the temperature (a proposal whose weights degenerate needs "
+                                                  "P in the run to be judged).")
+    rec = _row_dict(rec) if not isinstance(rec, dict) else rec
+    unit = unit or rec.get("unit") or "nats/sequence"
+    est, se = estimate_text(rec["estimate"], rec["std_error"])
+    ci, clipped = _ci_text(rec.get("ci_low"), rec.get("ci_high"), rec["std_error"], clip_zero=True)
+    reason = rec.get("reason")
+    return (f"Recommended{where}: {rec['proposal']} · {rec['estimator']} = {est} {unit} (SE {se}, 95% CI {ci}"
+            f"{', lower bound clipped at 0' if clipped else ''}{_horizon(rec, max_new_tokens)})"
+            f"{f' — {reason}' if reason else ''}.")
 
 
 def jeffreys_line(j: dict, scope: str = "") -> str:
@@ -182,3 +346,61 @@ def jeffreys_line(j: dict, scope: str = "") -> str:
     return (f"Jeffreys {target}{where} = {j['estimate']:.6g} ± {j['std_error']:.2g} {j.get('unit', '')} (95% CI "
             f"[{j['ci_low']:.4g}, {j['ci_high']:.4g}]{population}) — {parts}; SE = √(SE_forward² + SE_reverse²), "
             f"the directions' sequences being independent.{flag}")
+
+
+def recommendation_block(result, max_new_tokens: int | None = None, columns: int | None = None,
+                         scope: str = "") -> str:
+    """What to report from a run (verdicts.judge's output, or an api.KLResult), as the console's last lines.
+
+    One prompt: recommendation_line. A prompt set: one short line per prompt (no repeated justification), then one
+    overall line giving both intervals and when to use which — the fixed-set interval (within-prompt noise only:
+    these prompts are the target) and the population interval (the prompts as a random sample of a population:
+    between-prompt spread included, Student t on m − 1 degrees of freedom) — and the reason once. A negative lower
+    bound is clipped at 0 (a KL is ≥ 0) and the line says so; the stored intervals are not changed."""
+    W = width(columns)
+    per_prompt = _get(result, "per_prompt") or []
+    rec = _get(result, "recommended")
+    rec = None if rec is None else _row_dict(rec)
+    advice = _get(result, "advice")
+    if not per_prompt:
+        return _wrap(recommendation_line(rec, scope, max_new_tokens=max_new_tokens, advice=advice), W, "", "  ")
+    m = len(per_prompt)
+    unit = (rec or {}).get("unit") or (_get(result, "unit") or {}).get("unit") or "nats/sequence"
+    head = rec if rec is not None else (_get(result, "unit") or {})
+    where = f" {scope}" if scope else ""
+    lines = [f"Recommended{where} per prompt ({unit}{_horizon(head, max_new_tokens)}):"]
+    for p in per_prompt:
+        r = p["recommended"]
+        text = (p.get("text") or "").replace("\n", " ")
+        label = f"  prompt {p['prompt']}" + (f" ({text[:24]}{'…' if len(text) > 24 else ''})" if text else "")
+        if r is None:
+            lines.append(_wrap(f"{label}: none — {p.get('advice') or 'every row is flagged'}", W, "", "      "))
+            continue
+        r = _row_dict(r)
+        est, se = estimate_text(r["estimate"], r["std_error"])
+        ci, clipped = _ci_text(r.get("ci_low"), r.get("ci_high"), r["std_error"], clip_zero=True)
+        lines.append(_wrap(f"{label}: {r['proposal']} · {r['estimator']} = {est} (SE {se}, 95% CI {ci}"
+                           f"{', clipped at 0' if clipped else ''})", W, "", "      "))
+    if rec is None:
+        lines.append(_wrap(recommendation_line(None, f"{scope} over the {m} prompts".strip(), advice=advice), W, "",
+                           "  "))
+        return "\n".join(lines)
+    est, se = estimate_text(rec["estimate"], rec["std_error"])
+    ci, clipped = _ci_text(rec.get("ci_low"), rec.get("ci_high"), rec["std_error"], clip_zero=True)
+    se_pop = rec.get("std_error_population")
+    if se_pop is not None and se_pop == se_pop:
+        _, pop_se = estimate_text(rec["estimate"], se_pop)
+        pop_ci, pop_clipped = _ci_text(rec.get("ci_population_low"), rec.get("ci_population_high"), se_pop,
+                                       clip_zero=True)
+        population = (f"; for the population the prompts were drawn from SE {pop_se}, 95% CI {pop_ci} (Student t, "
+                      f"{m - 1} df{', lower bound clipped at 0: a KL is ≥ 0' if pop_clipped else ''})")
+    else:
+        population = ""
+    covers = rec.get("covers")
+    use = "Report the first for this prompt set" + (", the second to generalise to new prompts" if population else "")
+    reason = f" {rec['reason']}." if rec.get("reason") else ""
+    overall = (f"Recommended{where} over {covers or f'the {m} prompts'}: {rec['proposal']} · {rec['estimator']} = {est} "
+               f"{unit} (the mean of the per-prompt estimates); for these prompts SE {se}, 95% CI {ci}"
+               f"{' (lower bound clipped at 0)' if clipped else ''}{population}. {use}.{reason}")
+    lines.append(_wrap(overall, W, "", "  "))
+    return "\n".join(lines)

@@ -33,6 +33,8 @@ def jsonable(obj):
     """Plain JSON: numpy scalars/arrays to Python, NaN and ±inf to None (strict JSON has no such numbers)."""
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
+    if hasattr(obj, "to_dict") and not isinstance(obj, type):  # records such as verdicts.Flag
+        return jsonable(obj.to_dict())
     if isinstance(obj, (list, tuple)):
         return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):

@@ -120,6 +120,8 @@ def self_normalized_is(log_ratio, log_weight, axis: int = -1) -> Estimate:
     est = (w * f).sum(axis=axis)
     n = f.shape[axis]
     var = n * (w ** 2 * (f - np.expand_dims(est, axis)) ** 2).sum(axis=axis)
+    if n < 2:  # one draw has no spread to measure: no SE (as mean_estimate), not a zero-width interval
+        var = np.full(np.shape(est), np.nan)
     return Estimate(est, var, np.sqrt(var / n), n)
 
 
@@ -157,6 +159,11 @@ def rb_control_variate_terms(kl_step, log_ratio_step, log_weight_step, mask=None
     out = xp.zeros_like(a)
     for k in range(folds):  # a loop over folds (2), not samples
         train, test = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        if test.size == 0:
+            continue
+        if train.size == 0:  # nothing to fit β on (n = 1): β = 0, the RB(-IS) term itself
+            out[..., _index(xp, test, a)] = xp.take(a, _index(xp, test, a), axis=-1)
+            continue
         at, dt = xp.take(a, _index(xp, train, a), axis=-1), xp.take(d, _index(xp, train, a), axis=-1)
         ac = at - xp.mean(at, axis=-1, keepdims=True)
         dc = dt - xp.mean(dt, axis=-1, keepdims=True)

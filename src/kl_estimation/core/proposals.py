@@ -23,10 +23,17 @@ All math is in log space, so P·exp(5|f|) or P^β Q^(1−β) never overflow. Tok
 KL, and proposals built from P alone leave them out. A row on which every weight is 0 (P = Q there) falls back to P.
 
 Adding a proposal is one function ``fn(log_p, log_q[, param]) -> unnormalised log weight`` and one ``REGISTRY`` line.
+
+Identity and display are separate: a proposal's ``key`` (ASCII, from the registry's ``key`` and the parameter's ASCII
+name: ``geometric_beta-0.5``, ``optimal``) names its random streams, files and run keys; its ``label``
+(``Geometric (β=0.5)``) is for people. ``by_name`` parses labels, their ASCII aliases (``Geometric (beta=0.5)``) and
+keys strictly, with a "did you mean" for near misses.
 """
 from __future__ import annotations
 
+import difflib
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -118,38 +125,66 @@ def optimal(log_p, log_q):
     return log_p + _log_abs_f(log_p, log_q)
 
 
+# ------------------------------------------------------------------------------------------------ identities
+
 @dataclass(frozen=True)
 class Family:
     fn: Callable
-    symbol: str | None = None  # parameter symbol shown in names, None for parameter-free proposals
+    key: str  # stable ASCII identity of the family (random streams, file names, run keys): never change it
+    symbol: str | None = None  # parameter symbol shown to people, None for parameter-free proposals
+    ascii: str | None = None  # the parameter's ASCII name: accepted when parsing, used in keys
     low: float = 0.0
     high: float = math.inf
     grid: str | tuple = ()  # ALPHA_GRID or a fixed tuple of parameters
 
 
-# One line per proposal family: function, parameter symbol, allowed range, default grid.
+# One line per proposal family: function, key, parameter symbol and its ASCII name, allowed range, default grid.
 REGISTRY: dict[str, Family] = {
-    "Alpha-mixture": Family(alpha_mixture, "α", 0.0, 1.0, ALPHA_GRID),
-    "Geometric": Family(geometric, "β", 0.0, math.inf, ALPHA_GRID),
-    "Fixed mixture": Family(fixed_mixture, "λ", 0.0, 1.0, ALPHA_GRID),
-    "Chi-square aware": Family(chi_square_aware, "α", 0.0, math.inf, ALPHA_GRID),
-    "Cross-entropy tilted": Family(cross_entropy_tilted, "t", 0.0, math.inf, ALPHA_GRID),
-    "Exponential family": Family(exponential_family, "β", 0.0, math.inf, (0.1, 0.5, 1.0, 2.0, 5.0)),
-    "Balanced 1": Family(balanced_1),
-    "Balanced 2": Family(balanced_2),
-    "Balanced 3": Family(balanced_3),
-    "Adaptive": Family(adaptive),
-    "Optimal": Family(optimal),
+    "Alpha-mixture": Family(alpha_mixture, "alpha-mixture", "α", "alpha", 0.0, 1.0, ALPHA_GRID),
+    "Geometric": Family(geometric, "geometric", "β", "beta", 0.0, math.inf, ALPHA_GRID),
+    "Fixed mixture": Family(fixed_mixture, "fixed-mixture", "λ", "lambda", 0.0, 1.0, ALPHA_GRID),
+    "Chi-square aware": Family(chi_square_aware, "chi-square-aware", "α", "alpha", 0.0, math.inf, ALPHA_GRID),
+    "Cross-entropy tilted": Family(cross_entropy_tilted, "cross-entropy-tilted", "t", "t", 0.0, math.inf, ALPHA_GRID),
+    "Exponential family": Family(exponential_family, "exponential-family", "β", "beta", 0.0, math.inf,
+                                 (0.1, 0.5, 1.0, 2.0, 5.0)),
+    "Balanced 1": Family(balanced_1, "balanced-1"),
+    "Balanced 2": Family(balanced_2, "balanced-2"),
+    "Balanced 3": Family(balanced_3, "balanced-3"),
+    "Adaptive": Family(adaptive, "adaptive"),
+    "Optimal": Family(optimal, "optimal"),
 }
+PARAM = "proposals"  # the parameter (CLI flag --proposals, API keyword proposals=) that names proposals
+
+
+def _fmt(x: float) -> str:
+    """Shortest text of a parameter that reads back as the same float: 0.5 → '0.5', 5.0 → '5'."""
+    text = f"{x:g}"
+    return text if float(text) == x else repr(float(x))
 
 
 @dataclass(frozen=True)
 class Proposal:
-    """One registry member with its parameter bound; calling it gives normalised log r."""
+    """One registry member with its parameter bound; calling it gives normalised log r.
 
-    name: str
+    ``key`` is its identity (ASCII, stable: random streams, file names and run keys derive from it), ``label`` the
+    name shown to people (``name`` is the same); changing how a label prints never changes a stream or a file."""
+
     family: str
     param: float | None = None
+
+    @property
+    def key(self) -> str:
+        fam = REGISTRY[self.family]
+        return fam.key if fam.symbol is None else f"{fam.key}_{fam.ascii}-{_fmt(self.param)}"
+
+    @property
+    def label(self) -> str:
+        fam = REGISTRY[self.family]
+        return self.family if fam.symbol is None else f"{self.family} ({fam.symbol}={_fmt(self.param)})"
+
+    @property
+    def name(self) -> str:
+        return self.label
 
     def __call__(self, log_p, log_q):
         fam = REGISTRY[self.family]
@@ -159,24 +194,21 @@ class Proposal:
             return log_normalize(log_w, log_p)
 
 
-def _fmt(x: float) -> str:
-    return f"{x:g}"
-
-
 def proposal(family: str, param: float | None = None) -> Proposal:
     """The registry proposal `family` with parameter `param`; ValueError for unknown names or out-of-range values."""
     if family not in REGISTRY:
-        raise ValueError(f"unknown proposal family {family!r}; allowed: {', '.join(REGISTRY)}")
+        raise ValueError(f"{PARAM}: unknown proposal family {family!r}{_did_you_mean(family, list(REGISTRY))}; "
+                         f"allowed: {', '.join(REGISTRY)}")
     fam = REGISTRY[family]
     if fam.symbol is None:
         if param is not None:
-            raise ValueError(f"proposal {family!r} takes no parameter (got {param!r})")
-        return Proposal(family, family)
-    if param is None or not (fam.low <= float(param) <= fam.high):  # NaN fails this test too
+            raise ValueError(f"{PARAM}: proposal {family!r} takes no parameter (got {param!r})")
+        return Proposal(family)
+    if isinstance(param, bool) or not isinstance(param, (int, float, np.integer, np.floating)) \
+            or not (fam.low <= float(param) <= fam.high):  # NaN fails this test too
         hi = "∞)" if fam.high == math.inf else f"{_fmt(fam.high)}]"
-        raise ValueError(f"{family} {fam.symbol} must be in [{_fmt(fam.low)}, {hi} (got {param!r})")
-    param = float(param)
-    return Proposal(f"{family} ({fam.symbol}={_fmt(param)})", family, param)
+        raise ValueError(f"{PARAM}: {family} {fam.symbol} must be in [{_fmt(fam.low)}, {hi} (got {param!r})")
+    return Proposal(family, float(param))
 
 
 def build_proposals(alpha_values: Sequence[float] = DEFAULT_ALPHA_VALUES,
@@ -185,7 +217,8 @@ def build_proposals(alpha_values: Sequence[float] = DEFAULT_ALPHA_VALUES,
     out = []
     for family in (REGISTRY if families is None else families):
         if family not in REGISTRY:
-            raise ValueError(f"unknown proposal family {family!r}; allowed: {', '.join(REGISTRY)}")
+            raise ValueError(f"{PARAM}: unknown proposal family {family!r}{_did_you_mean(family, list(REGISTRY))}; "
+                             f"allowed: {', '.join(REGISTRY)}")
         fam = REGISTRY[family]
         if fam.symbol is None:
             out.append(proposal(family))
@@ -194,21 +227,87 @@ def build_proposals(alpha_values: Sequence[float] = DEFAULT_ALPHA_VALUES,
     return out
 
 
+# ------------------------------------------------------------------------------------------------ parsing
+
+_WITH_PARAM = re.compile(r"^(?P<family>.*?)\s*\((?P<symbol>[^=()]*)=(?P<value>[^()]*)\)$")
+_KEY = re.compile(r"^(?P<family>[a-z0-9]+(?:-[a-z0-9]+)*)(?:_(?P<symbol>[a-z]+)-(?P<value>.+))?$")
+_BY_KEY = {fam.key: name for name, fam in REGISTRY.items()}
+
+
+def suggest(text: str, candidates, cutoff: float = 0.6) -> str | None:
+    """The candidate closest to `text` (difflib, case-insensitive), or None when nothing is close."""
+    candidates = list(candidates)
+    folded = {c.casefold(): c for c in candidates}
+    hit = difflib.get_close_matches(text.casefold(), list(folded), n=1, cutoff=cutoff)
+    return folded[hit[0]] if hit else None
+
+
+def _did_you_mean(text: str, candidates) -> str:
+    hit = suggest(text, candidates)
+    return f"; did you mean {hit!r}?" if hit else ""
+
+
+def _with_param(family: str, value: str) -> str:
+    fam = REGISTRY[family]
+    return family if fam.symbol is None else f"{family} ({fam.symbol}={value})"
+
+
 def by_name(name: str, alpha_values: Sequence[float] = DEFAULT_ALPHA_VALUES) -> Proposal:
-    """Parse a name as printed in outputs, e.g. ``'Geometric (β=0.5)'`` or ``'Optimal'``."""
-    if "(" in name and name.endswith(")"):
-        family, _, rest = name.partition(" (")
-        _, _, value = rest[:-1].partition("=")
-        try:
-            return proposal(family, float(value))
-        except ValueError as err:
-            if family in REGISTRY and REGISTRY[family].symbol:
-                raise
-            raise ValueError(f"unknown proposal {name!r}; allowed e.g.: {_examples(alpha_values)}") from err
-    if name in REGISTRY and REGISTRY[name].symbol is None:
-        return proposal(name)
-    raise ValueError(f"unknown proposal {name!r}; allowed e.g.: {_examples(alpha_values)}")
+    """Parse a proposal's name, strictly: its label as printed (``'Geometric (β=0.5)'``, ``'Optimal'``), the same
+    with the parameter's ASCII name (``'Geometric (beta=0.5)'``) or its key (``'geometric_beta-0.5'``). Anything
+    else is a ValueError starting with ``proposals:`` that names what is wrong and, where one is close, the name
+    meant (``did you mean 'Optimal'?``): a typo in the family, the wrong parameter symbol (``λ`` for Geometric's
+    ``β``), a missing or extra parameter, a value out of range."""
+    if not isinstance(name, str):
+        raise ValueError(f"{PARAM}: a proposal is named by a string (got {name!r})")
+    text = name.strip()
+    m = _WITH_PARAM.match(text)
+    if m:
+        family, symbol, value = m["family"].strip(), m["symbol"].strip(), m["value"].strip()
+        return _resolve(name, family, symbol, value, alpha_values)
+    if text in REGISTRY:
+        fam = REGISTRY[text]
+        if fam.symbol is not None:
+            raise ValueError(f"{PARAM}: {text} needs its parameter {fam.symbol} ({fam.ascii}), e.g. "
+                             f"{_with_param(text, _fmt(_example_value(text, alpha_values)))!r}")
+        return proposal(text)
+    k = _KEY.match(text)
+    if k and k["family"] in _BY_KEY:
+        family = _BY_KEY[k["family"]]
+        if k["symbol"] is None and REGISTRY[family].symbol is None:
+            return proposal(family)
+        if k["symbol"] is not None:
+            return _resolve(name, family, k["symbol"], k["value"], alpha_values)
+    examples = [_with_param(f, _fmt(_example_value(f, alpha_values))) for f in REGISTRY]
+    hit = suggest(text, examples + list(REGISTRY))
+    if hit is None:  # a family typo with a parameter written some other way: suggest on the family part
+        hit = suggest(re.split(r"[\s(_]", text, maxsplit=1)[0], REGISTRY, cutoff=0.75)
+    if hit in REGISTRY:
+        hit = _with_param(hit, _fmt(_example_value(hit, alpha_values)))
+    raise ValueError(f"{PARAM}: unknown proposal {name!r}{f'; did you mean {hit!r}?' if hit else ''} "
+                     f"(allowed e.g.: {', '.join(examples)})")
 
 
-def _examples(alpha_values) -> str:
-    return ", ".join(p.name for p in build_proposals(alpha_values[:1]))
+def _example_value(family: str, alpha_values) -> float:
+    fam = REGISTRY[family]
+    grid = alpha_values if fam.grid == ALPHA_GRID else fam.grid
+    return float(grid[0]) if grid else 0.5
+
+
+def _resolve(name: str, family: str, symbol: str, value: str, alpha_values) -> Proposal:
+    if family not in REGISTRY:
+        hit = suggest(family, REGISTRY)
+        meant = hit and _with_param(hit, value)
+        raise ValueError(f"{PARAM}: unknown proposal {name!r}{f'; did you mean {meant!r}?' if meant else ''} "
+                         f"(families: {', '.join(REGISTRY)})")
+    fam = REGISTRY[family]
+    if fam.symbol is None:
+        raise ValueError(f"{PARAM}: {family} takes no parameter (got {name!r}); did you mean {family!r}?")
+    if symbol not in (fam.symbol, fam.ascii):
+        raise ValueError(f"{PARAM}: {family}'s parameter is {fam.symbol} ({fam.ascii}), not {symbol!r}, in "
+                         f"{name!r}; did you mean {_with_param(family, value)!r}?")
+    try:
+        x = float(value)
+    except ValueError:
+        raise ValueError(f"{PARAM}: {family} {fam.symbol} must be a number (got {value!r} in {name!r})") from None
+    return proposal(family, x)

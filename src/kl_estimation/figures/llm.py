@@ -1,14 +1,21 @@
 r"""Figures of an LLM run, drawn from its saved files alone (summary.json + one JSON document per proposal).
 
   1 estimates    every proposal × estimator: the estimate with its 95 % CI; flagged rows hollow, red and marked "!";
-                 the exact KL where the run recorded one (tiny enumerable pairs), else RB from P as the reference
+                 the recommended row starred; the exact KL where the run recorded one (tiny enumerable pairs), else RB
+                 from P as the reference
   2 per-step     the KL contributed at each position t — per sequence W_<t·KL(P_t‖Q_t) (W = 1 for P), averaged over a
                  proposal's sequences — with 95 % bands, and its running sum: the KL of the process truncated at t
   3 log-weights  the distribution of the sequence log-weights log P(x)/r(x) per proposal, counts on a log axis so
-                 that the few sequences with huge weights — the ones that decide IS — stay visible
-  4 ess          Kish ESS and distinct sequences per proposal, as a share of the sequences drawn
-  5 per-prompt   (prompt sets) each prompt's estimate ± 95 % CI for every proposal's RB / RB-IS estimator
+                 that the few sequences with huge weights — the ones that decide IS — stay visible; a red title = the
+                 run's saved flags mark that proposal's weights
+  4 ess          Kish ESS (as saved in the summary: per prompt, averaged over prompts) and distinct sequences per
+                 proposal, both as a percentage of the sequences drawn
+  5 per-prompt   (prompt sets) each prompt's estimate ± 95 % CI for every proposal's RB / RB-IS estimator; flagged
+                 estimates hollow and red, each prompt's recommended one starred
 
+Every verdict shown (flags, the recommendation) is read from the run's summary.json — never recomputed here, so the
+figures and the table always agree. Proposals are known by their saved identities (summary "proposals": key, label,
+family); a run folder written before those were saved is read by parsing its names.
 Colours: a proposal keeps its registry family's colour from the synthetic figures (plots.COLORS); P is black.
 
 Directions: a run of the reverse direction (or of both) gets every figure once per direction, the reverse ones as
@@ -35,7 +42,7 @@ from kl_estimation.figures.synthetic import (
     _shade,
     write_index,
 )
-from kl_estimation.llm.engine import FORWARD, P_NAME, PREFIX_SUFFIX, SAMPLED_FROM, TARGET, sequence_proposal
+from kl_estimation.llm.engine import FORWARD, P_NAME, SAMPLED_FROM, TARGET, proposal_label, sequence_proposal
 
 LN10 = math.log(10)
 MAIN_ESTIMATOR = {True: "RB", False: "RB-IS"}  # the low-variance estimator of P / of any other proposal
@@ -46,6 +53,7 @@ class LLMRun:
     path: Path
     summary: dict  # one direction's view: its rows, its exact KL
     docs: list[dict]  # one per proposal, in the run's order
+    proposals: list[dict] = None  # their identities (key, label as this direction names it, family, …)
     direction: str = FORWARD
 
     @property
@@ -95,50 +103,75 @@ def load_llm_run(path, methods=None, direction: str = FORWARD) -> LLMRun:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise RunFolderError(f"{path / 'summary.json'} is missing, corrupt or not an LLM summary "
                              f"({type(err).__name__}: {err})") from None
+    records = summary.get("proposals") or [_record(name) for name in proposals]
     if methods:
-        unknown = [m for m in methods if m not in proposals]
+        keys = {}
+        for m in methods:
+            try:
+                keys[_record(m)["key"]] = m
+            except ValueError:
+                keys[m] = m
+        unknown = [m for k, m in keys.items() if k not in {r["key"] for r in records}]
         if unknown:
-            raise RunFolderError(f"--methods: unknown proposal {unknown[0]!r}; this run has: {', '.join(proposals)}")
-        proposals = [p for p in proposals if p in methods]
+            raise RunFolderError(f"--methods: unknown proposal {unknown[0]!r}; this run has: "
+                                 f"{', '.join(r['label'] for r in records)}")
+        records = [r for r in records if r["key"] in keys]
     if direction not in run_directions(summary):
         raise RunFolderError(f"{path / 'summary.json'} holds no {direction} direction")
+    records = [dict(r, label=proposal_label(r["label"], direction)) for r in records]  # plain MC is Q in reverse
     docs = []
-    for name in proposals:
-        f = direction_folder(path, direction) / f"{proposal_slug(name, direction)}.json"
+    for rec in records:
+        f = direction_folder(path, direction) / f"{proposal_slug(rec['key'], direction)}.json"
         try:
             doc = json.loads(f.read_text())
             doc["sequences"], doc["estimates"]  # noqa: B018 - key check
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise RunFolderError(f"{f} (proposal {name!r}) is missing or corrupt ({type(err).__name__}: {err})") \
-                from None
+            raise RunFolderError(f"{f} (proposal {rec['label']!r}) is missing or corrupt ({type(err).__name__}: "
+                                 f"{err})") from None
+        doc["proposal"] = rec["label"]
+        doc.setdefault("proposal_key", rec["key"])
         docs.append(doc)
-    return LLMRun(path, _direction_view(summary, direction), docs, direction)
+    return LLMRun(path, _direction_view(summary, direction), docs, records, direction)
+
+
+def _record(name) -> dict:
+    """The identity of a proposal named in an older run folder (before summary.json kept them)."""
+    return sequence_proposal(name).record()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def _family(name: str) -> str:
-
-    return "Naive MC" if name in SAMPLED_FROM.values() else sequence_proposal(name).base.family
-
-
-def _colors(names: list[str]) -> dict[str, tuple]:
-    """Family colour, shaded by parameter among the run's proposals of that family (a prefix-aware variant shares
-    its base's colour; the figures tell it apart by line style or label)."""
+def _colors(run: "LLMRun") -> dict[str, tuple]:
+    """Label → family colour, shaded by parameter among the run's proposals of that family (a prefix-aware variant
+    shares its base's colour; the figures tell it apart by line style or label)."""
     out = {}
-    bases = [n.removesuffix(PREFIX_SUFFIX) for n in names]
-    for name, base in zip(names, bases):
-        fam = _family(name)
-        same = list(dict.fromkeys(b for b in bases if _family(b) == fam))
-        out[name] = _shade(fam, same.index(base), len(same)) if fam in COLORS else (0.3, 0.3, 0.3)
+    recs = run.proposals
+    fams = ["Naive MC" if r["family"] == P_NAME else r["family"] for r in recs]
+    bases = [(f, r.get("param")) for f, r in zip(fams, recs)]
+    for r, fam, base in zip(recs, fams, bases):
+        same = list(dict.fromkeys(b for b in bases if b[0] == fam))
+        out[r["label"]] = _shade(fam, same.index(base), len(same)) if fam in COLORS else (0.3, 0.3, 0.3)
     return out
+
+
+def _is_prefix_aware(run: "LLMRun", label: str) -> bool:
+    return any(r["label"] == label and r.get("prefix_aware") for r in run.proposals)
+
+
+def _rows_of(run: "LLMRun", label: str, prompt: int | None = None) -> list[dict]:
+    """The saved verdict rows of one proposal (overall, or at one prompt of a prompt set)."""
+    rows = run.summary["rows"] if prompt is None else run.summary["per_prompt"][prompt]["rows"]
+    return [r for r in rows if r["proposal"] == label]
+
+
+WEIGHT_CODES = ("TOP_SHARE", "KHAT", "WEIGHT_IDENTITY", "SAMPLE_VAR_COLLAPSE")
 
 
 ESTIMATOR_ROWS = ("RB", "RB+CV", "MC", "RB-IS", "RB-IS+CV", "IS", "SNIS", "k3", "k3-IS")  # low-variance first
 
 
 def _is_p(doc) -> bool:
-    return doc["proposal"] == doc.get("sampled_from", P_NAME)  # plain Monte Carlo: "Q" in reverse
+    return doc.get("proposal_key", "p" if doc["proposal"] == P_NAME else None) == "p"
 
 
 def _arrays(run: LLMRun, doc) -> dict[str, np.ndarray]:
@@ -170,7 +203,7 @@ def _label(name: str) -> str:
 
 def fig_estimates(plt, run: LLMRun):
     names = [d["proposal"] for d in run.docs]
-    colors = _colors(names)
+    colors = _colors(run)
     order = {e: i for i, e in enumerate(ESTIMATOR_ROWS)}
     rows = [r for name in names for r in sorted((r for r in run.summary["rows"] if r["proposal"] == name),
                                                 key=lambda r: order.get(r["estimator"], len(order)))]
@@ -198,11 +231,16 @@ def fig_estimates(plt, run: LLMRun):
                     ax.text(side, i, mark, color=c, ha="center", va="center", fontsize=8)
         if np.isfinite(est[i]):
             ax.plot(np.clip(est[i], left, right), i, "o", ms=6, mfc="white" if flagged else c, mec=c, mew=1.5)
-    ax.set_yticks(y, [("! " if r["flag"] else "") + f"{_label(r['proposal'])} · {r['estimator']}" for r in rows],
-                  fontsize=8)
+            if r.get("recommended"):
+                ax.plot(np.clip(est[i], left, right), i, "*", ms=15, color="#ffbf00", mec="black", mew=0.6,
+                        zorder=5, label="recommended")
+    ax.set_yticks(y, [("★ " if r.get("recommended") else "! " if r["flag"] else "")
+                      + f"{_label(r['proposal'])} · {r['estimator']}" for r in rows], fontsize=8)
     for tick, r in zip(ax.get_yticklabels(), rows):
         if r["flag"]:
             tick.set_color("#d62728")
+        if r.get("recommended"):
+            tick.set_fontweight("bold")
     for i in range(1, len(rows)):
         if rows[i]["proposal"] != rows[i - 1]["proposal"]:
             ax.axhline(i - 0.5, color="0.6", lw=0.6)
@@ -222,10 +260,12 @@ def fig_estimates(plt, run: LLMRun):
     cfg = run.config
     ax.set_title(f"{run.target} {run.direction}: sequences from {run.sampled} — estimates with 95% CIs, T = "
                  f"{cfg.get('max_new_tokens')}, {cfg.get('n_samples')} sequences per proposal"
-                 f"{_prompts_note(run)}\n{ref}; hollow red ! = flagged (do not trust), see summary.csv", fontsize=10)
+                 f"{_prompts_note(run)}\n{ref}\nhollow red ! = flagged (do not trust; codes in summary.csv), "
+                 f"★ = recommended", fontsize=10)
     fig.tight_layout()
     return fig, (f"{run.target}, {run.direction} direction (sequences from {run.sampled}): every proposal × "
-                 f"estimator with its 95% confidence interval; flagged rows are hollow, red and marked '!'; {ref}.")
+                 f"estimator with its 95% confidence interval; flagged rows are hollow, red and marked '!'; the "
+                 f"recommended row is starred (★); {ref}.")
 
 
 def _step_kl(run: LLMRun) -> str:
@@ -238,8 +278,7 @@ def _prompts_note(run: LLMRun) -> str:
 
 
 def fig_per_step(plt, run: LLMRun):
-    names = [d["proposal"] for d in run.docs]
-    colors = _colors(names)
+    colors = _colors(run)
     T = run.max_new_tokens
     t = np.arange(1, T + 1)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
@@ -248,7 +287,7 @@ def fig_per_step(plt, run: LLMRun):
         c = step_contributions(_arrays(run, d))
         m, lo, hi = _mean_band(c)
         cm, clo, chi = _mean_band(np.cumsum(c, axis=1))
-        style = "--" if d["proposal"].endswith("[prefix-aware]") else "-"
+        style = "--" if _is_prefix_aware(run, d["proposal"]) else "-"
         for ax, (mm, ll, hh) in ((a1, (m, lo, hi)), (a2, (cm, clo, chi))):
             ax.plot(t, mm, style, color=colors[d["proposal"]], lw=2 if _is_p(d) else 1.3, label=_label(d["proposal"]),
                     zorder=4 if _is_p(d) else 2)
@@ -278,11 +317,21 @@ def fig_per_step(plt, run: LLMRun):
                  "proposal with 95% bands (RB for P, RB-IS for the others, step by step).")
 
 
+def _weight_flags(run: LLMRun, label: str) -> list[str]:
+    """The saved flag codes of a proposal's rows that concern its weights (the same verdict as the table's)."""
+    found = []
+    for r in _rows_of(run, label):
+        for c in filter(None, (r.get("flag") or "").split(",")):
+            if c in WEIGHT_CODES and c not in found:
+                found.append(c)
+    return found
+
+
 def fig_log_weights(plt, run: LLMRun):
     docs = [d for d in run.docs if not _is_p(d)]
     if not docs:
         return None
-    colors = _colors([d["proposal"] for d in run.docs])
+    colors = _colors(run)
     rows, cols = _grid(len(docs), 4)
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 2.9 * rows), squeeze=False)
     axes = axes.ravel()
@@ -296,14 +345,18 @@ def fig_log_weights(plt, run: LLMRun):
         ax.set_yscale("log")
         ax.set_ylim(0.7, max(counts.max(), 1) * 2)
         ax.axvline(0.0, color="black", lw=0.7, ls=":")
-        w = np.exp(lw * LN10 - lw.max() * LN10)
-        top = w.max() / w.sum()
         ax.axvline(lw.max(), color="#d62728", lw=1)
         e = d["estimates"].get("IS", {})
-        khat = e.get("khat")
-        ax.set_title(f"{_label(d['proposal'])}\nlargest weight: {top:.0%} of Σw; k-hat "
-                     f"{'—' if khat is None or not np.isfinite(khat) else f'{khat:.2f}'}", fontsize=8,
-                     color="#d62728" if top > 0.1 else "black")
+        khat, share, where = e.get("khat"), e.get("top_weight_share"), ""
+        if share is None and d.get("per_prompt"):  # a prompt set: weights are compared within a prompt only
+            shares = [p["estimates"]["IS"].get("top_weight_share") for p in d["per_prompt"]]
+            share, where = max((s for s in shares if s is not None), default=None), " at a prompt"
+        flagged = _weight_flags(run, d["proposal"])
+        ax.set_title(f"{'! ' if flagged else ''}{_label(d['proposal'])}\nlargest weight: "
+                     f"{'—' if share is None else f'{share:.0%}'} of Σw{where}; k-hat "
+                     f"{'—' if khat is None or not np.isfinite(khat) else f'{khat:.2f}'}"
+                     + (f"\nflagged: {', '.join(flagged)}" if flagged else ""), fontsize=8,
+                     color="#d62728" if flagged else "black")
         ax.set_xlabel(f"log10 w, w = {run.sampled}(x)/r(x)", fontsize=8)
         ax.tick_params(labelsize=8)
     for ax in axes[len(docs):]:
@@ -312,10 +365,11 @@ def fig_log_weights(plt, run: LLMRun):
         ax.set_ylabel("sequences (log)", fontsize=8)
     fig.suptitle("Sequence log-weights per proposal (counts on a log axis; red line: the largest weight; w = 1 dotted)"
                  "\nIS averages w·log P/Q: when one sequence holds a large share of Σw, that one sequence is the "
-                 "estimate (red title: > 10%)", fontsize=10)
+                 "estimate (red title: the run's flags mark these weights, as in the table)", fontsize=10)
     fig.tight_layout()
     return fig, ("Distribution of the sequence log-weights log10 P(x)/r(x) per proposal (log counts, so rare huge "
-                 "weights show), with the share of Σw held by the largest one and Pareto k̂.")
+                 "weights show), with the share of Σw held by the largest one and Pareto k̂; a red title names the "
+                 "run's saved weight flags (the same as the table's).")
 
 
 def distinct_share(doc) -> float:
@@ -323,21 +377,28 @@ def distinct_share(doc) -> float:
     return len(seqs) / max(len(doc["sequences"]), 1)
 
 
-def kish_share(doc) -> float:
-    from kl_estimation.core.diagnostics import kish_ess
-
-    lw = np.array([r["log_weight"] for r in doc["sequences"]])
-    return float(kish_ess(lw)) / max(lw.size, 1)
+def ess_pct(run: LLMRun, doc) -> float:
+    """Kish ESS as a percentage of the sequences drawn, as saved in the run's rows (for a prompt set: each prompt's
+    ESS, summed over the prompts, over all sequences — the mean share over prompts; weights of different prompts
+    are never pooled). The table shows the same number."""
+    rows = _rows_of(run, doc["proposal"])
+    r = next((r for r in rows if r.get("ess") is not None and r.get("n")), None)
+    if r is not None:
+        return 100.0 * r["ess"] / r["n"]
+    e = next(iter(doc["estimates"].values()))
+    return 100.0 * e["ess"] / max(e.get("n") or len(doc["sequences"]), 1)
 
 
 def fig_ess(plt, run: LLMRun):
     names = [d["proposal"] for d in run.docs]
-    colors = _colors(names)
-    ess = [100 * kish_share(d) for d in run.docs]
+    colors = _colors(run)
+    ess = [ess_pct(run, d) for d in run.docs]
     distinct = [100 * distinct_share(d) for d in run.docs]
     y = np.arange(len(names))
+    many = len(run.config.get("prompts") or [1]) > 1
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 1.4 + 0.32 * len(names)), sharey=True)
-    for ax, vals, label in ((a1, ess, "Kish ESS of the sequence weights, % of sequences drawn"),
+    for ax, vals, label in ((a1, ess, "Kish ESS of the sequence weights, % of sequences drawn"
+                                      + (" (per prompt, averaged)" if many else "")),
                             (a2, distinct, "distinct sequences, % of sequences drawn")):
         ax.barh(y, vals, color=[colors[n] for n in names], edgecolor="black", lw=0.3)
         for yi, v in zip(y, vals):
@@ -350,7 +411,9 @@ def fig_ess(plt, run: LLMRun):
                  f"({run.sampled}: always 100%); few distinct sequences = the proposal keeps redrawing the same text",
                  fontsize=10)
     fig.tight_layout()
-    return fig, "Kish ESS of the sequence weights and the share of distinct sequences, per proposal."
+    return fig, ("Kish ESS of the sequence weights (as in the table: % of the sequences drawn"
+                 + (", each prompt's ESS averaged over the prompts" if many else "") + ") and the share of distinct "
+                 "sequences, per proposal.")
 
 
 def fig_per_prompt(plt, run: LLMRun):
@@ -359,7 +422,8 @@ def fig_per_prompt(plt, run: LLMRun):
         return None
     prompts = run.config.get("prompts") or []
     m = len(docs[0]["per_prompt"])
-    colors = _colors([d["proposal"] for d in run.docs])
+    colors = _colors(run)
+    judged = run.summary.get("per_prompt") or []
     fig, ax = plt.subplots(figsize=(max(11.0, 3.5 + 0.5 * m * max(1, len(docs) / 4)), 5.5))
     width = 0.8 / len(docs)
     points = []
@@ -368,9 +432,23 @@ def fig_per_prompt(plt, run: LLMRun):
         x = np.arange(m) - 0.4 + width * (j + 0.5)
         e = np.array([p["estimates"][key]["estimate"] for p in d["per_prompt"]], dtype=float)
         se = np.array([p["estimates"][key]["std_error"] for p in d["per_prompt"]], dtype=float)
-        ax.errorbar(x, e, yerr=1.96 * se, fmt="D" if d["proposal"].endswith(PREFIX_SUFFIX) else "o", ms=4,
-                    color=colors[d["proposal"]], capsize=2, lw=1, label=f"{_label(d['proposal'])} ({key})")
+        verdict = [next((r for r in judged[i]["rows"] if r["proposal"] == d["proposal"] and r["estimator"] == key),
+                        {}) if i < len(judged) else {} for i in range(m)]
+        flagged = np.array([bool(v.get("flag")) for v in verdict])
+        c = colors[d["proposal"]]
+        fmt = "D" if _is_prefix_aware(run, d["proposal"]) else "o"
+        ax.errorbar(x, e, yerr=1.96 * se, fmt="none", ecolor=c, capsize=2, lw=1)
+        ax.plot(x[~flagged], e[~flagged], fmt, ms=4, color=c, label=f"{_label(d['proposal'])} ({key})")
+        if flagged.any():
+            ax.plot(x[flagged], e[flagged], fmt, ms=6, mfc="white", mec="#d62728", mew=1.3)
+        for i, p in enumerate(judged[:m]):  # each prompt's recommended estimate (whichever estimator) at its proposal
+            rec = p.get("recommended")
+            if rec and rec.get("proposal") == d["proposal"]:
+                ax.plot(x[i], rec["estimate"], "*", ms=13, color="#ffbf00", mec="black", mew=0.6, zorder=5)
         points.append(e)
+    ax.plot([], [], "o", ms=6, mfc="white", mec="#d62728", mew=1.3, label="flagged (hollow red)")
+    ax.plot([], [], "*", ms=11, color="#ffbf00", mec="black", mew=0.6, label="recommended at the prompt\n(its own "
+                                                                               "estimator)")
     exact = run.summary.get("exact_per_prompt")
     if exact:
         ax.plot(np.arange(m), exact, "_", color="#2ca02c", ms=18, mew=2, label="exact KL")
@@ -385,10 +463,20 @@ def fig_per_prompt(plt, run: LLMRun):
                   rotation=35, ha="right", fontsize=7)
     ax.set_ylabel(f"{run.target} per sequence after the prompt (nats)")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
-    ax.set_title(f"Per-prompt KL: RB / RB-IS estimate ± 95% CI of each proposal, {m} prompts\nthe spread between "
-                 f"prompts is what std_error_population adds to the overall standard error", fontsize=10)
+    ax.set_title(f"Per-prompt KL: RB / RB-IS estimate ± 95% CI of each proposal, {m} prompts\nhollow red = flagged "
+                 f"at that prompt, ★ = recommended there; the spread between prompts is what std_error_population "
+                 f"adds", fontsize=10)
     fig.tight_layout()
-    return fig, "Per-prompt KL estimates (RB for P, RB-IS for other proposals) with 95% CIs, prompts side by side."
+    return fig, ("Per-prompt KL estimates (RB for P, RB-IS for other proposals) with 95% CIs, prompts side by side; "
+                 "estimates flagged at a prompt are hollow and red, each prompt's recommended estimate starred.")
+
+
+def recommendation_text(run: LLMRun) -> str:
+    """The saved recommendation, as the console says it (report.recommendation_block: one line, or for a prompt
+    set one short line per prompt and the overall one)."""
+    from kl_estimation.report import recommendation_block
+
+    return recommendation_block(run.summary, columns=10_000)
 
 
 FIGURES = {"estimates": fig_estimates, "per-step": fig_per_step, "log-weights": fig_log_weights, "ess": fig_ess,
@@ -425,6 +513,7 @@ def draw_all(path, fmt: str = "png", methods=None) -> Path:
         intro = (f"P = {escape(str(models.get('p')))}, Q = {escape(str(models.get('q')))}; {which}; T = "
                  f"{cfg.get('max_new_tokens')}, temperature {cfg.get('temperature')}, {cfg.get('n_samples')} "
                  f"sequences per proposal and prompt, seed {cfg.get('seed')}. "
-                 f"{escape(run.summary.get('truncation', ''))}.")
+                 f"{escape(run.summary.get('truncation', ''))}.</p>"
+                 f"<p class='recommended'><b>{'<br>'.join(map(escape, recommendation_text(run).splitlines()))}</b>")
         write_index(tmp, f"LLM run {path.resolve().name}", intro, files)
     return path / "plots" / "index.html"

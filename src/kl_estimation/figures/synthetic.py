@@ -14,8 +14,9 @@ Per (family, divergence) pair:
 Across pairs:
   8 cross       heatmap of log10(exact variance / naive MC variance), methods × pairs
 
-A method family keeps its colour in every figure; parameters are shades of it. Flagged methods (see evaluation.py)
-are drawn hatched or with an ✕ so a calm-looking degenerate proposal never looks like a winner.
+A method family keeps its colour in every figure; parameters are shades of it. Flagged methods (the run's saved
+flags, verdicts) are drawn hatched or with an ✕ so a calm-looking degenerate proposal never looks like a winner; no
+figure recomputes a threshold of its own.
 """
 from __future__ import annotations
 
@@ -318,7 +319,7 @@ def fig_ess(plt, run: Run, key: str, methods):
 
 
 def fig_scatter(plt, run: Run, key: str, methods):
-    from kl_estimation.synthetic.evaluation import DEGENERATE_RATIO
+    from kl_estimation.verdicts import DEGENERATE_RATIO, Code, has
 
     pair = run.pair(key)
     ms = [m for m in pair["methods"] if methods is None or m["name"] in methods or m["family"] not in REGISTRY]
@@ -345,7 +346,7 @@ def fig_scatter(plt, run: Run, key: str, methods):
                    edgecolor="#d62728" if m["flags"] else "black", lw=0.9 if m["flags"] else 0.4, zorder=3)
         if big:
             labels.append((xi, yi, m["name"], "black"))
-        elif xi > DEGENERATE_RATIO * yi:  # the message: far below the diagonal
+        elif has(m["flags"], Code.SAMPLE_VAR_COLLAPSE, Code.EXACT_VAR_OVERFLOW):  # as saved: the table's verdict
             degenerate.append((xi / yi, (xi, yi, "! " + m["name"], "#d62728")))
     degenerate.sort(key=lambda t: -t[0])
     named = [d for _, d in degenerate[:MAX_NAMED]]
@@ -357,7 +358,7 @@ def fig_scatter(plt, run: Run, key: str, methods):
     line = np.array([lo, hi])
     ax.plot(line, line, color="black", lw=0.8, label="empirical = exact")
     ax.plot(line, line / DEGENERATE_RATIO, color="#d62728", lw=0.8, ls="--",
-            label=f"empirical = exact / {DEGENERATE_RATIO:g} (flagged below)")
+            label=f"empirical = exact / {DEGENERATE_RATIO:g} (the verdict's threshold)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
@@ -442,8 +443,9 @@ def error_vs_n(run: Run, key: str, n_best: int = 3, sizes=SAMPLE_SIZES, repeats=
     kl = float(exact_kl(P, Q))
     flagged = {m["name"] for m in pair["methods"] if m["flags"]}
     ranked = pair["rankings"]["by_exact_variance"]
-    names = [n for n in ranked if n.startswith(("Naive MC", "Rao-Blackwell"))]
-    names += [n for n in ranked if n not in flagged and n not in names and not n.startswith("Schulman")][:n_best]
+    group = {m["name"]: m["family"] for m in pair["methods"]}  # the method's group, not a name prefix
+    names = [n for n in ranked if group[n] in ("Naive MC", "Rao-Blackwell")]
+    names += [n for n in ranked if n not in flagged and n not in names and group[n] in REGISTRY][:n_best]
     built = {m.name: m for m in methods_for(P, Q, cfg["alpha_values"], cfg["rb_top_k"])}
     out = {}
     for name in names:

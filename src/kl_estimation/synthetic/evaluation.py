@@ -8,16 +8,19 @@ variance is tiny). Special cases: naive MC Var_P[f] = Σ P f² − KL² (the "th
 A method without an exact value (exact_mean / exact_variance None: the prefix-aware sequence proposals) is judged
 by its empirical numbers alone and ranks last by exact variance.
 
-A method is *flagged* (never ranked above an unflagged one) when
-* it is biased (its exact mean differs from the exact KL: Schulman's k2), or
-* its sample variance is more than ``DEGENERATE_RATIO``× below its exact variance — its weights degenerated: the
-  rare huge weights that carry the variance were never drawn, so the sample looks calm while the estimator is not, or
-* it has no exact variance (prefix-aware sequence proposals) and its mean Pareto k̂ exceeds 0.7.
+A method is *flagged* (never ranked above an unflagged one) by the one trust policy of the package (verdicts):
+the exact checks (verdicts.checks.exact_flags) — it is biased (its exact mean differs from the exact KL:
+Schulman's k2), its exact variance is beyond float64, or its sample variance is more than ``DEGENERATE_RATIO``× below
+its exact variance (its weights degenerated: the rare huge weights that carry the variance were never drawn, so the
+sample looks calm while the estimator is not) — plus the flags the caller found in the draws (``sample_flags``: the
+toy Markov rows go through verdicts.judge_repeats, the same checks as an LLM run), or, without either (a
+prefix-aware row judged by its numbers alone), a mean Pareto k̂ above 0.7.
 
 Where the exact variance is known it decides, not k̂: a single-token proposal with bounded weights (Optimal,
 Alpha-mixture α=0.9: exact variance 0.06–0.13× naive MC) draws the same few tokens again and again, and a tail fit to
 those tied weights says nothing about a variance that is known exactly. The degeneracy check above already catches
-the proposals whose calm sample hides a large exact variance.
+the proposals whose calm sample hides a large exact variance. The single-token rows keep no per-draw diagnostics
+(weight means, distinct draws), so for them the exact checks are the whole verdict.
 """
 from __future__ import annotations
 
@@ -25,18 +28,17 @@ import math
 
 import numpy as np
 
-from kl_estimation.core.diagnostics import KHAT_LIMIT
+from kl_estimation.core.exact import kl_from_probs
+from kl_estimation.core.proposals import REGISTRY
+from kl_estimation.verdicts import DEGENERATE_RATIO, Code, Estimator, exact_flags, has, mean_khat_flag  # noqa: F401
 
-DEGENERATE_RATIO = 10.0
 COMBINED_WEIGHTS = (0.7, 0.3)  # the seed's score: 0.7·|error|/KL + 0.3·variance/theoretical variance
 
 
 def exact_kl(P: np.ndarray, Q: np.ndarray, axis: int = -1) -> np.ndarray:
-    """KL(P‖Q) = Σ P log(P/Q) in log space; 0·log 0 = 0; inf where Q = 0 < P (equals scipy.stats.entropy(P, Q))."""
-    P, Q = np.asarray(P, dtype=np.float64), np.asarray(Q, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(P > 0, P * (np.log(P) - np.log(Q)), 0.0)
-    return terms.sum(axis=axis)
+    """KL(P‖Q) = Σ P log(P/Q) (core.exact: log space, 0·log 0 = 0, inf where Q = 0 < P; equals
+    scipy.stats.entropy(P, Q))."""
+    return kl_from_probs(P, Q, axis=axis)
 
 
 def exact_moments(r: np.ndarray, g: np.ndarray) -> tuple[float, float]:
@@ -52,8 +54,10 @@ def _mean(values) -> float | None:
     return float(vals.mean()) if vals.size else None
 
 
-def method_metrics(m: dict, true_kl: float, theoretical_variance: float, naive_empirical_variance: float) -> dict:
-    """Add the across-repeat metrics and flags to one method entry (keys as written to results.json)."""
+def method_metrics(m: dict, true_kl: float, theoretical_variance: float, naive_empirical_variance: float,
+                   sample_flags=None) -> dict:
+    """Add the across-repeat metrics, its estimator kind and its flags (a list of verdicts.Flag) to one method entry
+    (keys as written to results.json). `sample_flags`: what the draws' own checks found (verdicts.judge_repeats)."""
     est = np.asarray(m["estimates"])
     err = np.abs(est - true_kl)
     emp_var = float(np.mean(m["sample_variances"]))
@@ -76,18 +80,23 @@ def method_metrics(m: dict, true_kl: float, theoretical_variance: float, naive_e
         mean_khat=_mean(m["khat"]),
         mean_ess_pct=_mean(m["ess_pct"]),
     )
-    flags = []
-    if m["exact_mean"] is not None and abs(m["exact_mean"] - true_kl) > 1e-9 * max(1.0, abs(true_kl)):
-        flags.append(f"biased: exact mean {m['exact_mean']:.4g} vs KL {true_kl:.4g}")
-    if exact_var == math.inf:
-        flags.append("exact variance beyond float64 (> 1e308): weights degenerate")
-    elif exact_var is not None and exact_var > DEGENERATE_RATIO * max(emp_var, 1e-300):
-        ratio = exact_var / emp_var if emp_var > 0 else math.inf
-        flags.append(f"degenerate weights: sample variance {ratio:.2g}x below exact")
-    if exact_var is None and out["mean_khat"] is not None and out["mean_khat"] > KHAT_LIMIT:
-        flags.append(f"Pareto k̂ {out['mean_khat']:.2f} > {KHAT_LIMIT}")
+    out["estimator"] = str(m.get("estimator") or estimator_of(m))
+    flags = exact_flags(m["exact_mean"], exact_var, true_kl, emp_var) + list(sample_flags or [])
+    if exact_var is None and sample_flags is None:
+        flags += mean_khat_flag(out["mean_khat"])
     out["flags"] = flags
     return out
+
+
+def estimator_of(m: dict) -> Estimator:
+    """The estimator kind of a single-token method entry, from its group (the method's family: "Naive MC",
+    "Rao-Blackwell", "Schulman" or a registry proposal family)."""
+    group = m.get("family")
+    if group in REGISTRY:
+        return Estimator.IS
+    if group == "Schulman":
+        return Estimator.K2 if "k2" in m["name"] else Estimator.K3
+    return {"Naive MC": Estimator.MC, "Rao-Blackwell": Estimator.RB}.get(group, Estimator.MC)
 
 
 RANKING_KEYS = {
@@ -106,7 +115,7 @@ def rankings(methods: list[dict]) -> dict[str, list[str]]:
     """
     def key(field, m):
         v = m[field]
-        demoted = bool(m["flags"]) if field != "exact_variance" else any(f.startswith("biased") for f in m["flags"])
+        demoted = bool(m["flags"]) if field != "exact_variance" else has(m["flags"], Code.BIASED, Code.UNCOVERED_MASS)
         return (demoted, math.inf if v is None or not np.isfinite(v) else v)
 
     return {rank: [m["name"] for m in sorted(methods, key=lambda m: key(field, m))]

@@ -41,6 +41,7 @@ from kl_estimation.synthetic.evaluation import (
     method_metrics,
     rankings,
 )
+from kl_estimation.verdicts import codes
 
 DEFAULT_RB_TOP_K = 100
 
@@ -146,7 +147,7 @@ def methods_for(P: np.ndarray, Q: np.ndarray, alpha_values=DEFAULT_ALPHA_VALUES,
         with np.errstate(invalid="ignore"):
             log_w = np.where(np.isneginf(log_r), -np.inf, log_p - log_r)
         out.append(Method(prop.name, prop.family, log_r, est.importance_sampling_terms(f, log_w), log_w,
-                          prop.name, is_weighted=True))
+                          prop.key, is_weighted=True))  # draws named by the stable key, not the label
     return out
 
 
@@ -260,5 +261,5 @@ def summary_rows(pairs: list[dict]) -> list[dict]:
             rows.append(dict(family=p["family"], divergence=p["divergence"], true_kl=p["true_kl"],
                              theoretical_variance=p["theoretical_variance"], method=m["name"], group=m["family"],
                              **{k: m[k] for k in SUMMARY_FIELDS}, rank_exact_variance=exact_rank[m["name"]],
-                             flag="; ".join(m["flags"])))
+                             flag=codes(m["flags"])))
     return rows

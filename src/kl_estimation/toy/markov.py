@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kl_estimation.core.exact import kl_rows
 from kl_estimation.core.proposals import log_ratio
 from kl_estimation.core.streams import named_stream
 from kl_estimation.core.validation import check_int, check_sizes
@@ -180,7 +181,7 @@ def _exact_values(tables, log_r, T) -> ExactValues:
     for t in reversed(range(T)):
         lp, lq = tables.log_p[t], tables.log_q[t]
         p, f = np.exp(lp), log_ratio(lp, lq)
-        K = np.sum(p * f, axis=-1)
+        K = kl_rows(lp, lq)
         stop = ends[None, :] | (t == T - 1)
 
         def nx(X, terminal):
@@ -299,10 +300,14 @@ def _exact_for(tables: MarkovTables, prop) -> dict[str, tuple[float, float] | No
 
 
 def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
-    """Every proposal × estimator on one toy pair: exact values by DP, estimates from the LLM sampler."""
+    """Every proposal × estimator on one toy pair: exact values by DP, estimates from the LLM sampler, and flags from
+    the one trust policy — each repeat's sampled rows judged exactly as an LLM run's (verdicts.judge_repeats: weight
+    identities, distinct draws, consistency with P, …), plus the exact checks (bias, sample variance far below the
+    exact one) where the DP gives exact values."""
     from kl_estimation.core.estimators import sequence_estimates
     from kl_estimation.llm.engine import sample_batch, sequence_proposal, unit_generator
     from kl_estimation.synthetic.evaluation import method_metrics, rankings
+    from kl_estimation.verdicts import judge_repeats
 
     pair = MarkovPair(tables)
     ex_p = exact_values(tables)
@@ -312,50 +317,61 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
     cov_ad = cov - var_rb  # Cov(RB, MC − RB)
     beta_star = -cov_ad / var_d if var_d > 0 else 0.0
     R, n = cfg.n_repeats, cfg.n_samples
+    judged = []  # one verdict entry per proposal: every repeat is one run of all proposals
 
-    def draw(prop):
+    def draw(prop, exact_known=()):
         b = sample_batch(pair, prop, R * n, cfg.max_new_tokens, unit_generator(cfg.seed, f"{tables.family}/"
-                                                                      f"{tables.divergence}/{prop.name}", 0, "cpu"))
+                                                                      f"{tables.divergence}/{prop.key}", 0, "cpu"))
         a = {k: getattr(b, k).reshape(R, n, -1) for k in ("log_p", "log_q", "log_r", "kl_step", "mask")}
-        return sequence_estimates(a["log_p"], a["log_q"], a["log_r"], a["kl_step"], a["mask"], prop.base is None)
+        est = sequence_estimates(a["log_p"], a["log_q"], a["log_r"], a["kl_step"], a["mask"], prop.base is None)
+        judged.append(dict(proposal=prop, estimates=est, uncovered=float(b.uncovered.max(initial=0.0)),
+                           exact_known=exact_known))
+        return est
 
-    def entry(name, group, e, exact, weighted):
+    def entry(name, group, e, exact, weighted, prop, estimator):
         mean, var = exact if exact else (None, None)
-        return dict(name=name, family=group, exact_mean=mean, exact_variance=var, estimates=e["estimate"],
+        return dict(name=name, family=group, estimator=estimator, proposal=prop.label, proposal_key=prop.key,
+                    exact_mean=mean, exact_variance=var, estimates=e["estimate"],
                     sample_variances=e["variance"], std_errors=e["std_error"],
                     ess_pct=[100 * x / n for x in e["ess"]], khat=e["khat"] if weighted else [None] * R,
                     max_weight=e["max_weight"])
 
-    est_p = draw(sequence_proposal("P"))
+    p_prop = sequence_proposal("P")
+    est_p = draw(p_prop, exact_known=("MC", "RB", "RB+CV"))
     entries = []
     for sampler in cfg.extra_samplers:  # one randomization per repeat: variances and SEs over repeats only
         reps = sampler_repeats(tables, sampler, n, R, cfg.seed, control_variate=True)
         for est_name, group in (("MC", "Naive MC"), ("RB", "Rao-Blackwell"), ("RB+CV", "Rao-Blackwell")):
             e = reps[est_name]
             sd = float(e.std(ddof=1))
-            entries.append(dict(name=f"{est_name} [{sampler}]", family=group, sampler=sampler, exact_mean=kl,
+            entries.append(dict(name=f"{est_name} [{sampler}]", family=group, estimator=est_name, proposal="P",
+                                proposal_key=f"p_{sampler}", sampler=sampler, exact_mean=kl,
                                 exact_variance=None, estimates=e.tolist(), sample_variances=[n * sd * sd] * R,
                                 std_errors=[sd] * R, ess_pct=[100.0] * R, khat=[None] * R, max_weight=[1.0] * R,
                                 variance_ratio_iid_rb=n * sd * sd / var_rb if var_rb > 0 else None))
         if progress:
             progress()
     entries[:0] = [
-        entry("MC", "Naive MC", est_p["MC"], (kl, var_mc), False),
-        entry("RB", "Rao-Blackwell", est_p["RB"], (ex_p.rbis_mean, var_rb), False),
+        entry("MC", "Naive MC", est_p["MC"], (kl, var_mc), False, p_prop, "MC"),
+        entry("RB", "Rao-Blackwell", est_p["RB"], (ex_p.rbis_mean, var_rb), False, p_prop, "RB"),
         entry("RB+CV (cross-fitted β)", "Rao-Blackwell", est_p["RB+CV"],
-              (kl, var_rb - cov_ad ** 2 / var_d if var_d > 0 else var_rb), False),
+              (kl, var_rb - cov_ad ** 2 / var_d if var_d > 0 else var_rb), False, p_prop, "RB+CV"),
     ]
     if progress:
         progress()
     for prop in sequence_proposals(cfg.alpha_values):
-        e = draw(prop)
         exact = _exact_for(tables, prop)
+        e = draw(prop, exact_known=tuple(k for k, v in exact.items() if v is not None))
         group = prop.base.family
         for est_name in ("IS", "SNIS", "RB-IS"):
-            entries.append(entry(f"{est_name} · {prop.name}", group, e[est_name], exact[est_name], True))
+            entries.append(entry(f"{est_name} · {prop.name}", group, e[est_name], exact[est_name], True, prop,
+                                 est_name))
         if progress:
             progress()
-    methods = [method_metrics(m, kl, var_mc, float(np.mean(entries[0]["sample_variances"]))) for m in entries]
+    sampled = judge_repeats(judged, R)  # {(proposal key, estimator): [Flag]}
+    naive = float(np.mean(entries[0]["sample_variances"]))
+    methods = [method_metrics(m, kl, var_mc, naive, sample_flags=sampled.get((m["proposal_key"], m["estimator"]), []))
+               for m in entries]
     return dict(family=tables.family, divergence=tables.divergence, true_kl=kl, theoretical_variance=var_mc,
                 cv_beta_star=beta_star, order=tables.order, max_new_tokens=cfg.max_new_tokens, vocab_size=tables.vocab_size,
                 methods=methods, rankings=rankings(methods))
@@ -401,7 +417,7 @@ def sampler_rb_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int,
 
     T, S, V = tables.shape
     lp, lq = torch.as_tensor(tables.log_p), torch.as_tensor(tables.log_q)
-    kl = (lp.exp() * (lp - lq)).sum(-1)  # (T, S)
+    kl = kl_rows(lp, lq)  # (T, S)
     per = max(1, max_rows // n)
     out = {"MC": [], "RB": []}
     for start in range(0, repeats, per):

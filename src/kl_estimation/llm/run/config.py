@@ -10,7 +10,7 @@ import torch
 
 from kl_estimation.core.resources import check_memory
 from kl_estimation.core.validation import check_int
-from kl_estimation.llm.engine import DIRECTIONS, P_NAME, PREFIX_SUFFIX, sequence_proposal
+from kl_estimation.llm.engine import DIRECTIONS, P_NAME, PREFIX_SUFFIX, parse_proposals
 from kl_estimation.llm.loading import check_loading_options
 from kl_estimation.llm.pair import DTYPES
 from kl_estimation.llm.run.directions import BOTH
@@ -150,8 +150,8 @@ class LLMConfig:
             raise ValueError("proposals: give at least one proposal (P is plain Monte Carlo)")
         if len(set(self.proposals)) != len(self.proposals):
             raise ValueError("proposals: a proposal is listed twice")
-        for name in self.proposals:
-            sequence_proposal(name)  # its errors name `proposals`
+        # each spelling ('Geometric (beta=0.5)') becomes the label people read, once (errors name `proposals`)
+        self.proposals = tuple(p.label for p in parse_proposals(self.proposals))
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype: unknown dtype {self.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
         resolve_device(self.device)

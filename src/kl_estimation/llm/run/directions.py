@@ -23,12 +23,13 @@ import numpy as np
 
 from kl_estimation.core.estimators import Z95, t95
 from kl_estimation.llm.engine import FORWARD, P_NAME, REVERSE, SAMPLED_FROM, TARGET, proposal_label
+from kl_estimation.verdicts.flags import Flag
 
 BOTH = "both"
 UNIT = "nats per sequence"
 JEFFREYS_TARGET = f"{TARGET[FORWARD]} + {TARGET[REVERSE]}"
 _LETTER = re.compile(r"(?<![A-Za-z0-9_])[PQ](?![A-Za-z0-9_])")
-TEXT_FIELDS = ("flag", "flags", "reason")
+TEXT_FIELDS = ("flags", "reason")  # words to relabel; ``flag`` holds codes only
 
 
 def direction_title(direction: str) -> str:
@@ -55,7 +56,9 @@ def _swap_any(x):
         return swap_roles(x)
     if isinstance(x, list):
         return [_swap_any(v) for v in x]
-    if isinstance(x, dict):  # a flag as a record: its message, not its code
+    if isinstance(x, Flag):  # its message, not its code
+        return Flag(x.code, swap_roles(x.message))
+    if isinstance(x, dict):  # a flag as a JSON record, likewise
         return {k: v if k == "code" else _swap_any(v) for k, v in x.items()}
     return x
 
@@ -76,7 +79,7 @@ def relabel_row(row: dict | None, direction: str) -> dict | None:
 
 def relabel(verdict: dict, direction: str) -> dict:
     """verdicts.judge's output for one direction in that direction's names (see the module doc)."""
-    return dict(rows=[relabel_row(r, direction) for r in verdict["rows"]],
+    return dict(verdict, rows=[relabel_row(r, direction) for r in verdict["rows"]],
                 recommended=relabel_row(verdict["recommended"], direction),
                 per_prompt=[dict(p, rows=[relabel_row(r, direction) for r in p["rows"]],
                                  recommended=relabel_row(p["recommended"], direction))

@@ -177,7 +177,7 @@ def proposal_document(cfg: LLMConfig, run: ProposalRun, meta: dict) -> dict:
     d = run.direction
     where = dict(direction=d, target=TARGET[d], sampled_from=SAMPLED_FROM[d],
                  **({"roles": ROLES_REVERSE} if d == REVERSE else {}))
-    return dict(meta, proposal=run.label, **where, run_key=run.key, n_sequences=len(records),
+    return dict(meta, proposal=run.label, proposal_key=run.proposal.key, **where, run_key=run.key, n_sequences=len(records),
                 max_uncovered_mass=max(r.get("uncovered_mass", 0.0) for r in records),
                 **prompt_set_estimates(records, cfg.max_new_tokens, len(cfg.prompt_set), run.proposal.base is None,
                                        unit_groups(run.units, cfg.sampler)),
@@ -253,7 +253,7 @@ def judge_directions(cfg: LLMConfig, runs: list[ProposalRun], docs: list[dict]) 
                   for i, p in enumerate(first["per_prompt"])]
     out = dict(rows=[r for v in by_direction.values() for r in v["rows"]], recommended=first["recommended"],
                recommended_by_direction={d: v["recommended"] for d, v in by_direction.items()},
-               per_prompt=per_prompt, by_direction=by_direction)
+               per_prompt=per_prompt, by_direction=by_direction, proposals=first["proposals"], unit=first["unit"])
     if len(by_direction) > 1:
         out["jeffreys"], per_prompt_j = dirs.jeffreys(by_direction)
         for p, j in zip(per_prompt, per_prompt_j):

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from kl_estimation import runio
-from kl_estimation.llm.engine import FORWARD, proposal_label
+from kl_estimation.llm.engine import FORWARD, SAMPLED_FROM, sequence_proposal
 from kl_estimation.llm.run import distributed
 from kl_estimation.llm.run.config import LLMConfig
 from kl_estimation.llm.run.units import Unit, split_by_unit
+from kl_estimation.verdicts import table_rows
 
 SUMMARY_JSON, SUMMARY_CSV, PER_PROMPT_CSV = "summary.json", "summary.csv", "summary_per_prompt.csv"
 
@@ -33,15 +34,10 @@ def records_to_arrays(records: list[dict], max_new_tokens: int) -> dict[str, np.
     return out
 
 
-def slug(name: str) -> str:
-    """File name of a proposal: 'Alpha-mixture (α=0.5) [prefix-aware]' → 'alpha-mixture_alpha-0.5_prefix-aware'."""
-    s = name.lower()
-    for greek, latin in (("α", "alpha"), ("β", "beta"), ("λ", "lambda")):
-        s = s.replace(greek, latin)
-    out = []
-    for part in s.replace("[", " ").replace("]", " ").replace("(", " ").replace(")", " ").split():
-        out.append("".join(c if c.isalnum() or c in ".-" else "-" for c in part.replace("=", "-")))
-    return "_".join(out)
+def slug(name) -> str:
+    """File name stem of a proposal: its stable key ('Alpha-mixture (α=0.5) [prefix-aware]' →
+    'alpha-mixture_alpha-0.5_prefix-aware', 'P' → 'p'), whatever spelling named it."""
+    return sequence_proposal(name).key
 
 
 REVERSE_FOLDER = "reverse"
@@ -52,9 +48,11 @@ def direction_folder(folder, direction: str = FORWARD) -> Path:
     return Path(folder) if direction == FORWARD else Path(folder) / REVERSE_FOLDER
 
 
-def proposal_slug(name: str, direction: str = FORWARD) -> str:
-    """File name (without suffix) of a proposal in a direction: the slug of its label there."""
-    return slug(proposal_label(name, direction))
+def proposal_slug(name, direction: str = FORWARD) -> str:
+    """File name stem of a proposal in a direction: its stable key; plain Monte Carlo in reverse draws from Q and is
+    'q' (reverse/q.json)."""
+    prop = sequence_proposal(name)
+    return SAMPLED_FROM[direction].lower() if prop.is_p else prop.key
 
 
 def check_folder(cfg: LLMConfig) -> None:
@@ -116,7 +114,8 @@ def run_key(cfg: LLMConfig, proposal: str, models: dict, direction: str = FORWAR
     return dict(models=models, prompts=prompts[0] if len(prompts) == 1 else f"{len(prompts)} prompts, sha256 "
                 f"{prompt_set_digest(prompts)}", chat_template=cfg.chat_template, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size, ignore_eos=cfg.ignore_eos,
-                proposal=proposal, **({} if cfg.sampler == "iid" else {"sampler": cfg.sampler}),
+                proposal=sequence_proposal(proposal).key,  # the stable key, never the label
+                **({} if cfg.sampler == "iid" else {"sampler": cfg.sampler}),
                 **({} if direction == FORWARD else {"direction": direction}))
 
 
@@ -208,11 +207,12 @@ def write_summary(folder, meta: dict, verdict: dict) -> None:
     folder = Path(folder)
     runio.write_json(folder / SUMMARY_JSON, dict(meta, **{k: v for k, v in verdict.items() if k != "by_direction"}))
     rows = verdict["rows"] + ([_csv_row(verdict["jeffreys"], verdict["rows"][0])] if "jeffreys" in verdict else [])
-    runio.write_csv(folder / SUMMARY_CSV, rows)
+    runio.write_csv(folder / SUMMARY_CSV, table_rows(rows))
     if verdict["per_prompt"]:
         runio.write_csv(folder / PER_PROMPT_CSV, [
-            dict(prompt=p["prompt"], **r) for p in verdict["per_prompt"]
-            for r in p["rows"] + ([_csv_row(p["jeffreys"], p["rows"][0])] if "jeffreys" in p else [])])
+            r for p in verdict["per_prompt"]
+            for r in table_rows(p["rows"] + ([_csv_row(p["jeffreys"], p["rows"][0])] if "jeffreys" in p else []),
+                                prompt=p["prompt"])])
 
 
 def _csv_row(jeffreys: dict, like: dict) -> dict:

@@ -57,8 +57,7 @@ def pack(units: list[Unit], batch_size: int) -> list[list[Unit]]:
 def sample_units(pair, prop, units: list[Unit], cfg, direction: str = FORWARD) -> list[dict]:
     """One forward batch of units (drawn with cfg.sampler) → their records, each tagged with its unit (prompt and
     batch index). `pair` is the direction's view of the pair (engine.pair_view); `direction` keys the streams."""
-    streams = [(unit_generator(cfg.seed, prop.name, u.batch, pair.device, u.prompt, direction), u.rows)
-               for u in units]
+    streams = [(unit_generator(cfg.seed, prop, u.batch, pair.device, u.prompt, direction), u.rows) for u in units]
     sizes = [u.rows for u in units]
     rows, batch = np.repeat([u.prompt for u in units], sizes), np.repeat([u.batch for u in units], sizes)
     b = sample_batch(pair, prop, len(rows), cfg.max_new_tokens, streams, prompt_rows=torch.as_tensor(rows),
