@@ -25,7 +25,8 @@ from .estimators import (importance_sampling_terms, k2_terms, k3_terms, mean_est
                          rao_blackwell_is_terms, rao_blackwell_terms, rb_control_variate_terms, self_normalized_is)
 from .evaluation import exact_kl, exact_moments
 from .proposals import REGISTRY, Proposal, build_proposals, by_name, proposal
-from .training import exact_token_kl, k1, k2, k3, sequence_kl
+from .training import (KLRewards, exact_token_kl, k1, k2, k3, kl_loss, kl_rewards, sequence_kl,
+                       token_logprobs_and_kl)
 
 _LAZY = {  # names whose modules import torch / transformers: loaded on first access
     "estimate_kl": "api", "KLResult": "api", "KLRow": "api",
@@ -35,7 +36,7 @@ _LAZY = {  # names whose modules import torch / transformers: loaded on first ac
 
 __all__ = sorted([
     "estimate_kl", "KLResult", "KLRow", "LLMConfig",
-    "exact_token_kl", "k1", "k2", "k3", "sequence_kl",
+    "exact_token_kl", "k1", "k2", "k3", "sequence_kl", "kl_loss", "kl_rewards", "KLRewards", "token_logprobs_and_kl",
     "REGISTRY", "Proposal", "proposal", "by_name", "build_proposals",
     "naive_mc_terms", "importance_sampling_terms", "k2_terms", "k3_terms", "rao_blackwell_terms",
     "rao_blackwell_is_terms", "rb_control_variate_terms", "self_normalized_is", "mean_estimate",
