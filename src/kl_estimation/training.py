@@ -161,68 +161,118 @@ KL_LOSS_BASELINES = (None, "loo")
 
 
 def _default_chunk(V: int) -> int:
-    # 2^25 elements (128 MiB in float32) per temporary: a few of them per chunk, whatever T is
-    return max(1, (1 << 25) // max(1, V))
+    # 2^24 elements (64 MiB in float32) per temporary, three or four of them live per chunk, whatever B × T is
+    return max(1, (1 << 24) // max(1, V))
+
+
+def _fused_kernels():
+    """The chunk computations written functionally for torch.compile: inductor fuses each into a pass or two over
+    the bf16 logits, where eager torch makes one float32 pass per operation."""
+    import torch
+
+    def log_softmax(z, inv_tau):
+        dt = torch.promote_types(torch.float32, z.dtype)
+        return torch.log_softmax(z.to(dt) * inv_tau, -1).clamp(min=torch.finfo(dt).min)
+
+    def forward(zp, zq, tok, inv_tau: float):
+        lsa, lsb = log_softmax(zp, inv_tau), log_softmax(zq, inv_tau)
+        kl = (lsa.exp() * (lsa - lsb)).sum(-1)
+        return lsa.gather(-1, tok)[:, 0], lsb.gather(-1, tok)[:, 0], kl
+
+    def grad_p(zp, zq, tok, kl, a_lp, a_kl, inv_tau: float, use_kl: bool):
+        lsa = log_softmax(zp, inv_tau)
+        p = lsa.exp()
+        d = p * (a_kl * (lsa - log_softmax(zq, inv_tau) - kl) - a_lp) if use_kl else -p * a_lp
+        return (d.scatter_add(-1, tok, a_lp) * inv_tau).to(zp.dtype)
+
+    def grad_q(zp, zq, tok, a_lq, a_kl, inv_tau: float):
+        p, q = log_softmax(zp, inv_tau).exp(), log_softmax(zq, inv_tau).exp()
+        return ((a_kl * (q - p) - a_lq * q).scatter_add(-1, tok, a_lq) * inv_tau).to(zq.dtype)
+
+    # dynamic: one compilation serves every number of rows (the last chunk, other batch shapes)
+    return tuple(torch.compile(f, dynamic=True) for f in (forward, grad_p, grad_q))
+
+
+_FUSED = None
 
 
 def _token_terms_function():
     import torch
 
+    def log_softmax(z, dt, inv_tau, clamp):
+        # torch's fused kernel on an explicit float32 copy (faster on CPU than dtype=); −inf logits are clamped to
+        # the most negative float so that 0·log 0 stays 0 in the dot products below
+        out = torch.log_softmax(z.to(dt) * inv_tau if inv_tau != 1.0 else z.to(dt), -1)
+        return out.clamp_(min=torch.finfo(dt).min) if clamp else out
+
+    def dot(a, b):
+        return torch.einsum("rv,rv->r", a, b)
+
     class _TokenTerms(torch.autograd.Function):
         """log P(x_t), log Q(x_t) and KL(P_t‖Q_t) from (N, V) logits, one chunk of rows at a time.
 
-        The backward pass recomputes each chunk's softmax from the saved log-normalisers instead of keeping
-        (N, V) float32 activations, and writes the analytic gradients ∂K/∂z_p = p·(log p − log q − K),
-        ∂K/∂z_q = q − p, ∂log p(x)/∂z_p = 1{x} − p: one pass over the vocabulary per model and direction.
+        K = Σ_v p·log p − Σ_v p·log q (two dot products, no vocabulary-wide difference tensor). The backward pass
+        recomputes each chunk's log-softmax instead of keeping (N, V) float32 activations and writes the analytic
+        gradients, ∂K/∂z_p = p·(log p − log q − K), ∂K/∂z_q = q − p, ∂log p(x)/∂z_p = 1{x} − p, in place (or
+        through the compiled kernels of _fused_kernels).
         """
 
         @staticmethod
-        def forward(ctx, zp, zq, tokens, inv_tau: float, chunk: int):
+        def forward(ctx, zp, zq, tokens, inv_tau: float, chunk: int, fused):
             dt = torch.promote_types(torch.float32, zp.dtype)
+            clamp = bool(torch.isneginf(zp.amin()) or torch.isneginf(zq.amin())) if fused is None else True
             N = zp.shape[0]
-            lp_tok, lq_tok, kl, lse_p, lse_q = (torch.empty(N, dtype=dt, device=zp.device) for _ in range(5))
+            lp_tok, lq_tok, kl = (torch.empty(N, dtype=dt, device=zp.device) for _ in range(3))
             for i in range(0, N, chunk):
                 j = min(N, i + chunk)
-                a, b = zp[i:j].to(dt), zq[i:j].to(dt)
-                if inv_tau != 1.0:
-                    a, b = a * inv_tau, b * inv_tau
-                la, lb = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
-                lsa, lsb = a - la[:, None], b - lb[:, None]
-                p = lsa.exp()
-                kl[i:j] = torch.where(p > 0, p * (lsa - lsb), torch.zeros_like(p)).sum(-1)
                 tok = tokens[i:j, None]
+                if fused is not None:
+                    lp_tok[i:j], lq_tok[i:j], kl[i:j] = fused[0](zp[i:j], zq[i:j], tok, inv_tau)
+                    continue
+                lsa, lsb = log_softmax(zp[i:j], dt, inv_tau, clamp), log_softmax(zq[i:j], dt, inv_tau, clamp)
                 lp_tok[i:j], lq_tok[i:j] = lsa.gather(-1, tok)[:, 0], lsb.gather(-1, tok)[:, 0]
-                lse_p[i:j], lse_q[i:j] = la, lb
-            ctx.save_for_backward(zp, zq, tokens, lse_p, lse_q, kl)
-            ctx.inv_tau, ctx.chunk = inv_tau, chunk
+                p = lsa.exp()
+                kl[i:j] = dot(p, lsa) - dot(p, lsb)
+            ctx.save_for_backward(zp, zq, tokens, kl)
+            ctx.inv_tau, ctx.chunk, ctx.clamp, ctx.fused = inv_tau, chunk, clamp, fused
             return lp_tok, lq_tok, kl
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, g_lp, g_lq, g_kl):
-            zp, zq, tokens, lse_p, lse_q, kl = ctx.saved_tensors
+            zp, zq, tokens, kl = ctx.saved_tensors
             need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            dt, N, inv_tau, chunk = kl.dtype, zp.shape[0], ctx.inv_tau, ctx.chunk
+            dt, N, inv_tau, chunk, clamp, fused = kl.dtype, zp.shape[0], ctx.inv_tau, ctx.chunk, ctx.clamp, ctx.fused
             zeros = torch.zeros(N, dtype=dt, device=kl.device)
+            use_kl = g_kl is not None  # kl_loss("mc") never uses it: log Q's softmax is then not needed for P
             g_lp, g_lq, g_kl = (zeros if g is None else g.to(dt) for g in (g_lp, g_lq, g_kl))
             gp = torch.empty_like(zp) if need_p else None
             gq = torch.empty_like(zq) if need_q else None
             for i in range(0, N, chunk):
                 j = min(N, i + chunk)
                 tok, a_lp, a_lq, a_kl = tokens[i:j, None], g_lp[i:j, None], g_lq[i:j, None], g_kl[i:j, None]
-                lsa = zp[i:j].to(dt) * inv_tau - lse_p[i:j, None]
-                lsb = zq[i:j].to(dt) * inv_tau - lse_q[i:j, None]
+                if fused is not None:
+                    if need_p:
+                        gp[i:j] = fused[1](zp[i:j], zq[i:j], tok, kl[i:j, None], a_lp, a_kl, inv_tau, use_kl)
+                    if need_q:
+                        gq[i:j] = fused[2](zp[i:j], zq[i:j], tok, a_lq, a_kl, inv_tau)
+                    continue
+                lsa = log_softmax(zp[i:j], dt, inv_tau, clamp)
                 p = lsa.exp()
-                if need_p:
-                    d = torch.where(p > 0, p * (a_kl * (lsa - lsb - kl[i:j, None]) - a_lp), torch.zeros_like(p))
-                    d.scatter_add_(-1, tok, a_lp)
-                    gp[i:j] = (d * inv_tau).to(zp.dtype)
+                lsb = log_softmax(zq[i:j], dt, inv_tau, clamp) if (use_kl or need_q) else None
                 if need_q:
                     q = lsb.exp()
-                    d = a_kl * (q - p) - a_lq * q
+                    d = torch.sub(p, q).mul_(-a_kl).sub_(q.mul_(a_lq))  # a_kl·(q − p) − a_lq·q
                     d.scatter_add_(-1, tok, a_lq)
-                    gq[i:j] = (d * inv_tau).to(zq.dtype)
-            return gp, gq, None, None, None
+                    gq[i:j] = d.mul_(inv_tau) if inv_tau != 1.0 else d
+                if need_p:
+                    if use_kl:  # p·(a_kl·(log p − log q − K) − a_lp)
+                        d = lsa.sub_(lsb).mul_(a_kl).sub_(a_kl * kl[i:j, None] + a_lp).mul_(p)
+                    else:
+                        d = p.mul_(-a_lp)
+                    d.scatter_add_(-1, tok, a_lp)
+                    gp[i:j] = d.mul_(inv_tau) if inv_tau != 1.0 else d
+            return gp, gq, None, None, None, None
 
     return _TokenTerms
 
@@ -231,7 +281,7 @@ _TOKEN_TERMS = None
 
 
 def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature: float = 1.0,
-                          chunk_size: int | None = None):
+                          chunk_size: int | None = None, compile: bool = False):
     """log P(x_t), log Q(x_t) of the sampled tokens and the exact KL(P_t‖Q_t), in one chunked pass over the vocabulary.
 
     Parameters
@@ -246,8 +296,14 @@ def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature:
     temperature : float
         The logits are divided by it (the sampling temperature, so that P is the distribution sampled from).
     chunk_size : int, optional
-        Positions per chunk; default ⌊2²⁵ / V⌋ (220 at V = 151,936), so the float32 temporaries stay near 128 MiB
+        Positions per chunk; default ⌊2²⁴ / V⌋ (110 at V = 151,936), so the float32 temporaries stay near 64 MiB
         each whatever B × T is.
+    compile : bool
+        Run each chunk through kernels compiled by ``torch.compile`` (inductor: Triton on GPUs, C++ on CPUs), which
+        fuse the log-softmaxes, the KL and the gradient into one or two passes over the logits: several times
+        faster than the eager path and than the libraries' eager log_softmax (bench/bench_kl_loss.py). The first
+        call compiles (seconds to a minute, once per process, dtype and temperature; any number of rows after
+        that). Needs a working torch.compile; off by default so that nothing compiles unasked.
 
     Returns
     -------
@@ -256,14 +312,15 @@ def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature:
 
     Notes
     -----
-    This replaces ``log_softmax(logits).gather(...)`` for both models plus ``exact_token_kl``: the forward keeps only
-    two log-normalisers per position, the backward recomputes each chunk's softmax and writes the analytic
-    gradient straight into a gradient of the logits' own dtype, so no (B, T, V) float32 tensor exists at any time
-    (with bf16 logits, the one (B, T, V) tensor it allocates is their bf16 gradient).
+    This replaces ``log_softmax(logits).gather(...)`` for both models plus ``exact_token_kl``: the forward keeps
+    nothing vocabulary-wide, the backward recomputes each chunk's log-softmax and writes the analytic gradient
+    straight into a gradient of the logits' own dtype, so no (B, T, V) float32 tensor exists at any time (with
+    bf16 logits, the one (B, T, V) tensor it allocates is their bf16 gradient). A token that Q gives probability 0
+    where P does not makes that KL huge (the log-probability −inf is clamped to the most negative float).
     """
     import torch
 
-    global _TOKEN_TERMS
+    global _TOKEN_TERMS, _FUSED
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0 (got {temperature!r})")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
@@ -284,8 +341,11 @@ def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature:
         raise ValueError(f"tokens: values outside [0, {V}) at unmasked positions")
     if _TOKEN_TERMS is None:
         _TOKEN_TERMS = _token_terms_function()
+    if compile and _FUSED is None:
+        _FUSED = _fused_kernels()
     chunk = _default_chunk(V) if chunk_size is None else chunk_size
-    outs = _TOKEN_TERMS.apply(logits_p.reshape(-1, V), logits_q.reshape(-1, V), tok, 1.0 / temperature, chunk)
+    outs = _TOKEN_TERMS.apply(logits_p.reshape(-1, V), logits_q.reshape(-1, V), tok, 1.0 / temperature, chunk,
+                              _FUSED if compile else None)
     return tuple(torch.where(m, o.reshape(lead), torch.zeros((), dtype=o.dtype, device=o.device)) for o in outs)
 
 
