@@ -21,7 +21,8 @@ Each method runs in its own subprocess (so one's freed memory cannot hide anothe
 increase over the memory held once the inputs exist and one warm-up run (compilation included) is done: on CUDA torch.cuda.max_memory_allocated; on CPU the process's
 peak resident set (VmHWM, reset through /proc/self/clear_refs) with glibc's mmap threshold fixed at 1 MiB so freed
 buffers leave the resident set. It includes the (B, T, V) gradient of the policy's logits, which every method writes.
-Times: median of --repeats runs after the warm-up.
+Times: median of --repeats runs after the warm-up, wall clock and the process's CPU time (on a shared machine the
+CPU time with --threads 1 is the steadier of the two).
 """
 from __future__ import annotations
 
@@ -145,22 +146,24 @@ def run_one(args, method):
     forward(method, zp, zq, tok, mask, torch, kle).backward()
     mem = peak.stop()
     zp.grad = None
-    fwd, bwd, value = [], [], None
+    fwd, bwd, cpu, value = [], [], [], None
     for i in range(args.repeats):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = forward(method, zp, zq, tok, mask, torch, kle)
         sync()
         t1 = time.perf_counter()
         loss.backward()
         sync()
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         value = float(loss)
         zp.grad = None
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
+        cpu.append(c2 - c0)
     return dict(method=method, forward_s=statistics.median(fwd), backward_s=statistics.median(bwd),
-                total_s=statistics.median([a + b for a, b in zip(fwd, bwd)]), peak_bytes=mem, loss=value,
+                total_s=statistics.median([a + b for a, b in zip(fwd, bwd)]), cpu_s=statistics.median(cpu),
+                peak_bytes=mem, loss=value,
                 warmup_s=warm)
 
 
@@ -194,11 +197,12 @@ def main():
           f" MiB each; peak = {'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'VmHWM'}"
           f" above the inputs; median of {args.repeats}")
     ref = next((r for r in rows if r["method"] == "k3 (log_softmax)"), rows[0])
-    print(f"{'method':18s} {'forward s':>10s} {'backward s':>10s} {'total s':>8s} {'× k3':>6s} "
+    print(f"{'method':18s} {'forward s':>10s} {'backward s':>10s} {'total s':>8s} {'× k3':>6s} {'CPU s':>7s} {'× k3':>6s} "
           f"{'peak MiB':>9s} {'× k3':>6s} {'peak / BTV·4':>12s} {'loss':>10s} {'warm-up s':>9s}")
     for r in rows:
         print(f"{r['method']:18s} {r['forward_s']:10.3f} {r['backward_s']:10.3f} {r['total_s']:8.3f} "
-              f"{r['total_s'] / ref['total_s']:6.2f} {r['peak_bytes'] / mib:9.0f} "
+              f"{r['total_s'] / ref['total_s']:6.2f} {r['cpu_s']:7.3f} {r['cpu_s'] / ref['cpu_s']:6.2f} "
+              f"{r['peak_bytes'] / mib:9.0f} "
               f"{r['peak_bytes'] / ref['peak_bytes']:6.2f} {r['peak_bytes'] / (B * T * V * 4):12.2f} "
               f"{r['loss']:10.4f} {r['warmup_s']:9.1f}")
 

@@ -170,24 +170,35 @@ def _fused_kernels():
     the bf16 logits, where eager torch makes one float32 pass per operation."""
     import torch
 
-    def log_softmax(z, inv_tau):
-        dt = torch.promote_types(torch.float32, z.dtype)
-        return torch.log_softmax(z.to(dt) * inv_tau, -1).clamp(min=torch.finfo(dt).min)
+    def scaled(z, inv_tau):
+        return z.to(torch.promote_types(torch.float32, z.dtype)) * inv_tau
+
+    def normalised(z, lse, inv_tau):
+        x = scaled(z, inv_tau) - lse
+        return x.clamp(min=torch.finfo(x.dtype).min)
+
+    def onehot(tok, z):
+        # a comparison with an index range, which inductor generates inside the kernel (a scatter would need the
+        # gradient materialised in float32 first)
+        return (torch.arange(z.shape[-1], device=z.device) == tok).to(torch.promote_types(torch.float32, z.dtype))
 
     def forward(zp, zq, tok, inv_tau: float):
-        lsa, lsb = log_softmax(zp, inv_tau), log_softmax(zq, inv_tau)
+        # the row log-normalisers go back to the Function so that the backward is one pass over the logits
+        lse_p = torch.logsumexp(scaled(zp, inv_tau), -1, keepdim=True)
+        lse_q = torch.logsumexp(scaled(zq, inv_tau), -1, keepdim=True)
+        lsa, lsb = normalised(zp, lse_p, inv_tau), normalised(zq, lse_q, inv_tau)
         kl = (lsa.exp() * (lsa - lsb)).sum(-1)
-        return lsa.gather(-1, tok)[:, 0], lsb.gather(-1, tok)[:, 0], kl
+        return lsa.gather(-1, tok)[:, 0], lsb.gather(-1, tok)[:, 0], kl, lse_p, lse_q
 
-    def grad_p(zp, zq, tok, kl, a_lp, a_kl, inv_tau: float, use_kl: bool):
-        lsa = log_softmax(zp, inv_tau)
+    def grad_p(zp, zq, tok, kl, lse_p, lse_q, a_lp, a_kl, inv_tau: float, use_kl: bool):
+        lsa = normalised(zp, lse_p, inv_tau)
         p = lsa.exp()
-        d = p * (a_kl * (lsa - log_softmax(zq, inv_tau) - kl) - a_lp) if use_kl else -p * a_lp
-        return (d.scatter_add(-1, tok, a_lp) * inv_tau).to(zp.dtype)
+        d = p * (a_kl * (lsa - normalised(zq, lse_q, inv_tau) - kl) - a_lp) if use_kl else -p * a_lp
+        return ((d + a_lp * onehot(tok, zp)) * inv_tau).to(zp.dtype)
 
-    def grad_q(zp, zq, tok, a_lq, a_kl, inv_tau: float):
-        p, q = log_softmax(zp, inv_tau).exp(), log_softmax(zq, inv_tau).exp()
-        return ((a_kl * (q - p) - a_lq * q).scatter_add(-1, tok, a_lq) * inv_tau).to(zq.dtype)
+    def grad_q(zp, zq, tok, lse_p, lse_q, a_lq, a_kl, inv_tau: float):
+        p, q = normalised(zp, lse_p, inv_tau).exp(), normalised(zq, lse_q, inv_tau).exp()
+        return ((a_kl * (q - p) - a_lq * q + a_lq * onehot(tok, zq)) * inv_tau).to(zq.dtype)
 
     # dynamic: one compilation serves every number of rows (the last chunk, other batch shapes)
     return tuple(torch.compile(f, dynamic=True) for f in (forward, grad_p, grad_q))
@@ -223,24 +234,27 @@ def _token_terms_function():
             clamp = bool(torch.isneginf(zp.amin()) or torch.isneginf(zq.amin())) if fused is None else True
             N = zp.shape[0]
             lp_tok, lq_tok, kl = (torch.empty(N, dtype=dt, device=zp.device) for _ in range(3))
+            n_lse = N if fused is not None else 0  # the compiled backward starts from the forward's normalisers
+            lse_p, lse_q = (torch.empty(n_lse, 1, dtype=dt, device=zp.device) for _ in range(2))
             for i in range(0, N, chunk):
                 j = min(N, i + chunk)
                 tok = tokens[i:j, None]
                 if fused is not None:
-                    lp_tok[i:j], lq_tok[i:j], kl[i:j] = fused[0](zp[i:j], zq[i:j], tok, inv_tau)
+                    lp_tok[i:j], lq_tok[i:j], kl[i:j], lse_p[i:j], lse_q[i:j] = fused[0](zp[i:j], zq[i:j], tok,
+                                                                                         inv_tau)
                     continue
                 lsa, lsb = log_softmax(zp[i:j], dt, inv_tau, clamp), log_softmax(zq[i:j], dt, inv_tau, clamp)
                 lp_tok[i:j], lq_tok[i:j] = lsa.gather(-1, tok)[:, 0], lsb.gather(-1, tok)[:, 0]
                 p = lsa.exp()
                 kl[i:j] = dot(p, lsa) - dot(p, lsb)
-            ctx.save_for_backward(zp, zq, tokens, kl)
+            ctx.save_for_backward(zp, zq, tokens, kl, lse_p, lse_q)
             ctx.inv_tau, ctx.chunk, ctx.clamp, ctx.fused = inv_tau, chunk, clamp, fused
             return lp_tok, lq_tok, kl
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, g_lp, g_lq, g_kl):
-            zp, zq, tokens, kl = ctx.saved_tensors
+            zp, zq, tokens, kl, lse_p, lse_q = ctx.saved_tensors
             need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             dt, N, inv_tau, chunk, clamp, fused = kl.dtype, zp.shape[0], ctx.inv_tau, ctx.chunk, ctx.clamp, ctx.fused
             zeros = torch.zeros(N, dtype=dt, device=kl.device)
@@ -252,10 +266,12 @@ def _token_terms_function():
                 j = min(N, i + chunk)
                 tok, a_lp, a_lq, a_kl = tokens[i:j, None], g_lp[i:j, None], g_lq[i:j, None], g_kl[i:j, None]
                 if fused is not None:
+                    lp_, lq_ = lse_p[i:j], lse_q[i:j]
                     if need_p:
-                        gp[i:j] = fused[1](zp[i:j], zq[i:j], tok, kl[i:j, None], a_lp, a_kl, inv_tau, use_kl)
+                        gp[i:j] = fused[1](zp[i:j], zq[i:j], tok, kl[i:j, None], lp_, lq_, a_lp, a_kl, inv_tau,
+                                           use_kl)
                     if need_q:
-                        gq[i:j] = fused[2](zp[i:j], zq[i:j], tok, a_lq, a_kl, inv_tau)
+                        gq[i:j] = fused[2](zp[i:j], zq[i:j], tok, lp_, lq_, a_lq, a_kl, inv_tau)
                     continue
                 lsa = log_softmax(zp[i:j], dt, inv_tau, clamp)
                 p = lsa.exp()
