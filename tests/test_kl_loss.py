@@ -522,11 +522,13 @@ def test_bad_inputs_raise_naming_the_parameter():
 
 
 if __name__ == "__main__":
-    print(f"{'estimator':28s} {'T':>2s} {'policy':6s} {'claim':18s} {'|z| claim':>9s} {'|z| rev':>8s} "
-          f"{'|z| fwd':>8s} {'|z| 0':>8s} {'|z| E':>6s} {'var':>8s}")
+    torch.set_num_threads(1)
+    cols = ("reverse", "forward", "zero", "frozen reverse", "frozen forward")
+    print(f"{'estimator':26s} {'T':>2s} {'policy':6s} {'claim':17s} {'|z| claim':>9s} "
+          + " ".join(f"{c[:10]:>10s}" for c in cols) + f" {'|z| E':>6s} {'var':>7s}")
     for name, T, on, claim in TABLE:
         r = evaluate(name, T, on)
         zc = "" if claim == "neither" else f"{r['z'][claim]:.2f}"
         ze = "" if r["z_exact"] is None else f"{r['z_exact']:.2f}"
-        print(f"{name:28s} {T:2d} {'on' if on else 'off':6s} {claim:18s} {zc:>9s} {r['z']['reverse']:8.2f} "
-              f"{r['z']['forward']:8.2f} {r['z']['zero']:8.2f} {ze:>6s} {r['var']:8.3f}")
+        print(f"{name:26s} {T:2d} {'on' if on else 'off':6s} {claim:17s} {zc:>9s} "
+              + " ".join(f"{r['z'][c]:10.1f}" for c in cols) + f" {ze:>6s} {r['var']:7.3f}")
