@@ -106,9 +106,10 @@ class Peak:
         self.cuda, self.torch = device.startswith("cuda"), torch
 
     def _rss(self, field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
         raise RuntimeError(field)
 
     def start(self):
@@ -161,10 +162,9 @@ def run_one(args, method):
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
         cpu.append(c2 - c0)
-    return dict(method=method, forward_s=statistics.median(fwd), backward_s=statistics.median(bwd),
-                total_s=statistics.median([a + b for a, b in zip(fwd, bwd)]), cpu_s=statistics.median(cpu),
-                peak_bytes=mem, loss=value,
-                warmup_s=warm)
+    return {"method": method, "forward_s": statistics.median(fwd), "backward_s": statistics.median(bwd),
+            "total_s": statistics.median([a + b for a, b in zip(fwd, bwd)]), "cpu_s": statistics.median(cpu),
+            "peak_bytes": mem, "loss": value, "warmup_s": warm}
 
 
 def main():
@@ -199,11 +199,14 @@ def main():
     ref = next((r for r in rows if r["method"] == "k3 (log_softmax)"), rows[0])
     print(f"{'method':18s} {'forward s':>10s} {'backward s':>10s} {'total s':>8s} {'× k3':>6s} {'CPU s':>7s} {'× k3':>6s} "
           f"{'peak MiB':>9s} {'× k3':>6s} {'peak / BTV·4':>12s} {'loss':>10s} {'warm-up s':>9s}")
+    def ratio(a, b):
+        return a / b if b else float("nan")  # tiny sizes: below the resolution of the peak
+
     for r in rows:
         print(f"{r['method']:18s} {r['forward_s']:10.3f} {r['backward_s']:10.3f} {r['total_s']:8.3f} "
-              f"{r['total_s'] / ref['total_s']:6.2f} {r['cpu_s']:7.3f} {r['cpu_s'] / ref['cpu_s']:6.2f} "
+              f"{ratio(r['total_s'], ref['total_s']):6.2f} {r['cpu_s']:7.3f} {ratio(r['cpu_s'], ref['cpu_s']):6.2f} "
               f"{r['peak_bytes'] / mib:9.0f} "
-              f"{r['peak_bytes'] / ref['peak_bytes']:6.2f} {r['peak_bytes'] / (B * T * V * 4):12.2f} "
+              f"{ratio(r['peak_bytes'], ref['peak_bytes']):6.2f} {r['peak_bytes'] / (B * T * V * 4):12.2f} "
               f"{r['loss']:10.4f} {r['warmup_s']:9.1f}")
 
 

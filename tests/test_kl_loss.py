@@ -15,12 +15,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
 
 from kl_estimation import training as tr
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -75,7 +76,7 @@ def sample(theta, n_batches, T, seed):
     return tok.reshape(n_batches, B, T)
 
 
-@lru_cache(maxsize=None)
+@cache
 def all_sequences(T):
     """Every distinct sequence once: tokens after the first EOS are 0."""
     seqs = [s for s in itertools.product(range(V), repeat=T)
@@ -168,7 +169,7 @@ def kl_loss_api(estimator, baseline=None):
                                 logp_old=None if b.on_policy else b.logp_old, baseline=baseline)
 
 
-f_old = lambda b: b.logp_old - b.logq_old  # noqa: E731
+f_old = lambda b: b.logp_old - b.logq_old
 SURROGATES = {
     "k1 reward": reward_surrogate(f_old),
     "k2 reward": reward_surrogate(lambda b: 0.5 * f_old(b) ** 2),
@@ -232,7 +233,7 @@ def case_id(case):
 # ------------------------------------------------------------------ evaluation: Monte Carlo and exact
 
 def make_batch(theta, tokens, on_policy):
-    theta_p, theta_q, theta_old = tables()
+    theta_q = tables()[1]
     st, m = states_and_mask(tokens)
     zq = logits_of(theta_q, st)
     zp = logits_of(theta, st)
@@ -257,7 +258,7 @@ def _rollout_terms(tokens):
     return _ROLLOUTS[key][1]
 
 
-@lru_cache(maxsize=None)
+@cache
 def draws(T, on_policy):
     theta_p, _, theta_old = tables()
     return sample(theta_p if on_policy else theta_old, M, T, seed=100 + 10 * T + on_policy)
@@ -288,14 +289,14 @@ def zscores(g, target):
     return torch.where(se > 0, diff / torch.where(se > 0, se, 1), torch.where(diff.abs() < 1e-12, 0.0, math.inf))
 
 
-@lru_cache(maxsize=None)
+@cache
 def evaluate(name, T, on_policy):
     g = mc_gradients(name, T, on_policy)
     targets = exact_targets(*tables()[:2], T)
     z = {k: zscores(g, v).abs().max().item() for k, v in targets.items()}
     exact = None if name in BATCH_COUPLED else exact_expected_gradient(name, T, on_policy)
     z_exact = None if exact is None else zscores(g, exact).abs().max().item()
-    return dict(z=z, z_exact=z_exact, exact=exact, targets=targets, var=g.var(0).mean().item() * B)
+    return {"z": z, "z_exact": z_exact, "exact": exact, "targets": targets, "var": g.var(0).mean().item() * B}
 
 
 # ------------------------------------------------------------------ the table, one test per line

@@ -26,7 +26,7 @@ pass). docs/training.md has the table of which gradient each form has, each line
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -506,8 +506,8 @@ def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp
 class KLRewards(NamedTuple):
     """Per-token KL penalties for a policy-gradient trainer, and the pathwise loss term that goes with them."""
 
-    rewards: "object"  # (..., T), detached: subtract β·rewards from the per-token reward
-    pathwise: "object"  # (...,), with gradient: add β·pathwise.mean() to the loss
+    rewards: Any  # torch.Tensor (..., T), detached: subtract β·rewards from the per-token reward
+    pathwise: Any  # torch.Tensor (...,), with gradient: add β·pathwise.mean() to the loss
 
 
 KL_REWARD_ESTIMATORS = ("mc", "rb")
