@@ -15,6 +15,9 @@ Training-loop terms over logits / log-probs (numpy or torch on any device; torch
     exact_token_kl(logits_p, logits_q, mask)       KL(P_t‖Q_t) per position, chunked over positions
     k1, k2, k3(logp, logq, mask)                   Schulman's per-token estimators of the sampled tokens
     sequence_kl(logp, logq, token_kl=, logr=, mask=, estimator="mc"|"rb"|"rb+cv"|"k3")   one term per sequence
+    token_logprobs_and_kl(logits_p, logits_q, tokens, mask)   log P, log Q of the tokens and KL_t in one chunked pass
+    kl_loss(logp, logq, mask, token_kl=, estimator="rb"|"mc", logp_old=)   a loss whose gradient is ∇KL(P_θ‖Q)
+    kl_rewards(logp, logq, mask, token_kl=) → KLRewards(rewards, pathwise)   per-token rewards for PPO-style trainers
 
 Building blocks: the proposal registry (REGISTRY, Proposal, proposal, by_name, build_proposals), the estimator terms
 (naive_mc_terms, importance_sampling_terms, k2_terms, k3_terms, rao_blackwell_terms, rao_blackwell_is_terms,
@@ -46,7 +49,17 @@ from kl_estimation.core.proposals import (
     proposal,
 )
 from kl_estimation.synthetic.evaluation import exact_kl, exact_moments
-from kl_estimation.training import exact_token_kl, k1, k2, k3, sequence_kl
+from kl_estimation.training import (
+    KLRewards,
+    exact_token_kl,
+    k1,
+    k2,
+    k3,
+    kl_loss,
+    kl_rewards,
+    sequence_kl,
+    token_logprobs_and_kl,
+)
 
 _LAZY = {  # names whose modules import torch / transformers: loaded on first access
     "estimate_kl": "api", "KLResult": "api", "KLRow": "api", "default_pair": "api",
@@ -56,7 +69,7 @@ _LAZY = {  # names whose modules import torch / transformers: loaded on first ac
 
 __all__ = sorted([
     "estimate_kl", "KLResult", "KLRow", "LLMConfig", "default_pair",
-    "exact_token_kl", "k1", "k2", "k3", "sequence_kl",
+    "exact_token_kl", "k1", "k2", "k3", "sequence_kl", "kl_loss", "kl_rewards", "KLRewards", "token_logprobs_and_kl",
     "REGISTRY", "Proposal", "proposal", "by_name", "build_proposals",
     "naive_mc_terms", "importance_sampling_terms", "k2_terms", "k3_terms", "rao_blackwell_terms",
     "rao_blackwell_is_terms", "rb_control_variate_terms", "self_normalized_is", "mean_estimate",

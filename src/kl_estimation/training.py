@@ -16,8 +16,17 @@ k3                  e^{−f} − 1 + f ≥ 0                            KL(P_t�
 
 Summed over a sequence drawn from P, k1 and the exact per-token KL both give unbiased estimates of the sequence
 KL (MC and RB); neither has uniformly smaller variance (sequence_kl's docstring).
+
+Those are values. As losses their autograd gradients are not ∇KL(P_θ‖Q) for sequences drawn from P_θ (k3 summed
+gives a per-step *forward* KL's, k1 zero, Σ exact_token_kl drops the score term). For gradients, torch only:
+``kl_loss`` (value = the MC or RB term, gradient unbiased for ∇KL, on- or off-policy), ``kl_rewards`` (the
+reward-shaping form for PPO-style trainers) and ``token_logprobs_and_kl`` (their inputs from logits, one chunked
+pass). docs/training.md has the table of which gradient each form has, each line tested in tests/test_kl_loss.py.
 """
 from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -132,3 +141,417 @@ def sequence_kl(logp, logq, *, token_kl=None, logr=None, mask=None, estimator: s
     seq_f, seq_lw = xp.sum(f, axis=-1), xp.sum(lw, axis=-1)
     g = seq_f if estimator == "mc" else est.k3_terms(seq_f)
     return xp.exp(seq_lw) * g
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradients. Everything above estimates the *value* of KL(P‖Q); autograd through those values is not the gradient
+# of the sequence KL when the sequences are drawn from the P being trained: the sampling distribution depends on θ
+# too. With K_t = KL(P_t‖Q_t | x_<t) (a function of the prefix only) and ρ_t = ∇log P_θ(x_t | x_<t),
+#
+#     ∇_θ KL(P_θ‖Q) = ∇_θ E_{x~P_θ}[Σ_t K_t] = E[Σ_t ∇K_t  +  Σ_t ρ_t · Σ_{s>t} K_s]            (Rao-Blackwellized)
+#                   = ∇_θ E[Σ_t f_t]       = E[Σ_t ρ_t · Σ_{s≥t} f_s]   (+ E[Σ_t ∇f_t] = E[Σ_t ρ_t] = 0)  (MC)
+#
+# The score of x_t multiplies only KLs that come after it (K_t is fixed once x_<t is); the per-token losses keep the
+# pathwise part and drop the score part, so they differentiate a different objective (docs/training.md's table).
+# ---------------------------------------------------------------------------------------------------------------
+
+KL_LOSS_ESTIMATORS = ("mc", "rb")
+KL_LOSS_BASELINES = (None, "loo")
+
+
+def _default_chunk(V: int) -> int:
+    # 2^24 elements (64 MiB in float32) per temporary, three or four of them live per chunk, whatever B × T is
+    return max(1, (1 << 24) // max(1, V))
+
+
+def _fused_kernels():
+    """The chunk computations written functionally for torch.compile: inductor fuses each into a pass or two over
+    the bf16 logits, where eager torch makes one float32 pass per operation."""
+    import torch
+
+    def scaled(z, inv_tau):
+        return z.to(torch.promote_types(torch.float32, z.dtype)) * inv_tau
+
+    def normalised(z, lse, inv_tau):
+        x = scaled(z, inv_tau) - lse
+        return x.clamp(min=torch.finfo(x.dtype).min)
+
+    def onehot(tok, z):
+        # a comparison with an index range, which inductor generates inside the kernel (a scatter would need the
+        # gradient materialised in float32 first)
+        return (torch.arange(z.shape[-1], device=z.device) == tok).to(torch.promote_types(torch.float32, z.dtype))
+
+    def forward(zp, zq, tok, inv_tau: float):
+        # the row log-normalisers go back to the Function so that the backward is one pass over the logits
+        lse_p = torch.logsumexp(scaled(zp, inv_tau), -1, keepdim=True)
+        lse_q = torch.logsumexp(scaled(zq, inv_tau), -1, keepdim=True)
+        lsa, lsb = normalised(zp, lse_p, inv_tau), normalised(zq, lse_q, inv_tau)
+        kl = (lsa.exp() * (lsa - lsb)).sum(-1)
+        return lsa.gather(-1, tok)[:, 0], lsb.gather(-1, tok)[:, 0], kl, lse_p, lse_q
+
+    def grad_p(zp, zq, tok, kl, lse_p, lse_q, a_lp, a_kl, inv_tau: float, use_kl: bool):
+        lsa = normalised(zp, lse_p, inv_tau)
+        p = lsa.exp()
+        d = p * (a_kl * (lsa - normalised(zq, lse_q, inv_tau) - kl) - a_lp) if use_kl else -p * a_lp
+        return ((d + a_lp * onehot(tok, zp)) * inv_tau).to(zp.dtype)
+
+    def grad_q(zp, zq, tok, lse_p, lse_q, a_lq, a_kl, inv_tau: float):
+        p, q = normalised(zp, lse_p, inv_tau).exp(), normalised(zq, lse_q, inv_tau).exp()
+        return ((a_kl * (q - p) - a_lq * q + a_lq * onehot(tok, zq)) * inv_tau).to(zq.dtype)
+
+    # dynamic: one compilation serves every number of rows (the last chunk, other batch shapes)
+    return tuple(torch.compile(f, dynamic=True) for f in (forward, grad_p, grad_q))
+
+
+_FUSED = None
+
+
+def _token_terms_function():
+    import torch
+
+    def log_softmax(z, dt, inv_tau, clamp):
+        # torch's fused kernel on an explicit float32 copy (faster on CPU than dtype=); −inf logits are clamped to
+        # the most negative float so that 0·log 0 stays 0 in the dot products below
+        out = torch.log_softmax(z.to(dt) * inv_tau if inv_tau != 1.0 else z.to(dt), -1)
+        return out.clamp_(min=torch.finfo(dt).min) if clamp else out
+
+    def dot(a, b):
+        return torch.einsum("rv,rv->r", a, b)
+
+    class _TokenTerms(torch.autograd.Function):
+        """log P(x_t), log Q(x_t) and KL(P_t‖Q_t) from (N, V) logits, one chunk of rows at a time.
+
+        K = Σ_v p·log p − Σ_v p·log q (two dot products, no vocabulary-wide difference tensor). The backward pass
+        recomputes each chunk's log-softmax instead of keeping (N, V) float32 activations and writes the analytic
+        gradients, ∂K/∂z_p = p·(log p − log q − K), ∂K/∂z_q = q − p, ∂log p(x)/∂z_p = 1{x} − p, in place (or
+        through the compiled kernels of _fused_kernels).
+        """
+
+        @staticmethod
+        def forward(ctx, zp, zq, tokens, inv_tau: float, chunk: int, fused):
+            dt = torch.promote_types(torch.float32, zp.dtype)
+            clamp = bool(torch.isneginf(zp.amin()) or torch.isneginf(zq.amin())) if fused is None else True
+            N = zp.shape[0]
+            lp_tok, lq_tok, kl = (torch.empty(N, dtype=dt, device=zp.device) for _ in range(3))
+            n_lse = N if fused is not None else 0  # the compiled backward starts from the forward's normalisers
+            lse_p, lse_q = (torch.empty(n_lse, 1, dtype=dt, device=zp.device) for _ in range(2))
+            for i in range(0, N, chunk):
+                j = min(N, i + chunk)
+                tok = tokens[i:j, None]
+                if fused is not None:
+                    lp_tok[i:j], lq_tok[i:j], kl[i:j], lse_p[i:j], lse_q[i:j] = fused[0](zp[i:j], zq[i:j], tok,
+                                                                                         inv_tau)
+                    continue
+                lsa, lsb = log_softmax(zp[i:j], dt, inv_tau, clamp), log_softmax(zq[i:j], dt, inv_tau, clamp)
+                lp_tok[i:j], lq_tok[i:j] = lsa.gather(-1, tok)[:, 0], lsb.gather(-1, tok)[:, 0]
+                p = lsa.exp()
+                kl[i:j] = dot(p, lsa) - dot(p, lsb)
+            ctx.save_for_backward(zp, zq, tokens, kl, lse_p, lse_q)
+            ctx.inv_tau, ctx.chunk, ctx.clamp, ctx.fused = inv_tau, chunk, clamp, fused
+            return lp_tok, lq_tok, kl
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g_lp, g_lq, g_kl):
+            zp, zq, tokens, kl, lse_p, lse_q = ctx.saved_tensors
+            need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            dt, N, inv_tau, chunk, clamp, fused = kl.dtype, zp.shape[0], ctx.inv_tau, ctx.chunk, ctx.clamp, ctx.fused
+            zeros = torch.zeros(N, dtype=dt, device=kl.device)
+            use_kl = g_kl is not None  # kl_loss("mc") never uses it: log Q's softmax is then not needed for P
+            g_lp, g_lq, g_kl = (zeros if g is None else g.to(dt) for g in (g_lp, g_lq, g_kl))
+            gp = torch.empty_like(zp) if need_p else None
+            gq = torch.empty_like(zq) if need_q else None
+            for i in range(0, N, chunk):
+                j = min(N, i + chunk)
+                tok, a_lp, a_lq, a_kl = tokens[i:j, None], g_lp[i:j, None], g_lq[i:j, None], g_kl[i:j, None]
+                if fused is not None:
+                    lp_, lq_ = lse_p[i:j], lse_q[i:j]
+                    if need_p:
+                        gp[i:j] = fused[1](zp[i:j], zq[i:j], tok, kl[i:j, None], lp_, lq_, a_lp, a_kl, inv_tau,
+                                           use_kl)
+                    if need_q:
+                        gq[i:j] = fused[2](zp[i:j], zq[i:j], tok, lp_, lq_, a_lq, a_kl, inv_tau)
+                    continue
+                lsa = log_softmax(zp[i:j], dt, inv_tau, clamp)
+                p = lsa.exp()
+                lsb = log_softmax(zq[i:j], dt, inv_tau, clamp) if (use_kl or need_q) else None
+                if need_q:
+                    q = lsb.exp()
+                    d = torch.sub(p, q).mul_(-a_kl).sub_(q.mul_(a_lq))  # a_kl·(q − p) − a_lq·q
+                    d.scatter_add_(-1, tok, a_lq)
+                    gq[i:j] = d.mul_(inv_tau) if inv_tau != 1.0 else d
+                if need_p:
+                    if use_kl:  # p·(a_kl·(log p − log q − K) − a_lp)
+                        d = lsa.sub_(lsb).mul_(a_kl).sub_(a_kl * kl[i:j, None] + a_lp).mul_(p)
+                    else:
+                        d = p.mul_(-a_lp)
+                    d.scatter_add_(-1, tok, a_lp)
+                    gp[i:j] = d.mul_(inv_tau) if inv_tau != 1.0 else d
+            return gp, gq, None, None, None, None
+
+    return _TokenTerms
+
+
+_TOKEN_TERMS = None
+
+
+def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature: float = 1.0,
+                          chunk_size: int | None = None, compile: bool = False):
+    """log P(x_t), log Q(x_t) of the sampled tokens and the exact KL(P_t‖Q_t), in one chunked pass over the vocabulary.
+
+    Parameters
+    ----------
+    logits_p, logits_q : torch.Tensor, (..., T, V)
+        Logits (or log-probabilities) of the policy P and the reference Q at each position; any float dtype, any
+        device. Gradients flow to whichever requires them.
+    tokens : torch.Tensor, (..., T), integer
+        The sampled tokens x_t. Padding positions (``mask`` False) may hold any value, −100 included.
+    mask : torch.Tensor, (..., T), bool, optional
+        False on padding; the three outputs are 0 there.
+    temperature : float
+        The logits are divided by it (the sampling temperature, so that P is the distribution sampled from).
+    chunk_size : int, optional
+        Positions per chunk; default ⌊2²⁴ / V⌋ (110 at V = 151,936), so the float32 temporaries stay near 64 MiB
+        each whatever B × T is.
+    compile : bool
+        Run each chunk through kernels compiled by ``torch.compile`` (inductor: Triton on GPUs, C++ on CPUs), which
+        fuse the log-softmaxes, the KL and the gradient into one or two passes over the logits: several times
+        faster than the eager path and than the libraries' eager log_softmax (bench/bench_kl_loss.py). The first
+        call compiles (seconds to a minute, once per process, dtype and temperature; any number of rows after
+        that). Needs a working torch.compile; off by default so that nothing compiles unasked.
+
+    Returns
+    -------
+    logp, logq, token_kl : torch.Tensor, (..., T)
+        In float32 (float64 for float64 logits). Feed them to ``kl_loss`` or ``kl_rewards``.
+
+    Notes
+    -----
+    This replaces ``log_softmax(logits).gather(...)`` for both models plus ``exact_token_kl``: the forward keeps
+    nothing vocabulary-wide, the backward recomputes each chunk's log-softmax and writes the analytic gradient
+    straight into a gradient of the logits' own dtype, so no (B, T, V) float32 tensor exists at any time (with
+    bf16 logits, the one (B, T, V) tensor it allocates is their bf16 gradient). A token that Q gives probability 0
+    where P does not makes that KL huge (the log-probability −inf is clamped to the most negative float).
+    """
+    import torch
+
+    global _TOKEN_TERMS, _FUSED
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0 (got {temperature!r})")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size: must be an integer ≥ 1 (got {chunk_size!r})")
+    for name, x in (("logits_p", logits_p), ("logits_q", logits_q), ("tokens", tokens)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name}: must be a torch tensor (got {type(x).__name__})")
+    if tuple(logits_p.shape) != tuple(logits_q.shape):
+        raise ValueError(f"logits_q: shape {tuple(logits_q.shape)} differs from logits_p's {tuple(logits_p.shape)}")
+    lead, V = tuple(logits_p.shape[:-1]), logits_p.shape[-1]
+    if tuple(tokens.shape) != lead:
+        raise ValueError(f"tokens: shape {tuple(tokens.shape)}, expected the logits' leading shape {lead}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens: must be integer (got {tokens.dtype})")
+    m = _mask_tensor(mask, lead, logits_p.device)
+    tok = torch.where(m, tokens, torch.zeros_like(tokens)).long().reshape(-1)
+    if bool(((tok < 0) | (tok >= V)).any()):
+        raise ValueError(f"tokens: values outside [0, {V}) at unmasked positions")
+    if _TOKEN_TERMS is None:
+        _TOKEN_TERMS = _token_terms_function()
+    if compile and _FUSED is None:
+        _FUSED = _fused_kernels()
+    chunk = _default_chunk(V) if chunk_size is None else chunk_size
+    outs = _TOKEN_TERMS.apply(logits_p.reshape(-1, V), logits_q.reshape(-1, V), tok, 1.0 / temperature, chunk,
+                              _FUSED if compile else None)
+    return tuple(torch.where(m, o.reshape(lead), torch.zeros((), dtype=o.dtype, device=o.device)) for o in outs)
+
+
+def _mask_tensor(mask, shape, device):
+    import torch
+
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    m = torch.as_tensor(mask, device=device)
+    if tuple(m.shape) != tuple(shape):
+        raise ValueError(f"mask: shape {tuple(m.shape)} differs from logp's {tuple(shape)}")
+    return m.bool()
+
+
+def _loss_inputs(fn: str, logp, logq, mask, token_kl, logp_old):
+    """The per-step inputs as tensors of one float dtype (float32 or wider), zeroed where `mask` is False."""
+    import torch
+
+    for name, x in (("logp", logp), ("logq", logq), ("token_kl", token_kl), ("logp_old", logp_old)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name}: {fn} needs torch tensors, for autograd (got {type(x).__name__})")
+        if tuple(x.shape) != tuple(logp.shape):
+            raise ValueError(f"{name}: shape {tuple(x.shape)} differs from logp's {tuple(logp.shape)}")
+    if logp.ndim < 1:
+        raise ValueError("logp: needs a time axis (…, T)")
+    dt = torch.promote_types(torch.float32, logp.dtype)
+    m = _mask_tensor(mask, logp.shape, logp.device)
+    zero = torch.zeros((), dtype=dt, device=logp.device)
+
+    def clean(x):
+        return None if x is None else torch.where(m, x.to(dt), zero)
+
+    return m, clean(logp), clean(logq), clean(token_kl), clean(logp_old)
+
+
+def _future(c, inclusive: bool):
+    """Σ_{s≥t} c_s (inclusive) or Σ_{s>t} c_s along the last axis."""
+    import torch
+
+    rev = torch.flip(torch.cumsum(torch.flip(c, (-1,)), -1), (-1,))
+    return rev if inclusive else rev - c
+
+
+def _future_relative(log_w, v, log_ref, inclusive: bool):
+    """Σ_{s≥t or s>t} exp(log_w_s − log_ref_t)·v_s in log space (v of either sign), so prefix weights that under- or
+    overflow on their own still give finite ratios."""
+    import torch
+
+    out = torch.zeros_like(v)
+    for sign, part in ((1.0, v.clamp(min=0)), (-1.0, (-v).clamp(min=0))):
+        a = torch.flip(torch.logcumsumexp(torch.flip(log_w + torch.log(part), (-1,)), -1), (-1,))
+        if not inclusive:
+            a = torch.cat([a[..., 1:], torch.full_like(a[..., :1], -math.inf)], -1)
+        out = out + sign * torch.exp(a - log_ref)
+    return out
+
+
+def _leave_one_out(d, m):
+    """At each step, the mean of `d` over the *other* sequences (axis −2) that are not padding there: it does not
+    depend on the sequence it is used for, so subtracting it from that sequence's return keeps the gradient
+    unbiased."""
+    import torch
+
+    mf = m.to(d.dtype)
+    num = (d * mf).sum(-2, keepdim=True) - d * mf
+    den = mf.sum(-2, keepdim=True) - mf
+    return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(d))
+
+
+def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp_old=None, baseline=None):
+    r"""One KL term per sequence whose value estimates KL(P_θ‖Q) and whose autograd gradient estimates
+    ∇_θ KL(P_θ‖Q) without bias, for sequences drawn from P_θ (or from an older P, with ``logp_old``).
+
+    Parameters
+    ----------
+    logp : torch.Tensor, (..., T)
+        log P_θ(x_t | x_<t) of the sampled tokens under the policy being trained, with its autograd graph.
+    logq : torch.Tensor, (..., T)
+        log Q(x_t | x_<t) under the reference (usually without gradient; with one, Q's gradient is right too).
+    mask : torch.Tensor, (..., T), bool, optional
+        False on padding and after EOS.
+    token_kl : torch.Tensor, (..., T)
+        The exact KL(P_t‖Q_t) at each step with its graph: ``token_logprobs_and_kl`` (one fused pass, cheapest) or
+        ``exact_token_kl``. Needed by "rb".
+    estimator : {"rb", "mc"}
+        "rb": value Σ_t W_<t·K_t (= ``sequence_kl(..., "rb")``); gradient Σ_t W_<t·∇K_t + Σ_t ρ_t·(Σ_{s>t} W_<s·K_s),
+        the exact per-step KL plus the score of each token times the exact KL still to come (Amini, Vieira &
+        Cotterell 2025). "mc": value Σ_t W_≤t·f_t, f_t = log P/Q; gradient Σ_t ρ_t·Σ_{s≥t} W_≤s·f_s (the zero-mean
+        pathwise Σ∇log P is dropped; a gradient of Q flows through −log Q).
+    logp_old : torch.Tensor, (..., T), optional
+        log-probabilities under the policy that drew the sequences (PPO's old policy). Then W_<t = Π_{s<t}
+        P_θ/P_old and W_≤t = W_<t·P_θ/P_old (the weights of the prefix, not PPO's per-token ratio), which makes
+        value and gradient unbiased at the current θ. Without it (on-policy) every weight is 1.
+    baseline : {None, "loo"}
+        "loo": subtract from each return the mean of the other sequences' returns at that step (leave-one-out over
+        axis −2, the batch; at least 2 sequences). Unbiased, since another sequence's return is independent of this
+        one's tokens; it changes the gradient's variance, never the value.
+
+    Returns
+    -------
+    torch.Tensor, (...,)
+        One term per sequence; ``beta * kl_loss(...).mean()`` is the penalty. Divide by a constant if you want
+        a per-token scale: dividing each sequence by its own length changes the objective.
+
+    Notes
+    -----
+    ρ_t = log P_θ(x_t) − stopgrad(log P_θ(x_t)) is 0 in value, so the score terms change the gradient only. Under
+    the per-token losses of the RL libraries (k3 or k1 summed, ``sequence_kl`` differentiated) the score terms are
+    missing and the gradient is that of another objective: see docs/training.md for which.
+    """
+    import torch
+
+    if estimator not in KL_LOSS_ESTIMATORS:
+        raise ValueError(f"estimator: unknown {estimator!r}; allowed: {', '.join(KL_LOSS_ESTIMATORS)}")
+    if baseline not in KL_LOSS_BASELINES:
+        raise ValueError(f"baseline: unknown {baseline!r}; allowed: None, loo")
+    if estimator == "rb" and token_kl is None:
+        raise ValueError("token_kl: estimator 'rb' needs the exact per-token KL (token_logprobs_and_kl or "
+                         "exact_token_kl)")
+    m, lp, lq, kl, old = _loss_inputs("kl_loss", logp, logq, mask, token_kl, logp_old)
+    if baseline == "loo" and (lp.ndim < 2 or lp.shape[-2] < 2):
+        raise ValueError(f"logp: baseline 'loo' needs at least 2 sequences on axis -2 (got shape {tuple(lp.shape)})")
+    score = lp - lp.detach()
+    on_policy = old is None
+    # log prefix weights W_≤t (inclusive) and W_<t (exclusive); all zero on-policy
+    log_wi = torch.zeros_like(lp) if on_policy else torch.cumsum(lp.detach() - old, -1)
+    log_wx = log_wi if on_policy else log_wi - (lp.detach() - old)
+    if estimator == "rb":
+        per_step, v, log_w, inclusive = torch.exp(log_wx) * kl, kl.detach(), log_wx, False
+    else:
+        per_step, v, log_w, inclusive = torch.exp(log_wi) * (lp.detach() - lq), (lp - lq).detach(), log_wi, True
+    to_go = _future(torch.exp(log_w) * v, inclusive)
+    if baseline == "loo":
+        # the return relative to this step's own weight, so that W_≤t·b is a valid (mean-zero) control
+        rel = to_go if on_policy else _future_relative(log_w, v, log_wi, inclusive)
+        to_go = to_go - torch.exp(log_wi) * _leave_one_out(torch.where(m, rel, torch.zeros_like(rel)), m)
+    return per_step.sum(-1) + (score * to_go).sum(-1)
+
+
+class KLRewards(NamedTuple):
+    """Per-token KL penalties for a policy-gradient trainer, and the pathwise loss term that goes with them."""
+
+    rewards: Any  # torch.Tensor (..., T), detached: subtract β·rewards from the per-token reward
+    pathwise: Any  # torch.Tensor (...,), with gradient: add β·pathwise.mean() to the loss
+
+
+KL_REWARD_ESTIMATORS = ("mc", "rb")
+
+
+def kl_rewards(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb") -> KLRewards:
+    r"""KL penalties shaped as per-token rewards for PPO/REINFORCE-style trainers, with the loss term they need.
+
+    Parameters
+    ----------
+    logp, logq, mask, token_kl
+        As for ``kl_loss`` (at the policy that generated the sequences: rewards are computed at rollout).
+    estimator : {"rb", "mc"}
+        "mc": rewards f_t = log P/Q(x_t) (k1); pathwise Σ_t (stopgrad(log P) − log Q), which has no gradient
+        for P. "rb": rewards K_{t+1} = KL(P_{t+1}‖Q_{t+1} | x_≤t), the exact KL of the *next* step, which x_t
+        decides (0 at the last step and at padding); pathwise Σ_t K_t with its gradient. K_1 depends on the prompt
+        alone, so no token is credited with it: rewards.sum(-1) + K_1 is the RB value.
+
+    Returns
+    -------
+    KLRewards(rewards, pathwise)
+        Use both: reward_t ← reward_t − β·rewards_t, and loss ← loss + β·pathwise.mean(). The policy-gradient
+        part then contributes E[Σ_t ∇log P(x_t)·Σ_{s≥t} rewards_s] (γ = 1, Monte-Carlo return, any baseline of the
+        prefix), and with the pathwise part the expected gradient is exactly ∇_θ KL(P_θ‖Q) on-policy. For "mc" the
+        pathwise term only matters when Q is trained; for "rb" it is half of the gradient: K_t as a reward without
+        it (or the per-step KL as a loss without the reward) is biased.
+
+    Notes
+    -----
+    Crediting K_t to x_t instead (the exact KL of the step as that step's reward) has the same expectation, since
+    K_t is fixed before x_t is drawn, but adds ∇log P(x_t)·K_t noise: six times the variance in the tests' chain.
+    Exact for on-policy gradients (PPO's first epoch, ratio 1). Later PPO epochs reuse the rollout's rewards under
+    the per-token ratio, as they do for the task reward: an approximation this function does not repair; use
+    ``kl_loss(..., logp_old=...)`` for an unbiased off-policy KL gradient. A discount γ < 1 or a learned critic
+    (GAE λ < 1) bias the KL part as they bias the rest of the return.
+    """
+    if estimator not in KL_REWARD_ESTIMATORS:
+        raise ValueError(f"estimator: unknown {estimator!r}; allowed: {', '.join(KL_REWARD_ESTIMATORS)}")
+    if estimator == "rb" and token_kl is None:
+        raise ValueError("token_kl: estimator 'rb' needs the exact per-token KL (token_logprobs_and_kl or "
+                         "exact_token_kl)")
+    import torch
+
+    _, lp, lq, kl, _ = _loss_inputs("kl_rewards", logp, logq, mask, token_kl, None)
+    if estimator == "rb":
+        nxt = torch.cat([kl[..., 1:], torch.zeros_like(kl[..., :1])], -1).detach()
+        return KLRewards(nxt, kl.sum(-1))
+    return KLRewards((lp - lq).detach(), (lp.detach() - lq).sum(-1))
