@@ -179,11 +179,11 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
             raise ValueError("tokenizer: needed when the models are passed as loaded models")
         cfg = LLMConfig.from_settings(**settings)
         cfg.validate()
-        from kl_estimation.llm.loading import pair_from_models
+        from kl_estimation.llm.loading import pair_from_models, text_start as pair_text_start
 
         pair = pair_from_models(p_model, q_model, tokenizer, prompts=cfg.prompt_set, temperature=cfg.temperature,
                                 ignore_eos=cfg.ignore_eos, chat_template=cfg.chat_template)
-        models = {"p": type(p_model).__name__ + " (loaded)", "q": type(q_model).__name__ + " (loaded)"}
+        models = {"p": type(p_model).__name__ + " (loaded)", "q": type(q_model).__name__ + " (loaded)", "text_start": pair_text_start(tokenizer, cfg.chat_template)}
         return run(cfg, pair, models, progress)
     if any(given) and not settings.get("q_adapter"):
         if not all(given):
