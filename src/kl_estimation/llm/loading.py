@@ -87,6 +87,71 @@ def model_source(flag: str, name: str, revision: str | None = None) -> tuple[str
     return name, rev
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_gguf_header(path) -> dict:
+    """The metadata of a GGUF file without its tensors, fast: scalars and strings by key; arrays (the vocabulary,
+    merges) are skipped and given as None. GGUF v2/v3 layout: b"GGUF", uint32 version, uint64 tensor count, uint64
+    key-value count, then (string key, uint32 type, value) per pair."""
+    import struct
+
+    def read(fmt):
+        return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+
+    def string():
+        return fh.read(read("<Q")).decode("utf-8", errors="replace")
+
+    out = {}
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version = read("<I")
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is too old (2 or later)")
+        read("<Q")
+        for _ in range(read("<Q")):
+            key, kind = string(), read("<I")
+            if kind == 8:
+                out[key] = string()
+            elif kind in _GGUF_SCALARS:
+                out[key] = read(_GGUF_SCALARS[kind])
+            elif kind == 9:
+                sub, n = read("<I"), read("<Q")
+                if sub == 8:
+                    for _ in range(n):
+                        fh.seek(read("<Q"), 1)
+                elif sub in _GGUF_SCALARS:
+                    fh.seek(n * struct.calcsize(_GGUF_SCALARS[sub]), 1)
+                else:
+                    raise ValueError(f"{path}: nested GGUF arrays under {key!r} are not read here")
+                out[key] = None
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {kind} under {key!r}")
+    return out
+
+
+def gguf_facts(flag: str, name: str) -> dict:
+    """A local GGUF file's architecture and context length, read from its header at once — so that a file
+    transformers cannot load, or a context it cannot take, is refused before seconds of parsing and dequantizing."""
+    try:
+        head = read_gguf_header(name)
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{flag}: cannot read the GGUF file {name!r}: {err}") from None
+    arch = head.get("general.architecture")
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as known
+    except ImportError:  # pragma: no cover - older transformers
+        known = None
+    norm = lambda a: str(a).lower().replace("-", "").replace("_", "")  # noqa: E731 - qwen2moe is qwen2_moe there
+    if known is not None and arch is not None and "t5" not in str(arch) \
+            and norm(arch) not in {norm(k) for k in known}:
+        raise ValueError(f"{flag}: {name}: transformers cannot load GGUF files of architecture {arch!r} (it loads: "
+                         f"{', '.join(sorted(known))})")
+    return {"architecture": arch, "context_length": head.get(f"{arch}.context_length"), "name": head.get("general.name"),
+            "file_type": head.get("general.file_type"), "add_bos_token": head.get("tokenizer.ggml.add_bos_token")}
+
+
 def _gguf_error(flag: str, name: str, err: Exception) -> ValueError | None:
     """transformers' failures on a GGUF file in one line: an architecture it cannot read, missing packages."""
     text = " ".join(str(err).split())
@@ -187,12 +252,6 @@ def load_model(flag: str, name: str, device, dtype, device_map=None, offload: bo
                              f"CPU memory") from None
         raise
     return (model if device_map is not None else model.to(device)).eval()
-
-
-def _load_one(flag: str, name: str, device, dtype, device_map=None, offload: bool = False,
-              revision: str | None = None, trust_remote_code: bool = False):
-    tok = load_tokenizer(flag, name, revision, trust_remote_code)
-    return tok, load_model(flag, name, device, dtype, device_map, offload, revision, trust_remote_code)
 
 
 def max_memory(offload: bool) -> dict | None:
@@ -426,6 +485,57 @@ def pair_from_models(p, q, tokenizer, *, prompts, temperature: float, ignore_eos
     return TransformersPair(p, q, tokenizer, ids.to(device), mask.to(device), temperature, eos)
 
 
+def load_tokenizers(p_model: str, q_model: str | None, *, p_revision: str | None = None,
+                    q_revision: str | None = None, trust_remote_code: bool = False, ignore_eos: bool = False,
+                    chat_template: bool = False):
+    """P's and Q's tokenizers (one load when both name the same model), checked to be interchangeable
+    (check_tokenizers) before any weights are loaded."""
+    if q_model is None:
+        q_model, q_revision = p_model, p_revision
+    for flag, name in (("p_model", p_model), ("q_model", q_model)):
+        if is_gguf(name) and Path(str(name)).is_file():
+            gguf_facts(flag, str(name))  # an architecture transformers cannot load: refused now
+    tok_p = load_tokenizer("p_model", p_model, p_revision, trust_remote_code)
+    same = q_model == p_model and q_revision == p_revision
+    tok_q = tok_p if same else load_tokenizer("q_model", q_model, q_revision, trust_remote_code)
+    if not same:
+        check_tokenizers(tok_p, tok_q, ignore_eos=ignore_eos, chat_template=chat_template)
+    return tok_p, tok_q
+
+
+def load_model_pair(p_model: str, q_model: str | None, *, device="cpu", dtype: str = "float32",
+                    p_dtype: str | None = None, q_dtype: str | None = None, p_adapter: str | None = None,
+                    q_adapter: str | None = None, device_map: str | None = None, offload: bool = False,
+                    p_revision: str | None = None, q_revision: str | None = None, trust_remote_code: bool = False):
+    """(P, Q) causal LMs in eval mode: see load_transformers_pair. When both sides have the same base, revision and
+    dtype, the base is loaded once (adapters switched per forward: AdapterView)."""
+    if q_model is None:
+        q_model, q_revision = p_model, p_revision
+    dt_p, dt_q = DTYPES[p_dtype or dtype], DTYPES[q_dtype or dtype]
+    if device_map is not None:
+        _needs("device_map", "accelerate", "sharding a model over devices")
+    if p_adapter or q_adapter:
+        _needs("q_adapter" if q_adapter else "p_adapter", "peft", "an adapter")
+    shared = (q_model == p_model and q_revision == p_revision and dt_p == dt_q
+              and (p_adapter is None or p_adapter != q_adapter))
+    p = load_model("p_model", p_model, device, dt_p, device_map, offload, p_revision, trust_remote_code)
+    if shared:
+        adapters = {k: v for k, v in (("p", ("p_adapter", p_adapter)), ("q", ("q_adapter", q_adapter)))
+                    if v[1] is not None}
+        if adapters:
+            both = _with_adapters(p, adapters, p_model)
+            p, q = AdapterView(both, "p" if p_adapter else None), AdapterView(both, "q" if q_adapter else None)
+        else:
+            q = p
+    else:
+        q = load_model("q_model", q_model, device, dt_q, device_map, offload, q_revision, trust_remote_code)
+        if p_adapter:
+            p = AdapterView(_with_adapters(p, {"p": ("p_adapter", p_adapter)}, p_model), "p")
+        if q_adapter:
+            q = AdapterView(_with_adapters(q, {"q": ("q_adapter", q_adapter)}, q_model), "q")
+    return p, q
+
+
 def load_transformers_pair(p_model: str, q_model: str | None, *, prompts, temperature: float, device="cpu",
                            dtype: str = "float32", ignore_eos: bool = False, p_dtype: str | None = None,
                            q_dtype: str | None = None, p_adapter: str | None = None, q_adapter: str | None = None,
@@ -440,31 +550,12 @@ def load_transformers_pair(p_model: str, q_model: str | None, *, prompts, temper
     is loaded once (Q = P + adapter: adapter off for P, on for Q). An adapter whose recorded base has another name (a
     quantized or merged variant of it) is applied with a warning when its weights fit. `device_map="auto"` shards each
     model over the visible GPUs with accelerate (`offload`: the rest in CPU memory) instead of moving it to
-    `device`."""
-    if q_model is None:
-        q_model, q_revision = p_model, p_revision
-    dt_p, dt_q = DTYPES[p_dtype or dtype], DTYPES[q_dtype or dtype]
-    if device_map is not None:
-        _needs("device_map", "accelerate", "sharding a model over devices")
-    if p_adapter or q_adapter:
-        _needs("q_adapter" if q_adapter else "p_adapter", "peft", "an adapter")
-    shared = (q_model == p_model and q_revision == p_revision and dt_p == dt_q
-              and (p_adapter is None or p_adapter != q_adapter))
-    tok_p, p = _load_one("p_model", p_model, device, dt_p, device_map, offload, p_revision, trust_remote_code)
-    if shared:
-        tok_q = tok_p
-        adapters = {k: v for k, v in (("p", ("p_adapter", p_adapter)), ("q", ("q_adapter", q_adapter)))
-                    if v[1] is not None}
-        if adapters:
-            both = _with_adapters(p, adapters, p_model)
-            p, q = AdapterView(both, "p" if p_adapter else None), AdapterView(both, "q" if q_adapter else None)
-        else:
-            q = p
-    else:
-        tok_q, q = _load_one("q_model", q_model, device, dt_q, device_map, offload, q_revision, trust_remote_code)
-        if p_adapter:
-            p = AdapterView(_with_adapters(p, {"p": ("p_adapter", p_adapter)}, p_model), "p")
-        if q_adapter:
-            q = AdapterView(_with_adapters(q, {"q": ("q_adapter", q_adapter)}, q_model), "q")
+    `device`. The tokenizers are loaded and checked first, so a pair that cannot be compared fails before its
+    weights load."""
+    tok_p, _ = load_tokenizers(p_model, q_model, p_revision=p_revision, q_revision=q_revision,
+                               trust_remote_code=trust_remote_code, ignore_eos=ignore_eos, chat_template=chat_template)
+    p, q = load_model_pair(p_model, q_model, device=device, dtype=dtype, p_dtype=p_dtype, q_dtype=q_dtype,
+                           p_adapter=p_adapter, q_adapter=q_adapter, device_map=device_map, offload=offload,
+                           p_revision=p_revision, q_revision=q_revision, trust_remote_code=trust_remote_code)
     return pair_from_models(p, q, tok_p, prompts=prompts, temperature=temperature, ignore_eos=ignore_eos,
-                            chat_template=chat_template, q_tokenizer=tok_q)
+                            chat_template=chat_template)
