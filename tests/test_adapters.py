@@ -149,14 +149,30 @@ def test_cli_q_adapter_records_the_adapter(tiny, lora, tmp_path, capsys):
     assert doc["models"]["q_adapter"] == lora[0] and doc["models"]["q"] == tiny[0]
 
 
-@pytest.mark.parametrize("case", ["wrong base name", "wrong shapes", "no accelerate", "no peft", "offload alone",
-                                  "bad q dtype"])
+def test_adapter_on_a_variant_of_its_base_is_applied_with_a_warning(tiny, lora, tmp_path, capsys):
+    """`--q-model VARIANT --q-adapter LORA`: the adapter names the base's folder, Q is another model of the same shapes
+    (a quantized or merged variant): applied, with a warning, and Q is the variant with the adapter merged in."""
+    from transformers import AutoModelForCausalLM
+
+    adapter, _ = lora
+    with pytest.warns(UserWarning, match="was made for .* every weight shape fits"):
+        pair = load(tiny[0], tiny[1], q_adapter=adapter)
+    merged = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny[1]), adapter).merge_and_unload()
+    merged.save_pretrained(tmp_path / "variant_merged")
+    tokenizer().save_pretrained(tmp_path / "variant_merged")
+    torch.testing.assert_close(walk(pair), walk(load(tiny[0], str(tmp_path / "variant_merged"))), atol=2e-5, rtol=0)
+    with pytest.warns(UserWarning, match="was made for"):
+        code, out = run_cli(tmp_path, "--p-model", tiny[0], "--q-model", tiny[1], "--q-adapter", adapter,
+                            "--proposals", "P")
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads((out / "p.json").read_text())
+    assert doc["models"]["q_adapter"] == adapter and doc["models"]["q"] == tiny[1]
+
+
+@pytest.mark.parametrize("case", ["wrong shapes", "no accelerate", "no peft", "offload alone", "bad q dtype"])
 def test_bad_input(case, tiny, lora, tmp_path, monkeypatch, capsys):
     args, needle = ["--p-model", tiny[0]], None
-    if case == "wrong base name":
-        other = save_pair(tmp_path / "other", seed=3)
-        args, needle = ["--p-model", other[0], "--q-adapter", lora[0]], "--q-adapter: the adapter"
-    elif case == "wrong shapes":
+    if case == "wrong shapes":
         wide = save_pair(tmp_path / "wide", n_embd=16)
         ad, _ = save_lora(wide[0], tmp_path / "wl")
         cfg = json.loads((tmp_path / "wl" / "adapter" / "adapter_config.json").read_text())

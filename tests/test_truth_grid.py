@@ -6,7 +6,7 @@ horizons 3 to 6, one member of every registry proposal family plus Exponential f
 all in one run per setting (as `LLM_experiments.py --proposals …` would judge them), and long horizons checked
 against a 10⁵-sequence MC reference. Property, with fixed seeds: every unflagged estimate lies within 5 of its
 standard errors of the exact KL, and the recommended estimate always does. The grid goes through the sampling engine
-and the verdict functions directly (no CLI, no files); the counts land in GRID_SUMMARY.
+and the run layer (run_experiment: no CLI, no files); the counts land in GRID_SUMMARY.
 """
 import dataclasses
 import math
@@ -18,6 +18,8 @@ from kl_estimation import verdicts
 from kl_estimation.core.estimators import sequence_estimates
 from kl_estimation.llm import engine, enumeration
 from kl_estimation.llm.loading import load_transformers_pair
+from kl_estimation.llm.run.config import LLMConfig
+from kl_estimation.llm.run.runner import run_experiment
 from tiny_lms import save_pair
 
 pytestmark = pytest.mark.slow
@@ -43,14 +45,13 @@ GRID_SUMMARY: dict = {}
 
 
 def run_setting(pair, proposals, max_new_tokens, seed, n=N):
-    """One run: every proposal on `pair` → (docs as the run layer makes them, judged verdicts)."""
-    docs = []
-    for name in proposals:
-        prop = engine.sequence_proposal(name)
-        b = engine.sample_batch(pair, prop, n, max_new_tokens, engine.unit_generator(seed, prop, 0, "cpu"))  # key stream
-        est = sequence_estimates(b.log_p, b.log_q, b.log_r, b.kl_step, b.mask, prop.base is None)
-        docs.append(dict(proposal=name, estimates=est, max_uncovered_mass=float(b.uncovered.max(initial=0.0))))
-    return docs, verdicts.judge(docs)
+    """One run through the run layer, as `LLM_experiments.py --proposals …` makes it (one unit of n sequences per
+    proposal, no files): → (its documents, its judged rows and recommendation)."""
+    cfg = LLMConfig(p_model="tiny P", q_model="tiny Q", prompt="a b", n_samples=n, max_new_tokens=max_new_tokens,
+                    temperature=pair.temperature, proposals=tuple(proposals), batch_size=n, seed=seed,
+                    ignore_eos=pair.eos_token_id is None)
+    run = run_experiment(pair, cfg, {})
+    return run["docs"], run
 
 
 def cells(setting: str, kl: float, kl_se: float, judged: dict) -> list[dict]:

@@ -6,17 +6,24 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 
-def tokenizer(words=("<eos>", "a", "b", "c")):
+def tokenizer(words=("<eos>", "a", "b", "c"), bos=None, adds_bos=False):
+    """Word-level tokenizer; `bos` names its BOS token (one of `words`), which it puts in front of every text by itself
+    (Llama-style) when `adds_bos`, and only declares otherwise (SmolLM2-style)."""
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>")
+    if adds_bos:
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, words.index(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>",
+                                   **({"bos_token": bos} if bos else {}))
 
 
 def save_pair(folder: Path, words=("<eos>", "a", "b", "c"), extra_rows: int = 3, seed: int = 0, noise: float = 0.4,
-              n_layer: int = 1, n_embd: int = 8):
+              n_layer: int = 1, n_embd: int = 8, n_positions: int = 64, bos=None, adds_bos=False):
     """P random, Q = P with Gaussian noise on every weight; logit rows = len(words) + extra_rows (padding rows)."""
-    tok = tokenizer(words)
-    cfg = GPT2Config(vocab_size=len(words) + extra_rows, n_positions=64, n_embd=n_embd, n_layer=n_layer, n_head=2,
+    tok = tokenizer(words, bos, adds_bos)
+    cfg = GPT2Config(vocab_size=len(words) + extra_rows, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=2,
                      initializer_range=0.6, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     gen = torch.Generator().manual_seed(seed)
     p = GPT2LMHeadModel(cfg).eval()

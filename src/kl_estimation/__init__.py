@@ -10,6 +10,9 @@ LLM pairs (torch and transformers are imported on first use, so the single-token
     LLMConfig        every setting of a run, with its default (the command line's flags are built from it)
     default_pair()   the folders of the offline default pair, built on first use
 
+    corpus_kl(p_model, q_model, corpus, *, context=512, score="second-half", ...)   teacher-forced KL over a text,
+        llama.cpp's windows and statistics one to one, both directions, clustered SEs → CorpusResult
+
 Training-loop terms over logits / log-probs (numpy or torch on any device; torch keeps autograd), with masks:
 
     exact_token_kl(logits_p, logits_q, mask)       KL(P_t‖Q_t) per position, chunked over positions
@@ -65,10 +68,11 @@ _LAZY = {  # names whose modules import torch / transformers: loaded on first ac
     "estimate_kl": "api", "KLResult": "api", "KLRow": "api", "default_pair": "api",
     "sample_batch": "llm.engine", "sequence_proposal": "llm.engine", "unit_generator": "llm.engine",
     "enumerate_sequences": "llm.enumeration", "LLMConfig": "llm.run.config",
+    "corpus_kl": "api", "CorpusResult": "llm.corpus.run", "CorpusConfig": "llm.corpus.config",
 }
 
 __all__ = sorted([
-    "estimate_kl", "KLResult", "KLRow", "LLMConfig", "default_pair",
+    "estimate_kl", "KLResult", "KLRow", "LLMConfig", "default_pair", "corpus_kl", "CorpusResult", "CorpusConfig",
     "exact_token_kl", "k1", "k2", "k3", "sequence_kl", "kl_loss", "kl_rewards", "KLRewards", "token_logprobs_and_kl",
     "REGISTRY", "Proposal", "proposal", "by_name", "build_proposals",
     "naive_mc_terms", "importance_sampling_terms", "k2_terms", "k3_terms", "rao_blackwell_terms",

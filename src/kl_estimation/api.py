@@ -242,11 +242,11 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
             raise ValueError("tokenizer: needed when the models are passed as loaded models")
         cfg = LLMConfig.from_settings(**settings)
         cfg.validate()
-        from kl_estimation.llm.loading import pair_from_models
+        from kl_estimation.llm.loading import pair_from_models, text_start as pair_text_start
 
         pair = pair_from_models(p_model, q_model, tokenizer, prompts=cfg.prompt_set, temperature=cfg.temperature,
                                 ignore_eos=cfg.ignore_eos, chat_template=cfg.chat_template)
-        models = {"p": type(p_model).__name__ + " (loaded)", "q": type(q_model).__name__ + " (loaded)"}
+        models = {"p": type(p_model).__name__ + " (loaded)", "q": type(q_model).__name__ + " (loaded)", "text_start": pair_text_start(tokenizer, cfg.chat_template)}
         return run(cfg, pair, models, progress)
     if any(given) and not settings.get("q_adapter"):
         if not all(given):
@@ -254,3 +254,58 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
     cfg = LLMConfig.from_settings(p_model=p_model and os.fspath(p_model), q_model=q_model and os.fspath(q_model),
                                   **settings)
     return run(cfg, progress=progress)
+
+
+def corpus_kl(p_model=None, q_model=None, corpus=None, *, context: int = 512, tokenizer=None, progress: bool = True,
+              **settings):
+    """Teacher-forced KL(P‖Q) over a text corpus, as llama.cpp's ``llama-perplexity --kl-divergence`` measures it
+    (its windows, its scored half, its statistics), in one pass over both models, plus KL(Q‖P), Jeffreys and
+    clustered standard errors. The same call as ``LLM_experiments.py --corpus FILE`` with the same settings.
+
+    Parameters
+    ----------
+    p_model, q_model : str, os.PathLike or transformers model
+        Hub ids (``p_revision`` / ``q_revision``), local folders or ``.gguf`` files; or already-loaded causal LMs
+        sharing ``tokenizer``.
+    corpus : str, os.PathLike, or a sequence of str
+        A .txt file (one document) or .jsonl file (one document per line, under ``text_field``), or the documents as
+        texts. Or give ``dataset=`` (with ``split``, ``text_field``) or ``token_ids=`` (llama.cpp's base file).
+    context : tokens per window (llama.cpp's -c), default 512.
+    **settings
+        Any setting of a corpus run (``help(kl_estimation.CorpusConfig)``, ``LLM_experiments.py --corpus x --help``):
+        ``score`` ("second-half" = llama.cpp's, or "all"), ``cluster_by`` ("window" or "document"), ``n_windows``,
+        ``base_storage``, ``batch_size`` (windows per forward), ``device``, ``dtype``, ``p_dtype``/``q_dtype``,
+        ``threads``, ``output_dir`` (None: nothing is written), ``overwrite``, …
+
+    Returns
+    -------
+    CorpusResult: ``.summary`` (``["llama"]``: llama.cpp's numbers; ``["means"]``: every mean with ``se_cluster``,
+    ``se_iid`` and 95 % CIs), ``.mean("kl_forward")``, ``.tokens`` (per-token arrays), ``.windows``, ``.worst``,
+    ``.text`` (llama.cpp's blocks and ours, as printed).
+
+    Raises
+    ------
+    ValueError
+        For bad input, naming the parameter first (``context: 9000 tokens per window, but the models take …``).
+    """
+    from kl_estimation.llm.corpus.config import CorpusConfig
+    from kl_estimation.llm.corpus.run import run_corpus
+
+    if corpus is not None:
+        if isinstance(corpus, (str, os.PathLike)):
+            settings["corpus"] = os.fspath(corpus)
+        elif isinstance(corpus, (list, tuple)):
+            settings["texts"] = tuple(corpus)
+        else:
+            raise ValueError(f"corpus: a file path or a list of texts (got {type(corpus).__name__})")
+    loaded = [m is not None and not _is_model_id(m) for m in (p_model, q_model)]
+    if any(loaded) and not all(loaded):
+        raise ValueError("q_model: give both models as ids/paths or both as loaded models")
+    if all(loaded):
+        if tokenizer is None:
+            raise ValueError("tokenizer: needed when the models are passed as loaded models")
+        cfg = CorpusConfig.from_settings(p_model="(loaded)", q_model="(loaded)", context=context, **settings)
+        return run_corpus(cfg, models=(p_model, q_model), tokenizer=tokenizer, progress=progress)
+    cfg = CorpusConfig.from_settings(p_model=p_model and os.fspath(p_model), q_model=q_model and os.fspath(q_model),
+                                     context=context, **settings)
+    return run_corpus(cfg, progress=progress)

@@ -267,6 +267,8 @@ def draw_figures(folder, fmt: str = "png", pairs=None, methods=None):
     from kl_estimation.figures import synthetic as plots
 
     folder = Path(folder)
+    if (folder / "tokens.npz").is_file() and (folder / "summary.json").is_file():  # a corpus run
+        return _corpus_figures(folder, fmt, pairs or methods)
     if (folder / "summary.json").is_file() and not (folder / runio.RESULTS).exists():
         from kl_estimation.figures import llm as plots_llm
 
@@ -316,6 +318,8 @@ LLM_RUNS = Path("tests2")  # the seed's output root: each run without --output-d
 def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     from kl_estimation.llm.run.config import LLMConfig
 
+    if corpus_requested(argv):  # --corpus FILE (or another corpus-only flag): a teacher-forced corpus run
+        return corpus_main(argv, prog, **defaults)
     args = llm_parser(prog, defaults).parse_args(argv)
     settings = {k: getattr(args, k) for k in LLMConfig.settings() if hasattr(args, k)}
     settings["proposals"] = tuple(settings["proposals"])
@@ -403,3 +407,100 @@ def _run_llm(cfg, plots: bool = True) -> int:
             print(report.jeffreys_line(p["jeffreys"].to_dict(), f"for prompt {p['prompt']}"))
         print(report.jeffreys_line(result.jeffreys.to_dict(), "over the prompt set" if result.per_prompt else ""))
     return 0
+
+
+# ---------------------------------------------------------------- LLM_experiments.py --corpus
+
+def _corpus_only_flags() -> set[str]:
+    from kl_estimation.llm.corpus.config import CorpusConfig
+    from kl_estimation.llm.run.config import LLMConfig
+
+    return {as_flag_name(n) for n in CorpusConfig.settings() if n not in LLMConfig.settings()
+            and CorpusConfig.settings()[n].metadata["flag"]}
+
+
+def corpus_requested(argv) -> bool:
+    """Whether a command line asks for a corpus run: `--corpus FILE`, or any flag only a corpus run has
+    (`--text-field`, `--token-ids`, `--context`, …)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    only = _corpus_only_flags()
+    return any(a.split("=", 1)[0] in only for a in args if a.startswith("--"))
+
+
+def corpus_parser(prog: str, defaults: dict) -> Parser:
+    """Every CorpusConfig setting as `--name-with-dashes`, built like llm_parser (the shared settings are
+    LLMConfig's own, with the same names and defaults)."""
+    from kl_estimation.llm.corpus.config import CorpusConfig
+
+    p = Parser(prog=prog, description="Corpus mode (--corpus FILE, --dataset NAME --text-field F, or --token-ids "
+                                      "FILE): teacher-forced KL(P‖Q) and KL(Q‖P) of every scored token of a text, "
+                                      "both models on llama.cpp's windows in one pass; llama.cpp's "
+                                      "--kl-divergence statistics one to one, with clustered standard errors. A "
+                                      "corpus run never samples.")
+    big = p.add_argument_group("big models (pip install 'kl-estimation[scale]')")
+    for name, f in CorpusConfig.settings().items():
+        m = f.metadata
+        if not m["flag"]:
+            continue
+        default = defaults.get(name, f.default)
+        text = m["help"] if default is not None or "(default" in m["help"] else m["help"] + " (default: none)"
+        kw = dict(dest=name, default=default, help=flag_text(text))
+        if isinstance(f.default, bool):
+            kw["action"] = "store_true"
+        else:
+            kw.update({k: m[k] for k in ("type", "nargs") if m[k]})
+        (big if name in _BIG_MODELS else p).add_argument(as_flag_name(name), *m["aliases"], **kw)
+    p.add_argument("--no-plots", action="store_true", default=defaults.get("no_plots", False),
+                   help="skip the figures (draw them later with visualize_proposals.py RUN_FOLDER)")
+    return p
+
+
+def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
+    """A corpus run from the command line: one line and exit 2 on bad input, nothing written."""
+    from kl_estimation.llm.corpus.config import CorpusConfig
+    from kl_estimation.llm.corpus.run import run_corpus
+
+    known = CorpusConfig.settings()
+    args = corpus_parser(prog, {k: v for k, v in defaults.items() if k in known or k == "no_plots"}).parse_args(argv)
+    cfg = CorpusConfig(**{k: getattr(args, k) for k in known if hasattr(args, k)})
+    given = cfg.output_dir is not None
+    if not given:
+        cfg.output_dir = str(_new_corpus_folder())
+    with _sigterm_as_interrupt():
+        try:
+            result = run_corpus(cfg, progress=True)
+        except ValueError as err:
+            return fail(prog, str(err))
+        except KeyboardInterrupt:
+            return interrupted(prog, "nothing was written (a corpus run writes its folder when every window is "
+                                     "scored); run the same command again")
+        print(result.text)
+        if not args.no_plots:
+            try:
+                print(f"figures: {_corpus_figures(result.folder, 'png')}")
+            except KeyboardInterrupt:
+                return interrupted(prog, f"the run folder {result.folder} is complete but its figures are not; draw "
+                                         f"them with: {shlex.join([_python(), 'visualize_proposals.py', str(result.folder)])}")
+    print(f"run folder: {result.folder}")
+    return 0
+
+
+def _new_corpus_folder() -> Path:
+    """A folder name under tests2/corpus/ not taken yet; created only when the run writes (nothing on bad input)."""
+    from datetime import datetime
+
+    base = LLM_RUNS / "corpus"
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for i in range(1000):
+        p = base / (stamp if i == 0 else f"{stamp}-{i}")
+        if not p.exists():
+            return p
+    raise RuntimeError(f"could not find a free run folder name under {base}")
+
+
+def _corpus_figures(folder, fmt: str = "png", selection=None):
+    from kl_estimation.figures import corpus as corpus_figures
+
+    if selection:
+        raise ValueError("--pairs: a corpus run folder has no pairs or proposals to select")
+    return corpus_figures.draw_all(folder, fmt)

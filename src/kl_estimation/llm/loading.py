@@ -1,8 +1,16 @@
-"""Loading a pair of transformers models: hub ids and local folders, dtypes, PEFT adapters, device maps, and the
-tokenizer checks that decide whether P and Q can be compared at all."""
+"""Loading a pair of transformers models: hub ids (at a revision) and local folders, GGUF files (llama.cpp's format,
+dequantized by transformers), dtypes, PEFT adapters, device maps, and the tokenizer checks that decide whether P and
+Q can be compared at all.
+
+A model name is one of: a local folder written by save_pretrained; a local ``.gguf`` file (loaded as
+``from_pretrained(folder, gguf_file=name)``, which dequantizes every tensor to float32 and needs the gguf and
+accelerate packages); a hub id, optionally at a ``revision``; or ``owner/repo/file.gguf``, one GGUF file of a hub
+repository."""
 from __future__ import annotations
 
+import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,11 +63,124 @@ def missing_in_model_folder(path: Path) -> str | None:
             f"weights, the tokenizer's save_pretrained its files)")
 
 
+GGUF_SUFFIX = ".gguf"
+
+
+def is_gguf(name) -> bool:
+    return str(name).lower().endswith(GGUF_SUFFIX)
+
+
+def model_source(flag: str, name: str, revision: str | None = None) -> tuple[str, dict]:
+    """What from_pretrained takes for a model name, and its keywords: a ``.gguf`` file is its folder plus
+    ``gguf_file=``; a hub GGUF ``owner/repo/file.gguf`` the repository plus the file; a `revision` applies to hub
+    ids only."""
+    name = str(name)
+    rev = {} if revision is None else {"revision": revision}
+    if is_gguf(name):
+        path = Path(name)
+        if path.is_file():
+            return str(path.parent.resolve()), {"gguf_file": path.name}
+        parts = name.split("/")
+        if path.exists() or len(parts) < 3 or name.startswith((".", "/", "~")):
+            raise ValueError(f"{flag}: no GGUF file {name!r} (a local .gguf file, or owner/repo/file.gguf on the hub)")
+        return "/".join(parts[:2]), {"gguf_file": "/".join(parts[2:]), **rev}
+    return name, rev
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_gguf_header(path) -> dict:
+    """The metadata of a GGUF file without its tensors, fast: scalars and strings by key; arrays (the vocabulary,
+    merges) are skipped and given as None. GGUF v2/v3 layout: b"GGUF", uint32 version, uint64 tensor count, uint64
+    key-value count, then (string key, uint32 type, value) per pair."""
+    import struct
+
+    def read(fmt):
+        return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+
+    def string():
+        return fh.read(read("<Q")).decode("utf-8", errors="replace")
+
+    out = {}
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version = read("<I")
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is too old (2 or later)")
+        read("<Q")
+        for _ in range(read("<Q")):
+            key, kind = string(), read("<I")
+            if kind == 8:
+                out[key] = string()
+            elif kind in _GGUF_SCALARS:
+                out[key] = read(_GGUF_SCALARS[kind])
+            elif kind == 9:
+                sub, n = read("<I"), read("<Q")
+                if sub == 8:
+                    for _ in range(n):
+                        fh.seek(read("<Q"), 1)
+                elif sub in _GGUF_SCALARS:
+                    fh.seek(n * struct.calcsize(_GGUF_SCALARS[sub]), 1)
+                else:
+                    raise ValueError(f"{path}: nested GGUF arrays under {key!r} are not read here")
+                out[key] = None
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {kind} under {key!r}")
+    return out
+
+
+def gguf_facts(flag: str, name: str) -> dict:
+    """A local GGUF file's architecture and context length, read from its header at once — so that a file
+    transformers cannot load, or a context it cannot take, is refused before seconds of parsing and dequantizing."""
+    try:
+        head = read_gguf_header(name)
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{flag}: cannot read the GGUF file {name!r}: {err}") from None
+    arch = head.get("general.architecture")
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as known
+    except ImportError:  # pragma: no cover - older transformers
+        known = None
+    norm = lambda a: str(a).lower().replace("-", "").replace("_", "")  # noqa: E731 - qwen2moe is qwen2_moe there
+    if known is not None and arch is not None and "t5" not in str(arch) \
+            and norm(arch) not in {norm(k) for k in known}:
+        raise ValueError(f"{flag}: {name}: transformers cannot load GGUF files of architecture {arch!r} (it loads: "
+                         f"{', '.join(sorted(known))})")
+    return {"architecture": arch, "context_length": head.get(f"{arch}.context_length"), "name": head.get("general.name"),
+            "file_type": head.get("general.file_type"), "add_bos_token": head.get("tokenizer.ggml.add_bos_token")}
+
+
+def _gguf_error(flag: str, name: str, err: Exception) -> ValueError | None:
+    """transformers' failures on a GGUF file in one line: an architecture it cannot read, missing packages."""
+    text = " ".join(str(err).split())
+    m = re.search(r"architecture (\S+) is not supported", text)
+    if m:
+        try:
+            from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as known
+        except ImportError:  # pragma: no cover - older transformers
+            known = []
+        return ValueError(f"{flag}: {name}: transformers cannot load GGUF files of architecture {m[1]!r}"
+                          + (f" (it loads: {', '.join(sorted(known))})" if known else ""))
+    if "accelerate" in text and "required" in text:
+        return ValueError(f"{flag}: loading a GGUF file needs the accelerate package (pip install accelerate, or "
+                          f"pip install 'kl-estimation[gguf]')")
+    if isinstance(err, ImportError) or ("gguf" in text.lower() and "install" in text.lower()):
+        return ValueError(f"{flag}: loading a GGUF file needs the gguf package (pip install gguf, or pip install "
+                          f"'kl-estimation[gguf]')")
+    if Path(name).is_file():
+        return ValueError(f"{flag}: cannot load the GGUF file {name!r}: {text[:200]}")
+    return None
+
+
 def _from_pretrained(flag: str, name: str, load):
     """`load(**kw)` from the local cache / a local folder first, then from the hub; every failure as one line."""
     try:
         return load(local_files_only=True)  # a local folder, or a hub id already in the cache
     except Exception as err:  # transformers raises OSError, ValueError, …: all mean "not here"
+        if is_gguf(name) and (gguf_err := _gguf_error(flag, name, err)) is not None:
+            raise gguf_err from None
         if Path(name).exists():
             why = missing_in_model_folder(Path(name)) or " ".join(str(err).split())
             raise ValueError(f"{flag}: cannot load the local folder {name!r}: {why}") from None
@@ -69,27 +190,68 @@ def _from_pretrained(flag: str, name: str, load):
         try:
             return load()
         except Exception as err2:
+            if is_gguf(name) and (gguf_err := _gguf_error(flag, name, err2)) is not None:
+                raise gguf_err from None
             raise ValueError(f"{flag}: cannot load {name!r} from the model hub: "
                              f"{str(err2).splitlines()[0][:200]}") from None
 
 
-def _load_one(flag: str, name: str, device, dtype, device_map=None, offload: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@contextmanager
+def _quiet_gguf():
+    """transformers shows a progress bar while it dequantizes a GGUF file and logs what it converts: not the user's
+    concern on a run's console (errors still raise)."""
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def load_tokenizer(flag: str, name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a model name (folder, hub id at `revision`, .gguf file); errors in one line naming `flag`."""
+    from transformers import AutoTokenizer
+
+    where, kw = model_source(flag, name, revision)
+    extra = {"trust_remote_code": True} if trust_remote_code else {}
+    with _quiet_gguf():
+        return _from_pretrained(flag, name, lambda **lk: AutoTokenizer.from_pretrained(where, **kw, **extra, **lk))
+
+
+def load_config(flag: str, name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model config alone (cheap: no weights), for checks that should fail before loading them."""
+    from transformers import AutoConfig
+
+    where, kw = model_source(flag, name, revision)
+    extra = {"trust_remote_code": True} if trust_remote_code else {}
+    with _quiet_gguf():
+        return _from_pretrained(flag, name, lambda **lk: AutoConfig.from_pretrained(where, **kw, **extra, **lk))
+
+
+def load_model(flag: str, name: str, device, dtype, device_map=None, offload: bool = False,
+               revision: str | None = None, trust_remote_code: bool = False):
+    """A causal LM in eval mode on `device` (or sharded by `device_map`); errors in one line naming `flag`."""
+    from transformers import AutoModelForCausalLM
+
+    where, kw = model_source(flag, name, revision)
     placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory(offload)}
+    extra = {"trust_remote_code": True} if trust_remote_code else {}
 
-    def load(**kw):
-        return (AutoTokenizer.from_pretrained(name, **kw),
-                AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **placement, **kw))
+    def load(**lk):
+        return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **placement, **kw, **extra, **lk)
 
     try:
-        tok, model = _from_pretrained(flag, name, load)
+        with _quiet_gguf():
+            model = _from_pretrained(flag, name, load)
     except ValueError as err:
         if device_map is not None and "offload" in str(err) and not offload:
             raise ValueError(f"{flag}: {name!r} does not fit on the visible GPUs; add offload (`offload`) to keep the rest in "
                              f"CPU memory") from None
         raise
-    return tok, (model if device_map is not None else model.to(device)).eval()
+    return (model if device_map is not None else model.to(device)).eval()
 
 
 def max_memory(offload: bool) -> dict | None:
@@ -118,14 +280,14 @@ def main_device(model) -> torch.device:
     return next(m.parameters()).device
 
 
-def _needs(flag: str, package: str, why: str):
+def _needs(flag: str, package: str, why: str, extra: str = "scale"):
     import importlib
 
     try:
         return importlib.import_module(package)
     except ImportError:
         raise ValueError(f"{flag}: {why} needs the {package} package, which is not installed (pip install "
-                         f"'kl-estimation[scale]' or pip install {package})") from None
+                         f"'kl-estimation[{extra}]' or pip install {package})") from None
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -148,11 +310,17 @@ def _adapter_config(flag: str, path: str, base: str):
     if cfg.is_prompt_learning:
         raise ValueError(f"{flag}: {path!r} is a {cfg.peft_type} adapter (prompt learning); only adapters that "
                          f"change weights (LoRA, IA3, …) are supported")
+    return cfg
+
+
+def _other_base_warning(flag: str, path: str, cfg, base: str) -> None:
+    """An adapter trained on another name may be applied to a quantized (GGUF) or merged variant of its base: allowed
+    once its weights have loaded (every shape fit), with a warning, because only the user knows they are one model."""
     recorded = cfg.base_model_name_or_path
     if recorded and not _same_model(recorded, base):
-        raise ValueError(f"{flag}: the adapter {path!r} was made for {recorded!r}, not for the given model "
-                         f"{base!r}; give its base model")
-    return cfg
+        warnings.warn(f"{flag}: the adapter {path!r} was made for {recorded!r}, not for the given model {base!r}; it is "
+                      f"applied because every weight shape fits (a quantized or merged variant of the same base?) — "
+                      f"if {base!r} is another model, the KL is not that of base vs fine-tune", UserWarning, stacklevel=4)
 
 
 def _with_adapters(model, adapters: dict, base: str):
@@ -173,8 +341,11 @@ def _with_adapters(model, adapters: dict, base: str):
         except Exception as err:  # missing target modules, shape mismatches: the adapter is for another model
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
             why = next((ln for ln in lines if "size mismatch" in ln), lines[0])
-            raise ValueError(f"{flag}: the adapter {path!r} does not fit the given model {base!r}: "
+            made_for = cfg.base_model_name_or_path
+            other = f" (it was made for {made_for!r})" if made_for and not _same_model(made_for, base) else ""
+            raise ValueError(f"{flag}: the adapter {path!r} does not fit the given model {base!r}{other}: "
                              f"{why[:200]}") from None
+        _other_base_warning(flag, path, cfg, base)
     return peft_model.eval()
 
 
@@ -195,6 +366,25 @@ def check_loading_options(cfg) -> None:
             if cfg.p_model is None:
                 raise ValueError(f"{flag}: give p_model (and q_model unless it is P's base) with an adapter")
             _needs(flag, "peft", "an adapter")
+    check_sources(cfg)
+
+
+def check_sources(cfg) -> None:
+    """Model names with their revisions: a revision names a version on the hub, so it needs a hub id; a GGUF file
+    needs the gguf and accelerate packages."""
+    for side in ("p", "q"):
+        name, rev = getattr(cfg, f"{side}_model"), getattr(cfg, f"{side}_revision", None)
+        if rev is not None:
+            if not isinstance(rev, str) or not rev.strip():
+                raise ValueError(f"{side}_revision: must be a branch, tag or commit of the hub repository (got {rev!r})")
+            if name is None:
+                raise ValueError(f"{side}_revision: give `{side}_model` (a hub id) with a revision")
+            if Path(str(name)).exists():
+                raise ValueError(f"{side}_revision: `{side}_model` {name} is a local path; a revision applies to hub ids")
+        if name is not None and is_gguf(name):
+            model_source(f"{side}_model", name, rev)  # the file exists, or names owner/repo/file.gguf
+            _needs(f"{side}_model", "gguf", "a GGUF file", "gguf")
+            _needs(f"{side}_model", "accelerate", "a GGUF file (transformers' loader)", "gguf")
 
 
 def check_tokenizers(tok_p, tok_q, *, ignore_eos: bool = False, chat_template: bool = False) -> None:
@@ -229,11 +419,42 @@ def check_logit_rows(p, q, vocab_size: int) -> None:
                       f"(the tokenizer's) are used, the rest are padding", stacklevel=3)
 
 
+_PROBE = "Hello world"
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer adds around a text by itself (``tokenizer(text)`` against ``add_special_tokens=False``):
+    (before, after). Llama-style tokenizers put BOS before; GPT-2, Qwen and SmolLM2 (whose BOS ``<|im_start|>`` is a
+    chat marker) add nothing; a few append EOS."""
+    full = list(tokenizer(_PROBE)["input_ids"])
+    plain = list(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+    n = len(plain)
+    for i in range(len(full) - n + 1):
+        if full[i:i + n] == plain:
+            return full[:i], full[i + n:]
+    return [], []  # the special tokens change the text's own tokens: add none rather than guess
+
+
+def text_start(tokenizer, chat_template: bool = False) -> dict:
+    """What a run puts before each text and records (models.text_start in summary.json): the ids and tokens the
+    tokenizer adds in front, and those it would append but a run drops (a continuation never follows EOS)."""
+    if chat_template:
+        return {"chat_template": True, "prepended_ids": None, "prepended": "the chat template's user turn"}
+    before, after = special_tokens(tokenizer)
+    return {"prepended_ids": before, "prepended": tokenizer.convert_ids_to_tokens(before),
+            "dropped_ids": after, "dropped": tokenizer.convert_ids_to_tokens(after),
+            "bos_token": getattr(tokenizer, "bos_token", None),
+            "rule": "the tokenizer's own add_special_tokens behaviour: what tokenizer(text) puts in front"}
+
+
 def tokenize_prompts(tokenizer, prompts: list[str], chat_template: bool = False) -> list[list[int]]:
     """Token ids of each prompt: with `chat_template`, the prompt as one user turn of the tokenizer's chat template
-    plus the generation prompt; otherwise the text with the tokenizer's BOS in front when it has one."""
+    plus the generation prompt; otherwise the text as the tokenizer tokenizes it by itself — with the special tokens
+    it puts in front (BOS for Llama-style tokenizers, nothing for GPT-2 or SmolLM2, whose ``bos_token`` is a chat
+    marker that would change the target) and without any it would append (EOS)."""
     if chat_template and not getattr(tokenizer, "chat_template", None):
         raise ValueError("chat_template: the tokenizer has no chat template")
+    before = None if chat_template else special_tokens(tokenizer)[0]
     out = []
     for i, text in enumerate(prompts):
         if chat_template:
@@ -241,9 +462,7 @@ def tokenize_prompts(tokenizer, prompts: list[str], chat_template: bool = False)
                                                 tokenize=True)
             ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         else:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-                ids = [tokenizer.bos_token_id] + ids
+            ids = before + list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise ValueError(f"prompts: prompt {i} tokenizes to nothing")
         out.append(ids)
@@ -266,28 +485,41 @@ def pair_from_models(p, q, tokenizer, *, prompts, temperature: float, ignore_eos
     return TransformersPair(p, q, tokenizer, ids.to(device), mask.to(device), temperature, eos)
 
 
-def load_transformers_pair(p_model: str, q_model: str | None, *, prompts, temperature: float, device="cpu",
-                           dtype: str = "float32", ignore_eos: bool = False, p_dtype: str | None = None,
-                           q_dtype: str | None = None, p_adapter: str | None = None, q_adapter: str | None = None,
-                           device_map: str | None = None, offload: bool = False,
-                           chat_template: bool = False) -> TransformersPair:
-    """Load two causal LMs with `from_pretrained` (hub ids or local folders) that share one vocabulary, and
-    tokenize `prompts` (a string or a list of strings).
+def load_tokenizers(p_model: str, q_model: str | None, *, p_revision: str | None = None,
+                    q_revision: str | None = None, trust_remote_code: bool = False, ignore_eos: bool = False,
+                    chat_template: bool = False):
+    """P's and Q's tokenizers (one load when both name the same model), checked to be interchangeable
+    (check_tokenizers) before any weights are loaded."""
+    if q_model is None:
+        q_model, q_revision = p_model, p_revision
+    for flag, name in (("p_model", p_model), ("q_model", q_model)):
+        if is_gguf(name) and Path(str(name)).is_file():
+            gguf_facts(flag, str(name))  # an architecture transformers cannot load: refused now
+    tok_p = load_tokenizer("p_model", p_model, p_revision, trust_remote_code)
+    same = q_model == p_model and q_revision == p_revision
+    tok_q = tok_p if same else load_tokenizer("q_model", q_model, q_revision, trust_remote_code)
+    if not same:
+        check_tokenizers(tok_p, tok_q, ignore_eos=ignore_eos, chat_template=chat_template)
+    return tok_p, tok_q
 
-    `p_dtype` / `q_dtype` override `dtype` per model. `p_adapter` / `q_adapter`: a PEFT adapter (folder or hub id)
-    on top of that model; `q_model` None means Q's base is P's. When both sides have the same base and dtype, the base
-    is loaded once (Q = P + adapter: adapter off for P, on for Q). `device_map="auto"` shards each model over the
-    visible GPUs with accelerate (`offload`: the rest in CPU memory) instead of moving it to `device`."""
-    q_model = p_model if q_model is None else q_model
+
+def load_model_pair(p_model: str, q_model: str | None, *, device="cpu", dtype: str = "float32",
+                    p_dtype: str | None = None, q_dtype: str | None = None, p_adapter: str | None = None,
+                    q_adapter: str | None = None, device_map: str | None = None, offload: bool = False,
+                    p_revision: str | None = None, q_revision: str | None = None, trust_remote_code: bool = False):
+    """(P, Q) causal LMs in eval mode: see load_transformers_pair. When both sides have the same base, revision and
+    dtype, the base is loaded once (adapters switched per forward: AdapterView)."""
+    if q_model is None:
+        q_model, q_revision = p_model, p_revision
     dt_p, dt_q = DTYPES[p_dtype or dtype], DTYPES[q_dtype or dtype]
     if device_map is not None:
         _needs("device_map", "accelerate", "sharding a model over devices")
     if p_adapter or q_adapter:
         _needs("q_adapter" if q_adapter else "p_adapter", "peft", "an adapter")
-    shared = q_model == p_model and dt_p == dt_q and (p_adapter is None or p_adapter != q_adapter)
-    tok_p, p = _load_one("p_model", p_model, device, dt_p, device_map, offload)
+    shared = (q_model == p_model and q_revision == p_revision and dt_p == dt_q
+              and (p_adapter is None or p_adapter != q_adapter))
+    p = load_model("p_model", p_model, device, dt_p, device_map, offload, p_revision, trust_remote_code)
     if shared:
-        tok_q = tok_p
         adapters = {k: v for k, v in (("p", ("p_adapter", p_adapter)), ("q", ("q_adapter", q_adapter)))
                     if v[1] is not None}
         if adapters:
@@ -296,10 +528,34 @@ def load_transformers_pair(p_model: str, q_model: str | None, *, prompts, temper
         else:
             q = p
     else:
-        tok_q, q = _load_one("q_model", q_model, device, dt_q, device_map, offload)
+        q = load_model("q_model", q_model, device, dt_q, device_map, offload, q_revision, trust_remote_code)
         if p_adapter:
             p = AdapterView(_with_adapters(p, {"p": ("p_adapter", p_adapter)}, p_model), "p")
         if q_adapter:
             q = AdapterView(_with_adapters(q, {"q": ("q_adapter", q_adapter)}, q_model), "q")
+    return p, q
+
+
+def load_transformers_pair(p_model: str, q_model: str | None, *, prompts, temperature: float, device="cpu",
+                           dtype: str = "float32", ignore_eos: bool = False, p_dtype: str | None = None,
+                           q_dtype: str | None = None, p_adapter: str | None = None, q_adapter: str | None = None,
+                           device_map: str | None = None, offload: bool = False,
+                           chat_template: bool = False, p_revision: str | None = None,
+                           q_revision: str | None = None, trust_remote_code: bool = False) -> TransformersPair:
+    """Load two causal LMs with `from_pretrained` (hub ids at `p_revision` / `q_revision`, local folders or .gguf
+    files) that share one vocabulary, and tokenize `prompts` (a string or a list of strings).
+
+    `p_dtype` / `q_dtype` override `dtype` per model. `p_adapter` / `q_adapter`: a PEFT adapter (folder or hub id)
+    on top of that model; `q_model` None means Q's base is P's. When both sides have the same base and dtype, the base
+    is loaded once (Q = P + adapter: adapter off for P, on for Q). An adapter whose recorded base has another name (a
+    quantized or merged variant of it) is applied with a warning when its weights fit. `device_map="auto"` shards each
+    model over the visible GPUs with accelerate (`offload`: the rest in CPU memory) instead of moving it to
+    `device`. The tokenizers are loaded and checked first, so a pair that cannot be compared fails before its
+    weights load."""
+    tok_p, _ = load_tokenizers(p_model, q_model, p_revision=p_revision, q_revision=q_revision,
+                               trust_remote_code=trust_remote_code, ignore_eos=ignore_eos, chat_template=chat_template)
+    p, q = load_model_pair(p_model, q_model, device=device, dtype=dtype, p_dtype=p_dtype, q_dtype=q_dtype,
+                           p_adapter=p_adapter, q_adapter=q_adapter, device_map=device_map, offload=offload,
+                           p_revision=p_revision, q_revision=q_revision, trust_remote_code=trust_remote_code)
     return pair_from_models(p, q, tok_p, prompts=prompts, temperature=temperature, ignore_eos=ignore_eos,
-                            chat_template=chat_template, q_tokenizer=tok_q)
+                            chat_template=chat_template)

@@ -480,11 +480,12 @@ def _llama_text(L: dict) -> str:
 def _chunk_text(C: dict) -> str:
     rows = zip(C["ppl_q"], C["ppl_q_unc"], C["ln_ppl_ratio"], C["ln_ppl_ratio_unc"], C["kld"], C["kld_unc"],
                C["rms_dp"], C["rms_dp_unc"], C["same_top"], C["same_top_unc"])
-    lines = ["\n" + _CHUNK_HEADER + "\n%4d    %9.4f ± %9.4f    %10.5f ± %10.5f    %10.5f ± %10.5f"
-             "    %6.3f ± %6.3f %%    %6.3f ± %6.3f %%\n"
+    # the header once, before the first chunk's line (kl_divergence(): `if (i == 0)`, l. 1825-1837 of the
+    # llama-cpp-python 0.3.36 vendored copy; its log shows one header above all chunk lines)
+    lines = ["%4d    %9.4f ± %9.4f    %10.5f ± %10.5f    %10.5f ± %10.5f    %6.3f ± %6.3f %%    %6.3f ± %6.3f %%\n"
              % (i + 1, a, b, c, d, e, f, 100.0 * g, 100.0 * h, 100.0 * p, 100.0 * q)
              for i, (a, b, c, d, e, f, g, h, p, q) in enumerate(rows)]
-    return "".join(lines) + "\n"
+    return "\n" + _CHUNK_HEADER + "\n" + "".join(lines) + "\n"
 
 
 def _extra_text(s: dict) -> str:

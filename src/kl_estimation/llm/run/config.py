@@ -84,6 +84,12 @@ class LLMConfig:
     device_map: str | None = setting(None, "auto: shard each model over the visible GPUs with accelerate (default: "
                                      "none, each model whole on `device`)")
     offload: bool = setting(False, "with `device_map` auto: keep what does not fit on the GPUs in CPU memory")
+    p_revision: str | None = setting(None, "`p_model` from the hub at this branch, tag or commit (default: its main "
+                                     "branch); `p_model` may also be a .gguf file or owner/repo/file.gguf")
+    q_revision: str | None = setting(None, "`q_model` from the hub at this branch, tag or commit (default: its main "
+                                     "branch; with `q_adapter` alone: `p_revision`)")
+    trust_remote_code: bool = setting(False, "let transformers run the model code a hub repository ships (only for "
+                                      "repositories you trust)")
 
     @classmethod
     def settings(cls) -> dict:

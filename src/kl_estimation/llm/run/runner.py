@@ -64,7 +64,7 @@ def load_pair(cfg: LLMConfig):
     Returns (pair, models), `models` being what the run records about where P and Q came from."""
     from transformers.utils import logging as hf_logging
 
-    from kl_estimation.llm.loading import load_transformers_pair
+    from kl_estimation.llm.loading import load_transformers_pair, text_start
 
     distributed.from_env(cfg.device)  # under torchrun: join the group, and pin this rank to its GPU before loading
     device = resolve_device(cfg.device)
@@ -74,7 +74,7 @@ def load_pair(cfg: LLMConfig):
 
         p_id, q_id = default_pair.ensure()  # one pair for everyone, trained with its own fixed seed
     hf_logging.disable_progress_bar()
-    scale = {k: getattr(cfg, k) for k in ("p_adapter", "q_adapter", "device_map", "offload") if getattr(cfg, k)}
+    scale = {k: getattr(cfg, k) for k in ("p_adapter", "q_adapter", "device_map", "offload", "p_revision", "q_revision", "trust_remote_code") if getattr(cfg, k)}
     scale.update({k: resolve_dtype(getattr(cfg, k), device) for k in ("p_dtype", "q_dtype") if getattr(cfg, k)})
     pair = load_transformers_pair(p_id, q_id, prompts=cfg.prompt_set, temperature=cfg.temperature, device=device,
                                   dtype=resolve_dtype(cfg.dtype, device), ignore_eos=cfg.ignore_eos,
@@ -82,6 +82,7 @@ def load_pair(cfg: LLMConfig):
     models = {"p": cfg.p_model or "offline default pair (P)", "q": cfg.q_model or "offline default pair (Q)",
               "p_path": p_id, "q_path": q_id, "dtype": resolve_dtype(cfg.dtype, device),
               **{k: v for k, v in scale.items() if k not in ("device_map", "offload")}}  # what changes the records
+    models["text_start"] = text_start(pair.tokenizer, cfg.chat_template)  # what each prompt starts with
     if cfg.p_model is None:
         models["default_pair"] = default_pair.info()
     return pair, models

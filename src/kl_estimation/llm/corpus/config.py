@@ -1,0 +1,160 @@
+"""The settings of a corpus run (CorpusConfig): teacher-forced KL(P‖Q) over a text, llama.cpp's windows by default.
+
+The vocabulary is LLMConfig's: a setting both runs have (p_model, q_model, device, dtype, p_dtype, q_dtype,
+batch_size, output_dir, threads, overwrite, p_revision, q_revision, trust_remote_code, the adapters, device_map, …)
+is *the same* setting — its name, default and help are taken from LLMConfig — and the corpus settings are declared
+with the same ``setting()`` metadata, so ``LLM_experiments.py --corpus FILE`` builds its flags the same way
+(``--`` + the name with dashes). A corpus run never samples: LLMConfig's sampling settings are not part of it.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from kl_estimation.core.validation import check_int
+from kl_estimation.llm.corpus.stats import BASE_STORAGE, SCORE_MODES
+from kl_estimation.llm.run.config import LLMConfig, resolve_device, setting
+
+CLUSTERS = ("window", "document")
+CORPUS_FILES = ("summary.json", "tokens.npz", "windows.csv", "llama.txt", "plots")
+CORPUS_KINDS = (".txt", ".jsonl")
+
+
+def shared(name: str, help: str | None = None, default=...):
+    """LLMConfig's setting `name` for the corpus run: same name, same default and flag (its help may be reworded
+    where the corpus run uses it otherwise, e.g. batch_size counts windows)."""
+    f = LLMConfig.settings()[name]
+    meta = dict(f.metadata)
+    if help is not None:
+        meta["help"] = help
+    return field(default=f.default if default is ... else default, metadata=meta)
+
+
+@dataclass
+class CorpusConfig:
+    """Every setting of a corpus run, under the one name it has as an API keyword (corpus_kl), a config field and a
+    JSON key in summary.json; the flag is ``--`` + the name with dashes."""
+
+    p_model: str | None = shared("p_model", "base model P (llama.cpp's base): a hub id, a local folder or a .gguf file")
+    q_model: str | None = shared("q_model", "the other model Q (e.g. a quantized P): a hub id, a local folder or a "
+                                            ".gguf file (default with `q_adapter`: `p_model`)")
+    corpus: str | None = setting(None, "the text: a .txt file (one document, tokenized whole as llama.cpp does) or a "
+                                       ".jsonl file (one document per line, its text under `text_field`); this flag "
+                                       "switches LLM_experiments.py to a corpus run")
+    texts: tuple | None = setting(None, "the corpus given as texts, one per document", flag=False)
+    dataset: str | None = shared("dataset", "a corpus from the datasets library: a save_to_disk folder (offline) or "
+                                            "a load_dataset name, one document per row (text under `text_field`)")
+    split: str = shared("split")
+    text_field: str = setting("text", "`corpus` .jsonl and `dataset`: the field holding each document's text")
+    n_documents: int | None = setting(None, "only the first N documents (default: all)", type=int)
+    token_ids: str | None = setting(None, "score these token ids instead of tokenizing a text: llama.cpp's "
+                                          "--kl-divergence-base file (its header holds them) or a .npy array "
+                                          "(default: tokenize `corpus` / `dataset`)")
+    context: int = setting(512, "tokens per window n_ctx (llama.cpp's -c); must fit both models' context", type=int)
+    score: str = setting("second-half", "second-half: llama.cpp's scoring, the last n_ctx - 1 - n_ctx/2 tokens of "
+                                        "each window (numbers compare one to one); all: every token after the "
+                                        "first of each window")
+    n_windows: int | None = setting(None, "only the first N windows (llama.cpp's --chunks) (default: all)", type=int)
+    cluster_by: str = setting("window", "clusters of the clustered standard errors: window (llama.cpp's "
+                                        "windows, independent forward passes) or document")
+    base_storage: str = setting("exact", "exact: P's distributions in float32; llama-uint16: P stored as llama.cpp's "
+                                         "--kl-divergence-base stores it (16-bit log-probs, tokens below max − 16 "
+                                         "dropped), to reproduce its arithmetic")
+    n_worst: int = setting(20, "tokens with the largest KL(P‖Q) kept with their context for the figures", type=int)
+    batch_size: int = shared("batch_size", "windows per forward batch (llama.cpp puts 2048 / n_ctx in one)",
+                             default=4)
+    device: str = shared("device")
+    dtype: str = shared("dtype")
+    threads: int | None = shared("threads")
+    output_dir: str | None = shared("output_dir", "folder of the run's files (default: the API writes nothing; "
+                                                  "LLM_experiments.py a new folder under tests2/corpus/)")
+    overwrite: bool = shared("overwrite", "replace an earlier corpus run's files in `output_dir`")
+    p_dtype: str | None = shared("p_dtype")
+    q_dtype: str | None = shared("q_dtype")
+    p_adapter: str | None = shared("p_adapter")
+    q_adapter: str | None = shared("q_adapter")
+    device_map: str | None = shared("device_map")
+    offload: bool = shared("offload")
+    p_revision: str | None = shared("p_revision")
+    q_revision: str | None = shared("q_revision")
+    trust_remote_code: bool = shared("trust_remote_code")
+
+    @classmethod
+    def settings(cls) -> dict:
+        return {f.name: f for f in fields(cls)}
+
+    @classmethod
+    def from_settings(cls, **settings) -> "CorpusConfig":
+        """A CorpusConfig from keyword settings; an unknown name is a ValueError naming it (a sampling setting says
+        that a corpus run does not sample)."""
+        known = cls.settings()
+        for name in settings:
+            if name not in known:
+                if name in LLMConfig.settings():
+                    raise ValueError(f"{name}: a setting of sampled runs (estimate_kl); a corpus run scores the "
+                                     f"text teacher-forced and never samples")
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(known)}"
+                raise ValueError(f"{name}: not a setting of a corpus run{hint}")
+        return cls(**settings)
+
+    def __post_init__(self):
+        if self.q_adapter and self.q_model is None:
+            self.q_model, self.q_revision = self.p_model, self.q_revision or self.p_revision
+        if self.texts is not None and not isinstance(self.texts, tuple):
+            self.texts = (self.texts,) if isinstance(self.texts, str) else tuple(self.texts)
+
+    def validate(self) -> "CorpusConfig":
+        """Check every setting (errors name the parameter) before anything is loaded."""
+        from kl_estimation.llm.loading import check_loading_options
+        from kl_estimation.llm.pair import DTYPES
+
+        if self.p_model is None or self.q_model is None:
+            raise ValueError("q_model: a corpus run needs `p_model` and `q_model` (or `p_model` with `q_adapter`)")
+        check_int("context", self.context, 3 if self.score == "second-half" else 2)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("n_worst", self.n_worst, 0)
+        for name in ("n_windows", "n_documents", "threads"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        if self.score not in SCORE_MODES:
+            raise ValueError(f"score: one of {', '.join(SCORE_MODES)} (got {self.score!r})")
+        if self.cluster_by not in CLUSTERS:
+            raise ValueError(f"cluster_by: one of {', '.join(CLUSTERS)} (got {self.cluster_by!r})")
+        if self.base_storage not in BASE_STORAGE:
+            raise ValueError(f"base_storage: one of {', '.join(BASE_STORAGE)} (got {self.base_storage!r})")
+        given = [n for n in ("corpus", "texts", "dataset", "token_ids") if getattr(self, n) is not None]
+        if not given:
+            raise ValueError("corpus: give the text to score: `corpus` FILE, `dataset` NAME or `token_ids` FILE")
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: give one source of text, not both `{given[0]}` and `{given[1]}`")
+        for name in ("corpus", "token_ids"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no file {path}")
+        if self.corpus is not None and Path(self.corpus).suffix not in CORPUS_KINDS:
+            raise ValueError(f"corpus: {self.corpus} is not a {' or '.join(CORPUS_KINDS)} file")
+        if self.token_ids is not None and self.cluster_by == "document":
+            raise ValueError("cluster_by: token ids carry no documents; cluster by window")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype: unknown dtype {self.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+        resolve_device(self.device)
+        check_loading_options(self)
+        if self.output_dir is not None:
+            check_corpus_folder(self.output_dir, self.overwrite)
+        return self
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+
+def check_corpus_folder(folder, overwrite: bool) -> None:
+    """The folder can be written and holds no earlier run unless `overwrite`."""
+    from kl_estimation import runio
+
+    runio.check_output_dir(folder, "output_dir")
+    earlier = [Path(folder) / n for n in CORPUS_FILES if (Path(folder) / n).exists()]
+    if earlier and not overwrite:
+        raise ValueError(f"output_dir: {folder} already holds a run ({earlier[0].name}); pass `overwrite` to replace "
+                         f"it, or choose another folder")

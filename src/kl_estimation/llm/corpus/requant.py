@@ -1,0 +1,80 @@
+"""Requantize a GGUF file in numpy with gguf-py, without llama.cpp: the Q variants of tests and benchmarks.
+
+    requantize("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-q4_0.gguf", "Q4_0")
+
+Every tensor of a quantized type (Q4_0, Q4_1, Q5_*, Q8_0, F16, BF16, …) that gguf-py can dequantize and whose rows
+split into blocks of the target type is dequantized to float32 and quantized to ``qtype`` with gguf-py's port of
+ggml's reference quantizers (``gguf.quants``); float32 tensors (norms) stay float32, and the token embedding keeps its
+type (as ``llama-quantize`` does when the embedding's row length is not a multiple of its preferred type's block of
+256). Every metadata field is copied, ``general.file_type`` set to the new type. With the reference quantizers this
+gives the same tensor bytes as ``llama-quantize --allow-requantize IN OUT Q4_0`` (checked on SmolLM2-135M against
+/work/realmodel's llama-quantize output in tests/test_real_model.py).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["requantize", "QTYPES", "FILE_TYPES"]
+
+QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16", "F32")
+# llama_ftype numbers (llama.h) written as general.file_type
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
+KEEP = ("token_embd.weight",)  # tensors copied as they are (llama-quantize's fallback for 576-wide SmolLM2 rows)
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError("requantize: needs the gguf package (pip install gguf)") from None
+    return gguf
+
+
+def requantize(src, dst, qtype: str, *, keep=KEEP) -> Path:
+    """Write ``dst``: ``src`` with its quantized tensors requantized to ``qtype`` (one of QTYPES); returns dst.
+    Written to a temporary file next to dst and renamed, so a dst that exists is complete."""
+    gguf = _gguf()
+    if qtype not in QTYPES:
+        raise ValueError(f"qtype: one of {', '.join(QTYPES)} (got {qtype!r})")
+    QT = gguf.GGMLQuantizationType
+    target = QT[qtype]
+    reader = gguf.GGUFReader(os.fspath(src))
+    arch = reader.fields["general.architecture"].contents()
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(os.fspath(tmp), arch=arch, endianess=reader.endianess)
+    try:
+        for field in reader.fields.values():
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue  # written by GGUFWriter itself
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            value = field.contents()
+            if field.name == gguf.Keys.General.FILE_TYPE and qtype in FILE_TYPES:
+                value = FILE_TYPES[qtype]
+            writer.add_key_value(field.name, value, vtype, sub_type=sub)
+        block = gguf.GGML_QUANT_SIZES[target][0]
+        out = []
+        for t in reader.tensors:
+            data, ttype = t.data, t.tensor_type
+            convert = (t.name not in keep and ttype not in (QT.F32, target)
+                       and int(t.shape[0]) % block == 0 and len(t.shape) >= 2)
+            if convert:
+                values = gguf.quants.dequantize(data, ttype)
+                data, ttype = gguf.quants.quantize(values, target), target
+            out.append((t.name, data, ttype))
+            writer.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, ttype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, data, _ in out:
+            writer.write_tensor_data(data, tensor_endianess=reader.endianess)
+        writer.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
