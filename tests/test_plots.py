@@ -117,9 +117,9 @@ def llm_run(tmp_path_factory):
     paths = save_pair(root / "m", seed=0)
     prompts = ("a b", "c", "b")
     pair = load_transformers_pair(*paths, prompts=list(prompts), temperature=1.0)
-    cfg = LLMConfig(p_model="x", q_model="y", prompts=prompts, n_reps=150, t_length=4, temperature=1.0,
+    cfg = LLMConfig(p_model="x", q_model="y", prompts=prompts, n_samples=150, max_new_tokens=4, temperature=1.0,
                     proposals=("P", "Geometric (beta=0.5)", "Exponential family (β=5)", "Adaptive [prefix-aware]"),
-                    batch_size=150, output_folder=str(root / "run"))
+                    batch_size=150, output_dir=str(root / "run"))
     run_experiment(pair, cfg, {}, root / "run")
     return root / "run"
 
