@@ -16,6 +16,10 @@ from kl_estimation.llm.loading import load_transformers_pair
 from kl_estimation.llm.pair import AdapterView
 from tiny_lms import save_pair, tokenizer
 
+# The tests build adapters with peft directly, and peft calls a transformers API deprecated in 5.x (the library
+# silences it where it calls peft itself).
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
 peft = pytest.importorskip("peft")
 T = 3
 
