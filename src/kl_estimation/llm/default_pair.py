@@ -25,7 +25,7 @@ import numpy as np
 
 from kl_estimation import runio
 
-VERSION = "v1"
+VERSION = "v2"  # v2: trained on one thread (v1 depended on the thread count torch happened to use)
 SEED = 0  # the pair's own seed: a cache built with another (by older versions, from --seed) is rebuilt
 LOCK_TIMEOUT = 3600.0  # seconds to wait for another process's build
 BASE_STEPS, FINETUNE_STEPS = 600, 150
@@ -98,13 +98,28 @@ def _train(model, data: np.ndarray, steps: int, lr: float, rng: np.random.Genera
 
 def build(seed: int = SEED) -> tuple[Path, Path]:
     """Train and save the pair (about a minute or two on 2 CPU cores); returns the (P, Q) folders. Callers hold
-    the lock (``ensure`` does)."""
+    the lock (``ensure`` does). Trained on BUILD_THREADS threads whatever torch uses otherwise: float sums depend on
+    the thread count, and the pair must be the same on every machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        return _build(seed, cache_dir())
+    finally:
+        torch.set_num_threads(threads)
+
+
+BUILD_THREADS = 1
+
+
+def _build(seed: int, folder: Path) -> tuple[Path, Path]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from kl_estimation.progress import bar as progress_bar
 
-    with runio.replaced_folder(cache_dir()) as tmp:
+    with runio.replaced_folder(folder) as tmp:
         base_texts, tune_texts = _corpus()
         tokenizer = _tokenizer(base_texts + tune_texts)
         base, tune = _ids(tokenizer, base_texts), _ids(tokenizer, tune_texts)
@@ -124,7 +139,7 @@ def build(seed: int = SEED) -> tuple[Path, Path]:
             model.save_pretrained(tmp / "q")
             tokenizer.save_pretrained(tmp / "q")
         (tmp / "built.json").write_text(json.dumps({
-            "version": VERSION, "seed": seed, "base": "Python stdlib top-level modules",
+            "version": VERSION, "seed": seed, "threads": BUILD_THREADS, "base": "Python stdlib top-level modules",
             "finetune": list(FINETUNE_PACKAGES), "torch": torch.__version__, "base_tokens": int(base.size),
             "finetune_tokens": int(tune.size)}, indent=1))
     return paths()
