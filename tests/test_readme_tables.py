@@ -55,3 +55,13 @@ def test_sequence_exact_variance_table_rb_row():
         ex = markov.exact_values(tables)
         assert np.isfinite(ex.is_variance)
         assert ex.rbis_variance / ex.is_variance == pytest.approx(table["RB"][j], abs=6e-5), family
+
+
+def test_ci_runs_the_readme_test_command_and_the_readme_stays_short():
+    root = DOCS.parent
+    readme = (root / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    tests = next(b for b in blocks if "pytest" in b)
+    assert tests in (root / ".ci" / "run").read_text()
+    assert any("Synthetic_tests.py" in b for b in blocks)
+    assert len(readme.splitlines()) <= 200
