@@ -54,17 +54,17 @@ def q_gguf(base: Path, qtype: str = "Q4_0") -> Path:
 
 def measure(cmd, env=None, cwd=None) -> dict:
     """Run `cmd`; wall seconds, CPU seconds (user + system of the process and its children), peak RSS (MB)."""
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
-    _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out.seek(0)
-    err.seek(0)
-    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_mb": ru.ru_maxrss / 1024, "rc": proc.returncode,
-            "stdout": out.read().decode(errors="replace"), "stderr": err.read().decode(errors="replace"),
-            "cmd": " ".join(map(str, cmd))}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
+        _, status, ru = os.wait4(proc.pid, 0)  # this child's own rusage: CPU seconds and peak RSS
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_mb": ru.ru_maxrss / 1024, "rc": proc.returncode,
+                "stdout": out.read().decode(errors="replace"), "stderr": err.read().decode(errors="replace"),
+                "cmd": " ".join(map(str, cmd))}
 
 
 def combine(*runs) -> dict:
@@ -93,7 +93,7 @@ def parse_llama(text: str) -> dict:
     """llama.cpp's final blocks (ours prints the same labels): label → (value, ±) or (value,)."""
     out = {}
     for label, pat in _ROWS.items():
-        m = re.search(pat, text, flags=re.M)
+        m = re.search(pat, text, flags=re.MULTILINE)
         if m:
             out[label] = tuple(float(g) for g in m.groups())
     return out

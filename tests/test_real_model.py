@@ -11,8 +11,14 @@ import torch
 
 import kl_estimation as kle
 from kl_estimation.llm.corpus.requant import cached_variant, wheel_gguf
-from kl_estimation.llm.loading import (gguf_speedups, load_model, load_model_pair, load_tokenizer, text_start,
-                                       tokenize_prompts)
+from kl_estimation.llm.loading import (
+    gguf_speedups,
+    load_model,
+    load_model_pair,
+    load_tokenizer,
+    text_start,
+    tokenize_prompts,
+)
 
 pytestmark = pytest.mark.slow
 

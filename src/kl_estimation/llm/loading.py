@@ -145,7 +145,7 @@ def gguf_facts(flag: str, name: str) -> dict:
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as known
     except ImportError:  # pragma: no cover - older transformers
         known = None
-    norm = lambda a: str(a).lower().replace("-", "").replace("_", "")  # noqa: E731 - qwen2moe is qwen2_moe there
+    norm = lambda a: str(a).lower().replace("-", "").replace("_", "")
     if known is not None and arch is not None and "t5" not in str(arch) \
             and norm(arch) not in {norm(k) for k in known}:
         raise ValueError(f"{flag}: {name}: transformers cannot load GGUF files of architecture {arch!r} (it loads: "

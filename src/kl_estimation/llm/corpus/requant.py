@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["requantize", "QTYPES", "FILE_TYPES"]
+__all__ = ["FILE_TYPES", "QTYPES", "requantize"]
 
 QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16", "F32")
 # llama_ftype numbers (llama.h) written as general.file_type

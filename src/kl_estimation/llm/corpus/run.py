@@ -236,7 +236,7 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
 
     with gguf_speedups():  # each GGUF file parsed once for its tokenizer, config and weights
         p, q, tokenizer, record, prepared = _load(cfg, models, tokenizer)
-    ids, doc, corpus, windows, mask, document, bos = prepared
+    _, _, corpus, windows, mask, document, _ = prepared
     W = windows.shape[0]
     vocab = len(tokenizer)
     check_logit_rows(p, q, vocab)
