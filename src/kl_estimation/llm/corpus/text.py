@@ -27,7 +27,7 @@ def read_documents(corpus=None, texts=None, dataset=None, split: str = "train", 
         where = "texts"
         for i, t in enumerate(docs):
             if not isinstance(t, str):
-                raise ValueError(f"texts: document {i} is a {type(t).__name__}, not text")
+                raise ValueError(f"texts: document {i} is a {type(t).__name__}, not text")  # noqa: TRY004 - bad input
     elif dataset is not None:
         from kl_estimation.llm.prompts import read_dataset
 
