@@ -84,7 +84,8 @@ def load_real(q: str = "q4_0", p_gguf: str = DEFAULT_P, q_gguf: str = DEFAULT_Q,
     if not (Path(adapter) / "adapter_config.json").exists():
         print(f"training a LoRA adapter into {adapter} on {LORA_TEXT}", flush=True)
         train_lora(p, tok, adapter, steps=lora_steps)
-    both = _with_adapters(p, {"q": ("q_adapter", adapter)}, "")  # what --q-adapter does with one base model
+    base = getattr(p, "name_or_path", "") or p_gguf  # what the adapter records as its base
+    both = _with_adapters(p, {"q": ("q_adapter", adapter)}, base)  # what --q-adapter does with one base model
     return tok, AdapterView(both, None), AdapterView(both, "q")
 
 

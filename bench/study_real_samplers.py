@@ -164,7 +164,11 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/real_sampler_study")
+    ap.add_argument("--reanalyse", action="store_true", help="only the table and figure from OUT/study.json")
     args = ap.parse_args()
+    if args.reanalyse:
+        doc = json.loads((Path(args.out) / "study.json").read_text())
+        return report(doc["cells"], doc["config"]["samplers"], Path(args.out), doc["seconds"])
     import torch
 
     torch.set_num_threads(args.threads)
@@ -216,14 +220,18 @@ def main():
                                                         cells=cells, rows=rows, pooled=pooled(rows, args.samplers)),
                                                    indent=1, default=float))
         stop = elapsed > args.max_seconds
-    rows = analyse(cells, args.samplers)
-    allrows = rows + pooled(rows, args.samplers)
+    report(cells, args.samplers, out, time.perf_counter() - t_start)
+
+
+def report(cells, samplers, out: Path, total: float):
+    """table.csv, ratio_vs_n.png and the printed table from the cells (also of a study.json: --reanalyse)."""
+    rows = analyse(cells, samplers)
+    allrows = rows + pooled(rows, samplers)
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in allrows for k in r)))
         w.writeheader()
         w.writerows(allrows)
     figure(rows, out / "ratio_vs_n.png")
-    total = time.perf_counter() - t_start
     per_tok = sum(d["seconds"] for c in cells.values() for s, d in c.items() if isinstance(d, dict)) / max(
         sum(d["tokens"] for c in cells.values() for s, d in c.items() if isinstance(d, dict)), 1)
     print(f"\n{'setting':<44} {'sampler':>10} {'ratio':>6} {'95% CI (χ²+δ)':>15} {'bootstrap':>15} {'R':>4} {'cost':>5}")
@@ -232,7 +240,7 @@ def main():
         print(f"{st:<44} {r['sampler']:>10} {r['ratio']:6.2f} [{r['ci_low']:5.2f}, {r['ci_high']:5.2f}] "
               f"[{r.get('boot_low', float('nan')):5.2f}, {r.get('boot_high', float('nan')):5.2f}] {r['R']:4d} "
               f"{r['cost_ratio']:5.2f}")
-    full = len(list(itertools.product(["q4_0", "lora"], [1.0, 0.7], [16, 64], real_lm.PROMPTS))) 
+    full = len(list(itertools.product(["q4_0", "lora"], [1.0, 0.7], [16, 64], real_lm.PROMPTS)))
     print(f"\nwall {total:.0f} s; {per_tok * 1e3:.2f} ms per drawn token (both models, all samplers). Full study "
           f"({full} settings × 5 samplers × 340 randomizations × 64 sequences, T = 16 and 64 half each): "
           f"{full * 5 * 340 * 64 * 40 * per_tok / 3600:.0f} h at this rate")
