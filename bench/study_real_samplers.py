@@ -127,7 +127,7 @@ def figure(rows, path):
                          if (r["q"], r["temperature"], r["T"], r["prompt"]) == k and r["sampler"] == s)
             if pts:
                 n, y, lo, hi = map(np.array, zip(*pts))
-                ax.errorbar(n * (1 + 0.04 * list(dict.fromkeys(r["sampler"] for r in rows)).index(s)), y,
+                ax.errorbar(n * 2 ** (0.08 * list(dict.fromkeys(r["sampler"] for r in rows)).index(s)), y,
                             yerr=[y - lo, hi - y], marker="o", ms=3, capsize=2, label=s)
         ax.axhline(0.5, color="red", lw=0.8, alpha=0.5)
         ax.axhline(0.7, color="orange", lw=0.8, alpha=0.5)
