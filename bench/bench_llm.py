@@ -3,6 +3,8 @@
     python bench/bench_llm.py                    # CPU: random GPT-2 pair (2 layers, d=128, V=2048), R=256, T=20
     python bench/bench_llm.py --device cuda      # GPU: random Qwen2-0.5B-shaped pair in bf16, R=256, T=128
     python bench/bench_llm.py --device cuda --static-cache --compile    # where they may pay on a GPU
+    python bench/bench_llm.py --model smollm2 -R 32 -T 16 --threads 2   # the real SmolLM2-135M pair (Q4_1 → P,
+                                 # Q4_0 → Q, bench/real_lm.py), chat prompt, τ = 1; add --device cuda on a GPU
 
 Lines:
   ours       our sampler: batched, KV caches, both models every step, exact per-step KL (proposal P, Geometric β=0.5)
@@ -12,12 +14,16 @@ Lines:
   (b)        what RLHF libraries do: generate() from P, then one teacher-forced forward of P and Q over the R × T
              tokens (micro-batches of --tf-batch rows) with the full-vocabulary KL per token; target: ours faster
   (loop)     CPU only: one sequence at a time, no KV cache, both models re-run over the whole prefix each step
-With CUDA every line also prints its peak GPU memory (torch.cuda.max_memory_allocated, reset before each line).
+With CUDA every line also prints its peak GPU memory (torch.cuda.max_memory_allocated, reset before each line); on
+CPU the peak resident memory of the process during the line (RSS polled every 5 ms; models included) and its rise
+over the RSS before the line.
 --static-cache: generate() with a static KV cache (cache_implementation="static"); --compile: torch.compile of
 every model's forward (dynamic shapes; on CUDA generate() then compiles its static-cache forward itself).
 """
 import argparse
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -118,12 +124,45 @@ def generate_then_score(p, q, prompt, R, T, V, static: bool, tf_batch: int):
     return kl
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RSSPeak:
+    """Peak resident memory of this process while the block runs (polled every 5 ms; Linux)."""
+
+    def __enter__(self):
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, _rss())
+
+        self._t = threading.Thread(target=poll, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+
+
 def timed(fn, device, repeats=1, warm=False):
-    """Best wall time over `repeats` and the peak GPU memory (None on CPU); `warm`: one untimed call first (so that
-    torch.compile's compilations are not timed)."""
+    """Best wall time over `repeats` and the peak memory: GPU memory on CUDA, (peak RSS, its rise) in GiB on CPU;
+    `warm`: one untimed call first (so that torch.compile's compilations are not timed)."""
     if warm:
         fn()
     best = float("inf")
+    if device.type == "cpu" and os.path.exists("/proc/self/statm"):
+        with RSSPeak() as m:
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+        return best, (m.peak / 2 ** 30, (m.peak - m.start) / 2 ** 30)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -151,13 +190,33 @@ def main():
     ap.add_argument("--static-cache", action="store_true", help="generate() with a static KV cache")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model's forward")
     ap.add_argument("--skip-loop", action="store_true", help="skip (loop), the slow per-sequence loop")
+    ap.add_argument("--model", choices=["random", "smollm2"], default="random",
+                    help="smollm2: the real pair of bench/real_lm.py (P = Q4_1 GGUF, Q = Q4_0), τ = 1, chat prompt")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--proposals", nargs="+", default=["P", "Geometric (β=0.5)", "Fixed mixture (λ=0.5)"],
+                    help="our sampler's lines (the first two are the README's)")
     args = ap.parse_args()
+    global TEMPERATURE
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    qwen = args.qwen05b or (device.type == "cuda" and not args.gpt2)
+    qwen = args.qwen05b or (device.type == "cuda" and not args.gpt2 and args.model == "random")
     T = args.T or (128 if device.type == "cuda" else 20)
     R = args.R
     dtype = torch.bfloat16 if qwen else torch.float32
-    p, q = models(qwen, device, dtype)
+    tok = None
+    if args.model == "smollm2":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import real_lm
+        from kl_estimation.llm.loading import tokenize_prompts
+
+        TEMPERATURE = 1.0
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        tok, p, q = real_lm.load_real("q4_0", dtype=dtype, device=device)
+        chat, text = real_lm.PROMPTS["chat-story"]
+        prompt_ids = tokenize_prompts(tok, [text], chat)[0]
+    else:
+        p, q = models(qwen, device, dtype)
     if args.compile:
         from torch._dynamo import config as dynamo_config
 
@@ -165,11 +224,14 @@ def main():
         for m in (p, q):
             m.forward = torch.compile(m.forward, dynamic=True)
     V = p.config.vocab_size
-    prompt = torch.arange(1, 7, device=device)
+    prompt = torch.arange(1, 7, device=device) if tok is None else torch.tensor(prompt_ids, device=device)
     # EOS ignored: every line makes R·T tokens
-    pair = TransformersPair(p, q, _Tok(V), prompt[None], torch.ones_like(prompt)[None], TEMPERATURE, None)
+    pair = TransformersPair(p, q, tok or _Tok(V), prompt[None], torch.ones_like(prompt)[None], TEMPERATURE, None)
     toks = R * T
-    label = "random Qwen2-0.5B-shaped pair, bf16" if qwen else "random GPT-2 pair (2 layers, d=128, V=2048), fp32"
+    label = ("random Qwen2-0.5B-shaped pair, bf16" if qwen else "random GPT-2 pair (2 layers, d=128, V=2048), fp32")
+    if tok is not None:
+        label = (f"SmolLM2-135M-Instruct, P = Q4_1 GGUF, Q = Q4_0 GGUF, dequantized to {str(dtype)[6:]}, "
+                 f"τ = {TEMPERATURE}, chat prompt of {prompt.numel()} tokens")
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"{label}, R={R} sequences x T={T} tokens on {device} ({hw}); static cache {args.static_cache}, "
           f"compile {args.compile}")
@@ -180,17 +242,18 @@ def main():
 
     sample_batch(pair, sequence_proposal("P"), 8, 4, unit_generator(0, "P", 0, device))  # warm-up
     generate(p, prompt, 8, 4, args.static_cache)
-    rows = {"ours, proposal P": timed(ours("P"), device, args.repeats, args.compile),
-            "ours, Geometric (β=0.5)": timed(ours("Geometric (β=0.5)"), device, args.repeats, args.compile),
-            "floor: two KV-cached forwards": timed(lambda: two_forwards(p, q, prompt, R, T), device, args.repeats, args.compile),
+    rows = {f"ours, proposal {name}": timed(ours(name), device, args.repeats, args.compile)
+            for name in args.proposals}
+    rows.update({"floor: two KV-cached forwards": timed(lambda: two_forwards(p, q, prompt, R, T), device, args.repeats, args.compile),
             "(a) generate() on P alone": timed(lambda: generate(p, prompt, R, T, args.static_cache), device,
                                                args.repeats, args.compile),
             "(b) generate() + teacher-forced P, Q, KL": timed(
                 lambda: generate_then_score(p, q, prompt, R, T, V, args.static_cache, args.tf_batch), device,
-                args.repeats, args.compile)}
+                args.repeats, args.compile)})
     floor, rlhf = rows["floor: two KV-cached forwards"][0], rows["(b) generate() + teacher-forced P, Q, KL"][0]
     for name, (t, peak) in rows.items():
-        mem = f"   peak {peak:6.2f} GiB" if peak is not None else ""
+        mem = ("" if peak is None else f"   peak {peak:6.2f} GiB" if not isinstance(peak, tuple) else
+               f"   peak RSS {peak[0]:5.2f} GiB (+{peak[1]:4.2f})")
         rel = f"   {t / floor:5.2f}x floor  {t / rlhf:5.2f}x (b)" if name.startswith("ours") else ""
         print(f"{name:42s} {t:8.3f} s  {toks / t:10.0f} tokens/s{mem}{rel}")
     if device.type == "cpu" and not args.skip_loop:

@@ -2,6 +2,7 @@
 pairs at temperatures 0.4 and 1, orders 1 and 2, n from 64 to 4096; a figure of the ratio against n.
 
     python bench/study_samplers.py [--repeats 200] [--out results/sampler_study]
+        [--samplers iid stratified sobol array array-kl 'array-kl[id order]']
 
 For each (temperature, order, sampler, n): R independent randomizations (one unit of n sequences each, R capped so
 that R·n ≤ --budget); ratio = n·Var_R(RB estimate) / exact per-sequence Var(i.i.d. RB) (DP), so i.i.d. is 1 up to
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from kl_estimation.toy import markov as sq  # noqa: E402
 
+ABLATION = "array-kl[id order]"  # array-kl's row ranking with array's token-id CDF
 CASES = {1: 201, 2: 51}  # order → V (order 2 at V = 51 keeps the DP tables small)
 
 
@@ -64,6 +66,10 @@ def main():
     import torch
 
     torch.set_num_threads(1)  # a shared machine: one core is steadier than two contended ones
+    from kl_estimation.core.draws import DRAWS, array_kl
+
+    if ABLATION in args.samplers:  # not a --sampler choice: registered for this study only
+        DRAWS[ABLATION] = array_kl.ArrayKLIdOrderDraws
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, cases = [], []

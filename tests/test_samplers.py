@@ -197,3 +197,30 @@ def test_study_fast_path_equals_the_engine():
         a, b = sq.sampler_repeats(tb, sampler, 16, 4, seed=2), sq.sampler_rb_repeats(tb, sampler, 16, 4, seed=2)
         for k in ("MC", "RB"):
             np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-12)
+
+
+def test_array_kl_inverts_a_probability_sorted_cdf_exactly():
+    """u on a fine grid lands on each token with frequency r (to 1/M), in order of decreasing r; never on r = 0."""
+    from kl_estimation.core.draws.array_kl import invert_sorted_cdf
+
+    r = torch.tensor([0.1, 0.0, 0.45, 0.05, 0.4], dtype=torch.float64)
+    M = 20000
+    u = (torch.arange(M, dtype=torch.float64) + 0.5) / M
+    x = invert_sorted_cdf(r.log().expand(M, -1), u)
+    freq = torch.bincount(x, minlength=5).double() / M
+    assert torch.allclose(freq, r, atol=1.5 / M) and freq[1] == 0
+    assert x[0] == 2 and x[-1] == 3  # the most likely token first, the least likely of positive mass last
+    assert int(invert_sorted_cdf(r.log()[None], torch.tensor([1.0 - 2.0 ** -53], dtype=torch.float64))) == 3
+
+
+def test_array_kl_ranks_rows_by_the_running_rb_sum():
+    """Rows of each unit take their points in the order of Σ_{s≤t} KL_s (the key the engine hands over, 0 after
+    EOS); units stay apart."""
+    src = make_source("array-kl", [(torch.Generator().manual_seed(1), 4), (torch.Generator().manual_seed(2), 4)], 3,
+                      "cpu")
+    flat = torch.full((8, 3), -math.log(3.0), dtype=torch.float64)
+    kl0 = torch.tensor([0.3, 0.1, 0.4, 0.2, 0.9, 0.8, 0.7, 0.6], dtype=torch.float64)
+    src(0, flat, kl0)
+    assert src.order.tolist() == [1, 3, 0, 2, 7, 6, 5, 4]
+    src(1, flat, torch.tensor([0.0, 0.35, 0.0, 0.0, 0.0, 0.0, 0.0, 0.35], dtype=torch.float64))
+    assert src.order.tolist() == [3, 0, 2, 1, 6, 5, 4, 7]

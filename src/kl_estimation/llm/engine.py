@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kl_estimation.core.draws import make_source
+from kl_estimation.core.draws import draw_step, make_source
 from kl_estimation.core.exact import kl_rows
 from kl_estimation.core.proposals import REGISTRY, Proposal, by_name
 from kl_estimation.core.streams import torch_stream
@@ -256,13 +256,14 @@ def sample_batch(pair, proposal: SequenceProposal, n: int, max_new_tokens: int, 
     cols = {k: [] for k in ("token_ids", "log_p", "log_q", "log_r", "kl_step", "mask", "uncovered")}
     for t in range(max_new_tokens):
         log_r = proposal(log_p, log_q, prefix)
-        x = draw(t, log_r)
+        kl = exact_step_kl(log_p, log_q)
+        x = draw_step(draw, t, log_r, torch.where(alive, kl, 0.0))
         lp_x, lq_x = _gather(log_p, x), _gather(log_q, x)
         cols["token_ids"].append(x)
         cols["log_p"].append(lp_x)
         cols["log_q"].append(lq_x)
         cols["log_r"].append(lp_x if proposal.base is None else _gather(log_r, x))
-        cols["kl_step"].append(exact_step_kl(log_p, log_q))
+        cols["kl_step"].append(kl)
         cols["mask"].append(alive.clone())
         cols["uncovered"].append(torch.zeros_like(prefix) if proposal.base is None else  # r = P misses nothing
                                  torch.where(log_r == -math.inf, log_p.exp(), 0.0).sum(-1, dtype=torch.float64))

@@ -54,7 +54,7 @@ EOS = 0
 EOS_PROB = 0.02
 MAX_CELLS = 20_000_000
 ORDERS = (1, 2)
-SAMPLERS = ("iid", "stratified", "sobol", "array")  # draws.DRAWS, named here so that the CLI need not load torch
+SAMPLERS = ("iid", "stratified", "sobol", "array", "array-kl")  # draws.DRAWS, named here so that the CLI need not load torch
 
 
 @dataclass(frozen=True)
@@ -412,7 +412,7 @@ def sampler_rb_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int,
     (T, S) table instead of computed over the vocabulary per row: several times faster, for long studies."""
     import torch
 
-    from kl_estimation.core.draws import make_source
+    from kl_estimation.core.draws import draw_step, make_source
     from kl_estimation.llm.engine import unit_generator
 
     T, S, V = tables.shape
@@ -429,8 +429,9 @@ def sampler_rb_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int,
         alive = torch.ones(s.shape, dtype=torch.bool)
         mc, rb = torch.zeros(s.shape, dtype=torch.float64), torch.zeros(s.shape, dtype=torch.float64)
         for t in range(T):
-            x = src(t, lp[t, s])
-            rb += torch.where(alive, kl[t, s], 0.0)
+            kl_t = torch.where(alive, kl[t, s], 0.0)
+            x = draw_step(src, t, lp[t, s], kl_t)
+            rb += kl_t
             mc += torch.where(alive, lp[t, s, x] - lq[t, s, x], 0.0)
             alive &= x != EOS
             s = torch.as_tensor(tables.next_state(s, x))

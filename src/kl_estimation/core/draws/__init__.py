@@ -1,7 +1,8 @@
 r"""Ways of turning a proposal's next-token distributions r_t into tokens: one module per way of drawing.
 
-The sampling engine asks a *draw source* for the tokens of every step, ``source(t, log_r) -> tokens (B,)``; the
-source owns all randomness of one forward batch. A forward batch is made of *units* (prompt × proposal × batch
+The sampling engine asks a *draw source* for the tokens of every step, ``source(t, log_r) -> tokens (B,)``, or
+``source(t, log_r, kl)`` for a source with ``uses_kl`` True (kl: this step's exact KL(P_t‖Q_t) per row, 0 after a
+row's EOS: a statistic of the prefix, so a source may order rows by it and stay exact); the source owns all randomness of one forward batch. A forward batch is made of *units* (prompt × proposal × batch
 index), each with its own ``torch.Generator``: a source draws what it needs from each unit's generator for that
 unit's rows only, when it is built, so the records of a unit do not depend on which other units share its batch.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .array_kl import ArrayKLDraws
 from .array_rqmc import ArrayRQMCDraws
 from .iid import IIDDraws
 from .sobol import SobolDraws
@@ -31,7 +33,13 @@ def invert_cdf(log_r: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torc
     return x, lo, hi
 
 
-DRAWS = {"iid": IIDDraws, "stratified": StratifiedDraws, "sobol": SobolDraws, "array": ArrayRQMCDraws}
+DRAWS = {"iid": IIDDraws, "stratified": StratifiedDraws, "sobol": SobolDraws, "array": ArrayRQMCDraws,
+         "array-kl": ArrayKLDraws}
+
+
+def draw_step(source, t: int, log_r: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+    """One step of `source`, handing it the per-row step KL when it asks for it (``uses_kl``)."""
+    return source(t, log_r, kl) if getattr(source, "uses_kl", False) else source(t, log_r)
 
 
 def make_source(name: str, streams, max_new_tokens: int, device):

@@ -60,7 +60,8 @@ class LLMConfig:
                              "the roles swapped; both: the two in one run, plus their sum (the Jeffreys divergence)")
     proposals: tuple = setting(DEFAULT_PROPOSALS, "'P' (plain MC) and/or registry proposals such as "
                                "'Geometric (β=0.5)', optionally + ' [prefix-aware]'", nargs="+")
-    sampler: str = setting("iid", "how sequences are drawn: iid, stratified, sobol, array (other than iid: each "
+    sampler: str = setting("iid", "how sequences are drawn: iid, stratified, sobol, array, array-kl "
+                           "(experimental, docs/samplers.md; other than iid: each "
                            "batch of `batch_size` sequences is one randomization; standard errors come from the "
                            "spread between batches)")
     batch_size: int = setting(64, "sequences per forward batch", type=int)
