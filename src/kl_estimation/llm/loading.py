@@ -529,6 +529,9 @@ def load_tokenizers(p_model: str, q_model: str | None, *, p_revision: str | None
     for flag, name in (("p_model", p_model), ("q_model", q_model)):
         if is_gguf(name) and Path(str(name)).is_file():
             gguf_facts(flag, str(name))  # an architecture transformers cannot load: refused now
+        elif Path(str(name)).is_dir() and (why := missing_in_model_folder(Path(str(name)))):
+            # transformers builds a tokenizer from a bare config.json: say what is missing before it does
+            raise ValueError(f"{flag}: cannot load the local folder {str(name)!r}: {why}")
     tok_p = load_tokenizer("p_model", p_model, p_revision, trust_remote_code)
     same = q_model == p_model and q_revision == p_revision
     tok_q = tok_p if same else load_tokenizer("q_model", q_model, q_revision, trust_remote_code)
