@@ -580,16 +580,26 @@ def draw_all(path, fmt: str = "png", pairs=None, methods=None, workers: int | No
             for name in figure_names(run):
                 jobs.append((path, fmt, name, key, methods, tmp / _file_name(key, name, fmt)))
         jobs.append((path, fmt, "cross", all_keys, methods, tmp / f"{CROSS_STEM}.{fmt}"))
+        from kl_estimation.progress import bar as progress_bar
+
         workers = workers or min(len(jobs), os.cpu_count() or 1)
         _plt()  # import matplotlib once, before the workers fork
-        if workers > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
+        with progress_bar(total=len(jobs), desc="figures", unit="figure") as b:  # ~15 s: not in silence
+            if workers > 1:
+                import multiprocessing as mp
+                from concurrent.futures import ProcessPoolExecutor
 
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_ignore_sigint) as pool:
-                captions = list(pool.map(_render, jobs))
-        else:
-            captions = [_render(j) for j in jobs]
+                with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
+                                         initializer=_ignore_sigint) as pool:
+                    captions = []
+                    for c in pool.map(_render, jobs):
+                        captions.append(c)
+                        b.update(1)
+            else:
+                captions = []
+                for j in jobs:
+                    captions.append(_render(j))
+                    b.update(1)
         _merge(final, tmp, keys, fmt, {j[-1].name: c for j, c in zip(jobs, captions)}, run, all_keys)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
