@@ -178,3 +178,19 @@ def test_llm_ess_figure_shows_the_tables_percentage(llm_run):
     for d in run.docs:
         row = next(r for r in run.summary["rows"] if r["proposal"] == d["proposal"])
         assert fl.ess_pct(run, d) == pytest.approx(report.ess_pct(row))
+
+
+def test_llm_per_prompt_figure_marks_the_estimates_flagged_at_each_prompt(llm_run):
+    from matplotlib.colors import to_hex
+
+    from kl_estimation.figures import llm as fl
+
+    plt = fl._plt()
+    run = fl.load_llm_run(llm_run)
+    fig, _ = fl.fig_per_prompt(plt, run)
+    hollow = sum(len(ln.get_xdata()) for ln in fig.axes[0].lines
+                 if to_hex(ln.get_markerfacecolor()) == "#ffffff" and to_hex(ln.get_markeredgecolor()) == "#d62728")
+    flagged = sum(bool(r["flag"]) for p in run.summary["per_prompt"] for r in p["rows"]
+                  if r["estimator"] == fl.MAIN_ESTIMATOR[r["proposal"] == "P"])
+    assert hollow == flagged and flagged > 0
+    plt.close(fig)

@@ -170,7 +170,8 @@ def fixed(x, decimals: int | None, fallback_digits: int = 4) -> str:
         return "—"
     if x in (math.inf, -math.inf):
         return "∞" if x > 0 else "−∞"
-    return f"{x:.{decimals}f}" if decimals is not None else f"{x:.{fallback_digits}g}"
+    text = f"{x:.{decimals}f}" if decimals is not None else f"{x:.{fallback_digits}g}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
 def estimate_text(est, se) -> tuple[str, str]:
@@ -392,8 +393,9 @@ def recommendation_block(result, max_new_tokens: int | None = None, columns: int
         _, pop_se = estimate_text(rec["estimate"], se_pop)
         pop_ci, pop_clipped = _ci_text(rec.get("ci_population_low"), rec.get("ci_population_high"), se_pop,
                                        clip_zero=True)
+        k = len(rec.get("prompts_covered") or range(m))
         population = (f"; for the population the prompts were drawn from SE {pop_se}, 95% CI {pop_ci} (Student t, "
-                      f"{m - 1} df{', lower bound clipped at 0: a KL is ≥ 0' if pop_clipped else ''})")
+                      f"{k - 1} df{', lower bound clipped at 0: a KL is ≥ 0' if pop_clipped else ''})")
     else:
         population = ""
     covers = rec.get("covers")

@@ -5,7 +5,8 @@ diagnostic is absent is skipped) and apply in every area — single-token synthe
 
 * UNCOVERED_MASS — the proposal gives r = 0 to tokens with P > 0: the sequences through them are never drawn;
 * SELF_NORMALIZED — SNIS under a proposal ≠ P (biased at O(1/n));
-* SE_NOT_INFORMATIVE — (nearly) every draw the same sequence, every draw the same value, or fewer than 2 draws;
+* SE_NOT_INFORMATIVE — (nearly) every draw the same sequence, every draw the same value, fewer than 2 draws, or
+  importance weights whose Kish ESS is below MIN_ESS draws (the weighted sample is worth a handful of draws);
 * CV_TOO_FEW — a control variate fitted on fewer than MIN_CV_SEQUENCES sequences (its β is noise);
 * WEIGHT_IDENTITY — a mean identity E_r[W_≤t] = 1 fails (diagnostics.identity_failure): the heavy weights were never
   drawn (or over-drawn), so estimate and SE are both off;
@@ -41,6 +42,7 @@ from kl_estimation.verdicts.kinds import Estimator, kind
 
 MIN_CV_SEQUENCES = 100  # below this the cross-fitted β is noise (n = 20: up to 6.5× the better of MC and RB)
 DEGENERATE_RATIO = 10.0  # exact variance this many times the sample variance: the heavy tail was never drawn
+MIN_ESS = MIN_DISTINCT  # a weighted sample worth fewer draws than this cannot estimate its own variance
 
 
 def finite(x) -> bool:
@@ -81,6 +83,10 @@ def sample_flags(estimator, e: dict, *, is_p: bool, uncovered_mass: float = 0.0,
     elif se == 0 and (n or 0) > 1:
         flags.append(Flag(Code.SE_NOT_INFORMATIVE, "SE not informative: every draw gave the same value — the sample "
                                                    "has not seen the variance"))
+    elif not is_p and finite(e.get("ess")) and e["ess"] < MIN_ESS and (n or 0) >= MIN_ESS:
+        flags.append(Flag(Code.SE_NOT_INFORMATIVE, f"SE not informative: the weights' Kish ESS is {e['ess']:.1f} of "
+                                                   f"{n} draws (< {MIN_ESS}): the weighted sample is worth too few "
+                                                   f"draws to have seen its own variance"))
     if k is not None and k.control_variate and (n if n is not None else MIN_CV_SEQUENCES) < MIN_CV_SEQUENCES:
         flags.append(Flag(Code.CV_TOO_FEW, f"control variate fitted on {n} < {MIN_CV_SEQUENCES} sequences: its "
                                            f"cross-fitted β is noisy, so its variance can exceed both MC's and RB's "

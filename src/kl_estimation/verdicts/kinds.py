@@ -29,6 +29,12 @@ class Estimator(str, Enum):
         return self not in (Estimator.SNIS, Estimator.K2)
 
     @property
+    def recommendable(self) -> bool:
+        """May be the estimate to report: unbiased and not k3 (whose terms grow like Q/P — the heaviest tails of all,
+        so its SE is the first to be understated; MC, RB and RB+CV come from the same draws)."""
+        return self.unbiased and not self.k3
+
+    @property
     def uses_weights(self) -> bool:
         """Importance weighted: drawn from a proposal r ≠ P."""
         return self in (Estimator.IS, Estimator.SNIS, Estimator.RB_IS, Estimator.RB_IS_CV, Estimator.K3_IS)

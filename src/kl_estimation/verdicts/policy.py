@@ -3,28 +3,50 @@ r"""The trust policy of a run: rows with flags, their ranking, and the one estim
 A *run* here is one set of draws of several proposals for one target — an LLM run at one prompt, one repeat of a toy
 Markov pair — given as entries (proposal, estimates {estimator: entry}, uncovered mass). Pure: no printing, no files.
 
-Each row gets the sample-only checks of verdicts.checks, and then, when the run includes P, the consistency check:
+Each row gets the sample-only checks of verdicts.checks, and then, when the run includes P, the consistency checks
+(check_consistency):
 
 * INCONSISTENT — the row disagrees with the best trusted P-based estimate (MC, RB or RB+CV of P, smallest SE) by more
   than CONSISTENCY_Z combined standard errors: every unbiased estimator targets the same KL. When every P row's SE is
-  not informative (few distinct sequences: a low temperature, a small support), the best of those still serves as
-  the yardstick: RB still sums the exact per-step KL along the sequences that carry P's mass, and the check only
-  ever adds flags.
+  not informative (few distinct sequences: a low temperature, a small support, a near-deterministic first step), the
+  best of those still serves as the yardstick. The disagreement is blamed on P too when healthy rows of at least
+  MIN_DISPUTERS proposals contradict it on the same side (P's own sample can miss a rare heavy region); of two
+  healthy proposals more than PAIR_Z combined SEs apart the less precise one is flagged; and every estimator of a
+  proposal whose plain IS estimate is inconsistent is flagged with it (the same weights).
+* UNCONFIRMED — **the rule that never recommends what nothing trustworthy confirms.** Where P's rows are not
+  informative, the consistency check can only confirm an importance-sampling row to within what P's own draws
+  resolve (the largest SE of P's MC, RB and RB+CV). A weighted row whose SE is below CONFIRM_RATIO (½) of that is
+  flagged — its precision rests on its own SE alone, and its own sample cannot show the heavy sequences it never
+  drew — and so is every weighted row when P's draws were all one sequence (they resolve nothing). Nothing is then
+  recommended at that prompt, and ``advice`` says how many sequences from P would make the check possible (enough
+  for ≥ 10 draws off P's most frequent sequence, and for P's SE to reach twice the row's). Issue 19's case — P
+  rows all not informative, an IS row at 0.0231 ± 0.012 against P's MC 0.108 ± 0.067, truth 0.218 — is caught:
+  0.012 < ½ × 0.067.
 
 P's SNIS is not a row: with r = P every weight is 1 and SNIS is MC itself.
 
-The recommendation: among trusted rows of unbiased estimators (not SNIS), the smallest SE — except that P's RB+CV is
+The recommendation: among trusted rows of unbiased estimators other than k3 (not SNIS, and not k3 / k3-IS: their
+terms grow like Q/P, the heaviest tails of all, and their SE is the first to be understated — in the
+near-deterministic grid a k3-IS row 5.6 of its SEs off passed every check; MC, RB and RB+CV come from the same
+draws), the smallest SE — except that P's RB+CV is
 kept unless a row beats its SE by more than ``CHALLENGER_MARGIN``: with a cross-fitted coefficient RB+CV is unbiased
 and asymptotically never worse than the better of MC and RB (β = 0 is RB, β = 1 is MC), its weights are all 1
 (nothing to degenerate), and an SE that is smaller only by a few percent is within the noise of the SE estimates
 themselves (choosing the smallest of many noisy SEs favours the one that was underestimated). Where P's RB+CV
 cannot be fitted (CV_TOO_FEW: fewer than MIN_CV_SEQUENCES sequences) and is flagged for nothing else, P's RB — the
 β = 0 member of the same family — takes its place as the default.
+
+For a prompt set each prompt is judged on its own, and an overall row carries every flag found at any prompt. When
+that leaves no overall row trusted, the recommendation comes from the prompts where a row is trusted, if they are
+at least 2 and at least half of the set (recommend_subset): it is then the mean KL over those prompts — its
+``covers`` says which, and why the others are left out. Otherwise ``advice`` says in one line what to change (how
+many sequences per prompt from P, which prompts are the problem, that P is missing, …).
 """
 from __future__ import annotations
 
 import math
 
+from kl_estimation.core.diagnostics import MIN_OTHER_DRAWS
 from kl_estimation.verdicts.checks import finite, sample_flags
 from kl_estimation.verdicts.flags import Code, Flag, codes
 from kl_estimation.verdicts.kinds import Estimator, kind
@@ -32,6 +54,9 @@ from kl_estimation.verdicts.kinds import Estimator, kind
 P_NAME, P_KEY = "P", "p"
 CONSISTENCY_Z = 3.0
 CHALLENGER_MARGIN = 0.7  # a challenger must have SE below this fraction of RB+CV's (about half the variance)
+CONFIRM_RATIO = 0.5  # uninformative P: a weighted row's SE below this fraction of P's resolution is unconfirmed
+PAIR_Z = 4.0  # two healthy importance-sampling rows of different proposals further apart than this: one is off
+MIN_DISPUTERS = 2  # healthy rows of this many proposals contradicting P on one side: P is not trusted either
 DEFAULT_REASON = ("RB+CV (cross-fitted β) is the default: unbiased, weights all 1, and asymptotically never worse "
                   "than the better of MC and RB")
 RB_FALLBACK_REASON = ("RB is the default here: RB+CV's control variate cannot be fitted on so few sequences (RB is "
@@ -80,21 +105,139 @@ def judge_rows(entries, extra_flags: dict | None = None, repeat: int | None = No
     return rank(rows)
 
 
+def _gap(r: dict, x: dict) -> float:
+    """|r − x| in combined standard errors (inf when both SEs are 0 and the estimates differ)."""
+    combined = math.hypot(r["std_error"], x["std_error"])
+    gap = abs(r["estimate"] - x["estimate"])
+    return gap / combined if combined else (math.inf if gap > 0 else 0.0)
+
+
+def _sizes(z: float) -> str:
+    return f"{z:.1f}" if z < 1000 else "more than 1000"
+
+
+def _name(r: dict) -> str:
+    return f"{'P' if is_p_row(r) else r['proposal']} · {r['estimator']} ({r['estimate']:.4g}, SE {r['std_error']:.2g})"
+
+
+def _healthy(r: dict) -> bool:
+    """An importance-sampling row that can serve as a second yardstick: it passed every check of its own draws (only
+    consistency flags, if any) and is not k3 (whose terms are the heaviest-tailed of all and whose SE is the first to
+    be understated)."""
+    k = kind(r["estimator"])
+    return (not is_p_row(r) and k is not None and k.unbiased and not k.k3 and finite(r["std_error"])
+            and r["std_error"] > 0 and all(f.code is Code.INCONSISTENT for f in r["flags"]))
+
+
 def check_consistency(rows: list[dict]) -> None:
-    """Add INCONSISTENT to every row that disagrees with the reference P row (see the module doc)."""
+    """The consistency checks of one run (see the module doc), in order:
+
+    1. INCONSISTENT on every row that disagrees with the reference P row by more than CONSISTENCY_Z combined SEs
+       (where P's draws are not informative, P's own rows are not compared with each other — they come from the same
+       few sequences — and a reference with SE 0 compares nothing: step 5 says what P cannot confirm);
+    2. when healthy importance-sampling rows (every check of their own draws passed) of at least MIN_DISPUTERS
+       proposals contradict P on the same side, the disagreement is not blamed on them alone: P's rows that disagree
+       with them are flagged too, and so is every other row that does ("contradicted by …") — P's own sample can
+       miss a rare heavy region just as a proposal's can, and the run cannot tell which SEs are wrong;
+    3. of two healthy rows of different proposals more than PAIR_Z combined SEs apart, the less precise one;
+    4. every estimator of a proposal whose plain IS estimate is inconsistent (the weights of those draws miss mass);
+    5. UNCONFIRMED where P's draws are not informative (check_confirmable)."""
     ref = reference(rows)
     if ref is None:
         return
+    usable = [r for r in rows if finite(r["estimate"]) and finite(r["std_error"])]
+    cold = any(f.code is Code.SE_NOT_INFORMATIVE for f in ref["flags"])
+    if not (cold and _no_spread(ref)):
+        disputes = []
+        for r in usable:
+            if r is ref or (cold and is_p_row(r)) or _gap(r, ref) <= CONSISTENCY_Z:
+                continue
+            r["flags"].append(Flag(Code.INCONSISTENT, f"disagrees with {_name(ref)} by {_sizes(_gap(r, ref))} "
+                                                      f"combined SEs"))
+            if _healthy(r):
+                disputes.append(r)
+        for above in (True, False):  # P is disputed when healthy rows of two proposals contradict it on one side
+            side = [d for d in disputes if (d["estimate"] > ref["estimate"]) is above]
+            if len({d["proposal_key"] for d in side}) < MIN_DISPUTERS:
+                disputes = [d for d in disputes if d not in side]
+        for r in usable:
+            if r in disputes or _inconsistent(r):
+                continue
+            worst = max(disputes, key=lambda d: _gap(r, d), default=None)
+            if worst is not None and _gap(r, worst) > CONSISTENCY_Z:
+                r["flags"].append(Flag(Code.INCONSISTENT,
+                                       f"contradicted by {_name(worst)} by {_sizes(_gap(r, worst))} combined SEs — "
+                                       f"healthy rows of {MIN_DISPUTERS}+ proposals disagree with P on one side, so "
+                                       f"P's SE or theirs is wrong and neither is trusted"))
+    healthy = [r for r in usable if _healthy(r) and not r["flags"]]
+    for r in healthy:  # two healthy proposals far apart: the less precise one is the likelier to be off
+        worst = max((x for x in healthy if x["proposal_key"] != r["proposal_key"] and x["std_error"] < r["std_error"]),
+                    key=lambda x: _gap(r, x), default=None)
+        if worst is not None and _gap(r, worst) > PAIR_Z:
+            r["flags"].append(Flag(Code.INCONSISTENT, f"disagrees with the more precise {_name(worst)} by "
+                                                      f"{_sizes(_gap(r, worst))} combined SEs"))
+    for r in usable:
+        sib = next((x for x in rows if x.get("proposal_key") == r.get("proposal_key") and x["estimator"] == "IS"
+                    and _inconsistent(x)), None)
+        if not is_p_row(r) and sib is not None and not _inconsistent(r):
+            r["flags"].append(Flag(Code.INCONSISTENT, f"the same draws' IS estimate ({sib['estimate']:.4g}, SE "
+                                                      f"{sib['std_error']:.2g}) is inconsistent: the weights of these "
+                                                      f"draws miss mass, for every estimator made from them"))
+    check_confirmable(rows, ref)
+
+
+def _no_spread(r: dict) -> bool:
+    """An SE of 0 up to float rounding (every draw the same sequence: the 'SE' is rounding noise)."""
+    return r["std_error"] <= 1e-9 * max(1.0, abs(r["estimate"]))
+
+
+def _inconsistent(r: dict) -> bool:
+    return any(f.code is Code.INCONSISTENT for f in r["flags"])
+
+
+def p_resolution(rows: list[dict]) -> float | None:
+    """What P's own draws resolve: the largest SE among P's MC, RB and RB+CV rows (None without one, or when every
+    such SE is 0 up to rounding: P's draws were all one sequence and resolve nothing)."""
+    ses = [r["std_error"] for r in rows if is_p_row(r) and (k := kind(r["estimator"])) is not None and k.p_based
+           and finite(r["std_error"]) and not _no_spread(r)]
+    return max(ses) if ses else None
+
+
+def needed_sequences(row: dict) -> int | None:
+    """About how many sequences from P make P's SE informative at this prompt (≥ MIN_OTHER_DRAWS draws off its most
+    frequent sequence with probability ≈ 0.9: (10 + 2√10)/(1 − modal share); when every draw was the same sequence,
+    the rule of three bounds the rest of P's mass by 3/n)."""
+    n, modal = row.get("n"), row.get("modal_share")
+    if not n or modal is None or not finite(modal):
+        return None
+    other = (1 - modal) if modal < 1 else 3 / n
+    return int(math.ceil((MIN_OTHER_DRAWS + 2 * math.sqrt(MIN_OTHER_DRAWS)) / max(other, 1e-12)))
+
+
+def check_confirmable(rows: list[dict], ref: dict) -> None:
+    """UNCONFIRMED — where P's rows are not informative (the reference is flagged SE_NOT_INFORMATIVE), the consistency
+    check can only confirm an importance-sampling row to within what P's draws resolve (p_resolution). A weighted row
+    whose SE is below CONFIRM_RATIO of that is flagged: its precision rests on its own SE alone, which the sample
+    cannot check (its heavy sequences may never have been drawn). With no finite, positive P SE nothing is
+    confirmable. The message says how many sequences from P would make the check possible."""
+    if not any(f.code is Code.SE_NOT_INFORMATIVE for f in ref["flags"]):
+        return
+    res = p_resolution(rows)
+    n_inf = needed_sequences(ref)
     for r in rows:
-        if r is ref or not (finite(r["estimate"]) and finite(r["std_error"])):
+        k = kind(r["estimator"])
+        if is_p_row(r) or k is None or not k.uses_weights or not finite(r["std_error"]):
             continue
-        combined = math.hypot(r["std_error"], ref["std_error"])
-        gap = abs(r["estimate"] - ref["estimate"])
-        if gap > CONSISTENCY_Z * combined:  # both SEs 0 (an uninformative reference): any gap disagrees
-            r["flags"].append(Flag(Code.INCONSISTENT,
-                                   f"disagrees with P · {ref['estimator']} ({ref['estimate']:.4g}, SE "
-                                   f"{ref['std_error']:.2g}) by {gap / combined if combined else math.inf:.1f} "
-                                   f"combined SEs"))
+        if res is not None and res > 0 and r["std_error"] >= CONFIRM_RATIO * res:
+            continue
+        n = ref.get("n") or 0
+        need = [x for x in (n_inf, int(math.ceil(n * (CONFIRM_RATIO * res / r["std_error"]) ** 2))
+                            if res and r["std_error"] > 0 and n else None) if x]
+        more = f"; draw ≥ {max(need)} sequences from P to check it" if need else "; draw more sequences from P"
+        r["flags"].append(Flag(Code.UNCONFIRMED,
+                               f"unconfirmed: P's draws are not informative here and resolve only SE "
+                               f"{'—' if res is None else f'{res:.2g}'}; an SE of {r['std_error']:.2g} "
+                               f"(< {CONFIRM_RATIO:g}× that) rests on this row's own draws alone{more}"))
 
 
 def is_p_row(r: dict) -> bool:
@@ -125,7 +268,7 @@ REC_KEYS = ("proposal", "proposal_key", "estimator", "estimate", "std_error", "c
 
 def recommend(rows: list[dict]) -> dict | None:
     """The estimate to report (see the module doc), or None when no trusted unbiased row exists."""
-    cands = [r for r in rows if not r["flags"] and (k := kind(r["estimator"])) is not None and k.unbiased
+    cands = [r for r in rows if not r["flags"] and (k := kind(r["estimator"])) is not None and k.recommendable
              and finite(r["std_error"])]
     if not cands:
         return None
@@ -184,9 +327,14 @@ def unit_of(docs: list[dict]) -> dict:
 
 
 def judge(docs: list[dict]) -> dict:
-    """A run's documents → {"rows" (overall, ranked, with flags), "recommended", "per_prompt", "proposals", "unit"}
-    where per_prompt (prompt sets only, else []) holds {prompt, rows, recommended} per prompt and proposals the
-    typed identity of each proposal (key, label, family, param, prefix_aware).
+    """A run's documents → {"rows" (overall, ranked, with flags), "recommended", "advice", "per_prompt",
+    "proposals", "unit"} where per_prompt (prompt sets only, else []) holds {prompt, rows, recommended, advice} per
+    prompt, proposals the typed identity of each proposal (key, label, family, param, prefix_aware), and advice (when
+    nothing is recommended) says in one line what to change.
+
+    A prompt set whose overall rows are all flagged (one low-entropy prompt flags every overall row) still gets a
+    recommendation when that is sound: from the prompts where a row is trusted (recommend_subset), saying what it
+    covers.
 
     Documents: ``proposal`` (a key, label or SequenceProposal; ``proposal_key`` wins when present), ``estimates``
     overall, ``per_prompt`` for prompt sets, ``max_uncovered_mass``."""
@@ -199,13 +347,125 @@ def judge(docs: list[dict]) -> dict:
                            for s, d in zip(specs, docs)])
         rec = recommend(rows)
         mark_recommended(rows, rec)
-        per_prompt.append(dict(prompt=i, rows=rows, recommended=rec and dict(rec, **unit)))
+        per_prompt.append(dict(prompt=i, rows=rows, recommended=rec and dict(rec, **unit),
+                               advice=None if rec else advise([rows])))
     extra = _at_prompts([p["rows"] for p in per_prompt])
     rows = judge_rows([(s, d["estimates"], d.get("max_uncovered_mass", 0.0)) for s, d in zip(specs, docs)], extra)
     rec = recommend(rows)
     mark_recommended(rows, rec)
-    return dict(rows=rows, recommended=rec and dict(rec, **unit), per_prompt=per_prompt,
+    if rec is None and per_prompt:
+        rec = recommend_subset(per_prompt)
+    advice = None if rec else advise([p["rows"] for p in per_prompt] or [rows])
+    return dict(rows=rows, recommended=rec and dict(rec, **unit), advice=advice, per_prompt=per_prompt,
                 proposals=[s.record() for s in specs], unit=unit)
+
+
+def recommend_subset(per_prompt: list[dict]) -> dict | None:
+    """The recommendation of a prompt set whose overall rows are all flagged, from the prompts where a row is trusted.
+
+    For each (proposal, estimator) of an unbiased kind, S = the prompts where its row is unflagged. The largest S
+    (P's RB+CV, then P's RB, preferred on ties) is used when it holds at least 2 prompts and at least half of them;
+    the rows trusted on all of S are averaged over S (fixed-set SE √(Σ SE_i²)/|S| with a normal interval, population
+    SE √(s²/|S|) with Student t on |S| − 1 degrees of freedom, as for the whole set) and recommend() picks among
+    them. The result is the mean KL over those prompts — not over the set — and its population interval generalises
+    only to prompts like them (the prompts left out, typically low-entropy ones, may differ systematically): its
+    ``covers`` says which prompts it covers and why the others are left out. None when no such S exists."""
+    from kl_estimation.core.estimators import Z95, t95
+
+    m = len(per_prompt)
+    trusted: dict = {}
+    at_prompt = [{(r["proposal_key"], r["estimator"]): r for r in p["rows"]} for p in per_prompt]
+    for i, p in enumerate(per_prompt):
+        for key, r in at_prompt[i].items():
+            k = kind(r["estimator"])
+            if not r["flags"] and k is not None and k.recommendable and finite(r["std_error"]):
+                trusted.setdefault(key, []).append(i)
+    if not trusted:
+        return None
+    prefer = {(P_KEY, Estimator.RB_CV.value): 0, (P_KEY, Estimator.RB.value): 1}
+    best = min(trusted, key=lambda k: (-len(trusted[k]), prefer.get(k, 2)))
+    S = trusted[best]
+    if len(S) < max(2, math.ceil(m / 2)):
+        return None
+    rows = []  # every row present at all of S, averaged over S, with the flags it has there (recommend's defaults)
+    for key in at_prompt[S[0]]:
+        rs = [at_prompt[i].get(key) for i in S]
+        if any(r is None or not finite(r["std_error"]) or not finite(r["estimate"]) for r in rs):
+            continue
+        e = [r["estimate"] for r in rs]
+        mean = sum(e) / len(e)
+        se = math.sqrt(sum(r["std_error"] ** 2 for r in rs)) / len(rs)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in e) / (len(e) - 1))
+        se_pop, half = sd / math.sqrt(len(e)), t95(len(e) - 1)
+        flags = list({f.code: f for r in rs for f in r["flags"]}.values())
+        rows.append(dict(rs[0], estimate=mean, std_error=se, ci_low=mean - Z95 * se, ci_high=mean + Z95 * se,
+                         std_error_population=se_pop, ci_population_low=mean - half * se_pop,
+                         ci_population_high=mean + half * se_pop, n=sum(r.get("n") or 0 for r in rs), flags=flags))
+    S = [per_prompt[i]["prompt"] for i in S]
+    rec = recommend(rows)
+    if rec is None:
+        return None
+    left = [p for p in per_prompt if p["prompt"] not in S]
+    why = "; ".join(f"prompt {p['prompt']}: {_left_out_reason(p, rec)}" for p in left[:5]) + (" …" if len(left) > 5
+                                                                                                  else "")
+    rec["covers"] = (f"prompts {', '.join(map(str, S))} ({len(S)} of {m}; left out — {why}; the estimate is the mean "
+                     f"KL over these {len(S)} prompts, not over all {m}, and its population interval speaks for "
+                     f"prompts like them)")
+    rec["prompts_covered"] = S
+    return rec
+
+
+def _left_out_reason(p: dict, rec: dict) -> str:
+    row = next((r for r in p["rows"] if (r["proposal_key"], r["estimator"]) == (rec["proposal_key"],
+                                                                                 rec["estimator"])), None)
+    return codes(row["flags"]) if row is not None else "no such row"
+
+
+def advise(per_prompt_rows: list[list[dict]]) -> str:
+    """One line saying what to change when nothing can be recommended: how many sequences from P would make its
+    draws informative (and the prompts where they are not), that P is missing, that P and a proposal disagree, or
+    that RB+CV needs ≥ MIN_CV_SEQUENCES sequences."""
+    from kl_estimation.verdicts.checks import MIN_CV_SEQUENCES
+
+    multi = len(per_prompt_rows) > 1
+    if not any(is_p_row(r) for rows in per_prompt_rows for r in rows):
+        return ("include P in the proposals: without it nothing can check the importance-sampling rows (their weights "
+                "may miss mass no diagnostic of their own draws shows)")
+    cold, need, disputed, few_cv = [], [], [], False
+    for i, rows in enumerate(per_prompt_rows):
+        p_rows = [r for r in rows if is_p_row(r) and (k := kind(r["estimator"])) is not None and k.p_based]
+        if p_rows and all(any(f.code is Code.SE_NOT_INFORMATIVE for f in r["flags"]) for r in p_rows):
+            cold.append(i)
+            need += [n for r in p_rows if (n := needed_sequences(r))]
+        for r in rows:
+            for f in r["flags"]:
+                if f.code is Code.UNCONFIRMED and (n := _needed_in(f.message)):
+                    need.append(n)
+        if any(f.message.startswith("contradicted by") for r in p_rows for f in r["flags"]):
+            disputed.append(i)
+        few_cv |= any(f.code is Code.CV_TOO_FEW for r in p_rows for f in r["flags"])
+    where = (f" (at prompt{'s' if len(cold) > 1 else ''} {', '.join(map(str, cold[:8]))} P's draws are almost all one "
+             f"sequence, so nothing there can be checked)" if multi and cold else
+             " (P's draws are almost all one sequence, so nothing can be checked)" if cold else "")
+    if cold or need:
+        n = max(need) if need else None
+        text = f"draw {f'≥ {n}' if n else 'more'} sequences{' per prompt' if multi else ''} from P{where}"
+        return text + (f", or leave out prompt{'s' if len(cold) > 1 else ''} {', '.join(map(str, cold[:8]))}"
+                       if multi and cold and len(cold) < len(per_prompt_rows) else "")
+    if disputed:
+        return ("P and healthy proposals disagree beyond their SEs (see the flags): draw about 4× as many sequences to "
+                "tell which is off")
+    if few_cv:
+        return (f"draw ≥ {MIN_CV_SEQUENCES} sequences{' per prompt' if multi else ''}: below that RB+CV's control "
+                f"variate cannot be fitted and the other rows are flagged too")
+    return "every row is flagged (see above): draw more sequences"
+
+
+def _needed_in(message: str) -> int | None:
+    import re
+
+    m = re.search(r"draw ≥ (\d+) sequences", message)
+    return int(m[1]) if m else None
 
 
 def flagged_counts(rows: list[dict]) -> dict:
