@@ -186,7 +186,7 @@ def _prompt_set_docs(n=64, m=6, cold=(3,), proposals=("P", "Alpha-mixture (α=0.
             b = engine.sample_batch(pair, prop, n, tb.shape[0], engine.unit_generator(7, prop, 0, "cpu", i))
             records += batch_records(b, pair.decode, prompt=np.full(n, i), batch=np.zeros(n, int))
         docs.append(dict(proposal=prop.label, proposal_key=prop.key, max_uncovered_mass=0.0,
-                         config={"t_length": 4},
+                         config={"max_new_tokens": 4},
                          truncation="KL of the sequence process truncated at 4 tokens or at EOS",
                          **prompt_set_estimates(records, 4, m, prop.is_p)))
     return docs, [sq.exact_values(tb).kl for tb in tables]

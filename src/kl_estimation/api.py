@@ -86,6 +86,7 @@ class KLResult:
     docs: list[dict] = field(repr=False, default_factory=list)
     recommended_by_direction: dict = field(default_factory=dict)  # {"forward" / "reverse": KLRow | None}
     jeffreys: KLRow | None = None
+    advice_by_direction: dict = field(default_factory=dict)  # {direction: what to change} where none is recommended
 
     @property
     def directions(self) -> tuple:
@@ -142,11 +143,12 @@ def result_of(run: dict) -> KLResult:
                                recommended=_row(p["recommended"]),
                                recommended_by_direction={d: _row(r) for d, r in
                                                          p.get("recommended_by_direction", {}).items()},
+                               advice_by_direction=p.get("advice_by_direction", {}),
                                **({"jeffreys": _row(p["jeffreys"])} if "jeffreys" in p else {})))
     return KLResult([KLRow.from_row(r) for r in rows], _row(run["recommended"]), per_prompt,
                     run["meta"]["config"], run["docs"],
                     {d: _row(r) for d, r in run.get("recommended_by_direction", {}).items()},
-                    _row(run.get("jeffreys")))
+                    _row(run.get("jeffreys")), run.get("advice_by_direction", {}))
 
 
 def run(cfg: LLMConfig, pair=None, models: dict | None = None, progress: bool = False) -> KLResult:

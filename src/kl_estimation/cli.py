@@ -398,8 +398,9 @@ def _run_llm(cfg, plots: bool = True) -> int:
         print(f"\nfigures: {plots_llm.draw_all(cfg.output_dir)}")
     print(f"output folder: {cfg.output_dir}")
     for d in directions:  # what to report, per direction: one block (a line per prompt, one overall line)
-        view = dict(per_prompt=[dict(p, recommended=p["recommended_by_direction"][d]) for p in result.per_prompt],
-                    recommended=result.recommended_by_direction[d])
+        view = dict(per_prompt=[dict(p, recommended=p["recommended_by_direction"][d],
+                                     advice=p["advice_by_direction"].get(d)) for p in result.per_prompt],
+                    recommended=result.recommended_by_direction[d], advice=result.advice_by_direction.get(d))
         print(report.recommendation_block(view, max_new_tokens=cfg.max_new_tokens,
                                           scope=recommendation_scope(d, len(directions))))
     if result.jeffreys is not None:  # both directions: their sum last

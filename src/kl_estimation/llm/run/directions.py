@@ -79,10 +79,14 @@ def relabel_row(row: dict | None, direction: str) -> dict | None:
 
 def relabel(verdict: dict, direction: str) -> dict:
     """verdicts.judge's output for one direction in that direction's names (see the module doc)."""
+    def advice(x):
+        return _swap_any(x) if direction == REVERSE else x
+
     return dict(verdict, rows=[relabel_row(r, direction) for r in verdict["rows"]],
-                recommended=relabel_row(verdict["recommended"], direction),
+                recommended=relabel_row(verdict["recommended"], direction), advice=advice(verdict.get("advice")),
                 per_prompt=[dict(p, rows=[relabel_row(r, direction) for r in p["rows"]],
-                                 recommended=relabel_row(p["recommended"], direction))
+                                 recommended=relabel_row(p["recommended"], direction),
+                                 advice=advice(p.get("advice")))
                             for p in verdict["per_prompt"]])
 
 

@@ -250,11 +250,13 @@ def judge_directions(cfg: LLMConfig, runs: list[ProposalRun], docs: list[dict]) 
     per_prompt = [dict(prompt=p["prompt"], text=p["text"],
                        rows=[r for v in by_direction.values() for r in v["per_prompt"][i]["rows"]],
                        recommended=p["recommended"],
-                       recommended_by_direction={d: v["per_prompt"][i]["recommended"] for d, v in by_direction.items()})
+                       recommended_by_direction={d: v["per_prompt"][i]["recommended"] for d, v in by_direction.items()},
+                       advice_by_direction={d: v["per_prompt"][i].get("advice") for d, v in by_direction.items()})
                   for i, p in enumerate(first["per_prompt"])]
     out = dict(rows=[r for v in by_direction.values() for r in v["rows"]], recommended=first["recommended"],
                recommended_by_direction={d: v["recommended"] for d, v in by_direction.items()},
-               per_prompt=per_prompt, by_direction=by_direction, proposals=first["proposals"], unit=first["unit"])
+               per_prompt=per_prompt, by_direction=by_direction, proposals=first["proposals"], unit=first["unit"],
+               advice=first.get("advice"), advice_by_direction={d: v.get("advice") for d, v in by_direction.items()})
     if len(by_direction) > 1:
         out["jeffreys"], per_prompt_j = dirs.jeffreys(by_direction)
         for p, j in zip(per_prompt, per_prompt_j):
