@@ -286,10 +286,24 @@ def llm_parser(prog: str, defaults: dict) -> Parser:
 
     p = Parser(prog=prog, description="KL(P‖Q) between two causal LMs: sequences sampled token by token from each "
                                       "proposal, every estimator (MC/IS, SNIS, RB/RB-IS, k3) from one sample set; "
-                                      "figures at the end (see visualize_proposals.py). Corpus mode, teacher-forced KL over a text as llama.cpp's perplexity tool measures it: --corpus FILE (its flags: --corpus FILE --help).")
+                                      "figures at the end (see visualize_proposals.py). Corpus mode, teacher-forced "
+                                      "KL over a text as llama.cpp's perplexity tool measures it: --corpus FILE (its "
+                                      "flags: --corpus FILE --help).")
     big = p.add_argument_group("big models (pip install 'kl-estimation[scale]'); data parallel: torchrun "
                                 "--nproc-per-node N LLM_experiments.py …")
-    for name, f in LLMConfig.settings().items():
+    add_settings(p, big, LLMConfig, defaults)
+    p.add_argument("--no-plots", action="store_true", default=defaults.get("no_plots", False),
+                   help="skip the figures (draw them later with visualize_proposals.py)")
+    return p
+
+
+_BIG_MODELS = ("p_dtype", "q_dtype", "p_adapter", "q_adapter", "device_map", "offload")
+
+
+def add_settings(parser, big, config_cls, defaults: dict) -> None:
+    """Every setting of `config_cls` (its ``settings()`` with their metadata) as `--name-with-dashes` plus its
+    aliases, with the config's default unless `defaults` (a script's __main__) overrides it."""
+    for name, f in config_cls.settings().items():
         m = f.metadata
         if not m["flag"]:
             continue
@@ -302,14 +316,7 @@ def llm_parser(prog: str, defaults: dict) -> Parser:
             kw.update({k: m[k] for k in ("type", "nargs") if m[k]})
             if m["nargs"] and default is not None:
                 kw["default"] = list(default)
-        group = big if name in _BIG_MODELS else p
-        group.add_argument(as_flag_name(name), *m["aliases"], **kw)
-    p.add_argument("--no-plots", action="store_true", default=defaults.get("no_plots", False),
-                   help="skip the figures (draw them later with visualize_proposals.py)")
-    return p
-
-
-_BIG_MODELS = ("p_dtype", "q_dtype", "p_adapter", "q_adapter", "device_map", "offload")
+        (big if name in _BIG_MODELS else parser).add_argument(as_flag_name(name), *m["aliases"], **kw)
 
 
 LLM_RUNS = Path("tests2")  # the seed's output root: each run without --output-dir gets a new folder in it
@@ -439,18 +446,7 @@ def corpus_parser(prog: str, defaults: dict) -> Parser:
                                       "--kl-divergence statistics one to one, with clustered standard errors. A "
                                       "corpus run never samples.")
     big = p.add_argument_group("big models (pip install 'kl-estimation[scale]')")
-    for name, f in CorpusConfig.settings().items():
-        m = f.metadata
-        if not m["flag"]:
-            continue
-        default = defaults.get(name, f.default)
-        text = m["help"] if default is not None or "(default" in m["help"] else m["help"] + " (default: none)"
-        kw = dict(dest=name, default=default, help=flag_text(text))
-        if isinstance(f.default, bool):
-            kw["action"] = "store_true"
-        else:
-            kw.update({k: m[k] for k in ("type", "nargs") if m[k]})
-        (big if name in _BIG_MODELS else p).add_argument(as_flag_name(name), *m["aliases"], **kw)
+    add_settings(p, big, CorpusConfig, defaults)
     p.add_argument("--no-plots", action="store_true", default=defaults.get("no_plots", False),
                    help="skip the figures (draw them later with visualize_proposals.py RUN_FOLDER)")
     return p
