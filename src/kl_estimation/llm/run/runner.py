@@ -124,7 +124,7 @@ def run_proposal(pair, cfg: LLMConfig, name: str, folder, meta: dict, bar_factor
                 runio.append_jsonl(partial, {"units": [[u.prompt, u.batch, u.rows] for u in done],
                                              "sequences": [r for recs in done.values() for r in recs]})
         batches = shard.mine(pack(todo, cfg.batch_size))
-        bar = bar_factory(total=len(batches), desc=name) if bar_factory and shard.writes_final else None
+        bar = bar_factory(total=len(batches), desc=prop.label) if bar_factory and shard.writes_final else None
         new: dict[Unit, list[dict]] = {}
         try:
             for group in batches:
