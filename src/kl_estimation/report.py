@@ -77,9 +77,12 @@ def pair_report(pair: dict, n_samples: int, n_repeats: int) -> str:
             f"{num(m['combined_score'], 7, 3)}")
     flagged = [m for m in pair["methods"] if m["flags"]]
     if flagged:
-        lines += ["", "! flagged — ranked after every unflagged method:"]
-        lines += [_wrap(f"{m['name']} — {f.code}: {f.message}", WIDTH, "  ", "      ")
-                  for m in flagged for f in _flag_records(m)]
+        lines += ["", "! flagged — ranked after every unflagged method (codes; the first flag's message; every message "
+                      "is in results.json):"]
+        for m in flagged:  # one line per method: a toy pair's rows can carry several sample flags each
+            fs = _flag_records(m)
+            text = f"  {m['name']} — {codes(fs)}: {fs[0].message}"
+            lines.append(text if len(text) <= WIDTH else text[: WIDTH - 1] + "…")
     lines += ["", _top5(pair)]
     return "\n".join(lines)
 
@@ -196,6 +199,12 @@ def _get(r, key, default=None):
 def _row_dict(r) -> dict:
     """A row as a dict: verdict rows are dicts already; api.KLRow gives its flat dict with its flag records."""
     return r if isinstance(r, dict) else r.to_dict()
+
+
+def codes(flags) -> str:
+    from kl_estimation.verdicts import codes as _codes
+
+    return _codes(flags).replace(",", ", ")
 
 
 def _flag_records(r: dict) -> list:

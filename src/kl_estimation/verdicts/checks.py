@@ -133,7 +133,7 @@ def exact_flags(exact_mean, exact_variance, true_kl: float, sample_variance) -> 
             and exact_variance > DEGENERATE_RATIO * max(sample_variance, 1e-300):
         ratio = exact_variance / sample_variance if sample_variance > 0 else math.inf
         flags.append(Flag(Code.SAMPLE_VAR_COLLAPSE, f"degenerate weights: sample variance {ratio:.2g}× below exact "
-                                                    f"(the rare large weights were never drawn)"))
+                                                    f"(rare large weights never drawn)"))
     return flags
 
 

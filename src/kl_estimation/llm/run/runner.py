@@ -178,7 +178,8 @@ def proposal_document(cfg: LLMConfig, run: ProposalRun, meta: dict) -> dict:
     d = run.direction
     where = dict(direction=d, target=TARGET[d], sampled_from=SAMPLED_FROM[d],
                  **({"roles": ROLES_REVERSE} if d == REVERSE else {}))
-    return dict(meta, proposal=run.label, proposal_key=run.proposal.key, **where, run_key=run.key, n_sequences=len(records),
+    return dict(meta, proposal=run.label, proposal_key=run.proposal.key, **where, run_key=run.key,
+                n_sequences=len(records),
                 max_uncovered_mass=max(r.get("uncovered_mass", 0.0) for r in records),
                 **prompt_set_estimates(records, cfg.max_new_tokens, len(cfg.prompt_set), run.proposal.base is None,
                                        unit_groups(run.units, cfg.sampler)),
