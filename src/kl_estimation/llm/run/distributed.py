@@ -14,6 +14,7 @@ every rank returns the whole run; only rank 0 writes the final files.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,8 +132,17 @@ def from_env(device: str = "auto") -> Shard:
         torch.cuda.set_device(local_gpus(torch.cuda.device_count())[0])
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+        # a rank that exits while others still write (rank 0: summary, figures) must take its group down itself:
+        # left to the interpreter's teardown, gloo's threads can abort the process ("terminate called without an
+        # active exception"), and torchrun then kills the ranks still working
+        atexit.register(_leave, dist)
     dist.barrier()
     return Shard(dist.get_rank(), dist.get_world_size())
+
+
+def _leave(dist) -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> Shard:
