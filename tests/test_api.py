@@ -141,3 +141,14 @@ def test_api_inputs_behave_as_a_user_expects(tiny, tmp_path):
 
 def test_default_pair_is_public():
     assert callable(kle.default_pair) and "offline default pair" in kle.default_pair.__doc__
+
+
+def test_q_adapter_alone_puts_q_on_p_at_p_revision():
+    """Q = P's base + the adapter: the same base at the same revision (else the base loads twice, at two revisions)."""
+    from kl_estimation.llm.corpus.config import CorpusConfig
+
+    for cls in (kle.LLMConfig, CorpusConfig):
+        cfg = cls(p_model="org/base", p_revision="abc123", q_adapter="./lora")
+        assert (cfg.q_model, cfg.q_revision) == ("org/base", "abc123"), cls
+    with pytest.raises(ValueError, match="^contxt: not a setting of a corpus run; did you mean 'context'"):
+        CorpusConfig.from_settings(contxt=256)

@@ -244,7 +244,8 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
             raise ValueError("tokenizer: needed when the models are passed as loaded models")
         cfg = LLMConfig.from_settings(**settings)
         cfg.validate()
-        from kl_estimation.llm.loading import pair_from_models, text_start as pair_text_start
+        from kl_estimation.llm.loading import pair_from_models
+        from kl_estimation.llm.loading import text_start as pair_text_start
 
         pair = pair_from_models(p_model, q_model, tokenizer, prompts=cfg.prompt_set, temperature=cfg.temperature,
                                 ignore_eos=cfg.ignore_eos, chat_template=cfg.chat_template)

@@ -359,8 +359,8 @@ def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
     parts_of_run = [(d, name) for d in cfg.directions for name in cfg.proposals]
     done, batches, sequences = kept(folder, parts_of_run)
     if not done and not batches:
-        if not folder_existed and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        if not folder_existed:
+            _remove_if_empty(folder)
         return f"no sequence was kept ({cfg.output_dir} holds nothing of this run); run the same command again"
     args = [a for a in command[2:] if a != "--overwrite"]
     if not any(a in ("--output-dir", "--output-folder") or a.startswith(("--output-dir=", "--output-folder="))

@@ -19,3 +19,14 @@ def check_sizes(vocab: int, draws: int, n_repeats: int, n_samples: int, what: st
     else:
         flag = "n_repeats" if n_repeats >= n_samples else "n_samples"
         check_memory(vocab + draws, flag, f"{n_repeats} repeats × {n_samples} samples (`n_repeats` × `n_samples`)")
+
+
+def check_names(given, known, what: str) -> None:
+    """ValueError for the first name in `given` that is not in `known`, naming it, with the closest known one."""
+    import difflib
+
+    for name in given:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(known)}"
+            raise ValueError(f"{name}: not a setting of {what}{hint}")

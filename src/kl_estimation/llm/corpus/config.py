@@ -8,11 +8,10 @@ with the same ``setting()`` metadata, so ``LLM_experiments.py --corpus FILE`` bu
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from kl_estimation.core.validation import check_int
+from kl_estimation.core.validation import check_int, check_names
 from kl_estimation.llm.corpus.stats import BASE_STORAGE, SCORE_MODES
 from kl_estimation.llm.run.config import LLMConfig, resolve_device, setting
 
@@ -90,13 +89,10 @@ class CorpusConfig:
         that a corpus run does not sample)."""
         known = cls.settings()
         for name in settings:
-            if name not in known:
-                if name in LLMConfig.settings():
-                    raise ValueError(f"{name}: a setting of sampled runs (estimate_kl); a corpus run scores the "
-                                     f"text teacher-forced and never samples")
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(known)}"
-                raise ValueError(f"{name}: not a setting of a corpus run{hint}")
+            if name not in known and name in LLMConfig.settings():
+                raise ValueError(f"{name}: a setting of sampled runs (estimate_kl); a corpus run scores the "
+                                 f"text teacher-forced and never samples")
+        check_names(settings, known, "a corpus run")
         return cls(**settings)
 
     def __post_init__(self):

@@ -2,14 +2,13 @@
 the device and dtype a setting resolves to."""
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field, fields
 
 import torch
 
 from kl_estimation.core.resources import check_memory
-from kl_estimation.core.validation import check_int
+from kl_estimation.core.validation import check_int, check_names
 from kl_estimation.llm.engine import DIRECTIONS, P_NAME, PREFIX_SUFFIX, parse_proposals
 from kl_estimation.llm.loading import check_loading_options
 from kl_estimation.llm.pair import DTYPES
@@ -100,17 +99,12 @@ class LLMConfig:
     @classmethod
     def from_settings(cls, **settings) -> "LLMConfig":
         """An LLMConfig from keyword settings; an unknown name is a ValueError naming it, with the closest known."""
-        known = cls.settings()
-        for name in settings:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(known)}"
-                raise ValueError(f"{name}: not a setting of an LLM run{hint}")
+        check_names(settings, cls.settings(), "an LLM run")
         return cls(**settings)
 
     def __post_init__(self):
-        if self.q_adapter and self.q_model is None:
-            self.q_model = self.p_model  # Q = P's base + the adapter (None: the default pair's P)
+        if self.q_adapter and self.q_model is None:  # Q = P's base, at P's revision, + the adapter
+            self.q_model, self.q_revision = self.p_model, self.q_revision or self.p_revision
 
     @property
     def prompt_set(self) -> tuple:

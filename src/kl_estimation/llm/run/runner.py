@@ -74,7 +74,8 @@ def load_pair(cfg: LLMConfig):
 
         p_id, q_id = default_pair.ensure()  # one pair for everyone, trained with its own fixed seed
     hf_logging.disable_progress_bar()
-    scale = {k: getattr(cfg, k) for k in ("p_adapter", "q_adapter", "device_map", "offload", "p_revision", "q_revision", "trust_remote_code") if getattr(cfg, k)}
+    scale = {k: getattr(cfg, k) for k in ("p_adapter", "q_adapter", "device_map", "offload", "p_revision", "q_revision",
+                                          "trust_remote_code") if getattr(cfg, k)}
     scale.update({k: resolve_dtype(getattr(cfg, k), device) for k in ("p_dtype", "q_dtype") if getattr(cfg, k)})
     pair = load_transformers_pair(p_id, q_id, prompts=cfg.prompt_set, temperature=cfg.temperature, device=device,
                                   dtype=resolve_dtype(cfg.dtype, device), ignore_eos=cfg.ignore_eos,
