@@ -15,7 +15,8 @@ Every method gets the same inputs: the policy's logits (B, T, V) with requires_g
   k3 compiled        the first, through torch.compile (what a library gets by compiling its loss)
   rb fused           token_logprobs_and_kl → kl_loss(rb): log P, log Q and the exact KL_t in one chunked pass
   rb fused compiled  the same with token_logprobs_and_kl(..., compile=True)
-  rb unfused         log_softmax.gather as in k3 plus exact_token_kl (checkpointed chunks) → kl_loss(rb)
+  rb unfused         log_softmax.gather as in k3 plus exact_token_kl (the same chunked kernel, KL only) →
+                     kl_loss(rb)
 
 Each method runs in its own subprocess (so one's freed memory cannot hide another's peak). Peak memory is the
 increase over the memory held once the inputs exist and one warm-up run (compilation included) is done: on CUDA torch.cuda.max_memory_allocated; on CPU the process's
@@ -95,7 +96,7 @@ def forward(method, zp, zq, tok, mask, torch, kle):
         logp = gather_logp(zp, tok, torch)
         with torch.no_grad():
             logq = gather_logp(zq, tok, torch)
-        kl = kle.exact_token_kl(zp, zq, mask, chunk_size=kle.training._default_chunk(zp.shape[-1]))
+        kl = kle.exact_token_kl(zp, zq, mask, chunk_size=kle.core.exact.default_chunk(zp.shape[-1]))
     return kle.kl_loss(logp, logq, mask, token_kl=kl).sum() / n
 
 

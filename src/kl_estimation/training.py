@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kl_estimation.core import estimators as est
+from kl_estimation.core.exact import kl_from_logits, token_terms
 
 
 def _is_torch(x) -> bool:
@@ -48,22 +49,13 @@ def _zero_masked(x, mask):
     return np.where(mask, x, 0.0)
 
 
-def _kl_rows(lp, lq):
-    """KL of each row of (unnormalised) log-probabilities, in float32 or wider; 0·log 0 = 0."""
-    import torch
-
-    lp = torch.log_softmax(lp.float() if lp.dtype in (torch.float16, torch.bfloat16) else lp, dim=-1)
-    lq = torch.log_softmax(lq.float() if lq.dtype in (torch.float16, torch.bfloat16) else lq, dim=-1)
-    p = lp.exp()
-    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
-
-
 def exact_token_kl(logits_p, logits_q, mask=None, *, temperature: float = 1.0, chunk_size: int = 4096):
     """KL(P_t‖Q_t) at every position from full logits (or log-probs), (..., T, V) → (..., T).
 
-    torch: the vocabulary-wide float32 work is done `chunk_size` positions at a time, and with autograd each chunk is
-    recomputed in the backward pass (activation checkpointing), so a 150k vocabulary never needs a (B, T, V) float32
-    copy per model — only the inputs themselves. Gradients flow to both logits. numpy: float64.
+    torch: core.exact.token_terms, the kernel of token_logprobs_and_kl: the vocabulary-wide float32 work is done
+    `chunk_size` positions at a time, and the analytic backward recomputes each chunk, so a 150k vocabulary never
+    needs a (B, T, V) float32 copy per model — only the inputs themselves. Gradients flow to both logits. numpy:
+    float64 (core.exact.kl_from_logits).
     """
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0 (got {temperature!r})")
@@ -72,23 +64,14 @@ def exact_token_kl(logits_p, logits_q, mask=None, *, temperature: float = 1.0, c
     if tuple(logits_p.shape) != tuple(logits_q.shape):
         raise ValueError(f"logits_q: shape {tuple(logits_q.shape)} differs from logits_p's {tuple(logits_p.shape)}")
     if not (_is_torch(logits_p) or _is_torch(logits_q)):
-        from scipy.special import log_softmax
-
-        lp = log_softmax(np.asarray(logits_p, dtype=np.float64) / temperature, axis=-1)
-        lq = log_softmax(np.asarray(logits_q, dtype=np.float64) / temperature, axis=-1)
-        p = np.exp(lp)
-        return _zero_masked(np.where(p > 0, p * (lp - lq), 0.0).sum(-1), mask)
+        return _zero_masked(kl_from_logits(logits_p, logits_q, temperature=temperature), mask)
     import torch
-    from torch.utils.checkpoint import checkpoint
 
     lead, V = logits_p.shape[:-1], logits_p.shape[-1]
     fp, fq = logits_p.reshape(-1, V), logits_q.reshape(-1, V)
-    if temperature != 1.0:
-        fp, fq = fp / temperature, fq / temperature
-    grad = torch.is_grad_enabled() and (fp.requires_grad or fq.requires_grad)
-    parts = [checkpoint(_kl_rows, fp[i:i + chunk_size], fq[i:i + chunk_size], use_reentrant=False) if grad
-             else _kl_rows(fp[i:i + chunk_size], fq[i:i + chunk_size]) for i in range(0, fp.shape[0], chunk_size)]
-    return _zero_masked(torch.cat(parts).reshape(lead), mask)
+    tok = torch.zeros(fp.shape[0], dtype=torch.long, device=fp.device)  # the token terms are not used
+    kl = token_terms(fp, fq, tok, inv_tau=1.0 / temperature, chunk_size=chunk_size)[2]
+    return _zero_masked(kl.reshape(lead), mask)
 
 
 def _per_token(fn, logp, logq, mask):
@@ -159,141 +142,6 @@ KL_LOSS_ESTIMATORS = ("mc", "rb")
 KL_LOSS_BASELINES = (None, "loo")
 
 
-def _default_chunk(V: int) -> int:
-    # 2^24 elements (64 MiB in float32) per temporary, three or four of them live per chunk, whatever B × T is
-    return max(1, (1 << 24) // max(1, V))
-
-
-def _fused_kernels():
-    """The chunk computations written functionally for torch.compile: inductor fuses each into a pass or two over
-    the bf16 logits, where eager torch makes one float32 pass per operation."""
-    import torch
-
-    def scaled(z, inv_tau):
-        return z.to(torch.promote_types(torch.float32, z.dtype)) * inv_tau
-
-    def normalised(z, lse, inv_tau):
-        x = scaled(z, inv_tau) - lse
-        return x.clamp(min=torch.finfo(x.dtype).min)
-
-    def onehot(tok, z):
-        # a comparison with an index range, which inductor generates inside the kernel (a scatter would need the
-        # gradient materialised in float32 first)
-        return (torch.arange(z.shape[-1], device=z.device) == tok).to(torch.promote_types(torch.float32, z.dtype))
-
-    def forward(zp, zq, tok, inv_tau: float):
-        # the row log-normalisers go back to the Function so that the backward is one pass over the logits
-        lse_p = torch.logsumexp(scaled(zp, inv_tau), -1, keepdim=True)
-        lse_q = torch.logsumexp(scaled(zq, inv_tau), -1, keepdim=True)
-        lsa, lsb = normalised(zp, lse_p, inv_tau), normalised(zq, lse_q, inv_tau)
-        kl = (lsa.exp() * (lsa - lsb)).sum(-1)
-        return lsa.gather(-1, tok)[:, 0], lsb.gather(-1, tok)[:, 0], kl, lse_p, lse_q
-
-    def grad_p(zp, zq, tok, kl, lse_p, lse_q, a_lp, a_kl, inv_tau: float, use_kl: bool):
-        lsa = normalised(zp, lse_p, inv_tau)
-        p = lsa.exp()
-        d = p * (a_kl * (lsa - normalised(zq, lse_q, inv_tau) - kl) - a_lp) if use_kl else -p * a_lp
-        return ((d + a_lp * onehot(tok, zp)) * inv_tau).to(zp.dtype)
-
-    def grad_q(zp, zq, tok, lse_p, lse_q, a_lq, a_kl, inv_tau: float):
-        p, q = normalised(zp, lse_p, inv_tau).exp(), normalised(zq, lse_q, inv_tau).exp()
-        return ((a_kl * (q - p) - a_lq * q + a_lq * onehot(tok, zq)) * inv_tau).to(zq.dtype)
-
-    # dynamic: one compilation serves every number of rows (the last chunk, other batch shapes)
-    return tuple(torch.compile(f, dynamic=True) for f in (forward, grad_p, grad_q))
-
-
-_FUSED = None
-
-
-def _token_terms_function():
-    import torch
-
-    def log_softmax(z, dt, inv_tau, clamp):
-        # torch's fused kernel on an explicit float32 copy (faster on CPU than dtype=); −inf logits are clamped to
-        # the most negative float so that 0·log 0 stays 0 in the dot products below
-        out = torch.log_softmax(z.to(dt) * inv_tau if inv_tau != 1.0 else z.to(dt), -1)
-        return out.clamp_(min=torch.finfo(dt).min) if clamp else out
-
-    def dot(a, b):
-        return torch.einsum("rv,rv->r", a, b)
-
-    class _TokenTerms(torch.autograd.Function):
-        """log P(x_t), log Q(x_t) and KL(P_t‖Q_t) from (N, V) logits, one chunk of rows at a time.
-
-        K = Σ_v p·log p − Σ_v p·log q (two dot products, no vocabulary-wide difference tensor). The backward pass
-        recomputes each chunk's log-softmax instead of keeping (N, V) float32 activations and writes the analytic
-        gradients, ∂K/∂z_p = p·(log p − log q − K), ∂K/∂z_q = q − p, ∂log p(x)/∂z_p = 1{x} − p, in place (or
-        through the compiled kernels of _fused_kernels).
-        """
-
-        @staticmethod
-        def forward(ctx, zp, zq, tokens, inv_tau: float, chunk: int, fused):
-            dt = torch.promote_types(torch.float32, zp.dtype)
-            clamp = bool(torch.isneginf(zp.amin()) or torch.isneginf(zq.amin())) if fused is None else True
-            N = zp.shape[0]
-            lp_tok, lq_tok, kl = (torch.empty(N, dtype=dt, device=zp.device) for _ in range(3))
-            n_lse = N if fused is not None else 0  # the compiled backward starts from the forward's normalisers
-            lse_p, lse_q = (torch.empty(n_lse, 1, dtype=dt, device=zp.device) for _ in range(2))
-            for i in range(0, N, chunk):
-                j = min(N, i + chunk)
-                tok = tokens[i:j, None]
-                if fused is not None:
-                    lp_tok[i:j], lq_tok[i:j], kl[i:j], lse_p[i:j], lse_q[i:j] = fused[0](zp[i:j], zq[i:j], tok,
-                                                                                         inv_tau)
-                    continue
-                lsa, lsb = log_softmax(zp[i:j], dt, inv_tau, clamp), log_softmax(zq[i:j], dt, inv_tau, clamp)
-                lp_tok[i:j], lq_tok[i:j] = lsa.gather(-1, tok)[:, 0], lsb.gather(-1, tok)[:, 0]
-                p = lsa.exp()
-                kl[i:j] = dot(p, lsa) - dot(p, lsb)
-            ctx.save_for_backward(zp, zq, tokens, kl, lse_p, lse_q)
-            ctx.inv_tau, ctx.chunk, ctx.clamp, ctx.fused = inv_tau, chunk, clamp, fused
-            return lp_tok, lq_tok, kl
-
-        @staticmethod
-        @torch.autograd.function.once_differentiable
-        def backward(ctx, g_lp, g_lq, g_kl):
-            zp, zq, tokens, kl, lse_p, lse_q = ctx.saved_tensors
-            need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            dt, N, inv_tau, chunk, clamp, fused = kl.dtype, zp.shape[0], ctx.inv_tau, ctx.chunk, ctx.clamp, ctx.fused
-            zeros = torch.zeros(N, dtype=dt, device=kl.device)
-            use_kl = g_kl is not None  # kl_loss("mc") never uses it: log Q's softmax is then not needed for P
-            g_lp, g_lq, g_kl = (zeros if g is None else g.to(dt) for g in (g_lp, g_lq, g_kl))
-            gp = torch.empty_like(zp) if need_p else None
-            gq = torch.empty_like(zq) if need_q else None
-            for i in range(0, N, chunk):
-                j = min(N, i + chunk)
-                tok, a_lp, a_lq, a_kl = tokens[i:j, None], g_lp[i:j, None], g_lq[i:j, None], g_kl[i:j, None]
-                if fused is not None:
-                    lp_, lq_ = lse_p[i:j], lse_q[i:j]
-                    if need_p:
-                        gp[i:j] = fused[1](zp[i:j], zq[i:j], tok, kl[i:j, None], lp_, lq_, a_lp, a_kl, inv_tau,
-                                           use_kl)
-                    if need_q:
-                        gq[i:j] = fused[2](zp[i:j], zq[i:j], tok, lp_, lq_, a_lq, a_kl, inv_tau)
-                    continue
-                lsa = log_softmax(zp[i:j], dt, inv_tau, clamp)
-                p = lsa.exp()
-                lsb = log_softmax(zq[i:j], dt, inv_tau, clamp) if (use_kl or need_q) else None
-                if need_q:
-                    q = lsb.exp()
-                    d = torch.sub(p, q).mul_(-a_kl).sub_(q.mul_(a_lq))  # a_kl·(q − p) − a_lq·q
-                    d.scatter_add_(-1, tok, a_lq)
-                    gq[i:j] = d.mul_(inv_tau) if inv_tau != 1.0 else d
-                if need_p:
-                    if use_kl:  # p·(a_kl·(log p − log q − K) − a_lp)
-                        d = lsa.sub_(lsb).mul_(a_kl).sub_(a_kl * kl[i:j, None] + a_lp).mul_(p)
-                    else:
-                        d = p.mul_(-a_lp)
-                    d.scatter_add_(-1, tok, a_lp)
-                    gp[i:j] = d.mul_(inv_tau) if inv_tau != 1.0 else d
-            return gp, gq, None, None, None, None
-
-    return _TokenTerms
-
-
-_TOKEN_TERMS = None
-
 
 def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature: float = 1.0,
                           chunk_size: int | None = None, compile: bool = False):
@@ -335,7 +183,6 @@ def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature:
     """
     import torch
 
-    global _TOKEN_TERMS, _FUSED
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0 (got {temperature!r})")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
@@ -354,13 +201,8 @@ def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature:
     tok = torch.where(m, tokens, torch.zeros_like(tokens)).long().reshape(-1)
     if bool(((tok < 0) | (tok >= V)).any()):
         raise ValueError(f"tokens: values outside [0, {V}) at unmasked positions")
-    if _TOKEN_TERMS is None:
-        _TOKEN_TERMS = _token_terms_function()
-    if compile and _FUSED is None:
-        _FUSED = _fused_kernels()
-    chunk = _default_chunk(V) if chunk_size is None else chunk_size
-    outs = _TOKEN_TERMS.apply(logits_p.reshape(-1, V), logits_q.reshape(-1, V), tok, 1.0 / temperature, chunk,
-                              _FUSED if compile else None)
+    outs = token_terms(logits_p.reshape(-1, V), logits_q.reshape(-1, V), tok, inv_tau=1.0 / temperature,
+                       chunk_size=chunk_size, compile=compile)
     return tuple(torch.where(m, o.reshape(lead), torch.zeros((), dtype=o.dtype, device=o.device)) for o in outs)
 
 

@@ -128,12 +128,28 @@ def self_normalized_is(log_ratio, log_weight, axis: int = -1) -> Estimate:
 Z95 = 1.959963984540054
 
 
-def t95(dof: int) -> float:
-    """Half-width factor of a two-sided 95 % interval from an SE with `dof` degrees of freedom (Student t; NaN
-    without any)."""
+def t_quantile(dof: int, confidence: float = 0.95) -> float:
+    """Half-width factor of a two-sided `confidence` interval from an SE with `dof` degrees of freedom (Student t;
+    NaN without any)."""
     from scipy.stats import t
 
-    return float(t.ppf(0.975, dof)) if dof >= 1 else math.nan
+    return float(t.ppf(0.5 + confidence / 2, dof)) if dof >= 1 else math.nan
+
+
+def t95(dof: int) -> float:
+    """t_quantile at 95 %."""
+    return t_quantile(dof)
+
+
+def clustered_se(values, groups, center: float) -> float:
+    """Cluster-robust (CR1) standard error of the mean of `values` around `center` (their mean, or 0 for terms
+    that are already centred): √(G/(G−1)·Σ_g (S_g − n_g·center)²) / N over the G clusters' sums S_g and sizes n_g.
+    `groups`: each value's cluster as 0 … G−1 (np.unique's inverse). NaN with fewer than 2 clusters."""
+    G = int(groups.max()) + 1
+    if G < 2:
+        return math.nan
+    sums, sizes = np.bincount(groups, values, G), np.bincount(groups, minlength=G)
+    return math.sqrt(G / (G - 1) * float(np.sum((sums - sizes * center) ** 2))) / values.size
 
 
 def rb_control_variate_terms(kl_step, log_ratio_step, log_weight_step, mask=None, folds: int = 2, fold=None):
@@ -280,19 +296,11 @@ def randomization_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: b
     snis = float(np.sum(w * f) / np.sum(w))
     terms[names[1]] = w * (f - snis) / w.mean()  # linearised: mean 0, the spread is the SE's
 
-    def cluster_se(x, est):
-        sums, sizes = np.bincount(groups, x, R), np.bincount(groups, minlength=R)
-        if R < 2:
-            return math.nan
-        return math.sqrt(R / (R - 1) * np.sum((sums - sizes * est) ** 2)) / N
-
-    out = {name: dict(e, std_error=math.nan, variance=math.nan, ci_low=math.nan, ci_high=math.nan,
-                      n_randomizations=R, std_error_method="none: no randomization SE for this estimator yet")
-           for name, e in base.items() if name not in names}
+    out = {}
     half = t95(R - 1)  # an SE from R randomizations has R − 1 degrees of freedom: z = 1.96 covers 70 % at R = 2
     for name in names:
         est = snis if name == names[1] else float(np.mean(terms[name]))
-        se = cluster_se(terms[name], 0.0 if name == names[1] else est)
+        se = clustered_se(terms[name], groups, 0.0 if name == names[1] else est)
         out[name] = dict(base[name], estimate=est, std_error=se, variance=N * se * se, ci_low=est - half * se,
                          ci_high=est + half * se, n_randomizations=R,
                          std_error_method=SE_FROM_RANDOMIZATIONS.format(r=R))

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from kl_estimation import runio
+from kl_estimation.core.estimators import Z95
 from kl_estimation.figures.synthetic import FORMATS, RunFolderError, _plt, write_index
 
 FWD, REV = "#1f77b4", "#ff7f0e"
@@ -117,7 +118,7 @@ def fig_kld_position(plt, run: CorpusRun):
         m = np.nanmean(x, 0)
         se = np.nanstd(x, 0, ddof=1) / np.sqrt(np.maximum(n, 1)) if x.shape[0] > 1 else np.zeros_like(m)
         a1.plot(cols, m, color=c, lw=1.4, label=f"{lab}, mean over windows")
-        a1.fill_between(cols, m - 1.96 * se, m + 1.96 * se, color=c, alpha=0.2, lw=0)
+        a1.fill_between(cols, m - Z95 * se, m + Z95 * se, color=c, alpha=0.2, lw=0)
     same = np.where(mask, run.tokens["top1_agree"], np.nan)[:, cols].astype(float)
     a2.plot(cols, 100 * np.nanmean(same, 0), color="0.3", lw=1.2)
     a2.set_ylabel("same top-1 (%)")

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from kl_estimation import runio
+from kl_estimation.core.estimators import Z95
 from kl_estimation.figures.synthetic import (
     COLORS,
     FORMATS,
@@ -192,7 +193,7 @@ def _mean_band(x: np.ndarray):
     n = x.shape[0]
     m = x.mean(0)
     se = x.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros_like(m)
-    return m, m - 1.96 * se, m + 1.96 * se
+    return m, m - Z95 * se, m + Z95 * se
 
 
 def _label(name: str) -> str:
@@ -437,7 +438,7 @@ def fig_per_prompt(plt, run: LLMRun):
         flagged = np.array([bool(v.get("flag")) for v in verdict])
         c = colors[d["proposal"]]
         fmt = "D" if _is_prefix_aware(run, d["proposal"]) else "o"
-        ax.errorbar(x, e, yerr=1.96 * se, fmt="none", ecolor=c, capsize=2, lw=1)
+        ax.errorbar(x, e, yerr=Z95 * se, fmt="none", ecolor=c, capsize=2, lw=1)
         ax.plot(x[~flagged], e[~flagged], fmt, ms=4, color=c, label=f"{_label(d['proposal'])} ({key})")
         if flagged.any():
             ax.plot(x[flagged], e[flagged], fmt, ms=6, mfc="white", mec="#d62728", mew=1.3)

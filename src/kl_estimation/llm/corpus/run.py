@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from kl_estimation import runio
+from kl_estimation.core.estimators import t95
 from kl_estimation.core.resources import check_memory, set_threads
 from kl_estimation.llm.corpus.config import CORPUS_FILES, CorpusConfig
 from kl_estimation.llm.corpus.stats import STAT_KEYS, format_llama, llama_windows, summarize, token_stats
@@ -329,8 +330,6 @@ def window_rows(tokens: dict, summary: dict) -> list[dict]:
     """One row per window: its scored tokens' means (KL both ways, Jeffreys, Δp, top-1 agreement, NLLs, PPLs) and
     KL(P‖Q)'s mean with a token-i.i.d. 95 % interval within the window (tokens of a window share their context: that
     interval is too narrow; the clustered SE of the overall mean accounts for it)."""
-    from scipy import stats as sps
-
     mask = tokens["mask"]
     rows = []
     for w in range(mask.shape[0]):
@@ -340,7 +339,7 @@ def window_rows(tokens: dict, summary: dict) -> list[dict]:
         dp = tokens["delta_p"][w, m]
         nq, nb = -tokens["logp_q"][w, m], -tokens["logp_p"][w, m]
         se = float(kf.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-        t = float(sps.t.ppf(0.975, n - 1)) if n > 1 else math.nan
+        t = t95(n - 1)
         docs = tokens["document"][w, m]
         rows.append({"window": w, "first_token": w * mask.shape[1], "first_document": int(docs.min()),
                      "last_document": int(docs.max()), "n_scored": n, "kl_forward": float(kf.mean()),
