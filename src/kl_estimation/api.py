@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from kl_estimation.core.resources import set_threads
 from kl_estimation.llm.run.config import LLMConfig
@@ -154,8 +154,8 @@ def result_of(run: dict) -> KLResult:
 def run(cfg: LLMConfig, pair=None, models: dict | None = None, progress: bool = False) -> KLResult:
     """Validate cfg, load its pair (unless given), sample every proposal, write files when cfg.output_dir is
     set (resumable), and return the result. The command line and estimate_kl both run through here."""
-    cfg.validate()
-    cfg.threads = set_threads(cfg.threads)
+    cfg = cfg.validate()
+    cfg = replace(cfg, threads=set_threads(cfg.threads))  # the number used, recorded in the run
     if cfg.output_dir is not None:
         check_folder(cfg)
     if pair is None:
@@ -242,8 +242,7 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
     if loaded:
         if tokenizer is None:
             raise ValueError("tokenizer: needed when the models are passed as loaded models")
-        cfg = LLMConfig.from_settings(**settings)
-        cfg.validate()
+        cfg = LLMConfig.from_settings(**settings).validate()
         from kl_estimation.llm.loading import pair_from_models
         from kl_estimation.llm.loading import text_start as pair_text_start
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from kl_estimation import runio
@@ -113,39 +114,23 @@ def _names(values: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- Synthetic_tests.py
 
-def _samplers() -> list[str]:
-    from kl_estimation.toy.markov import (
-        SAMPLERS,  # not draws.DRAWS: single-token runs never load torch
-    )
-
-    return list(SAMPLERS)
-
-
 def synthetic_parser(prog: str, defaults: dict) -> Parser:
-    from kl_estimation.synthetic.distributions import DIVERGENCES, FAMILIES
+    """SyntheticConfig's settings, then the sequence run's own (SequenceConfig's, "--sequence: …"), as add_settings
+    builds them; a size whose default differs in a sequence run states both and defaults to None."""
     from kl_estimation.synthetic.experiment import SyntheticConfig
+    from kl_estimation.toy.markov import SequenceConfig
 
     d = {**vars(SyntheticConfig()), **defaults}
     p = Parser(prog=prog, description="Synthetic KL(P‖Q) experiments: naive MC, Rao-Blackwellized MC and importance "
                                       "sampling with every registry proposal on long-tailed token distributions, "
                                       "against exact values.")
-    from kl_estimation.toy.markov import SequenceConfig
-
-    sd = SequenceConfig()
-    p.add_argument("--vocab-size", type=int, help=f"vocabulary size V (default {d['vocab_size']}; with --sequence "
-                                                  f"{sd.vocab_size})")
-    p.add_argument("--n-samples", type=int, help=f"samples (sequences) per method and repeat (default "
-                                                 f"{d['n_samples']}; with --sequence {sd.n_samples})")
-    p.add_argument("--n-repeats", type=int, help=f"independent repeats per method (default {d['n_repeats']}; with "
-                                                 f"--sequence {sd.n_repeats})")
-    p.add_argument("--divergence", default=d["divergence"], help=f"one of {', '.join(DIVERGENCES)}, all")
-    p.add_argument("--families", nargs="+", default=list(d["families"]), help=f"any of {', '.join(FAMILIES)}")
-    p.add_argument("--alpha-values", nargs="+", type=float, default=list(d["alpha_values"]),
-                   help="grid in [0, 1] for the α / β / λ / t of the mixture, geometric, chi-square and "
-                        "cross-entropy proposals")
-    p.add_argument("--rb-top-k", type=int, default=d["rb_top_k"],
-                   help="Rao-Blackwell: top-k tokens of P summed exactly, the rest sampled (0 = naive MC)")
-    p.add_argument("--seed", type=int, default=d["seed"], help="seed of every random stream")
+    seq = SequenceConfig.settings()
+    for name, f in SyntheticConfig.settings().items():
+        if name in seq and seq[name].default != f.default:
+            add_setting(p, name, f, None, f"{f.metadata['help']} (default {d[name]}; with --sequence "
+                                          f"{seq[name].default})")
+        else:
+            add_setting(p, name, f, d[name])
     p.add_argument("--output-dir", default=d.get("output_dir"),
                    help="write the run's files here (default: a new folder under results/synthetic/, or "
                         "results/sequence/ with --sequence)")
@@ -153,14 +138,11 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
                    help="skip the figures (draw them later with visualize_proposals.py)")
     p.add_argument("--sequence", action="store_true",
                    help="the sequence experiment: toy Markov pairs with exact sequence KL and exact variances")
-    p.add_argument("--order", type=int, default=sd.order, help="--sequence: Markov order, 1 or 2")
-    p.add_argument("--max-new-tokens", "--horizon", type=int, default=sd.max_new_tokens,
-                   help="--sequence: tokens per sequence T")
     p.add_argument("--threads", type=int, default=d.get("threads"),
                    help="--sequence: CPU threads for torch (default: torch's choice, one per core)")
-    p.add_argument("--sampler", nargs="+", default=list(sd.samplers),
-                   help="--sequence: how sequences are drawn; samplers other than iid add MC / RB / RB+CV rows "
-                        "(variance over repeats, each repeat one randomization); one of " + ", ".join(_samplers()))
+    for name, f in seq.items():
+        if name not in d:
+            add_setting(p, name, f, f.default, "--sequence: " + f.metadata["help"])
     return p
 
 
@@ -192,7 +174,7 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
                   alpha_values=tuple(args.alpha_values), seed=args.seed)
     if args.sequence:
         cfg = sequences.SequenceConfig(**common, order=args.order, max_new_tokens=args.max_new_tokens,
-                                       samplers=tuple(_names(args.sampler)))
+                                       samplers=tuple(_names(args.samplers)))
     else:
         cfg = synthetic.SyntheticConfig(**common, rb_top_k=args.rb_top_k)
     kind = "sequence" if args.sequence else "synthetic"
@@ -304,19 +286,26 @@ def add_settings(parser, big, config_cls, defaults: dict) -> None:
     """Every setting of `config_cls` (its ``settings()`` with their metadata) as `--name-with-dashes` plus its
     aliases, with the config's default unless `defaults` (a script's __main__) overrides it."""
     for name, f in config_cls.settings().items():
-        m = f.metadata
-        if not m["flag"]:
-            continue
-        default = defaults.get(name, f.default)
-        text = m["help"] if default is not None or "(default" in m["help"] else m["help"] + " (default: none)"
-        kw = dict(dest=name, default=default, help=flag_text(text))
-        if isinstance(f.default, bool):
-            kw["action"] = "store_true"
-        else:
-            kw.update({k: m[k] for k in ("type", "nargs") if m[k]})
-            if m["nargs"] and default is not None:
-                kw["default"] = list(default)
-        (big if name in _BIG_MODELS else parser).add_argument(as_flag_name(name), *m["aliases"], **kw)
+        if f.metadata["flag"]:
+            add_setting(big if name in _BIG_MODELS else parser, name, f, defaults.get(name, f.default))
+
+
+def add_setting(parser, name: str, f, default, help: str | None = None) -> None:
+    """One config field as its flag (``--`` + the name with dashes, or the flag its metadata names) plus its
+    aliases, read into `name`; `help` replaces the field's own."""
+    m = f.metadata
+    text = m["help"] if help is None else help
+    text = text if default is not None or "(default" in text else text + " (default: none)"
+    kw = dict(dest=name, default=default, help=flag_text(text))
+    if isinstance(f.default, bool):
+        kw["action"] = "store_true"
+    else:
+        kw.update({k: m[k] for k in ("type", "nargs") if m[k]})
+        if m["nargs"] and default is not None:
+            kw["default"] = list(default)
+        if isinstance(m["flag"], str):  # the value is named after the flag (SAMPLER), not the field (SAMPLERS)
+            kw["metavar"] = m["flag"].upper()
+    parser.add_argument(as_flag_name(m["flag"] if isinstance(m["flag"], str) else name), *m["aliases"], **kw)
 
 
 LLM_RUNS = Path("tests2")  # the seed's output root: each run without --output-dir gets a new folder in it
@@ -338,6 +327,7 @@ def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     folder_existed = reserved is None and Path(cfg.output_dir or ".").exists()
     with _sigterm_as_interrupt():
         try:
+            cfg = cfg.validate()  # the prompt set and the proposals' labels, for what an interruption kept
             return _run_llm(cfg, plots=not args.no_plots)
         except ValueError as err:
             _remove_if_empty(reserved)
@@ -460,9 +450,8 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     known = CorpusConfig.settings()
     args = corpus_parser(prog, {k: v for k, v in defaults.items() if k in known or k == "no_plots"}).parse_args(argv)
     cfg = CorpusConfig(**{k: getattr(args, k) for k in known if hasattr(args, k)})
-    given = cfg.output_dir is not None
-    if not given:
-        cfg.output_dir = str(_new_corpus_folder())
+    if cfg.output_dir is None:
+        cfg = replace(cfg, output_dir=str(_new_corpus_folder()))
     with _sigterm_as_interrupt():
         try:
             result = run_corpus(cfg, progress=True)

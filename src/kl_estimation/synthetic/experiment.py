@@ -27,6 +27,7 @@ from kl_estimation.core.proposals import (
 )
 from kl_estimation.core.streams import named_stream
 from kl_estimation.core.validation import check_int, check_sizes
+from kl_estimation.settings import Settings, setting
 from kl_estimation.synthetic.distributions import (
     DIVERGENCES,
     FAMILIES,
@@ -47,15 +48,23 @@ DEFAULT_RB_TOP_K = 100
 
 
 @dataclass
-class SyntheticConfig:
-    vocab_size: int = 3000
-    n_samples: int = 300
-    n_repeats: int = 2
-    divergence: str = "medium"  # low | medium | high | all
-    families: Sequence[str] = FAMILIES
-    alpha_values: Sequence[float] = DEFAULT_ALPHA_VALUES
-    rb_top_k: int = DEFAULT_RB_TOP_K
-    seed: int = 0
+class SyntheticConfig(Settings):
+    """Every setting of a single-token synthetic run; each is a flag of Synthetic_tests.py (``--`` + the name with
+    dashes) with this default."""
+
+    RUN = "a synthetic run"
+
+    vocab_size: int = setting(3000, "vocabulary size V", type=int)
+    n_samples: int = setting(300, "samples (sequences) per method and repeat", type=int)
+    n_repeats: int = setting(2, "independent repeats per method", type=int)
+    divergence: str = setting("medium", f"one of {', '.join(DIVERGENCES)}, all")
+    families: Sequence[str] = setting(FAMILIES, f"any of {', '.join(FAMILIES)}", nargs="+")
+    alpha_values: Sequence[float] = setting(DEFAULT_ALPHA_VALUES, "grid in [0, 1] for the α / β / λ / t of the "
+                                            "mixture, geometric, chi-square and cross-entropy proposals",
+                                            nargs="+", type=float)
+    rb_top_k: int = setting(DEFAULT_RB_TOP_K, "Rao-Blackwell: top-k tokens of P summed exactly, the rest sampled "
+                                              "(0 = naive MC)", type=int)
+    seed: int = setting(0, "seed of every random stream", type=int)
 
     @property
     def divergences(self) -> tuple[str, ...]:

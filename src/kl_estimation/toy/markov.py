@@ -39,6 +39,7 @@ from kl_estimation.core.exact import kl_rows
 from kl_estimation.core.proposals import log_ratio
 from kl_estimation.core.streams import named_stream
 from kl_estimation.core.validation import check_int, check_sizes
+from kl_estimation.settings import Settings, setting, shared
 from kl_estimation.synthetic.distributions import (
     DIVERGENCES,
     FAMILIES,
@@ -48,7 +49,7 @@ from kl_estimation.synthetic.distributions import (
     base_weights,
     shift_mass,
 )
-from kl_estimation.synthetic.experiment import check_run
+from kl_estimation.synthetic.experiment import SyntheticConfig, check_run
 
 EOS = 0
 EOS_PROB = 0.02
@@ -228,17 +229,24 @@ def proposal_table(tables: MarkovTables, proposal) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ experiment
 
 @dataclass
-class SequenceConfig:
-    vocab_size: int = 201  # 200 ordinary tokens + EOS
-    order: int = 1
-    max_new_tokens: int = 20
-    n_samples: int = 200  # sequences per repeat
-    n_repeats: int = 10
-    divergence: str = "medium"
-    families: tuple = FAMILIES
-    alpha_values: tuple = (0.3, 0.5, 0.7, 0.9)
-    seed: int = 0
-    samplers: tuple = ("iid",)  # each one other than iid adds MC / RB / RB+CV rows drawn with it
+class SequenceConfig(Settings):
+    """Every setting of a sequence run (Synthetic_tests.py --sequence): the synthetic run's settings with their own
+    defaults, and the ones only a sequence run has."""
+
+    RUN = "a sequence run"
+
+    vocab_size: int = shared(SyntheticConfig, "vocab_size", default=201)  # 200 ordinary tokens + EOS
+    order: int = setting(1, "Markov order, 1 or 2", type=int)
+    max_new_tokens: int = setting(20, "tokens per sequence T", aliases=("--horizon",), type=int)
+    n_samples: int = shared(SyntheticConfig, "n_samples", default=200)  # sequences per repeat
+    n_repeats: int = shared(SyntheticConfig, "n_repeats", default=10)
+    divergence: str = shared(SyntheticConfig, "divergence")
+    families: tuple = shared(SyntheticConfig, "families")
+    alpha_values: tuple = shared(SyntheticConfig, "alpha_values")
+    seed: int = shared(SyntheticConfig, "seed")
+    samplers: tuple = setting(("iid",), "how sequences are drawn; samplers other than iid add MC / RB / RB+CV rows "
+                                        "(variance over repeats, each repeat one randomization); one of "
+                                        + ", ".join(SAMPLERS), flag="sampler", nargs="+")
 
     @property
     def divergences(self):

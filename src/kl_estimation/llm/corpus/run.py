@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -231,8 +231,8 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
     """Validate cfg, load (or take) the models, score every window, summarize; write the run folder when
     cfg.output_dir is set. `models`: (P, Q) already loaded, with their shared `tokenizer`."""
     t_start = time.perf_counter()
-    cfg.validate()
-    cfg.threads = set_threads(cfg.threads)
+    cfg = cfg.validate()
+    cfg = replace(cfg, threads=set_threads(cfg.threads))  # the number used, recorded in the run
     from kl_estimation.llm.loading import check_logit_rows, gguf_speedups
 
     with gguf_speedups():  # each GGUF file parsed once for its tokenizer, config and weights
