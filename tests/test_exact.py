@@ -119,3 +119,4 @@ def test_logit_areas_call_the_chunked_kernel_and_agree_with_float64(dtype, monke
     assert st["kl_reverse"][1, 2] > 1e30  # P = 0 < Q: the kernel's clamp gives a huge finite KL, not inf
     # with float64 logits the numpy path (kl_rows, float64) is the same number to rounding
     np.testing.assert_allclose(training.exact_token_kl(zp.double().numpy(), zq.double().numpy()), ref, rtol=1e-10)
+
