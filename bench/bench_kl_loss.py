@@ -19,9 +19,10 @@ Every method gets the same inputs: the policy's logits (B, T, V) with requires_g
                      kl_loss(rb)
 
 Each method runs in its own subprocess (so one's freed memory cannot hide another's peak). Peak memory is the
-increase over the memory held once the inputs exist and one warm-up run (compilation included) is done: on CUDA torch.cuda.max_memory_allocated; on CPU the process's
-peak resident set (VmHWM, reset through /proc/self/clear_refs) with glibc's mmap threshold fixed at 1 MiB so freed
-buffers leave the resident set. It includes the (B, T, V) gradient of the policy's logits, which every method writes.
+increase over the memory held once the inputs exist and one warm-up run (compilation included) is done: on CUDA
+torch.cuda.max_memory_allocated; on CPU the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) with glibc's mmap threshold fixed at 1 MiB so freed buffers leave the resident set. It
+includes the (B, T, V) gradient of the policy's logits, which every method writes.
 Times: median of --repeats runs after the warm-up, wall clock and the process's CPU time (on a shared machine the
 CPU time with --threads 1 is the steadier of the two).
 """
@@ -198,8 +199,8 @@ def main():
           f" MiB each; peak = {'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'VmHWM'}"
           f" above the inputs; median of {args.repeats}")
     ref = next((r for r in rows if r["method"] == "k3 (log_softmax)"), rows[0])
-    print(f"{'method':18s} {'forward s':>10s} {'backward s':>10s} {'total s':>8s} {'× k3':>6s} {'CPU s':>7s} {'× k3':>6s} "
-          f"{'peak MiB':>9s} {'× k3':>6s} {'peak / BTV·4':>12s} {'loss':>10s} {'warm-up s':>9s}")
+    print(f"{'method':18s} {'forward s':>10s} {'backward s':>10s} {'total s':>8s} {'× k3':>6s} {'CPU s':>7s} "
+          f"{'× k3':>6s} {'peak MiB':>9s} {'× k3':>6s} {'peak / BTV·4':>12s} {'loss':>10s} {'warm-up s':>9s}")
     def ratio(a, b):
         return a / b if b else float("nan")  # tiny sizes: below the resolution of the peak
 

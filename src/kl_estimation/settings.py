@@ -2,8 +2,9 @@
 dataclass, each declared once with ``setting()`` — its default, its help, its flag and how argparse reads it. The
 command lines (cli.add_settings), the API keywords and the scripts' defaults are all read from those fields.
 
-``validate()`` on a config checks it and returns a resolved copy (prompt files read, names normalised); it never
-changes the config it is called on. This module imports only the standard library (synthetic runs never load torch).
+``validate()`` on a config checks it and returns the config to run (a resolved copy where something resolves:
+prompt files read, proposal names normalised); it never changes the config it is called on. This module imports
+only the standard library and core (synthetic runs never load torch).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def setting(default, help: str, *, flag: bool | str = True, aliases: tuple = (),
     and nargs."""
     if isinstance(default, (list, dict)):
         raise TypeError("use a tuple")
-    return field(default=default, metadata={"help": help, "flag": flag, "aliases": aliases, "type": type, "nargs": nargs})
+    meta = {"help": help, "flag": flag, "aliases": aliases, "type": type, "nargs": nargs}
+    return field(default=default, metadata=meta)
 
 
 def shared(source, name: str, help: str | None = None, default=...):

@@ -232,13 +232,11 @@ def token_terms(logits_p, logits_q, tokens, *, inv_tau: float = 1.0, chunk_size:
     temperature 1/``inv_tau``; in float32 (float64 for float64 logits), with the analytic backward to both logits.
     ``chunk_size``: rows per chunk (default ``default_chunk(V)``); ``compile``: torch.compile'd kernels. The callers
     check their inputs (training.token_logprobs_and_kl)."""
-    global _KERNEL, _FUSED
-    if _KERNEL is None:
-        _KERNEL = _build_kernel()
+    global _FUSED
     if compile and _FUSED is None:
         _FUSED = _fused_kernels()
     chunk = default_chunk(logits_p.shape[-1]) if chunk_size is None else chunk_size
-    return _KERNEL[0].apply(logits_p, logits_q, tokens, inv_tau, chunk, _FUSED if compile else None)
+    return _kernel()[0].apply(logits_p, logits_q, tokens, inv_tau, chunk, _FUSED if compile else None)
 
 
 def token_terms_block(logits_p, logits_q, tokens, dtype):
@@ -246,8 +244,12 @@ def token_terms_block(logits_p, logits_q, tokens, dtype):
     log Q(x), KL(P‖Q), KL(Q‖P)."""
     import torch
 
+    clamp = bool(torch.isneginf(logits_p.amin()) or torch.isneginf(logits_q.amin()))
+    return _kernel()[1](logits_p, logits_q, tokens[:, None], dtype, 1.0, clamp, reverse=True)
+
+
+def _kernel():
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _build_kernel()
-    clamp = bool(torch.isneginf(logits_p.amin()) or torch.isneginf(logits_q.amin()))
-    return _KERNEL[1](logits_p, logits_q, tokens[:, None], dtype, 1.0, clamp, reverse=True)
+    return _KERNEL
