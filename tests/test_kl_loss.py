@@ -12,7 +12,6 @@ line of the table in docs/training.md is checked twice: by Monte Carlo within 4 
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -20,6 +19,7 @@ from functools import cache
 import pytest
 import torch
 
+from kl_estimation import audit
 from kl_estimation import training as tr
 
 
@@ -38,27 +38,18 @@ Z_OK, Z_FAIL = 4.0, 8.0
 
 
 def tables():
-    g = torch.Generator().manual_seed(3)
-    theta_p = torch.randn(S, V, generator=g, dtype=torch.float64)
-    theta_q = torch.randn(S, V, generator=g, dtype=torch.float64)
-    theta_old = theta_p + 0.4 * torch.randn(S, V, generator=g, dtype=torch.float64)
-    return theta_p, theta_q, theta_old
+    """The chain of kl_estimation.audit with EOS (seed 3, P_old = P + N(0, 0.4²) on every logit)."""
+    ch = audit.make_chain(vocab=V, horizon=T_SEQ, eos=True, seed=3, drift=0.4)
+    return ch.theta_p, ch.theta_q, ch.theta_old
 
 
 # ------------------------------------------------------------------ the chain: logits, masks, sampling, enumeration
 
+logits_of = audit.logits_of
+
+
 def states_and_mask(tokens):
-    """State before each step (BOS, then the previous token) and the mask (False after EOS)."""
-    prev = torch.cat([torch.zeros_like(tokens[..., :1]), tokens[..., :-1]], -1)
-    ended = torch.cumsum((prev == 0).long(), -1) > 1  # an EOS before this step (the first 0 is BOS)
-    return torch.where(ended, torch.zeros_like(prev), prev), ~ended
-
-
-def logits_of(theta, states):
-    """(…, T, V) logits: θ (S, V) is one table; θ (M, S, V) is one copy per batch, states (M, B, T)."""
-    if theta.ndim == 2:
-        return theta[states]
-    return theta[torch.arange(theta.shape[0])[:, None, None], states]
+    return audit.states_and_mask(tokens, eos=True)
 
 
 def sample(theta, n_batches, T, seed):
@@ -78,50 +69,18 @@ def sample(theta, n_batches, T, seed):
 
 @cache
 def all_sequences(T):
-    """Every distinct sequence once: tokens after the first EOS are 0."""
-    seqs = [s for s in itertools.product(range(V), repeat=T)
-            if all(s[t] == 0 for t in range(T) if 0 in s[:t])]
-    return torch.tensor(seqs, dtype=torch.long)
+    return audit.sequences(V, T, eos=True)
 
 
 def seq_logprob(theta, tokens):
-    st, m = states_and_mask(tokens)
-    lp = torch.log_softmax(logits_of(theta, st), -1).gather(-1, tokens[..., None])[..., 0]
-    return torch.where(m, lp, torch.zeros_like(lp)).sum(-1)
+    return audit.seq_logprob(theta, tokens, eos=True)
 
 
 def exact_targets(theta_p, theta_q, T):
-    """∇_θ of the candidate objectives, by enumeration."""
-    tok = all_sequences(T)
-    st, m = states_and_mask(tok)
-    out = {}
-
-    def grad(fn):
-        th = theta_p.clone().requires_grad_()
-        return torch.autograd.grad(fn(th), th)[0].reshape(-1)
-
-    def reverse(th):
-        lp, lq = seq_logprob(th, tok), seq_logprob(theta_q, tok)
-        return (lp.exp() * (lp - lq)).sum()
-
-    def forward(th):
-        lp, lq = seq_logprob(th, tok), seq_logprob(theta_q, tok)
-        return (lq.exp() * (lq - lp)).sum()
-
-    def frozen(direction):  # Σ_t E_{x~P (no gradient through the prefix distribution)}[KL_t(prefix)]
-        def fn(th):
-            w = seq_logprob(theta_p, tok).exp()
-            a, b = torch.log_softmax(logits_of(th, st), -1), torch.log_softmax(logits_of(theta_q, st), -1)
-            if direction == "forward":
-                a, b = b, a
-            step = (a.exp() * (a - b)).sum(-1)
-            return (w * torch.where(m, step, torch.zeros_like(step)).sum(-1)).sum()
-        return fn
-
-    out["reverse"], out["forward"] = grad(reverse), grad(forward)
-    out["frozen reverse"], out["frozen forward"] = grad(frozen("reverse")), grad(frozen("forward"))
+    """∇_θ of the candidate objectives, by enumeration: the audit's, and the reference's own gradient."""
+    out = audit.exact_targets(audit.Chain(theta_p, theta_q, None, T, eos=True))
     out["reverse − forward"] = out["reverse"] - out["forward"]
-    out["zero"] = torch.zeros_like(out["reverse"])
+    tok = all_sequences(T)
     th = theta_q.clone().requires_grad_()
     lp, lq = seq_logprob(theta_p, tok), seq_logprob(th, tok)
     out["reference: reverse"] = torch.autograd.grad((lp.exp() * (lp - lq)).sum(), th)[0].reshape(-1)
@@ -143,13 +102,8 @@ class Batch:
 
 
 def reward_surrogate(r):
-    """REINFORCE / PPO without clipping: Σ_t ratio_t·G_t, G_t = Σ_{s≥t} r_s from the rollout, ratio_t = P_θ/P_old
-    per token (1 in value on-policy, where its gradient is the score)."""
-    def fn(b: Batch):
-        ratio = torch.exp(b.logp - b.logp_old)
-        G = tr._future(r(b), inclusive=True)
-        return (torch.where(b.mask, ratio, torch.zeros_like(ratio)) * G).sum(-1)
-    return fn
+    """REINFORCE / PPO without clipping on the rollout's per-token rewards r(b) (audit.reward_surrogate)."""
+    return lambda b: audit.reward_surrogate(b, r(b))
 
 
 def rewards_api(estimator):
