@@ -177,7 +177,7 @@ def trl_k3(lp, lq):
 
 
 def verl_forward(lp, lq, kind: str):
-    # verl/trainer/ppo/core_algos.py kl_penalty_forward
+    # verl 0.9.1 verl/trainer/ppo/core_algos.py kl_penalty_forward
     if kind in ("kl", "k1"):
         return lp - lq
     if kind == "abs":
@@ -191,7 +191,7 @@ def verl_forward(lp, lq, kind: str):
 
 
 def verl_kl(lp, lq, kind: str):
-    # verl/trainer/ppo/core_algos.py kl_penalty: "x+" keeps x's value and takes k2's gradient (straight through)
+    # verl 0.9.1 verl/trainer/ppo/core_algos.py kl_penalty: "x+" keeps x's value, takes k2's gradient
     value = verl_forward(lp, lq, kind.rstrip("+"))
     if not kind.endswith("+"):
         return value
@@ -218,7 +218,7 @@ def openrlhf_kl(lp, lq, estimator: str, lp_old=None, unbiased_gradient: bool = F
 
 
 def nemo_kl(lp, lq, weights, kind: str = "k3", input_clamp: float = 20.0, output_clamp: float = 10.0):
-    # nemo_rl/algorithms/utils.py calculate_kl
+    # NeMo-RL (7ea279a) nemo_rl/algorithms/utils.py calculate_kl
     import torch
 
     logr = lq - lp
@@ -237,7 +237,7 @@ def nemo_weights(b: Terms, on_policy_kl_approximation: bool):
 
 
 def slime_kl(lp, lq, kind: str, importance_ratio=None):
-    # slime/utils/ppo_utils.py compute_approx_kl
+    # slime (624b824) slime/utils/ppo_utils.py compute_approx_kl
     f = lp - lq
     kl = f if kind == "k1" else f ** 2 / 2.0 if kind == "k2" else (-f).exp() - 1 + f
     if importance_ratio is not None:

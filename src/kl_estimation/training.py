@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kl_estimation.core import estimators as est
+from kl_estimation.core.diagnostics import kish_ess
 
 
 def _is_torch(x) -> bool:
@@ -395,7 +396,7 @@ def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature:
     outs = _TOKEN_TERMS.apply(logits_p.reshape(-1, V), logits_q.reshape(-1, V), tok, 1.0 / temperature, chunk,
                               _FUSED if compile else None)
     m_flat = m.reshape(-1)
-    if not bool(torch.stack([torch.isfinite(o).all(-1) | ~m_flat for o in outs]).all()):
+    if not bool(torch.stack([torch.isfinite(o) | ~m_flat for o in outs]).all()):
         # NaN or +inf in a logit reaches all three outputs; the vocabulary-wide look happens only then
         _check_finite("logits_p", logits_p, m, allow_neginf=True)
         _check_finite("logits_q", logits_q, m, allow_neginf=True)
@@ -499,8 +500,6 @@ def offpolicy_weights(logp, logp_old, mask=None, *, ratio_clip: float = RATIO_CL
     if old is None:
         raise ValueError("logp_old: needed (the log-probabilities under the policy that drew the sequences)")
     log_r = (lp - old).detach()
-    from kl_estimation.core.diagnostics import kish_ess
-
     seq = log_r.sum(-1).reshape(-1).double().cpu().numpy()
     r = torch.exp(log_r[m]) if bool(m.any()) else torch.ones(1, dtype=log_r.dtype)
     outside = ((r < 1 - ratio_clip) | (r > 1 + ratio_clip)).double().mean()
