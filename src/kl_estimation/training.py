@@ -50,28 +50,31 @@ def _zero_masked(x, mask):
     return np.where(mask, x, 0.0)
 
 
-def _check_finite(name: str, x, mask=None, *, allow_neginf: bool = False):
-    """ValueError naming `name` when x holds NaN or ±inf where `mask` is True (−inf passes with `allow_neginf`: a
-    logit of −inf is a token the model cannot produce)."""
+def _check_finite(name: str, x, mask=None, *, logits: bool = False):
+    """ValueError naming `name` when x holds NaN or ±inf where `mask` is True. For (..., T, V) ``logits`` −inf is
+    allowed (a token the model cannot produce) and each row is checked through its sum, one reduction with no
+    vocabulary-wide temporary: a NaN or +inf anywhere in the row makes the sum NaN or +inf, −inf alone does not."""
     if x is None:
         return
     if _is_torch(x):
         import torch
 
-        bad = torch.isnan(x) | (torch.isposinf(x) if allow_neginf else torch.isinf(x))
-        if mask is not None:  # a (..., T) mask also masks the vocabulary axis of (..., T, V) logits
-            m = torch.as_tensor(mask, device=x.device).bool()
-            bad = bad & m.reshape(tuple(m.shape) + (1,) * (bad.ndim - m.ndim))
+        if logits:
+            x = x.sum(-1, dtype=torch.promote_types(torch.float32, x.dtype))
+        bad = torch.isnan(x) | (torch.isposinf(x) if logits else torch.isinf(x))
+        if mask is not None:
+            bad = bad & torch.as_tensor(mask, device=x.device).bool()
         found = bool(bad.any())
     else:
         a = np.asarray(x, dtype=np.float64)
-        bad = np.isnan(a) | (np.isposinf(a) if allow_neginf else np.isinf(a))
+        if logits:
+            a = a.sum(-1)
+        bad = np.isnan(a) | (np.isposinf(a) if logits else np.isinf(a))
         if mask is not None:
-            m = np.asarray(mask, dtype=bool)
-            bad = bad & m.reshape(m.shape + (1,) * (bad.ndim - m.ndim))
+            bad = bad & np.asarray(mask, dtype=bool)
         found = bool(bad.any())
     if found:
-        what = "NaN or +inf" if allow_neginf else "NaN or infinite"
+        what = "NaN or +inf" if logits else "NaN or infinite"
         where = " at unmasked positions" if mask is not None else ""
         raise ValueError(f"{name}: {what} values{where}")
 
@@ -99,8 +102,8 @@ def exact_token_kl(logits_p, logits_q, mask=None, *, temperature: float = 1.0, c
         raise ValueError(f"chunk_size: must be an integer ≥ 1 (got {chunk_size!r})")
     if tuple(logits_p.shape) != tuple(logits_q.shape):
         raise ValueError(f"logits_q: shape {tuple(logits_q.shape)} differs from logits_p's {tuple(logits_p.shape)}")
-    _check_finite("logits_p", logits_p, mask, allow_neginf=True)
-    _check_finite("logits_q", logits_q, mask, allow_neginf=True)
+    _check_finite("logits_p", logits_p, mask, logits=True)
+    _check_finite("logits_q", logits_q, mask, logits=True)
     if not (_is_torch(logits_p) or _is_torch(logits_q)):
         from scipy.special import log_softmax
 
@@ -395,11 +398,10 @@ def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature:
     chunk = _default_chunk(V) if chunk_size is None else chunk_size
     outs = _TOKEN_TERMS.apply(logits_p.reshape(-1, V), logits_q.reshape(-1, V), tok, 1.0 / temperature, chunk,
                               _FUSED if compile else None)
-    m_flat = m.reshape(-1)
-    if not bool(torch.stack([torch.isfinite(o) | ~m_flat for o in outs]).all()):
-        # NaN or +inf in a logit reaches all three outputs; the vocabulary-wide look happens only then
-        _check_finite("logits_p", logits_p, m, allow_neginf=True)
-        _check_finite("logits_q", logits_q, m, allow_neginf=True)
+    if not bool(torch.stack([torch.isfinite(o) | ~m.reshape(-1) for o in outs]).all()):
+        # NaN or +inf in a row of either logits makes all three outputs of that row NaN: look at the inputs only then
+        _check_finite("logits_p", logits_p, m, logits=True)
+        _check_finite("logits_q", logits_q, m, logits=True)
     return tuple(torch.where(m, o.reshape(lead), torch.zeros((), dtype=o.dtype, device=o.device)) for o in outs)
 
 
