@@ -660,8 +660,8 @@ def kl_rewards(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", l
     K_t is fixed before x_t is drawn, but adds ∇log P(x_t)·K_t noise: six times the variance in the tests' chain.
     Exact for on-policy gradients (PPO's first epoch, ratio 1). Later PPO epochs reuse the rollout's rewards under
     the per-token ratio, as they do for the task reward: an approximation this function does not repair; use
-    ``kl_loss(..., logp_old=...)`` for an unbiased off-policy KL gradient. A discount γ < 1 or a learned critic
-    (GAE λ < 1) bias the KL part as they bias the rest of the return.
+    ``kl_loss(..., logp_old=..., weights="full")`` for an unbiased off-policy KL gradient. A discount γ < 1 or a
+    learned critic (GAE λ < 1) bias the KL part as they bias the rest of the return.
     """
     if estimator not in KL_REWARD_ESTIMATORS:
         raise ValueError(f"estimator: unknown {estimator!r}; allowed: {', '.join(KL_REWARD_ESTIMATORS)}")
