@@ -14,5 +14,5 @@ if __name__ == "__main__":
     temperature = d.temperature
     output_dir = d.output_dir  # None: a new folder under tests2/ for each run
     prompt = d.prompt
-    sys.exit(llm_main(n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature, output_dir=output_dir,
-                      prompt=prompt))
+    sys.exit(llm_main(n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                      output_dir=output_dir, prompt=prompt))
