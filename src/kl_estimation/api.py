@@ -2,7 +2,6 @@
 over the same `run` function."""
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -11,7 +10,6 @@ from kl_estimation.core.results import Row
 from kl_estimation.llm.run.config import LLMConfig
 from kl_estimation.llm.run.runner import load_pair, run_experiment
 from kl_estimation.llm.run.store import check_folder
-
 
 KLRow = Row  # one (proposal, estimator) estimate, typed: core.results.Row (its fields and to_dict are documented there)
 

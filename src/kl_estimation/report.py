@@ -312,9 +312,9 @@ def recommendation_line(rec, scope: str = "", *, max_new_tokens: int | None = No
     shown to the decimals the SE supports; a negative lower bound is shown as 0 and said to be clipped (a KL is ≥ 0)."""
     where = f" {scope}" if scope else ""
     if rec is None:
-        return f"Recommended{where}: none — " + (render(advice) or "every row is flagged (see above); draw more sequences or "
-                                                  "raise the temperature (a proposal whose weights degenerate needs "
-                                                  "P in the run to be judged).")
+        return f"Recommended{where}: none — " + (render(advice) or "every row is flagged (see above); draw more "
+                                                  "sequences or raise the temperature (a proposal whose weights "
+                                                  "degenerate needs P in the run to be judged).")
     unit = unit or rec.get("unit") or "nats/sequence"
     est, se = estimate_text(rec["estimate"], rec["std_error"])
     ci, clipped = _ci_text(rec.get("ci_low"), rec.get("ci_high"), rec["std_error"], clip_zero=True)

@@ -366,7 +366,8 @@ class Row:
     what is wrong with a combined row, in words (the Jeffreys row: a direction without a trusted estimate), and is
     its ``flag``.
 
-    Read access by the saved names also works (``row["estimate"]``, ``row.get("khat")``), as in summary.json."""
+    Read access by the saved names also works, as a read-only mapping (``row["estimate"]``, ``row.get("khat")``,
+    ``dict(row)``), as summary.json holds a row (``flags`` as Flag records, ``reason`` in words)."""
 
     identity: SequenceProposal | None
     estimator: Estimator | str
@@ -403,8 +404,8 @@ class Row:
         note = e.pop("flag", "") if identity is None and not flags else ""
         for k in ("proposal", "proposal_key", "estimator", "flag"):
             e.pop(k, None)
-        args = dict(note=note or "", ci=ci, std_error_population=std_error_population, ci_population=pop, flags=flags, reason=reason,
-                    recommended=bool(fixed.pop("recommended", False)), **fixed)
+        args = {"note": note or "", "ci": ci, "std_error_population": std_error_population, "ci_population": pop,
+                "flags": flags, "reason": reason, "recommended": bool(fixed.pop("recommended", False)), **fixed}
         args.update(kw)
         args.setdefault("details", e)
         return cls(identity, kind(estimator) or estimator, **args)
@@ -501,8 +502,17 @@ class Row:
         except KeyError:
             return default
 
+    def keys(self) -> list[str]:
+        return [*self.to_dict(records=False), "flags", *(("reason",) if self.reason is not None else ())]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
     def __contains__(self, key: str) -> bool:
-        return self.get(key) is not None
+        return key in self.keys()
 
 
 def pool_prompts(estimates, std_errors) -> dict:
