@@ -502,6 +502,10 @@ class Row:
         except KeyError:
             return default
 
+    def __repr__(self) -> str:
+        return (f"Row(proposal={self.proposal!r}, estimator={str(self.estimator)!r}, estimate={self.estimate!r}, "
+                f"std_error={self.std_error!r}, ci={self.ci!r}, flag={self.flag!r}, direction={self.direction!r})")
+
     def keys(self) -> list[str]:
         return [*self.to_dict(records=False), "flags", *(("reason",) if self.reason is not None else ())]
 
