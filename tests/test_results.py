@@ -68,18 +68,17 @@ def test_pool_prompts_is_the_mean_with_its_two_standard_errors():
 
 def _entry(est, se, n, n_distinct, modal):
     informative = n_distinct >= 10 and (1 - modal) * n >= 10
-    return dict(estimate=est, std_error=se, variance=se * se * n, ess=0.9 * n, max_weight=2.0, khat=math.nan,
-                ci_low=est - 1.96 * se, ci_high=est + 1.96 * se, n=n, prefix_weight_mean=1.0, prefix_weight_z=0.0,
-                q_over_r_mean=1.0, q_over_r_z=0.0, n_distinct=n_distinct, modal_share=modal, top_weight_share=0.2,
-                se_informative=informative)
+    return {"estimate": est, "std_error": se, "variance": se * se * n, "ess": 0.9 * n, "max_weight": 2.0,
+            "khat": math.nan, "ci_low": est - 1.96 * se, "ci_high": est + 1.96 * se, "n": n, "prefix_weight_mean": 1.0,
+            "prefix_weight_z": 0.0, "q_over_r_mean": 1.0, "q_over_r_z": 0.0, "n_distinct": n_distinct,
+            "modal_share": modal, "top_weight_share": 0.2, "se_informative": informative}
 
 
 def _docs(n, n_distinct, modal):
-    p = dict(proposal="P", estimates={k: _entry(0.8, 0.3, n, n_distinct, modal) for k in ("MC", "RB", "RB+CV",
-                                                                                          "k3")})
+    p = {"proposal": "P", "estimates": {k: _entry(0.8, 0.3, n, n_distinct, modal) for k in ("MC", "RB", "RB+CV", "k3")}}
     # an IS row with a tiny SE: the UNCONFIRMED rule asks for thousands of sequences to confirm it
-    q = dict(proposal="Adaptive", estimates={k: _entry(0.6, 0.006, n, n, 1 / n) for k in ("IS", "SNIS", "RB-IS",
-                                                                                          "RB-IS+CV", "k3-IS")})
+    q = {"proposal": "Adaptive",
+         "estimates": {k: _entry(0.6, 0.006, n, n, 1 / n) for k in ("IS", "SNIS", "RB-IS", "RB-IS+CV", "k3-IS")}}
     return [p, q]
 
 

@@ -474,10 +474,12 @@ class Row:
             d["std_error_population"] = self.std_error_population
         if self.ci_population is not None:
             d["ci_population_low"], d["ci_population_high"] = self.ci_population
-        d.update(self.details)
-        d["ci_low"], d["ci_high"] = self.ci
-        if self.n is not None:
-            d["n"] = self.n
+        ci_n = {"ci_low": self.ci[0], "ci_high": self.ci[1], **({} if self.n is None else {"n": self.n})}
+        for k, v in self.details.items():  # the saved layout: the interval and n follow k̂ (else the diagnostics)
+            d[k] = v
+            if k == "khat":
+                d.update(ci_n)
+        d.update(ci_n)
         if records:
             d["flags"] = [f.to_dict(self.direction) for f in self.flags]
         d["flag"] = self.flag

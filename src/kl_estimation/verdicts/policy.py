@@ -54,7 +54,7 @@ from dataclasses import replace
 
 from kl_estimation.core.diagnostics import MIN_OTHER_DRAWS
 from kl_estimation.core.kinds import Estimator, kind
-from kl_estimation.core.proposals import FORWARD, P_KEY, P_NAME, sequence_proposal
+from kl_estimation.core.proposals import FORWARD, P_KEY, sequence_proposal
 from kl_estimation.core.results import (
     CONTRADICTED,
     DISAGREES,
@@ -243,13 +243,6 @@ def check_confirmable(rows: list[_Judged], ref) -> None:
                             if res and r.std_error > 0 and n else None) if x]
         r.flags.append(Flag(Code.UNCONFIRMED, {"resolution": res, "std_error": r.std_error, "ratio": CONFIRM_RATIO,
                                                "needed_n": max(need) if need else None}))
-
-
-def is_p_row(r) -> bool:
-    """A row of plain Monte Carlo from the sampling model (a Row, or a saved row's dict)."""
-    if isinstance(r, dict):
-        return r.get("proposal_key", P_KEY if r["proposal"] == P_NAME else None) == P_KEY
-    return r.is_p
 
 
 def reference(rows):
