@@ -96,3 +96,18 @@ def test_advice_comes_from_the_actual_reason():
     cold = verdicts.judge(_docs(64, 3, 0.97))  # P's draws almost all one sequence
     assert cold["advice"].data["why"] == "one_sequence" and "almost all one sequence" in str(cold["advice"])
     assert cold["advice"].data["needed_n"] >= 500
+
+
+def test_an_old_summary_still_renders_for_figures():
+    from types import SimpleNamespace
+
+    from kl_estimation.figures.llm import recommendation_text
+
+    old_rec = {"proposal": "P", "proposal_key": "p", "estimator": "RB+CV", "estimate": 0.7, "std_error": 0.05,
+               "ci_low": 0.6, "ci_high": 0.8, "n": 400, "reason": "RB+CV (cross-fitted β) is the default",
+               "recommended": True, "unit": "nats/sequence", "max_new_tokens": 20, "eos": True}
+    old_row = dict(old_rec, flags=[{"code": "SELF_NORMALIZED", "message": "self-normalised: biased at O(1/n)"}],
+                   flag="SELF_NORMALIZED", recommended=False)
+    text = recommendation_text(SimpleNamespace(summary={"rows": [old_row], "recommended": old_rec, "per_prompt": []}))
+    assert text.startswith("Recommended: P · RB+CV = 0.70 nats/sequence (SE 0.05") and "is the default" in text
+    assert verdicts.from_records([old_row])[0].messages == ["SELF_NORMALIZED: self-normalised: biased at O(1/n)"]

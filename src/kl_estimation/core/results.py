@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import Enum
 
 import numpy as np
@@ -488,15 +489,16 @@ class Row:
             d["reason"] = render(self.reason, self.direction)
         return d
 
+    @cached_property
+    def _flat(self) -> dict:
+        return self.to_dict(records=False)
+
     def __getitem__(self, key: str):
         if key == "flags":
             return list(self.flags)
-        if key == "reason":
-            return None if self.reason is None else render(self.reason, self.direction)
-        d = self.to_dict(records=False)
-        if key in d:
-            return d[key]
-        raise KeyError(key)
+        if key == "reason" and self.reason is not None:
+            return render(self.reason, self.direction)
+        return self._flat[key]
 
     def get(self, key: str, default=None):
         try:
@@ -509,7 +511,7 @@ class Row:
                 f"std_error={self.std_error!r}, ci={self.ci!r}, flag={self.flag!r}, direction={self.direction!r})")
 
     def keys(self) -> list[str]:
-        return [*self.to_dict(records=False), "flags", *(("reason",) if self.reason is not None else ())]
+        return [*self._flat, "flags", *(("reason",) if self.reason is not None else ())]
 
     def __iter__(self):
         return iter(self.keys())
