@@ -4,7 +4,8 @@ Three small runs — the synthetic single-token run, the toy Markov ``--sequence
 directions over a 2-prompt set — are written to a folder; every number, every ``flag`` string and every flag code in
 their saved files (results.json / summary.json / summary.csv) is compared with tests/golden/<name>.json, bit for bit.
 Words (flag messages, reasons, advice) are left out: their wording may change where rendering must.
-Regenerate deliberately with ``GOLDEN_UPDATE=1 pytest tests/test_golden.py``.
+Regenerate deliberately with ``GOLDEN_UPDATE=1 pytest tests/test_golden.py`` (the sequence and n = 60 cases are
+marked slow: CI runs them).
 """
 import csv
 import json
@@ -82,6 +83,7 @@ def test_synthetic_run_numbers_unchanged(tmp_path, capsys):
     check("synthetic", folder_numbers(out))
 
 
+@pytest.mark.slow  # 2 s: the fast suite keeps the synthetic and the n = 8 LLM cases
 def test_sequence_run_numbers_unchanged(tmp_path, capsys):
     out = tmp_path / "seq"
     assert synthetic_main(["--sequence", "--n-samples", "60", "--n-repeats", "2", "--families", "zipf",
@@ -90,7 +92,7 @@ def test_sequence_run_numbers_unchanged(tmp_path, capsys):
     check("sequence", folder_numbers(out))
 
 
-@pytest.mark.parametrize("n", [8, 60])
+@pytest.mark.parametrize("n", [8, pytest.param(60, marks=pytest.mark.slow)])
 def test_llm_run_of_both_directions_numbers_unchanged(tmp_path, capsys, n):
     """n = 8: the few-sequences case of issue 22 (nothing recommended, advice); n = 60: recommendations, Jeffreys."""
     paths = save_pair(tmp_path / "pair", seed=5)
