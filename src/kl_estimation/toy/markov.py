@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kl_estimation.core.exact import kl_rows
+from kl_estimation.core.kinds import Estimator as E
 from kl_estimation.core.proposals import log_ratio
 from kl_estimation.core.streams import named_stream
 from kl_estimation.core.validation import check_int, check_sizes
@@ -293,10 +294,10 @@ def sequence_proposals(alpha_values) -> list:
 def _exact_for(tables: MarkovTables, prop) -> dict[str, tuple[float, float] | None]:
     """{estimator: (exact mean, exact per-sequence variance)}; None where no DP exists (prefix-aware)."""
     if prop.prefix_aware:
-        return {"IS": None, "SNIS": None, "RB-IS": None}
+        return {E.IS: None, E.SNIS: None, E.RB_IS: None}
     ex = exact_values(tables, proposal_table(tables, prop.base))
-    return {"IS": (ex.is_mean, ex.is_variance), "SNIS": (ex.snis_mean, ex.snis_variance),
-            "RB-IS": (ex.rbis_mean, ex.rbis_variance)}
+    return {E.IS: (ex.is_mean, ex.is_variance), E.SNIS: (ex.snis_mean, ex.snis_variance),
+            E.RB_IS: (ex.rbis_mean, ex.rbis_variance)}
 
 
 def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
@@ -337,11 +338,11 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
                     max_weight=e["max_weight"])
 
     p_prop = sequence_proposal("P")
-    est_p = draw(p_prop, exact_known=("MC", "RB", "RB+CV"))
+    est_p = draw(p_prop, exact_known=(E.MC, E.RB, E.RB_CV))
     entries = []
     for sampler in cfg.extra_samplers:  # one randomization per repeat: variances and SEs over repeats only
         reps = sampler_repeats(tables, sampler, n, R, cfg.seed, control_variate=True)
-        for est_name, group in (("MC", "Naive MC"), ("RB", "Rao-Blackwell"), ("RB+CV", "Rao-Blackwell")):
+        for est_name, group in ((E.MC, "Naive MC"), (E.RB, "Rao-Blackwell"), (E.RB_CV, "Rao-Blackwell")):
             e = reps[est_name]
             sd = float(e.std(ddof=1))
             entries.append(dict(name=f"{est_name} [{sampler}]", family=group, estimator=est_name, proposal="P",
@@ -352,10 +353,10 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
         if progress:
             progress()
     entries[:0] = [
-        entry("MC", "Naive MC", est_p["MC"], (kl, var_mc), False, p_prop, "MC"),
-        entry("RB", "Rao-Blackwell", est_p["RB"], (ex_p.rbis_mean, var_rb), False, p_prop, "RB"),
-        entry("RB+CV (cross-fitted β)", "Rao-Blackwell", est_p["RB+CV"],
-              (kl, var_rb - cov_ad ** 2 / var_d if var_d > 0 else var_rb), False, p_prop, "RB+CV"),
+        entry("MC", "Naive MC", est_p[E.MC], (kl, var_mc), False, p_prop, E.MC),
+        entry("RB", "Rao-Blackwell", est_p[E.RB], (ex_p.rbis_mean, var_rb), False, p_prop, E.RB),
+        entry("RB+CV (cross-fitted β)", "Rao-Blackwell", est_p[E.RB_CV],
+              (kl, var_rb - cov_ad ** 2 / var_d if var_d > 0 else var_rb), False, p_prop, E.RB_CV),
     ]
     if progress:
         progress()
@@ -363,7 +364,7 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
         exact = _exact_for(tables, prop)
         e = draw(prop, exact_known=tuple(k for k, v in exact.items() if v is not None))
         group = prop.base.family
-        for est_name in ("IS", "SNIS", "RB-IS"):
+        for est_name in (E.IS, E.SNIS, E.RB_IS):
             entries.append(entry(f"{est_name} · {prop.name}", group, e[est_name], exact[est_name], True, prop,
                                  est_name))
         if progress:
