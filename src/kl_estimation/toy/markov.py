@@ -420,7 +420,7 @@ def sampler_rb_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int,
     lp, lq = torch.as_tensor(tables.log_p), torch.as_tensor(tables.log_q)
     kl = kl_rows(lp, lq)  # (T, S)
     per = max(1, max_rows // n)
-    out = {"MC": [], "RB": []}
+    out = {E.MC: [], E.RB: []}
     for start in range(0, repeats, per):
         reps = range(start, min(repeats, start + per))
         streams = [(unit_generator(seed, f"{tables.family}/{tables.divergence}/{sampler}/{n}", r, "cpu"), n)
@@ -436,8 +436,8 @@ def sampler_rb_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int,
             mc += torch.where(alive, lp[t, s, x] - lq[t, s, x], 0.0)
             alive &= x != EOS
             s = torch.as_tensor(tables.next_state(s, x))
-        out["MC"].append(mc.numpy().reshape(len(reps), n).mean(-1))
-        out["RB"].append(rb.numpy().reshape(len(reps), n).mean(-1))
+        out[E.MC].append(mc.numpy().reshape(len(reps), n).mean(-1))
+        out[E.RB].append(rb.numpy().reshape(len(reps), n).mean(-1))
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -455,7 +455,7 @@ def sampler_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int, se
     pair, prop = MarkovPair(tables), sequence_proposal("P")
     T = tables.shape[0]
     per = repeats if control_variate else max(1, max_rows // n)
-    out = {"MC": [], "RB": [], "RB+CV": []}
+    out = {E.MC: [], E.RB: [], E.RB_CV: []}
     for start in range(0, repeats, per):
         reps = range(start, min(repeats, start + per))
         streams = [(unit_generator(seed, f"{tables.family}/{tables.divergence}/{sampler}/{n}", r, "cpu"), n)
@@ -463,9 +463,9 @@ def sampler_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int, se
         b = sample_batch(pair, prop, n * len(reps), T, streams, sampler=sampler)
         f_step = np.where(b.mask, b.log_p - b.log_q, 0.0)
         zero = np.zeros_like(b.log_p)
-        out["MC"].append(f_step.sum(-1).reshape(len(reps), n).mean(-1))
-        out["RB"].append(rao_blackwell_is_terms(b.kl_step, zero, b.mask).reshape(len(reps), n).mean(-1))
+        out[E.MC].append(f_step.sum(-1).reshape(len(reps), n).mean(-1))
+        out[E.RB].append(rao_blackwell_is_terms(b.kl_step, zero, b.mask).reshape(len(reps), n).mean(-1))
         if control_variate:
             cv = rb_control_variate_terms(b.kl_step, f_step, zero, b.mask, fold=np.repeat(np.arange(len(reps)) % 2, n))
-            out["RB+CV"].append(cv.reshape(len(reps), n).mean(-1))
+            out[E.RB_CV].append(cv.reshape(len(reps), n).mean(-1))
     return {k: np.concatenate(v) for k, v in out.items() if v}

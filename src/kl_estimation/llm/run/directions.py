@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 from kl_estimation.core.estimators import Z95, t95
+from kl_estimation.core.kinds import Estimator
 from kl_estimation.core.proposals import FORWARD, P_KEY, REVERSE, SAMPLED_FROM, TARGET, proposal_label
 from kl_estimation.core.results import Row, pool_prompts
 
@@ -57,7 +58,7 @@ def _sides(rows: dict, recommended: dict) -> tuple[dict, list[str]]:
             chosen[d] = recommended[d]
             continue
         other = recommended[REVERSE if d == FORWARD else FORWARD]
-        key = _key(other) if other is not None else (P_KEY, "RB+CV")
+        key = _key(other) if other is not None else (P_KEY, str(Estimator.RB_CV))
         stand_in = _find(rows[d], key)
         chosen[d] = stand_in
         what = f"{d} {TARGET[d]} has no trusted estimate"
