@@ -54,6 +54,14 @@ def test_rows_round_trip_through_summary_json_and_old_records_still_load(tmp_pat
     assert back.flag == "KHAT" and back.messages == ["KHAT: k̂ 0.90 > 0.7: weights too heavy-tailed to trust"]
     assert back.direction == "forward" and back.proposal == "Geometric (β=0.5)"
     assert Row.from_dict(dict(saved, proposal="Q", proposal_key="p")).is_p  # an old reverse P row, named Q
+    # NaN and ±inf are saved as None (strict JSON): the words still render (a mean read back as NaN)
+    inf = [Flag(Code.INCONSISTENT, {"test": "disagrees", "against": AGAINST, "z": math.inf}),
+           Flag(Code.WEIGHT_IDENTITY, {"mean": math.nan, "z": -math.inf}),
+           Flag(Code.SAMPLE_VAR_COLLAPSE, {"ratio": math.inf}),
+           Flag(Code.K3_IDENTITY, {"mean": math.nan, "z": math.inf})]
+    runio.write_json(tmp_path / "f.json", inf)
+    back = [Flag.from_dict(f) for f in json.loads((tmp_path / "f.json").read_text())]
+    assert [render(f) for f in back] == [render(f) for f in inf]
 
 
 def test_pool_prompts_is_the_mean_with_its_two_standard_errors():

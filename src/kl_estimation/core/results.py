@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from enum import Enum
+from functools import cached_property
 
 import numpy as np
 
@@ -173,8 +173,14 @@ def identity(row) -> dict:
             "std_error": row.std_error}
 
 
+def _num(x, missing: float = math.nan) -> float:
+    """A number of a flag's data; None where JSON held NaN or ±inf (strict JSON has neither) reads as `missing`."""
+    return missing if x is None else x
+
+
 def _not_one(m: float) -> str:
     """A sample mean that must be 1, with enough digits that a mean ≠ 1 never prints as '1'."""
+    m = _num(m)
     for digits in range(3, 16):
         text = f"{m:.{digits}g}"
         if float(text) != 1.0 or m == 1.0:
@@ -187,6 +193,7 @@ def _finite(x) -> bool:
 
 
 def _sizes(z: float) -> str:
+    z = _num(z, math.inf)  # saved as None: a gap over two zero SEs
     return f"{z:.1f}" if z < 1000 else "more than 1000"
 
 
@@ -233,7 +240,7 @@ def _flag_text(f: Flag, direction: str) -> str:
         return (f"control variate fitted on {d['n']} < {d['needed_n']} sequences: its cross-fitted β is noisy, so its "
                 f"variance can exceed both MC's and RB's and its SE is too small")
     if c is Code.WEIGHT_IDENTITY:
-        m, z = d["mean"], d["z"]
+        m, z = _num(d["mean"]), d["z"]
         if _finite(z) and abs(z) > IDENTITY_Z:
             why = f"{z:+.1f} SE from 1"
         elif _finite(m) and m < IDENTITY_FLOOR:
@@ -277,7 +284,8 @@ def _flag_text(f: Flag, direction: str) -> str:
         return f"biased: exact mean {d['exact_mean']:.4g} vs KL {d['kl']:.4g}"
     if c is Code.EXACT_VAR_OVERFLOW:
         return "exact variance beyond float64 (> 1e308): weights degenerate"
-    return f"degenerate weights: sample variance {d['ratio']:.2g}× below exact (rare large weights never drawn)"
+    return (f"degenerate weights: sample variance {_num(d['ratio'], math.inf):.2g}× below exact (rare large weights "
+            f"never drawn)")
 
 
 def _list(ps) -> str:
