@@ -375,7 +375,7 @@ def _run_llm(cfg, plots: bool = True) -> int:
     directions = cfg.directions
     for i, d in enumerate(directions):  # one table per direction, each ranked and judged on its own
         print(("\n" if i else "") + report.llm_table(
-            [r.to_dict() for r in result.rows_for(d)],
+            result.rows_for(d),
             f"{direction_title(d)}, {cfg.n_samples} sequences × {len(cfg.proposals)} proposals"
             f"{f' × {len(cfg.prompt_set)} prompts' if len(cfg.prompt_set) > 1 else ''}, "
             f"T={cfg.max_new_tokens}, temperature {cfg.temperature}"))
@@ -395,10 +395,7 @@ def _run_llm(cfg, plots: bool = True) -> int:
         print(f"\nfigures: {plots_llm.draw_all(cfg.output_dir)}")
     print(f"output folder: {cfg.output_dir}")
     for d in directions:  # what to report, per direction: one block (a line per prompt, one overall line)
-        view = dict(per_prompt=[dict(p, recommended=p["recommended_by_direction"][d],
-                                     advice=p["advice_by_direction"].get(d)) for p in result.per_prompt],
-                    recommended=result.recommended_by_direction[d], advice=result.advice_by_direction.get(d))
-        print(report.recommendation_block(view, max_new_tokens=cfg.max_new_tokens,
+        print(report.recommendation_block(result.view(d), max_new_tokens=cfg.max_new_tokens,
                                           scope=recommendation_scope(d, len(directions))))
     if result.jeffreys is not None:  # both directions: their sum last
         for p in result.per_prompt:

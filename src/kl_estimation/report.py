@@ -7,6 +7,8 @@ import shutil
 import textwrap
 from collections import defaultdict
 
+from kl_estimation.core.results import as_flags, render
+
 WIDTH = 120
 NAME_W = 30
 
@@ -80,7 +82,7 @@ def pair_report(pair: dict, n_samples: int, n_repeats: int) -> str:
         lines += ["", "! flagged — ranked after every unflagged method (codes; the first flag's message; every message "
                       "is in results.json):"]
         for m in flagged:  # one line per method: a toy pair's rows can carry several sample flags each
-            fs = _flag_records(m)
+            fs = as_flags(m["flags"])
             text = f"  {m['name']} — {codes(fs)}: {fs[0].message}"
             lines.append(text if len(text) <= WIDTH else text[: WIDTH - 1] + "…")
     lines += ["", _top5(pair)]
@@ -192,27 +194,10 @@ def _ci_text(lo, hi, se, clip_zero: bool = False) -> tuple[str, bool]:
     return f"[{fixed(0.0 if clipped else lo, d)}, {fixed(hi, d)}]", clipped
 
 
-def _get(r, key, default=None):
-    return r.get(key, default) if isinstance(r, dict) else getattr(r, key, default)
-
-
-def _row_dict(r) -> dict:
-    """A row as a dict: verdict rows are dicts already; api.KLRow gives its flat dict with its flag records."""
-    return r if isinstance(r, dict) else r.to_dict()
-
-
 def codes(flags) -> str:
     from kl_estimation.verdicts import codes as _codes
 
     return _codes(flags).replace(",", ", ")
-
-
-def _flag_records(r: dict) -> list:
-    from kl_estimation.verdicts import as_flags
-
-    if r.get("flags"):
-        return as_flags(r["flags"])
-    return []
 
 
 def ess_pct(r: dict):
@@ -224,7 +209,7 @@ def ess_pct(r: dict):
 
 
 def llm_table(rows: list, title: str, columns: int | None = None) -> str:
-    """Ranked (proposal, estimator) rows of an LLM run (verdicts.judge; dicts or api.KLRow): trusted rows first by
+    """Ranked (proposal, estimator) Rows of an LLM run (core.results.Row): trusted rows first by
     standard error, then the flagged ones (!, with their codes) and, below, what went wrong in words.
 
     Fits `columns` (default: the terminal's width, at least 80): columns are dropped (k̂, var/seq, ESS, then the
@@ -232,7 +217,6 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
     their SE supports (se_decimals); an SE that is not informative shows as 'n/i', never as a zero-width interval;
     ESS is a percentage of the sequences drawn; * marks the recommended row."""
     W = width(columns)
-    rows = [_row_dict(r) for r in rows]
     cells = []
     for i, r in enumerate(rows, 1):
         informative = r.get("se_informative", True) and r.get("ci_low") == r.get("ci_low") \
@@ -296,8 +280,8 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
         lines += ["", "! flagged rows (ranked last):"]
         by_reason: dict = {}
         for r in flagged:  # one line per (proposal, code, message), naming the estimators it applies to
-            for f in _flag_records(r) or [None]:
-                key = (r["proposal"], f.code.value if f else r["flag"], f.message if f else "")
+            for f in r.flags or [None]:  # the message in the row's own direction's names
+                key = (r.proposal, f.code.value if f else r.flag, render(f, r.direction) if f else "")
                 by_reason.setdefault(key, []).append(r["estimator"])
         for (p, code, message), ests in by_reason.items():
             lines.append(_wrap(f"{p} · {'/'.join(ests)} — {code}{': ' + message if message else ''}", W, "  ",
@@ -319,7 +303,7 @@ def _horizon(rec: dict, max_new_tokens=None) -> str:
 
 def recommendation_line(rec, scope: str = "", *, max_new_tokens: int | None = None, unit: str | None = None,
                         advice: str | None = None) -> str:
-    """The one line that says which estimate to report (verdicts.recommend; a dict or an api.KLRow), in its unit,
+    """The one line that says which estimate to report (verdicts.recommend: a Row), in its unit,
     or that none can be (with `advice`: what to change).
 
     ``Recommended: P · RB+CV = 10.70 nats/sequence (SE 0.08, 95% CI [10.55, 10.86]; a sequence is up to 20 new
@@ -328,10 +312,9 @@ def recommendation_line(rec, scope: str = "", *, max_new_tokens: int | None = No
     shown to the decimals the SE supports; a negative lower bound is shown as 0 and said to be clipped (a KL is ≥ 0)."""
     where = f" {scope}" if scope else ""
     if rec is None:
-        return f"Recommended{where}: none — " + (advice or "every row is flagged (see above); draw more sequences or "
-                                                  "raise the temperature (a proposal whose weights degenerate needs "
-                                                  "P in the run to be judged).")
-    rec = _row_dict(rec) if not isinstance(rec, dict) else rec
+        return f"Recommended{where}: none — " + (render(advice) or "every row is flagged (see above); draw more "
+                                                  "sequences or raise the temperature (a proposal whose weights "
+                                                  "degenerate needs P in the run to be judged).")
     unit = unit or rec.get("unit") or "nats/sequence"
     est, se = estimate_text(rec["estimate"], rec["std_error"])
     ci, clipped = _ci_text(rec.get("ci_low"), rec.get("ci_high"), rec["std_error"], clip_zero=True)
@@ -360,7 +343,8 @@ def jeffreys_line(j: dict, scope: str = "") -> str:
 
 def recommendation_block(result, max_new_tokens: int | None = None, columns: int | None = None,
                          scope: str = "") -> str:
-    """What to report from a run (verdicts.judge's output, or an api.KLResult), as the console's last lines.
+    """What to report from a run, as the console's last lines: `result` is one direction's verdict (verdicts.judge's
+    output, api.KLResult.view(direction), or a saved summary read back with its Rows: figures.llm).
 
     One prompt: recommendation_line. A prompt set: one short line per prompt (no repeated justification), then one
     overall line giving both intervals and when to use which — the fixed-set interval (within-prompt noise only:
@@ -368,15 +352,14 @@ def recommendation_block(result, max_new_tokens: int | None = None, columns: int
     between-prompt spread included, Student t on m − 1 degrees of freedom) — and the reason once. A negative lower
     bound is clipped at 0 (a KL is ≥ 0) and the line says so; the stored intervals are not changed."""
     W = width(columns)
-    per_prompt = _get(result, "per_prompt") or []
-    rec = _get(result, "recommended")
-    rec = None if rec is None else _row_dict(rec)
-    advice = _get(result, "advice")
+    per_prompt = result.get("per_prompt") or []
+    rec = result.get("recommended")
+    advice = result.get("advice")
     if not per_prompt:
         return _wrap(recommendation_line(rec, scope, max_new_tokens=max_new_tokens, advice=advice), W, "", "  ")
     m = len(per_prompt)
-    unit = (rec or {}).get("unit") or (_get(result, "unit") or {}).get("unit") or "nats/sequence"
-    head = rec if rec is not None else (_get(result, "unit") or {})
+    unit = (rec or {}).get("unit") or (result.get("unit") or {}).get("unit") or "nats/sequence"
+    head = rec if rec is not None else (result.get("unit") or {})
     where = f" {scope}" if scope else ""
     lines = [f"Recommended{where} per prompt ({unit}{_horizon(head, max_new_tokens)}):"]
     for p in per_prompt:
@@ -384,9 +367,9 @@ def recommendation_block(result, max_new_tokens: int | None = None, columns: int
         text = (p.get("text") or "").replace("\n", " ")
         label = f"  prompt {p['prompt']}" + (f" ({text[:24]}{'…' if len(text) > 24 else ''})" if text else "")
         if r is None:
-            lines.append(_wrap(f"{label}: none — {p.get('advice') or 'every row is flagged'}", W, "", "      "))
+            lines.append(_wrap(f"{label}: none — {render(p.get('advice')) or 'every row is flagged'}", W, "",
+                               "      "))
             continue
-        r = _row_dict(r)
         est, se = estimate_text(r["estimate"], r["std_error"])
         ci, clipped = _ci_text(r.get("ci_low"), r.get("ci_high"), r["std_error"], clip_zero=True)
         lines.append(_wrap(f"{label}: {r['proposal']} · {r['estimator']} = {est} (SE {se}, 95% CI {ci}"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import softmax
 
+from kl_estimation.core.kinds import Estimator
 from kl_estimation.core.xp import array_namespace
 
 
@@ -240,7 +241,7 @@ def sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool) 
     n_distinct, modal = distinct_draws(ident)
     n = log_w.shape[-1]
     informative = ((1 - modal) * n >= MIN_OTHER_DRAWS) & (n_distinct >= MIN_DISTINCT)
-    names = ("MC", "SNIS", "RB", "RB+CV", "k3") if proposal_is_p else ("IS", "SNIS", "RB-IS", "RB-IS+CV", "k3-IS")
+    names = estimator_names(proposal_is_p)
     results = {
         names[0]: mean_estimate(importance_sampling_terms(f, log_w)),
         names[1]: self_normalized_is(f, log_w),
@@ -261,6 +262,12 @@ def sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool) 
                        ess=out(ess), max_weight=out(max_w), khat=out(khat), ci_low=out(e.estimate - half * e.std_error),
                        ci_high=out(e.estimate + half * e.std_error), n=e.n, **diag)
             for name, e in results.items()}
+
+
+def estimator_names(proposal_is_p: bool) -> tuple[Estimator, ...]:
+    """The estimators of one sample, in output order: MC, SNIS, RB, RB+CV, k3 from P; their weighted forms else."""
+    E = Estimator
+    return (E.MC, E.SNIS, E.RB, E.RB_CV, E.K3) if proposal_is_p else (E.IS, E.SNIS, E.RB_IS, E.RB_IS_CV, E.K3_IS)
 
 
 SE_FROM_RANDOMIZATIONS = ("spread of the estimates over {r} independent randomizations (units; cluster-robust, "
@@ -286,7 +293,7 @@ def randomization_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: b
     f_step = np.where(mask, np.asarray(log_p) - np.asarray(log_q), 0.0)
     lw_step = np.where(mask, np.asarray(log_p) - np.asarray(log_r), 0.0)
     log_w, f = lw_step.sum(-1), f_step.sum(-1)
-    names = ("MC", "SNIS", "RB", "RB+CV", "k3") if proposal_is_p else ("IS", "SNIS", "RB-IS", "RB-IS+CV", "k3-IS")
+    names = estimator_names(proposal_is_p)
     w = np.exp(log_w)
     terms = {names[0]: importance_sampling_terms(f, log_w),
              names[2]: rao_blackwell_is_terms(kl_step, lw_step, mask),

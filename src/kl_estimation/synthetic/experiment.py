@@ -20,6 +20,7 @@ import numpy as np
 
 from kl_estimation.core import estimators as est
 from kl_estimation.core.diagnostics import kish_ess, pareto_khat
+from kl_estimation.core.kinds import Estimator
 from kl_estimation.core.proposals import (
     DEFAULT_ALPHA_VALUES,
     build_proposals,
@@ -120,6 +121,7 @@ class Method:
 
     name: str
     group: str  # colour family in figures: "Naive MC", "Rao-Blackwell", "Schulman", or the proposal family
+    estimator: Estimator
     log_r: np.ndarray
     g: np.ndarray
     log_w: np.ndarray
@@ -138,9 +140,9 @@ def methods_for(P: np.ndarray, Q: np.ndarray, alpha_values=DEFAULT_ALPHA_VALUES,
     f = log_ratio(log_p, log_q)
     zeros = np.zeros_like(P)
     out = [
-        Method("Naive MC (k1)", "Naive MC", log_p, f, zeros, "P"),
-        Method("Schulman k2 (biased)", "Schulman", log_p, est.k2_terms(f), zeros, "P"),
-        Method("Schulman k3", "Schulman", log_p, est.k3_terms(f), zeros, "P"),
+        Method("Naive MC (k1)", "Naive MC", Estimator.MC, log_p, f, zeros, "P"),
+        Method("Schulman k2 (biased)", "Schulman", Estimator.K2, log_p, est.k2_terms(f), zeros, "P"),
+        Method("Schulman k3", "Schulman", Estimator.K3, log_p, est.k3_terms(f), zeros, "P"),
     ]
     if rb_top_k > 0:
         head = np.argsort(-P, kind="stable")[:rb_top_k]
@@ -149,13 +151,13 @@ def methods_for(P: np.ndarray, Q: np.ndarray, alpha_values=DEFAULT_ALPHA_VALUES,
         head_kl = float(np.sum(P[head] * f[head]))
         tail_mass = float(P[~in_head].sum())
         log_tail = np.where(in_head, -np.inf, log_p - np.log(tail_mass))
-        out.append(Method(f"Rao-Blackwell (top-{rb_top_k})", "Rao-Blackwell", log_tail,
+        out.append(Method(f"Rao-Blackwell (top-{rb_top_k})", "Rao-Blackwell", Estimator.RB, log_tail,
                           est.rao_blackwell_terms(head_kl, tail_mass, f), zeros, "RB"))
     for prop in build_proposals(alpha_values):
         log_r = prop(log_p, log_q)
         with np.errstate(invalid="ignore"):
             log_w = np.where(np.isneginf(log_r), -np.inf, log_p - log_r)
-        out.append(Method(prop.name, prop.family, log_r, est.importance_sampling_terms(f, log_w), log_w,
+        out.append(Method(prop.name, prop.family, Estimator.IS, log_r, est.importance_sampling_terms(f, log_w), log_w,
                           prop.key, is_weighted=True))  # draws named by the stable key, not the label
     return out
 
@@ -189,7 +191,7 @@ def evaluate_method(m: Method, idx: np.ndarray) -> dict:
         khat = pareto_khat(lw)
     else:
         ess, max_w, khat = np.full(idx.shape[0], 100.0), np.ones(idx.shape[0]), np.full(idx.shape[0], np.nan)
-    return dict(name=m.name, family=m.group, exact_mean=exact_mean, exact_variance=exact_var,
+    return dict(name=m.name, family=m.group, estimator=m.estimator, exact_mean=exact_mean, exact_variance=exact_var,
                 estimates=e.estimate.tolist(), sample_variances=e.variance.tolist(), std_errors=e.std_error.tolist(),
                 ess_pct=_finite_or_none(ess), max_weight=_finite_or_none(max_w), khat=_finite_or_none(khat))
 

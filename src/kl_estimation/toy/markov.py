@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kl_estimation.core.exact import kl_rows
+from kl_estimation.core.kinds import Estimator as E
 from kl_estimation.core.proposals import log_ratio
 from kl_estimation.core.streams import named_stream
 from kl_estimation.core.validation import check_int, check_sizes
@@ -301,10 +302,10 @@ def sequence_proposals(alpha_values) -> list:
 def _exact_for(tables: MarkovTables, prop) -> dict[str, tuple[float, float] | None]:
     """{estimator: (exact mean, exact per-sequence variance)}; None where no DP exists (prefix-aware)."""
     if prop.prefix_aware:
-        return {"IS": None, "SNIS": None, "RB-IS": None}
+        return {E.IS: None, E.SNIS: None, E.RB_IS: None}
     ex = exact_values(tables, proposal_table(tables, prop.base))
-    return {"IS": (ex.is_mean, ex.is_variance), "SNIS": (ex.snis_mean, ex.snis_variance),
-            "RB-IS": (ex.rbis_mean, ex.rbis_variance)}
+    return {E.IS: (ex.is_mean, ex.is_variance), E.SNIS: (ex.snis_mean, ex.snis_variance),
+            E.RB_IS: (ex.rbis_mean, ex.rbis_variance)}
 
 
 def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
@@ -345,11 +346,11 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
                     max_weight=e["max_weight"])
 
     p_prop = sequence_proposal("P")
-    est_p = draw(p_prop, exact_known=("MC", "RB", "RB+CV"))
+    est_p = draw(p_prop, exact_known=(E.MC, E.RB, E.RB_CV))
     entries = []
     for sampler in cfg.extra_samplers:  # one randomization per repeat: variances and SEs over repeats only
         reps = sampler_repeats(tables, sampler, n, R, cfg.seed, control_variate=True)
-        for est_name, group in (("MC", "Naive MC"), ("RB", "Rao-Blackwell"), ("RB+CV", "Rao-Blackwell")):
+        for est_name, group in ((E.MC, "Naive MC"), (E.RB, "Rao-Blackwell"), (E.RB_CV, "Rao-Blackwell")):
             e = reps[est_name]
             sd = float(e.std(ddof=1))
             entries.append(dict(name=f"{est_name} [{sampler}]", family=group, estimator=est_name, proposal="P",
@@ -360,10 +361,10 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
         if progress:
             progress()
     entries[:0] = [
-        entry("MC", "Naive MC", est_p["MC"], (kl, var_mc), False, p_prop, "MC"),
-        entry("RB", "Rao-Blackwell", est_p["RB"], (ex_p.rbis_mean, var_rb), False, p_prop, "RB"),
-        entry("RB+CV (cross-fitted β)", "Rao-Blackwell", est_p["RB+CV"],
-              (kl, var_rb - cov_ad ** 2 / var_d if var_d > 0 else var_rb), False, p_prop, "RB+CV"),
+        entry("MC", "Naive MC", est_p[E.MC], (kl, var_mc), False, p_prop, E.MC),
+        entry("RB", "Rao-Blackwell", est_p[E.RB], (ex_p.rbis_mean, var_rb), False, p_prop, E.RB),
+        entry("RB+CV (cross-fitted β)", "Rao-Blackwell", est_p[E.RB_CV],
+              (kl, var_rb - cov_ad ** 2 / var_d if var_d > 0 else var_rb), False, p_prop, E.RB_CV),
     ]
     if progress:
         progress()
@@ -371,7 +372,7 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
         exact = _exact_for(tables, prop)
         e = draw(prop, exact_known=tuple(k for k, v in exact.items() if v is not None))
         group = prop.base.family
-        for est_name in ("IS", "SNIS", "RB-IS"):
+        for est_name in (E.IS, E.SNIS, E.RB_IS):
             entries.append(entry(f"{est_name} · {prop.name}", group, e[est_name], exact[est_name], True, prop,
                                  est_name))
         if progress:
@@ -427,7 +428,7 @@ def sampler_rb_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int,
     lp, lq = torch.as_tensor(tables.log_p), torch.as_tensor(tables.log_q)
     kl = kl_rows(lp, lq)  # (T, S)
     per = max(1, max_rows // n)
-    out = {"MC": [], "RB": []}
+    out = {E.MC: [], E.RB: []}
     for start in range(0, repeats, per):
         reps = range(start, min(repeats, start + per))
         streams = [(unit_generator(seed, f"{tables.family}/{tables.divergence}/{sampler}/{n}", r, "cpu"), n)
@@ -443,8 +444,8 @@ def sampler_rb_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int,
             mc += torch.where(alive, lp[t, s, x] - lq[t, s, x], 0.0)
             alive &= x != EOS
             s = torch.as_tensor(tables.next_state(s, x))
-        out["MC"].append(mc.numpy().reshape(len(reps), n).mean(-1))
-        out["RB"].append(rb.numpy().reshape(len(reps), n).mean(-1))
+        out[E.MC].append(mc.numpy().reshape(len(reps), n).mean(-1))
+        out[E.RB].append(rb.numpy().reshape(len(reps), n).mean(-1))
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -462,7 +463,7 @@ def sampler_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int, se
     pair, prop = MarkovPair(tables), sequence_proposal("P")
     T = tables.shape[0]
     per = repeats if control_variate else max(1, max_rows // n)
-    out = {"MC": [], "RB": [], "RB+CV": []}
+    out = {E.MC: [], E.RB: [], E.RB_CV: []}
     for start in range(0, repeats, per):
         reps = range(start, min(repeats, start + per))
         streams = [(unit_generator(seed, f"{tables.family}/{tables.divergence}/{sampler}/{n}", r, "cpu"), n)
@@ -470,9 +471,9 @@ def sampler_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int, se
         b = sample_batch(pair, prop, n * len(reps), T, streams, sampler=sampler)
         f_step = np.where(b.mask, b.log_p - b.log_q, 0.0)
         zero = np.zeros_like(b.log_p)
-        out["MC"].append(f_step.sum(-1).reshape(len(reps), n).mean(-1))
-        out["RB"].append(rao_blackwell_is_terms(b.kl_step, zero, b.mask).reshape(len(reps), n).mean(-1))
+        out[E.MC].append(f_step.sum(-1).reshape(len(reps), n).mean(-1))
+        out[E.RB].append(rao_blackwell_is_terms(b.kl_step, zero, b.mask).reshape(len(reps), n).mean(-1))
         if control_variate:
             cv = rb_control_variate_terms(b.kl_step, f_step, zero, b.mask, fold=np.repeat(np.arange(len(reps)) % 2, n))
-            out["RB+CV"].append(cv.reshape(len(reps), n).mean(-1))
+            out[E.RB_CV].append(cv.reshape(len(reps), n).mean(-1))
     return {k: np.concatenate(v) for k, v in out.items() if v}

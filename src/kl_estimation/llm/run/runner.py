@@ -239,12 +239,12 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=
 
 
 def judge_directions(cfg: LLMConfig, runs: list[ProposalRun], docs: list[dict]) -> dict:
-    """Each direction judged on its own (verdicts.judge, in the sampling frame, then relabelled: directions.relabel),
-    merged into one verdict; the Jeffreys rows for both directions."""
+    """Each direction judged on its own (verdicts.judge, in the sampling frame; its rows carry the direction, so they
+    are said in its names where they are rendered), merged into one verdict; the Jeffreys rows for both directions."""
     by_direction = {}
     for d in cfg.directions:
         mine = [dict(doc, proposal=run.name) for run, doc in zip(runs, docs) if run.direction == d]
-        v = dirs.relabel(judge(mine), d)  # rows with flags, ranked; the recommendation (overall and per prompt)
+        v = judge(mine, d)  # rows with flags, ranked; the recommendation (overall and per prompt)
         for p, text in zip(v["per_prompt"], cfg.prompt_set):
             p["text"] = text
         by_direction[d] = v

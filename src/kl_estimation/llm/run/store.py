@@ -205,19 +205,36 @@ def write_summary(folder, meta: dict, verdict: dict) -> None:
     """summary.json (meta and the verdict), summary.csv (every row, the direction first, then the Jeffreys row) and,
     for prompt sets, summary_per_prompt.csv."""
     folder = Path(folder)
-    runio.write_json(folder / SUMMARY_JSON, dict(meta, **{k: v for k, v in verdict.items() if k != "by_direction"}))
-    rows = verdict["rows"] + ([_csv_row(verdict["jeffreys"], verdict["rows"][0])] if "jeffreys" in verdict else [])
-    runio.write_csv(folder / SUMMARY_CSV, table_rows(rows))
+    kept = {k: v for k, v in verdict.items() if k != "by_direction"}
+    runio.write_json(folder / SUMMARY_JSON, dict(meta, **said(kept)))
+    runio.write_csv(folder / SUMMARY_CSV, _csv_rows(verdict))
     if verdict["per_prompt"]:
-        runio.write_csv(folder / PER_PROMPT_CSV, [
-            r for p in verdict["per_prompt"]
-            for r in table_rows(p["rows"] + ([_csv_row(p["jeffreys"], p["rows"][0])] if "jeffreys" in p else []),
-                                prompt=p["prompt"])])
+        runio.write_csv(folder / PER_PROMPT_CSV, [r for p in verdict["per_prompt"]
+                                                  for r in _csv_rows(p, prompt=p["prompt"])])
 
 
-def _csv_row(jeffreys: dict, like: dict) -> dict:
-    """The Jeffreys row with the columns of the other rows (empty where it has no value)."""
-    return {k: jeffreys[k] for k in like if k in jeffreys}
+def _csv_rows(verdict: dict, **tags) -> list[dict]:
+    """Every row, then the Jeffreys row (if any) with the columns of the other rows (empty where it has none)."""
+    rows = table_rows(verdict["rows"], **tags)
+    if "jeffreys" in verdict:
+        rows.append({k: {**tags, **verdict["jeffreys"]}[k] for k in rows[0] if k in {**tags, **verdict["jeffreys"]}})
+    return rows
+
+
+def said(verdict: dict) -> dict:
+    """The verdict with its advice in words (summary.json keeps the advice a line of text, as readers read it)."""
+    def words(x):
+        return None if x is None else str(x)
+
+    def one(v: dict) -> dict:
+        out = dict(v)
+        if "advice" in v:
+            out["advice"] = words(v["advice"])
+        if "advice_by_direction" in v:
+            out["advice_by_direction"] = {d: words(a) for d, a in v["advice_by_direction"].items()}
+        return out
+
+    return dict(one(verdict), per_prompt=[one(p) for p in verdict.get("per_prompt", [])])
 
 
 def kept(folder, parts: list[tuple[str, str]]) -> tuple[list, int, int]:
