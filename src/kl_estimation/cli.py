@@ -165,21 +165,16 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
 
 
 def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> int:
-    args = synthetic_parser(prog, defaults).parse_args(argv)
     with _sigterm_as_interrupt():
-        try:
-            return _run_synthetic(args, prog, defaults)
+        try:  # Ctrl-C while the parser's imports load is an interruption like any other
+            return _run_synthetic(synthetic_parser(prog, defaults).parse_args(argv), prog, defaults)
         except KeyboardInterrupt:
-            done = getattr(args, "written", None)
-            if done is None:
-                return interrupted(prog, "nothing was written (a synthetic run writes its folder when its "
-                                         "computations are done); run the same command again")
-            return interrupted(prog, f"the run folder {done} is complete but its figures are not; draw them with: "
-                                     f"{shlex.join([_python(), 'visualize_proposals.py', str(done)])}")
+            return interrupted(prog, "nothing was written (a synthetic run writes its folder when its computations "
+                                     "are done); run the same command again")
 
 
 def _run_synthetic(args, prog: str, defaults: dict) -> int:
-    from kl_estimation import progress, report
+    from kl_estimation import report
     from kl_estimation.synthetic import experiment as synthetic
     from kl_estimation.toy import markov as sequences
 
@@ -199,34 +194,39 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
     try:
         cfg.validate()
         runio.check_output_dir(args.output_dir, "output_dir", default=Path("results") / kind)
-        if args.sequence:
-            from kl_estimation.core.resources import set_threads
+        given = args.output_dir is not None
+        with runio.RunFolder(args.output_dir if given else runio.new_run_dir(kind), fresh=not given) as out:
+            if args.sequence:
+                from kl_estimation.core.resources import set_threads
 
-            set_threads(args.threads)
-        with progress.bar(total=mode.n_steps(cfg), desc=f"{kind} run", unit="step") as bar:
-            pairs, arrays = mode.run(cfg, progress=bar.update)
+                set_threads(args.threads)
+            pairs, arrays = mode.run(cfg, progress=True)
+            for pair in pairs:
+                print(report.pair_report(pair, cfg.n_samples, cfg.n_repeats), end="\n\n")
+                ratios = [m for m in pair["methods"] if m.get("variance_ratio_iid_rb") is not None]
+                if ratios:  # rows of samplers with dependent sequences: variance over repeats (one randomization each)
+                    print("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
+                        f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios), end="\n\n")
+            print(report.cross_family_report(pairs))
+            synthetic.save_run(out, cfg, kind, pairs, arrays, runio.versions(*(("torch",) * args.sequence)))
+            return _figures(prog, out, None if args.no_plots else "synthetic")
     except ValueError as err:
         return fail(prog, str(err))
 
-    for pair in pairs:
-        print(report.pair_report(pair, cfg.n_samples, cfg.n_repeats), end="\n\n")
-        ratios = [m for m in pair["methods"] if m.get("variance_ratio_iid_rb") is not None]
-        if ratios:  # rows of samplers with dependent sequences: variance over repeats (one randomization each)
-            print("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
-                f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios), end="\n\n")
-    print(report.cross_family_report(pairs))
 
-    out = runio.make_run_dir(args.output_dir, kind)
-    config = {"kind": kind, **synthetic.config_dict(cfg), "versions": runio.versions(*(("torch",) * args.sequence))}
-    results = {"config": config, "pairs": pairs}
-    runio.write_npz(out / runio.ARRAYS, arrays)
-    runio.write_csv(out / runio.SUMMARY, synthetic.summary_rows(pairs))
-    runio.write_json(out / runio.RESULTS, results)
-    args.written = out
-    if not args.no_plots:
-        from kl_estimation.figures import synthetic as plots
-        print(f"figures: {plots.draw_all(out)}")
-    print(f"run folder: {out}")
+def _figures(prog: str, folder: Path, kind: str | None) -> int:
+    """The end of a run whose folder is complete: its figures (`kind`: which module of kl_estimation.figures draws
+    them; None: none), then the folder's name. Ctrl-C while they are drawn keeps the folder and names the command
+    that draws them."""
+    try:
+        if kind is not None:
+            from importlib import import_module
+
+            print(f"figures: {import_module(f'kl_estimation.figures.{kind}').draw_all(folder)}")
+    except KeyboardInterrupt:
+        return interrupted(prog, f"the run folder {folder} is complete but its figures are not; draw them with: "
+                                 f"{shlex.join([_python(), 'visualize_proposals.py', str(folder)])}")
+    print(f"run folder: {folder}")
     return 0
 
 
@@ -332,26 +332,21 @@ def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     settings["proposals"] = tuple(settings["proposals"])
     reserved = None
     if settings["output_dir"] is None and not settings["resume"]:
-        reserved = runio.make_run_dir(None, "", root=LLM_RUNS)  # a new folder: runs never collide
+        reserved = runio.new_run_dir("", root=LLM_RUNS)  # a new folder: runs never collide
         settings["output_dir"] = str(reserved)
     cfg = LLMConfig(**settings)
-    folder_existed = reserved is None and Path(cfg.output_dir or ".").exists()
     with _sigterm_as_interrupt():
         try:
             return _run_llm(cfg, plots=not args.no_plots)
         except ValueError as err:
-            _remove_if_empty(reserved)
             return fail(prog, str(err))
         except KeyboardInterrupt:
-            return interrupted(prog, _kept(cfg, folder_existed, _command(prog, argv)))
+            return interrupted(prog, _kept(cfg, _command(prog, argv)))
+        finally:
+            runio.remove_if_empty(reserved)
 
 
-def _remove_if_empty(folder) -> None:
-    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
-
-
-def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
+def _kept(cfg, command: list[str]) -> str:
     """What an interrupted LLM run kept, and the command that continues it."""
     from kl_estimation.llm.run.store import kept
 
@@ -359,8 +354,6 @@ def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
     parts_of_run = [(d, name) for d in cfg.directions for name in cfg.proposals]
     done, batches, sequences = kept(folder, parts_of_run)
     if not done and not batches:
-        if not folder_existed:
-            _remove_if_empty(folder)
         return f"no sequence was kept ({cfg.output_dir} holds nothing of this run); run the same command again"
     args = [a for a in command[2:] if a != "--overwrite"]
     if not any(a in ("--output-dir", "--output-folder") or a.startswith(("--output-dir=", "--output-folder="))
@@ -460,39 +453,22 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     known = CorpusConfig.settings()
     args = corpus_parser(prog, {k: v for k, v in defaults.items() if k in known or k == "no_plots"}).parse_args(argv)
     cfg = CorpusConfig(**{k: getattr(args, k) for k in known if hasattr(args, k)})
-    given = cfg.output_dir is not None
-    if not given:
-        cfg.output_dir = str(_new_corpus_folder())
+    reserved = None
+    if cfg.output_dir is None:
+        reserved = runio.new_run_dir("corpus", root=LLM_RUNS)  # a new folder: runs never collide
+        cfg.output_dir = str(reserved)
     with _sigterm_as_interrupt():
         try:
             result = run_corpus(cfg, progress=True)
+            print(result.text)
+            return _figures(prog, result.folder, None if args.no_plots else "corpus")
         except ValueError as err:
             return fail(prog, str(err))
         except KeyboardInterrupt:
             return interrupted(prog, "nothing was written (a corpus run writes its folder when every window is "
                                      "scored); run the same command again")
-        print(result.text)
-        if not args.no_plots:
-            try:
-                print(f"figures: {_corpus_figures(result.folder, 'png')}")
-            except KeyboardInterrupt:
-                return interrupted(prog, f"the run folder {result.folder} is complete but its figures are not; draw "
-                                         f"them with: {shlex.join([_python(), 'visualize_proposals.py', str(result.folder)])}")
-    print(f"run folder: {result.folder}")
-    return 0
-
-
-def _new_corpus_folder() -> Path:
-    """A folder name under tests2/corpus/ not taken yet; created only when the run writes (nothing on bad input)."""
-    from datetime import datetime
-
-    base = LLM_RUNS / "corpus"
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    for i in range(1000):
-        p = base / (stamp if i == 0 else f"{stamp}-{i}")
-        if not p.exists():
-            return p
-    raise RuntimeError(f"could not find a free run folder name under {base}")
+        finally:
+            runio.remove_if_empty(reserved)
 
 
 def _corpus_figures(folder, fmt: str = "png", selection=None):

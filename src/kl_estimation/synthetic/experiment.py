@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from kl_estimation import runio
 from kl_estimation.core import estimators as est
 from kl_estimation.core.diagnostics import kish_ess, pareto_khat
 from kl_estimation.core.proposals import (
@@ -27,6 +29,7 @@ from kl_estimation.core.proposals import (
 )
 from kl_estimation.core.streams import named_stream
 from kl_estimation.core.validation import check_int, check_sizes
+from kl_estimation.progress import bar as progress_bar
 from kl_estimation.synthetic.distributions import (
     DIVERGENCES,
     FAMILIES,
@@ -226,18 +229,20 @@ def n_steps(cfg: SyntheticConfig) -> int:
     return len(cfg.divergences) * len(cfg.families) * per_pair
 
 
-def run(cfg: SyntheticConfig, progress: Callable[[], None] | None = None):
-    """Every (family, divergence) pair of the config. Returns (pairs, arrays) with arrays keyed as in the npz."""
+def run(cfg: SyntheticConfig, progress: bool = False):
+    """Every (family, divergence) pair of the config. Returns (pairs, arrays) with arrays keyed as in the npz.
+    `progress`: a bar with one step per (pair, method)."""
     cfg.validate()
     pairs, arrays = [], {}
-    for divergence in cfg.divergences:
-        for family in cfg.families:
-            pair = make_pair(family, divergence, cfg)
-            entry, rs = run_pair(pair, cfg, progress)
-            pairs.append(entry)
-            key = f"{family}/{divergence}"
-            arrays[f"{key}/P"], arrays[f"{key}/Q"] = pair.P, pair.Q
-            arrays.update({f"{key}/r/{name}": r for name, r in rs.items()})
+    with progress_bar(total=n_steps(cfg), desc="synthetic run", unit="step", disable=not progress) as bar:
+        for divergence in cfg.divergences:
+            for family in cfg.families:
+                pair = make_pair(family, divergence, cfg)
+                entry, rs = run_pair(pair, cfg, bar.update)
+                pairs.append(entry)
+                key = f"{family}/{divergence}"
+                arrays[f"{key}/P"], arrays[f"{key}/Q"] = pair.P, pair.Q
+                arrays.update({f"{key}/r/{name}": r for name, r in rs.items()})
     return pairs, arrays
 
 
@@ -245,6 +250,17 @@ def config_dict(cfg) -> dict:
     d = asdict(cfg)
     d["families"], d["alpha_values"] = list(cfg.families), [float(a) for a in cfg.alpha_values]
     return d
+
+
+def save_run(folder, cfg, kind: str, pairs: list[dict], arrays: dict, versions: dict) -> None:
+    """A synthetic or sequence run's folder: distributions.npz, summary.csv, then results.json (config and pairs)
+    last, so a folder with results.json is complete; each file written atomically. figures.synthetic.load_run reads
+    it back."""
+    folder = Path(folder)
+    runio.write_npz(folder / runio.ARRAYS, arrays)
+    runio.write_csv(folder / runio.SUMMARY, summary_rows(pairs))
+    runio.write_json(folder / runio.RESULTS, {"config": {"kind": kind, **config_dict(cfg), "versions": versions},
+                                              "pairs": pairs})
 
 
 SUMMARY_FIELDS = ("exact_mean", "exact_variance", "mean_estimate", "bias", "mse", "abs_error", "rel_error_pct",

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ import torch
 
 from kl_estimation import runio
 from kl_estimation.core.resources import check_memory, set_threads
-from kl_estimation.llm.corpus.config import CORPUS_FILES, CorpusConfig
+from kl_estimation.llm.corpus.config import CORPUS_FILES, CorpusConfig, check_corpus_folder
 from kl_estimation.llm.corpus.stats import STAT_KEYS, format_llama, llama_windows, summarize, token_stats
 from kl_estimation.llm.corpus.text import read_documents, read_token_ids, tokenize_documents
 
@@ -231,6 +229,14 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
     cfg.output_dir is set. `models`: (P, Q) already loaded, with their shared `tokenizer`."""
     t_start = time.perf_counter()
     cfg.validate()
+    if cfg.output_dir is None:
+        return _run_corpus(cfg, models, tokenizer, progress, t_start)
+    with runio.RunFolder(cfg.output_dir):  # one run at a time on a folder; checked again now that it is ours
+        check_corpus_folder(cfg.output_dir, cfg.overwrite)
+        return _run_corpus(cfg, models, tokenizer, progress, t_start)
+
+
+def _run_corpus(cfg: CorpusConfig, models, tokenizer, progress: bool, t_start: float) -> CorpusResult:
     cfg.threads = set_threads(cfg.threads)
     from kl_estimation.llm.loading import check_logit_rows, gguf_speedups
 
@@ -391,12 +397,7 @@ def write_run(folder, result: CorpusResult, overwrite: bool = False) -> Path:
     an earlier corpus run's files (and figures) are removed first."""
     folder = Path(folder)
     if overwrite:
-        for name in CORPUS_FILES:
-            f = folder / name
-            if f.is_dir():
-                shutil.rmtree(f)
-            elif f.exists():
-                f.unlink()
+        runio.remove(folder / name for name in CORPUS_FILES)
     folder.mkdir(parents=True, exist_ok=True)
     tok = result.tokens
     runio.write_npz(folder / "tokens.npz", {k: (v.astype(np.float64) if v.dtype.kind == "f" else v)
@@ -404,6 +405,5 @@ def write_run(folder, result: CorpusResult, overwrite: bool = False) -> Path:
     runio.write_csv(folder / "windows.csv", result.windows)
     runio.write_json(folder / "summary.json", dict(result.to_dict(), versions=runio.versions(
         "torch", "transformers", "tokenizers", "gguf")))
-    (folder / ".llama.txt.tmp").write_text(result.text, encoding="utf-8")
-    os.replace(folder / ".llama.txt.tmp", folder / "llama.txt")
+    runio.write_text(folder / "llama.txt", result.text)
     return folder

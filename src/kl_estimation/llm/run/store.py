@@ -56,13 +56,30 @@ def proposal_slug(name, direction: str = FORWARD) -> str:
 
 
 def check_folder(cfg: LLMConfig) -> None:
-    """Before any work: the output folder can be written, and holds no results unless resuming or overwriting."""
+    """Before any work: the output folder can be written, and holds no results unless resuming or overwriting; a
+    resumed folder exists and holds files of this run's proposals (their settings are checked when they are read)."""
     runio.check_output_dir(cfg.output_dir, "`output_dir`")
-    earlier = existing_outputs(cfg.output_dir, cfg.proposals, cfg.directions)
-    if earlier and not (cfg.resume or cfg.overwrite):
-        first = earlier[0].relative_to(cfg.output_dir)
+    folder = Path(cfg.output_dir)
+    earlier = existing_outputs(folder, cfg.proposals, cfg.directions)
+    if cfg.resume:
+        if not any(f.name != SUMMARY_JSON for f in earlier):
+            held = "does not exist" if not folder.is_dir() else "holds no files of this run's proposals"
+            raise ValueError(f"resume: {cfg.output_dir} {held}, so there is nothing to continue; give the folder of "
+                             f"the run to continue, or drop `resume` to start a new run")
+    elif earlier and not cfg.overwrite:
+        first = earlier[0].relative_to(folder)
         raise ValueError(f"output_dir: {cfg.output_dir} already holds results ({first}); pass "
                          f"`resume` to continue or reuse them, `overwrite` to replace them, or choose another folder")
+
+
+def drop_unfinished(folder, parts: list[tuple[str, str]]) -> None:
+    """After an interrupted run: partial files that hold no finished batch (a header only) go, and an empty
+    ``reverse/`` folder, so a run that kept nothing leaves nothing that a new run would take for results."""
+    for d, name in parts:
+        for f in ProposalFiles(direction_folder(folder, d), proposal_slug(name, d)).earlier_partials():
+            if len(runio.read_jsonl(f)) <= 1:
+                f.unlink(missing_ok=True)
+    runio.remove_if_empty(Path(folder) / REVERSE_FOLDER)
 
 
 def existing_outputs(folder, proposals, directions=(FORWARD,)) -> list:
