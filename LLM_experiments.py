@@ -1,7 +1,11 @@
 """KL between two causal language models. Run `python LLM_experiments.py --help`."""
 import sys
 
-from kl_estimation.cli import llm_main
+try:  # Ctrl-C while the package loads (seconds, on a busy machine) ends as any other: one line, status 130
+    from kl_estimation.cli import llm_main
+except KeyboardInterrupt:
+    print("LLM_experiments.py: interrupted: nothing was written; run the same command again", file=sys.stderr)
+    sys.exit(130)
 
 if __name__ == "__main__":
     # Defaults a user edits here; every one is also a flag, and the same setting of estimate_kl (kl_estimation's API).

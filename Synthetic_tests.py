@@ -1,7 +1,11 @@
 """Synthetic KL experiments on long-tailed token distributions. Run `python Synthetic_tests.py --help`."""
 import sys
 
-from kl_estimation.cli import synthetic_main
+try:  # Ctrl-C while the package loads (seconds, on a busy machine) ends as any other: one line, status 130
+    from kl_estimation.cli import synthetic_main
+except KeyboardInterrupt:
+    print("Synthetic_tests.py: interrupted: nothing was written; run the same command again", file=sys.stderr)
+    sys.exit(130)
 
 if __name__ == "__main__":
     # Defaults a user edits here; every one is also a flag.

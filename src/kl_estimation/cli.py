@@ -249,9 +249,9 @@ def visualize_parser(prog: str, defaults: dict) -> Parser:
 
 
 def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) -> int:
-    args = visualize_parser(prog, defaults).parse_args(argv)
     with _sigterm_as_interrupt():
         try:
+            args = visualize_parser(prog, defaults).parse_args(argv)
             index = draw_figures(args.run_folder, args.format, args.pairs and _names(args.pairs), args.methods)
         except ValueError as err:
             return fail(prog, str(err))
@@ -322,26 +322,29 @@ def add_settings(parser, big, config_cls, defaults: dict) -> None:
 LLM_RUNS = Path("tests2")  # the seed's output root: each run without --output-dir gets a new folder in it
 
 
-def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
-    from kl_estimation.llm.run.config import LLMConfig
+NOTHING_WRITTEN = "nothing was written; run the same command again"
 
-    if corpus_requested(argv):  # --corpus FILE (or another corpus-only flag): a teacher-forced corpus run
-        return corpus_main(argv, prog, **defaults)
-    args = llm_parser(prog, defaults).parse_args(argv)
-    settings = {k: getattr(args, k) for k in LLMConfig.settings() if hasattr(args, k)}
-    settings["proposals"] = tuple(settings["proposals"])
-    reserved = None
-    if settings["output_dir"] is None and not settings["resume"]:
-        reserved = runio.new_run_dir("", root=LLM_RUNS)  # a new folder: runs never collide
-        settings["output_dir"] = str(reserved)
-    cfg = LLMConfig(**settings)
+
+def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
+    cfg = reserved = None
     with _sigterm_as_interrupt():
-        try:
+        try:  # from the first import on: Ctrl-C at any moment is one line and status 130
+            from kl_estimation.llm.run.config import LLMConfig
+
+            if corpus_requested(argv):  # --corpus FILE (or another corpus-only flag): a teacher-forced corpus run
+                return corpus_main(argv, prog, **defaults)
+            args = llm_parser(prog, defaults).parse_args(argv)
+            settings = {k: getattr(args, k) for k in LLMConfig.settings() if hasattr(args, k)}
+            settings["proposals"] = tuple(settings["proposals"])
+            if settings["output_dir"] is None and not settings["resume"]:
+                reserved = runio.new_run_dir("", root=LLM_RUNS)  # a new folder: runs never collide
+                settings["output_dir"] = str(reserved)
+            cfg = LLMConfig(**settings)
             return _run_llm(cfg, plots=not args.no_plots)
         except ValueError as err:
             return fail(prog, str(err))
         except KeyboardInterrupt:
-            return interrupted(prog, _kept(cfg, _command(prog, argv)))
+            return interrupted(prog, NOTHING_WRITTEN if cfg is None else _kept(cfg, _command(prog, argv)))
         finally:
             runio.remove_if_empty(reserved)
 
@@ -447,24 +450,27 @@ def corpus_parser(prog: str, defaults: dict) -> Parser:
 
 def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     """A corpus run from the command line: one line and exit 2 on bad input, nothing written."""
-    from kl_estimation.llm.corpus.config import CorpusConfig
-    from kl_estimation.llm.corpus.run import run_corpus
-
-    known = CorpusConfig.settings()
-    args = corpus_parser(prog, {k: v for k, v in defaults.items() if k in known or k == "no_plots"}).parse_args(argv)
-    cfg = CorpusConfig(**{k: getattr(args, k) for k in known if hasattr(args, k)})
-    reserved = None
-    if cfg.output_dir is None:
-        reserved = runio.new_run_dir("corpus", root=LLM_RUNS)  # a new folder: runs never collide
-        cfg.output_dir = str(reserved)
+    reserved = result = None
     with _sigterm_as_interrupt():
         try:
+            from kl_estimation.llm.corpus.config import CorpusConfig
+            from kl_estimation.llm.corpus.run import run_corpus
+
+            known = CorpusConfig.settings()
+            args = corpus_parser(prog, {k: v for k, v in defaults.items() if k in known or k == "no_plots"}
+                                 ).parse_args(argv)
+            cfg = CorpusConfig(**{k: getattr(args, k) for k in known if hasattr(args, k)})
+            if cfg.output_dir is None:
+                reserved = runio.new_run_dir("corpus", root=LLM_RUNS)  # a new folder: runs never collide
+                cfg.output_dir = str(reserved)
             result = run_corpus(cfg, progress=True)
             print(result.text)
             return _figures(prog, result.folder, None if args.no_plots else "corpus")
         except ValueError as err:
             return fail(prog, str(err))
         except KeyboardInterrupt:
+            if result is not None:
+                return interrupted(prog, f"the run folder {result.folder} is complete")
             return interrupted(prog, "nothing was written (a corpus run writes its folder when every window is "
                                      "scored); run the same command again")
         finally:
