@@ -161,7 +161,7 @@ def run(cfg: LLMConfig, pair=None, models: dict | None = None, progress: bool = 
     if cfg.output_dir is None:
         return _run(cfg, pair, models, progress)
     writer = distributed.launched_rank() == 0
-    with runio.RunFolder(cfg.output_dir, hold=writer):  # one run at a time on a folder
+    with runio.RunFolder(cfg.output_dir, resume=cfg.resume, hold=writer):  # one run at a time on a folder
         check_folder(cfg)
         try:
             return _run(cfg, pair, models, progress)

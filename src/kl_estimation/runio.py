@@ -167,14 +167,19 @@ class RunFolder:
     On exit the lock file goes, and a folder this run created and wrote nothing to is removed.
 
     `flag` names the setting in the error (``output_dir``); `fresh`: the caller made the folder for this run
-    (new_run_dir), so it goes too if nothing was written. Only the process that writes takes the lock (under
-    torchrun, rank 0: ``hold=False`` elsewhere)."""
+    (new_run_dir), so it goes too if nothing was written; `resume`: the run continues one in this folder, so a
+    missing folder is refused (naming ``resume``) rather than silently run from scratch. Only the process that
+    writes takes the lock (under torchrun, rank 0: ``hold=False`` elsewhere)."""
 
-    def __init__(self, path, flag: str = "output_dir", *, fresh: bool = False, hold: bool = True):
-        self.path, self.flag, self.hold, self.fresh = Path(path), flag, hold, fresh
+    def __init__(self, path, flag: str = "output_dir", *, fresh: bool = False, resume: bool = False,
+                 hold: bool = True):
+        self.path, self.flag, self.hold, self.fresh, self.resume = Path(path), flag, hold, fresh, resume
         self._lock, self._created = None, False
 
     def __enter__(self) -> Path:
+        if self.resume and not self.path.is_dir():
+            raise ValueError(f"resume: {self.path} does not exist, so there is nothing to continue; give the folder "
+                             f"of the run to continue, or drop `resume` to start a new run")
         if not self.hold:
             return self.path
         from filelock import FileLock, Timeout

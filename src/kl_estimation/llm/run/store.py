@@ -63,9 +63,9 @@ def check_folder(cfg: LLMConfig) -> None:
     earlier = existing_outputs(folder, cfg.proposals, cfg.directions)
     if cfg.resume:
         if not any(f.name != SUMMARY_JSON for f in earlier):
-            held = "does not exist" if not folder.is_dir() else "holds no files of this run's proposals"
-            raise ValueError(f"resume: {cfg.output_dir} {held}, so there is nothing to continue; give the folder of "
-                             f"the run to continue, or drop `resume` to start a new run")
+            raise ValueError(f"resume: {cfg.output_dir} holds no files of this run's proposals, so there is nothing "
+                             f"to continue; give the folder of the run to continue, or drop `resume` to start a new "
+                             f"run")
     elif earlier and not cfg.overwrite:
         first = earlier[0].relative_to(folder)
         raise ValueError(f"output_dir: {cfg.output_dir} already holds results ({first}); pass "
