@@ -20,8 +20,8 @@ def records(rng, n, prompt, shift=0.0):
         t = int(rng.integers(1, T + 1))
         lp = rng.normal(-1.0, 0.3, t)
         lq = lp - (shift + 0.1 + rng.normal(0, 0.2, t))
-        out.append(dict(prompt=prompt, log_p=lp.tolist(), log_q=lq.tolist(), log_r=lp.tolist(),
-                        kl_step=rng.uniform(0, 0.3, t).tolist()))
+        out.append({"prompt": prompt, "log_p": lp.tolist(), "log_q": lq.tolist(), "log_r": lp.tolist(),
+                    "kl_step": rng.uniform(0, 0.3, t).tolist()})
     return out
 
 

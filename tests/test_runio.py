@@ -69,23 +69,21 @@ def test_run_folder_is_one_runs_at_a_time_and_leaves_no_trace(tmp_path):
     new = tmp_path / "new"
     with runio.RunFolder(new) as folder:
         assert folder == new and (new / runio.LOCK).exists()
-        with pytest.raises(ValueError, match=f"^output_dir: {new} is in use by another run"):
-            with runio.RunFolder(new):
-                pass
+        with pytest.raises(ValueError, match=f"^output_dir: {new} is in use by another run"), runio.RunFolder(new):
+            pass
     assert not new.exists()  # created for the run, nothing written: gone
     with runio.RunFolder(new) as folder:
         runio.write_text(folder / "x.txt", "kept")
     assert [p.name for p in new.iterdir()] == ["x.txt"]  # the lock file goes, what was written stays
-    with pytest.raises(KeyboardInterrupt):
-        with runio.RunFolder(tmp_path / "cut"):
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), runio.RunFolder(tmp_path / "cut"):
+        raise KeyboardInterrupt
     assert not (tmp_path / "cut").exists()
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused_naming_it(held, tiny, capsys):
     """Two processes: a synthetic run (a real script) and an LLM run on a folder another process holds."""
     p = subprocess.run([sys.executable, "Synthetic_tests.py", *SMALL, "--output-dir", str(held)], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     one_line(p.returncode, p.stderr, f"--output-dir: {held} is in use by another run")
     code, _, err = call(llm_main, llm_args(tiny, held), capsys)
     one_line(code, err, f"--output-dir: {held} is in use by another run")
@@ -171,7 +169,7 @@ def test_llm_ctrl_c_at_5_s_then_the_printed_command_finishes(tiny, tmp_path):
 
         resume = shlex.split(last.split("continue with: ", 1)[1])
         done = subprocess.run([sys.executable, *resume[1:]], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                              timeout=300)
+                              timeout=300, check=False)
         assert done.returncode == 0, done.stderr
         assert json.loads((out / "p.json").read_text())["n_sequences"] == 4000
     else:  # interrupted before a batch finished: nothing of the run is left, the same command starts afresh

@@ -26,8 +26,8 @@ def recs(u: Unit):
 
 
 def test_records_to_arrays_pads_after_the_last_step():
-    r = [dict(log_p=[-1.0, -2.0], log_q=[-1.5, -2.5], log_r=[-1.0, -2.0], kl_step=[0.1, 0.2]),
-         dict(log_p=[-3.0], log_q=[-3.5], log_r=[-3.0], kl_step=[0.3])]
+    r = [{"log_p": [-1.0, -2.0], "log_q": [-1.5, -2.5], "log_r": [-1.0, -2.0], "kl_step": [0.1, 0.2]},
+         {"log_p": [-3.0], "log_q": [-3.5], "log_r": [-3.0], "kl_step": [0.3]}]
     a = records_to_arrays(r, 3)
     np.testing.assert_array_equal(a["mask"], [[True, True, False], [True, False, False]])
     np.testing.assert_array_equal(a["log_q"], [[-1.5, -2.5, 0], [-3.5, 0, 0]])

@@ -1,5 +1,7 @@
 """llm/run/units.py: planning units, packing them into forward batches and splitting a batch's records back; the
 order of records never depends on the packing (a resumed run redraws nothing it kept)."""
+import itertools
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,7 +26,7 @@ def test_pack_keeps_order_and_the_batch_size(n_prompts, n_samples, unit_rows, ba
     assert [u for b in batches for u in b] == units
     assert all(b and sum(u.rows for u in b) <= batch_size for b in batches)
     # greedy: a batch ends only when the next unit would not fit
-    for b, nxt in zip(batches, batches[1:]):
+    for b, nxt in itertools.pairwise(batches):
         assert sum(u.rows for u in b) + nxt[0].rows > batch_size
 
 
