@@ -186,3 +186,16 @@ def test_console_files_and_to_pandas_hold_the_same_interval(tiny, tmp_path, caps
     assert abs(float(shown[1]) - rec["ci_population_low"]) <= 0.5 * 10 ** -d and float(shown[1]) < 0
     assert abs(float(shown[2]) - rec["ci_population_high"]) <= 0.5 * 10 ** -d
     assert report.BELOW_ZERO in console and "clipped at 0" not in console
+
+
+def test_a_run_folder_loads_back_into_the_same_result(tiny, tmp_path):
+    from kl_estimation.runio import jsonable
+
+    res = kle.estimate_kl(*tiny, PROMPTS, n_samples=32, max_new_tokens=3, batch_size=16, proposals=("P", "Adaptive"),
+                          direction="both", progress=False, output_dir=str(tmp_path / "run"))
+    back = kle.KLResult.load(tmp_path / "run")
+    assert jsonable(back.to_dict()) == jsonable(res.to_dict())
+    assert jsonable(back.docs) == jsonable(res.docs) and back.directions == ("forward", "reverse")
+    assert jsonable(back.to_pandas().to_dict("records")) == jsonable(res.to_pandas().to_dict("records"))
+    with pytest.raises(ValueError, match="^folder: .* is not a complete LLM run folder"):
+        kle.KLResult.load(tmp_path)

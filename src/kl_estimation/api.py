@@ -113,6 +113,14 @@ class KLResult:
                                     **({"jeffreys": one(p["jeffreys"])} if "jeffreys" in p else {}))
                                for p in self.per_prompt]}
 
+    @classmethod
+    def load(cls, folder) -> "KLResult":
+        """The result of an LLM run from its folder (summary.json and the per-proposal files), as the run returned
+        it — the same rows, records in ``docs``; numbers that were NaN read back as None (strict JSON)."""
+        from kl_estimation.llm.run.store import load_run
+
+        return result_of(load_run(folder))
+
     def to_pandas(self, per_prompt: bool = False):
         """The rows as a DataFrame (``per_prompt=True``: one row per prompt × proposal × estimator). Cells stay
         short: ``flag`` holds the codes; the messages are in each KLRow's ``flags`` (and ``messages``)."""

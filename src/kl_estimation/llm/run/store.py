@@ -232,6 +232,24 @@ def write_summary(folder, meta: dict, verdict: dict) -> None:
                                 prompt=p["prompt"])])
 
 
+def load_run(folder) -> dict:
+    """An LLM run folder read back as run_experiment returned it: the meta and verdict of summary.json and the
+    documents of every (direction, proposal), in run order. Folders of runs before directions existed load too."""
+    from kl_estimation.llm.run.config import BOTH, DIRECTIONS
+
+    folder = Path(folder)
+    try:
+        summary = json.loads((folder / SUMMARY_JSON).read_text())
+        config = summary["config"]
+        direction = config.get("direction", FORWARD)
+        docs = [json.loads((direction_folder(folder, d) / f"{proposal_slug(name, d)}.json").read_text())
+                for d in (DIRECTIONS if direction == BOTH else (direction,)) for name in config["proposals"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"folder: {folder} is not a complete LLM run folder ({type(err).__name__}: {err})") from None
+    return dict(summary, meta={k: summary[k] for k in ("config", "models", "versions", "seed", "truncation", "exact_kl")
+                               if k in summary}, docs=docs)
+
+
 def _csv_row(jeffreys: dict, like: dict) -> dict:
     """The Jeffreys row with the columns of the other rows (empty where it has no value)."""
     return {k: jeffreys[k] for k in like if k in jeffreys}
