@@ -81,13 +81,19 @@ def test_run_folder_is_one_runs_at_a_time_and_leaves_no_trace(tmp_path):
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused_naming_it(held, tiny, capsys):
-    """Two processes: a synthetic run (a real script) and an LLM run on a folder another process holds."""
+    """Two processes: a synthetic run (a real script), an LLM run and a corpus run on a folder another process
+    holds."""
     p = subprocess.run([sys.executable, "Synthetic_tests.py", *SMALL, "--output-dir", str(held)], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=120, check=False)
     one_line(p.returncode, p.stderr, f"--output-dir: {held} is in use by another run")
     code, _, err = call(llm_main, llm_args(tiny, held), capsys)
     one_line(code, err, f"--output-dir: {held} is in use by another run")
-    assert [f.name for f in held.iterdir()] == [runio.LOCK]  # neither wrote anything there
+    corpus = held.parent / "text.txt"
+    corpus.write_text("a b " * 40)
+    code, _, err = call(llm_main, ["--p-model", tiny[0], "--q-model", tiny[1], "--corpus", str(corpus), "--context",
+                                   "16", "--no-plots", "--output-dir", str(held)], capsys)
+    one_line(code, err, f"--output-dir: {held} is in use by another run")
+    assert [f.name for f in held.iterdir()] == [runio.LOCK]  # none wrote anything there
 
 
 def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, capsys):
