@@ -114,7 +114,7 @@ class KLResult:
                                for p in self.per_prompt]}
 
     @classmethod
-    def load(cls, folder) -> "KLResult":
+    def load(cls, folder) -> KLResult:
         """The result of an LLM run from its folder (summary.json and the per-proposal files), as the run returned
         it — the same rows, records in ``docs``; numbers that were NaN read back as None (strict JSON)."""
         from kl_estimation.llm.run.store import load_run
