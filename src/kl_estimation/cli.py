@@ -208,7 +208,8 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
                     print("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
                         f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios), end="\n\n")
             print(report.cross_family_report(pairs))
-            synthetic.save_run(out, cfg, kind, pairs, arrays, runio.versions(*(("torch",) * args.sequence)))
+            synthetic.SyntheticResult.of(cfg, kind, pairs, arrays, runio.versions(*(("torch",) * args.sequence))
+                                         ).save(out)
             return _figures(prog, out, None if args.no_plots else "synthetic")
     except ValueError as err:
         return fail(prog, str(err))

@@ -22,6 +22,10 @@ RESULTS, ARRAYS, SUMMARY = "results.json", "distributions.npz", "summary.csv"
 LOCK = ".run.lock"  # inside the run folder while a run holds it; removed when the run ends
 
 
+class RunFolderError(ValueError):
+    """A folder that is not a readable run folder, or a selection that names nothing in it."""
+
+
 def versions(*packages: str) -> dict:
     out = {"python": platform.python_version()}
     for pkg in ("kl-estimation", "numpy", "scipy", *packages):

@@ -252,15 +252,70 @@ def config_dict(cfg) -> dict:
     return d
 
 
-def save_run(folder, cfg, kind: str, pairs: list[dict], arrays: dict, versions: dict) -> None:
-    """A synthetic or sequence run's folder: distributions.npz, summary.csv, then results.json (config and pairs)
-    last, so a folder with results.json is complete; each file written atomically. figures.synthetic.load_run reads
-    it back."""
-    folder = Path(folder)
-    runio.write_npz(folder / runio.ARRAYS, arrays)
-    runio.write_csv(folder / runio.SUMMARY, summary_rows(pairs))
-    runio.write_json(folder / runio.RESULTS, {"config": {"kind": kind, **config_dict(cfg), "versions": versions},
-                                              "pairs": pairs})
+@dataclass
+class SyntheticResult:
+    """A synthetic or sequence run: ``results`` (``config`` with ``kind`` and ``versions``, ``pairs``) and
+    ``arrays`` (the distributions, keyed as in distributions.npz); ``path``, the run folder (None: not saved). The one
+    owner of the folder's files: ``save`` writes them, ``load`` reads them back (for figures too)."""
+
+    path: Path | None
+    results: dict
+    arrays: dict
+
+    @classmethod
+    def of(cls, cfg, kind: str, pairs: list[dict], arrays: dict, versions: dict) -> SyntheticResult:
+        return cls(None, {"config": {"kind": kind, **config_dict(cfg), "versions": versions}, "pairs": pairs}, arrays)
+
+    @property
+    def kind(self) -> str:
+        """'synthetic' (single-token) or 'sequence' (toy Markov pairs)."""
+        return self.results.get("config", {}).get("kind", "synthetic")
+
+    def pair(self, key: str) -> dict:
+        return next(p for p in self.results["pairs"] if f"{p['family']}/{p['divergence']}" == key)
+
+    def save(self, folder) -> Path:
+        """distributions.npz, summary.csv, then results.json last (a folder with results.json is complete), each
+        written atomically. Sets and returns ``path``."""
+        folder = Path(folder)
+        runio.write_npz(folder / runio.ARRAYS, self.arrays)
+        runio.write_csv(folder / runio.SUMMARY, summary_rows(self.results["pairs"]))
+        runio.write_json(folder / runio.RESULTS, self.results)
+        self.path = folder
+        return folder
+
+    @classmethod
+    def load(cls, path) -> SyntheticResult:
+        """A run folder read back; runio.RunFolderError (a ValueError) says what is missing or corrupt."""
+        import json
+        import zipfile
+
+        path = Path(path)
+        if not path.is_dir():
+            raise runio.RunFolderError(f"{path} is not a folder (give a run folder holding {runio.RESULTS})")
+        res_path, npz_path = path / runio.RESULTS, path / runio.ARRAYS
+        for p in (res_path, npz_path):
+            if not p.is_file():
+                raise runio.RunFolderError(f"{path} is not a run folder: {p.name} is missing")
+        try:
+            results = json.loads(res_path.read_text())
+            pairs = results["pairs"]
+            for p in pairs:
+                p["family"], p["divergence"], p["methods"], p["rankings"]  # a key check
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise runio.RunFolderError(f"{res_path} is corrupt or not a synthetic results file "
+                                       f"({type(err).__name__}: {err})") from None
+        try:
+            with np.load(npz_path) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise runio.RunFolderError(f"{npz_path} is corrupt ({type(err).__name__}: {err})") from None
+        run = cls(path, results, arrays)
+        for p in pairs:
+            for suffix in (("log_P", "log_Q") if run.kind == "sequence" else ("P", "Q")):
+                if f"{p['family']}/{p['divergence']}/{suffix}" not in arrays:
+                    raise runio.RunFolderError(f"{npz_path} lacks {p['family']}/{p['divergence']}/{suffix}")
+        return run
 
 
 SUMMARY_FIELDS = ("exact_mean", "exact_variance", "mean_estimate", "bias", "mse", "abs_error", "rel_error_pct",
