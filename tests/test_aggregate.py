@@ -59,6 +59,7 @@ def test_several_prompts_mean_and_both_standard_errors():
         assert got["n"] == 120
 
 
+@pytest.mark.slow
 def test_population_interval_covers_the_population_mean():
     """Prompts drawn from a population (shift ~ N(0, 0.5²)): the t interval on m − 1 df covers the population's
     mean KL about 95 % of the time (a normal interval covers about 0.86 at m = 4). 150 prompt sets: the 4-sigma

@@ -188,6 +188,7 @@ class RunFolder:
             return self.path
         from filelock import FileLock, Timeout
 
+        check_output_dir(self.path, self.flag)
         self._created = self.fresh or not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.path / LOCK)
