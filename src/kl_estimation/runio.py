@@ -192,16 +192,19 @@ class RunFolder:
         self._created = self.fresh or not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.path / LOCK)
-        while True:
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                self._give_up()
-                raise ValueError(f"{self.flag}: {self.path} is in use by another run (lock {self.path / LOCK}); "
-                                 f"wait for it to end, or choose another folder") from None
-            if (self.path / LOCK).exists():
-                break
-            lock.release()  # the run we waited on removed the file between our open and our lock: lock anew
+        try:
+            while True:
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    raise ValueError(f"{self.flag}: {self.path} is in use by another run (lock {self.path / LOCK}); "
+                                     f"wait for it to end, or choose another folder") from None
+                if (self.path / LOCK).exists():
+                    break
+                lock.release()  # the run we waited on removed the file between our open and our lock: lock anew
+        except BaseException:  # refused, or Ctrl-C right now: a folder made for this run goes
+            self._give_up()
+            raise
         self._lock = lock
         return self.path
 
