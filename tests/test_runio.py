@@ -146,21 +146,32 @@ def _interrupt(argv, after: float):
 
 
 @pytest.mark.parametrize("script", ["Synthetic_tests.py", "LLM_experiments.py", "visualize_proposals.py"])
-def test_ctrl_c_while_the_package_imports(script, tmp_path):
-    argv = [script, "--output-dir", str(tmp_path / "o")] if script != "visualize_proposals.py" else \
-        [script, str(tmp_path)]
+def test_ctrl_c_at_1_s(script, tmp_path, capsys):
+    """At 1 s a script is still importing (torch, scipy) or has just begun: one line, status 130, nothing left."""
+    if script == "visualize_proposals.py":  # a real folder, whose figures take many seconds to draw
+        assert call(synthetic_main, SMALL + ["--output-dir", str(tmp_path / "run")], capsys)[0] == 0
+        argv = [script, str(tmp_path / "run")]
+    else:
+        argv = [script, "--output-dir", str(tmp_path / "o")]
     code, err = _interrupt(argv, 1.0)
-    one_line(code, err, "interrupted: no figure" if script == "visualize_proposals.py" else
-             "interrupted: nothing was written", status=130)
-    assert not (tmp_path / "o").exists()
+    one_line(code, err, "interrupted: ", status=130)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "run" / "plots").exists()
 
 
 @pytest.mark.slow
-def test_synthetic_ctrl_c_at_5_s_keeps_nothing_half_written(tmp_path):
+def test_synthetic_ctrl_c_at_5_s_loses_nothing_kept(tmp_path):
+    """At 5 s the default run computes or draws its figures: either nothing was written, or the folder is complete
+    (it loads) and the line names the command that draws the figures."""
+    from kl_estimation.synthetic.experiment import SyntheticResult
+
     out = tmp_path / "o"
-    code, err = _interrupt(["Synthetic_tests.py", "--divergence", "all", "--no-plots", "--output-dir", str(out)], 5.0)
-    one_line(code, err, "interrupted: nothing was written", status=130)
-    assert not out.exists()
+    code, err = _interrupt(["Synthetic_tests.py", "--output-dir", str(out)], 5.0)
+    one_line(code, err, "interrupted: ", status=130)
+    if "nothing was written" in err:
+        assert not out.exists()
+    else:
+        assert f"the run folder {out} is complete but its figures are not" in err and "visualize_proposals.py" in err
+        assert SyntheticResult.load(out).results["pairs"] and not (out / runio.LOCK).exists()
 
 
 @pytest.mark.slow
