@@ -137,10 +137,11 @@ def test_resume_of_another_runs_config_is_refused(tiny, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ Ctrl-C
 
 def _interrupt(argv, after: float):
+    """Ctrl-C as a terminal sends it: SIGINT to the script's whole process group (its workers too)."""
     proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     time.sleep(after)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
 

@@ -543,12 +543,12 @@ def draw_all(path, fmt: str = "png", pairs=None, methods=None, workers: int | No
         with progress_bar(total=len(jobs), desc="figures", unit="figure") as b:  # ~15 s: not in silence
             if workers > 1:
                 import multiprocessing as mp
-                from concurrent.futures import ProcessPoolExecutor
 
-                with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
-                                         initializer=_ignore_sigint) as pool:
+                # a Pool, not a ProcessPoolExecutor: leaving it terminates the workers at once, so Ctrl-C does not
+                # wait for every queued figure to be drawn
+                with mp.get_context("fork").Pool(workers, initializer=_ignore_sigint) as pool:
                     captions = []
-                    for c in pool.map(_render, jobs):
+                    for c in pool.imap(_render, jobs):
                         captions.append(c)
                         b.update(1)
             else:
@@ -571,10 +571,12 @@ def _file_name(key: str, name: str, fmt: str) -> str:
 
 
 def _ignore_sigint():
-    """Workers leave Ctrl-C to the parent, which reports it in one line (a worker would print a traceback)."""
+    """Workers leave Ctrl-C to the parent, which reports it in one line (a worker would print a traceback), and end
+    quietly on the SIGTERM with which the parent stops them (not with the parent's SIGTERM-as-Ctrl-C handler)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _merge(final: Path, tmp: Path, keys, fmt: str, captions: dict, run: "Run", all_keys) -> None:
