@@ -1,8 +1,12 @@
 """KL between two causal language models. Run `python LLM_experiments.py --help`."""
 import sys
 
-from kl_estimation.cli import llm_main
-from kl_estimation.llm.run.config import LLMConfig
+try:  # Ctrl-C while the package loads (seconds, on a busy machine) ends as any other: one line, status 130
+    from kl_estimation.cli import llm_main
+    from kl_estimation.llm.run.config import LLMConfig
+except KeyboardInterrupt:
+    print("LLM_experiments.py: interrupted: nothing was written; run the same command again", file=sys.stderr)
+    sys.exit(130)
 
 if __name__ == "__main__":
     # The defaults are LLMConfig's (kl_estimation/llm/run/config.py), read here, not copied: edit a value to change

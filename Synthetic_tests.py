@@ -1,8 +1,12 @@
 """Synthetic KL experiments on long-tailed token distributions. Run `python Synthetic_tests.py --help`."""
 import sys
 
-from kl_estimation.cli import synthetic_main
-from kl_estimation.synthetic.experiment import SyntheticConfig
+try:  # Ctrl-C while the package loads (seconds, on a busy machine) ends as any other: one line, status 130
+    from kl_estimation.cli import synthetic_main
+    from kl_estimation.synthetic.experiment import SyntheticConfig
+except KeyboardInterrupt:
+    print("Synthetic_tests.py: interrupted: nothing was written; run the same command again", file=sys.stderr)
+    sys.exit(130)
 
 if __name__ == "__main__":
     # The defaults are SyntheticConfig's (kl_estimation/synthetic/experiment.py), read here, not copied: edit a value

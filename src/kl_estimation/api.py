@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
+from kl_estimation import runio
 from kl_estimation.core.resources import set_threads
 from kl_estimation.core.results import Row
+from kl_estimation.llm.run import distributed
 from kl_estimation.llm.run.config import LLMConfig
 from kl_estimation.llm.run.runner import load_pair, run_experiment
-from kl_estimation.llm.run.store import check_folder
+from kl_estimation.llm.run.store import check_folder, drop_unfinished
 
 KLRow = Row  # one (proposal, estimator) estimate, typed: core.results.Row (its fields and to_dict are documented there)
 
@@ -73,6 +75,14 @@ class KLResult:
                                     **({"jeffreys": one(p["jeffreys"])} if "jeffreys" in p else {}))
                                for p in self.per_prompt]}
 
+    @classmethod
+    def load(cls, folder) -> KLResult:
+        """The result of an LLM run from its folder (summary.json and the per-proposal files), as the run returned
+        it — the same rows, records in ``docs``; numbers that were NaN read back as None (strict JSON)."""
+        from kl_estimation.llm.run.store import load_run
+
+        return result_of(load_run(folder))
+
     def to_pandas(self, per_prompt: bool = False):
         """The rows as a DataFrame (``per_prompt=True``: one row per prompt × proposal × estimator). Cells stay
         short: ``flag`` holds the codes; the messages are in each KLRow's ``flags`` (and ``messages``)."""
@@ -118,18 +128,23 @@ def run(cfg: LLMConfig, pair=None, models: dict | None = None, progress: bool = 
     set (resumable), and return the result. The command line and estimate_kl both run through here."""
     cfg = cfg.validate()
     cfg = replace(cfg, threads=set_threads(cfg.threads))  # the number used, recorded in the run
-    if cfg.output_dir is not None:
+    if cfg.output_dir is None:
+        return _run(cfg, pair, models, progress)
+    writer = distributed.launched_rank() == 0
+    with runio.RunFolder(cfg.output_dir, resume=cfg.resume, hold=writer):  # one run at a time on a folder
         check_folder(cfg)
+        try:
+            return _run(cfg, pair, models, progress)
+        except BaseException:  # Ctrl-C or an error: what holds no sequence goes (the folder too, if it was new)
+            if writer:
+                drop_unfinished(cfg.output_dir, [(d, name) for d in cfg.directions for name in cfg.proposals])
+            raise
+
+
+def _run(cfg: LLMConfig, pair, models: dict | None, progress: bool) -> KLResult:
     if pair is None:
         pair, models = load_pair(cfg)
-    bar = None
-    if progress:
-        from kl_estimation import progress as progress_bars
-
-        def bar(**kw):
-            return progress_bars.bar(unit="batch", **kw)
-
-    return result_of(run_experiment(pair, cfg, models, cfg.output_dir, bar))
+    return result_of(run_experiment(pair, cfg, models, cfg.output_dir, progress))
 
 
 def default_pair() -> tuple[str, str]:

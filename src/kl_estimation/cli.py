@@ -147,21 +147,16 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
 
 
 def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> int:
-    args = synthetic_parser(prog, defaults).parse_args(argv)
     with _sigterm_as_interrupt():
-        try:
-            return _run_synthetic(args, prog, defaults)
+        try:  # Ctrl-C while the parser's imports load is an interruption like any other
+            return _run_synthetic(synthetic_parser(prog, defaults).parse_args(argv), prog, defaults)
         except KeyboardInterrupt:
-            done = getattr(args, "written", None)
-            if done is None:
-                return interrupted(prog, "nothing was written (a synthetic run writes its folder when its "
-                                         "computations are done); run the same command again")
-            return interrupted(prog, f"the run folder {done} is complete but its figures are not; draw them with: "
-                                     f"{shlex.join([_python(), 'visualize_proposals.py', str(done)])}")
+            return interrupted(prog, "nothing was written (a synthetic run writes its folder when its computations "
+                                     "are done); run the same command again")
 
 
 def _run_synthetic(args, prog: str, defaults: dict) -> int:
-    from kl_estimation import progress, report
+    from kl_estimation import report
     from kl_estimation.synthetic import experiment as synthetic
     from kl_estimation.toy import markov as sequences
 
@@ -181,34 +176,40 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
     try:
         cfg.validate()
         runio.check_output_dir(args.output_dir, "output_dir", default=Path("results") / kind)
-        if args.sequence:
-            from kl_estimation.core.resources import set_threads
+        given = args.output_dir is not None
+        with runio.RunFolder(args.output_dir if given else runio.new_run_dir(kind), fresh=not given) as out:
+            if args.sequence:
+                from kl_estimation.core.resources import set_threads
 
-            set_threads(args.threads)
-        with progress.bar(total=mode.n_steps(cfg), desc=f"{kind} run", unit="step") as bar:
-            pairs, arrays = mode.run(cfg, progress=bar.update)
+                set_threads(args.threads)
+            pairs, arrays = mode.run(cfg, progress=True)
+            for pair in pairs:
+                print(report.pair_report(pair, cfg.n_samples, cfg.n_repeats), end="\n\n")
+                ratios = [m for m in pair["methods"] if m.get("variance_ratio_iid_rb") is not None]
+                if ratios:  # rows of samplers with dependent sequences: variance over repeats (one randomization each)
+                    print("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
+                        f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios), end="\n\n")
+            print(report.cross_family_report(pairs))
+            synthetic.SyntheticResult.of(cfg, kind, pairs, arrays, runio.versions(*(("torch",) * args.sequence))
+                                         ).save(out)
+            return _figures(prog, out, None if args.no_plots else "synthetic")
     except ValueError as err:
         return fail(prog, str(err))
 
-    for pair in pairs:
-        print(report.pair_report(pair, cfg.n_samples, cfg.n_repeats), end="\n\n")
-        ratios = [m for m in pair["methods"] if m.get("variance_ratio_iid_rb") is not None]
-        if ratios:  # rows of samplers with dependent sequences: variance over repeats (one randomization each)
-            print("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
-                f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios), end="\n\n")
-    print(report.cross_family_report(pairs))
 
-    out = runio.make_run_dir(args.output_dir, kind)
-    config = {"kind": kind, **synthetic.config_dict(cfg), "versions": runio.versions(*(("torch",) * args.sequence))}
-    results = {"config": config, "pairs": pairs}
-    runio.write_npz(out / runio.ARRAYS, arrays)
-    runio.write_csv(out / runio.SUMMARY, synthetic.summary_rows(pairs))
-    runio.write_json(out / runio.RESULTS, results)
-    args.written = out
-    if not args.no_plots:
-        from kl_estimation.figures import synthetic as plots
-        print(f"figures: {plots.draw_all(out)}")
-    print(f"run folder: {out}")
+def _figures(prog: str, folder: Path, kind: str | None) -> int:
+    """The end of a run whose folder is complete: its figures (`kind`: which module of kl_estimation.figures draws
+    them; None: none), then the folder's name. Ctrl-C while they are drawn keeps the folder and names the command
+    that draws them."""
+    try:
+        if kind is not None:
+            from importlib import import_module
+
+            print(f"figures: {import_module(f'kl_estimation.figures.{kind}').draw_all(folder)}")
+    except KeyboardInterrupt:
+        return interrupted(prog, f"the run folder {folder} is complete but its figures are not; draw them with: "
+                                 f"{shlex.join([_python(), 'visualize_proposals.py', str(folder)])}")
+    print(f"run folder: {folder}")
     return 0
 
 
@@ -231,9 +232,9 @@ def visualize_parser(prog: str, defaults: dict) -> Parser:
 
 
 def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) -> int:
-    args = visualize_parser(prog, defaults).parse_args(argv)
     with _sigterm_as_interrupt():
         try:
+            args = visualize_parser(prog, defaults).parse_args(argv)
             index = draw_figures(args.run_folder, args.format, args.pairs and _names(args.pairs), args.methods)
         except ValueError as err:
             return fail(prog, str(err))
@@ -311,37 +312,35 @@ def add_setting(parser, name: str, f, default, help: str | None = None) -> None:
 LLM_RUNS = Path("tests2")  # the seed's output root: each run without --output-dir gets a new folder in it
 
 
-def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
-    from kl_estimation.llm.run.config import LLMConfig
+NOTHING_WRITTEN = "nothing was written; run the same command again"
 
-    if corpus_requested(argv):  # --corpus FILE (or another corpus-only flag): a teacher-forced corpus run
-        return corpus_main(argv, prog, **defaults)
-    args = llm_parser(prog, defaults).parse_args(argv)
-    settings = {k: getattr(args, k) for k in LLMConfig.settings() if hasattr(args, k)}
-    settings["proposals"] = tuple(settings["proposals"])
-    reserved = None
-    if settings["output_dir"] is None and not settings["resume"]:
-        reserved = runio.make_run_dir(None, "", root=LLM_RUNS)  # a new folder: runs never collide
-        settings["output_dir"] = str(reserved)
-    cfg = LLMConfig(**settings)
-    folder_existed = reserved is None and Path(cfg.output_dir or ".").exists()
+
+def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
+    cfg = reserved = None
     with _sigterm_as_interrupt():
-        try:
-            cfg = cfg.validate()  # the prompt set and the proposals' labels, for what an interruption kept
+        try:  # from the first import on: Ctrl-C at any moment is one line and status 130
+            from kl_estimation.llm.run.config import LLMConfig
+
+            if corpus_requested(argv):  # --corpus FILE (or another corpus-only flag): a teacher-forced corpus run
+                return corpus_main(argv, prog, **defaults)
+            args = llm_parser(prog, defaults).parse_args(argv)
+            settings = {k: getattr(args, k) for k in LLMConfig.settings() if hasattr(args, k)}
+            settings["proposals"] = tuple(settings["proposals"])
+            if settings["output_dir"] is None and not settings["resume"]:
+                reserved = runio.new_run_dir("", root=LLM_RUNS)  # a new folder: runs never collide
+                settings["output_dir"] = str(reserved)
+            # validated: the prompt set and the proposals' labels, for what an interruption kept
+            cfg = LLMConfig(**settings).validate()
             return _run_llm(cfg, plots=not args.no_plots)
         except ValueError as err:
-            _remove_if_empty(reserved)
             return fail(prog, str(err))
         except KeyboardInterrupt:
-            return interrupted(prog, _kept(cfg, folder_existed, _command(prog, argv)))
+            return interrupted(prog, NOTHING_WRITTEN if cfg is None else _kept(cfg, _command(prog, argv)))
+        finally:
+            runio.remove_if_empty(reserved)
 
 
-def _remove_if_empty(folder) -> None:
-    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
-
-
-def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
+def _kept(cfg, command: list[str]) -> str:
     """What an interrupted LLM run kept, and the command that continues it."""
     from kl_estimation.llm.run.store import kept
 
@@ -349,8 +348,6 @@ def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
     parts_of_run = [(d, name) for d in cfg.directions for name in cfg.proposals]
     done, batches, sequences = kept(folder, parts_of_run)
     if not done and not batches:
-        if not folder_existed:
-            _remove_if_empty(folder)
         return f"no sequence was kept ({cfg.output_dir} holds nothing of this run); run the same command again"
     args = [a for a in command[2:] if a != "--overwrite"]
     if not any(a in ("--output-dir", "--output-folder") or a.startswith(("--output-dir=", "--output-folder="))
@@ -441,44 +438,31 @@ def corpus_parser(prog: str, defaults: dict) -> Parser:
 
 def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     """A corpus run from the command line: one line and exit 2 on bad input, nothing written."""
-    from kl_estimation.llm.corpus.config import CorpusConfig
-    from kl_estimation.llm.corpus.run import run_corpus
-
-    known = CorpusConfig.settings()
-    args = corpus_parser(prog, {k: v for k, v in defaults.items() if k in known or k == "no_plots"}).parse_args(argv)
-    cfg = CorpusConfig(**{k: getattr(args, k) for k in known if hasattr(args, k)})
-    if cfg.output_dir is None:
-        cfg = replace(cfg, output_dir=str(_new_corpus_folder()))
+    reserved = result = None
     with _sigterm_as_interrupt():
         try:
+            from kl_estimation.llm.corpus.config import CorpusConfig
+            from kl_estimation.llm.corpus.run import run_corpus
+
+            known = CorpusConfig.settings()
+            args = corpus_parser(prog, {k: v for k, v in defaults.items() if k in known or k == "no_plots"}
+                                 ).parse_args(argv)
+            cfg = CorpusConfig(**{k: getattr(args, k) for k in known if hasattr(args, k)})
+            if cfg.output_dir is None:
+                reserved = runio.new_run_dir("corpus", root=LLM_RUNS)  # a new folder: runs never collide
+                cfg = replace(cfg, output_dir=str(reserved))
             result = run_corpus(cfg, progress=True)
+            print(result.text)
+            return _figures(prog, result.folder, None if args.no_plots else "corpus")
         except ValueError as err:
             return fail(prog, str(err))
         except KeyboardInterrupt:
+            if result is not None:
+                return interrupted(prog, f"the run folder {result.folder} is complete")
             return interrupted(prog, "nothing was written (a corpus run writes its folder when every window is "
                                      "scored); run the same command again")
-        print(result.text)
-        if not args.no_plots:
-            try:
-                print(f"figures: {_corpus_figures(result.folder, 'png')}")
-            except KeyboardInterrupt:
-                return interrupted(prog, f"the run folder {result.folder} is complete but its figures are not; draw "
-                                         f"them with: {shlex.join([_python(), 'visualize_proposals.py', str(result.folder)])}")
-    print(f"run folder: {result.folder}")
-    return 0
-
-
-def _new_corpus_folder() -> Path:
-    """A folder name under tests2/corpus/ not taken yet; created only when the run writes (nothing on bad input)."""
-    from datetime import datetime
-
-    base = LLM_RUNS / "corpus"
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    for i in range(1000):
-        p = base / (stamp if i == 0 else f"{stamp}-{i}")
-        if not p.exists():
-            return p
-    raise RuntimeError(f"could not find a free run folder name under {base}")
+        finally:
+            runio.remove_if_empty(reserved)
 
 
 def _corpus_figures(folder, fmt: str = "png", selection=None):

@@ -186,12 +186,14 @@ def estimate_text(est, se) -> tuple[str, str]:
     return fixed(est, d), se_text
 
 
-def _ci_text(lo, hi, se, clip_zero: bool = False) -> tuple[str, bool]:
-    """'[lo, hi]' to the SE's decimals; with clip_zero a negative lower bound shows as 0 (a KL is ≥ 0).
-    Returns (text, clipped)."""
+BELOW_ZERO = "lower bound < 0 as computed, not clipped: a KL is ≥ 0"
+
+
+def _ci_text(lo, hi, se) -> tuple[str, bool]:
+    """'[lo, hi]' to the SE's decimals, the bounds as stored (summary.json, summary.csv and to_pandas hold the same
+    numbers): a negative lower bound is shown, not clipped at 0. Returns (text, whether the lower bound is < 0)."""
     d = se_decimals(se)
-    clipped = clip_zero and lo is not None and lo == lo and lo < 0
-    return f"[{fixed(0.0 if clipped else lo, d)}, {fixed(hi, d)}]", clipped
+    return f"[{fixed(lo, d)}, {fixed(hi, d)}]", lo is not None and lo == lo and lo < 0
 
 
 def codes(flags) -> str:
@@ -309,7 +311,7 @@ def recommendation_line(rec, scope: str = "", *, max_new_tokens: int | None = No
     ``Recommended: P · RB+CV = 10.70 nats/sequence (SE 0.08, 95% CI [10.55, 10.86]; a sequence is up to 20 new
     tokens, cut at EOS) — <reason>.`` The unit is nats per sequence (``unit`` overrides it), the horizon comes from
     `max_new_tokens` or the recommendation's own ``max_new_tokens`` / ``eos`` (verdicts.judge records them). Estimate and CI are
-    shown to the decimals the SE supports; a negative lower bound is shown as 0 and said to be clipped (a KL is ≥ 0)."""
+    shown to the decimals the SE supports; a negative lower bound is shown as computed, and said to be (BELOW_ZERO)."""
     where = f" {scope}" if scope else ""
     if rec is None:
         return f"Recommended{where}: none — " + (render(advice) or "every row is flagged (see above); draw more "
@@ -317,10 +319,10 @@ def recommendation_line(rec, scope: str = "", *, max_new_tokens: int | None = No
                                                   "degenerate needs P in the run to be judged).")
     unit = unit or rec.get("unit") or "nats/sequence"
     est, se = estimate_text(rec["estimate"], rec["std_error"])
-    ci, clipped = _ci_text(rec.get("ci_low"), rec.get("ci_high"), rec["std_error"], clip_zero=True)
+    ci, negative = _ci_text(rec.get("ci_low"), rec.get("ci_high"), rec["std_error"])
     reason = rec.get("reason")
     return (f"Recommended{where}: {rec['proposal']} · {rec['estimator']} = {est} {unit} (SE {se}, 95% CI {ci}"
-            f"{', lower bound clipped at 0' if clipped else ''}{_horizon(rec, max_new_tokens)})"
+            f"{f', {BELOW_ZERO}' if negative else ''}{_horizon(rec, max_new_tokens)})"
             f"{f' — {reason}' if reason else ''}.")
 
 
@@ -349,8 +351,8 @@ def recommendation_block(result, max_new_tokens: int | None = None, columns: int
     One prompt: recommendation_line. A prompt set: one short line per prompt (no repeated justification), then one
     overall line giving both intervals and when to use which — the fixed-set interval (within-prompt noise only:
     these prompts are the target) and the population interval (the prompts as a random sample of a population:
-    between-prompt spread included, Student t on m − 1 degrees of freedom) — and the reason once. A negative lower
-    bound is clipped at 0 (a KL is ≥ 0) and the line says so; the stored intervals are not changed."""
+    between-prompt spread included, Student t on m − 1 degrees of freedom) — and the reason once. Intervals are the
+    stored ones: a negative lower bound is shown as computed and the line says so (BELOW_ZERO)."""
     W = width(columns)
     per_prompt = result.get("per_prompt") or []
     rec = result.get("recommended")
@@ -371,23 +373,22 @@ def recommendation_block(result, max_new_tokens: int | None = None, columns: int
                                "      "))
             continue
         est, se = estimate_text(r["estimate"], r["std_error"])
-        ci, clipped = _ci_text(r.get("ci_low"), r.get("ci_high"), r["std_error"], clip_zero=True)
+        ci, negative = _ci_text(r.get("ci_low"), r.get("ci_high"), r["std_error"])
         lines.append(_wrap(f"{label}: {r['proposal']} · {r['estimator']} = {est} (SE {se}, 95% CI {ci}"
-                           f"{', clipped at 0' if clipped else ''})", W, "", "      "))
+                           f"{', lower bound < 0' if negative else ''})", W, "", "      "))
     if rec is None:
         lines.append(_wrap(recommendation_line(None, f"{scope} over the {m} prompts".strip(), advice=advice), W, "",
                            "  "))
         return "\n".join(lines)
     est, se = estimate_text(rec["estimate"], rec["std_error"])
-    ci, clipped = _ci_text(rec.get("ci_low"), rec.get("ci_high"), rec["std_error"], clip_zero=True)
+    ci, negative = _ci_text(rec.get("ci_low"), rec.get("ci_high"), rec["std_error"])
     se_pop = rec.get("std_error_population")
     if se_pop is not None and se_pop == se_pop:
         _, pop_se = estimate_text(rec["estimate"], se_pop)
-        pop_ci, pop_clipped = _ci_text(rec.get("ci_population_low"), rec.get("ci_population_high"), se_pop,
-                                       clip_zero=True)
+        pop_ci, pop_negative = _ci_text(rec.get("ci_population_low"), rec.get("ci_population_high"), se_pop)
         k = len(rec.get("prompts_covered") or range(m))
         population = (f"; for the population the prompts were drawn from SE {pop_se}, 95% CI {pop_ci} (Student t, "
-                      f"{k - 1} df{', lower bound clipped at 0: a KL is ≥ 0' if pop_clipped else ''})")
+                      f"{k - 1} df{f'; {BELOW_ZERO}' if pop_negative else ''})")
     else:
         population = ""
     covers = rec.get("covers")
@@ -395,6 +396,6 @@ def recommendation_block(result, max_new_tokens: int | None = None, columns: int
     reason = f" {rec['reason']}." if rec.get("reason") else ""
     overall = (f"Recommended{where} over {covers or f'the {m} prompts'}: {rec['proposal']} · {rec['estimator']} = {est} "
                f"{unit} (the mean of the per-prompt estimates); for these prompts SE {se}, 95% CI {ci}"
-               f"{' (lower bound clipped at 0)' if clipped else ''}{population}. {use}.{reason}")
+               f"{f' ({BELOW_ZERO})' if negative else ''}{population}. {use}.{reason}")
     lines.append(_wrap(overall, W, "", "  "))
     return "\n".join(lines)

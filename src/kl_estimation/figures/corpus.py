@@ -12,7 +12,6 @@ Colours: P's direction KL(P‖Q) blue, the reverse KL(Q‖P) orange, as in every
 """
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 from html import escape
@@ -55,22 +54,13 @@ def _short(name, n: int = 36) -> str:
 
 
 def load_corpus_run(path) -> CorpusRun:
-    import csv
+    from kl_estimation.llm.corpus.run import CorpusResult
 
-    path = Path(path)
     try:
-        summary = json.loads((path / "summary.json").read_text())
-        if summary.get("kind") != "corpus":
-            raise KeyError("kind")
-        with np.load(path / "tokens.npz") as z:
-            tokens = {k: z[k] for k in z.files}
-        with open(path / "windows.csv", encoding="utf-8") as fh:
-            windows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()}
-                       for r in csv.DictReader(fh)]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise RunFolderError(f"{path} is not a readable corpus run folder (summary.json, tokens.npz, windows.csv): "
-                             f"{type(err).__name__}: {err}") from None
-    return CorpusRun(path, summary, tokens, windows)
+        res = CorpusResult.load(path)
+    except ValueError as err:
+        raise RunFolderError(str(err)) from None
+    return CorpusRun(Path(path), res.to_dict(), res.tokens, res.windows)
 
 
 # ------------------------------------------------------------------------------------------------ figures

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from kl_estimation import runio
 from kl_estimation.core import estimators as est
 from kl_estimation.core.diagnostics import kish_ess, pareto_khat
 from kl_estimation.core.kinds import Estimator
@@ -28,6 +30,7 @@ from kl_estimation.core.proposals import (
 )
 from kl_estimation.core.streams import named_stream
 from kl_estimation.core.validation import check_int, check_sizes
+from kl_estimation.progress import bar as progress_bar
 from kl_estimation.settings import Settings, setting
 from kl_estimation.synthetic.distributions import (
     DIVERGENCES,
@@ -237,18 +240,20 @@ def n_steps(cfg: SyntheticConfig) -> int:
     return len(cfg.divergences) * len(cfg.families) * per_pair
 
 
-def run(cfg: SyntheticConfig, progress: Callable[[], None] | None = None):
-    """Every (family, divergence) pair of the config. Returns (pairs, arrays) with arrays keyed as in the npz."""
+def run(cfg: SyntheticConfig, progress: bool = False):
+    """Every (family, divergence) pair of the config. Returns (pairs, arrays) with arrays keyed as in the npz.
+    `progress`: a bar with one step per (pair, method)."""
     cfg.validate()
     pairs, arrays = [], {}
-    for divergence in cfg.divergences:
-        for family in cfg.families:
-            pair = make_pair(family, divergence, cfg)
-            entry, rs = run_pair(pair, cfg, progress)
-            pairs.append(entry)
-            key = f"{family}/{divergence}"
-            arrays[f"{key}/P"], arrays[f"{key}/Q"] = pair.P, pair.Q
-            arrays.update({f"{key}/r/{name}": r for name, r in rs.items()})
+    with progress_bar(total=n_steps(cfg), desc="synthetic run", unit="step", disable=not progress) as bar:
+        for divergence in cfg.divergences:
+            for family in cfg.families:
+                pair = make_pair(family, divergence, cfg)
+                entry, rs = run_pair(pair, cfg, bar.update)
+                pairs.append(entry)
+                key = f"{family}/{divergence}"
+                arrays[f"{key}/P"], arrays[f"{key}/Q"] = pair.P, pair.Q
+                arrays.update({f"{key}/r/{name}": r for name, r in rs.items()})
     return pairs, arrays
 
 
@@ -256,6 +261,72 @@ def config_dict(cfg) -> dict:
     d = asdict(cfg)
     d["families"], d["alpha_values"] = list(cfg.families), [float(a) for a in cfg.alpha_values]
     return d
+
+
+@dataclass
+class SyntheticResult:
+    """A synthetic or sequence run: ``results`` (``config`` with ``kind`` and ``versions``, ``pairs``) and
+    ``arrays`` (the distributions, keyed as in distributions.npz); ``path``, the run folder (None: not saved). The one
+    owner of the folder's files: ``save`` writes them, ``load`` reads them back (for figures too)."""
+
+    path: Path | None
+    results: dict
+    arrays: dict
+
+    @classmethod
+    def of(cls, cfg, kind: str, pairs: list[dict], arrays: dict, versions: dict) -> SyntheticResult:
+        return cls(None, {"config": {"kind": kind, **config_dict(cfg), "versions": versions}, "pairs": pairs}, arrays)
+
+    @property
+    def kind(self) -> str:
+        """'synthetic' (single-token) or 'sequence' (toy Markov pairs)."""
+        return self.results.get("config", {}).get("kind", "synthetic")
+
+    def pair(self, key: str) -> dict:
+        return next(p for p in self.results["pairs"] if f"{p['family']}/{p['divergence']}" == key)
+
+    def save(self, folder) -> Path:
+        """distributions.npz, summary.csv, then results.json last (a folder with results.json is complete), each
+        written atomically. Sets and returns ``path``."""
+        folder = Path(folder)
+        runio.write_npz(folder / runio.ARRAYS, self.arrays)
+        runio.write_csv(folder / runio.SUMMARY, summary_rows(self.results["pairs"]))
+        runio.write_json(folder / runio.RESULTS, self.results)
+        self.path = folder
+        return folder
+
+    @classmethod
+    def load(cls, path) -> SyntheticResult:
+        """A run folder read back; runio.RunFolderError (a ValueError) says what is missing or corrupt."""
+        import json
+        import zipfile
+
+        path = Path(path)
+        if not path.is_dir():
+            raise runio.RunFolderError(f"{path} is not a folder (give a run folder holding {runio.RESULTS})")
+        res_path, npz_path = path / runio.RESULTS, path / runio.ARRAYS
+        for p in (res_path, npz_path):
+            if not p.is_file():
+                raise runio.RunFolderError(f"{path} is not a run folder: {p.name} is missing")
+        try:
+            results = json.loads(res_path.read_text())
+            pairs = results["pairs"]
+            for p in pairs:
+                p["family"], p["divergence"], p["methods"], p["rankings"]  # a key check
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise runio.RunFolderError(f"{res_path} is corrupt or not a synthetic results file "
+                                       f"({type(err).__name__}: {err})") from None
+        try:
+            with np.load(npz_path) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise runio.RunFolderError(f"{npz_path} is corrupt ({type(err).__name__}: {err})") from None
+        run = cls(path, results, arrays)
+        for p in pairs:
+            for suffix in (("log_P", "log_Q") if run.kind == "sequence" else ("P", "Q")):
+                if f"{p['family']}/{p['divergence']}/{suffix}" not in arrays:
+                    raise runio.RunFolderError(f"{npz_path} lacks {p['family']}/{p['divergence']}/{suffix}")
+        return run
 
 
 SUMMARY_FIELDS = ("exact_mean", "exact_variance", "mean_estimate", "bias", "mse", "abs_error", "rel_error_pct",

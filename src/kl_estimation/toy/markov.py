@@ -40,6 +40,7 @@ from kl_estimation.core.kinds import Estimator as E
 from kl_estimation.core.proposals import log_ratio
 from kl_estimation.core.streams import named_stream
 from kl_estimation.core.validation import check_int, check_sizes
+from kl_estimation.progress import bar as progress_bar
 from kl_estimation.settings import Settings, setting, shared
 from kl_estimation.synthetic.distributions import (
     DIVERGENCES,
@@ -391,17 +392,19 @@ def n_steps(cfg: SequenceConfig) -> int:
                                                         + len(cfg.extra_samplers))
 
 
-def run(cfg: SequenceConfig, progress=None):
-    """All (family, divergence) pairs. Returns (pairs, arrays) like synthetic.run; arrays hold the tables."""
+def run(cfg: SequenceConfig, progress: bool = False):
+    """All (family, divergence) pairs. Returns (pairs, arrays) like synthetic.run; arrays hold the tables.
+    `progress`: a bar with one step per (pair, proposal or sampler)."""
     cfg.validate()
     pairs, arrays = [], {}
-    for divergence in cfg.divergences:
-        for family in cfg.families:
-            tables = markov_pair(family, divergence, cfg.vocab_size, cfg.order, cfg.max_new_tokens,
-                                 named_stream(cfg.seed, "markov", family, divergence))
-            pairs.append(run_pair(tables, cfg, progress))
-            arrays[f"{family}/{divergence}/log_P"] = tables.log_p
-            arrays[f"{family}/{divergence}/log_Q"] = tables.log_q
+    with progress_bar(total=n_steps(cfg), desc="sequence run", unit="step", disable=not progress) as bar:
+        for divergence in cfg.divergences:
+            for family in cfg.families:
+                tables = markov_pair(family, divergence, cfg.vocab_size, cfg.order, cfg.max_new_tokens,
+                                     named_stream(cfg.seed, "markov", family, divergence))
+                pairs.append(run_pair(tables, cfg, bar.update))
+                arrays[f"{family}/{divergence}/log_P"] = tables.log_p
+                arrays[f"{family}/{divergence}/log_Q"] = tables.log_q
     return pairs, arrays
 
 
