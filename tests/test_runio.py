@@ -156,7 +156,10 @@ def test_ctrl_c_at_1_s(script, tmp_path, capsys):
         argv = [script, "--output-dir", str(tmp_path / "o")]
     code, err = _interrupt(argv, 1.0)
     one_line(code, err, "interrupted: ", status=130)
-    assert not (tmp_path / "o").exists() and not (tmp_path / "run" / "plots").exists()
+    assert not (tmp_path / "run" / "plots").exists()
+    # an idle machine finishes the default synthetic run (0.5 s) before 1 s: then the folder is whole, never partial
+    out = tmp_path / "o"
+    assert not out.exists() or ("is complete" in err and (out / "results.json").exists()), err
 
 
 @pytest.mark.slow

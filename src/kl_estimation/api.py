@@ -102,16 +102,17 @@ class KLResult:
 
 
 def _row(r) -> Row | None:
-    """A Row as it is; the Jeffreys row (a dict: a sum of two directions' rows) as a combined Row."""
+    """A Row as it is; a row read back from summary.json, or the Jeffreys row (a dict: a sum of two directions'
+    rows), as a Row."""
     return r if r is None or isinstance(r, Row) else Row.from_dict(r)
 
 
 def result_of(run: dict) -> KLResult:
-    """A KLResult from run_experiment's output."""
-    rows = run["rows"]
+    """A KLResult from run_experiment's output, or from a run folder read back (store.load_run: rows as dicts)."""
+    rows = [_row(r) for r in run["rows"]]
     per_prompt = []
     for p in run["per_prompt"]:
-        per_prompt.append(dict(prompt=p["prompt"], text=p["text"], rows=list(p["rows"]),
+        per_prompt.append(dict(prompt=p["prompt"], text=p["text"], rows=[_row(r) for r in p["rows"]],
                                recommended=_row(p["recommended"]),
                                recommended_by_direction={d: _row(r) for d, r in
                                                          p.get("recommended_by_direction", {}).items()},

@@ -402,7 +402,10 @@ class Row:
         if "ci_population_low" in e:
             pop = (e.pop("ci_population_low"), e.pop("ci_population_high"))
         ci = (e.pop("ci_low", NAN), e.pop("ci_high", NAN))
+        saved_pop = "std_error_population" in e
         std_error_population = e.pop("std_error_population", None)
+        if std_error_population is None and saved_pop:  # NaN, read back from strict JSON as null
+            std_error_population = NAN
         flags = as_flags(e.pop("flags", ()))
         reason = e.pop("reason", None)
         if isinstance(reason, str):
