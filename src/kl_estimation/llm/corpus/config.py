@@ -16,17 +16,20 @@ from kl_estimation.llm.corpus.stats import BASE_STORAGE, SCORE_MODES
 from kl_estimation.llm.run.config import LLMConfig, resolve_device, setting
 
 CLUSTERS = ("window", "document")
-CORPUS_FILES = ("summary.json", "tokens.npz", "windows.csv", "llama.txt", "plots")
+CORPUS_FILES = ("summary.json", "tokens.npz", "windows.csv", "llama.txt", "plots", "comparison.json", "comparison.csv",
+                "candidates")
 CORPUS_KINDS = (".txt", ".jsonl")
 
 
-def shared(name: str, help: str | None = None, default=...):
+def shared(name: str, help: str | None = None, default=..., nargs=None):
     """LLMConfig's setting `name` for the corpus run: same name, same default and flag (its help may be reworded
-    where the corpus run uses it otherwise, e.g. batch_size counts windows)."""
+    where the corpus run uses it otherwise, e.g. batch_size counts windows; `nargs` where it takes several)."""
     f = LLMConfig.settings()[name]
     meta = dict(f.metadata)
     if help is not None:
         meta["help"] = help
+    if nargs is not None:
+        meta["nargs"] = nargs
     return field(default=f.default if default is ... else default, metadata=meta)
 
 
@@ -36,8 +39,11 @@ class CorpusConfig:
     JSON key in summary.json; the flag is ``--`` + the name with dashes."""
 
     p_model: str | None = shared("p_model", "base model P (llama.cpp's base): a hub id, a local folder or a .gguf file")
-    q_model: str | None = shared("q_model", "the other model Q (e.g. a quantized P): a hub id, a local folder or a "
-                                            ".gguf file (default with `q_adapter`: `p_model`)")
+    q_model: str | tuple | None = shared("q_model", "the other model Q (e.g. a quantized P): a hub id, a local folder "
+                                                    "or a .gguf file (default with `q_adapter`: `p_model`); several "
+                                                    "(a quant ladder, a checkpoint series): each scored against one "
+                                                    "pass of P, loaded one at a time, then compared in one table",
+                                         nargs="+")
     corpus: str | None = setting(None, "the text: a .txt file (one document, tokenized whole as llama.cpp does) or a "
                                        ".jsonl file (one document per line, its text under `text_field`); this flag "
                                        "switches LLM_experiments.py to a corpus run")
@@ -60,6 +66,8 @@ class CorpusConfig:
     base_storage: str = setting("exact", "exact: P's distributions in float32; llama-uint16: P stored as llama.cpp's "
                                          "--kl-divergence-base stores it (16-bit log-probs, tokens below max − 16 "
                                          "dropped), to reproduce its arithmetic")
+    n_bootstrap: int = setting(1000, "cluster resamples of the bootstrap behind the percentile CIs", type=int)
+    seed: int = shared("seed", "seed of the cluster bootstrap (the same draws for every candidate)")
     n_worst: int = setting(20, "tokens with the largest KL(P‖Q) kept with their context for the figures", type=int)
     batch_size: int = shared("batch_size", "windows per forward batch (llama.cpp puts 2048 / n_ctx in one)",
                              default=4)
@@ -95,7 +103,14 @@ class CorpusConfig:
         check_names(settings, known, "a corpus run")
         return cls(**settings)
 
+    @property
+    def candidates(self) -> tuple:
+        """The candidate Qs: one name, or the several of a comparison run."""
+        return (self.q_model,) if isinstance(self.q_model, str) else tuple(self.q_model or ())
+
     def __post_init__(self):
+        if isinstance(self.q_model, list):  # the command line's --q-model A [B …]: one name is a one-candidate run
+            self.q_model = self.q_model[0] if len(self.q_model) == 1 else tuple(self.q_model)
         if self.q_adapter and self.q_model is None:
             self.q_model, self.q_revision = self.p_model, self.q_revision or self.p_revision
         if self.texts is not None and not isinstance(self.texts, tuple):
@@ -108,9 +123,15 @@ class CorpusConfig:
 
         if self.p_model is None or self.q_model is None:
             raise ValueError("q_model: a corpus run needs `p_model` and `q_model` (or `p_model` with `q_adapter`)")
+        if not self.candidates or not all(isinstance(n, str) and n for n in self.candidates):
+            raise ValueError(f"q_model: a model name or a list of them (got {self.q_model!r})")
+        if len(set(self.candidates)) < len(self.candidates):
+            raise ValueError("q_model: a candidate is named twice")
         check_int("context", self.context, 3 if self.score == "second-half" else 2)
         check_int("batch_size", self.batch_size, 1)
         check_int("n_worst", self.n_worst, 0)
+        check_int("n_bootstrap", self.n_bootstrap, 1)
+        check_int("seed", self.seed, 0)
         for name in ("n_windows", "n_documents", "threads"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)

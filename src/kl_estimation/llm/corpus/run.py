@@ -103,23 +103,77 @@ def _top(logits_row: torch.Tensor, k: int):
     return [(int(a), float(b)) for a, b in zip(i.tolist(), v.exp().tolist())]
 
 
-def score_windows(p, q, windows: np.ndarray, mask: np.ndarray, vocab: int, *, batch_size: int,
-                  base_storage: str = "exact", n_worst: int = 0, bar=None) -> tuple[dict, list]:
-    """Both models over every window (batches of `batch_size`), token_stats on the scored positions. Returns the
-    per-token arrays ((W, n_ctx), NaN / False where unscored) and the `n_worst` tokens of largest KL(P‖Q) as
-    (kl, window, position, P's top, Q's top)."""
+class BaseCache:
+    """P's side of every window, computed once for any number of candidates: P's final hidden states (the input of
+    its output head, in P's dtype, (W, keep, hidden)) and the head itself, so that P's logits of a batch are the head
+    applied again to the same input — the same operation on the same values as in P's own forward, hence the same
+    bits (checked on the first batch). A model whose logits are not its head's output (soft-capping, scaling after
+    the head) keeps P itself (``model``) and runs it again for every candidate."""
+
+    def __init__(self, hidden, head, model, windows: np.ndarray, keep: int, vocab: int):
+        self.hidden, self.head, self.model = hidden, head, model
+        self.windows, self.keep, self.vocab = windows, keep, vocab
+
+    @property
+    def exact_from_hidden(self) -> bool:
+        return self.model is None
+
+    def device(self) -> torch.device:
+        return _device_of(self.model) if self.model is not None else next(self.head.parameters()).device
+
+    @torch.inference_mode()
+    def logits(self, w0: int, w1: int) -> torch.Tensor:
+        """(w1 − w0, keep − 1, vocab) logits of P for windows w0 … w1 − 1."""
+        if self.model is not None:
+            return window_logits(self.model, torch.from_numpy(self.windows[w0:w1]).to(self.device()), self.keep,
+                                 self.vocab)
+        h = self.hidden[w0:w1].to(self.device())
+        return self.head(h)[:, :-1, : self.vocab]
+
+
+@torch.inference_mode()
+def base_pass(p, windows: np.ndarray, keep: int, vocab: int, batch_size: int, bar=None) -> BaseCache:
+    """P over every window once (batches of `batch_size`, as the candidates will be), keeping what its output head
+    received; P itself is kept only when its logits are not that head's output."""
+    from kl_estimation.llm.pair import _inner
+
+    head = _inner(p).get_output_embeddings()
+    seen = {}
+    hook = head.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
+    hidden = []
+    try:
+        for w0 in range(0, windows.shape[0], batch_size):
+            w1 = min(windows.shape[0], w0 + batch_size)
+            lp = window_logits(p, torch.from_numpy(windows[w0:w1]).to(_device_of(p)), keep, vocab)
+            x = seen.pop("x")
+            if x.shape[1] != keep:  # the model computed every position's logits: the head's output is rebuilt
+                x = x[:, -keep:]
+            hidden.append(x.to("cpu", copy=True))
+            if w0 == 0 and not torch.equal(head(hidden[0].to(x.device))[:, :-1, :vocab], lp):
+                return BaseCache(None, None, p, windows, keep, vocab)
+            if bar is not None:
+                bar.update(w1 - w0)
+    finally:
+        hook.remove()
+    return BaseCache(torch.cat(hidden), head, None, windows, keep, vocab)
+
+
+def score_windows(base: BaseCache, q, mask: np.ndarray, *, batch_size: int, base_storage: str = "exact",
+                  n_worst: int = 0, bar=None) -> tuple[dict, list]:
+    """Candidate `q` over every window (batches of `batch_size`) against P's logits from `base`, token_stats on the
+    scored positions. Returns the per-token arrays ((W, n_ctx), NaN / False where unscored) and the `n_worst` tokens
+    of largest KL(P‖Q) as (kl, window, position, P's top, Q's top)."""
+    windows, keep, vocab = base.windows, base.keep, base.vocab
     W, n_ctx = windows.shape
-    cols = np.flatnonzero(mask.any(0))
-    s0 = int(cols[0])                      # first scored target; logits from position s0 − 1 on
-    keep = n_ctx - s0 + 1
+    s0 = n_ctx - keep + 1                  # first scored target; logits from position s0 − 1 on
     out = {k: np.full((W, n_ctx), np.nan) for k in STAT_KEYS if k != "top1_agree"}
     out["top1_agree"] = np.zeros((W, n_ctx), dtype=bool)
-    dev_p, dev_q = _device_of(p), _device_of(q)
+    dev_q = _device_of(q)
     worst: list = []
     for w0 in range(0, W, batch_size):
         w1 = min(W, w0 + batch_size)
         ids = torch.from_numpy(windows[w0:w1])
-        lp = window_logits(p, ids.to(dev_p), keep, vocab)
+        lp = base.logits(w0, w1)
         lq = window_logits(q, ids.to(dev_q), keep, vocab).to(lp.device)
         tg = ids[:, s0:].to(lp.device)
         m = torch.from_numpy(mask[w0:w1, s0:]).to(lp.device)
@@ -226,68 +280,149 @@ def _batch_bytes(p, q, batch: int, keep: int, vocab_rows: int) -> int:
     return size + 10 * (1 << 22) * 4 + batch * 12 * (1 << 20)
 
 
-def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool = False) -> CorpusResult:
-    """Validate cfg, load (or take) the models, score every window, summarize; write the run folder when
-    cfg.output_dir is set. `models`: (P, Q) already loaded, with their shared `tokenizer`."""
+def candidate_configs(cfg: CorpusConfig) -> list[CorpusConfig]:
+    """One config per candidate Q: what its one-candidate run would be given."""
+    import dataclasses
+
+    return [dataclasses.replace(cfg, q_model=name) for name in cfg.candidates]
+
+
+def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool = False):
+    """Validate cfg, load P, score every window once for P (base_pass), then each candidate Q in turn against it
+    (loaded one at a time: memory is that of the larger model, whatever the number of candidates); summarize; write
+    the run folder when cfg.output_dir is set. `models`: (P, Q or a list of Qs) already loaded, with their shared
+    `tokenizer`. One candidate (`q_model` a name): a CorpusResult; a list: a CorpusComparison (compare.py)."""
     t_start = time.perf_counter()
     cfg.validate()
     cfg.threads = set_threads(cfg.threads)
     from kl_estimation.llm.loading import check_logit_rows, gguf_speedups
 
+    given_q = None
+    if models is not None:
+        given_q = list(models[1]) if isinstance(models[1], (list, tuple)) else [models[1]]
+        if len(given_q) != len(cfg.candidates):
+            raise ValueError(f"q_model: {len(given_q)} loaded candidates for {len(cfg.candidates)} names")
     with gguf_speedups():  # each GGUF file parsed once for its tokenizer, config and weights
-        p, q, tokenizer, record, prepared = _load(cfg, models, tokenizer)
+        tokenizer, prepared = _prepare(cfg, models, tokenizer)
+        p = models[0] if models is not None else _load_side(cfg, "p", cfg.p_model)
     _, _, corpus, windows, mask, document, _ = prepared
     W = windows.shape[0]
     vocab = len(tokenizer)
-    check_logit_rows(p, q, vocab)
-    record["text_start"] = corpus["text_start"]
-    record["classes"] = [type(m).__name__ for m in (p, q)]
+    check_logit_rows(p, p, vocab)
     keep = cfg.context - int(np.flatnonzero(mask.any(0))[0]) + 1
-    rows = max(vocab, _logit_rows(p), _logit_rows(q))
-    check_memory(_batch_bytes(p, q, cfg.batch_size, keep, rows), "batch_size",
+    rows = max(vocab, _logit_rows(p))
+    check_memory(_batch_bytes(p, p, cfg.batch_size, keep, rows), "batch_size",
                  f"a forward batch of {cfg.batch_size} windows of {cfg.context} tokens (vocabulary {vocab})",
                  torch.cuda.mem_get_info(_device_of(p))[0] if _device_of(p).type == "cuda" else None)
+    p_class = type(p).__name__
     t_loaded = time.perf_counter()
-    bar = None
-    if progress:
-        from kl_estimation import progress as progress_bars
+    with _bar(progress, W, "corpus windows, P") as bar:
+        base = base_pass(p, windows, keep, vocab, cfg.batch_size, bar)
+    del p  # P's body goes unless its logits are not hidden × head (then `base` holds it)
+    t_base = time.perf_counter()
+    results = []
+    for i, cq in enumerate(candidate_configs(cfg)):
+        t0 = time.perf_counter()
+        if given_q is not None:
+            q, record = given_q[i], {"p": p_class + " (loaded)", "q": type(given_q[i]).__name__ + " (loaded)"}
+        else:
+            with gguf_speedups():
+                q = _load_side(cq, "q", cq.q_model)
+            record = _model_record(cq)
+            record["dtype"] = resolve_dtype_of(cfg)
+        if _logit_rows(q) and _logit_rows(q) < vocab:
+            raise ValueError(f"q_model: {cq.q_model} has {_logit_rows(q)} logit rows but the tokenizer {vocab} "
+                             f"tokens")
+        record.update(text_start=corpus["text_start"], classes=[p_class, type(q).__name__],
+                      base="P's final hidden states × its output head, computed once" if base.exact_from_hidden
+                      else "P run again for every candidate (its logits are not hidden × head)")
+        t1 = time.perf_counter()
+        with _bar(progress, W, f"corpus windows, Q {i + 1}/{len(cfg.candidates)}") as bar:
+            arrays, worst = score_windows(base, q, mask, batch_size=cfg.batch_size, base_storage=cfg.base_storage,
+                                          n_worst=cfg.n_worst, bar=bar)
+        del q
+        t2 = time.perf_counter()
+        arrays["mask"] = mask
+        summary = summarize(arrays, document_index=document if cfg.cluster_by == "document" else None,
+                            rng=np.random.default_rng(cfg.seed), n_bootstrap=cfg.n_bootstrap)
+        tokens = {"windows": windows, "mask": mask, "document": document, **{k: arrays[k] for k in STAT_KEYS}}
+        n_scored = int(mask.sum())
+        timing = {"load_s": (t_loaded - t_start) + (t1 - t0), "base_s": t_base - t_loaded, "score_s": t2 - t1,
+                  "total_s": (t_base - t_start) + (t2 - t0), "scored_tokens_per_s": n_scored / max(t2 - t1, 1e-9),
+                  "window_tokens_per_s": W * cfg.context / max(t2 - t1, 1e-9), "threads": cfg.threads,
+                  "device": str(base.device())}
+        results.append(CorpusResult(summary, tokens, window_rows(tokens, summary), cq.to_dict(), record, corpus,
+                                    worst_records(worst, windows, document, arrays, tokenizer), timing))
+    if isinstance(cfg.q_model, str):
+        result = results[0]
+        if cfg.output_dir is not None:
+            result.folder = write_run(cfg.output_dir, result, cfg.overwrite)
+        return result
+    from kl_estimation.llm.corpus.compare import CorpusComparison
 
-        bar = progress_bars.bar(total=W, desc="corpus windows", unit="window")
-    try:
-        arrays, worst = score_windows(p, q, windows, mask, vocab, batch_size=cfg.batch_size,
-                                      base_storage=cfg.base_storage, n_worst=cfg.n_worst, bar=bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    t_scored = time.perf_counter()
-    arrays["mask"] = mask
-    summary = summarize(arrays, document_index=document if cfg.cluster_by == "document" else None)
-    tokens = {"windows": windows, "mask": mask, "document": document, **{k: arrays[k] for k in STAT_KEYS}}
-    n_scored = int(mask.sum())
-    timing = {"load_s": t_loaded - t_start, "score_s": t_scored - t_loaded, "total_s": time.perf_counter() - t_start,
-              "scored_tokens_per_s": n_scored / max(t_scored - t_loaded, 1e-9),
-              "window_tokens_per_s": W * cfg.context / max(t_scored - t_loaded, 1e-9), "threads": cfg.threads,
-              "device": str(_device_of(p))}
-    result = CorpusResult(summary, tokens, window_rows(tokens, summary), cfg.to_dict(), record, corpus,
-                          worst_records(worst, windows, document, arrays, tokenizer), timing)
+    comparison = CorpusComparison.build(results, cfg, timing={"total_s": time.perf_counter() - t_start, "base_s": t_base - t_loaded})
     if cfg.output_dir is not None:
-        result.folder = write_run(cfg.output_dir, result, cfg.overwrite)
-    return result
+        comparison.write(cfg.output_dir, cfg.overwrite)
+    return comparison
 
 
-def _load(cfg: CorpusConfig, models, tokenizer):
-    """Tokenizers, the text and its windows, then the weights — in that order, so that everything that can be refused
-    is refused before seconds of loading weights."""
-    from kl_estimation.llm.loading import load_model_pair, load_tokenizers
+def resolve_dtype_of(cfg: CorpusConfig) -> str:
+    from kl_estimation.llm.run.config import resolve_device, resolve_dtype
+
+    return resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+
+
+class _bar:
+    """A tqdm bar as a context manager, or nothing when `progress` is off."""
+
+    def __init__(self, progress: bool, total: int, desc: str):
+        self.bar = None
+        if progress:
+            from kl_estimation import progress as progress_bars
+
+            self.bar = progress_bars.bar(total=total, desc=desc, unit="window")
+
+    def __enter__(self):
+        return self.bar
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _load_side(cfg: CorpusConfig, side: str, name: str):
+    """One model of the run (P, or one candidate Q) in eval mode, with its adapter."""
+    from kl_estimation.llm.loading import _with_adapters, load_model
+    from kl_estimation.llm.pair import DTYPES, AdapterView
     from kl_estimation.llm.run.config import resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)
+    dt = DTYPES[resolve_dtype(getattr(cfg, f"{side}_dtype") or cfg.dtype, device)]
+    m = load_model(f"{side}_model", name, device, dt, cfg.device_map, cfg.offload, getattr(cfg, f"{side}_revision"),
+                   cfg.trust_remote_code)
+    adapter = getattr(cfg, f"{side}_adapter")
+    if adapter:
+        m = AdapterView(_with_adapters(m, {side: (f"{side}_adapter", adapter)}, name), side)
+    return m
+
+
+def _prepare(cfg: CorpusConfig, models, tokenizer):
+    """Tokenizers (every candidate's checked against P's), the text and its windows — everything that can be refused
+    is refused before seconds of loading weights."""
+    from kl_estimation.llm.loading import load_tokenizers
+
     if models is None:
-        tokenizer, _ = load_tokenizers(cfg.p_model, cfg.q_model, p_revision=cfg.p_revision, q_revision=cfg.q_revision,
-                                       trust_remote_code=cfg.trust_remote_code, ignore_eos=True)
-        check_context(cfg.context, _context_limit(cfg)[0])
+        for cq in candidate_configs(cfg):
+            tokenizer, _ = load_tokenizers(cq.p_model, cq.q_model, p_revision=cq.p_revision,
+                                           q_revision=cq.q_revision, trust_remote_code=cq.trust_remote_code,
+                                           ignore_eos=True)
+            check_context(cfg.context, _context_limit(cq)[0])
     elif tokenizer is None:
         raise ValueError("tokenizer: needed when the models are passed loaded")
+    else:
+        limits = [getattr(m.config, "max_position_embeddings", None) for m in _flat(models) if hasattr(m, "config")]
+        limits = [n for n in limits if isinstance(n, int) and n > 0]
+        check_context(cfg.context, min(limits) if limits else None)
     ids, doc, corpus = corpus_tokens(cfg, tokenizer)
     bos = bos_of(tokenizer)
     windows, mask = llama_windows(ids, cfg.context, bos, score=cfg.score, n_chunks=cfg.n_windows)
@@ -295,23 +430,12 @@ def _load(cfg: CorpusConfig, models, tokenizer):
     document = doc[: W * cfg.context].reshape(W, cfg.context)
     corpus.update(n_tokens=int(ids.size), n_windows=W, tokens_used=int(W * cfg.context),
                   tokens_dropped=int(ids.size - W * cfg.context), bos_replaces_first_token=bos)
-    if models is None:
-        record = _model_record(cfg)
-        dt = resolve_dtype(cfg.dtype, device)
-        p, q = load_model_pair(cfg.p_model, cfg.q_model, device=device, dtype=dt,
-                               p_dtype=cfg.p_dtype and resolve_dtype(cfg.p_dtype, device),
-                               q_dtype=cfg.q_dtype and resolve_dtype(cfg.q_dtype, device), p_adapter=cfg.p_adapter,
-                               q_adapter=cfg.q_adapter, device_map=cfg.device_map, offload=cfg.offload,
-                               p_revision=cfg.p_revision, q_revision=cfg.q_revision,
-                               trust_remote_code=cfg.trust_remote_code)
-        record["dtype"] = dt
-    else:
-        p, q = models
-        record = {"p": type(p).__name__ + " (loaded)", "q": type(q).__name__ + " (loaded)"}
-        limits = [getattr(m.config, "max_position_embeddings", None) for m in (p, q) if hasattr(m, "config")]
-        limits = [n for n in limits if isinstance(n, int) and n > 0]
-        check_context(cfg.context, min(limits) if limits else None)
-    return p, q, tokenizer, record, (ids, doc, corpus, windows, mask, document, bos)
+    return tokenizer, (ids, doc, corpus, windows, mask, document, bos)
+
+
+def _flat(models):
+    p, q = models
+    return [p, *(q if isinstance(q, (list, tuple)) else [q])]
 
 
 def _logit_rows(model) -> int:
