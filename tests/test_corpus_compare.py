@@ -176,3 +176,24 @@ def test_cli_several_candidates_write_one_comparison(ladder, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "q_model" in err[0] or "--q-model" in err[0]
     assert not (tmp_path / "dup").exists()
+
+
+def test_groups_of_a_jsonl_corpus_get_their_own_rows(ladder, tmp_path):
+    p, qs = ladder
+    f = tmp_path / "c.jsonl"
+    docs = [(text(30 + 5 * i, seed=20 + i), "code" if i % 3 == 0 else "chat") for i in range(9)]
+    f.write_text("\n".join(json.dumps({"text": t, "kind": g}) for t, g in docs))
+    res = kle.corpus_kl(p, qs[:2], f, context=16, group_field="kind", cluster_by="document", n_bootstrap=50,
+                        progress=False)
+    r = res.results[1]
+    assert r.corpus["groups"] == ["code", "chat"]
+    t = r.tokens
+    group = np.asarray(r.corpus["document_group"])[t["document"]]
+    for g, name in enumerate(r.corpus["groups"]):
+        sel = t["mask"] & (group == g)
+        got = r.summary["groups"][name]["kl_forward"]
+        assert got["mean"] == pytest.approx(t["kl_forward"][sel].mean(), rel=1e-12)
+        assert got["n_clusters"] == len(np.unique(t["document"][sel]))
+    assert "group code" in res.text and "group chat" in res.text
+    with pytest.raises(ValueError, match="^group_field:"):
+        kle.corpus_kl(p, qs[0], [text()], context=16, group_field="kind", progress=False)

@@ -23,7 +23,7 @@ import numpy as np
 
 from kl_estimation import runio
 from kl_estimation.llm.corpus.config import CORPUS_FILES
-from kl_estimation.llm.corpus.stats import format_llama, paired_difference
+from kl_estimation.llm.corpus.stats import format_llama, group_line, paired_difference
 
 CANDIDATES = "candidates"
 
@@ -123,6 +123,13 @@ def table_text(rows, results) -> str:
         verdict = "indistinguishable" if d["indistinguishable"] else "farther from the base"
         out.append(f"{row['candidate']} - {d['minus']} = {d['mean']:+.6f} ± {d['se_cluster']:.6f} "
                    f"[{d['ci'][0]:+.6f}, {d['ci'][1]:+.6f}]: {verdict}")
+    groups = s.get("groups", {})
+    for name in groups:
+        out.append(f"group {name} ({groups[name]['kl_forward']['n']} tokens), by rank:")
+        for row in sorted(rows, key=lambda r: r["rank"]):
+            g = results[[r["candidate"] for r in rows].index(row["candidate"])].summary["groups"].get(name)
+            if g is not None:
+                out.append(f"  {row['candidate']}: " + group_line(g, pc))
     if any("pareto" in r for r in rows):
         out.append("Pareto front (no other candidate both smaller and closer): "
                    + ", ".join(r["candidate"] for r in sorted(rows, key=lambda r: r["bits_per_weight"])

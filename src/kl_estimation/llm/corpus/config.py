@@ -52,6 +52,9 @@ class CorpusConfig:
                                             "a load_dataset name, one document per row (text under `text_field`)")
     split: str = shared("split")
     text_field: str = setting("text", "`corpus` .jsonl and `dataset`: the field holding each document's text")
+    group_field: str | None = setting(None, "`corpus` .jsonl: the field naming each document's group (e.g. "
+                                            "category: code, chat, math): the statistics per group, with SEs "
+                                            "clustered within it")
     n_documents: int | None = setting(None, "only the first N documents (default: all)", type=int)
     token_ids: str | None = setting(None, "score these token ids instead of tokenizing a text: llama.cpp's "
                                           "--kl-divergence-base file (its header holds them) or a .npy array "

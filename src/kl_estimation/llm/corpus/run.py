@@ -31,7 +31,8 @@ import torch
 from kl_estimation import runio
 from kl_estimation.core.resources import check_memory, set_threads
 from kl_estimation.llm.corpus.config import CORPUS_FILES, CorpusConfig
-from kl_estimation.llm.corpus.stats import STAT_KEYS, format_llama, llama_windows, summarize, token_stats
+from kl_estimation.llm.corpus.stats import (STAT_KEYS, cluster_mean, format_llama, llama_windows, summarize,
+                                            token_stats)
 from kl_estimation.llm.corpus.text import read_documents, read_token_ids, tokenize_documents
 
 TOP = 3          # top tokens of P and Q kept for each worst token
@@ -113,6 +114,11 @@ class BaseCache:
     def __init__(self, hidden, head, model, windows: np.ndarray, keep: int, vocab: int):
         self.hidden, self.head, self.model = hidden, head, model
         self.windows, self.keep, self.vocab = windows, keep, vocab
+
+    @property
+    def nbytes(self) -> int:
+        """P's cached hidden states in memory (0 when P itself is kept)."""
+        return 0 if self.hidden is None else self.hidden.numel() * self.hidden.element_size()
 
     @property
     def exact_from_hidden(self) -> bool:
@@ -250,8 +256,16 @@ def corpus_tokens(cfg: CorpusConfig, tokenizer) -> tuple[np.ndarray, np.ndarray,
         rec["text_start"] = text_start(tokenizer)
         rec["n_documents"] = 1
         return ids, np.zeros(ids.size, dtype=np.int32), rec
-    docs = read_documents(cfg.corpus, cfg.texts, cfg.dataset, cfg.split, cfg.text_field, cfg.n_documents)
+    docs = read_documents(cfg.corpus, cfg.texts, cfg.dataset, cfg.split, cfg.text_field, cfg.n_documents,
+                          cfg.group_field)
+    groups = None
+    if cfg.group_field is not None:
+        docs, groups = docs
     ids, doc, rec = tokenize_documents(tokenizer, docs)
+    if groups is not None:  # group names in order of first appearance; per document its index among them
+        names = list(dict.fromkeys(groups))
+        rec["groups"] = names
+        rec["document_group"] = [names.index(g) for g in groups]
     rec["source"] = (f"file {cfg.corpus}" if cfg.corpus else f"dataset {cfg.dataset} ({cfg.split})" if cfg.dataset
                      else "texts") + ", tokenized by the tokenizer"
     return ids, doc, rec
@@ -335,7 +349,8 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
                              f"tokens")
         record.update(text_start=corpus["text_start"], classes=[p_class, type(q).__name__],
                       base="P's final hidden states × its output head, computed once" if base.exact_from_hidden
-                      else "P run again for every candidate (its logits are not hidden × head)")
+                      else "P run again for every candidate (its logits are not hidden × head)",
+                      base_cache_bytes=base.nbytes, vocab=vocab)
         t1 = time.perf_counter()
         with _bar(progress, W, f"corpus windows, Q {i + 1}/{len(cfg.candidates)}") as bar:
             arrays, worst = score_windows(base, q, mask, batch_size=cfg.batch_size, base_storage=cfg.base_storage,
@@ -345,6 +360,8 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
         arrays["mask"] = mask
         summary = summarize(arrays, document_index=document if cfg.cluster_by == "document" else None,
                             rng=np.random.default_rng(cfg.seed), n_bootstrap=cfg.n_bootstrap)
+        if "groups" in corpus:
+            summary["groups"] = group_means(arrays, summary, document, corpus)
         tokens = {"windows": windows, "mask": mask, "document": document, **{k: arrays[k] for k in STAT_KEYS}}
         n_scored = int(mask.sum())
         timing = {"load_s": (t_loaded - t_start) + (t1 - t0), "base_s": t_base - t_loaded, "score_s": t2 - t1,
@@ -364,6 +381,24 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
     if cfg.output_dir is not None:
         comparison.write(cfg.output_dir, cfg.overwrite)
     return comparison
+
+
+def group_means(arrays: dict, summary: dict, document: np.ndarray, corpus: dict) -> dict:
+    """Per group of documents: mean KL(P‖Q), same top-1 and ln PPL ratio with SEs clustered as the run's (windows or
+    documents), on the group's tokens only (a window straddling two groups is a cluster in each)."""
+    mask = arrays["mask"]
+    group = np.asarray(corpus["document_group"])[document][mask]
+    clusters = (document if summary["cluster_by"] == "document"
+                else np.broadcast_to(np.arange(mask.shape[0])[:, None], mask.shape))[mask]
+    x = {"kl_forward": arrays["kl_forward"][mask], "same_top": arrays["top1_agree"][mask].astype(np.float64),
+         "ln_ppl_ratio": (arrays["logp_p"] - arrays["logp_q"])[mask]}
+    out = {}
+    for g, name in enumerate(corpus["groups"]):
+        sel = group == g
+        if sel.sum() >= 2:
+            out[name] = {k: cluster_mean(v[sel], clusters[sel], confidence=summary["confidence"])
+                         for k, v in x.items()}
+    return out
 
 
 def resolve_dtype_of(cfg: CorpusConfig) -> str:

@@ -530,9 +530,21 @@ def _extra_text(s: dict) -> str:
                  f"{qc['n_resamples']} resamples): " + ", ".join(
                      f"{k if k == 'median' else k + '%'} {qc[k]['value']:.6f} [{qc[k]['ci'][0]:.6f}, "
                      f"{qc[k]['ci'][1]:.6f}]" for k in QUANTILE_LEVELS))
+    for name, g in s.get("groups", {}).items():
+        o.append(f"group {name}: {g['kl_forward']['n']} tokens in {g['kl_forward']['n_clusters']} "
+                 f"{s['cluster_by']}s: " + group_line(g, pc))
     if N < 100:
         o.append(f"note: llama.cpp prints no final statistics for fewer than 100 scored tokens (here {N})")
     return "\n".join(o) + "\n"
+
+
+def group_line(g: dict, pc: str = "95%") -> str:
+    """A group's mean KL(P‖Q), same top-1 and ln PPL ratio with their clustered CIs, on one line."""
+    kf, st, lr = g["kl_forward"], g["same_top"], g["ln_ppl_ratio"]
+    return (f"KL(base||Q) {kf['mean']:.6f} ± {kf['se_cluster']:.6f} [{kf['ci_cluster'][0]:.6f}, "
+            f"{kf['ci_cluster'][1]:.6f}], same top-1 {100 * st['mean']:.3f} % [{100 * st['ci_cluster'][0]:.3f}, "
+            f"{100 * st['ci_cluster'][1]:.3f}], ln PPL ratio {lr['mean']:.6f} [{lr['ci_cluster'][0]:.6f}, "
+            f"{lr['ci_cluster'][1]:.6f}] ({pc} CIs)")
 
 
 def format_llama(summary: dict, *, chunks: bool = False, extra: bool = True) -> str:
