@@ -57,7 +57,10 @@ def main(argv=None) -> int:
     qs = [str(q_gguf(base, t)) for t in CANDIDATES]
     out = Path(a.out or tempfile.mkdtemp(prefix="bench_ladder_"))
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
-    common = ["--corpus", a.corpus, "--p-model", str(base), "--context", str(a.context), "--n-windows",
+    corpus = out / "corpus.txt"  # a corpus run reads .txt / .jsonl files
+    out.mkdir(parents=True, exist_ok=True)
+    corpus.write_text(Path(a.corpus).read_text(encoding="utf-8"), encoding="utf-8")
+    common = ["--corpus", str(corpus), "--p-model", str(base), "--context", str(a.context), "--n-windows",
               str(a.n_windows), "--threads", str(a.threads), "--no-plots", "--overwrite"]
     py = sys.executable
     one = measure([py, str(ROOT / "LLM_experiments.py"), *common, "--q-model", *qs, "--output-dir",

@@ -197,3 +197,26 @@ def test_groups_of_a_jsonl_corpus_get_their_own_rows(ladder, tmp_path):
     assert "group code" in res.text and "group chat" in res.text
     with pytest.raises(ValueError, match="^group_field:"):
         kle.corpus_kl(p, qs[0], [text()], context=16, group_field="kind", progress=False)
+
+
+def test_a_saved_base_gives_the_one_pass_numbers_bit_for_bit(ladder, tmp_path):
+    p, qs = ladder
+    cache = tmp_path / "base"
+    made = kle.corpus_kl(p, None, [text()], context=16, batch_size=3, save_base=str(cache), progress=False)
+    assert made == cache and (cache / "base.safetensors").is_file()
+    rec = json.loads((cache / "base.json").read_text())
+    W, keep = 260 // 16, 16 - 16 // 2
+    assert rec["bytes"]["hidden"] == W * keep * 8 * 4  # windows × scored positions + 1 × hidden size × float32
+    later = kle.corpus_kl(None, qs[:2], base=str(cache), batch_size=3, n_bootstrap=100, progress=False)
+    once = kle.corpus_kl(p, qs[:2], [text()], context=16, batch_size=3, n_bootstrap=100, progress=False)
+    for a, b in zip(later.results, once.results):
+        for k in STAT_KEYS:
+            assert np.array_equal(a.tokens[k], b.tokens[k], equal_nan=k != "top1_agree"), k
+        assert a.summary["llama"] == b.summary["llama"]
+        assert a.models["p"] == p and a.config["context"] == 16
+    with pytest.raises(ValueError, match="^texts: the base cache .* leave out `texts`"):
+        kle.corpus_kl(None, qs[0], [text()], base=str(cache), progress=False)
+    with pytest.raises(ValueError, match="^base: .* is not a base cache"):
+        kle.corpus_kl(None, qs[0], base=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="^save_base: .* already holds a base cache"):
+        kle.corpus_kl(p, None, [text()], context=16, save_base=str(cache), progress=False)

@@ -267,7 +267,7 @@ def draw_figures(folder, fmt: str = "png", pairs=None, methods=None):
     from kl_estimation.figures import synthetic as plots
 
     folder = Path(folder)
-    if (folder / "tokens.npz").is_file() and (folder / "summary.json").is_file():  # a corpus run
+    if (folder / "comparison.json").is_file() or (folder / "tokens.npz").is_file() and (folder / "summary.json").is_file():  # a corpus run
         return _corpus_figures(folder, fmt, pairs or methods)
     if (folder / "summary.json").is_file() and not (folder / runio.RESULTS).exists():
         from kl_estimation.figures import llm as plots_llm
@@ -471,6 +471,9 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
         except KeyboardInterrupt:
             return interrupted(prog, "nothing was written (a corpus run writes its folder when every window is "
                                      "scored); run the same command again")
+        if isinstance(result, Path):  # save_base alone: P's cache, no candidate
+            print(f"base cache: {result}")
+            return 0
         print(result.text)
         if not args.no_plots:
             try:
@@ -500,4 +503,6 @@ def _corpus_figures(folder, fmt: str = "png", selection=None):
 
     if selection:
         raise ValueError("--pairs: a corpus run folder has no pairs or proposals to select")
+    if (Path(folder) / "comparison.json").is_file():
+        return corpus_figures.draw_comparison(folder, fmt)
     return corpus_figures.draw_all(folder, fmt)

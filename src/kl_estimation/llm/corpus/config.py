@@ -8,7 +8,7 @@ with the same ``setting()`` metadata, so ``LLM_experiments.py --corpus FILE`` bu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from kl_estimation.core.validation import check_int, check_names
@@ -72,6 +72,11 @@ class CorpusConfig:
     n_bootstrap: int = setting(1000, "cluster resamples of the bootstrap behind the percentile CIs", type=int)
     seed: int = shared("seed", "seed of the cluster bootstrap (the same draws for every candidate)")
     n_worst: int = setting(20, "tokens with the largest KL(P‖Q) kept with their context for the figures", type=int)
+    save_base: str | None = setting(None, "also store P's side of the run in this folder (its final hidden states "
+                                          "in P's dtype and its output head: hidden size × bytes per scored token); "
+                                          "without `q_model`, P alone is run")
+    base: str | None = setting(None, "score the candidates against a folder written by `save_base` instead of P (P's "
+                                     "body is never loaded); the text, windows and clusters are the cache's")
     batch_size: int = shared("batch_size", "windows per forward batch (llama.cpp puts 2048 / n_ctx in one)",
                              default=4)
     device: str = shared("device")
@@ -124,9 +129,26 @@ class CorpusConfig:
         from kl_estimation.llm.loading import check_loading_options
         from kl_estimation.llm.pair import DTYPES
 
-        if self.p_model is None or self.q_model is None:
-            raise ValueError("q_model: a corpus run needs `p_model` and `q_model` (or `p_model` with `q_adapter`)")
-        if not self.candidates or not all(isinstance(n, str) and n for n in self.candidates):
+        if self.base is not None:
+            from kl_estimation.llm.corpus.basecache import read_record
+
+            read_record(self.base)
+            given = [n for n in ("p_model", "save_base", "p_adapter", "corpus", "texts", "dataset", "token_ids")
+                     if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{given[0]}: the base cache {self.base} holds P and the text; leave out "
+                                 f"`{given[0]}` with `base`")
+            if self.q_model is None:
+                raise ValueError("q_model: give the candidates to score against the base cache")
+        elif self.p_model is None or (self.q_model is None and self.save_base is None):
+            raise ValueError("q_model: a corpus run needs `p_model` and `q_model` (or `p_model` with `q_adapter`, or "
+                             "`p_model` with `save_base`)")
+        if self.save_base is not None:
+            from kl_estimation.llm.corpus.basecache import check_base_folder
+
+            check_base_folder(self.save_base, self.overwrite)
+        if self.q_model is not None and (not self.candidates
+                                         or not all(isinstance(n, str) and n for n in self.candidates)):
             raise ValueError(f"q_model: a model name or a list of them (got {self.q_model!r})")
         if len(set(self.candidates)) < len(self.candidates):
             raise ValueError("q_model: a candidate is named twice")
@@ -145,7 +167,7 @@ class CorpusConfig:
         if self.base_storage not in BASE_STORAGE:
             raise ValueError(f"base_storage: one of {', '.join(BASE_STORAGE)} (got {self.base_storage!r})")
         given = [n for n in ("corpus", "texts", "dataset", "token_ids") if getattr(self, n) is not None]
-        if not given:
+        if not given and self.base is None:
             raise ValueError("corpus: give the text to score: `corpus` FILE, `dataset` NAME or `token_ids` FILE")
         if len(given) > 1:
             raise ValueError(f"{given[1]}: give one source of text, not both `{given[0]}` and `{given[1]}`")
@@ -160,7 +182,8 @@ class CorpusConfig:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype: unknown dtype {self.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
         resolve_device(self.device)
-        check_loading_options(self)
+        for name in self.candidates or (None,):  # each candidate's source, as its own run would check it
+            check_loading_options(replace(self, q_model=name))
         if self.output_dir is not None:
             check_corpus_folder(self.output_dir, self.overwrite)
         return self

@@ -17,6 +17,7 @@ accepts), ``context`` beyond the models' positions, a GGUF architecture transfor
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
@@ -111,9 +112,9 @@ class BaseCache:
     bits (checked on the first batch). A model whose logits are not its head's output (soft-capping, scaling after
     the head) keeps P itself (``model``) and runs it again for every candidate."""
 
-    def __init__(self, hidden, head, model, windows: np.ndarray, keep: int, vocab: int):
+    def __init__(self, hidden, head, model, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int):
         self.hidden, self.head, self.model = hidden, head, model
-        self.windows, self.keep, self.vocab = windows, keep, vocab
+        self.windows, self.mask, self.keep, self.vocab = windows, mask, keep, vocab
 
     @property
     def nbytes(self) -> int:
@@ -138,7 +139,8 @@ class BaseCache:
 
 
 @torch.inference_mode()
-def base_pass(p, windows: np.ndarray, keep: int, vocab: int, batch_size: int, bar=None) -> BaseCache:
+def base_pass(p, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int, batch_size: int,
+              bar=None) -> BaseCache:
     """P over every window once (batches of `batch_size`, as the candidates will be), keeping what its output head
     received; P itself is kept only when its logits are not that head's output."""
     from kl_estimation.llm.pair import _inner
@@ -156,12 +158,12 @@ def base_pass(p, windows: np.ndarray, keep: int, vocab: int, batch_size: int, ba
                 x = x[:, -keep:]
             hidden.append(x.to("cpu", copy=True))
             if w0 == 0 and not torch.equal(head(hidden[0].to(x.device))[:, :-1, :vocab], lp):
-                return BaseCache(None, None, p, windows, keep, vocab)
+                return BaseCache(None, None, p, windows, mask, keep, vocab)
             if bar is not None:
                 bar.update(w1 - w0)
     finally:
         hook.remove()
-    return BaseCache(torch.cat(hidden), head, None, windows, keep, vocab)
+    return BaseCache(torch.cat(hidden), head, None, windows, mask, keep, vocab)
 
 
 def score_windows(base: BaseCache, q, mask: np.ndarray, *, batch_size: int, base_storage: str = "exact",
@@ -211,6 +213,8 @@ def _model_record(cfg: CorpusConfig) -> dict:
     rec = {"p": cfg.p_model, "q": cfg.q_model}
     for side in ("p", "q"):
         name = getattr(cfg, f"{side}_model")
+        if name is None:
+            continue
         if getattr(cfg, f"{side}_revision"):
             rec[f"{side}_revision"] = getattr(cfg, f"{side}_revision")
         if getattr(cfg, f"{side}_adapter"):
@@ -228,6 +232,8 @@ def _context_limit(cfg: CorpusConfig) -> tuple[int | None, str]:
     limits = []
     for side in ("p", "q"):
         name = getattr(cfg, f"{side}_model")
+        if name is None:
+            continue
         if is_gguf(name) and Path(name).is_file():
             n = gguf_facts(f"{side}_model", name)["context_length"]
         else:
@@ -296,8 +302,6 @@ def _batch_bytes(p, q, batch: int, keep: int, vocab_rows: int) -> int:
 
 def candidate_configs(cfg: CorpusConfig) -> list[CorpusConfig]:
     """One config per candidate Q: what its one-candidate run would be given."""
-    import dataclasses
-
     return [dataclasses.replace(cfg, q_model=name) for name in cfg.candidates]
 
 
@@ -316,23 +320,43 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
         given_q = list(models[1]) if isinstance(models[1], (list, tuple)) else [models[1]]
         if len(given_q) != len(cfg.candidates):
             raise ValueError(f"q_model: {len(given_q)} loaded candidates for {len(cfg.candidates)} names")
-    with gguf_speedups():  # each GGUF file parsed once for its tokenizer, config and weights
-        tokenizer, prepared = _prepare(cfg, models, tokenizer)
-        p = models[0] if models is not None else _load_side(cfg, "p", cfg.p_model)
-    _, _, corpus, windows, mask, document, _ = prepared
-    W = windows.shape[0]
-    vocab = len(tokenizer)
-    check_logit_rows(p, p, vocab)
-    keep = cfg.context - int(np.flatnonzero(mask.any(0))[0]) + 1
-    rows = max(vocab, _logit_rows(p))
-    check_memory(_batch_bytes(p, p, cfg.batch_size, keep, rows), "batch_size",
-                 f"a forward batch of {cfg.batch_size} windows of {cfg.context} tokens (vocabulary {vocab})",
-                 torch.cuda.mem_get_info(_device_of(p))[0] if _device_of(p).type == "cuda" else None)
-    p_class = type(p).__name__
-    t_loaded = time.perf_counter()
-    with _bar(progress, W, "corpus windows, P") as bar:
-        base = base_pass(p, windows, keep, vocab, cfg.batch_size, bar)
-    del p  # P's body goes unless its logits are not hidden × head (then `base` holds it)
+    if cfg.base is not None:
+        from kl_estimation.llm.corpus.basecache import load_base
+        from kl_estimation.llm.run.config import resolve_device
+
+        base, tokenizer, base_rec, document = load_base(cfg.base, resolve_device(cfg.device))
+        for k, v in base_rec["settings"].items():  # the windows are the cache's
+            setattr(cfg, k, v)
+        with gguf_speedups():
+            _check_against_cache(cfg, tokenizer, base_rec)
+        windows, mask, corpus, vocab = base.windows, base.mask, base_rec["corpus"], base.vocab
+        W, p_class = windows.shape[0], base_rec["p"].get("class", "P")
+        t_loaded = time.perf_counter()
+    else:
+        with gguf_speedups():  # each GGUF file parsed once for its tokenizer, config and weights
+            tokenizer, prepared = _prepare(cfg, models, tokenizer)
+            p = models[0] if models is not None else _load_side(cfg, "p", cfg.p_model)
+        _, _, corpus, windows, mask, document, _ = prepared
+        W = windows.shape[0]
+        vocab = len(tokenizer)
+        check_logit_rows(p, p, vocab)
+        keep = cfg.context - int(np.flatnonzero(mask.any(0))[0]) + 1
+        rows = max(vocab, _logit_rows(p))
+        check_memory(_batch_bytes(p, p, cfg.batch_size, keep, rows), "batch_size",
+                     f"a forward batch of {cfg.batch_size} windows of {cfg.context} tokens (vocabulary {vocab})",
+                     torch.cuda.mem_get_info(_device_of(p))[0] if _device_of(p).type == "cuda" else None)
+        p_class = type(p).__name__
+        t_loaded = time.perf_counter()
+        with _bar(progress, W, "corpus windows, P") as bar:
+            base = base_pass(p, windows, mask, keep, vocab, cfg.batch_size, bar)
+        del p  # P's body goes unless its logits are not hidden × head (then `base` holds it)
+        if cfg.save_base is not None:
+            from kl_estimation.llm.corpus.basecache import save_base
+
+            p_rec = dict(_model_record(dataclasses.replace(cfg, q_model=None)), **{"class": p_class})
+            save_base(cfg.save_base, base, cfg, corpus, document, tokenizer, p_rec)
+            if not cfg.candidates:
+                return Path(cfg.save_base)
     t_base = time.perf_counter()
     results = []
     for i, cq in enumerate(candidate_configs(cfg)):
@@ -344,6 +368,8 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
                 q = _load_side(cq, "q", cq.q_model)
             record = _model_record(cq)
             record["dtype"] = resolve_dtype_of(cfg)
+            if cfg.base is not None:
+                record.update(p=base_rec["p"].get("p"), p_cache=str(Path(cfg.base).resolve()))
         if _logit_rows(q) and _logit_rows(q) < vocab:
             raise ValueError(f"q_model: {cq.q_model} has {_logit_rows(q)} logit rows but the tokenizer {vocab} "
                              f"tokens")
@@ -401,6 +427,17 @@ def group_means(arrays: dict, summary: dict, document: np.ndarray, corpus: dict)
     return out
 
 
+def _check_against_cache(cfg: CorpusConfig, tokenizer, rec: dict) -> None:
+    """Every candidate's tokenizer is the cached P's, its context takes the cache's windows."""
+    from kl_estimation.llm.loading import check_tokenizers, load_tokenizer
+
+    for cq in candidate_configs(cfg):
+        tok = load_tokenizer("q_model", cq.q_model, cq.q_revision, cq.trust_remote_code)
+        check_tokenizers(tokenizer, tok, ignore_eos=True)
+        limit, _ = _context_limit(dataclasses.replace(cq, p_model=None))
+        check_context(rec["settings"]["context"], limit, "q")
+
+
 def resolve_dtype_of(cfg: CorpusConfig) -> str:
     from kl_estimation.llm.run.config import resolve_device, resolve_dtype
 
@@ -447,7 +484,7 @@ def _prepare(cfg: CorpusConfig, models, tokenizer):
     from kl_estimation.llm.loading import load_tokenizers
 
     if models is None:
-        for cq in candidate_configs(cfg):
+        for cq in candidate_configs(cfg) or [cfg]:  # P alone (save_base): its own tokenizer and context
             tokenizer, _ = load_tokenizers(cq.p_model, cq.q_model, p_revision=cq.p_revision,
                                            q_revision=cq.q_revision, trust_remote_code=cq.trust_remote_code,
                                            ignore_eos=True)
