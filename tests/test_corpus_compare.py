@@ -220,3 +220,20 @@ def test_a_saved_base_gives_the_one_pass_numbers_bit_for_bit(ladder, tmp_path):
         kle.corpus_kl(None, qs[0], base=str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="^save_base: .* already holds a base cache"):
         kle.corpus_kl(p, None, [text()], context=16, save_base=str(cache), progress=False)
+
+
+def test_cli_save_base_then_score_against_it_with_the_figure(ladder, tmp_path, capsys):
+    p, qs = ladder
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(text(200))
+    cache = tmp_path / "cache"
+    assert llm_main(["--corpus", str(corpus), "--p-model", p, "--context", "16", "--save-base", str(cache)]) == 0
+    assert f"base cache: {cache}" in capsys.readouterr().out
+    out = tmp_path / "run"
+    assert llm_main(["--base", str(cache), "--q-model", *qs, "--n-bootstrap", "50", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("Mean    KLD:") == 3 and "figures:" in printed
+    assert (out / "plots" / "corpus_ladder.png").stat().st_size > 10_000
+    assert llm_main(["--base", str(cache), "--q-model", qs[0], "--corpus", str(corpus)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--corpus" in err[0] and "base cache" in err[0]

@@ -267,7 +267,8 @@ def draw_figures(folder, fmt: str = "png", pairs=None, methods=None):
     from kl_estimation.figures import synthetic as plots
 
     folder = Path(folder)
-    if (folder / "comparison.json").is_file() or (folder / "tokens.npz").is_file() and (folder / "summary.json").is_file():  # a corpus run
+    corpus_run = (folder / "tokens.npz").is_file() and (folder / "summary.json").is_file()
+    if corpus_run or (folder / "comparison.json").is_file():  # a corpus run, or several candidates against one base
         return _corpus_figures(folder, fmt, pairs or methods)
     if (folder / "summary.json").is_file() and not (folder / runio.RESULTS).exists():
         from kl_estimation.figures import llm as plots_llm

@@ -32,8 +32,7 @@ import torch
 from kl_estimation import runio
 from kl_estimation.core.resources import check_memory, set_threads
 from kl_estimation.llm.corpus.config import CORPUS_FILES, CorpusConfig
-from kl_estimation.llm.corpus.stats import (STAT_KEYS, cluster_mean, format_llama, llama_windows, summarize,
-                                            token_stats)
+from kl_estimation.llm.corpus.stats import STAT_KEYS, cluster_mean, format_llama, llama_windows, summarize, token_stats
 from kl_estimation.llm.corpus.text import read_documents, read_token_ids, tokenize_documents
 
 TOP = 3          # top tokens of P and Q kept for each worst token
