@@ -1,15 +1,20 @@
-r"""A corpus run: teacher-forced KL(P‖Q) over a text, both models on the same windows, in one pass.
+r"""A corpus run: teacher-forced KL(P‖Q) over a text, P and one or several candidates Q on the same windows.
 
     text → token ids (tokenizer, or llama.cpp's own ids from its base file) → llama.cpp's windows (stats.llama_windows)
-    → per batch of windows: P's and Q's logits of the scored positions only (``logits_to_keep``), then
-    stats.token_stats: per scored token KL(P‖Q), KL(Q‖P) over the full vocabulary, log P(x), log Q(x), top-1 agreement,
-    Δp — chunked over positions, float32 or wider, no (B, T, V) float32 copy beyond the logits themselves
-    → stats.summarize: llama.cpp's statistics, clustered and token-i.i.d. standard errors.
+    → P over every window once (base_pass): the input of its output head at the scored positions (``logits_to_keep``)
+      is kept — or read from a cache written earlier (``base``, basecache.py) — and P's body is released
+    → each candidate Q in turn, loaded alone: per batch of windows Q's logits, P's as head(hidden) (the same bits as
+      P's own forward, checked on the first batch), then stats.token_stats: per scored token KL(P‖Q), KL(Q‖P) over the
+      full vocabulary, log P(x), log Q(x), top-1 agreement, Δp — chunked over positions, float32 or wider
+    → stats.summarize: llama.cpp's statistics, clustered and token-i.i.d. standard errors, percentile CIs
+    → several candidates: compare.py's table and paired differences.
 
-Memory: the models, one batch of logits (``batch_size`` × scored positions × vocabulary, per model) and per-token
-arrays (windows × n_ctx floats): nothing proportional to corpus × vocabulary. Files (``output_dir``): tokens.npz
-(per-token arrays), windows.csv (one row per window), summary.json (config, models, versions, every statistic, the
-worst tokens in context), llama.txt (the console text); the figures (figures/corpus.py) are drawn from them.
+Memory: the larger of P and one candidate (never both), P's hidden states (windows × scored positions × hidden size
+in P's dtype), one batch of logits per model and per-token arrays (windows × n_ctx floats): nothing proportional to
+corpus × vocabulary. Files (``output_dir``): tokens.npz (per-token arrays), windows.csv (one row per window),
+summary.json (config, models, versions, every statistic, the worst tokens in context), llama.txt (the console text);
+several candidates: each one's folder under candidates/ and comparison.json / .csv; the figures (figures/corpus.py)
+are drawn from them.
 
 Everything that can be refused is refused before the weights load and before anything is written: the settings,
 the output folder, the tokenizers (one shared vocabulary: check_tokenizers), the text (empty, shorter than llama.cpp
