@@ -10,6 +10,7 @@ process (wall clock, CPU seconds, peak RSS), one after the other:
 
     python bench/bench_ladder.py                 # 2 threads, n_ctx 128
     python bench/bench_ladder.py --context 256 --threads 1
+    python bench/bench_ladder.py --threads 1 --parallel  # a shared, loaded box: the four processes at once
 
 Printed: time and memory of both ways and their ratio, the largest difference between a candidate's numbers in the
 one run and in its own run (0: the same bits), P's cache (final hidden states, float32) against llama.cpp's base-logits
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--n-windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parallel", action="store_true", help="run the four processes at once (a loaded box: compare "
+                    "CPU seconds, not wall clock)")
     ap.add_argument("--out", default=None, help="folder of the runs (default: a temporary one)")
     a = ap.parse_args(argv)
     base = base_gguf()
@@ -63,10 +66,16 @@ def main(argv=None) -> int:
     common = ["--corpus", str(corpus), "--p-model", str(base), "--context", str(a.context), "--n-windows",
               str(a.n_windows), "--threads", str(a.threads), "--no-plots", "--overwrite"]
     py = sys.executable
-    one = measure([py, str(ROOT / "LLM_experiments.py"), *common, "--q-model", *qs, "--output-dir",
-                   str(out / "ladder")], env=env)
-    sep = [measure([py, str(ROOT / "LLM_experiments.py"), *common, "--q-model", q, "--output-dir",
-                    str(out / f"single-{t}")], env=env) for t, q in zip(CANDIDATES, qs)]
+    cmds = [[py, str(ROOT / "LLM_experiments.py"), *common, "--q-model", *qs, "--output-dir", str(out / "ladder")]]
+    cmds += [[py, str(ROOT / "LLM_experiments.py"), *common, "--q-model", q, "--output-dir", str(out / f"single-{t}")]
+             for t, q in zip(CANDIDATES, qs)]
+    if a.parallel:  # all four at once: CPU seconds and peak RSS stay each process's own, wall clock does not
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(cmds)) as pool:
+            one, *sep = pool.map(lambda c: measure(c, env=env), cmds)
+    else:
+        one, *sep = (measure(c, env=env) for c in cmds)
     for r in (one, *sep):
         if r["rc"]:
             print(r["cmd"], "\n", r["stderr"][-3000:])
