@@ -222,6 +222,23 @@ def test_a_saved_base_gives_the_one_pass_numbers_bit_for_bit(ladder, tmp_path):
         kle.corpus_kl(p, None, [text()], context=16, save_base=str(cache), progress=False)
 
 
+@pytest.mark.parametrize("dtype,bound", [("bfloat16", 0.02), ("float16", 0.002)])
+def test_a_rounded_base_cache_is_close_and_says_so(ladder, tmp_path, dtype, bound):
+    """Hidden states and head rounded to 16 bits (half of float32): per-token KL within `bound` of the exact value
+    relative to the mean KL (measured on this pair: bfloat16 ≈ 4e-3, float16 ≈ 5e-4), never equal to it."""
+    p, qs = ladder
+    cache = tmp_path / dtype
+    kle.corpus_kl(p, None, [text()], context=16, save_base=str(cache), save_base_dtype=dtype, progress=False)
+    rec = json.loads((cache / "base.json").read_text())
+    assert rec["dtype"] == dtype and rec["p_dtype"] == "float32" and rec["exact"] is False
+    assert rec["bytes"]["hidden"] == (260 // 16) * 8 * 8 * 2
+    got = kle.corpus_kl(None, qs[0], base=str(cache), n_bootstrap=10, progress=False)
+    ref = kle.corpus_kl(p, qs[0], [text()], context=16, n_bootstrap=10, progress=False)
+    m = ref.tokens["mask"]
+    err = np.abs(got.tokens["kl_forward"][m] - ref.tokens["kl_forward"][m]).max() / ref.mean()["mean"]
+    assert 0 < err < bound
+
+
 def test_cli_save_base_then_score_against_it_with_the_figure(ladder, tmp_path, capsys):
     p, qs = ladder
     corpus = tmp_path / "c.txt"

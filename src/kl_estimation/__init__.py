@@ -13,6 +13,7 @@ LLM pairs (torch and transformers are imported on first use, so the single-token
     corpus_kl(p_model, q_model, corpus, *, context=512, score="second-half", ...)   teacher-forced KL over a text,
         llama.cpp's windows and statistics one to one, both directions, clustered SEs
         → CorpusResult: .summary (llama.cpp's numbers, means with clustered and i.i.d. SEs), .mean(), .tokens, .text
+        q_model a list → CorpusComparison: each candidate's CorpusResult, .table (ranks, CIs), .paired(a, b), .text
     CorpusConfig     every setting of a corpus run (LLM_experiments.py --corpus FILE), sharing LLMConfig's names
 
 Training-loop terms over logits / log-probs (numpy or torch on any device; torch keeps autograd), with masks:

@@ -6,7 +6,9 @@
     DIR/tokenizer/         P's tokenizer (candidates are checked against it; the worst tokens are decoded with it)
 
 P's logits are recomputed as head(hidden) with the same weights, dtype and shapes as P's own forward, so a candidate
-scored against the cache gets the numbers of a one-pass run bit for bit (tests/test_corpus_compare.py). Size per
+scored against the cache gets the numbers of a one-pass run bit for bit (tests/test_corpus_compare.py) — unless
+``save_base_dtype`` stores both rounded to bfloat16 / float16 (half the size of float32; P's logits are then
+recomputed in P's dtype from the rounded values: the precision is measured in docs/corpus.md). Size per
 scored token: hidden size × bytes of P's dtype (576 × 4 for SmolLM2-135M in float32), against llama.cpp's
 vocabulary × 2 bytes (+ 8) in its --kl-divergence-base file; the head is stored once.
 """
@@ -45,20 +47,22 @@ def save_base(folder, base, cfg, corpus: dict, document: np.ndarray, tokenizer, 
                          "the candidates in one run instead")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {"hidden": base.hidden.contiguous(), "head.weight": base.head.weight.detach().cpu().contiguous(),
+    dt = getattr(torch, cfg.save_base_dtype) if cfg.save_base_dtype else base.hidden.dtype
+    tensors = {"hidden": base.hidden.to(dt).contiguous(), "head.weight": base.head.weight.detach().cpu().to(dt).contiguous(),
                "windows": torch.from_numpy(np.ascontiguousarray(base.windows)),
                "mask": torch.from_numpy(np.ascontiguousarray(base.mask)),
                "document": torch.from_numpy(np.ascontiguousarray(document))}
     if base.head.bias is not None:
-        tensors["head.bias"] = base.head.bias.detach().cpu().contiguous()
+        tensors["head.bias"] = base.head.bias.detach().cpu().to(dt).contiguous()
     tmp = folder / f".{TENSORS}.tmp"
     save_file(tensors, os.fspath(tmp))
     os.replace(tmp, folder / TENSORS)
     tokenizer.save_pretrained(folder / "tokenizer")
     runio.write_json(folder / RECORD, {
         "kind": "corpus-base", "p": p_record, "settings": {k: getattr(cfg, k) for k in WINDOW_SETTINGS},
-        "corpus": corpus, "keep": base.keep, "vocab": base.vocab, "dtype": str(base.hidden.dtype).replace("torch.", ""),
-        "bytes": {"hidden": base.nbytes, "head": base.head.weight.numel() * base.head.weight.element_size(),
+        "corpus": corpus, "keep": base.keep, "vocab": base.vocab, "dtype": str(dt).replace("torch.", ""),
+        "p_dtype": str(base.hidden.dtype).replace("torch.", ""), "exact": dt == base.hidden.dtype,
+        "bytes": {"hidden": tensors["hidden"].nbytes, "head": tensors["head.weight"].nbytes,
                   "file": (folder / TENSORS).stat().st_size},
         "versions": runio.versions("torch", "transformers", "safetensors")})
     return folder
@@ -85,8 +89,10 @@ def load_base(folder, device):
     rec = read_record(folder)
     t = load_file(os.fspath(Path(folder) / TENSORS))
     w = t["head.weight"]
-    head = torch.nn.Linear(w.shape[1], w.shape[0], bias="head.bias" in t, dtype=w.dtype, device="meta")
-    head.load_state_dict({k.removeprefix("head."): v for k, v in t.items() if k.startswith("head.")}, assign=True)
+    dt = getattr(torch, rec.get("p_dtype", rec["dtype"]))  # a rounded cache is computed on in P's dtype
+    head = torch.nn.Linear(w.shape[1], w.shape[0], bias="head.bias" in t, dtype=dt, device="meta")
+    head.load_state_dict({k.removeprefix("head."): v.to(dt) for k, v in t.items() if k.startswith("head.")},
+                         assign=True)
     head = head.to(device).eval()
     base = BaseCache(t["hidden"], head, None, t["windows"].numpy(), t["mask"].numpy(), rec["keep"], rec["vocab"])
     tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "tokenizer")

@@ -75,6 +75,9 @@ class CorpusConfig:
     save_base: str | None = setting(None, "also store P's side of the run in this folder (its final hidden states "
                                           "in P's dtype and its output head: hidden size × bytes per scored token); "
                                           "without `q_model`, P alone is run")
+    save_base_dtype: str | None = setting(None, "`save_base`: store the hidden states and the head in this dtype "
+                                                "(bfloat16, float16: half the size of float32; P's logits are then "
+                                                "recomputed from rounded values) (default: P's dtype, exact)")
     base: str | None = setting(None, "score the candidates against a folder written by `save_base` instead of P (P's "
                                      "body is never loaded); the text, windows and clusters are the cache's")
     batch_size: int = shared("batch_size", "windows per forward batch (llama.cpp puts 2048 / n_ctx in one)",
@@ -143,6 +146,10 @@ class CorpusConfig:
         elif self.p_model is None or (self.q_model is None and self.save_base is None):
             raise ValueError("q_model: a corpus run needs `p_model` and `q_model` (or `p_model` with `q_adapter`, or "
                              "`p_model` with `save_base`)")
+        if self.save_base_dtype is not None and self.save_base_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"save_base_dtype: one of float32, bfloat16, float16 (got {self.save_base_dtype!r})")
+        if self.save_base_dtype is not None and self.save_base is None:
+            raise ValueError("save_base_dtype: only with `save_base`")
         if self.save_base is not None:
             from kl_estimation.llm.corpus.basecache import check_base_folder
 

@@ -138,7 +138,7 @@ class BaseCache:
         if self.model is not None:
             return window_logits(self.model, torch.from_numpy(self.windows[w0:w1]).to(self.device()), self.keep,
                                  self.vocab)
-        h = self.hidden[w0:w1].to(self.device())
+        h = self.hidden[w0:w1].to(self.device(), self.head.weight.dtype)  # a no-op unless the cache was rounded
         return self.head(h)[:, :-1, : self.vocab]
 
 
