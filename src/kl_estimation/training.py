@@ -26,11 +26,13 @@ pass). docs/training.md has the table of which gradient each form has, each line
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from kl_estimation.core import estimators as est
+from kl_estimation.core.diagnostics import kish_ess
 
 
 def _is_torch(x) -> bool:
@@ -46,6 +48,35 @@ def _zero_masked(x, mask):
 
         return torch.where(torch.as_tensor(mask, device=x.device), x, torch.zeros_like(x))
     return np.where(mask, x, 0.0)
+
+
+def _check_finite(name: str, x, mask=None, *, logits: bool = False):
+    """ValueError naming `name` when x holds NaN or ±inf where `mask` is True. For (..., T, V) ``logits`` −inf is
+    allowed (a token the model cannot produce) and each row is checked through its sum, one reduction with no
+    vocabulary-wide temporary: a NaN or +inf anywhere in the row makes the sum NaN or +inf, −inf alone does not."""
+    if x is None:
+        return
+    if _is_torch(x):
+        import torch
+
+        if logits:
+            x = x.sum(-1, dtype=torch.promote_types(torch.float32, x.dtype))
+        bad = torch.isnan(x) | (torch.isposinf(x) if logits else torch.isinf(x))
+        if mask is not None:
+            bad = bad & torch.as_tensor(mask, device=x.device).bool()
+        found = bool(bad.any())
+    else:
+        a = np.asarray(x, dtype=np.float64)
+        if logits:
+            a = a.sum(-1)
+        bad = np.isnan(a) | (np.isposinf(a) if logits else np.isinf(a))
+        if mask is not None:
+            bad = bad & np.asarray(mask, dtype=bool)
+        found = bool(bad.any())
+    if found:
+        what = "NaN or +inf" if logits else "NaN or infinite"
+        where = " at unmasked positions" if mask is not None else ""
+        raise ValueError(f"{name}: {what} values{where}")
 
 
 def _kl_rows(lp, lq):
@@ -65,12 +96,14 @@ def exact_token_kl(logits_p, logits_q, mask=None, *, temperature: float = 1.0, c
     recomputed in the backward pass (activation checkpointing), so a 150k vocabulary never needs a (B, T, V) float32
     copy per model — only the inputs themselves. Gradients flow to both logits. numpy: float64.
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature: must be > 0 (got {temperature!r})")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature: must be a finite number > 0 (got {temperature!r})")
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size: must be an integer ≥ 1 (got {chunk_size!r})")
     if tuple(logits_p.shape) != tuple(logits_q.shape):
         raise ValueError(f"logits_q: shape {tuple(logits_q.shape)} differs from logits_p's {tuple(logits_p.shape)}")
+    _check_finite("logits_p", logits_p, mask, logits=True)
+    _check_finite("logits_q", logits_q, mask, logits=True)
     if not (_is_torch(logits_p) or _is_torch(logits_q)):
         from scipy.special import log_softmax
 
@@ -92,6 +125,8 @@ def exact_token_kl(logits_p, logits_q, mask=None, *, temperature: float = 1.0, c
 
 
 def _per_token(fn, logp, logq, mask):
+    _check_finite("logp", logp, mask)
+    _check_finite("logq", logq, mask)
     _, lp, lq = est._arrays(logp, logq)
     return _zero_masked(fn(lp - lq), mask)
 
@@ -128,6 +163,8 @@ def sequence_kl(logp, logq, *, token_kl=None, logr=None, mask=None, estimator: s
         raise ValueError(f"estimator: unknown {estimator!r}; allowed: {', '.join(SEQUENCE_ESTIMATORS)}")
     if estimator in ("rb", "rb+cv") and token_kl is None:
         raise ValueError(f"token_kl: estimator {estimator!r} needs the exact per-token KL (exact_token_kl)")
+    for name, x in (("logp", logp), ("logq", logq), ("token_kl", token_kl), ("logr", logr)):
+        _check_finite(name, x, mask)
     xp, lp, lq, *rest = est._arrays(logp, logq, *(x for x in (token_kl, logr) if x is not None))
     kl = rest.pop(0) if token_kl is not None else None
     lr = rest.pop(0) if logr is not None else lp
@@ -336,8 +373,8 @@ def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature:
     import torch
 
     global _TOKEN_TERMS, _FUSED
-    if not temperature > 0:
-        raise ValueError(f"temperature: must be > 0 (got {temperature!r})")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature: must be a finite number > 0 (got {temperature!r})")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size: must be an integer ≥ 1 (got {chunk_size!r})")
     for name, x in (("logits_p", logits_p), ("logits_q", logits_q), ("tokens", tokens)):
@@ -361,6 +398,10 @@ def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature:
     chunk = _default_chunk(V) if chunk_size is None else chunk_size
     outs = _TOKEN_TERMS.apply(logits_p.reshape(-1, V), logits_q.reshape(-1, V), tok, 1.0 / temperature, chunk,
                               _FUSED if compile else None)
+    if not bool(torch.stack([torch.isfinite(o) | ~m.reshape(-1) for o in outs]).all()):
+        # NaN or +inf in a row of either logits makes all three outputs of that row NaN: look at the inputs only then
+        _check_finite("logits_p", logits_p, m, logits=True)
+        _check_finite("logits_q", logits_q, m, logits=True)
     return tuple(torch.where(m, o.reshape(lead), torch.zeros((), dtype=o.dtype, device=o.device)) for o in outs)
 
 
@@ -391,6 +432,9 @@ def _loss_inputs(fn: str, logp, logq, mask, token_kl, logp_old):
     dt = torch.promote_types(torch.float32, logp.dtype)
     m = _mask_tensor(mask, logp.shape, logp.device)
     zero = torch.zeros((), dtype=dt, device=logp.device)
+
+    for name, x in (("logp", logp), ("logq", logq), ("token_kl", token_kl), ("logp_old", logp_old)):
+        _check_finite(name, x, m)
 
     def clean(x):
         return None if x is None else torch.where(m, x.to(dt), zero)
@@ -432,9 +476,59 @@ def _leave_one_out(d, m):
     return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(d))
 
 
-def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp_old=None, baseline=None):
+KL_LOSS_WEIGHTS = ("clip", "full")
+RATIO_CLIP = 0.2  # PPO's ε, TRL's and OpenRLHF's default
+MIN_ESS_FRACTION = 0.5
+
+
+class OffPolicyWeights(NamedTuple):
+    """How far the policy being trained has moved from the one that drew the batch: what a trainer should log."""
+
+    ess: float  # Kish ESS of the full-prefix weights Π_t P_θ/P_old of the whole sequences, over the batch
+    n: int  # sequences in the batch
+    max_ratio: float  # the largest per-token ratio P_θ/P_old at an unmasked position
+    min_ratio: float  # the smallest
+    outside_clip: float  # share of unmasked tokens whose ratio lies outside [1 − ratio_clip, 1 + ratio_clip]
+
+
+def offpolicy_weights(logp, logp_old, mask=None, *, ratio_clip: float = RATIO_CLIP) -> OffPolicyWeights:
+    """The spread of the importance weights between the policy being trained (``logp``) and the one that drew the
+    sequences (``logp_old``), (..., T) each: sequence weights' ESS, per-token ratios, share outside PPO's clip."""
+    import torch
+
+    if not ratio_clip > 0:
+        raise ValueError(f"ratio_clip: must be > 0 (got {ratio_clip!r})")
+    m, lp, _, _, old = _loss_inputs("offpolicy_weights", logp, logp, mask, None, logp_old)
+    if old is None:
+        raise ValueError("logp_old: needed (the log-probabilities under the policy that drew the sequences)")
+    log_r = (lp - old).detach()
+    seq = log_r.sum(-1).reshape(-1).double().cpu().numpy()
+    r = torch.exp(log_r[m]) if bool(m.any()) else torch.ones(1, dtype=log_r.dtype)
+    outside = ((r < 1 - ratio_clip) | (r > 1 + ratio_clip)).double().mean()
+    return OffPolicyWeights(float(kish_ess(seq)), int(seq.size), float(r.max()), float(r.min()), float(outside))
+
+
+def _warn_if_degenerate(w: OffPolicyWeights, min_ess: float):
+    if w.ess < min_ess * w.n:
+        warnings.warn(f"logp_old: the full-prefix weights have ESS {w.ess:.3g} of {w.n} sequences (per-token ratio "
+                      f"up to {w.max_ratio:.3g}, {w.outside_clip:.0%} of tokens outside the clip): the loss rests on a "
+                      "few sequences and its variance is huge; weights='clip' keeps it bounded", stacklevel=3)
+
+
+def _check_weights(weights, ratio_clip, min_ess):
+    if weights not in KL_LOSS_WEIGHTS:
+        raise ValueError(f"weights: unknown {weights!r}; allowed: {', '.join(KL_LOSS_WEIGHTS)}")
+    if not ratio_clip > 0:
+        raise ValueError(f"ratio_clip: must be > 0 (got {ratio_clip!r})")
+    if not 0 <= min_ess <= 1:
+        raise ValueError(f"min_ess: must be a fraction in [0, 1] (got {min_ess!r})")
+
+
+def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp_old=None, baseline=None,
+            weights: str = "clip", ratio_clip: float = RATIO_CLIP, min_ess: float = MIN_ESS_FRACTION):
     r"""One KL term per sequence whose value estimates KL(P_θ‖Q) and whose autograd gradient estimates
-    ∇_θ KL(P_θ‖Q) without bias, for sequences drawn from P_θ (or from an older P, with ``logp_old``).
+    ∇_θ KL(P_θ‖Q), for sequences drawn from P_θ (or from an older P, with ``logp_old``): without bias on-policy
+    and with ``weights="full"``; with a stated, bounded bias with the default ``weights="clip"``.
 
     Parameters
     ----------
@@ -453,13 +547,24 @@ def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp
         Cotterell 2025). "mc": value Σ_t W_≤t·f_t, f_t = log P/Q; gradient Σ_t ρ_t·Σ_{s≥t} W_≤s·f_s (the zero-mean
         pathwise Σ∇log P is dropped; a gradient of Q flows through −log Q).
     logp_old : torch.Tensor, (..., T), optional
-        log-probabilities under the policy that drew the sequences (PPO's old policy). Then W_<t = Π_{s<t}
-        P_θ/P_old and W_≤t = W_<t·P_θ/P_old (the weights of the prefix, not PPO's per-token ratio), which makes
-        value and gradient unbiased at the current θ. Without it (on-policy) every weight is 1.
+        log-probabilities under the policy that drew the sequences (PPO's old policy; TRL's
+        ``old_per_token_logps``). Without it (on-policy) every weight is 1.
     baseline : {None, "loo"}
         "loo": subtract from each return the mean of the other sequences' returns at that step (leave-one-out over
         axis −2, the batch; at least 2 sequences). Unbiased, since another sequence's return is independent of this
         one's tokens; it changes the gradient's variance, never the value.
+    weights : {"clip", "full"}
+        How ``logp_old`` enters. "clip" (default, for trainers): each token's own ratio r_t = P_θ/P_old, detached
+        and clipped to [1 − ratio_clip, 1 + ratio_clip], multiplies its score term, and prefix weights are
+        truncated to 1: gradient Σ_t ∇K_t + Σ_t c_t·ρ_t·Σ_{s>t} K_s ("rb"), value Σ_t K_t. Bounded whatever the
+        drift, exact on-policy, biased off-policy (the prefix distribution's shift is ignored; docs/training.md
+        measures it). "full": W_<t = Π_{s<t} r_s, which makes value and gradient unbiased at the current θ but
+        whose variance grows with the drift over the sequence; it warns when the batch's sequence weights have an
+        ESS below ``min_ess`` × their number.
+    ratio_clip : float
+        ε of "clip" (0.2, PPO's); ``math.inf`` keeps the per-token ratio unclipped.
+    min_ess : float
+        The ESS fraction below which "full" warns (0.5).
 
     Returns
     -------
@@ -471,7 +576,8 @@ def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp
     -----
     ρ_t = log P_θ(x_t) − stopgrad(log P_θ(x_t)) is 0 in value, so the score terms change the gradient only. Under
     the per-token losses of the RL libraries (k3 or k1 summed, ``sequence_kl`` differentiated) the score terms are
-    missing and the gradient is that of another objective: see docs/training.md for which.
+    missing and the gradient is that of another objective: see docs/training.md and ``kl_estimation.audit`` for
+    which. ``offpolicy_weights`` gives the weights' ESS, ratio range and share outside the clip, for logging.
     """
     import torch
 
@@ -479,6 +585,7 @@ def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp
         raise ValueError(f"estimator: unknown {estimator!r}; allowed: {', '.join(KL_LOSS_ESTIMATORS)}")
     if baseline not in KL_LOSS_BASELINES:
         raise ValueError(f"baseline: unknown {baseline!r}; allowed: None, loo")
+    _check_weights(weights, ratio_clip, min_ess)
     if estimator == "rb" and token_kl is None:
         raise ValueError("token_kl: estimator 'rb' needs the exact per-token KL (token_logprobs_and_kl or "
                          "exact_token_kl)")
@@ -486,18 +593,26 @@ def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp
     if baseline == "loo" and (lp.ndim < 2 or lp.shape[-2] < 2):
         raise ValueError(f"logp: baseline 'loo' needs at least 2 sequences on axis -2 (got shape {tuple(lp.shape)})")
     score = lp - lp.detach()
-    on_policy = old is None
-    # log prefix weights W_≤t (inclusive) and W_<t (exclusive); all zero on-policy
-    log_wi = torch.zeros_like(lp) if on_policy else torch.cumsum(lp.detach() - old, -1)
-    log_wx = log_wi if on_policy else log_wi - (lp.detach() - old)
-    if estimator == "rb":
-        per_step, v, log_w, inclusive = torch.exp(log_wx) * kl, kl.detach(), log_wx, False
-    else:
-        per_step, v, log_w, inclusive = torch.exp(log_wi) * (lp.detach() - lq), (lp - lq).detach(), log_wi, True
+    v = kl.detach() if estimator == "rb" else (lp - lq).detach()
+    inclusive = estimator == "mc"
+    if old is None or weights == "clip":
+        # per-token weights c_t (1 on-policy); the prefix's weight is truncated to 1
+        c = 1.0 if old is None else torch.exp(lp.detach() - old).clamp(max(0.0, 1 - ratio_clip), 1 + ratio_clip)
+        per_step = kl if estimator == "rb" else c * (lp.detach() - lq)
+        to_go = _future(v, inclusive)
+        if baseline == "loo":
+            to_go = to_go - _leave_one_out(torch.where(m, to_go, torch.zeros_like(to_go)), m)
+        return per_step.sum(-1) + (score * c * to_go).sum(-1)
+    _warn_if_degenerate(offpolicy_weights(lp, old, m), min_ess)
+    # log prefix weights W_≤t (inclusive) and W_<t (exclusive)
+    log_wi = torch.cumsum(lp.detach() - old, -1)
+    log_wx = log_wi - (lp.detach() - old)
+    log_w = log_wi if inclusive else log_wx
+    per_step = torch.exp(log_wx) * kl if estimator == "rb" else torch.exp(log_wi) * (lp.detach() - lq)
     to_go = _future(torch.exp(log_w) * v, inclusive)
     if baseline == "loo":
         # the return relative to this step's own weight, so that W_≤t·b is a valid (mean-zero) control
-        rel = to_go if on_policy else _future_relative(log_w, v, log_wi, inclusive)
+        rel = _future_relative(log_w, v, log_wi, inclusive)
         to_go = to_go - torch.exp(log_wi) * _leave_one_out(torch.where(m, rel, torch.zeros_like(rel)), m)
     return per_step.sum(-1) + (score * to_go).sum(-1)
 
@@ -512,7 +627,8 @@ class KLRewards(NamedTuple):
 KL_REWARD_ESTIMATORS = ("mc", "rb")
 
 
-def kl_rewards(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb") -> KLRewards:
+def kl_rewards(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp_old=None,
+               weights: str = "clip", min_ess: float = MIN_ESS_FRACTION) -> KLRewards:
     r"""KL penalties shaped as per-token rewards for PPO/REINFORCE-style trainers, with the loss term they need.
 
     Parameters
@@ -524,6 +640,10 @@ def kl_rewards(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb") -
         for P. "rb": rewards K_{t+1} = KL(P_{t+1}‖Q_{t+1} | x_≤t), the exact KL of the *next* step, which x_t
         decides (0 at the last step and at padding); pathwise Σ_t K_t with its gradient. K_1 depends on the prompt
         alone, so no token is credited with it: rewards.sum(-1) + K_1 is the RB value.
+    logp_old, weights, min_ess
+        For the pathwise term in later PPO epochs (``logp`` at the current θ, ``logp_old`` the rollout's): "clip"
+        (default) leaves it Σ_t K_t; "full" weights it by the detached prefix weights, Σ_t W_<t·K_t, and warns as
+        ``kl_loss`` does when their ESS is low. Neither repairs the stale rewards (Notes).
 
     Returns
     -------
@@ -540,8 +660,8 @@ def kl_rewards(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb") -
     K_t is fixed before x_t is drawn, but adds ∇log P(x_t)·K_t noise: six times the variance in the tests' chain.
     Exact for on-policy gradients (PPO's first epoch, ratio 1). Later PPO epochs reuse the rollout's rewards under
     the per-token ratio, as they do for the task reward: an approximation this function does not repair; use
-    ``kl_loss(..., logp_old=...)`` for an unbiased off-policy KL gradient. A discount γ < 1 or a learned critic
-    (GAE λ < 1) bias the KL part as they bias the rest of the return.
+    ``kl_loss(..., logp_old=..., weights="full")`` for an unbiased off-policy KL gradient. A discount γ < 1 or a
+    learned critic (GAE λ < 1) bias the KL part as they bias the rest of the return.
     """
     if estimator not in KL_REWARD_ESTIMATORS:
         raise ValueError(f"estimator: unknown {estimator!r}; allowed: {', '.join(KL_REWARD_ESTIMATORS)}")
@@ -550,8 +670,13 @@ def kl_rewards(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb") -
                          "exact_token_kl)")
     import torch
 
-    _, lp, lq, kl, _ = _loss_inputs("kl_rewards", logp, logq, mask, token_kl, None)
+    _check_weights(weights, RATIO_CLIP, min_ess)
+    m, lp, lq, kl, old = _loss_inputs("kl_rewards", logp, logq, mask, token_kl, logp_old)
     if estimator == "rb":
         nxt = torch.cat([kl[..., 1:], torch.zeros_like(kl[..., :1])], -1).detach()
-        return KLRewards(nxt, kl.sum(-1))
+        if old is None or weights == "clip":
+            return KLRewards(nxt, kl.sum(-1))
+        _warn_if_degenerate(offpolicy_weights(lp, old, m), min_ess)
+        log_r = lp.detach() - old
+        return KLRewards(nxt, (torch.exp(torch.cumsum(log_r, -1) - log_r) * kl).sum(-1))
     return KLRewards((lp - lq).detach(), (lp.detach() - lq).sum(-1))
