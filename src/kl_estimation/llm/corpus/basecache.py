@@ -48,7 +48,8 @@ def save_base(folder, base, cfg, corpus: dict, document: np.ndarray, tokenizer, 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dt = getattr(torch, cfg.save_base_dtype) if cfg.save_base_dtype else base.hidden.dtype
-    tensors = {"hidden": base.hidden.to(dt).contiguous(), "head.weight": base.head.weight.detach().cpu().to(dt).contiguous(),
+    tensors = {"hidden": base.hidden.to(dt).contiguous(),
+               "head.weight": base.head.weight.detach().cpu().to(dt).contiguous(),
                "windows": torch.from_numpy(np.ascontiguousarray(base.windows)),
                "mask": torch.from_numpy(np.ascontiguousarray(base.mask)),
                "document": torch.from_numpy(np.ascontiguousarray(document))}

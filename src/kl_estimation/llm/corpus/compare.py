@@ -111,7 +111,8 @@ def table_text(rows, results) -> str:
         out.append(" | ".join((
             str(row["rank"]), row["candidate"], _fmt_ci(row["mean_kld"], row["mean_kld_ci"]),
             _fmt_ci(row["kld_99"], row["kld_99_ci"]), _fmt_ci(row["kld_99_9"], row["kld_99_9_ci"]),
-            _fmt_ci(row["same_top"], row["same_top_ci"], 100.0, 3), _fmt_ci(row["ln_ppl_ratio"], row["ln_ppl_ratio_ci"]),
+            _fmt_ci(row["same_top"], row["same_top_ci"], 100.0, 3),
+            _fmt_ci(row["ln_ppl_ratio"], row["ln_ppl_ratio_ci"]),
             f"{row['file_bytes'] / 2**20:.1f}" if row["file_bytes"] else "-",
             f"{row['bits_per_weight']:.3f}" if row["bits_per_weight"] else "-")))
     out.append(f"paired differences of per-token KL(base||Q) against the closest candidate, mean ± SE (clustered "

@@ -407,7 +407,8 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
         return result
     from kl_estimation.llm.corpus.compare import CorpusComparison
 
-    comparison = CorpusComparison.build(results, cfg, timing={"total_s": time.perf_counter() - t_start, "base_s": t_base - t_loaded})
+    comparison = CorpusComparison.build(results, cfg, timing={"total_s": time.perf_counter() - t_start,
+                                                              "base_s": t_base - t_loaded})
     if cfg.output_dir is not None:
         comparison.write(cfg.output_dir, cfg.overwrite)
     return comparison
