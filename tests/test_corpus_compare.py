@@ -76,6 +76,15 @@ def test_table_and_paired_differences_against_direct_sums(ladder):
     assert same["indistinguishable"]
 
 
+def test_labels_are_short_and_unique():
+    from kl_estimation.llm.corpus.compare import labels
+
+    assert labels(["d/SmolLM2.Q4_1.123.Q8_0.gguf", "d/SmolLM2.Q4_1.123.Q4_0.gguf"]) == ["Q8_0", "Q4_0"]
+    assert labels(["org/ckpt-100", "org/ckpt-200"]) == ["100", "200"]
+    assert labels(["a/q", "b/q"]) == ["q#1", "q#2"]
+    assert labels(["x/model.gguf"]) == ["model"]
+
+
 def test_pairing_removes_what_the_tokens_share():
     """Two candidates whose per-token KL share a token and a cluster effect: the paired SE is a fraction of the
     unpaired one, and it is the SE of the difference (checked over 400 corpora: its spread)."""

@@ -29,9 +29,14 @@ CANDIDATES = "candidates"
 
 
 def labels(names) -> list[str]:
-    """Short names for the table: a file's stem (without the extension), a hub id or folder as given; a name that
-    would repeat gets its position appended."""
+    """Short names for the table: a file's stem (without the extension), a hub id or folder as given, less what
+    every candidate's name starts with up to a separator (base.Q8_0, base.Q4_0 → Q8_0, Q4_0); a name that would
+    repeat gets its position appended."""
     short = [Path(str(n)).stem if str(n).endswith(".gguf") else Path(str(n)).name or str(n) for n in names]
+    common = os.path.commonprefix(short) if len(short) > 1 else ""
+    cut = max(common.rfind(c) for c in ".-_") + 1
+    if cut and all(len(s) > cut for s in short):
+        short = [s[cut:] for s in short]
     return [s if short.count(s) == 1 else f"{s}#{i + 1}" for i, s in enumerate(short)]
 
 
