@@ -263,3 +263,33 @@ def test_cli_save_base_then_score_against_it_with_the_figure(ladder, tmp_path, c
     assert llm_main(["--base", str(cache), "--q-model", qs[0], "--corpus", str(corpus)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--corpus" in err[0] and "base cache" in err[0]
+
+
+def test_a_base_whose_logits_are_not_its_head_output_is_run_again(ladder):
+    """Soft-capping after the head (as Gemma-2 does): head(hidden) would not give P's logits, so P stays loaded and
+    is run again for each candidate — the numbers are those of both models' own logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
+
+    from kl_estimation.llm.corpus.stats import token_stats
+
+    class Capped(GPT2LMHeadModel):
+        def forward(self, *args, **kw):
+            out = super().forward(*args, **kw)
+            out.logits = 2.0 * torch.tanh(out.logits / 2.0)
+            return out
+
+    p_dir, qs = ladder
+    p = Capped.from_pretrained(p_dir).eval()
+    q = AutoModelForCausalLM.from_pretrained(qs[0]).eval()
+    tok = AutoTokenizer.from_pretrained(p_dir)
+    res = kle.corpus_kl(p, [q, q], [text()], context=16, tokenizer=tok, n_bootstrap=10, progress=False)
+    r = res.results[0]
+    assert r.models["base"].startswith("P run again")
+    win, mask = torch.from_numpy(r.tokens["windows"]), torch.from_numpy(r.tokens["mask"])
+    V = len(WORDS)
+    with torch.no_grad():
+        st = token_stats(p(input_ids=win).logits[:, :-1, :V], q(input_ids=win).logits[:, :-1, :V], win[:, 1:],
+                         mask[:, 1:])
+    np.testing.assert_allclose(r.tokens["kl_forward"][:, 1:], st["kl_forward"].numpy(), rtol=1e-5, atol=1e-7)
+    assert np.array_equal(res.results[1].tokens["kl_forward"], r.tokens["kl_forward"], equal_nan=True)
