@@ -1,6 +1,7 @@
 """Several candidates against one base in corpus mode (a quant ladder on tiny GPT-2 models): every candidate's numbers
 are its one-candidate run's, bit for bit; the comparison table, the paired differences and the percentile CIs of the
-cluster bootstrap against direct computations; the command line's --q-model A B C; bad input."""
+cluster bootstrap against direct computations; groups; P's cache on disk (exact and rounded); a P whose logits are
+not its head's output; the command line's --q-model A B C, --save-base, --base; bad input."""
 import json
 import math
 
