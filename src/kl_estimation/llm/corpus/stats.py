@@ -640,9 +640,13 @@ def quantile_cis(values, clusters, rng: np.random.Generator, *, levels: dict | N
 
         # batches of resamples keep the (batch, tokens) running weights near 2**24 floats
         batch = max(1, (1 << 24) // max(x.size, 1))
+        import inspect
+
+        # scipy ≥ 1.15 calls the Generator `rng`; 1.11–1.14 (our floor) `random_state`
+        seed = {"rng" if "rng" in inspect.signature(sps.bootstrap).parameters else "random_state": rng}
         with np.errstate(invalid="ignore", divide="ignore"):
             res = sps.bootstrap((np.arange(G),), stat, vectorized=True, n_resamples=n_resamples, batch=batch,
-                                confidence_level=confidence, method=method, rng=rng)
+                                confidence_level=confidence, method=method, **seed)
         for r, lo, hi in zip(out.values(), np.atleast_1d(res.confidence_interval.low),
                              np.atleast_1d(res.confidence_interval.high)):
             r["ci"] = (float(lo), float(hi))
