@@ -13,6 +13,7 @@ LLM pairs (torch and transformers are imported on first use, so the single-token
     corpus_kl(p_model, q_model, corpus, *, context=512, score="second-half", ...)   teacher-forced KL over a text,
         llama.cpp's windows and statistics one to one, both directions, clustered SEs
         → CorpusResult: .summary (llama.cpp's numbers, means with clustered and i.i.d. SEs), .mean(), .tokens, .text
+        q_model a list → CorpusComparison: each candidate's CorpusResult, .table (ranks, CIs), .paired(a, b), .text
     CorpusConfig     every setting of a corpus run (LLM_experiments.py --corpus FILE), sharing LLMConfig's names
 
 Training-loop terms over logits / log-probs (numpy or torch on any device; torch keeps autograd), with masks:
@@ -74,10 +75,12 @@ _LAZY = {  # names whose modules import torch / transformers: loaded on first ac
     "sample_batch": "llm.engine", "sequence_proposal": "llm.engine", "unit_generator": "llm.engine",
     "enumerate_sequences": "llm.enumeration", "LLMConfig": "llm.run.config",
     "corpus_kl": "api", "CorpusResult": "llm.corpus.run", "CorpusConfig": "llm.corpus.config",
+    "CorpusComparison": "llm.corpus.compare",
 }
 
 __all__ = sorted([
     "estimate_kl", "KLResult", "KLRow", "LLMConfig", "default_pair", "corpus_kl", "CorpusResult", "CorpusConfig",
+    "CorpusComparison",
     "exact_token_kl", "k1", "k2", "k3", "sequence_kl", "kl_loss", "kl_rewards", "KLRewards", "token_logprobs_and_kl",
     "offpolicy_weights", "OffPolicyWeights",
     "REGISTRY", "Proposal", "proposal", "by_name", "build_proposals",

@@ -247,6 +247,8 @@ def corpus_kl(p_model=None, q_model=None, corpus=None, *, context: int = 512, to
     p_model, q_model : str, os.PathLike or transformers model
         Hub ids (``p_revision`` / ``q_revision``), local folders or ``.gguf`` files; or already-loaded causal LMs
         sharing ``tokenizer``.
+        ``q_model`` may be a list (a quant ladder, a checkpoint series): P's pass is done once, the candidates are
+        loaded one at a time and compared in one table (a CorpusComparison).
     corpus : str, os.PathLike, or a sequence of str
         A .txt file (one document) or .jsonl file (one document per line, under ``text_field``), or the documents as
         texts. Or give ``dataset=`` (with ``split``, ``text_field``) or ``token_ids=`` (llama.cpp's base file).
@@ -262,6 +264,10 @@ def corpus_kl(p_model=None, q_model=None, corpus=None, *, context: int = 512, to
     CorpusResult: ``.summary`` (``["llama"]``: llama.cpp's numbers; ``["means"]``: every mean with ``se_cluster``,
     ``se_iid`` and 95 % CIs), ``.mean("kl_forward")``, ``.tokens`` (per-token arrays), ``.windows``, ``.worst``,
     ``.text`` (llama.cpp's blocks and ours, as printed).
+    With a list of candidates, a CorpusComparison: ``.results`` (one CorpusResult per candidate, each what its
+    one-candidate run gives), ``.table`` (mean, 99 % and 99.9 % KLD, same top-1, ln PPL ratio with 95 % CIs, file
+    size and bits per weight for GGUF files, rank, paired difference from the closest candidate), ``.paired(a, b)``,
+    ``.text``.
 
     Raises
     ------
@@ -278,14 +284,18 @@ def corpus_kl(p_model=None, q_model=None, corpus=None, *, context: int = 512, to
             settings["texts"] = tuple(corpus)
         else:
             raise ValueError(f"corpus: a file path or a list of texts (got {type(corpus).__name__})")
-    loaded = [m is not None and not _is_model_id(m) for m in (p_model, q_model)]
+    several = isinstance(q_model, (list, tuple))
+    qs = list(q_model) if several else [q_model]
+    loaded = [m is not None and not _is_model_id(m) for m in (p_model, *qs)]
     if any(loaded) and not all(loaded):
-        raise ValueError("q_model: give both models as ids/paths or both as loaded models")
+        raise ValueError("q_model: give every model as an id/path or every one as a loaded model")
     if all(loaded):
         if tokenizer is None:
             raise ValueError("tokenizer: needed when the models are passed as loaded models")
-        cfg = CorpusConfig.from_settings(p_model="(loaded)", q_model="(loaded)", context=context, **settings)
-        return run_corpus(cfg, models=(p_model, q_model), tokenizer=tokenizer, progress=progress)
-    cfg = CorpusConfig.from_settings(p_model=p_model and os.fspath(p_model), q_model=q_model and os.fspath(q_model),
-                                     context=context, **settings)
+        names = tuple(f"(loaded {i + 1})" for i in range(len(qs))) if several else "(loaded)"
+        cfg = CorpusConfig.from_settings(p_model="(loaded)", q_model=names, context=context, **settings)
+        return run_corpus(cfg, models=(p_model, qs if several else q_model), tokenizer=tokenizer, progress=progress)
+    names = tuple(os.fspath(q) for q in qs) if several else (q_model and os.fspath(q_model))
+    cfg = CorpusConfig.from_settings(p_model=p_model and os.fspath(p_model), q_model=names, context=context,
+                                     **settings)
     return run_corpus(cfg, progress=progress)

@@ -250,7 +250,8 @@ def draw_figures(folder, fmt: str = "png", pairs=None, methods=None):
     from kl_estimation.figures import synthetic as plots
 
     folder = Path(folder)
-    if (folder / "tokens.npz").is_file() and (folder / "summary.json").is_file():  # a corpus run
+    corpus_run = (folder / "tokens.npz").is_file() and (folder / "summary.json").is_file()
+    if corpus_run or (folder / "comparison.json").is_file():  # a corpus run, or several candidates against one base
         return _corpus_figures(folder, fmt, pairs or methods)
     if (folder / "summary.json").is_file() and not (folder / runio.RESULTS).exists():
         from kl_estimation.figures import llm as plots_llm
@@ -452,6 +453,9 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
                 reserved = runio.new_run_dir("corpus", root=LLM_RUNS)  # a new folder: runs never collide
                 cfg = replace(cfg, output_dir=str(reserved))
             result = run_corpus(cfg, progress=True)
+            if isinstance(result, Path):  # save_base alone: P's cache, no candidate
+                print(f"base cache: {result}")
+                return 0
             print(result.text)
             return _figures(prog, result.folder, None if args.no_plots else "corpus")
         except ValueError as err:

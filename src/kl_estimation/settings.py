@@ -23,14 +23,16 @@ def setting(default, help: str, *, flag: bool | str = True, aliases: tuple = (),
     return field(default=default, metadata=meta)
 
 
-def shared(source, name: str, help: str | None = None, default=...):
+def shared(source, name: str, help: str | None = None, default=..., nargs=None):
     """Setting `name` of the config class `source` in another config: same name, flag and (unless given) help and
     default — one setting, not a copy (the corpus run's models are LLMConfig's, the sequence run's sizes are the
-    synthetic run's)."""
+    synthetic run's); `nargs` where it takes several (the corpus run's candidates)."""
     f = source.settings()[name]
     meta = dict(f.metadata)
     if help is not None:
         meta["help"] = help
+    if nargs is not None:
+        meta["nargs"] = nargs
     return field(default=f.default if default is ... else default, metadata=meta)
 
 

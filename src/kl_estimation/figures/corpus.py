@@ -12,6 +12,7 @@ Colours: P's direction KL(P‖Q) blue, the reverse KL(Q‖P) orange, as in every
 """
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from html import escape
@@ -209,9 +210,12 @@ FIGURES = {"kld-distribution": fig_kld_distribution, "kld-position": fig_kld_pos
 
 def draw_all(path, fmt: str = "png") -> Path:
     """Every figure of the corpus run folder `path` into `path/plots/` with an index.html; returns its path (drawn in
-    a temporary folder that replaces plots/ only when every figure succeeded)."""
+    a temporary folder that replaces plots/ only when every figure succeeded). A folder of several candidates
+    (comparison.json) gets the comparison figure (draw_comparison)."""
     if fmt not in FORMATS:
         raise RunFolderError(f"--format: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    if (Path(path) / "comparison.json").is_file():
+        return draw_comparison(path, fmt)
     run = load_corpus_run(path)
     path = Path(path)
     plt = _plt()
@@ -233,4 +237,65 @@ def draw_all(path, fmt: str = "png") -> Path:
                  f"{L['ppl_base'][0]:.4f}, same top p {100 * L['same_top'][0]:.3f} %. Numbers: summary.json, "
                  f"llama.txt, windows.csv; per token: tokens.npz.")
         write_index(tmp, f"Corpus run {path.resolve().name}", intro, files)
+    return path / "plots" / "index.html"
+
+
+# ------------------------------------------------------------------------------------ several candidates, one base
+
+def fig_ladder(plt, comp: dict):
+    """Mean KLD and 99.9 % KLD of every candidate with their 95 % CIs: against bits per weight with the Pareto front
+    when every candidate is a GGUF file (a quant ladder), else against the candidate's position in the order given
+    (a checkpoint series)."""
+    rows = comp["table"]
+    by_size = all(r.get("bits_per_weight") for r in rows)
+    x = np.array([r["bits_per_weight"] if by_size else i + 1 for i, r in enumerate(rows)], dtype=float)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, lab in ((axes[0], "mean_kld", "mean KLD"), (axes[1], "kld_99_9", "99.9 % KLD")):
+        y = np.array([r[key] for r in rows])
+        ci = np.array([r[key + "_ci"] for r in rows], dtype=float)
+        err = np.abs(np.vstack([y - ci[:, 0], ci[:, 1] - y]))
+        ax.errorbar(x, y, yerr=err, fmt="o", color=FWD, ecolor="0.45", capsize=3, ms=5, label=f"{lab}, 95 % CI")
+        for xi, yi, r in zip(x, y, rows):
+            ax.annotate(r["candidate"], (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        if by_size and key == "mean_kld":
+            front = sorted((xi, yi) for xi, yi, r in zip(x, y, rows) if r.get("pareto"))
+            ax.plot(*zip(*front), color="#d62728", lw=1.2, ls="--", label="Pareto front (smaller and closer)")
+        elif not by_size:
+            ax.plot(x, y, color=FWD, lw=0.8, alpha=0.6)
+        if np.all(ci[:, 0] > 0):
+            ax.set_yscale("log")
+        ax.set_xlabel("bits per weight (GGUF tensors)" if by_size else "candidate (in the order given)")
+        ax.set_ylabel(f"{lab} of KL(base‖Q), nats")
+        ax.legend(fontsize=8)
+    if not by_size:
+        for ax in axes:
+            ax.set_xticks(x, [r["candidate"] for r in rows], rotation=30, ha="right", fontsize=8)
+    c = comp["corpus"]
+    fig.suptitle(f"{len(rows)} candidates against one base: {c.get('n_windows')} windows, "
+                 f"{comp['config'].get('context')} tokens each — means: CI clustered by "
+                 f"{comp['config'].get('cluster_by')}; 99.9 %: bootstrap over clusters", fontsize=10)
+    fig.tight_layout()
+    return fig, ("Mean and 99.9 % KL(base‖Q) of each candidate with 95 % CIs, " + (
+        "against bits per weight; dashed: the Pareto front." if by_size else "in the order the candidates were given."))
+
+
+def draw_comparison(path, fmt: str = "png") -> Path:
+    """The comparison figure of a run of several candidates (comparison.json) into `path/plots/` with an index;
+    each candidate's own figures: draw_all on its folder under candidates/."""
+    if fmt not in FORMATS:
+        raise RunFolderError(f"--format: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    path = Path(path)
+    try:
+        comp = json.loads((path / "comparison.json").read_text())
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{path} is not a readable comparison folder (comparison.json): {err}") from None
+    plt = _plt()
+    with runio.replaced_folder(path / "plots", ".plots-") as tmp:
+        fig, caption = fig_ladder(plt, comp)
+        fname = f"corpus_ladder.{fmt}"
+        fig.savefig(tmp / fname, format=fmt)
+        plt.close(fig)
+        intro = escape(f"{len(comp['table'])} candidates against one base; table: comparison.csv, llama.txt; each "
+                       f"candidate's run folder under candidates/.")
+        write_index(tmp, f"Corpus comparison {path.resolve().name}", intro, [(fname, caption)])
     return path / "plots" / "index.html"

@@ -18,14 +18,15 @@ from kl_estimation.llm.run.config import LLMConfig, ModelPairSettings
 from kl_estimation.settings import setting
 
 CLUSTERS = ("window", "document")
-CORPUS_FILES = ("summary.json", "tokens.npz", "windows.csv", "llama.txt", "plots")
+CORPUS_FILES = ("summary.json", "tokens.npz", "windows.csv", "llama.txt", "plots", "comparison.json", "comparison.csv",
+                "candidates")
 CORPUS_KINDS = (".txt", ".jsonl")
 
 
-def shared(name: str, help: str | None = None, default=...):
+def shared(name: str, help: str | None = None, default=..., nargs=None):
     """LLMConfig's setting `name` for the corpus run (its help may be reworded where the corpus run uses it
-    otherwise, e.g. batch_size counts windows)."""
-    return settings.shared(LLMConfig, name, help, default)
+    otherwise, e.g. batch_size counts windows; `nargs` where it takes several)."""
+    return settings.shared(LLMConfig, name, help, default, nargs)
 
 
 @dataclass
@@ -34,8 +35,11 @@ class CorpusConfig(ModelPairSettings):
     JSON key in summary.json; the flag is ``--`` + the name with dashes."""
 
     p_model: str | None = shared("p_model", "base model P (llama.cpp's base): a hub id, a local folder or a .gguf file")
-    q_model: str | None = shared("q_model", "the other model Q (e.g. a quantized P): a hub id, a local folder or a "
-                                            ".gguf file (default with `q_adapter`: `p_model`)")
+    q_model: str | tuple | None = shared("q_model", "the other model Q (e.g. a quantized P): a hub id, a local folder "
+                                                    "or a .gguf file (default with `q_adapter`: `p_model`); several "
+                                                    "(a quant ladder, a checkpoint series): each scored against one "
+                                                    "pass of P, loaded one at a time, then compared in one table",
+                                         nargs="+")
     corpus: str | None = setting(None, "the text: a .txt file (one document, tokenized whole as llama.cpp does) or a "
                                        ".jsonl file (one document per line, its text under `text_field`); this flag "
                                        "switches LLM_experiments.py to a corpus run")
@@ -44,6 +48,9 @@ class CorpusConfig(ModelPairSettings):
                                             "a load_dataset name, one document per row (text under `text_field`)")
     split: str = shared("split")
     text_field: str = setting("text", "`corpus` .jsonl and `dataset`: the field holding each document's text")
+    group_field: str | None = setting(None, "`corpus` .jsonl: the field naming each document's group (e.g. "
+                                            "category: code, chat, math): the statistics per group, with SEs "
+                                            "clustered within it")
     n_documents: int | None = setting(None, "only the first N documents (default: all)", type=int)
     token_ids: str | None = setting(None, "score these token ids instead of tokenizing a text: llama.cpp's "
                                           "--kl-divergence-base file (its header holds them) or a .npy array "
@@ -58,7 +65,17 @@ class CorpusConfig(ModelPairSettings):
     base_storage: str = setting("exact", "exact: P's distributions in float32; llama-uint16: P stored as llama.cpp's "
                                          "--kl-divergence-base stores it (16-bit log-probs, tokens below max − 16 "
                                          "dropped), to reproduce its arithmetic")
+    n_bootstrap: int = setting(1000, "cluster resamples of the bootstrap behind the percentile CIs", type=int)
+    seed: int = shared("seed", "seed of the cluster bootstrap (the same draws for every candidate)")
     n_worst: int = setting(20, "tokens with the largest KL(P‖Q) kept with their context for the figures", type=int)
+    save_base: str | None = setting(None, "also store P's side of the run in this folder (its final hidden states "
+                                          "in P's dtype and its output head: hidden size × bytes per scored token); "
+                                          "without `q_model`, P alone is run")
+    save_base_dtype: str | None = setting(None, "`save_base`: store the hidden states and the head in this dtype "
+                                                "(bfloat16, float16: half the size of float32; P's logits are then "
+                                                "recomputed from rounded values) (default: P's dtype, exact)")
+    base: str | None = setting(None, "score the candidates against a folder written by `save_base` instead of P (P's "
+                                     "body is never loaded); the text, windows and clusters are the cache's")
     batch_size: int = shared("batch_size", "windows per forward batch (llama.cpp puts 2048 / n_ctx in one)",
                              default=4)
     device: str = shared("device")
@@ -89,7 +106,14 @@ class CorpusConfig(ModelPairSettings):
                                  f"text teacher-forced and never samples")
         return super().from_settings(**settings)
 
+    @property
+    def candidates(self) -> tuple:
+        """The candidate Qs: one name, or the several of a comparison run."""
+        return (self.q_model,) if isinstance(self.q_model, str) else tuple(self.q_model or ())
+
     def __post_init__(self):
+        if isinstance(self.q_model, list):  # the command line's --q-model A [B …]: one name is a one-candidate run
+            self.q_model = self.q_model[0] if len(self.q_model) == 1 else tuple(self.q_model)
         super().__post_init__()
         if self.texts is not None and not isinstance(self.texts, tuple):
             self.texts = (self.texts,) if isinstance(self.texts, str) else tuple(self.texts)
@@ -97,11 +121,38 @@ class CorpusConfig(ModelPairSettings):
     def validate(self) -> CorpusConfig:
         """Check every setting (errors name the parameter) before anything is loaded; returns a copy (nothing
         needs resolving yet), the config itself is left as it is."""
-        if self.p_model is None or self.q_model is None:
-            raise ValueError("q_model: a corpus run needs `p_model` and `q_model` (or `p_model` with `q_adapter`)")
+        if self.base is not None:
+            from kl_estimation.llm.corpus.basecache import read_record
+
+            read_record(self.base)
+            given = [n for n in ("p_model", "save_base", "p_adapter", "corpus", "texts", "dataset", "token_ids")
+                     if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{given[0]}: the base cache {self.base} holds P and the text; leave out "
+                                 f"`{given[0]}` with `base`")
+            if self.q_model is None:
+                raise ValueError("q_model: give the candidates to score against the base cache")
+        elif self.p_model is None or (self.q_model is None and self.save_base is None):
+            raise ValueError("q_model: a corpus run needs `p_model` and `q_model` (or `p_model` with `q_adapter`, or "
+                             "`p_model` with `save_base`)")
+        if self.save_base_dtype is not None and self.save_base_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"save_base_dtype: one of float32, bfloat16, float16 (got {self.save_base_dtype!r})")
+        if self.save_base_dtype is not None and self.save_base is None:
+            raise ValueError("save_base_dtype: only with `save_base`")
+        if self.save_base is not None:
+            from kl_estimation.llm.corpus.basecache import check_base_folder
+
+            check_base_folder(self.save_base, self.overwrite)
+        if self.q_model is not None and (not self.candidates
+                                         or not all(isinstance(n, str) and n for n in self.candidates)):
+            raise ValueError(f"q_model: a model name or a list of them (got {self.q_model!r})")
+        if len(set(self.candidates)) < len(self.candidates):
+            raise ValueError("q_model: a candidate is named twice")
         check_int("context", self.context, 3 if self.score == "second-half" else 2)
         check_int("batch_size", self.batch_size, 1)
         check_int("n_worst", self.n_worst, 0)
+        check_int("n_bootstrap", self.n_bootstrap, 1)
+        check_int("seed", self.seed, 0)
         for name in ("n_windows", "n_documents", "threads"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
@@ -112,7 +163,7 @@ class CorpusConfig(ModelPairSettings):
         if self.base_storage not in BASE_STORAGE:
             raise ValueError(f"base_storage: one of {', '.join(BASE_STORAGE)} (got {self.base_storage!r})")
         given = [n for n in ("corpus", "texts", "dataset", "token_ids") if getattr(self, n) is not None]
-        if not given:
+        if not given and self.base is None:
             raise ValueError("corpus: give the text to score: `corpus` FILE, `dataset` NAME or `token_ids` FILE")
         if len(given) > 1:
             raise ValueError(f"{given[1]}: give one source of text, not both `{given[0]}` and `{given[1]}`")
@@ -124,7 +175,8 @@ class CorpusConfig(ModelPairSettings):
             raise ValueError(f"corpus: {self.corpus} is not a {' or '.join(CORPUS_KINDS)} file")
         if self.token_ids is not None and self.cluster_by == "document":
             raise ValueError("cluster_by: token ids carry no documents; cluster by window")
-        self.check_loading()
+        for name in self.candidates or (None,):  # each candidate's source, as its own run would check it
+            replace(self, q_model=name).check_loading()
         if self.output_dir is not None:
             check_corpus_folder(self.output_dir, self.overwrite)
         return replace(self)

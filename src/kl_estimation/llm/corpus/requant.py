@@ -107,3 +107,19 @@ def cached_variant(base, qtype: str, cache=None) -> Path:
     if not out.is_file():
         requantize(base, out, qtype)
     return out
+
+
+def gguf_size(path) -> dict | None:
+    """A GGUF file's size: bytes on disk, its tensors' bytes and weights, and bits per weight as llama.cpp prints
+    them (tensor bytes × 8 / weights); None for a path that is not a readable GGUF file."""
+    path = Path(path)
+    if path.suffix != ".gguf" or not path.is_file():
+        return None
+    try:
+        reader = _gguf().GGUFReader(os.fspath(path))
+    except (ValueError, OSError):
+        return None
+    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    n_weights = sum(int(t.n_elements) for t in reader.tensors)
+    return {"file_bytes": path.stat().st_size, "tensor_bytes": n_bytes, "n_weights": n_weights,
+            "bits_per_weight": 8.0 * n_bytes / n_weights if n_weights else None}

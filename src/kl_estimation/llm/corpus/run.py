@@ -1,15 +1,20 @@
-r"""A corpus run: teacher-forced KL(P‖Q) over a text, both models on the same windows, in one pass.
+r"""A corpus run: teacher-forced KL(P‖Q) over a text, P and one or several candidates Q on the same windows.
 
     text → token ids (tokenizer, or llama.cpp's own ids from its base file) → llama.cpp's windows (stats.llama_windows)
-    → per batch of windows: P's and Q's logits of the scored positions only (``logits_to_keep``), then
-    stats.token_stats: per scored token KL(P‖Q), KL(Q‖P) over the full vocabulary, log P(x), log Q(x), top-1 agreement,
-    Δp — chunked over positions, float32 or wider, no (B, T, V) float32 copy beyond the logits themselves
-    → stats.summarize: llama.cpp's statistics, clustered and token-i.i.d. standard errors.
+    → P over every window once (base_pass): the input of its output head at the scored positions (``logits_to_keep``)
+      is kept — or read from a cache written earlier (``base``, basecache.py) — and P's body is released
+    → each candidate Q in turn, loaded alone: per batch of windows Q's logits, P's as head(hidden) (the same bits as
+      P's own forward, checked on the first batch), then stats.token_stats: per scored token KL(P‖Q), KL(Q‖P) over the
+      full vocabulary, log P(x), log Q(x), top-1 agreement, Δp — chunked over positions, float32 or wider
+    → stats.summarize: llama.cpp's statistics, clustered and token-i.i.d. standard errors, percentile CIs
+    → several candidates: compare.py's table and paired differences.
 
-Memory: the models, one batch of logits (``batch_size`` × scored positions × vocabulary, per model) and per-token
-arrays (windows × n_ctx floats): nothing proportional to corpus × vocabulary. Files (``output_dir``): tokens.npz
-(per-token arrays), windows.csv (one row per window), summary.json (config, models, versions, every statistic, the
-worst tokens in context), llama.txt (the console text); the figures (figures/corpus.py) are drawn from them.
+Memory: the larger of P and one candidate (never both), P's hidden states (windows × scored positions × hidden size
+in P's dtype), one batch of logits per model and per-token arrays (windows × n_ctx floats): nothing proportional to
+corpus × vocabulary. Files (``output_dir``): tokens.npz (per-token arrays), windows.csv (one row per window),
+summary.json (config, models, versions, every statistic, the worst tokens in context), llama.txt (the console text);
+several candidates: each one's folder under candidates/ and comparison.json / .csv; the figures (figures/corpus.py)
+are drawn from them.
 
 Everything that can be refused is refused before the weights load and before anything is written: the settings,
 the output folder, the tokenizers (one shared vocabulary: check_tokenizers), the text (empty, shorter than llama.cpp
@@ -31,7 +36,7 @@ from kl_estimation import runio
 from kl_estimation.core.estimators import t95
 from kl_estimation.core.resources import check_memory, set_threads
 from kl_estimation.llm.corpus.config import CORPUS_FILES, CorpusConfig, check_corpus_folder
-from kl_estimation.llm.corpus.stats import STAT_KEYS, format_llama, llama_windows, summarize, token_stats
+from kl_estimation.llm.corpus.stats import STAT_KEYS, cluster_mean, format_llama, llama_windows, summarize, token_stats
 from kl_estimation.llm.corpus.text import read_documents, read_token_ids, tokenize_documents
 
 TOP = 3          # top tokens of P and Q kept for each worst token
@@ -142,23 +147,83 @@ def _top(logits_row: torch.Tensor, k: int):
     return [(int(a), float(b)) for a, b in zip(i.tolist(), v.exp().tolist())]
 
 
-def score_windows(p, q, windows: np.ndarray, mask: np.ndarray, vocab: int, *, batch_size: int,
-                  base_storage: str = "exact", n_worst: int = 0, bar=None) -> tuple[dict, list]:
-    """Both models over every window (batches of `batch_size`), token_stats on the scored positions. Returns the
-    per-token arrays ((W, n_ctx), NaN / False where unscored) and the `n_worst` tokens of largest KL(P‖Q) as
-    (kl, window, position, P's top, Q's top)."""
+class BaseCache:
+    """P's side of every window, computed once for any number of candidates: P's final hidden states (the input of
+    its output head, in P's dtype, (W, keep, hidden)) and the head itself, so that P's logits of a batch are the head
+    applied again to the same input — the same operation on the same values as in P's own forward, hence the same
+    bits (checked on the first batch). A model whose logits are not its head's output (soft-capping, scaling after
+    the head) keeps P itself (``model``) and runs it again for every candidate."""
+
+    def __init__(self, hidden, head, model, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int):
+        self.hidden, self.head, self.model = hidden, head, model
+        self.windows, self.mask, self.keep, self.vocab = windows, mask, keep, vocab
+
+    @property
+    def nbytes(self) -> int:
+        """P's cached hidden states in memory (0 when P itself is kept)."""
+        return 0 if self.hidden is None else self.hidden.numel() * self.hidden.element_size()
+
+    @property
+    def exact_from_hidden(self) -> bool:
+        return self.model is None
+
+    def device(self) -> torch.device:
+        return _device_of(self.model) if self.model is not None else next(self.head.parameters()).device
+
+    @torch.inference_mode()
+    def logits(self, w0: int, w1: int) -> torch.Tensor:
+        """(w1 − w0, keep − 1, vocab) logits of P for windows w0 … w1 − 1."""
+        if self.model is not None:
+            return window_logits(self.model, torch.from_numpy(self.windows[w0:w1]).to(self.device()), self.keep,
+                                 self.vocab)
+        h = self.hidden[w0:w1].to(self.device(), self.head.weight.dtype)  # a no-op unless the cache was rounded
+        return self.head(h)[:, :-1, : self.vocab]
+
+
+@torch.inference_mode()
+def base_pass(p, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int, batch_size: int,
+              bar=None) -> BaseCache:
+    """P over every window once (batches of `batch_size`, as the candidates will be), keeping what its output head
+    received; P itself is kept only when its logits are not that head's output."""
+    from kl_estimation.llm.pair import _inner
+
+    head = _inner(p).get_output_embeddings()
+    seen = {}
+    hook = head.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
+    hidden = []
+    try:
+        for w0 in range(0, windows.shape[0], batch_size):
+            w1 = min(windows.shape[0], w0 + batch_size)
+            lp = window_logits(p, torch.from_numpy(windows[w0:w1]).to(_device_of(p)), keep, vocab)
+            x = seen.pop("x")
+            if x.shape[1] != keep:  # the model computed every position's logits: the head's output is rebuilt
+                x = x[:, -keep:]
+            hidden.append(x.to("cpu", copy=True))
+            if w0 == 0 and not torch.equal(head(hidden[0].to(x.device))[:, :-1, :vocab], lp):
+                return BaseCache(None, None, p, windows, mask, keep, vocab)
+            if bar is not None:
+                bar.update(w1 - w0)
+    finally:
+        hook.remove()
+    return BaseCache(torch.cat(hidden), head, None, windows, mask, keep, vocab)
+
+
+def score_windows(base: BaseCache, q, mask: np.ndarray, *, batch_size: int, base_storage: str = "exact",
+                  n_worst: int = 0, bar=None) -> tuple[dict, list]:
+    """Candidate `q` over every window (batches of `batch_size`) against P's logits from `base`, token_stats on the
+    scored positions. Returns the per-token arrays ((W, n_ctx), NaN / False where unscored) and the `n_worst` tokens
+    of largest KL(P‖Q) as (kl, window, position, P's top, Q's top)."""
+    windows, keep, vocab = base.windows, base.keep, base.vocab
     W, n_ctx = windows.shape
-    cols = np.flatnonzero(mask.any(0))
-    s0 = int(cols[0])                      # first scored target; logits from position s0 − 1 on
-    keep = n_ctx - s0 + 1
+    s0 = n_ctx - keep + 1                  # first scored target; logits from position s0 − 1 on
     out = {k: np.full((W, n_ctx), np.nan) for k in STAT_KEYS if k != "top1_agree"}
     out["top1_agree"] = np.zeros((W, n_ctx), dtype=bool)
-    dev_p, dev_q = _device_of(p), _device_of(q)
+    dev_q = _device_of(q)
     worst: list = []
     for w0 in range(0, W, batch_size):
         w1 = min(W, w0 + batch_size)
         ids = torch.from_numpy(windows[w0:w1])
-        lp = window_logits(p, ids.to(dev_p), keep, vocab)
+        lp = base.logits(w0, w1)
         lq = window_logits(q, ids.to(dev_q), keep, vocab).to(lp.device)
         tg = ids[:, s0:].to(lp.device)
         m = torch.from_numpy(mask[w0:w1, s0:]).to(lp.device)
@@ -190,6 +255,8 @@ def _model_record(cfg: CorpusConfig) -> dict:
     rec = {"p": cfg.p_model, "q": cfg.q_model}
     for side in ("p", "q"):
         name = getattr(cfg, f"{side}_model")
+        if name is None:
+            continue
         if getattr(cfg, f"{side}_revision"):
             rec[f"{side}_revision"] = getattr(cfg, f"{side}_revision")
         if getattr(cfg, f"{side}_adapter"):
@@ -207,6 +274,8 @@ def _context_limit(cfg: CorpusConfig) -> tuple[int | None, str]:
     limits = []
     for side in ("p", "q"):
         name = getattr(cfg, f"{side}_model")
+        if name is None:
+            continue
         if is_gguf(name) and Path(name).is_file():
             n = gguf_facts(f"{side}_model", name)["context_length"]
         else:
@@ -235,8 +304,16 @@ def corpus_tokens(cfg: CorpusConfig, tokenizer) -> tuple[np.ndarray, np.ndarray,
         rec["text_start"] = text_start(tokenizer)
         rec["n_documents"] = 1
         return ids, np.zeros(ids.size, dtype=np.int32), rec
-    docs = read_documents(cfg.corpus, cfg.texts, cfg.dataset, cfg.split, cfg.text_field, cfg.n_documents)
+    docs = read_documents(cfg.corpus, cfg.texts, cfg.dataset, cfg.split, cfg.text_field, cfg.n_documents,
+                          cfg.group_field)
+    groups = None
+    if cfg.group_field is not None:
+        docs, groups = docs
     ids, doc, rec = tokenize_documents(tokenizer, docs)
+    if groups is not None:  # group names in order of first appearance; per document its index among them
+        names = list(dict.fromkeys(groups))
+        rec["groups"] = names
+        rec["document_group"] = [names.index(g) for g in groups]
     rec["source"] = (f"file {cfg.corpus}" if cfg.corpus else f"dataset {cfg.dataset} ({cfg.split})" if cfg.dataset
                      else "texts") + ", tokenized by the tokenizer"
     return ids, doc, rec
@@ -265,9 +342,16 @@ def _batch_bytes(p, q, batch: int, keep: int, vocab_rows: int) -> int:
     return size + 10 * (1 << 22) * 4 + batch * 12 * (1 << 20)
 
 
-def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool = False) -> CorpusResult:
-    """Validate cfg, load (or take) the models, score every window, summarize; write the run folder when
-    cfg.output_dir is set. `models`: (P, Q) already loaded, with their shared `tokenizer`."""
+def candidate_configs(cfg: CorpusConfig) -> list[CorpusConfig]:
+    """One config per candidate Q: what its one-candidate run would be given."""
+    return [replace(cfg, q_model=name) for name in cfg.candidates]
+
+
+def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool = False):
+    """Validate cfg, load P, score every window once for P (base_pass), then each candidate Q in turn against it
+    (loaded one at a time: memory is that of the larger model, whatever the number of candidates); summarize; write
+    the run folder when cfg.output_dir is set. `models`: (P, Q or a list of Qs) already loaded, with their shared
+    `tokenizer`. One candidate (`q_model` a name): a CorpusResult; a list: a CorpusComparison (compare.py)."""
     t_start = time.perf_counter()
     cfg = cfg.validate()
     if cfg.output_dir is None:
@@ -277,64 +361,190 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
         return _run_corpus(cfg, models, tokenizer, progress, t_start)
 
 
-def _run_corpus(cfg: CorpusConfig, models, tokenizer, progress: bool, t_start: float) -> CorpusResult:
+def _run_corpus(cfg: CorpusConfig, models, tokenizer, progress: bool, t_start: float):
     cfg = replace(cfg, threads=set_threads(cfg.threads))  # the number used, recorded in the run
     from kl_estimation.llm.loading import check_logit_rows, gguf_speedups
 
-    with gguf_speedups():  # each GGUF file parsed once for its tokenizer, config and weights
-        p, q, tokenizer, record, prepared = _load(cfg, models, tokenizer)
-    _, _, corpus, windows, mask, document, _ = prepared
-    W = windows.shape[0]
-    vocab = len(tokenizer)
-    check_logit_rows(p, q, vocab)
-    record["text_start"] = corpus["text_start"]
-    record["classes"] = [type(m).__name__ for m in (p, q)]
-    keep = cfg.context - int(np.flatnonzero(mask.any(0))[0]) + 1
-    rows = max(vocab, _logit_rows(p), _logit_rows(q))
-    check_memory(_batch_bytes(p, q, cfg.batch_size, keep, rows), "batch_size",
-                 f"a forward batch of {cfg.batch_size} windows of {cfg.context} tokens (vocabulary {vocab})",
-                 torch.cuda.mem_get_info(_device_of(p))[0] if _device_of(p).type == "cuda" else None)
-    t_loaded = time.perf_counter()
-    bar = None
-    if progress:
-        from kl_estimation import progress as progress_bars
+    given_q = None
+    if models is not None:
+        given_q = list(models[1]) if isinstance(models[1], (list, tuple)) else [models[1]]
+        if len(given_q) != len(cfg.candidates):
+            raise ValueError(f"q_model: {len(given_q)} loaded candidates for {len(cfg.candidates)} names")
+    if cfg.base is not None:
+        from kl_estimation.llm.corpus.basecache import load_base
+        from kl_estimation.llm.run.config import resolve_device
 
-        bar = progress_bars.bar(total=W, desc="corpus windows", unit="window")
-    try:
-        arrays, worst = score_windows(p, q, windows, mask, vocab, batch_size=cfg.batch_size,
-                                      base_storage=cfg.base_storage, n_worst=cfg.n_worst, bar=bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    t_scored = time.perf_counter()
-    arrays["mask"] = mask
-    summary = summarize(arrays, document_index=document if cfg.cluster_by == "document" else None)
-    tokens = {"windows": windows, "mask": mask, "document": document, **{k: arrays[k] for k in STAT_KEYS}}
-    n_scored = int(mask.sum())
-    timing = {"load_s": t_loaded - t_start, "score_s": t_scored - t_loaded, "total_s": time.perf_counter() - t_start,
-              "scored_tokens_per_s": n_scored / max(t_scored - t_loaded, 1e-9),
-              "window_tokens_per_s": W * cfg.context / max(t_scored - t_loaded, 1e-9), "threads": cfg.threads,
-              "device": str(_device_of(p))}
-    result = CorpusResult(summary, tokens, window_rows(tokens, summary), cfg.to_dict(), record, corpus,
-                          worst_records(worst, windows, document, arrays, tokenizer), timing)
+        base, tokenizer, base_rec, document = load_base(cfg.base, resolve_device(cfg.device))
+        cfg = replace(cfg, **base_rec["settings"])  # the windows are the cache's
+        with gguf_speedups():
+            _check_against_cache(cfg, tokenizer, base_rec)
+        windows, mask, corpus, vocab = base.windows, base.mask, base_rec["corpus"], base.vocab
+        W, p_class = windows.shape[0], base_rec["p"].get("class", "P")
+        t_loaded = time.perf_counter()
+    else:
+        with gguf_speedups():  # each GGUF file parsed once for its tokenizer, config and weights
+            tokenizer, prepared = _prepare(cfg, models, tokenizer)
+            p = models[0] if models is not None else _load_side(cfg, "p", cfg.p_model)
+        _, _, corpus, windows, mask, document, _ = prepared
+        W = windows.shape[0]
+        vocab = len(tokenizer)
+        check_logit_rows(p, p, vocab)
+        keep = cfg.context - int(np.flatnonzero(mask.any(0))[0]) + 1
+        rows = max(vocab, _logit_rows(p))
+        check_memory(_batch_bytes(p, p, cfg.batch_size, keep, rows), "batch_size",
+                     f"a forward batch of {cfg.batch_size} windows of {cfg.context} tokens (vocabulary {vocab})",
+                     torch.cuda.mem_get_info(_device_of(p))[0] if _device_of(p).type == "cuda" else None)
+        p_class = type(p).__name__
+        t_loaded = time.perf_counter()
+        with _bar(progress, W, "corpus windows, P") as bar:
+            base = base_pass(p, windows, mask, keep, vocab, cfg.batch_size, bar)
+        del p  # P's body goes unless its logits are not hidden × head (then `base` holds it)
+        if cfg.save_base is not None:
+            from kl_estimation.llm.corpus.basecache import save_base
+
+            p_rec = dict(_model_record(replace(cfg, q_model=None)), **{"class": p_class})
+            save_base(cfg.save_base, base, cfg, corpus, document, tokenizer, p_rec)
+            if not cfg.candidates:
+                return Path(cfg.save_base)
+    t_base = time.perf_counter()
+    results = []
+    for i, cq in enumerate(candidate_configs(cfg)):
+        t0 = time.perf_counter()
+        if given_q is not None:
+            q, record = given_q[i], {"p": p_class + " (loaded)", "q": type(given_q[i]).__name__ + " (loaded)"}
+        else:
+            with gguf_speedups():
+                q = _load_side(cq, "q", cq.q_model)
+            record = _model_record(cq)
+            record["dtype"] = resolve_dtype_of(cfg)
+            if cfg.base is not None:
+                record.update(p=base_rec["p"].get("p"), p_cache=str(Path(cfg.base).resolve()))
+        if _logit_rows(q) and _logit_rows(q) < vocab:
+            raise ValueError(f"q_model: {cq.q_model} has {_logit_rows(q)} logit rows but the tokenizer {vocab} "
+                             f"tokens")
+        record.update(text_start=corpus["text_start"], classes=[p_class, type(q).__name__],
+                      base="P's final hidden states × its output head, computed once" if base.exact_from_hidden
+                      else "P run again for every candidate (its logits are not hidden × head)",
+                      base_cache_bytes=base.nbytes, vocab=vocab)
+        t1 = time.perf_counter()
+        with _bar(progress, W, f"corpus windows, Q {i + 1}/{len(cfg.candidates)}") as bar:
+            arrays, worst = score_windows(base, q, mask, batch_size=cfg.batch_size, base_storage=cfg.base_storage,
+                                          n_worst=cfg.n_worst, bar=bar)
+        del q
+        t2 = time.perf_counter()
+        arrays["mask"] = mask
+        summary = summarize(arrays, document_index=document if cfg.cluster_by == "document" else None,
+                            rng=np.random.default_rng(cfg.seed), n_bootstrap=cfg.n_bootstrap)
+        if "groups" in corpus:
+            summary["groups"] = group_means(arrays, summary, document, corpus)
+        tokens = {"windows": windows, "mask": mask, "document": document, **{k: arrays[k] for k in STAT_KEYS}}
+        n_scored = int(mask.sum())
+        timing = {"load_s": (t_loaded - t_start) + (t1 - t0), "base_s": t_base - t_loaded, "score_s": t2 - t1,
+                  "total_s": (t_base - t_start) + (t2 - t0), "scored_tokens_per_s": n_scored / max(t2 - t1, 1e-9),
+                  "window_tokens_per_s": W * cfg.context / max(t2 - t1, 1e-9), "threads": cfg.threads,
+                  "device": str(base.device())}
+        results.append(CorpusResult(summary, tokens, window_rows(tokens, summary), cq.to_dict(), record, corpus,
+                                    worst_records(worst, windows, document, arrays, tokenizer), timing))
+    if isinstance(cfg.q_model, str):
+        result = results[0]
+        if cfg.output_dir is not None:
+            result.save(cfg.output_dir, cfg.overwrite)
+        return result
+    from kl_estimation.llm.corpus.compare import CorpusComparison
+
+    comparison = CorpusComparison.build(results, cfg, timing={"total_s": time.perf_counter() - t_start,
+                                                              "base_s": t_base - t_loaded})
     if cfg.output_dir is not None:
-        result.save(cfg.output_dir, cfg.overwrite)
-    return result
+        comparison.write(cfg.output_dir, cfg.overwrite)
+    return comparison
 
 
-def _load(cfg: CorpusConfig, models, tokenizer):
-    """Tokenizers, the text and its windows, then the weights — in that order, so that everything that can be refused
-    is refused before seconds of loading weights."""
-    from kl_estimation.llm.loading import load_model_pair, load_tokenizers
+def group_means(arrays: dict, summary: dict, document: np.ndarray, corpus: dict) -> dict:
+    """Per group of documents: mean KL(P‖Q), same top-1 and ln PPL ratio with SEs clustered as the run's (windows or
+    documents), on the group's tokens only (a window straddling two groups is a cluster in each)."""
+    mask = arrays["mask"]
+    group = np.asarray(corpus["document_group"])[document][mask]
+    clusters = (document if summary["cluster_by"] == "document"
+                else np.broadcast_to(np.arange(mask.shape[0])[:, None], mask.shape))[mask]
+    x = {"kl_forward": arrays["kl_forward"][mask], "same_top": arrays["top1_agree"][mask].astype(np.float64),
+         "ln_ppl_ratio": (arrays["logp_p"] - arrays["logp_q"])[mask]}
+    out = {}
+    for g, name in enumerate(corpus["groups"]):
+        sel = group == g
+        if sel.sum() >= 2:
+            out[name] = {k: cluster_mean(v[sel], clusters[sel], confidence=summary["confidence"])
+                         for k, v in x.items()}
+    return out
+
+
+def _check_against_cache(cfg: CorpusConfig, tokenizer, rec: dict) -> None:
+    """Every candidate's tokenizer is the cached P's, its context takes the cache's windows."""
+    from kl_estimation.llm.loading import check_tokenizers, load_tokenizer
+
+    for cq in candidate_configs(cfg):
+        tok = load_tokenizer("q_model", cq.q_model, cq.q_revision, cq.trust_remote_code)
+        check_tokenizers(tokenizer, tok, ignore_eos=True)
+        limit, _ = _context_limit(replace(cq, p_model=None))
+        check_context(rec["settings"]["context"], limit, "q")
+
+
+def resolve_dtype_of(cfg: CorpusConfig) -> str:
+    from kl_estimation.llm.run.config import resolve_device, resolve_dtype
+
+    return resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+
+
+class _bar:
+    """A tqdm bar as a context manager, or nothing when `progress` is off."""
+
+    def __init__(self, progress: bool, total: int, desc: str):
+        self.bar = None
+        if progress:
+            from kl_estimation import progress as progress_bars
+
+            self.bar = progress_bars.bar(total=total, desc=desc, unit="window")
+
+    def __enter__(self):
+        return self.bar
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _load_side(cfg: CorpusConfig, side: str, name: str):
+    """One model of the run (P, or one candidate Q) in eval mode, with its adapter."""
+    from kl_estimation.llm.loading import _with_adapters, load_model
+    from kl_estimation.llm.pair import DTYPES, AdapterView
     from kl_estimation.llm.run.config import resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)
+    dt = DTYPES[resolve_dtype(getattr(cfg, f"{side}_dtype") or cfg.dtype, device)]
+    m = load_model(f"{side}_model", name, device, dt, cfg.device_map, cfg.offload, getattr(cfg, f"{side}_revision"),
+                   cfg.trust_remote_code)
+    adapter = getattr(cfg, f"{side}_adapter")
+    if adapter:
+        m = AdapterView(_with_adapters(m, {side: (f"{side}_adapter", adapter)}, name), side)
+    return m
+
+
+def _prepare(cfg: CorpusConfig, models, tokenizer):
+    """Tokenizers (every candidate's checked against P's), the text and its windows — everything that can be refused
+    is refused before seconds of loading weights."""
+    from kl_estimation.llm.loading import load_tokenizers
+
     if models is None:
-        tokenizer, _ = load_tokenizers(cfg.p_model, cfg.q_model, p_revision=cfg.p_revision, q_revision=cfg.q_revision,
-                                       trust_remote_code=cfg.trust_remote_code, ignore_eos=True)
-        check_context(cfg.context, _context_limit(cfg)[0])
+        for cq in candidate_configs(cfg) or [cfg]:  # P alone (save_base): its own tokenizer and context
+            tokenizer, _ = load_tokenizers(cq.p_model, cq.q_model, p_revision=cq.p_revision,
+                                           q_revision=cq.q_revision, trust_remote_code=cq.trust_remote_code,
+                                           ignore_eos=True)
+            check_context(cfg.context, _context_limit(cq)[0])
     elif tokenizer is None:
         raise ValueError("tokenizer: needed when the models are passed loaded")
+    else:
+        limits = [getattr(m.config, "max_position_embeddings", None) for m in _flat(models) if hasattr(m, "config")]
+        limits = [n for n in limits if isinstance(n, int) and n > 0]
+        check_context(cfg.context, min(limits) if limits else None)
     ids, doc, corpus = corpus_tokens(cfg, tokenizer)
     bos = bos_of(tokenizer)
     windows, mask = llama_windows(ids, cfg.context, bos, score=cfg.score, n_chunks=cfg.n_windows)
@@ -342,23 +552,12 @@ def _load(cfg: CorpusConfig, models, tokenizer):
     document = doc[: W * cfg.context].reshape(W, cfg.context)
     corpus.update(n_tokens=int(ids.size), n_windows=W, tokens_used=int(W * cfg.context),
                   tokens_dropped=int(ids.size - W * cfg.context), bos_replaces_first_token=bos)
-    if models is None:
-        record = _model_record(cfg)
-        dt = resolve_dtype(cfg.dtype, device)
-        p, q = load_model_pair(cfg.p_model, cfg.q_model, device=device, dtype=dt,
-                               p_dtype=cfg.p_dtype and resolve_dtype(cfg.p_dtype, device),
-                               q_dtype=cfg.q_dtype and resolve_dtype(cfg.q_dtype, device), p_adapter=cfg.p_adapter,
-                               q_adapter=cfg.q_adapter, device_map=cfg.device_map, offload=cfg.offload,
-                               p_revision=cfg.p_revision, q_revision=cfg.q_revision,
-                               trust_remote_code=cfg.trust_remote_code)
-        record["dtype"] = dt
-    else:
-        p, q = models
-        record = {"p": type(p).__name__ + " (loaded)", "q": type(q).__name__ + " (loaded)"}
-        limits = [getattr(m.config, "max_position_embeddings", None) for m in (p, q) if hasattr(m, "config")]
-        limits = [n for n in limits if isinstance(n, int) and n > 0]
-        check_context(cfg.context, min(limits) if limits else None)
-    return p, q, tokenizer, record, (ids, doc, corpus, windows, mask, document, bos)
+    return tokenizer, (ids, doc, corpus, windows, mask, document, bos)
+
+
+def _flat(models):
+    p, q = models
+    return [p, *(q if isinstance(q, (list, tuple)) else [q])]
 
 
 def _logit_rows(model) -> int:

@@ -37,7 +37,7 @@ from kl_estimation.core.estimators import clustered_se, t_quantile
 from kl_estimation.core.exact import token_terms_block
 
 __all__ = ["LlamaWindows", "llama_windows", "token_stats", "cluster_mean", "summarize", "format_llama",
-           "STAT_KEYS", "SCORE_MODES", "BASE_STORAGE"]
+           "quantile_cis", "paired_difference", "STAT_KEYS", "SCORE_MODES", "BASE_STORAGE", "QUANTILE_LEVELS"]
 
 SCORE_MODES = ("second-half", "all")
 BASE_STORAGE = ("exact", "llama-uint16")
@@ -337,7 +337,8 @@ def _broadcast(idx, shape, name):
                          f"(give one id per row or one per position)") from None
 
 
-def summarize(stats, window_index=None, document_index=None, *, confidence: float = 0.95) -> dict:
+def summarize(stats, window_index=None, document_index=None, *, confidence: float = 0.95, rng=None,
+              n_bootstrap: int = 1000) -> dict:
     """Every llama.cpp statistic with llama.cpp's own formula, and clustered SEs beside the token-i.i.d. ones.
 
     ``stats``: token_stats' dict (torch or numpy, any shape; ``mask`` selects the scored tokens, else every finite
@@ -354,6 +355,8 @@ def summarize(stats, window_index=None, document_index=None, *, confidence: floa
         ``ppl_ratio`` and ``rms_dp`` transformed (exp / sqrt) with their CIs;
       ``percentiles``: llama.cpp-style percentiles of kl_forward, kl_reverse, jeffreys, delta_p;
       ``chunks``: llama.cpp's running per-chunk table (cumulative over windows in id order);
+      ``kld_quantile_cis`` (only with a numpy Generator ``rng``): quantile_cis of KL(P‖Q), ``n_bootstrap`` cluster
+        resamples;
       ``n_tokens``, ``n_windows``, ``n_clusters``, ``cluster_by``, ``confidence``.
     """
     if not isinstance(stats, dict):
@@ -428,9 +431,12 @@ def summarize(stats, window_index=None, document_index=None, *, confidence: floa
                            "ci_iid": tuple(np.sqrt(np.maximum(s["ci_iid"], 0.0)).tolist())}
     percentiles = {"kl_forward": llama["kld_percentiles"], "kl_reverse": _llama_percentiles(kr),
                    "jeffreys": _llama_percentiles(kl + kr), "delta_p": llama["dp_percentiles"]}
-    return {"llama": llama, "means": means, "percentiles": percentiles, "chunks": chunks, "n_tokens": N,
-            "n_windows": W, "n_clusters": means["kl_forward"]["n_clusters"],
-            "cluster_by": "window" if doc is None else "document", "confidence": confidence}
+    out = {"llama": llama, "means": means, "percentiles": percentiles, "chunks": chunks, "n_tokens": N,
+           "n_windows": W, "n_clusters": means["kl_forward"]["n_clusters"],
+           "cluster_by": "window" if doc is None else "document", "confidence": confidence}
+    if rng is not None:
+        out["kld_quantile_cis"] = quantile_cis(kl, clusters, rng, confidence=confidence, n_resamples=n_bootstrap)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------- formatting
@@ -505,9 +511,27 @@ def _extra_text(s: dict) -> str:
         q = s["percentiles"][key]
         o.append(label + ": " + ", ".join("%s %.6f" % (k if k in ("max", "min", "median") else k + "%", q[k])
                                           for k in _KLD_ROWS))
+    if "kld_quantile_cis" in s:
+        qc = s["kld_quantile_cis"]
+        o.append(f"KL(base||Q) quantiles with {pc} CIs (bootstrap over the {qc['n_clusters']} {s['cluster_by']}s, "
+                 f"{qc['n_resamples']} resamples): " + ", ".join(
+                     f"{k if k == 'median' else k + '%'} {qc[k]['value']:.6f} [{qc[k]['ci'][0]:.6f}, "
+                     f"{qc[k]['ci'][1]:.6f}]" for k in QUANTILE_LEVELS))
+    for name, g in s.get("groups", {}).items():
+        o.append(f"group {name}: {g['kl_forward']['n']} tokens in {g['kl_forward']['n_clusters']} "
+                 f"{s['cluster_by']}s: " + group_line(g, pc))
     if N < 100:
         o.append(f"note: llama.cpp prints no final statistics for fewer than 100 scored tokens (here {N})")
     return "\n".join(o) + "\n"
+
+
+def group_line(g: dict, pc: str = "95%") -> str:
+    """A group's mean KL(P‖Q), same top-1 and ln PPL ratio with their clustered CIs, on one line."""
+    kf, st, lr = g["kl_forward"], g["same_top"], g["ln_ppl_ratio"]
+    return (f"KL(base||Q) {kf['mean']:.6f} ± {kf['se_cluster']:.6f} [{kf['ci_cluster'][0]:.6f}, "
+            f"{kf['ci_cluster'][1]:.6f}], same top-1 {100 * st['mean']:.3f} % [{100 * st['ci_cluster'][0]:.3f}, "
+            f"{100 * st['ci_cluster'][1]:.3f}], ln PPL ratio {lr['mean']:.6f} [{lr['ci_cluster'][0]:.6f}, "
+            f"{lr['ci_cluster'][1]:.6f}] ({pc} CIs)")
 
 
 def format_llama(summary: dict, *, chunks: bool = False, extra: bool = True) -> str:
@@ -525,3 +549,104 @@ def format_llama(summary: dict, *, chunks: bool = False, extra: bool = True) -> 
     if extra:
         text += "\n" + _extra_text(summary)
     return text
+
+
+# ------------------------------------------------------------------------------------- several candidates, one base
+
+QUANTILE_LEVELS = {"99.9": 0.999, "99.0": 0.990, "95.0": 0.950, "90.0": 0.900, "median": 0.500}
+
+
+def _weighted_llama_quantiles(sorted_values, sorted_clusters, counts, levels):
+    """llama.cpp's interpolated percentile (_llama_percentiles, in float64) of the data set in which cluster g appears
+    counts[..., g] times, for every row of `counts` (..., G) at once: the k-th value of that data set in sorted order
+    is the first sorted value whose running weight exceeds k, found for all rows by one searchsorted on the running
+    weights laid end to end (row r shifted by r · (largest total + 1), so the concatenation stays sorted)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    lead = counts.shape[:-1]
+    c = counts.reshape(-1, counts.shape[-1])
+    cum = np.cumsum(c[:, sorted_clusters], axis=1)                       # (R, N) running weights
+    total = cum[:, -1]
+    shift = (np.arange(c.shape[0]) * (total.max() + 1.0))[:, None]
+    flat = (cum + shift).ravel()
+    n_v = sorted_values.size
+    out = []
+    for f in levels:
+        pos = f * (total - 1)
+        ip = np.floor(pos)
+        frac = pos - ip
+        hi = np.minimum(ip + 1, total - 1)
+        i_lo = np.searchsorted(flat, (ip[:, None] + shift).ravel(), side="right") - np.arange(c.shape[0]) * n_v
+        i_hi = np.searchsorted(flat, (hi[:, None] + shift).ravel(), side="right") - np.arange(c.shape[0]) * n_v
+        out.append((1 - frac) * sorted_values[i_lo] + frac * sorted_values[i_hi])
+    return np.stack(out).reshape((len(levels),) + lead)
+
+
+def quantile_cis(values, clusters, rng: np.random.Generator, *, levels: dict | None = None,
+                 confidence: float = 0.95, n_resamples: int = 1000, method: str = "percentile") -> dict:
+    """Quantiles of per-token values (llama.cpp's interpolation) with CIs from a bootstrap over clusters.
+
+    Clusters (windows or documents) are drawn with replacement, G of G, and every quantile is recomputed on the tokens
+    of the drawn clusters (scipy.stats.bootstrap on the cluster labels, vectorised: one weighted-quantile pass per
+    batch of resamples). Tokens of a cluster share their context, so resampling tokens would give intervals as
+    narrow as llama.cpp's token-i.i.d. ± suggests. `levels`: {label: fraction} (default QUANTILE_LEVELS). The
+    coverage of these intervals, measured in simulation, is in docs/corpus.md: an extreme quantile estimated from
+    few clusters is covered less often than `confidence` says.
+
+    Returns {label: {"value", "ci": (low, high), "level"}} plus "method", "n_resamples", "n_clusters".
+    """
+    from scipy import stats as sps
+
+    levels = QUANTILE_LEVELS if levels is None else levels
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError("rng: pass a numpy Generator (np.random.default_rng(seed))")  # noqa: TRY004 - bad input
+    if not (isinstance(n_resamples, (int, np.integer)) and n_resamples >= 1):
+        raise ValueError(f"n_resamples: must be an integer ≥ 1 (got {n_resamples!r})")
+    x = np.asarray(values, dtype=np.float64).ravel()
+    c = np.asarray(clusters).ravel()
+    if c.shape != x.shape:
+        raise ValueError(f"clusters: {c.size} labels for {x.size} values")
+    _, inv = np.unique(c, return_inverse=True)
+    inv = inv.ravel()
+    G = int(inv.max()) + 1 if inv.size else 0
+    order = np.argsort(x, kind="stable")
+    xs, cs = x[order], inv[order]
+    fr = np.array(list(levels.values()), dtype=np.float64)
+    point = _weighted_llama_quantiles(xs, cs, np.ones(G), fr)
+    out = {k: {"value": float(v), "level": float(f)} for (k, f), v in zip(levels.items(), point)}
+    if G < 2:
+        for r in out.values():
+            r["ci"] = (math.nan, math.nan)
+    else:
+        def stat(idx, axis=-1):
+            idx = np.moveaxis(np.asarray(idx, dtype=np.int64), axis, -1)
+            lead = idx.shape[:-1]
+            flat = idx.reshape(-1, idx.shape[-1])
+            rows = np.repeat(np.arange(flat.shape[0]), flat.shape[1])
+            counts = np.bincount(rows * G + flat.ravel(), minlength=flat.shape[0] * G).reshape(-1, G)
+            return _weighted_llama_quantiles(xs, cs, counts.reshape(lead + (G,)), fr)
+
+        # batches of resamples keep the (batch, tokens) running weights near 2**24 floats
+        batch = max(1, (1 << 24) // max(x.size, 1))
+        import inspect
+
+        # scipy ≥ 1.15 calls the Generator `rng`; 1.11–1.14 (our floor) `random_state`
+        seed = {"rng" if "rng" in inspect.signature(sps.bootstrap).parameters else "random_state": rng}
+        with np.errstate(invalid="ignore", divide="ignore"):
+            res = sps.bootstrap((np.arange(G),), stat, vectorized=True, n_resamples=n_resamples, batch=batch,
+                                confidence_level=confidence, method=method, **seed)
+        for r, lo, hi in zip(out.values(), np.atleast_1d(res.confidence_interval.low),
+                             np.atleast_1d(res.confidence_interval.high)):
+            r["ci"] = (float(lo), float(hi))
+    return {**out, "method": method, "n_resamples": int(n_resamples), "n_clusters": G, "confidence": confidence}
+
+
+def paired_difference(a, b, clusters, *, confidence: float = 0.95) -> dict:
+    """Mean of a − b over the same tokens (per-token KL of two candidates against one base) with its clustered SE
+    and CI: the pairing removes what the two share (hard tokens are hard for both), so the difference is far better
+    determined than either mean. cluster_mean's dict plus "indistinguishable" (the CI covers 0)."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"b: {b.size} values for a's {a.size} (the same tokens are needed)")
+    d = cluster_mean(a - b, clusters, confidence=confidence)
+    d["indistinguishable"] = bool(d["ci_cluster"][0] <= 0 <= d["ci_cluster"][1])
+    return d

@@ -19,9 +19,11 @@ KLD_MAGIC = b"_logits_"
 
 
 def read_documents(corpus=None, texts=None, dataset=None, split: str = "train", text_field: str = "text",
-                   n_documents: int | None = None) -> list[str]:
+                   n_documents: int | None = None, group_field: str | None = None):
     """The corpus' documents: a .txt file is one document, a .jsonl file one per line (under `text_field`), a
-    dataset one per row; the first `n_documents`. Empty documents are dropped; an empty corpus is an error."""
+    dataset one per row; the first `n_documents`. Empty documents are dropped; an empty corpus is an error. With
+    `group_field` (.jsonl only): (documents, the group of each), a line without that field is an error."""
+    groups = []
     if texts is not None:
         docs = list(texts)
         where = "texts"
@@ -54,15 +56,23 @@ def read_documents(corpus=None, texts=None, dataset=None, split: str = "train", 
                     raise ValueError(f"corpus: {path} line {i} is not JSON ({err.msg})") from None
                 if not isinstance(row, dict) or text_field not in row or not isinstance(row[text_field], str):
                     raise ValueError(f"text_field: {path} line {i} has no text under {text_field!r}")
+                if group_field is not None and not isinstance(row.get(group_field), (str, int)):
+                    raise ValueError(f"group_field: {path} line {i} has no group (a text or a number) under "
+                                     f"{group_field!r}")
                 docs.append(row[text_field])
+                groups.append(str(row.get(group_field)))
         else:
             docs = [raw]
+    if group_field is not None and (corpus is None or Path(corpus).suffix != ".jsonl"):
+        raise ValueError("group_field: groups are read from a .jsonl corpus (one document per line)")
     if n_documents is not None:
-        docs = docs[:n_documents]
-    docs = [d for d in docs if d.strip()]
-    if not docs:
+        docs, groups = docs[:n_documents], groups[:n_documents]
+    keep = [i for i, d in enumerate(docs) if d.strip()]
+    if not keep:
         raise ValueError(f"corpus: {where} holds no text (empty)")
-    return docs
+    if group_field is None:
+        return [docs[i] for i in keep]
+    return [docs[i] for i in keep], [groups[i] for i in keep]
 
 
 def tokenize_documents(tokenizer, documents: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
