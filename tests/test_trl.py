@@ -6,13 +6,13 @@ import pytest
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-from trl import GRPOConfig  # noqa: E402
+import torch
+from datasets import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel
+from trl import GRPOConfig
 
-from kl_estimation.integrations.trl import GRPOTrainer, _surrogate  # noqa: E402
-from tiny_lms import tokenizer  # noqa: E402
+from kl_estimation.integrations.trl import GRPOTrainer, _surrogate
+from tiny_lms import tokenizer
 
 WORDS = ("<eos>", *"abcdefghijklmnop")
 
