@@ -149,9 +149,11 @@ def main():
     for method in args.methods.split(","):
         out = subprocess.run(base + ["--_one", method], env=env, capture_output=True, text=True, check=False)
         if out.returncode:
-            rows.append({"method": method, "skipped": out.stderr.strip().splitlines()[-1][:200]})
+            why = (out.stderr.strip().splitlines() or [f"exit status {out.returncode} (killed: out of memory?)"])[-1]
+            rows.append({"method": method, "skipped": why[:200]})
         else:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # each method as it ends: a long run may be cut
     N, V, H = args.tokens, args.vocab, args.hidden
     mib = 2 ** 20
     print(f"B·T={N} V={V} H={H} {args.dtype} on {args.device}; one (B·T, V) float32 tensor = {N * V * 4 / mib:.0f} "
