@@ -90,10 +90,11 @@ def main():
                 print(f"{est} num_iterations={it}: failed: {out.stderr.strip().splitlines()[-1]}")
                 continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # each run as it ends: a long run may be cut
     print(f"GRPO on {args.model}: {args.steps} steps, {args.batch} completions × ≤{args.completion} tokens, "
           f"beta={args.beta}, {args.device}; step time = median of TRL's step_time after step 1")
-    print(f"{'estimator':9s} {'iters':>5s} {'s/step':>7s} {'× k3':>5s} {'CPU s/step':>10s} {'× k3':>5s} {'peak MiB':>9s} {'× k3':>5s} "
-          f"{'max |loss|':>10s} {'max grad-norm':>13s} {'kl (TRL)':>9s} {'kl/rb':>8s}")
+    print(f"{'estimator':9s} {'iters':>5s} {'s/step':>7s} {'× k3':>5s} {'CPU s/step':>10s} {'× k3':>5s} "
+          f"{'peak MiB':>9s} {'× k3':>5s} {'max |loss|':>10s} {'max grad-norm':>13s} {'kl (TRL)':>9s} {'kl/rb':>8s}")
     for r in rows:
         ref = next((x for x in rows if x["estimator"] == "k3" and x["num_iterations"] == r["num_iterations"]), None)
         loss = max(abs(s["loss"]) for s in r["steps"])
