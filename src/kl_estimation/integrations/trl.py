@@ -138,11 +138,11 @@ class GRPOTrainer(trl.GRPOTrainer):
         (out, mask), self._head_out = self._head_out, None
         mask = mask & inputs["completion_mask"].bool()
         s = _surrogate(self.kl_estimator, out.logp, out.logq, out.kl, mask)
-        loss = loss + beta * self._aggregate(s, mask)
+        loss = loss + beta * self._aggregate(s, mask, inputs.get("num_items_in_batch"))
         self._log_kl(out, mask, inputs.get("old_per_token_logps"))
         return loss
 
-    def _aggregate(self, per_token, mask):
+    def _aggregate(self, per_token, mask, num_items):
         """TRL's loss_type aggregation of a per-token term (grpo_trainer._compute_loss, trl 1.16)."""
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
@@ -154,14 +154,10 @@ class GRPOTrainer(trl.GRPOTrainer):
         if self.loss_type == "luspo":
             return (per_token * mask).sum(-1).mean() / accumulation
         # dapo, cispo, vespo: the generation batch's token count, rescaled to one accumulation window
-        normalizer = self._num_items.clamp(min=1.0) / self.accelerator.num_processes
+        normalizer = num_items.clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         return total / normalizer
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._num_items = inputs.get("num_items_in_batch")
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _log_kl(self, out, mask, old):
         mode = "train" if self.model.training else "eval"
