@@ -26,7 +26,8 @@ went.
 Logged besides TRL's metrics: ``kl`` (TRL's meaning: the token-mean of its k3, × π/π_old with
 ``use_bias_correction_kl``), ``kl/rb`` (token-mean exact KL), ``kl/k3`` (token-mean k3), ``kl/se`` (standard error
 over the batch of the per-sequence KL, for the estimator in use), and off-policy the two weight diagnostics.
-Single process (CPU or one GPU); models with final-logit soft-capping and PEFT references are refused.
+Single process (CPU or one GPU); models whose head output is soft-capped or rescaled other than by logit_scale,
+and PEFT references, are refused.
 """
 from __future__ import annotations
 
@@ -50,8 +51,11 @@ def _check_kl_estimator(kl_estimator, args, model_config):
         raise ValueError(f"loss_type: {args.loss_type!r} divides each sequence by its own length, so the gradient of "
                          f"kl_estimator={kl_estimator!r} would not be ∇KL; use one of {', '.join(_KL_LOSS_TYPES)}, or "
                          "kl_estimator='k3'")
-    if getattr(model_config.get_text_config(), "final_logit_softcapping", None) is not None:
-        raise ValueError(f"kl_estimator: {kl_estimator!r} does not support final-logit soft-capping; use 'k3'")
+    text = model_config.get_text_config()
+    # transforms of the head's output that TRL's fused head applies and fused_head_terms does not (logit_scale it does)
+    for name in ("final_logit_softcapping", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(text, name, None) is not None:
+            raise ValueError(f"kl_estimator: {kl_estimator!r} does not support models with {name}; use 'k3'")
 
 
 def _surrogate(kind, lp, lq, kl, mask):
