@@ -1,0 +1,185 @@
+r"""TRL's GRPOTrainer with an exact (Rao-Blackwellized) KL penalty: switch with one import line.
+
+    from kl_estimation.integrations.trl import GRPOTrainer      # instead of: from trl import GRPOTrainer
+    trainer = GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(beta=0.04, ...), train_dataset=...,
+                          kl_estimator="rb")
+
+``kl_estimator``:
+  "rb" (default)  per token the exact KL(π_θ‖π_ref) over the whole vocabulary at that prefix, with the score term that
+                  makes the gradient ∇KL of the sequences (Σ_t ∇K_t + Σ_t ∇log π(x_t)·Σ_{s>t} K_s);
+  "mc"            the same gradient from the sampled tokens' log-ratios only (k1 with its score term);
+  "k3"            TRL's own term (k3, × π/π_old with ``use_bias_correction_kl``), untouched.
+
+How: the reference's final hidden states are kept at rollout (B × T × H, where TRL keeps its log-probs) and the
+loss runs the policy's backbone and ``fused_head_terms`` (both heads, chunked, no (B, T, V) logits) instead of TRL's
+fused head. The penalty enters as a per-token surrogate s_t whose value is the per-token KL estimate, added as
+``beta * s_t`` to TRL's per-token loss under TRL's ``loss_type`` aggregation, so ``beta`` has TRL's scale: β × the
+token-mean KL. Aggregations that divide each sequence by its own length ("grpo", "sapo") make the gradient that of
+E[Σ_t K_t / |o|], not of the KL, and are refused.
+
+Off-policy (``num_iterations`` > 1, or generation not aligned with optimiser steps): the surrogate uses the current
+policy's KL on the old policy's prefixes without prefix weights — bounded, biased by the prefixes' drift (O(KL
+between π_old and π_θ), small inside PPO's clip). The logged ``kl/prefix_ess`` (effective fraction of the
+sequences' prefix weights Π π_θ/π_old) and ``kl/max_ratio`` (largest per-token π_θ/π_old) say how far that drift
+went.
+
+Logged besides TRL's metrics: ``kl`` (TRL's meaning: the token-mean of its k3, × π/π_old with
+``use_bias_correction_kl``), ``kl/rb`` (token-mean exact KL), ``kl/k3`` (token-mean k3), ``kl/se`` (standard error
+over the batch of the per-sequence KL, for the estimator in use), and off-policy the two weight diagnostics.
+Single process (CPU or one GPU); models whose head output is soft-capped or rescaled other than by logit_scale,
+and PEFT references, are refused.
+"""
+from __future__ import annotations
+
+import torch
+import trl
+
+from kl_estimation.fused_head import fused_head_terms
+from kl_estimation.training import _future
+
+KL_ESTIMATORS = ("rb", "mc", "k3")
+# aggregations whose per-token weights do not depend on the sequence's own length
+_KL_LOSS_TYPES = ("dapo", "bnpo", "dr_grpo", "luspo", "cispo", "vespo")
+
+
+def _check_kl_estimator(kl_estimator, args, model_config):
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator: unknown {kl_estimator!r}; allowed: {', '.join(KL_ESTIMATORS)}")
+    if kl_estimator == "k3" or args.beta == 0.0:
+        return
+    if args.loss_type not in _KL_LOSS_TYPES:
+        raise ValueError(f"loss_type: {args.loss_type!r} divides each sequence by its own length, so the gradient of "
+                         f"kl_estimator={kl_estimator!r} would not be ∇KL; use one of {', '.join(_KL_LOSS_TYPES)}, or "
+                         "kl_estimator='k3'")
+    text = model_config.get_text_config()
+    # transforms of the head's output that TRL's fused head applies and fused_head_terms does not (logit_scale it does)
+    for name in ("final_logit_softcapping", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(text, name, None) is not None:
+            raise ValueError(f"kl_estimator: {kl_estimator!r} does not support models with {name}; use 'k3'")
+
+
+def _surrogate(kind, lp, lq, kl, mask):
+    """Per-token terms whose value is the per-token KL estimate and whose gradient, summed over a sequence drawn from
+    π_θ, is that of KL(π_θ‖π_ref) (the score of x_t times the KL still to come)."""
+    score = torch.where(mask, lp - lp.detach(), 0.0)
+    if kind == "rb":
+        return kl + score * _future(kl.detach(), inclusive=False)
+    f = torch.where(mask, (lp - lq).detach(), 0.0)
+    return f + score * _future(f, inclusive=True)
+
+
+class GRPOTrainer(trl.GRPOTrainer):
+    """trl.GRPOTrainer with the keyword argument ``kl_estimator`` ("rb" default, "mc", "k3" = TRL's own)."""
+
+    def __init__(self, *args, kl_estimator: str = "rb", **kwargs):
+        config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
+        model = kwargs.get("model", args[0] if args else None)
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator: unknown {kl_estimator!r}; allowed: {', '.join(KL_ESTIMATORS)}")
+        if config is not None and not isinstance(model, str):
+            _check_kl_estimator(kl_estimator, config, model.config)
+        super().__init__(*args, **kwargs)
+        _check_kl_estimator(kl_estimator, self.args, self.model.config)
+        if kl_estimator != "k3" and self.beta != 0.0 and self.ref_model is None:
+            raise ValueError(f"kl_estimator: {kl_estimator!r} needs a separate reference model (not a PEFT adapter's "
+                             "base); use 'k3'")
+        self.kl_estimator = kl_estimator
+        self._fused = self.kl_estimator != "k3" and self.beta != 0.0
+        self._ref_hidden = self._loss_ref_hidden = self._head_out = None
+
+    # -- rollout: keep the reference's hidden states instead of its log-probs ------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        self._ref_hidden = []
+        output = super()._generate_and_score_completions(inputs)
+        if self._fused:
+            output["ref_hidden_states"] = torch.cat(self._ref_hidden)
+        self._ref_hidden = None
+        return output
+
+    def _hidden_states(self, model, input_ids, attention_mask, logits_to_keep):
+        """The final hidden states that score the last `logits_to_keep` tokens (row t scores input_ids[:, t])."""
+        base = self.accelerator.unwrap_model(model)
+        with self.accelerator.autocast():
+            out = getattr(base, base.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask,
+                                                        use_cache=False)
+        return out.last_hidden_state[:, -logits_to_keep - 1:-1]
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **kwargs):
+        if not self._fused or compute_aux_loss or any(v is not None for v in kwargs.values()):
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              batch_size, compute_entropy, compute_aux_loss, **kwargs)
+        if model is self.ref_model and self._ref_hidden is not None:
+            step = batch_size or input_ids.size(0)
+            for i in range(0, input_ids.size(0), step):
+                self._ref_hidden.append(self._hidden_states(model, input_ids[i:i + step], attention_mask[i:i + step],
+                                                            logits_to_keep))
+            return None, None, None  # TRL's k3 is not computed: the loss uses the hidden states
+        if self._loss_ref_hidden is None:  # the old policy's log-probs at rollout: TRL's own head
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              batch_size, compute_entropy, compute_aux_loss, **kwargs)
+        hp = self._hidden_states(model, input_ids, attention_mask, logits_to_keep)
+        policy, ref = self.accelerator.unwrap_model(model), self.ref_model
+        tokens, mask = input_ids[:, -logits_to_keep:], attention_mask[:, -logits_to_keep:].bool()
+        wp, wq = policy.get_output_embeddings(), ref.get_output_embeddings()
+        scale = getattr(policy.config.get_text_config(), "logit_scale", None) or 1.0
+        out = fused_head_terms(hp.to(wp.weight.dtype), wp.weight, self._loss_ref_hidden.to(wq.weight.dtype),
+                               wq.weight, tokens, mask, bias_p=wp.bias, bias_q=wq.bias, logit_scale=scale,
+                               temperature=self.temperature)
+        self._head_out = out, mask
+        return out.logp, out.entropy, None
+
+    # -- loss: TRL's policy loss with β = 0, plus β × the surrogate under the same aggregation ------------------------
+    def _compute_loss(self, model, inputs):
+        if not self._fused:
+            return super()._compute_loss(model, inputs)
+        beta, self.beta = self.beta, 0.0
+        self._loss_ref_hidden = inputs["ref_hidden_states"]
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self.beta, self._loss_ref_hidden = beta, None
+        (out, mask), self._head_out = self._head_out, None
+        mask = mask & inputs["completion_mask"].bool()
+        s = _surrogate(self.kl_estimator, out.logp, out.logq, out.kl, mask)
+        loss = loss + beta * self._aggregate(s, mask, inputs.get("num_items_in_batch"))
+        self._log_kl(out, mask, inputs.get("old_per_token_logps"))
+        return loss
+
+    def _aggregate(self, per_token, mask, num_items):
+        """TRL's loss_type aggregation of a per-token term (grpo_trainer._compute_loss, trl 1.16)."""
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        total = (per_token * mask).sum()
+        if self.loss_type == "bnpo":
+            return total / mask.sum().clamp(min=1.0) / accumulation
+        if self.loss_type == "dr_grpo":
+            return total / (per_token.size(0) * self.max_completion_length) / accumulation
+        if self.loss_type == "luspo":
+            return (per_token * mask).sum(-1).mean() / accumulation
+        # dapo, cispo, vespo: the generation batch's token count, rescaled to one accumulation window
+        normalizer = num_items.clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return total / normalizer
+
+    def _log_kl(self, out, mask, old):
+        mode = "train" if self.model.training else "eval"
+        m = mask.float()
+        d = (out.logq - out.logp).detach()
+        k3 = torch.where(mask, torch.exp(d) - d - 1, 0.0)
+        lw = torch.where(mask, out.logp.detach() - old, 0.0) if old is not None else None
+        trl_kl = k3 * torch.exp(lw) if (lw is not None and self.args.use_bias_correction_kl) else k3
+        per_seq = (out.kl.detach() * m).sum(-1) if self.kl_estimator == "rb" else -(d * m).sum(-1)
+        sums = [(x * m).sum() for x in (trl_kl, out.kl.detach(), k3)] + [m.sum()]
+        tot = self.accelerator.reduce(torch.stack(sums), reduction="sum")
+        n = tot[-1].clamp(min=1.0)
+        for name, v in zip(("kl", "kl/rb", "kl/k3"), tot[:3]):
+            self._metrics[mode][name].append((v / n).item())
+        B = per_seq.numel()
+        se = per_seq.std() / B ** 0.5 if B > 1 else torch.tensor(float("nan"))
+        self._metrics[mode]["kl/se"].append(se.item())
+        if lw is not None:
+            w = torch.exp(lw.sum(-1) - lw.sum(-1).max())
+            self._metrics[mode]["kl/prefix_ess"].append((w.sum() ** 2 / (w ** 2).sum() / B).item())
+            self._metrics[mode]["kl/max_ratio"].append(torch.exp(lw.max()).item())
