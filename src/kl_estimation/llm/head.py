@@ -36,6 +36,8 @@ from kl_estimation.llm.engine import exact_step_kl
 
 ROUNDING = 1e-14  # relative float64 error of the head's exact sums (about 50 ulp: exp of log-probabilities, sums)
 HEAD_ESTIMATORS = {True: ("MC", "RB", "RB+CV"), False: ("IS", "RB-IS", "RB-IS+CV")}  # by "proposal is P"
+AUTO_PILOT = 16  # forwards of the pilot search that decides, in auto mode, whether a prompt gets a head
+AUTO_BUDGET = 256  # ... and the budget it then gets
 MAX_CHILDREN = 64  # open children pushed per expanded prefix (the rest stay in the remainder: exactness unchanged)
 
 
@@ -212,7 +214,8 @@ def _tree(nodes, expanded, sums, V, device) -> Head:
     def t(x, dtype):
         return torch.as_tensor(x, dtype=dtype, device=device)
 
-    return Head(**sums, log_remainder=float(lb_p[0]), forwards=expanded, vocab_size=V, tok=t(tok, torch.long), lb_p=t(lbp, torch.float64), lb_r=t(lbr, torch.float64),
+    return Head(**sums, log_remainder=float(lb_p[0]), forwards=expanded, vocab_size=V, tok=t(tok, torch.long),
+                lb_p=t(lbp, torch.float64), lb_r=t(lbr, torch.float64),
                 child=t(child, torch.long))
 
 
@@ -232,18 +235,20 @@ def _cv_terms(y: np.ndarray, c: np.ndarray, c_mean: float, folds: int = 2) -> np
 
 def head_estimates(head: Head, batch, proposal_is_p: bool) -> dict[str, dict]:
     """MC, RB and RB+CV (IS, RB-IS, RB-IS+CV for a proposal ≠ P) of the head plus the remainder drawn with
-    engine.sample_batch(..., exclude=head): entries as estimators.sequence_estimates gives them, whose diagnostics
-    are those of the remainder's sample under the conditioned P′ and r′ (what it has seen is all the SE knows),
-    with the head's record (``head_mass``, ``head_remainder_mass``, ``head_forwards``, ``head_sequences``).
+    engine.sample_batch(..., exclude=head) (a Batch, or its arrays as store.records_to_arrays gives them): entries
+    as estimators.sequence_estimates gives them, whose diagnostics are those of the remainder's sample under the
+    conditioned P′ and r′ (what it has seen is all the SE knows), with the head's record (``head_mass``,
+    ``head_remainder_mass``, ``head_forwards``, ``head_sequences``).
     The SE adds in quadrature the rounding of the exact sums (ROUNDING × Σ_H P·(|f| + g_RB)): at τ = 0.05 the
     remainder's own SE can fall far below what float64 resolves."""
     from kl_estimation.core.estimators import sequence_estimates
 
-    mask = np.asarray(batch.mask, dtype=bool)
-    diag = sequence_estimates(batch.log_p_cond, batch.log_q, batch.log_r, batch.kl_step, mask, proposal_is_p)
-    W = np.exp(np.where(mask, batch.log_p - batch.log_r, 0.0).sum(-1))
-    f = np.where(mask, batch.log_p - batch.log_q, 0.0).sum(-1)
-    g = np.where(mask, batch.kl_step, 0.0).sum(-1)
+    a = batch if isinstance(batch, dict) else vars(batch)
+    mask = np.asarray(a["mask"], dtype=bool)
+    diag = sequence_estimates(a["log_p_cond"], a["log_q"], a["log_r"], a["kl_step"], mask, proposal_is_p)
+    W = np.exp(np.where(mask, a["log_p"] - a["log_r"], 0.0).sum(-1))
+    f = np.where(mask, a["log_p"] - a["log_q"], 0.0).sum(-1)
+    g = np.where(mask, a["kl_step"], 0.0).sum(-1)
     mc, rb, cv = HEAD_ESTIMATORS[proposal_is_p]
     terms = {mc: (head.mc, W * f), rb: (head.rb, W * g),
              cv: (head.rb, _cv_terms(W * g, W * (f - g), -(head.mc - head.rb)))}
@@ -256,3 +261,23 @@ def head_estimates(head: Head, batch, proposal_is_p: bool) -> dict[str, dict]:
         out[name] = dict(diag[name], estimate=est, std_error=se, variance=var, ci_low=est - half * se,
                          ci_high=est + half * se, **head.record())
     return out
+
+
+def heads_for(view, proposal, max_new_tokens: int, n_samples: int, n_prompts: int, budget: int | None,
+              eps: float = 0.0) -> dict[int, Head]:
+    """{prompt: Head} for a run's remainder draws. `budget` N > 0: every prompt, N forwards each; 0: none; None
+    (auto): the prompts where P's draws would be nearly all one sequence — a pilot head of AUTO_PILOT forwards
+    already holds so much of the sampling model's mass that `n_samples` draws would leave fewer than
+    MIN_OTHER_DRAWS outside it (the case verdicts flag SE_NOT_INFORMATIVE) — with AUTO_BUDGET forwards each."""
+    from kl_estimation.core.diagnostics import MIN_OTHER_DRAWS
+    from kl_estimation.llm.engine import sequence_proposal
+
+    if budget == 0:
+        return {}
+    if budget is not None:
+        return {i: search_head(view, proposal, max_new_tokens, budget, eps, i) for i in range(n_prompts)}
+    pilot = sequence_proposal("P")
+    cold = [i for i in range(n_prompts)
+            if n_samples * math.exp(search_head(view, pilot, max_new_tokens, AUTO_PILOT, 0.0, i).log_remainder)
+            < MIN_OTHER_DRAWS]
+    return {i: search_head(view, proposal, max_new_tokens, AUTO_BUDGET, eps, i) for i in cold}
