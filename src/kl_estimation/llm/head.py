@@ -46,7 +46,7 @@ class Head:
     """The head of one prompt: its exact sums and the tree that conditions draws on leaving it.
 
     ``mass`` P(H); ``log_remainder`` log(1 − P(H)) computed bottom-up; ``mc`` Σ_H P·f; ``rb`` Σ_H P·g_RB;
-    ``scale`` Σ_H P·(|f| + g_RB);
+    ``scale`` Σ_H P·(|f| + g_RB); ``top`` P of H's most probable sequence;
     ``forwards`` prefixes expanded (each one position of P and Q); ``sequences`` complete sequences in H. Tree
     (torch, one row per expanded prefix, node 0 the root): ``tok`` (N, K) children with a conditioning entry (padded
     with V), ``lb_p`` / ``lb_r`` their log b under P / r, ``child`` their node (−1: none)."""
@@ -56,6 +56,7 @@ class Head:
     mc: float
     rb: float
     scale: float  # Σ_H P·(|f| + g_RB): what the sums' rounding is relative to
+    top: float  # P of the most probable sequence in H
     forwards: int
     sequences: int
     vocab_size: int
@@ -69,6 +70,12 @@ class Head:
         return {"head_mass": self.mass, "head_remainder_mass": math.exp(self.log_remainder),
                 "head_forwards": self.forwards, "head_sequences": self.sequences}
 
+    @property
+    def exhausted(self) -> bool:
+        """Every sequence is in H (a small tree searched to the end): the sums are the exact KL, nothing is left
+        to sample (the draws are then plain ones, weighted 0)."""
+        return self.log_remainder == -math.inf
+
     def roots(self, n: int, device) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.long, device=device)
 
@@ -77,7 +84,7 @@ class Head:
         prefix never expanded, where nothing of H lies: the rows stay as they are, renormalised in float64)."""
         log_p, log_r = (x.double().log_softmax(-1) for x in (log_p, log_r))
         inside = node >= 0
-        if not bool(inside.any()):
+        if self.exhausted or not bool(inside.any()):
             return log_p, log_r
         at = node.clamp(min=0)
         tok = self.tok[at]
@@ -122,20 +129,21 @@ def _rows(pair, prompt_index: int, prefixes: list[tuple]):
 
 
 @torch.inference_mode()
-def search_head(pair, proposal, max_new_tokens: int, budget: int, eps: float = 1e-6, prompt_index: int = 0,
+def search_head(pair, proposal, max_new_tokens: int, budget: int, eps: float = 0.0, prompt_index: int = 0,
                 width: int = 8) -> Head:
     """Best-first search of the head after prompt `prompt_index` (see the module doc). `pair` is the direction's
     view (engine.pair_view); `proposal` the SequenceProposal whose conditioned draws sample the remainder;
     `budget` the most prefixes to expand, `width` how many are expanded per batch of forwards (best-first up to
-    that batching)."""
+    that batching); `eps` > 0 stops once P(H) ≥ 1 − eps (0: the whole budget, or until every sequence is in H —
+    P(H) summed in float64 reaches 1 long before the remainder, whose draws need not be all alike, is 0)."""
     if budget < 1:
         raise ValueError(f"head: the budget of forward passes must be ≥ 1 (got {budget})")
     V, eos = pair.vocab_size, pair.eos_token_id
     nodes = [_Node((), 0.0, 0.0, 0.0)]
     frontier = [(-0.0, 0)]  # (−log P(prefix), node id): expanded when popped
-    mass = mc = rb = scale = 0.0
+    mass = mc = rb = scale = top = 0.0
     sequences = expanded = 0
-    while frontier and expanded < budget and mass < 1 - eps:
+    while frontier and expanded < budget and not (eps > 0 and mass >= 1 - eps):
         batch = [heapq.heappop(frontier)[1] for _ in range(min(width, budget - expanded, len(frontier)))]
         expanded += len(batch)
         by_depth: dict[int, list[int]] = {}
@@ -158,6 +166,7 @@ def search_head(pair, proposal, max_new_tokens: int, budget: int, eps: float = 1
             mass += float(p_seq.sum())
             mc += float((p_seq * f_seq).sum())
             scale += float((p_seq * f_seq.abs()).sum())
+            top = max(top, float(p_seq.max()))
             rb += float((p_seq.sum(1) * rb_u).sum())
             sequences += int((p_seq > 0).sum())
             for i in ids:
@@ -186,7 +195,7 @@ def search_head(pair, proposal, max_new_tokens: int, budget: int, eps: float = 1
                     nodes.append(_Node(u.tokens + (v,), u.lp + lpv, u.lq + lqv, float(rb_u[j])))
                     u.kids.append([v, lpv, lrv, len(nodes) - 1])
                     heapq.heappush(frontier, (-(u.lp + lpv), len(nodes) - 1))
-    sums = {"mass": mass, "mc": mc, "rb": rb, "scale": scale + rb, "sequences": sequences}
+    sums = {"mass": mass, "mc": mc, "rb": rb, "scale": scale + rb, "top": top, "sequences": sequences}
     return _tree(nodes, expanded, sums, V, pair.device)
 
 
@@ -246,7 +255,7 @@ def head_estimates(head: Head, batch, proposal_is_p: bool) -> dict[str, dict]:
     a = batch if isinstance(batch, dict) else vars(batch)
     mask = np.asarray(a["mask"], dtype=bool)
     diag = sequence_estimates(a["log_p_cond"], a["log_q"], a["log_r"], a["kl_step"], mask, proposal_is_p)
-    W = np.exp(np.where(mask, a["log_p"] - a["log_r"], 0.0).sum(-1))
+    W = np.exp(np.where(mask, a["log_p"] - a["log_r"], 0.0).sum(-1)) * (not head.exhausted)
     f = np.where(mask, a["log_p"] - a["log_q"], 0.0).sum(-1)
     g = np.where(mask, a["kl_step"], 0.0).sum(-1)
     mc, rb, cv = HEAD_ESTIMATORS[proposal_is_p]
@@ -257,18 +266,21 @@ def head_estimates(head: Head, batch, proposal_is_p: bool) -> dict[str, dict]:
         n = x.size
         var = float(np.var(x, ddof=1)) if n > 1 else math.nan
         est, se = exact + float(np.mean(x)), math.hypot(math.sqrt(var / n), ROUNDING * head.scale)
-        half = Z95 if diag[name]["se_informative"] else math.nan
+        exact = {"se_informative": True, "n_distinct": head.sequences, "modal_share": head.top} \
+            if head.exhausted else {}  # the sums are the KL: the draws, weighted 0, are not what it rests on
+        informative = exact.get("se_informative", diag[name]["se_informative"])
+        half = Z95 if informative else math.nan
         out[name] = dict(diag[name], estimate=est, std_error=se, variance=var, ci_low=est - half * se,
-                         ci_high=est + half * se, **head.record())
+                         ci_high=est + half * se, **exact, **head.record())
     return out
 
 
 def heads_for(view, proposal, max_new_tokens: int, n_samples: int, n_prompts: int, budget: int | None,
               eps: float = 0.0) -> dict[int, Head]:
     """{prompt: Head} for a run's remainder draws. `budget` N > 0: every prompt, N forwards each; 0: none; None
-    (auto): the prompts where P's draws would be nearly all one sequence — a pilot head of AUTO_PILOT forwards
-    already holds so much of the sampling model's mass that `n_samples` draws would leave fewer than
-    MIN_OTHER_DRAWS outside it (the case verdicts flag SE_NOT_INFORMATIVE) — with AUTO_BUDGET forwards each."""
+    (auto): the prompts where P's draws would be nearly all one sequence — the most probable sequence a pilot head
+    of AUTO_PILOT forwards finds is so probable that `n_samples` draws would leave fewer than MIN_OTHER_DRAWS
+    off it (the case verdicts flag SE_NOT_INFORMATIVE) — with AUTO_BUDGET forwards each."""
     from kl_estimation.core.diagnostics import MIN_OTHER_DRAWS
     from kl_estimation.llm.engine import sequence_proposal
 
@@ -278,6 +290,5 @@ def heads_for(view, proposal, max_new_tokens: int, n_samples: int, n_prompts: in
         return {i: search_head(view, proposal, max_new_tokens, budget, eps, i) for i in range(n_prompts)}
     pilot = sequence_proposal("P")
     cold = [i for i in range(n_prompts)
-            if n_samples * math.exp(search_head(view, pilot, max_new_tokens, AUTO_PILOT, 0.0, i).log_remainder)
-            < MIN_OTHER_DRAWS]
+            if n_samples * (1 - search_head(view, pilot, max_new_tokens, AUTO_PILOT, 0.0, i).top) < MIN_OTHER_DRAWS]
     return {i: search_head(view, proposal, max_new_tokens, AUTO_BUDGET, eps, i) for i in cold}
