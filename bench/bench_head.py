@@ -12,7 +12,6 @@ of its cost to the head's (budget + n × the remainder's mean length).
 """
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import tempfile
@@ -64,10 +63,9 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=200, help="remainder sequences per cell")
     ap.add_argument("--json", help="write the cells here")
     args = ap.parse_args(argv)
+    from kl_estimation.llm.loading import load_transformers_pair
     from test_near_deterministic import near_deterministic_pair
     from tiny_lms import save_pair
-
-    from kl_estimation.llm.loading import load_transformers_pair
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
@@ -76,11 +74,11 @@ def main(argv=None):
     pairs += [(f"Markov τ={t}", sq.MarkovPair(sq.temper(near_deterministic_pair(3, 0.5, V=6, T=5), t)), 5)
               for t in TEMPERATURES]
     cells = [cell(name, pair, T, budget, args.n) for name, pair, T in pairs for budget in args.budgets]
-    print(f"{'pair':<20}{'budget':>7}{'head mass':>14}{'RB':>13}{'SE':>10}{'z':>7}{'info':>5}{'cost':>8}"
+    print(f"{'pair':<20}{'budget':>7}{'head mass':>14}{'RB':>13}{'SE':>10}{'z':>10}{'info':>5}{'cost':>8}"
           f"{'iid seqs':>11}{'iid cost':>11}{'ratio':>9}")
     for c in cells:
-        print(f"{c['pair']:<20}{c['budget']:>7}{c['head_mass']:>14.10f}{c['estimate']:>13.8g}{c['std_error']:>10.2g}"
-              f"{c['z']:>7.2f}{'yes' if c['informative'] else 'no':>5}{c['cost']:>8.0f}{c['iid_sequences']:>11.3g}"
+        print(f"{c['pair']:<20}{c['budget']:>7}{c['head_mass']:>14.10f}{c['estimate']:>13.8g}{c['std_error']:>10.2g} "
+              f"{c['z']:>10.3g}{'yes' if c['informative'] else 'no':>5}{c['cost']:>8.0f}{c['iid_sequences']:>11.3g}"
               f"{c['iid_cost']:>11.3g}{c['ratio']:>9.3g}")
     if args.json:
         runio.write_json(Path(args.json), dict(cells=cells, versions=runio.versions("torch", "transformers"),
