@@ -278,13 +278,14 @@ def head_estimates(head: Head, batch, proposal_is_p: bool) -> dict[str, dict]:
 def heads_for(view, proposal, max_new_tokens: int, n_samples: int, n_prompts: int, budget: int | None,
               eps: float = 0.0) -> dict[int, Head]:
     """{prompt: Head} for a run's remainder draws. `budget` N > 0: every prompt, N forwards each; 0: none; None
-    (auto): the prompts where P's draws would be nearly all one sequence — the most probable sequence a pilot head
+    (auto; plain Monte Carlo only — a proposal's draws are not P's): the prompts where P's draws would be nearly
+    all one sequence — the most probable sequence a pilot head
     of AUTO_PILOT forwards finds is so probable that `n_samples` draws would leave fewer than MIN_OTHER_DRAWS
     off it (the case verdicts flag SE_NOT_INFORMATIVE) — with AUTO_BUDGET forwards each."""
     from kl_estimation.core.diagnostics import MIN_OTHER_DRAWS
     from kl_estimation.llm.engine import sequence_proposal
 
-    if budget == 0:
+    if budget == 0 or budget is None and not proposal.is_p:
         return {}
     if budget is not None:
         return {i: search_head(view, proposal, max_new_tokens, budget, eps, i) for i in range(n_prompts)}

@@ -66,8 +66,9 @@ class LLMConfig:
     batch_size: int = setting(64, "sequences per forward batch", type=int)
     head: int | None = setting(None, "an exact head (docs/head.md): the most probable sequences after each prompt, "
                                "found by best-first search within this budget of forward positions, summed exactly; "
-                               "the sampled sequences then come from the rest (0: never; default: auto, a budget "
-                               "of 256 at prompts where P's draws would be nearly all one sequence)", type=int)
+                               "the sampled sequences then come from the rest, for every proposal (0: never; "
+                               "default: auto, a budget of 256 for P at prompts where its draws would be nearly all "
+                               "one sequence)", type=int)
     seed: int = setting(0, "seed of the sampling streams (the offline default pair has its own fixed seed)", type=int)
     ignore_eos: bool = setting(False, "keep sampling after EOS (always `max_new_tokens` tokens)")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
