@@ -15,12 +15,14 @@ Every method gets the same inputs: the policy's logits (B, T, V) with requires_g
   k3 compiled        the first, through torch.compile (what a library gets by compiling its loss)
   rb fused           token_logprobs_and_kl → kl_loss(rb): log P, log Q and the exact KL_t in one chunked pass
   rb fused compiled  the same with token_logprobs_and_kl(..., compile=True)
-  rb unfused         log_softmax.gather as in k3 plus exact_token_kl (checkpointed chunks) → kl_loss(rb)
+  rb unfused         log_softmax.gather as in k3 plus exact_token_kl (the same chunked kernel, KL only) →
+                     kl_loss(rb)
 
 Each method runs in its own subprocess (so one's freed memory cannot hide another's peak). Peak memory is the
-increase over the memory held once the inputs exist and one warm-up run (compilation included) is done: on CUDA torch.cuda.max_memory_allocated; on CPU the process's
-peak resident set (VmHWM, reset through /proc/self/clear_refs) with glibc's mmap threshold fixed at 1 MiB so freed
-buffers leave the resident set. It includes the (B, T, V) gradient of the policy's logits, which every method writes.
+increase over the memory held once the inputs exist and one warm-up run (compilation included) is done: on CUDA
+torch.cuda.max_memory_allocated; on CPU the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) with glibc's mmap threshold fixed at 1 MiB so freed buffers leave the resident set. It
+includes the (B, T, V) gradient of the policy's logits, which every method writes.
 Times: median of --repeats runs after the warm-up, wall clock and the process's CPU time (on a shared machine the
 CPU time with --threads 1 is the steadier of the two).
 """
@@ -95,7 +97,7 @@ def forward(method, zp, zq, tok, mask, torch, kle):
         logp = gather_logp(zp, tok, torch)
         with torch.no_grad():
             logq = gather_logp(zq, tok, torch)
-        kl = kle.exact_token_kl(zp, zq, mask, chunk_size=kle.training._default_chunk(zp.shape[-1]))
+        kl = kle.exact_token_kl(zp, zq, mask, chunk_size=kle.core.exact.default_chunk(zp.shape[-1]))
     return kle.kl_loss(logp, logq, mask, token_kl=kl).sum() / n
 
 
@@ -197,8 +199,8 @@ def main():
           f" MiB each; peak = {'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'VmHWM'}"
           f" above the inputs; median of {args.repeats}")
     ref = next((r for r in rows if r["method"] == "k3 (log_softmax)"), rows[0])
-    print(f"{'method':18s} {'forward s':>10s} {'backward s':>10s} {'total s':>8s} {'× k3':>6s} {'CPU s':>7s} {'× k3':>6s} "
-          f"{'peak MiB':>9s} {'× k3':>6s} {'peak / BTV·4':>12s} {'loss':>10s} {'warm-up s':>9s}")
+    print(f"{'method':18s} {'forward s':>10s} {'backward s':>10s} {'total s':>8s} {'× k3':>6s} {'CPU s':>7s} "
+          f"{'× k3':>6s} {'peak MiB':>9s} {'× k3':>6s} {'peak / BTV·4':>12s} {'loss':>10s} {'warm-up s':>9s}")
     def ratio(a, b):
         return a / b if b else float("nan")  # tiny sizes: below the resolution of the peak
 

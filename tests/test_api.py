@@ -152,3 +152,50 @@ def test_q_adapter_alone_puts_q_on_p_at_p_revision():
         assert (cfg.q_model, cfg.q_revision) == ("org/base", "abc123"), cls
     with pytest.raises(ValueError, match="^contxt: not a setting of a corpus run; did you mean 'context'"):
         CorpusConfig.from_settings(contxt=256)
+
+
+def test_console_files_and_to_pandas_hold_the_same_interval(tiny, tmp_path, capsys):
+    """Issue 22: the console, summary.json, summary.csv and to_pandas() give one interval. With two prompts the
+    population interval (t, 1 df) reaches below 0: it is shown as stored, never clipped, and the line says so."""
+    import csv
+    import re
+
+    from kl_estimation import report
+    from kl_estimation.cli import llm_main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    kw = {"n_samples": 200, "max_new_tokens": 3, "proposals": "P"}
+    assert llm_main(["--p-model", tiny[0], "--q-model", tiny[1], "--prompts-file", str(prompts), "--n-samples", "200",
+                     "--max-new-tokens", "3", "--proposals", "P", "--no-plots", "--output-dir", str(tmp_path / "o")]) == 0
+    console = " ".join(capsys.readouterr().out.split())
+    res = kle.estimate_kl(*tiny, PROMPTS, progress=False, **kw)
+    rec = res.recommended.to_dict(records=False)
+    assert rec["ci_population_low"] < 0  # the case that was clipped on the console only
+    key = ("proposal", "estimator", "direction")
+    stored = next(r for r in json.loads((tmp_path / "o" / "summary.json").read_text())["rows"]
+                  if all(r[k] == rec[k] for k in key))
+    with open(tmp_path / "o" / "summary.csv") as fh:
+        table = next(r for r in csv.DictReader(fh) if all(r[k] == rec[k] for k in key))
+    frame = res.to_pandas().set_index(list(key)).loc[tuple(rec[k] for k in key)]
+    for col in ("estimate", "std_error", "ci_low", "ci_high", "std_error_population", "ci_population_low",
+                "ci_population_high"):
+        assert stored[col] == float(table[col]) == frame[col] == rec[col], col
+    shown = re.search(r"for the population the prompts were drawn from SE \S+, 95% CI \[(\S+), (\S+)\]", console)
+    d = report.se_decimals(rec["std_error_population"])
+    assert abs(float(shown[1]) - rec["ci_population_low"]) <= 0.5 * 10 ** -d and float(shown[1]) < 0
+    assert abs(float(shown[2]) - rec["ci_population_high"]) <= 0.5 * 10 ** -d
+    assert report.BELOW_ZERO in console and "clipped at 0" not in console
+
+
+def test_a_run_folder_loads_back_into_the_same_result(tiny, tmp_path):
+    from kl_estimation.runio import jsonable
+
+    res = kle.estimate_kl(*tiny, PROMPTS, n_samples=32, max_new_tokens=3, batch_size=16, proposals=("P", "Adaptive"),
+                          direction="both", progress=False, output_dir=str(tmp_path / "run"))
+    back = kle.KLResult.load(tmp_path / "run")
+    assert jsonable(back.to_dict()) == jsonable(res.to_dict())
+    assert jsonable(back.docs) == jsonable(res.docs) and back.directions == ("forward", "reverse")
+    assert jsonable(back.to_pandas().to_dict("records")) == jsonable(res.to_pandas().to_dict("records"))
+    with pytest.raises(ValueError, match="^folder: .* is not a complete LLM run folder"):
+        kle.KLResult.load(tmp_path)

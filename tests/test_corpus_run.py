@@ -290,3 +290,19 @@ def test_api_errors_name_parameters(pair):
         kle.corpus_kl(*pair, [words(100)], context=2)
     with pytest.raises(ValueError, match="^corpus: a file path or a list of texts"):
         kle.corpus_kl(*pair, 42)
+
+
+def test_a_corpus_run_folder_loads_back_into_the_same_result(pair, tmp_path):
+    from kl_estimation.llm.corpus.run import CorpusResult
+    from kl_estimation.runio import jsonable
+
+    res = kle.corpus_kl(*pair, [words(80)], context=16, progress=False, output_dir=str(tmp_path / "run"))
+    back = CorpusResult.load(tmp_path / "run")
+    assert back.folder == res.folder == tmp_path / "run" and back.text == res.text
+    assert jsonable(back.to_dict()) == jsonable(res.to_dict())
+    assert back.tokens.keys() == res.tokens.keys()
+    for k, v in res.tokens.items():
+        np.testing.assert_array_equal(back.tokens[k], v)
+    assert jsonable(back.windows) == jsonable(res.windows)
+    with pytest.raises(ValueError, match="is not a readable corpus run folder"):
+        CorpusResult.load(tmp_path)

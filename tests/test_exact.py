@@ -1,5 +1,6 @@
-"""core.exact: the one exact KL of a row of distributions — numpy and torch agree, 0·log 0 = 0, inf where Q = 0 < P,
-float32 or wider, gradients without NaN; and every area uses it."""
+"""core.exact: the exact KL of rows of distributions — numpy and torch agree, 0·log 0 = 0, inf where Q = 0 < P,
+float32 or wider, gradients without NaN; and every area uses it: kl_rows for probabilities, the chunked kernel
+(token_terms) for logits in training and the corpus run."""
 import math
 
 import numpy as np
@@ -61,3 +62,61 @@ def test_every_area_uses_the_one_function():
     one = markov.MarkovTables(tb.log_p[:1], tb.log_q[:1], 1)  # T = 1: the KL is the first step's, at the start
     assert markov.exact_values(one).kl == pytest.approx(float(kl_rows(tb.log_p[0, -1], tb.log_q[0, -1])),
                                                          rel=1e-14)
+
+
+def _naive_kl(zp, zq):
+    """Σ_{P>0} P·(log P − log Q) from logits, float64 log-softmax, written out with nothing shared."""
+    from scipy.special import log_softmax
+
+    lp, lq = log_softmax(np.asarray(zp, np.float64), -1), log_softmax(np.asarray(zq, np.float64), -1)
+    with np.errstate(invalid="ignore"):
+        return np.where(lp > -np.inf, np.exp(lp) * (lp - lq), 0.0).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_logit_areas_call_the_chunked_kernel_and_agree_with_float64(dtype, monkeypatch):
+    """training.exact_token_kl, training.token_logprobs_and_kl and the corpus run's token_stats (both directions)
+    all go through core.exact's one kernel, and agree with a naive float64 log-softmax sum: to 1e-10 relative for
+    float64 logits (−inf logits included), to float32 rounding for bf16 ones (the kernel computes in float32)."""
+    from kl_estimation import training
+    from kl_estimation.core import exact
+    from kl_estimation.llm.corpus.stats import token_stats
+
+    g = torch.Generator().manual_seed(0)
+    zp = (3 * torch.randn(2, 6, 13, generator=g, dtype=torch.float64)).to(dtype)
+    zq = (zp.double() + torch.randn(2, 6, 13, generator=g, dtype=torch.float64)).to(dtype)
+    zp[0, 1, :3] = zq[0, 1, :3] = -math.inf  # impossible under both
+    zp[1, 2, 5] = -math.inf  # P = 0 < Q: nothing in KL(P‖Q), KL(Q‖P) infinite (checked apart)
+    tok = torch.randint(3, 13, (2, 6), generator=g)
+    exact.token_terms(zp[0], zq[0], tok[0])  # builds the kernel
+    calls = []
+    function, block = exact._KERNEL
+
+    class Spy:
+        @staticmethod
+        def apply(*args):
+            calls.append("token_terms")
+            return function.apply(*args)
+
+    def spy_block(*args, **kw):
+        calls.append("block")
+        return block(*args, **kw)
+
+    monkeypatch.setattr(exact, "_KERNEL", (Spy, spy_block))
+    ref, rev = _naive_kl(zp.double(), zq.double()), _naive_kl(zq.double(), zp.double())
+    rtol = 1e-10 if dtype == torch.float64 else 2e-5
+    got = {"exact_token_kl": training.exact_token_kl(zp, zq, chunk_size=5),
+           "token_logprobs_and_kl": training.token_logprobs_and_kl(zp, zq, tok, chunk_size=5)[2]}
+    st = token_stats(zp, zq, tok, chunk_size=5)
+    got["token_stats"] = st["kl_forward"]
+    assert calls.count("token_terms") == 2 and calls.count("block") >= 1
+    for name, kl in got.items():
+        assert kl.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+        np.testing.assert_allclose(kl.double().numpy(), ref, rtol=rtol, atol=1e-300, err_msg=name)
+    finite = np.isfinite(rev)
+    assert not finite[1, 2]
+    np.testing.assert_allclose(st["kl_reverse"].double().numpy()[finite], rev[finite], rtol=rtol, atol=1e-300)
+    assert st["kl_reverse"][1, 2] > 1e30  # P = 0 < Q: the kernel's clamp gives a huge finite KL, not inf
+    # with float64 logits the numpy path (kl_rows, float64) is the same number to rounding
+    np.testing.assert_allclose(training.exact_token_kl(zp.double().numpy(), zq.double().numpy()), ref, rtol=1e-10)
+

@@ -12,7 +12,6 @@ line of the table in docs/training.md is checked twice: by Monte Carlo within 4 
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -20,6 +19,7 @@ from functools import cache
 import pytest
 import torch
 
+from kl_estimation import audit
 from kl_estimation import training as tr
 
 
@@ -38,27 +38,18 @@ Z_OK, Z_FAIL = 4.0, 8.0
 
 
 def tables():
-    g = torch.Generator().manual_seed(3)
-    theta_p = torch.randn(S, V, generator=g, dtype=torch.float64)
-    theta_q = torch.randn(S, V, generator=g, dtype=torch.float64)
-    theta_old = theta_p + 0.4 * torch.randn(S, V, generator=g, dtype=torch.float64)
-    return theta_p, theta_q, theta_old
+    """The chain of kl_estimation.audit with EOS (seed 3, P_old = P + N(0, 0.4²) on every logit)."""
+    ch = audit.make_chain(vocab=V, horizon=T_SEQ, eos=True, seed=3, drift=0.4)
+    return ch.theta_p, ch.theta_q, ch.theta_old
 
 
 # ------------------------------------------------------------------ the chain: logits, masks, sampling, enumeration
 
+logits_of = audit.logits_of
+
+
 def states_and_mask(tokens):
-    """State before each step (BOS, then the previous token) and the mask (False after EOS)."""
-    prev = torch.cat([torch.zeros_like(tokens[..., :1]), tokens[..., :-1]], -1)
-    ended = torch.cumsum((prev == 0).long(), -1) > 1  # an EOS before this step (the first 0 is BOS)
-    return torch.where(ended, torch.zeros_like(prev), prev), ~ended
-
-
-def logits_of(theta, states):
-    """(…, T, V) logits: θ (S, V) is one table; θ (M, S, V) is one copy per batch, states (M, B, T)."""
-    if theta.ndim == 2:
-        return theta[states]
-    return theta[torch.arange(theta.shape[0])[:, None, None], states]
+    return audit.states_and_mask(tokens, eos=True)
 
 
 def sample(theta, n_batches, T, seed):
@@ -78,50 +69,18 @@ def sample(theta, n_batches, T, seed):
 
 @cache
 def all_sequences(T):
-    """Every distinct sequence once: tokens after the first EOS are 0."""
-    seqs = [s for s in itertools.product(range(V), repeat=T)
-            if all(s[t] == 0 for t in range(T) if 0 in s[:t])]
-    return torch.tensor(seqs, dtype=torch.long)
+    return audit.sequences(V, T, eos=True)
 
 
 def seq_logprob(theta, tokens):
-    st, m = states_and_mask(tokens)
-    lp = torch.log_softmax(logits_of(theta, st), -1).gather(-1, tokens[..., None])[..., 0]
-    return torch.where(m, lp, torch.zeros_like(lp)).sum(-1)
+    return audit.seq_logprob(theta, tokens, eos=True)
 
 
 def exact_targets(theta_p, theta_q, T):
-    """∇_θ of the candidate objectives, by enumeration."""
-    tok = all_sequences(T)
-    st, m = states_and_mask(tok)
-    out = {}
-
-    def grad(fn):
-        th = theta_p.clone().requires_grad_()
-        return torch.autograd.grad(fn(th), th)[0].reshape(-1)
-
-    def reverse(th):
-        lp, lq = seq_logprob(th, tok), seq_logprob(theta_q, tok)
-        return (lp.exp() * (lp - lq)).sum()
-
-    def forward(th):
-        lp, lq = seq_logprob(th, tok), seq_logprob(theta_q, tok)
-        return (lq.exp() * (lq - lp)).sum()
-
-    def frozen(direction):  # Σ_t E_{x~P (no gradient through the prefix distribution)}[KL_t(prefix)]
-        def fn(th):
-            w = seq_logprob(theta_p, tok).exp()
-            a, b = torch.log_softmax(logits_of(th, st), -1), torch.log_softmax(logits_of(theta_q, st), -1)
-            if direction == "forward":
-                a, b = b, a
-            step = (a.exp() * (a - b)).sum(-1)
-            return (w * torch.where(m, step, torch.zeros_like(step)).sum(-1)).sum()
-        return fn
-
-    out["reverse"], out["forward"] = grad(reverse), grad(forward)
-    out["frozen reverse"], out["frozen forward"] = grad(frozen("reverse")), grad(frozen("forward"))
+    """∇_θ of the candidate objectives, by enumeration: the audit's, and the reference's own gradient."""
+    out = audit.exact_targets(audit.Chain(theta_p, theta_q, None, T, eos=True))
     out["reverse − forward"] = out["reverse"] - out["forward"]
-    out["zero"] = torch.zeros_like(out["reverse"])
+    tok = all_sequences(T)
     th = theta_q.clone().requires_grad_()
     lp, lq = seq_logprob(theta_p, tok), seq_logprob(th, tok)
     out["reference: reverse"] = torch.autograd.grad((lp.exp() * (lp - lq)).sum(), th)[0].reshape(-1)
@@ -143,13 +102,8 @@ class Batch:
 
 
 def reward_surrogate(r):
-    """REINFORCE / PPO without clipping: Σ_t ratio_t·G_t, G_t = Σ_{s≥t} r_s from the rollout, ratio_t = P_θ/P_old
-    per token (1 in value on-policy, where its gradient is the score)."""
-    def fn(b: Batch):
-        ratio = torch.exp(b.logp - b.logp_old)
-        G = tr._future(r(b), inclusive=True)
-        return (torch.where(b.mask, ratio, torch.zeros_like(ratio)) * G).sum(-1)
-    return fn
+    """REINFORCE / PPO without clipping on the rollout's per-token rewards r(b) (audit.reward_surrogate)."""
+    return lambda b: audit.reward_surrogate(b, r(b))
 
 
 def rewards_api(estimator):
@@ -164,9 +118,17 @@ def per_token_loss(k):
     return lambda b: k(b.logp, b.logq, b.mask).sum(-1)
 
 
-def kl_loss_api(estimator, baseline=None):
+def kl_loss_api(estimator, baseline=None, weights="full", ratio_clip=tr.RATIO_CLIP):
     return lambda b: tr.kl_loss(b.logp, b.logq, b.mask, token_kl=b.kl, estimator=estimator,
-                                logp_old=None if b.on_policy else b.logp_old, baseline=baseline)
+                                logp_old=None if b.on_policy else b.logp_old, baseline=baseline, weights=weights,
+                                ratio_clip=ratio_clip, min_ess=0)
+
+
+def rewards_full_api(b: Batch):
+    out = tr.kl_rewards(b.logp_old, b.logq_old, b.mask, token_kl=b.kl_old)
+    now = tr.kl_rewards(b.logp, b.logq, b.mask, token_kl=b.kl, logp_old=None if b.on_policy else b.logp_old,
+                        weights="full", min_ess=0)
+    return reward_surrogate(lambda _: out.rewards)(b) + now.pathwise
 
 
 f_old = lambda b: b.logp_old - b.logq_old
@@ -185,8 +147,13 @@ SURROGATES = {
     "kl_loss rb": kl_loss_api("rb"),
     "kl_loss mc loo": kl_loss_api("mc", "loo"),
     "kl_loss rb loo": kl_loss_api("rb", "loo"),
+    "kl_loss mc clip": kl_loss_api("mc", weights="clip"),
+    "kl_loss rb clip": kl_loss_api("rb", weights="clip"),
+    "kl_loss rb clip loo": kl_loss_api("rb", "loo", weights="clip"),
+    "kl_loss rb token": kl_loss_api("rb", weights="clip", ratio_clip=math.inf),
+    "kl_rewards rb full": rewards_full_api,
 }
-BATCH_COUPLED = {"kl_loss mc loo", "kl_loss rb loo"}  # no per-sequence exact expectation
+BATCH_COUPLED = {"kl_loss mc loo", "kl_loss rb loo", "kl_loss rb clip loo"}  # no per-sequence exact expectation
 
 # (surrogate, T, on-policy?, what its expected gradient equals: a key of exact_targets, or "neither")
 TABLE = [
@@ -222,6 +189,13 @@ TABLE = [
     ("kl_loss rb", T_SEQ, False, "reverse"),
     ("kl_loss mc loo", T_SEQ, False, "reverse"),
     ("kl_loss rb loo", T_SEQ, False, "reverse"),
+    # the bounded off-policy default (per-token ratio, clipped, prefix weights truncated): biased, measured
+    ("kl_loss mc clip", T_SEQ, False, "neither"),
+    ("kl_loss rb clip", T_SEQ, False, "neither"),
+    ("kl_loss rb clip loo", T_SEQ, False, "neither"),
+    ("kl_loss rb token", T_SEQ, False, "neither"),
+    ("kl_rewards rb full", T_SEQ, False, "neither"),
+    ("kl_loss rb clip", T_SEQ, True, "reverse"),  # on-policy every ratio is 1: the same as without logp_old
 ]
 
 
@@ -362,7 +336,7 @@ def test_kl_loss_gradient_wrt_the_reference(estimator, on_policy):
     zp, zq = logits_of(theta_p.expand(M, S, V).clone().requires_grad_(), st), logits_of(tq, st)
     logp, logq, kl = tr.token_logprobs_and_kl(zp, zq, tok, m)
     old = None if on_policy else tr.token_logprobs_and_kl(logits_of(tables()[2], st), zq.detach(), tok, m)[0]
-    loss = tr.kl_loss(logp, logq, m, token_kl=kl, estimator=estimator, logp_old=old)
+    loss = tr.kl_loss(logp, logq, m, token_kl=kl, estimator=estimator, logp_old=old, weights="full", min_ess=0)
     (g,) = torch.autograd.grad(loss.mean(-1).sum(), tq)
     target = exact_targets(theta_p, theta_q, T_SEQ)["reference: reverse"]
     assert zscores(g.reshape(M, -1), target).abs().max() < Z_OK
@@ -534,3 +508,97 @@ if __name__ == "__main__":
         ze = "" if r["z_exact"] is None else f"{r['z_exact']:.2f}"
         print(f"{name:26s} {T:2d} {'on' if on else 'off':6s} {claim:17s} {zc:>9s} "
               + " ".join(f"{r['z'][c]:10.1f}" for c in cols) + f" {ze:>6s} {r['var']:7.3f}")
+
+
+# ------------------------------------------------------------------ the off-policy default, the weights' report, NaN
+
+def drifted_batch(seed=0, B=8, T=200, V=50, drift=0.45):
+    """A later PPO epoch gone far (TRL num_iterations=2 in the issue): per-token log-ratios N(0, drift²) put about
+    two thirds of the tokens outside PPO's clip [0.8, 1.2]."""
+    g = torch.Generator().manual_seed(seed)
+    zp = (torch.randn(B, T, V, generator=g) * 2).requires_grad_()
+    zq = torch.randn(B, T, V, generator=g) * 2
+    tok = torch.multinomial(torch.softmax(zp.detach(), -1).reshape(-1, V), 1, generator=g).reshape(B, T)
+    logp, logq, kl = tr.token_logprobs_and_kl(zp, zq, tok)
+    old = logp.detach() + drift * torch.randn(B, T, generator=g)
+    return zp, logp, logq, kl, old
+
+
+def test_offpolicy_default_stays_bounded_where_full_prefix_weights_blow_up():
+    zp, logp, logq, kl, old = drifted_batch()
+    w = tr.offpolicy_weights(logp, old)
+    assert 0.6 < w.outside_clip < 0.7 and w.n == 8 and w.ess < 2  # the issue's case: 65 % outside the clip
+    eps = tr.RATIO_CLIP
+    for est in ("rb", "mc"):
+        loss = tr.kl_loss(logp, logq, token_kl=kl, estimator=est, logp_old=old)  # default: weights="clip"
+        (g_lp,) = torch.autograd.grad(loss.sum(), logp, retain_graph=True)
+        # ∂loss/∂log p_t = c_t·(the return still to come) + the pathwise part, c_t ≤ 1 + ε: bounded by the sums
+        f = (logp - logq).detach()
+        bound = (1 + eps) * torch.maximum(kl.detach().sum(-1), f.abs().sum(-1))[:, None] + 2 * f.abs()
+        assert torch.all(g_lp.abs() <= bound), est
+        if est == "rb":
+            torch.testing.assert_close(loss, kl.sum(-1))  # the value: Σ_t K_t, the prefix weights truncated
+        with pytest.warns(UserWarning, match=r"logp_old: the full-prefix weights have ESS"):
+            full = tr.kl_loss(logp, logq, token_kl=kl, estimator=est, logp_old=old, weights="full")
+        (g_full,) = torch.autograd.grad(full.sum(), zp, retain_graph=True)
+        (g_clip,) = torch.autograd.grad(loss.sum(), zp, retain_graph=True)
+        # what the issue saw (loss 4.9e6, grad-norm 5.9e10 against TRL's 0.16 and 6.7): orders of magnitude
+        assert full.abs().max() > 1e3 * loss.abs().max() and g_full.norm() > 1e3 * g_clip.norm(), est
+        on = tr.kl_loss(logp, logq, token_kl=kl, estimator=est)  # the same batch taken as on-policy
+        (g_on,) = torch.autograd.grad(on.sum(), zp, retain_graph=True)
+        assert torch.isfinite(g_clip).all() and g_clip.norm() < (1 + eps) * g_on.norm(), est
+    r = tr.kl_rewards(logp, logq, token_kl=kl, logp_old=old)  # clip: the pathwise term is Σ_t K_t
+    torch.testing.assert_close(r.pathwise, kl.sum(-1))
+
+
+def test_offpolicy_weights_report():
+    lp = torch.zeros(2, 3)
+    old = torch.log(torch.tensor([[0.5, 1.0, 1.0], [1.0, 1.0, 2.0]]))  # ratios 2, 1, 1 and 1, 1, 0.5
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    w = tr.offpolicy_weights(lp, old, mask)
+    assert w.n == 2 and w.max_ratio == pytest.approx(2) and w.min_ratio == pytest.approx(1)  # 0.5 is masked
+    assert w.outside_clip == pytest.approx(1 / 5)
+    assert w.ess == pytest.approx((2 + 1) ** 2 / (4 + 1))  # sequence weights 2 and 1
+    with pytest.raises(ValueError, match="logp_old: needed"):
+        tr.offpolicy_weights(lp, None)
+    with pytest.raises(ValueError, match="weights: unknown 'seq'; allowed: clip, full"):
+        tr.kl_loss(lp, lp, estimator="mc", weights="seq")
+    with pytest.raises(ValueError, match="ratio_clip: must be > 0"):
+        tr.kl_loss(lp, lp, estimator="mc", ratio_clip=0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_inputs_raise_naming_the_argument(bad):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 5, generator=g)
+    tok = torch.zeros(2, 3, dtype=torch.long)
+    lp = torch.randn(2, 3, generator=g)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    zb = z.clone()
+    zb[0, 2, 4] = bad  # position (0, 2) is masked below
+    if bad == -math.inf:  # a token the model cannot produce: allowed in logits
+        assert torch.isfinite(tr.token_logprobs_and_kl(zb, z, tok)[2]).all()
+        tr.exact_token_kl(zb, z)
+    else:
+        with pytest.raises(ValueError, match="logits_p: NaN or \\+inf"):
+            tr.token_logprobs_and_kl(zb, z, tok)  # issue 23: NaN logits returned NaN silently
+        with pytest.raises(ValueError, match="logits_q: NaN or \\+inf"):
+            tr.token_logprobs_and_kl(z, zb, tok)
+        with pytest.raises(ValueError, match="logits_q: NaN or \\+inf"):
+            tr.exact_token_kl(z.numpy(), zb.numpy())
+        tr.token_logprobs_and_kl(zb, z, tok, mask)  # masked: not looked at
+    lb = lp.clone()
+    lb[0, 2] = bad
+    for name in ("logp", "logq", "token_kl", "logp_old"):
+        args = {"logp": lp, "logq": lp, "token_kl": lp.abs(), "logp_old": lp, name: lb}
+        with pytest.raises(ValueError, match=f"{name}: NaN or infinite values at unmasked positions"):
+            tr.kl_loss(args["logp"], args["logq"], token_kl=args["token_kl"], logp_old=args["logp_old"])
+        tr.kl_loss(args["logp"], args["logq"], mask, token_kl=args["token_kl"], logp_old=args["logp_old"])
+    with pytest.raises(ValueError, match="logq: NaN or infinite"):
+        tr.kl_rewards(lp, lb, estimator="mc")
+    with pytest.raises(ValueError, match="logp: NaN or infinite"):
+        tr.k3(lb.numpy(), lp.numpy())
+    with pytest.raises(ValueError, match="token_kl: NaN or infinite"):
+        tr.sequence_kl(lp, lp, token_kl=lb)
+    with pytest.raises(ValueError, match="temperature: must be a finite number"):
+        tr.token_logprobs_and_kl(z, z, tok, temperature=math.inf)

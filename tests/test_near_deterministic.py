@@ -69,7 +69,7 @@ def grid():
                     z = abs(r["estimate"] - kl) / r["std_error"] if r["std_error"] and r["std_error"] > 0 else math.inf
                     cells.append(dict(r, setting=setting, kl=kl, z=z))
                 rec = judged["recommended"]
-                recs.append((setting, kl, rec, judged["advice"]))
+                recs.append((setting, kl, rec, judged["advice"] and str(judged["advice"])))
     unflagged = [c for c in cells if not c["flag"]]
     SUMMARY.update(settings=len(recs), cells=len(cells), flagged=len(cells) - len(unflagged), unflagged=len(unflagged),
                    unflagged_outside_5se=sum(c["z"] > TOL_SE for c in unflagged),
@@ -146,8 +146,8 @@ def test_the_issue_case_is_not_recommended_and_says_how_many_sequences_from_p():
     assert k3["flag"] == "UNCONFIRMED", k3["flags"]  # consistent with P's MC (1.3 SE) yet far below what P resolves
     assert "P's draws are not informative here and resolve only SE 0.067" in k3["flags"][0].message
     assert out["recommended"] is None
-    n = int(out["advice"].split("≥ ")[1].split()[0])
-    assert 400 <= n <= 1100 and out["advice"].startswith(f"draw ≥ {n} sequences from P")  # 1024 resolved it
+    n = out["advice"].data["needed_n"]
+    assert 400 <= n <= 1100 and str(out["advice"]).startswith(f"draw ≥ {n} sequences from P")  # 1024 resolved it
     line = report.recommendation_line(out["recommended"], advice=out["advice"])
     assert line.startswith("Recommended: none — draw ≥ ")
     # the real follow-up: 1024 sequences from P are informative and P's RB says 0.218 ± 0.046 — the IS row is then
@@ -212,7 +212,7 @@ def test_nothing_recommendable_over_a_prompt_set_says_what_to_change():
     docs, _ = _prompt_set_docs(n=64, m=3, cold=(0, 1, 2))
     out = verdicts.judge(docs)
     if out["recommended"] is None:
-        assert out["advice"].startswith("draw ≥ ") and "per prompt from P" in out["advice"]
+        assert str(out["advice"]).startswith("draw ≥ ") and "per prompt from P" in str(out["advice"])
     assert all(p["advice"] for p in out["per_prompt"] if p["recommended"] is None)
 
 

@@ -5,6 +5,7 @@ import json
 import math
 import re
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -90,13 +91,14 @@ def test_the_recommended_row_is_marked_and_has_a_column():
 
 
 def test_the_recommendation_line_says_its_unit_and_labels_the_se():
-    rec = dict(verdicts.judge(_docs())["recommended"], max_new_tokens=20, eos=True)
+    rec = verdicts.judge(_docs())["recommended"]
+    rec = replace(rec, details={**rec.details, "max_new_tokens": 20, "eos": True})
     line = report.recommendation_line(rec)
     assert line.startswith("Recommended: P · RB+CV = 10.70 nats/sequence (SE 0.08, 95% CI [10.55, 10.86]; a "
                            "sequence is up to 20 new tokens, cut at EOS) — RB+CV"), line
     assert " ± " not in line
-    low = dict(rec, estimate=0.02, std_error=0.015, ci_low=-0.009, ci_high=0.049)
-    assert "95% CI [0.000, 0.049], lower bound clipped at 0" in report.recommendation_line(low)
+    low = replace(rec, estimate=0.02, std_error=0.015, ci=(-0.009, 0.049))
+    assert f"95% CI [-0.009, 0.049], {report.BELOW_ZERO}" in report.recommendation_line(low)  # as stored
 
 
 def _prompt_set(m=6, spread=10.0):
@@ -128,7 +130,7 @@ def test_a_prompt_set_gets_one_recommendation_block():
     overall = " ".join(ln.strip() for ln in lines[7:])
     assert "for these prompts SE" in overall and "for the population the prompts were drawn from SE" in overall
     assert "Report the first for this prompt set, the second to generalise to new prompts" in overall
-    assert "[0, " in overall or "[0.0" in overall and "clipped at 0" in overall  # the population CI starts at 0
+    assert "95% CI [-2" in overall and report.BELOW_ZERO in overall  # the population CI as stored, said to be < 0
 
 
 def test_one_draw_per_prompt_runs_without_warnings_and_says_n_a(tmp_path):
@@ -174,10 +176,10 @@ def test_flags_round_trip_through_summary_json_and_csv(tmp_path):
 
 def test_to_pandas_cells_are_short_and_messages_stay_available():
     pd = pytest.importorskip("pandas")
-    from kl_estimation.api import KLResult, KLRow
+    from kl_estimation.api import KLResult
 
     out = verdicts.judge(_docs())
-    res = KLResult([KLRow.from_row(r) for r in out["rows"]], KLRow.from_row(out["recommended"]), [], {})
+    res = KLResult(out["rows"], out["recommended"], [], {})
     df = res.to_pandas()
     assert isinstance(df, pd.DataFrame) and "flags" not in df.columns
     assert df["flag"].map(len).max() < 80 and df["recommended"].sum() == 1
@@ -187,14 +189,14 @@ def test_to_pandas_cells_are_short_and_messages_stay_available():
     assert res.recommended.recommended and np.isfinite(res.recommended.std_error)
 
 
-def test_the_block_takes_an_api_result_as_well():
+def test_the_block_reads_an_api_results_view_as_well():
     from kl_estimation.api import result_of
 
     out = verdicts.judge(_prompt_set())
     for p in out["per_prompt"]:
         p["text"] = "a prompt"
     res = result_of(dict(meta={"config": {}}, docs=[], **out))
-    assert report.recommendation_block(res, columns=120) == report.recommendation_block(out, columns=120)
+    assert report.recommendation_block(res.view(), columns=120) == report.recommendation_block(out, columns=120)
     one = verdicts.judge(_docs())
     block = report.recommendation_block(one, columns=200)
     assert block.replace("\n  ", " ") == report.recommendation_line(one["recommended"])

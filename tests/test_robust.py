@@ -313,14 +313,6 @@ def test_failed_or_interrupted_build_leaves_no_building_folder(tmp_path, monkeyp
     assert not list((tmp_path / "cache").glob(".building-*")) and default_pair.info() is None
 
 
-def test_llm_run_records_the_default_pair_and_seed_is_for_sampling_only(tiny, monkeypatch):
-    calls = []
-    monkeypatch.setattr(default_pair, "ensure", lambda *a: calls.append(a) or tiny)
-    monkeypatch.setattr(default_pair, "info", lambda: {"version": "v1", "seed": default_pair.SEED})
-    _, models = load_pair(LLMConfig(seed=5, prompt="a b"))
-    assert calls == [()] and models["default_pair"]["seed"] == default_pair.SEED
-
-
 # ------------------------------------------------------------------------------------------------ warnings
 
 def test_no_past_key_values_future_warning(tiny):

@@ -22,6 +22,7 @@ Training-loop terms over logits / log-probs (numpy or torch on any device; torch
     sequence_kl(logp, logq, token_kl=, logr=, mask=, estimator="mc"|"rb"|"rb+cv"|"k3")   one term per sequence
     token_logprobs_and_kl(logits_p, logits_q, tokens, mask)   log P, log Q of the tokens and KL_t in one chunked pass
     kl_loss(logp, logq, mask, token_kl=, estimator="rb"|"mc", logp_old=)   a loss whose gradient is ∇KL(P_θ‖Q)
+    offpolicy_weights(logp, logp_old, mask) → OffPolicyWeights   ESS, ratio range, share outside PPO's clip
     kl_rewards(logp, logq, mask, token_kl=) → KLRewards(rewards, pathwise)   per-token rewards for PPO-style trainers
 
 Building blocks: the proposal registry (REGISTRY, Proposal, proposal, by_name, build_proposals), the estimator terms
@@ -56,12 +57,14 @@ from kl_estimation.core.proposals import (
 from kl_estimation.synthetic.evaluation import exact_kl, exact_moments
 from kl_estimation.training import (
     KLRewards,
+    OffPolicyWeights,
     exact_token_kl,
     k1,
     k2,
     k3,
     kl_loss,
     kl_rewards,
+    offpolicy_weights,
     sequence_kl,
     token_logprobs_and_kl,
 )
@@ -76,6 +79,7 @@ _LAZY = {  # names whose modules import torch / transformers: loaded on first ac
 __all__ = sorted([
     "estimate_kl", "KLResult", "KLRow", "LLMConfig", "default_pair", "corpus_kl", "CorpusResult", "CorpusConfig",
     "exact_token_kl", "k1", "k2", "k3", "sequence_kl", "kl_loss", "kl_rewards", "KLRewards", "token_logprobs_and_kl",
+    "offpolicy_weights", "OffPolicyWeights",
     "REGISTRY", "Proposal", "proposal", "by_name", "build_proposals",
     "naive_mc_terms", "importance_sampling_terms", "k2_terms", "k3_terms", "rao_blackwell_terms",
     "rao_blackwell_is_terms", "rb_control_variate_terms", "self_normalized_is", "mean_estimate",

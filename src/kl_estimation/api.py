@@ -2,70 +2,18 @@
 over the same `run` function."""
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 
+from kl_estimation import runio
 from kl_estimation.core.resources import set_threads
+from kl_estimation.core.results import Row
+from kl_estimation.llm.run import distributed
 from kl_estimation.llm.run.config import LLMConfig
 from kl_estimation.llm.run.runner import load_pair, run_experiment
-from kl_estimation.llm.run.store import check_folder
+from kl_estimation.llm.run.store import check_folder, drop_unfinished
 
-
-@dataclass(frozen=True)
-class KLRow:
-    """One (proposal, estimator) estimate of KL(P‖Q) in nats per sequence (averaged over the prompt set).
-
-    ``std_error`` is over this fixed prompt set (within-prompt noise only); ``std_error_population`` treats the
-    prompts as a sample from a population (NaN for one prompt); ``ci`` is the 95 % interval from ``std_error``;
-    ``flags`` are the verdict's records (verdicts.Flag: a code and a message; empty when the estimate is trusted) and
-    ``flag`` the short string of their codes; ``recommended`` marks the row to report; ``proposal_key`` is the
-    proposal's stable identity (file names, random streams). ``direction``: "forward" (an estimate of KL(P‖Q) from
-    sequences of P), "reverse" (KL(Q‖P) from sequences of Q; its plain Monte Carlo proposal is named "Q") or "both"
-    (the Jeffreys row, KL(P‖Q) + KL(Q‖P))."""
-
-    proposal: str
-    estimator: str
-    estimate: float
-    std_error: float
-    ci: tuple[float, float]
-    flag: str = ""
-    std_error_population: float = math.nan
-    flags: tuple = ()
-    recommended: bool = False
-    proposal_key: str = ""
-    details: dict = field(default_factory=dict, repr=False)  # variance, ESS, max weight, k̂, n, diagnostics
-    direction: str = "forward"
-
-    MAIN = ("proposal", "estimator", "estimate", "std_error", "flag", "flags", "std_error_population", "ci_low",
-            "ci_high", "recommended", "proposal_key", "direction")
-
-    @classmethod
-    def from_row(cls, row: dict) -> "KLRow":
-        from kl_estimation.verdicts import as_flags, codes
-
-        flags = tuple(as_flags(row.get("flags")))
-        return cls(row["proposal"], row["estimator"], row["estimate"], row["std_error"],
-                   (row["ci_low"], row["ci_high"]), row.get("flag") or codes(flags),
-                   row.get("std_error_population", math.nan), flags, bool(row.get("recommended", False)),
-                   row.get("proposal_key", ""), {k: v for k, v in row.items() if k not in cls.MAIN},
-                   row.get("direction", "forward"))
-
-    def to_dict(self, records: bool = True) -> dict:
-        """Flat: the interval as ci_low / ci_high, the details as columns (as in summary.csv); with `records` the
-        flag records as {code, message} dicts under ``flags`` (as in summary.json)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["ci_low"], d["ci_high"] = d.pop("ci")
-        d.update(d.pop("details"))
-        flags = d.pop("flags")
-        if records:
-            d["flags"] = [f.to_dict() for f in flags]
-        return d
-
-    @property
-    def messages(self) -> list[str]:
-        """What went wrong, in words (one line per flag)."""
-        return [str(f) for f in self.flags]
+KLRow = Row  # one (proposal, estimator) estimate, typed: core.results.Row (its fields and to_dict are documented there)
 
 
 @dataclass
@@ -97,19 +45,43 @@ class KLResult:
         """The ranked rows of one direction ("forward" or "reverse")."""
         return [r for r in self.rows if r.direction == direction]
 
+    def view(self, direction: str | None = None) -> dict:
+        """One direction's verdict (default: the first), as report.recommendation_block reads it: its
+        recommendation and advice, overall and per prompt (with the prompt's text)."""
+        d = direction or self.directions[0]
+        return {"recommended": self.recommended_by_direction.get(d, self.recommended),
+                "advice": self.advice_by_direction.get(d),
+                "per_prompt": [dict(p, recommended=p.get("recommended_by_direction", {}).get(d, p["recommended"]),
+                                    advice=p.get("advice_by_direction", {}).get(d)) for p in self.per_prompt]}
+
     def to_dict(self) -> dict:
+        """As summary.json holds it: rows flat with their flag records, the advice in words."""
         def one(r):
             return r and r.to_dict()
+
+        def words(a):
+            return None if a is None else str(a)
 
         return {"config": self.config, "recommended": one(self.recommended),
                 "rows": [r.to_dict() for r in self.rows],
                 "recommended_by_direction": {d: one(r) for d, r in self.recommended_by_direction.items()},
+                "advice_by_direction": {d: words(a) for d, a in self.advice_by_direction.items()},
                 **({"jeffreys": one(self.jeffreys)} if self.jeffreys is not None else {}),
                 "per_prompt": [dict(p, rows=[r.to_dict() for r in p["rows"]], recommended=one(p["recommended"]),
                                     recommended_by_direction={d: one(r) for d, r in
                                                               p.get("recommended_by_direction", {}).items()},
+                                    advice_by_direction={d: words(a) for d, a in
+                                                         p.get("advice_by_direction", {}).items()},
                                     **({"jeffreys": one(p["jeffreys"])} if "jeffreys" in p else {}))
                                for p in self.per_prompt]}
+
+    @classmethod
+    def load(cls, folder) -> KLResult:
+        """The result of an LLM run from its folder (summary.json and the per-proposal files), as the run returned
+        it — the same rows, records in ``docs``; numbers that were NaN read back as None (strict JSON)."""
+        from kl_estimation.llm.run.store import load_run
+
+        return result_of(load_run(folder))
 
     def to_pandas(self, per_prompt: bool = False):
         """The rows as a DataFrame (``per_prompt=True``: one row per prompt × proposal × estimator). Cells stay
@@ -125,27 +97,28 @@ class KLResult:
         from kl_estimation.llm.run.directions import direction_title
         from kl_estimation.report import jeffreys_line, llm_table
 
-        tables = [llm_table([r.to_dict() for r in self.rows_for(d)], f"{direction_title(d)} (per sequence)")
-                  for d in self.directions]
+        tables = [llm_table(self.rows_for(d), f"{direction_title(d)} (per sequence)") for d in self.directions]
         return "\n\n".join(tables + ([jeffreys_line(self.jeffreys.to_dict())] if self.jeffreys else []))
 
 
-def _row(r: dict | None) -> KLRow | None:
-    return r and KLRow.from_row(r)
+def _row(r) -> Row | None:
+    """A Row as it is; a row read back from summary.json, or the Jeffreys row (a dict: a sum of two directions'
+    rows), as a Row."""
+    return r if r is None or isinstance(r, Row) else Row.from_dict(r)
 
 
 def result_of(run: dict) -> KLResult:
-    """A KLResult from run_experiment's output."""
-    rows = run["rows"]
+    """A KLResult from run_experiment's output, or from a run folder read back (store.load_run: rows as dicts)."""
+    rows = [_row(r) for r in run["rows"]]
     per_prompt = []
     for p in run["per_prompt"]:
-        per_prompt.append(dict(prompt=p["prompt"], text=p["text"], rows=[KLRow.from_row(r) for r in p["rows"]],
+        per_prompt.append(dict(prompt=p["prompt"], text=p["text"], rows=[_row(r) for r in p["rows"]],
                                recommended=_row(p["recommended"]),
                                recommended_by_direction={d: _row(r) for d, r in
                                                          p.get("recommended_by_direction", {}).items()},
                                advice_by_direction=p.get("advice_by_direction", {}),
                                **({"jeffreys": _row(p["jeffreys"])} if "jeffreys" in p else {})))
-    return KLResult([KLRow.from_row(r) for r in rows], _row(run["recommended"]), per_prompt,
+    return KLResult(list(rows), _row(run["recommended"]), per_prompt,
                     run["meta"]["config"], run["docs"],
                     {d: _row(r) for d, r in run.get("recommended_by_direction", {}).items()},
                     _row(run.get("jeffreys")), run.get("advice_by_direction", {}))
@@ -154,20 +127,25 @@ def result_of(run: dict) -> KLResult:
 def run(cfg: LLMConfig, pair=None, models: dict | None = None, progress: bool = False) -> KLResult:
     """Validate cfg, load its pair (unless given), sample every proposal, write files when cfg.output_dir is
     set (resumable), and return the result. The command line and estimate_kl both run through here."""
-    cfg.validate()
-    cfg.threads = set_threads(cfg.threads)
-    if cfg.output_dir is not None:
+    cfg = cfg.validate()
+    cfg = replace(cfg, threads=set_threads(cfg.threads))  # the number used, recorded in the run
+    if cfg.output_dir is None:
+        return _run(cfg, pair, models, progress)
+    writer = distributed.launched_rank() == 0
+    with runio.RunFolder(cfg.output_dir, resume=cfg.resume, hold=writer):  # one run at a time on a folder
         check_folder(cfg)
+        try:
+            return _run(cfg, pair, models, progress)
+        except BaseException:  # Ctrl-C or an error: what holds no sequence goes (the folder too, if it was new)
+            if writer:
+                drop_unfinished(cfg.output_dir, [(d, name) for d in cfg.directions for name in cfg.proposals])
+            raise
+
+
+def _run(cfg: LLMConfig, pair, models: dict | None, progress: bool) -> KLResult:
     if pair is None:
         pair, models = load_pair(cfg)
-    bar = None
-    if progress:
-        from kl_estimation import progress as progress_bars
-
-        def bar(**kw):
-            return progress_bars.bar(unit="batch", **kw)
-
-    return result_of(run_experiment(pair, cfg, models, cfg.output_dir, bar))
+    return result_of(run_experiment(pair, cfg, models, cfg.output_dir, progress))
 
 
 def default_pair() -> tuple[str, str]:
@@ -242,8 +220,7 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
     if loaded:
         if tokenizer is None:
             raise ValueError("tokenizer: needed when the models are passed as loaded models")
-        cfg = LLMConfig.from_settings(**settings)
-        cfg.validate()
+        cfg = LLMConfig.from_settings(**settings).validate()
         from kl_estimation.llm.loading import pair_from_models
         from kl_estimation.llm.loading import text_start as pair_text_start
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from kl_estimation import runio
@@ -113,39 +114,23 @@ def _names(values: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- Synthetic_tests.py
 
-def _samplers() -> list[str]:
-    from kl_estimation.toy.markov import (
-        SAMPLERS,  # not draws.DRAWS: single-token runs never load torch
-    )
-
-    return list(SAMPLERS)
-
-
 def synthetic_parser(prog: str, defaults: dict) -> Parser:
-    from kl_estimation.synthetic.distributions import DIVERGENCES, FAMILIES
+    """SyntheticConfig's settings, then the sequence run's own (SequenceConfig's, "--sequence: …"), as add_settings
+    builds them; a size whose default differs in a sequence run states both and defaults to None."""
     from kl_estimation.synthetic.experiment import SyntheticConfig
+    from kl_estimation.toy.markov import SequenceConfig
 
     d = {**vars(SyntheticConfig()), **defaults}
     p = Parser(prog=prog, description="Synthetic KL(P‖Q) experiments: naive MC, Rao-Blackwellized MC and importance "
                                       "sampling with every registry proposal on long-tailed token distributions, "
                                       "against exact values.")
-    from kl_estimation.toy.markov import SequenceConfig
-
-    sd = SequenceConfig()
-    p.add_argument("--vocab-size", type=int, help=f"vocabulary size V (default {d['vocab_size']}; with --sequence "
-                                                  f"{sd.vocab_size})")
-    p.add_argument("--n-samples", type=int, help=f"samples (sequences) per method and repeat (default "
-                                                 f"{d['n_samples']}; with --sequence {sd.n_samples})")
-    p.add_argument("--n-repeats", type=int, help=f"independent repeats per method (default {d['n_repeats']}; with "
-                                                 f"--sequence {sd.n_repeats})")
-    p.add_argument("--divergence", default=d["divergence"], help=f"one of {', '.join(DIVERGENCES)}, all")
-    p.add_argument("--families", nargs="+", default=list(d["families"]), help=f"any of {', '.join(FAMILIES)}")
-    p.add_argument("--alpha-values", nargs="+", type=float, default=list(d["alpha_values"]),
-                   help="grid in [0, 1] for the α / β / λ / t of the mixture, geometric, chi-square and "
-                        "cross-entropy proposals")
-    p.add_argument("--rb-top-k", type=int, default=d["rb_top_k"],
-                   help="Rao-Blackwell: top-k tokens of P summed exactly, the rest sampled (0 = naive MC)")
-    p.add_argument("--seed", type=int, default=d["seed"], help="seed of every random stream")
+    seq = SequenceConfig.settings()
+    for name, f in SyntheticConfig.settings().items():
+        if name in seq and seq[name].default != f.default:
+            add_setting(p, name, f, None, f"{f.metadata['help']} (default {d[name]}; with --sequence "
+                                          f"{seq[name].default})")
+        else:
+            add_setting(p, name, f, d[name])
     p.add_argument("--output-dir", default=d.get("output_dir"),
                    help="write the run's files here (default: a new folder under results/synthetic/, or "
                         "results/sequence/ with --sequence)")
@@ -153,33 +138,25 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
                    help="skip the figures (draw them later with visualize_proposals.py)")
     p.add_argument("--sequence", action="store_true",
                    help="the sequence experiment: toy Markov pairs with exact sequence KL and exact variances")
-    p.add_argument("--order", type=int, default=sd.order, help="--sequence: Markov order, 1 or 2")
-    p.add_argument("--max-new-tokens", "--horizon", type=int, default=sd.max_new_tokens,
-                   help="--sequence: tokens per sequence T")
     p.add_argument("--threads", type=int, default=d.get("threads"),
                    help="--sequence: CPU threads for torch (default: torch's choice, one per core)")
-    p.add_argument("--sampler", nargs="+", default=list(sd.samplers),
-                   help="--sequence: how sequences are drawn; samplers other than iid add MC / RB / RB+CV rows "
-                        "(variance over repeats, each repeat one randomization); one of " + ", ".join(_samplers()))
+    for name, f in seq.items():
+        if name not in d:
+            add_setting(p, name, f, f.default, "--sequence: " + f.metadata["help"])
     return p
 
 
 def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> int:
-    args = synthetic_parser(prog, defaults).parse_args(argv)
     with _sigterm_as_interrupt():
-        try:
-            return _run_synthetic(args, prog, defaults)
+        try:  # Ctrl-C while the parser's imports load is an interruption like any other
+            return _run_synthetic(synthetic_parser(prog, defaults).parse_args(argv), prog, defaults)
         except KeyboardInterrupt:
-            done = getattr(args, "written", None)
-            if done is None:
-                return interrupted(prog, "nothing was written (a synthetic run writes its folder when its "
-                                         "computations are done); run the same command again")
-            return interrupted(prog, f"the run folder {done} is complete but its figures are not; draw them with: "
-                                     f"{shlex.join([_python(), 'visualize_proposals.py', str(done)])}")
+            return interrupted(prog, "nothing was written (a synthetic run writes its folder when its computations "
+                                     "are done); run the same command again")
 
 
 def _run_synthetic(args, prog: str, defaults: dict) -> int:
-    from kl_estimation import progress, report
+    from kl_estimation import report
     from kl_estimation.synthetic import experiment as synthetic
     from kl_estimation.toy import markov as sequences
 
@@ -192,41 +169,47 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
                   alpha_values=tuple(args.alpha_values), seed=args.seed)
     if args.sequence:
         cfg = sequences.SequenceConfig(**common, order=args.order, max_new_tokens=args.max_new_tokens,
-                                       samplers=tuple(_names(args.sampler)))
+                                       samplers=tuple(_names(args.samplers)))
     else:
         cfg = synthetic.SyntheticConfig(**common, rb_top_k=args.rb_top_k)
     kind = "sequence" if args.sequence else "synthetic"
     try:
         cfg.validate()
         runio.check_output_dir(args.output_dir, "output_dir", default=Path("results") / kind)
-        if args.sequence:
-            from kl_estimation.core.resources import set_threads
+        given = args.output_dir is not None
+        with runio.RunFolder(args.output_dir if given else runio.new_run_dir(kind), fresh=not given) as out:
+            if args.sequence:
+                from kl_estimation.core.resources import set_threads
 
-            set_threads(args.threads)
-        with progress.bar(total=mode.n_steps(cfg), desc=f"{kind} run", unit="step") as bar:
-            pairs, arrays = mode.run(cfg, progress=bar.update)
+                set_threads(args.threads)
+            pairs, arrays = mode.run(cfg, progress=True)
+            for pair in pairs:
+                print(report.pair_report(pair, cfg.n_samples, cfg.n_repeats), end="\n\n")
+                ratios = [m for m in pair["methods"] if m.get("variance_ratio_iid_rb") is not None]
+                if ratios:  # rows of samplers with dependent sequences: variance over repeats (one randomization each)
+                    print("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
+                        f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios), end="\n\n")
+            print(report.cross_family_report(pairs))
+            synthetic.SyntheticResult.of(cfg, kind, pairs, arrays, runio.versions(*(("torch",) * args.sequence))
+                                         ).save(out)
+            return _figures(prog, out, None if args.no_plots else "synthetic")
     except ValueError as err:
         return fail(prog, str(err))
 
-    for pair in pairs:
-        print(report.pair_report(pair, cfg.n_samples, cfg.n_repeats), end="\n\n")
-        ratios = [m for m in pair["methods"] if m.get("variance_ratio_iid_rb") is not None]
-        if ratios:  # rows of samplers with dependent sequences: variance over repeats (one randomization each)
-            print("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
-                f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios), end="\n\n")
-    print(report.cross_family_report(pairs))
 
-    out = runio.make_run_dir(args.output_dir, kind)
-    config = {"kind": kind, **synthetic.config_dict(cfg), "versions": runio.versions(*(("torch",) * args.sequence))}
-    results = {"config": config, "pairs": pairs}
-    runio.write_npz(out / runio.ARRAYS, arrays)
-    runio.write_csv(out / runio.SUMMARY, synthetic.summary_rows(pairs))
-    runio.write_json(out / runio.RESULTS, results)
-    args.written = out
-    if not args.no_plots:
-        from kl_estimation.figures import synthetic as plots
-        print(f"figures: {plots.draw_all(out)}")
-    print(f"run folder: {out}")
+def _figures(prog: str, folder: Path, kind: str | None) -> int:
+    """The end of a run whose folder is complete: its figures (`kind`: which module of kl_estimation.figures draws
+    them; None: none), then the folder's name. Ctrl-C while they are drawn keeps the folder and names the command
+    that draws them."""
+    try:
+        if kind is not None:
+            from importlib import import_module
+
+            print(f"figures: {import_module(f'kl_estimation.figures.{kind}').draw_all(folder)}")
+    except KeyboardInterrupt:
+        return interrupted(prog, f"the run folder {folder} is complete but its figures are not; draw them with: "
+                                 f"{shlex.join([_python(), 'visualize_proposals.py', str(folder)])}")
+    print(f"run folder: {folder}")
     return 0
 
 
@@ -249,9 +232,9 @@ def visualize_parser(prog: str, defaults: dict) -> Parser:
 
 
 def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) -> int:
-    args = visualize_parser(prog, defaults).parse_args(argv)
     with _sigterm_as_interrupt():
         try:
+            args = visualize_parser(prog, defaults).parse_args(argv)
             index = draw_figures(args.run_folder, args.format, args.pairs and _names(args.pairs), args.methods)
         except ValueError as err:
             return fail(prog, str(err))
@@ -304,54 +287,60 @@ def add_settings(parser, big, config_cls, defaults: dict) -> None:
     """Every setting of `config_cls` (its ``settings()`` with their metadata) as `--name-with-dashes` plus its
     aliases, with the config's default unless `defaults` (a script's __main__) overrides it."""
     for name, f in config_cls.settings().items():
-        m = f.metadata
-        if not m["flag"]:
-            continue
-        default = defaults.get(name, f.default)
-        text = m["help"] if default is not None or "(default" in m["help"] else m["help"] + " (default: none)"
-        kw = dict(dest=name, default=default, help=flag_text(text))
-        if isinstance(f.default, bool):
-            kw["action"] = "store_true"
-        else:
-            kw.update({k: m[k] for k in ("type", "nargs") if m[k]})
-            if m["nargs"] and default is not None:
-                kw["default"] = list(default)
-        (big if name in _BIG_MODELS else parser).add_argument(as_flag_name(name), *m["aliases"], **kw)
+        if f.metadata["flag"]:
+            add_setting(big if name in _BIG_MODELS else parser, name, f, defaults.get(name, f.default))
+
+
+def add_setting(parser, name: str, f, default, help: str | None = None) -> None:
+    """One config field as its flag (``--`` + the name with dashes, or the flag its metadata names) plus its
+    aliases, read into `name`; `help` replaces the field's own."""
+    m = f.metadata
+    text = m["help"] if help is None else help
+    text = text if default is not None or "(default" in text else text + " (default: none)"
+    kw = dict(dest=name, default=default, help=flag_text(text))
+    if isinstance(f.default, bool):
+        kw["action"] = "store_true"
+    else:
+        kw.update({k: m[k] for k in ("type", "nargs") if m[k]})
+        if m["nargs"] and default is not None:
+            kw["default"] = list(default)
+        if isinstance(m["flag"], str):  # the value is named after the flag (SAMPLER), not the field (SAMPLERS)
+            kw["metavar"] = m["flag"].upper()
+    parser.add_argument(as_flag_name(m["flag"] if isinstance(m["flag"], str) else name), *m["aliases"], **kw)
 
 
 LLM_RUNS = Path("tests2")  # the seed's output root: each run without --output-dir gets a new folder in it
 
 
-def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
-    from kl_estimation.llm.run.config import LLMConfig
+NOTHING_WRITTEN = "nothing was written; run the same command again"
 
-    if corpus_requested(argv):  # --corpus FILE (or another corpus-only flag): a teacher-forced corpus run
-        return corpus_main(argv, prog, **defaults)
-    args = llm_parser(prog, defaults).parse_args(argv)
-    settings = {k: getattr(args, k) for k in LLMConfig.settings() if hasattr(args, k)}
-    settings["proposals"] = tuple(settings["proposals"])
-    reserved = None
-    if settings["output_dir"] is None and not settings["resume"]:
-        reserved = runio.make_run_dir(None, "", root=LLM_RUNS)  # a new folder: runs never collide
-        settings["output_dir"] = str(reserved)
-    cfg = LLMConfig(**settings)
-    folder_existed = reserved is None and Path(cfg.output_dir or ".").exists()
+
+def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
+    cfg = reserved = None
     with _sigterm_as_interrupt():
-        try:
+        try:  # from the first import on: Ctrl-C at any moment is one line and status 130
+            from kl_estimation.llm.run.config import LLMConfig
+
+            if corpus_requested(argv):  # --corpus FILE (or another corpus-only flag): a teacher-forced corpus run
+                return corpus_main(argv, prog, **defaults)
+            args = llm_parser(prog, defaults).parse_args(argv)
+            settings = {k: getattr(args, k) for k in LLMConfig.settings() if hasattr(args, k)}
+            settings["proposals"] = tuple(settings["proposals"])
+            if settings["output_dir"] is None and not settings["resume"]:
+                reserved = runio.new_run_dir("", root=LLM_RUNS)  # a new folder: runs never collide
+                settings["output_dir"] = str(reserved)
+            # validated: the prompt set and the proposals' labels, for what an interruption kept
+            cfg = LLMConfig(**settings).validate()
             return _run_llm(cfg, plots=not args.no_plots)
         except ValueError as err:
-            _remove_if_empty(reserved)
             return fail(prog, str(err))
         except KeyboardInterrupt:
-            return interrupted(prog, _kept(cfg, folder_existed, _command(prog, argv)))
+            return interrupted(prog, NOTHING_WRITTEN if cfg is None else _kept(cfg, _command(prog, argv)))
+        finally:
+            runio.remove_if_empty(reserved)
 
 
-def _remove_if_empty(folder) -> None:
-    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
-
-
-def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
+def _kept(cfg, command: list[str]) -> str:
     """What an interrupted LLM run kept, and the command that continues it."""
     from kl_estimation.llm.run.store import kept
 
@@ -359,8 +348,6 @@ def _kept(cfg, folder_existed: bool, command: list[str]) -> str:
     parts_of_run = [(d, name) for d in cfg.directions for name in cfg.proposals]
     done, batches, sequences = kept(folder, parts_of_run)
     if not done and not batches:
-        if not folder_existed:
-            _remove_if_empty(folder)
         return f"no sequence was kept ({cfg.output_dir} holds nothing of this run); run the same command again"
     args = [a for a in command[2:] if a != "--overwrite"]
     if not any(a in ("--output-dir", "--output-folder") or a.startswith(("--output-dir=", "--output-folder="))
@@ -385,7 +372,7 @@ def _run_llm(cfg, plots: bool = True) -> int:
     directions = cfg.directions
     for i, d in enumerate(directions):  # one table per direction, each ranked and judged on its own
         print(("\n" if i else "") + report.llm_table(
-            [r.to_dict() for r in result.rows_for(d)],
+            result.rows_for(d),
             f"{direction_title(d)}, {cfg.n_samples} sequences × {len(cfg.proposals)} proposals"
             f"{f' × {len(cfg.prompt_set)} prompts' if len(cfg.prompt_set) > 1 else ''}, "
             f"T={cfg.max_new_tokens}, temperature {cfg.temperature}"))
@@ -405,10 +392,7 @@ def _run_llm(cfg, plots: bool = True) -> int:
         print(f"\nfigures: {plots_llm.draw_all(cfg.output_dir)}")
     print(f"output folder: {cfg.output_dir}")
     for d in directions:  # what to report, per direction: one block (a line per prompt, one overall line)
-        view = dict(per_prompt=[dict(p, recommended=p["recommended_by_direction"][d],
-                                     advice=p["advice_by_direction"].get(d)) for p in result.per_prompt],
-                    recommended=result.recommended_by_direction[d], advice=result.advice_by_direction.get(d))
-        print(report.recommendation_block(view, max_new_tokens=cfg.max_new_tokens,
+        print(report.recommendation_block(result.view(d), max_new_tokens=cfg.max_new_tokens,
                                           scope=recommendation_scope(d, len(directions))))
     if result.jeffreys is not None:  # both directions: their sum last
         for p in result.per_prompt:
@@ -454,45 +438,31 @@ def corpus_parser(prog: str, defaults: dict) -> Parser:
 
 def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     """A corpus run from the command line: one line and exit 2 on bad input, nothing written."""
-    from kl_estimation.llm.corpus.config import CorpusConfig
-    from kl_estimation.llm.corpus.run import run_corpus
-
-    known = CorpusConfig.settings()
-    args = corpus_parser(prog, {k: v for k, v in defaults.items() if k in known or k == "no_plots"}).parse_args(argv)
-    cfg = CorpusConfig(**{k: getattr(args, k) for k in known if hasattr(args, k)})
-    given = cfg.output_dir is not None
-    if not given:
-        cfg.output_dir = str(_new_corpus_folder())
+    reserved = result = None
     with _sigterm_as_interrupt():
         try:
+            from kl_estimation.llm.corpus.config import CorpusConfig
+            from kl_estimation.llm.corpus.run import run_corpus
+
+            known = CorpusConfig.settings()
+            args = corpus_parser(prog, {k: v for k, v in defaults.items() if k in known or k == "no_plots"}
+                                 ).parse_args(argv)
+            cfg = CorpusConfig(**{k: getattr(args, k) for k in known if hasattr(args, k)})
+            if cfg.output_dir is None:
+                reserved = runio.new_run_dir("corpus", root=LLM_RUNS)  # a new folder: runs never collide
+                cfg = replace(cfg, output_dir=str(reserved))
             result = run_corpus(cfg, progress=True)
+            print(result.text)
+            return _figures(prog, result.folder, None if args.no_plots else "corpus")
         except ValueError as err:
             return fail(prog, str(err))
         except KeyboardInterrupt:
+            if result is not None:
+                return interrupted(prog, f"the run folder {result.folder} is complete")
             return interrupted(prog, "nothing was written (a corpus run writes its folder when every window is "
                                      "scored); run the same command again")
-        print(result.text)
-        if not args.no_plots:
-            try:
-                print(f"figures: {_corpus_figures(result.folder, 'png')}")
-            except KeyboardInterrupt:
-                return interrupted(prog, f"the run folder {result.folder} is complete but its figures are not; draw "
-                                         f"them with: {shlex.join([_python(), 'visualize_proposals.py', str(result.folder)])}")
-    print(f"run folder: {result.folder}")
-    return 0
-
-
-def _new_corpus_folder() -> Path:
-    """A folder name under tests2/corpus/ not taken yet; created only when the run writes (nothing on bad input)."""
-    from datetime import datetime
-
-    base = LLM_RUNS / "corpus"
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    for i in range(1000):
-        p = base / (stamp if i == 0 else f"{stamp}-{i}")
-        if not p.exists():
-            return p
-    raise RuntimeError(f"could not find a free run folder name under {base}")
+        finally:
+            runio.remove_if_empty(reserved)
 
 
 def _corpus_figures(folder, fmt: str = "png", selection=None):

@@ -5,6 +5,10 @@ tqdm redraws one line with carriage returns, which a log file or a batch system'
 when the work starts, one every ``LOG_INTERVAL`` seconds, one when it ends. tqdm redraws only when its count moves,
 so a step that takes minutes (a forward batch of a big model, a lock held by another process) would leave the screen
 or the log silent: a ticker thread redraws every ``LOG_INTERVAL`` seconds whatever the count.
+
+One convention for every area: a run function takes ``progress: bool`` and, when True, draws one ``bar`` over the
+whole run (synthetic.experiment.run, toy.markov.run, llm.run.runner.run_experiment, llm.corpus.run.run_corpus, and
+the API's estimate_kl / corpus_kl); the parts of a run below it report steps to that bar.
 """
 from __future__ import annotations
 

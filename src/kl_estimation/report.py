@@ -7,6 +7,8 @@ import shutil
 import textwrap
 from collections import defaultdict
 
+from kl_estimation.core.results import as_flags, render
+
 WIDTH = 120
 NAME_W = 30
 
@@ -80,7 +82,7 @@ def pair_report(pair: dict, n_samples: int, n_repeats: int) -> str:
         lines += ["", "! flagged — ranked after every unflagged method (codes; the first flag's message; every message "
                       "is in results.json):"]
         for m in flagged:  # one line per method: a toy pair's rows can carry several sample flags each
-            fs = _flag_records(m)
+            fs = as_flags(m["flags"])
             text = f"  {m['name']} — {codes(fs)}: {fs[0].message}"
             lines.append(text if len(text) <= WIDTH else text[: WIDTH - 1] + "…")
     lines += ["", _top5(pair)]
@@ -184,35 +186,20 @@ def estimate_text(est, se) -> tuple[str, str]:
     return fixed(est, d), se_text
 
 
-def _ci_text(lo, hi, se, clip_zero: bool = False) -> tuple[str, bool]:
-    """'[lo, hi]' to the SE's decimals; with clip_zero a negative lower bound shows as 0 (a KL is ≥ 0).
-    Returns (text, clipped)."""
+BELOW_ZERO = "lower bound < 0 as computed, not clipped: a KL is ≥ 0"
+
+
+def _ci_text(lo, hi, se) -> tuple[str, bool]:
+    """'[lo, hi]' to the SE's decimals, the bounds as stored (summary.json, summary.csv and to_pandas hold the same
+    numbers): a negative lower bound is shown, not clipped at 0. Returns (text, whether the lower bound is < 0)."""
     d = se_decimals(se)
-    clipped = clip_zero and lo is not None and lo == lo and lo < 0
-    return f"[{fixed(0.0 if clipped else lo, d)}, {fixed(hi, d)}]", clipped
-
-
-def _get(r, key, default=None):
-    return r.get(key, default) if isinstance(r, dict) else getattr(r, key, default)
-
-
-def _row_dict(r) -> dict:
-    """A row as a dict: verdict rows are dicts already; api.KLRow gives its flat dict with its flag records."""
-    return r if isinstance(r, dict) else r.to_dict()
+    return f"[{fixed(lo, d)}, {fixed(hi, d)}]", lo is not None and lo == lo and lo < 0
 
 
 def codes(flags) -> str:
     from kl_estimation.verdicts import codes as _codes
 
     return _codes(flags).replace(",", ", ")
-
-
-def _flag_records(r: dict) -> list:
-    from kl_estimation.verdicts import as_flags
-
-    if r.get("flags"):
-        return as_flags(r["flags"])
-    return []
 
 
 def ess_pct(r: dict):
@@ -224,7 +211,7 @@ def ess_pct(r: dict):
 
 
 def llm_table(rows: list, title: str, columns: int | None = None) -> str:
-    """Ranked (proposal, estimator) rows of an LLM run (verdicts.judge; dicts or api.KLRow): trusted rows first by
+    """Ranked (proposal, estimator) Rows of an LLM run (core.results.Row): trusted rows first by
     standard error, then the flagged ones (!, with their codes) and, below, what went wrong in words.
 
     Fits `columns` (default: the terminal's width, at least 80): columns are dropped (k̂, var/seq, ESS, then the
@@ -232,7 +219,6 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
     their SE supports (se_decimals); an SE that is not informative shows as 'n/i', never as a zero-width interval;
     ESS is a percentage of the sequences drawn; * marks the recommended row."""
     W = width(columns)
-    rows = [_row_dict(r) for r in rows]
     cells = []
     for i, r in enumerate(rows, 1):
         informative = r.get("se_informative", True) and r.get("ci_low") == r.get("ci_low") \
@@ -296,8 +282,8 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
         lines += ["", "! flagged rows (ranked last):"]
         by_reason: dict = {}
         for r in flagged:  # one line per (proposal, code, message), naming the estimators it applies to
-            for f in _flag_records(r) or [None]:
-                key = (r["proposal"], f.code.value if f else r["flag"], f.message if f else "")
+            for f in r.flags or [None]:  # the message in the row's own direction's names
+                key = (r.proposal, f.code.value if f else r.flag, render(f, r.direction) if f else "")
                 by_reason.setdefault(key, []).append(r["estimator"])
         for (p, code, message), ests in by_reason.items():
             lines.append(_wrap(f"{p} · {'/'.join(ests)} — {code}{': ' + message if message else ''}", W, "  ",
@@ -319,25 +305,24 @@ def _horizon(rec: dict, max_new_tokens=None) -> str:
 
 def recommendation_line(rec, scope: str = "", *, max_new_tokens: int | None = None, unit: str | None = None,
                         advice: str | None = None) -> str:
-    """The one line that says which estimate to report (verdicts.recommend; a dict or an api.KLRow), in its unit,
+    """The one line that says which estimate to report (verdicts.recommend: a Row), in its unit,
     or that none can be (with `advice`: what to change).
 
     ``Recommended: P · RB+CV = 10.70 nats/sequence (SE 0.08, 95% CI [10.55, 10.86]; a sequence is up to 20 new
     tokens, cut at EOS) — <reason>.`` The unit is nats per sequence (``unit`` overrides it), the horizon comes from
     `max_new_tokens` or the recommendation's own ``max_new_tokens`` / ``eos`` (verdicts.judge records them). Estimate and CI are
-    shown to the decimals the SE supports; a negative lower bound is shown as 0 and said to be clipped (a KL is ≥ 0)."""
+    shown to the decimals the SE supports; a negative lower bound is shown as computed, and said to be (BELOW_ZERO)."""
     where = f" {scope}" if scope else ""
     if rec is None:
-        return f"Recommended{where}: none — " + (advice or "every row is flagged (see above); draw more sequences or "
-                                                  "raise the temperature (a proposal whose weights degenerate needs "
-                                                  "P in the run to be judged).")
-    rec = _row_dict(rec) if not isinstance(rec, dict) else rec
+        return f"Recommended{where}: none — " + (render(advice) or "every row is flagged (see above); draw more "
+                                                  "sequences or raise the temperature (a proposal whose weights "
+                                                  "degenerate needs P in the run to be judged).")
     unit = unit or rec.get("unit") or "nats/sequence"
     est, se = estimate_text(rec["estimate"], rec["std_error"])
-    ci, clipped = _ci_text(rec.get("ci_low"), rec.get("ci_high"), rec["std_error"], clip_zero=True)
+    ci, negative = _ci_text(rec.get("ci_low"), rec.get("ci_high"), rec["std_error"])
     reason = rec.get("reason")
     return (f"Recommended{where}: {rec['proposal']} · {rec['estimator']} = {est} {unit} (SE {se}, 95% CI {ci}"
-            f"{', lower bound clipped at 0' if clipped else ''}{_horizon(rec, max_new_tokens)})"
+            f"{f', {BELOW_ZERO}' if negative else ''}{_horizon(rec, max_new_tokens)})"
             f"{f' — {reason}' if reason else ''}.")
 
 
@@ -360,23 +345,23 @@ def jeffreys_line(j: dict, scope: str = "") -> str:
 
 def recommendation_block(result, max_new_tokens: int | None = None, columns: int | None = None,
                          scope: str = "") -> str:
-    """What to report from a run (verdicts.judge's output, or an api.KLResult), as the console's last lines.
+    """What to report from a run, as the console's last lines: `result` is one direction's verdict (verdicts.judge's
+    output, api.KLResult.view(direction), or a saved summary read back with its Rows: figures.llm).
 
     One prompt: recommendation_line. A prompt set: one short line per prompt (no repeated justification), then one
     overall line giving both intervals and when to use which — the fixed-set interval (within-prompt noise only:
     these prompts are the target) and the population interval (the prompts as a random sample of a population:
-    between-prompt spread included, Student t on m − 1 degrees of freedom) — and the reason once. A negative lower
-    bound is clipped at 0 (a KL is ≥ 0) and the line says so; the stored intervals are not changed."""
+    between-prompt spread included, Student t on m − 1 degrees of freedom) — and the reason once. Intervals are the
+    stored ones: a negative lower bound is shown as computed and the line says so (BELOW_ZERO)."""
     W = width(columns)
-    per_prompt = _get(result, "per_prompt") or []
-    rec = _get(result, "recommended")
-    rec = None if rec is None else _row_dict(rec)
-    advice = _get(result, "advice")
+    per_prompt = result.get("per_prompt") or []
+    rec = result.get("recommended")
+    advice = result.get("advice")
     if not per_prompt:
         return _wrap(recommendation_line(rec, scope, max_new_tokens=max_new_tokens, advice=advice), W, "", "  ")
     m = len(per_prompt)
-    unit = (rec or {}).get("unit") or (_get(result, "unit") or {}).get("unit") or "nats/sequence"
-    head = rec if rec is not None else (_get(result, "unit") or {})
+    unit = (rec or {}).get("unit") or (result.get("unit") or {}).get("unit") or "nats/sequence"
+    head = rec if rec is not None else (result.get("unit") or {})
     where = f" {scope}" if scope else ""
     lines = [f"Recommended{where} per prompt ({unit}{_horizon(head, max_new_tokens)}):"]
     for p in per_prompt:
@@ -384,27 +369,26 @@ def recommendation_block(result, max_new_tokens: int | None = None, columns: int
         text = (p.get("text") or "").replace("\n", " ")
         label = f"  prompt {p['prompt']}" + (f" ({text[:24]}{'…' if len(text) > 24 else ''})" if text else "")
         if r is None:
-            lines.append(_wrap(f"{label}: none — {p.get('advice') or 'every row is flagged'}", W, "", "      "))
+            lines.append(_wrap(f"{label}: none — {render(p.get('advice')) or 'every row is flagged'}", W, "",
+                               "      "))
             continue
-        r = _row_dict(r)
         est, se = estimate_text(r["estimate"], r["std_error"])
-        ci, clipped = _ci_text(r.get("ci_low"), r.get("ci_high"), r["std_error"], clip_zero=True)
+        ci, negative = _ci_text(r.get("ci_low"), r.get("ci_high"), r["std_error"])
         lines.append(_wrap(f"{label}: {r['proposal']} · {r['estimator']} = {est} (SE {se}, 95% CI {ci}"
-                           f"{', clipped at 0' if clipped else ''})", W, "", "      "))
+                           f"{', lower bound < 0' if negative else ''})", W, "", "      "))
     if rec is None:
         lines.append(_wrap(recommendation_line(None, f"{scope} over the {m} prompts".strip(), advice=advice), W, "",
                            "  "))
         return "\n".join(lines)
     est, se = estimate_text(rec["estimate"], rec["std_error"])
-    ci, clipped = _ci_text(rec.get("ci_low"), rec.get("ci_high"), rec["std_error"], clip_zero=True)
+    ci, negative = _ci_text(rec.get("ci_low"), rec.get("ci_high"), rec["std_error"])
     se_pop = rec.get("std_error_population")
     if se_pop is not None and se_pop == se_pop:
         _, pop_se = estimate_text(rec["estimate"], se_pop)
-        pop_ci, pop_clipped = _ci_text(rec.get("ci_population_low"), rec.get("ci_population_high"), se_pop,
-                                       clip_zero=True)
+        pop_ci, pop_negative = _ci_text(rec.get("ci_population_low"), rec.get("ci_population_high"), se_pop)
         k = len(rec.get("prompts_covered") or range(m))
         population = (f"; for the population the prompts were drawn from SE {pop_se}, 95% CI {pop_ci} (Student t, "
-                      f"{k - 1} df{', lower bound clipped at 0: a KL is ≥ 0' if pop_clipped else ''})")
+                      f"{k - 1} df{f'; {BELOW_ZERO}' if pop_negative else ''})")
     else:
         population = ""
     covers = rec.get("covers")
@@ -412,6 +396,6 @@ def recommendation_block(result, max_new_tokens: int | None = None, columns: int
     reason = f" {rec['reason']}." if rec.get("reason") else ""
     overall = (f"Recommended{where} over {covers or f'the {m} prompts'}: {rec['proposal']} · {rec['estimator']} = {est} "
                f"{unit} (the mean of the per-prompt estimates); for these prompts SE {se}, 95% CI {ci}"
-               f"{' (lower bound clipped at 0)' if clipped else ''}{population}. {use}.{reason}")
+               f"{f' ({BELOW_ZERO})' if negative else ''}{population}. {use}.{reason}")
     lines.append(_wrap(overall, W, "", "  "))
     return "\n".join(lines)

@@ -1,4 +1,6 @@
-"""Run folders and files: results.json / distributions.npz / summary.csv, written atomically (temp file + rename)."""
+"""Run folders and files, for every area (synthetic, toy --sequence, sampled LLM, corpus): the one owner of a run
+folder while a run uses it (RunFolder: its lock, its cleanup), files written atomically (temp file + rename), a
+folder's earlier files removed in one place (remove)."""
 from __future__ import annotations
 
 import csv
@@ -17,6 +19,11 @@ from pathlib import Path
 import numpy as np
 
 RESULTS, ARRAYS, SUMMARY = "results.json", "distributions.npz", "summary.csv"
+LOCK = ".run.lock"  # inside the run folder while a run holds it; removed when the run ends
+
+
+class RunFolderError(ValueError):
+    """A folder that is not a readable run folder, or a selection that names nothing in it."""
 
 
 def versions(*packages: str) -> dict:
@@ -85,6 +92,10 @@ def write_json(path: Path, obj) -> None:
     _atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
+def write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
 def write_npz(path: Path, arrays: dict) -> None:
     _atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
@@ -123,13 +134,9 @@ def _unwritable(p: Path) -> str | None:
     return None
 
 
-def make_run_dir(path: str | Path | None, kind: str, root: Path = Path("results")) -> Path:
-    """`path` itself, or a new timestamped folder under <root>/<kind>/ (created here, so two runs started in the
-    same second still get folders of their own)."""
-    if path is not None:
-        p = Path(path)
-        p.mkdir(parents=True, exist_ok=True)
-        return p
+def new_run_dir(kind: str, root: Path = Path("results")) -> Path:
+    """A new timestamped folder under <root>/<kind>/ (created here, so two runs started in the same second still
+    get folders of their own), for a run not given a folder."""
     base = Path(root) / kind
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     for i in range(1000):
@@ -141,6 +148,78 @@ def make_run_dir(path: str | Path | None, kind: str, root: Path = Path("results"
             continue
     raise RuntimeError(f"could not create a new run folder under {base}")
 
+
+def remove(paths) -> None:
+    """Remove an earlier run's files and folders (a run with `overwrite`)."""
+    for f in paths:
+        if Path(f).is_dir():
+            shutil.rmtree(f)
+        else:
+            Path(f).unlink(missing_ok=True)
+
+
+def remove_if_empty(folder) -> None:
+    """Remove `folder` if it holds nothing (a run that wrote nothing leaves no empty folder behind)."""
+    folder = Path(folder) if folder is not None else None
+    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+class RunFolder:
+    """One run's hold on its folder, as a context manager: the folder is created if needed and locked (``.run.lock``,
+    a filelock that the OS drops if the process dies); a second run on a folder in use is refused with a ValueError
+    naming the folder (the command line: one line, exit status 2) instead of mixing its files with the first run's.
+    On exit the lock file goes, and a folder this run created and wrote nothing to is removed.
+
+    `flag` names the setting in the error (``output_dir``); `fresh`: the caller made the folder for this run
+    (new_run_dir), so it goes too if nothing was written; `resume`: the run continues one in this folder, so a
+    missing folder is refused (naming ``resume``) rather than silently run from scratch. Only the process that
+    writes takes the lock (under torchrun, rank 0: ``hold=False`` elsewhere)."""
+
+    def __init__(self, path, flag: str = "output_dir", *, fresh: bool = False, resume: bool = False,
+                 hold: bool = True):
+        self.path, self.flag, self.hold, self.fresh, self.resume = Path(path), flag, hold, fresh, resume
+        self._lock, self._created = None, False
+
+    def __enter__(self) -> Path:
+        if self.resume and not self.path.is_dir():
+            raise ValueError(f"resume: {self.path} does not exist, so there is nothing to continue; give the folder "
+                             f"of the run to continue, or drop `resume` to start a new run")
+        if not self.hold:
+            return self.path
+        from filelock import FileLock, Timeout
+
+        check_output_dir(self.path, self.flag)
+        self._created = self.fresh or not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.path / LOCK)
+        try:
+            while True:
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    raise ValueError(f"{self.flag}: {self.path} is in use by another run (lock {self.path / LOCK}); "
+                                     f"wait for it to end, or choose another folder") from None
+                if (self.path / LOCK).exists():
+                    break
+                lock.release()  # the run we waited on removed the file between our open and our lock: lock anew
+        except BaseException:  # refused, or Ctrl-C right now: a folder made for this run goes
+            self._give_up()
+            raise
+        self._lock = lock
+        return self.path
+
+    def _give_up(self) -> None:
+        if self._created:
+            remove_if_empty(self.path)
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is None:
+            return
+        (self.path / LOCK).unlink(missing_ok=True)
+        self._lock.release()
+        self._lock = None
+        self._give_up()
 
 
 def append_jsonl(path: Path, obj) -> None:

@@ -26,11 +26,14 @@ pass). docs/training.md has the table of which gradient each form has, each line
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from kl_estimation.core import estimators as est
+from kl_estimation.core.diagnostics import kish_ess
+from kl_estimation.core.exact import kl_from_logits, token_terms
 
 
 def _is_torch(x) -> bool:
@@ -48,50 +51,65 @@ def _zero_masked(x, mask):
     return np.where(mask, x, 0.0)
 
 
-def _kl_rows(lp, lq):
-    """KL of each row of (unnormalised) log-probabilities, in float32 or wider; 0·log 0 = 0."""
-    import torch
+def _check_finite(name: str, x, mask=None, *, logits: bool = False):
+    """ValueError naming `name` when x holds NaN or ±inf where `mask` is True. For (..., T, V) ``logits`` −inf is
+    allowed (a token the model cannot produce) and each row is checked through its sum, one reduction with no
+    vocabulary-wide temporary: a NaN or +inf anywhere in the row makes the sum NaN or +inf, −inf alone does not."""
+    if x is None:
+        return
+    if _is_torch(x):
+        import torch
 
-    lp = torch.log_softmax(lp.float() if lp.dtype in (torch.float16, torch.bfloat16) else lp, dim=-1)
-    lq = torch.log_softmax(lq.float() if lq.dtype in (torch.float16, torch.bfloat16) else lq, dim=-1)
-    p = lp.exp()
-    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+        if logits:
+            x = x.sum(-1, dtype=torch.promote_types(torch.float32, x.dtype))
+        bad = torch.isnan(x) | (torch.isposinf(x) if logits else torch.isinf(x))
+        if mask is not None:
+            bad = bad & torch.as_tensor(mask, device=x.device).bool()
+        found = bool(bad.any())
+    else:
+        a = np.asarray(x, dtype=np.float64)
+        if logits:
+            a = a.sum(-1)
+        bad = np.isnan(a) | (np.isposinf(a) if logits else np.isinf(a))
+        if mask is not None:
+            bad = bad & np.asarray(mask, dtype=bool)
+        found = bool(bad.any())
+    if found:
+        what = "NaN or +inf" if logits else "NaN or infinite"
+        where = " at unmasked positions" if mask is not None else ""
+        raise ValueError(f"{name}: {what} values{where}")
 
 
 def exact_token_kl(logits_p, logits_q, mask=None, *, temperature: float = 1.0, chunk_size: int = 4096):
     """KL(P_t‖Q_t) at every position from full logits (or log-probs), (..., T, V) → (..., T).
 
-    torch: the vocabulary-wide float32 work is done `chunk_size` positions at a time, and with autograd each chunk is
-    recomputed in the backward pass (activation checkpointing), so a 150k vocabulary never needs a (B, T, V) float32
-    copy per model — only the inputs themselves. Gradients flow to both logits. numpy: float64.
+    torch: core.exact.token_terms, the kernel of token_logprobs_and_kl: the vocabulary-wide float32 work is done
+    `chunk_size` positions at a time, and the analytic backward recomputes each chunk, so a 150k vocabulary never
+    needs a (B, T, V) float32 copy per model — only the inputs themselves. Gradients flow to both logits. numpy:
+    float64 (core.exact.kl_from_logits).
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature: must be > 0 (got {temperature!r})")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature: must be a finite number > 0 (got {temperature!r})")
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size: must be an integer ≥ 1 (got {chunk_size!r})")
     if tuple(logits_p.shape) != tuple(logits_q.shape):
         raise ValueError(f"logits_q: shape {tuple(logits_q.shape)} differs from logits_p's {tuple(logits_p.shape)}")
+    _check_finite("logits_p", logits_p, mask, logits=True)
+    _check_finite("logits_q", logits_q, mask, logits=True)
     if not (_is_torch(logits_p) or _is_torch(logits_q)):
-        from scipy.special import log_softmax
-
-        lp = log_softmax(np.asarray(logits_p, dtype=np.float64) / temperature, axis=-1)
-        lq = log_softmax(np.asarray(logits_q, dtype=np.float64) / temperature, axis=-1)
-        p = np.exp(lp)
-        return _zero_masked(np.where(p > 0, p * (lp - lq), 0.0).sum(-1), mask)
+        return _zero_masked(kl_from_logits(logits_p, logits_q, temperature=temperature), mask)
     import torch
-    from torch.utils.checkpoint import checkpoint
 
     lead, V = logits_p.shape[:-1], logits_p.shape[-1]
     fp, fq = logits_p.reshape(-1, V), logits_q.reshape(-1, V)
-    if temperature != 1.0:
-        fp, fq = fp / temperature, fq / temperature
-    grad = torch.is_grad_enabled() and (fp.requires_grad or fq.requires_grad)
-    parts = [checkpoint(_kl_rows, fp[i:i + chunk_size], fq[i:i + chunk_size], use_reentrant=False) if grad
-             else _kl_rows(fp[i:i + chunk_size], fq[i:i + chunk_size]) for i in range(0, fp.shape[0], chunk_size)]
-    return _zero_masked(torch.cat(parts).reshape(lead), mask)
+    tok = torch.zeros(fp.shape[0], dtype=torch.long, device=fp.device)  # the token terms are not used
+    kl = token_terms(fp, fq, tok, inv_tau=1.0 / temperature, chunk_size=chunk_size)[2]
+    return _zero_masked(kl.reshape(lead), mask)
 
 
 def _per_token(fn, logp, logq, mask):
+    _check_finite("logp", logp, mask)
+    _check_finite("logq", logq, mask)
     _, lp, lq = est._arrays(logp, logq)
     return _zero_masked(fn(lp - lq), mask)
 
@@ -128,6 +146,8 @@ def sequence_kl(logp, logq, *, token_kl=None, logr=None, mask=None, estimator: s
         raise ValueError(f"estimator: unknown {estimator!r}; allowed: {', '.join(SEQUENCE_ESTIMATORS)}")
     if estimator in ("rb", "rb+cv") and token_kl is None:
         raise ValueError(f"token_kl: estimator {estimator!r} needs the exact per-token KL (exact_token_kl)")
+    for name, x in (("logp", logp), ("logq", logq), ("token_kl", token_kl), ("logr", logr)):
+        _check_finite(name, x, mask)
     xp, lp, lq, *rest = est._arrays(logp, logq, *(x for x in (token_kl, logr) if x is not None))
     kl = rest.pop(0) if token_kl is not None else None
     lr = rest.pop(0) if logr is not None else lp
@@ -158,141 +178,6 @@ def sequence_kl(logp, logq, *, token_kl=None, logr=None, mask=None, estimator: s
 KL_LOSS_ESTIMATORS = ("mc", "rb")
 KL_LOSS_BASELINES = (None, "loo")
 
-
-def _default_chunk(V: int) -> int:
-    # 2^24 elements (64 MiB in float32) per temporary, three or four of them live per chunk, whatever B × T is
-    return max(1, (1 << 24) // max(1, V))
-
-
-def _fused_kernels():
-    """The chunk computations written functionally for torch.compile: inductor fuses each into a pass or two over
-    the bf16 logits, where eager torch makes one float32 pass per operation."""
-    import torch
-
-    def scaled(z, inv_tau):
-        return z.to(torch.promote_types(torch.float32, z.dtype)) * inv_tau
-
-    def normalised(z, lse, inv_tau):
-        x = scaled(z, inv_tau) - lse
-        return x.clamp(min=torch.finfo(x.dtype).min)
-
-    def onehot(tok, z):
-        # a comparison with an index range, which inductor generates inside the kernel (a scatter would need the
-        # gradient materialised in float32 first)
-        return (torch.arange(z.shape[-1], device=z.device) == tok).to(torch.promote_types(torch.float32, z.dtype))
-
-    def forward(zp, zq, tok, inv_tau: float):
-        # the row log-normalisers go back to the Function so that the backward is one pass over the logits
-        lse_p = torch.logsumexp(scaled(zp, inv_tau), -1, keepdim=True)
-        lse_q = torch.logsumexp(scaled(zq, inv_tau), -1, keepdim=True)
-        lsa, lsb = normalised(zp, lse_p, inv_tau), normalised(zq, lse_q, inv_tau)
-        kl = (lsa.exp() * (lsa - lsb)).sum(-1)
-        return lsa.gather(-1, tok)[:, 0], lsb.gather(-1, tok)[:, 0], kl, lse_p, lse_q
-
-    def grad_p(zp, zq, tok, kl, lse_p, lse_q, a_lp, a_kl, inv_tau: float, use_kl: bool):
-        lsa = normalised(zp, lse_p, inv_tau)
-        p = lsa.exp()
-        d = p * (a_kl * (lsa - normalised(zq, lse_q, inv_tau) - kl) - a_lp) if use_kl else -p * a_lp
-        return ((d + a_lp * onehot(tok, zp)) * inv_tau).to(zp.dtype)
-
-    def grad_q(zp, zq, tok, lse_p, lse_q, a_lq, a_kl, inv_tau: float):
-        p, q = normalised(zp, lse_p, inv_tau).exp(), normalised(zq, lse_q, inv_tau).exp()
-        return ((a_kl * (q - p) - a_lq * q + a_lq * onehot(tok, zq)) * inv_tau).to(zq.dtype)
-
-    # dynamic: one compilation serves every number of rows (the last chunk, other batch shapes)
-    return tuple(torch.compile(f, dynamic=True) for f in (forward, grad_p, grad_q))
-
-
-_FUSED = None
-
-
-def _token_terms_function():
-    import torch
-
-    def log_softmax(z, dt, inv_tau, clamp):
-        # torch's fused kernel on an explicit float32 copy (faster on CPU than dtype=); −inf logits are clamped to
-        # the most negative float so that 0·log 0 stays 0 in the dot products below
-        out = torch.log_softmax(z.to(dt) * inv_tau if inv_tau != 1.0 else z.to(dt), -1)
-        return out.clamp_(min=torch.finfo(dt).min) if clamp else out
-
-    def dot(a, b):
-        return torch.einsum("rv,rv->r", a, b)
-
-    class _TokenTerms(torch.autograd.Function):
-        """log P(x_t), log Q(x_t) and KL(P_t‖Q_t) from (N, V) logits, one chunk of rows at a time.
-
-        K = Σ_v p·log p − Σ_v p·log q (two dot products, no vocabulary-wide difference tensor). The backward pass
-        recomputes each chunk's log-softmax instead of keeping (N, V) float32 activations and writes the analytic
-        gradients, ∂K/∂z_p = p·(log p − log q − K), ∂K/∂z_q = q − p, ∂log p(x)/∂z_p = 1{x} − p, in place (or
-        through the compiled kernels of _fused_kernels).
-        """
-
-        @staticmethod
-        def forward(ctx, zp, zq, tokens, inv_tau: float, chunk: int, fused):
-            dt = torch.promote_types(torch.float32, zp.dtype)
-            clamp = bool(torch.isneginf(zp.amin()) or torch.isneginf(zq.amin())) if fused is None else True
-            N = zp.shape[0]
-            lp_tok, lq_tok, kl = (torch.empty(N, dtype=dt, device=zp.device) for _ in range(3))
-            n_lse = N if fused is not None else 0  # the compiled backward starts from the forward's normalisers
-            lse_p, lse_q = (torch.empty(n_lse, 1, dtype=dt, device=zp.device) for _ in range(2))
-            for i in range(0, N, chunk):
-                j = min(N, i + chunk)
-                tok = tokens[i:j, None]
-                if fused is not None:
-                    lp_tok[i:j], lq_tok[i:j], kl[i:j], lse_p[i:j], lse_q[i:j] = fused[0](zp[i:j], zq[i:j], tok,
-                                                                                         inv_tau)
-                    continue
-                lsa, lsb = log_softmax(zp[i:j], dt, inv_tau, clamp), log_softmax(zq[i:j], dt, inv_tau, clamp)
-                lp_tok[i:j], lq_tok[i:j] = lsa.gather(-1, tok)[:, 0], lsb.gather(-1, tok)[:, 0]
-                p = lsa.exp()
-                kl[i:j] = dot(p, lsa) - dot(p, lsb)
-            ctx.save_for_backward(zp, zq, tokens, kl, lse_p, lse_q)
-            ctx.inv_tau, ctx.chunk, ctx.clamp, ctx.fused = inv_tau, chunk, clamp, fused
-            return lp_tok, lq_tok, kl
-
-        @staticmethod
-        @torch.autograd.function.once_differentiable
-        def backward(ctx, g_lp, g_lq, g_kl):
-            zp, zq, tokens, kl, lse_p, lse_q = ctx.saved_tensors
-            need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            dt, N, inv_tau, chunk, clamp, fused = kl.dtype, zp.shape[0], ctx.inv_tau, ctx.chunk, ctx.clamp, ctx.fused
-            zeros = torch.zeros(N, dtype=dt, device=kl.device)
-            use_kl = g_kl is not None  # kl_loss("mc") never uses it: log Q's softmax is then not needed for P
-            g_lp, g_lq, g_kl = (zeros if g is None else g.to(dt) for g in (g_lp, g_lq, g_kl))
-            gp = torch.empty_like(zp) if need_p else None
-            gq = torch.empty_like(zq) if need_q else None
-            for i in range(0, N, chunk):
-                j = min(N, i + chunk)
-                tok, a_lp, a_lq, a_kl = tokens[i:j, None], g_lp[i:j, None], g_lq[i:j, None], g_kl[i:j, None]
-                if fused is not None:
-                    lp_, lq_ = lse_p[i:j], lse_q[i:j]
-                    if need_p:
-                        gp[i:j] = fused[1](zp[i:j], zq[i:j], tok, kl[i:j, None], lp_, lq_, a_lp, a_kl, inv_tau,
-                                           use_kl)
-                    if need_q:
-                        gq[i:j] = fused[2](zp[i:j], zq[i:j], tok, lp_, lq_, a_lq, a_kl, inv_tau)
-                    continue
-                lsa = log_softmax(zp[i:j], dt, inv_tau, clamp)
-                p = lsa.exp()
-                lsb = log_softmax(zq[i:j], dt, inv_tau, clamp) if (use_kl or need_q) else None
-                if need_q:
-                    q = lsb.exp()
-                    d = torch.sub(p, q).mul_(-a_kl).sub_(q.mul_(a_lq))  # a_kl·(q − p) − a_lq·q
-                    d.scatter_add_(-1, tok, a_lq)
-                    gq[i:j] = d.mul_(inv_tau) if inv_tau != 1.0 else d
-                if need_p:
-                    if use_kl:  # p·(a_kl·(log p − log q − K) − a_lp)
-                        d = lsa.sub_(lsb).mul_(a_kl).sub_(a_kl * kl[i:j, None] + a_lp).mul_(p)
-                    else:
-                        d = p.mul_(-a_lp)
-                    d.scatter_add_(-1, tok, a_lp)
-                    gp[i:j] = d.mul_(inv_tau) if inv_tau != 1.0 else d
-            return gp, gq, None, None, None, None
-
-    return _TokenTerms
-
-
-_TOKEN_TERMS = None
 
 
 def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature: float = 1.0,
@@ -335,9 +220,8 @@ def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature:
     """
     import torch
 
-    global _TOKEN_TERMS, _FUSED
-    if not temperature > 0:
-        raise ValueError(f"temperature: must be > 0 (got {temperature!r})")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature: must be a finite number > 0 (got {temperature!r})")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size: must be an integer ≥ 1 (got {chunk_size!r})")
     for name, x in (("logits_p", logits_p), ("logits_q", logits_q), ("tokens", tokens)):
@@ -354,13 +238,12 @@ def token_logprobs_and_kl(logits_p, logits_q, tokens, mask=None, *, temperature:
     tok = torch.where(m, tokens, torch.zeros_like(tokens)).long().reshape(-1)
     if bool(((tok < 0) | (tok >= V)).any()):
         raise ValueError(f"tokens: values outside [0, {V}) at unmasked positions")
-    if _TOKEN_TERMS is None:
-        _TOKEN_TERMS = _token_terms_function()
-    if compile and _FUSED is None:
-        _FUSED = _fused_kernels()
-    chunk = _default_chunk(V) if chunk_size is None else chunk_size
-    outs = _TOKEN_TERMS.apply(logits_p.reshape(-1, V), logits_q.reshape(-1, V), tok, 1.0 / temperature, chunk,
-                              _FUSED if compile else None)
+    outs = token_terms(logits_p.reshape(-1, V), logits_q.reshape(-1, V), tok, inv_tau=1.0 / temperature,
+                       chunk_size=chunk_size, compile=compile)
+    if not bool(torch.stack([torch.isfinite(o) | ~m.reshape(-1) for o in outs]).all()):
+        # NaN or +inf in a row of either logits makes all three outputs of that row NaN: look at the inputs only then
+        _check_finite("logits_p", logits_p, m, logits=True)
+        _check_finite("logits_q", logits_q, m, logits=True)
     return tuple(torch.where(m, o.reshape(lead), torch.zeros((), dtype=o.dtype, device=o.device)) for o in outs)
 
 
@@ -391,6 +274,9 @@ def _loss_inputs(fn: str, logp, logq, mask, token_kl, logp_old):
     dt = torch.promote_types(torch.float32, logp.dtype)
     m = _mask_tensor(mask, logp.shape, logp.device)
     zero = torch.zeros((), dtype=dt, device=logp.device)
+
+    for name, x in (("logp", logp), ("logq", logq), ("token_kl", token_kl), ("logp_old", logp_old)):
+        _check_finite(name, x, m)
 
     def clean(x):
         return None if x is None else torch.where(m, x.to(dt), zero)
@@ -432,9 +318,59 @@ def _leave_one_out(d, m):
     return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(d))
 
 
-def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp_old=None, baseline=None):
+KL_LOSS_WEIGHTS = ("clip", "full")
+RATIO_CLIP = 0.2  # PPO's ε, TRL's and OpenRLHF's default
+MIN_ESS_FRACTION = 0.5
+
+
+class OffPolicyWeights(NamedTuple):
+    """How far the policy being trained has moved from the one that drew the batch: what a trainer should log."""
+
+    ess: float  # Kish ESS of the full-prefix weights Π_t P_θ/P_old of the whole sequences, over the batch
+    n: int  # sequences in the batch
+    max_ratio: float  # the largest per-token ratio P_θ/P_old at an unmasked position
+    min_ratio: float  # the smallest
+    outside_clip: float  # share of unmasked tokens whose ratio lies outside [1 − ratio_clip, 1 + ratio_clip]
+
+
+def offpolicy_weights(logp, logp_old, mask=None, *, ratio_clip: float = RATIO_CLIP) -> OffPolicyWeights:
+    """The spread of the importance weights between the policy being trained (``logp``) and the one that drew the
+    sequences (``logp_old``), (..., T) each: sequence weights' ESS, per-token ratios, share outside PPO's clip."""
+    import torch
+
+    if not ratio_clip > 0:
+        raise ValueError(f"ratio_clip: must be > 0 (got {ratio_clip!r})")
+    m, lp, _, _, old = _loss_inputs("offpolicy_weights", logp, logp, mask, None, logp_old)
+    if old is None:
+        raise ValueError("logp_old: needed (the log-probabilities under the policy that drew the sequences)")
+    log_r = (lp - old).detach()
+    seq = log_r.sum(-1).reshape(-1).double().cpu().numpy()
+    r = torch.exp(log_r[m]) if bool(m.any()) else torch.ones(1, dtype=log_r.dtype)
+    outside = ((r < 1 - ratio_clip) | (r > 1 + ratio_clip)).double().mean()
+    return OffPolicyWeights(float(kish_ess(seq)), int(seq.size), float(r.max()), float(r.min()), float(outside))
+
+
+def _warn_if_degenerate(w: OffPolicyWeights, min_ess: float):
+    if w.ess < min_ess * w.n:
+        warnings.warn(f"logp_old: the full-prefix weights have ESS {w.ess:.3g} of {w.n} sequences (per-token ratio "
+                      f"up to {w.max_ratio:.3g}, {w.outside_clip:.0%} of tokens outside the clip): the loss rests on a "
+                      "few sequences and its variance is huge; weights='clip' keeps it bounded", stacklevel=3)
+
+
+def _check_weights(weights, ratio_clip, min_ess):
+    if weights not in KL_LOSS_WEIGHTS:
+        raise ValueError(f"weights: unknown {weights!r}; allowed: {', '.join(KL_LOSS_WEIGHTS)}")
+    if not ratio_clip > 0:
+        raise ValueError(f"ratio_clip: must be > 0 (got {ratio_clip!r})")
+    if not 0 <= min_ess <= 1:
+        raise ValueError(f"min_ess: must be a fraction in [0, 1] (got {min_ess!r})")
+
+
+def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp_old=None, baseline=None,
+            weights: str = "clip", ratio_clip: float = RATIO_CLIP, min_ess: float = MIN_ESS_FRACTION):
     r"""One KL term per sequence whose value estimates KL(P_θ‖Q) and whose autograd gradient estimates
-    ∇_θ KL(P_θ‖Q) without bias, for sequences drawn from P_θ (or from an older P, with ``logp_old``).
+    ∇_θ KL(P_θ‖Q), for sequences drawn from P_θ (or from an older P, with ``logp_old``): without bias on-policy
+    and with ``weights="full"``; with a stated, bounded bias with the default ``weights="clip"``.
 
     Parameters
     ----------
@@ -453,13 +389,24 @@ def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp
         Cotterell 2025). "mc": value Σ_t W_≤t·f_t, f_t = log P/Q; gradient Σ_t ρ_t·Σ_{s≥t} W_≤s·f_s (the zero-mean
         pathwise Σ∇log P is dropped; a gradient of Q flows through −log Q).
     logp_old : torch.Tensor, (..., T), optional
-        log-probabilities under the policy that drew the sequences (PPO's old policy). Then W_<t = Π_{s<t}
-        P_θ/P_old and W_≤t = W_<t·P_θ/P_old (the weights of the prefix, not PPO's per-token ratio), which makes
-        value and gradient unbiased at the current θ. Without it (on-policy) every weight is 1.
+        log-probabilities under the policy that drew the sequences (PPO's old policy; TRL's
+        ``old_per_token_logps``). Without it (on-policy) every weight is 1.
     baseline : {None, "loo"}
         "loo": subtract from each return the mean of the other sequences' returns at that step (leave-one-out over
         axis −2, the batch; at least 2 sequences). Unbiased, since another sequence's return is independent of this
         one's tokens; it changes the gradient's variance, never the value.
+    weights : {"clip", "full"}
+        How ``logp_old`` enters. "clip" (default, for trainers): each token's own ratio r_t = P_θ/P_old, detached
+        and clipped to [1 − ratio_clip, 1 + ratio_clip], multiplies its score term, and prefix weights are
+        truncated to 1: gradient Σ_t ∇K_t + Σ_t c_t·ρ_t·Σ_{s>t} K_s ("rb"), value Σ_t K_t. Bounded whatever the
+        drift, exact on-policy, biased off-policy (the prefix distribution's shift is ignored; docs/training.md
+        measures it). "full": W_<t = Π_{s<t} r_s, which makes value and gradient unbiased at the current θ but
+        whose variance grows with the drift over the sequence; it warns when the batch's sequence weights have an
+        ESS below ``min_ess`` × their number.
+    ratio_clip : float
+        ε of "clip" (0.2, PPO's); ``math.inf`` keeps the per-token ratio unclipped.
+    min_ess : float
+        The ESS fraction below which "full" warns (0.5).
 
     Returns
     -------
@@ -471,7 +418,8 @@ def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp
     -----
     ρ_t = log P_θ(x_t) − stopgrad(log P_θ(x_t)) is 0 in value, so the score terms change the gradient only. Under
     the per-token losses of the RL libraries (k3 or k1 summed, ``sequence_kl`` differentiated) the score terms are
-    missing and the gradient is that of another objective: see docs/training.md for which.
+    missing and the gradient is that of another objective: see docs/training.md and ``kl_estimation.audit`` for
+    which. ``offpolicy_weights`` gives the weights' ESS, ratio range and share outside the clip, for logging.
     """
     import torch
 
@@ -479,6 +427,7 @@ def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp
         raise ValueError(f"estimator: unknown {estimator!r}; allowed: {', '.join(KL_LOSS_ESTIMATORS)}")
     if baseline not in KL_LOSS_BASELINES:
         raise ValueError(f"baseline: unknown {baseline!r}; allowed: None, loo")
+    _check_weights(weights, ratio_clip, min_ess)
     if estimator == "rb" and token_kl is None:
         raise ValueError("token_kl: estimator 'rb' needs the exact per-token KL (token_logprobs_and_kl or "
                          "exact_token_kl)")
@@ -486,18 +435,26 @@ def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp
     if baseline == "loo" and (lp.ndim < 2 or lp.shape[-2] < 2):
         raise ValueError(f"logp: baseline 'loo' needs at least 2 sequences on axis -2 (got shape {tuple(lp.shape)})")
     score = lp - lp.detach()
-    on_policy = old is None
-    # log prefix weights W_≤t (inclusive) and W_<t (exclusive); all zero on-policy
-    log_wi = torch.zeros_like(lp) if on_policy else torch.cumsum(lp.detach() - old, -1)
-    log_wx = log_wi if on_policy else log_wi - (lp.detach() - old)
-    if estimator == "rb":
-        per_step, v, log_w, inclusive = torch.exp(log_wx) * kl, kl.detach(), log_wx, False
-    else:
-        per_step, v, log_w, inclusive = torch.exp(log_wi) * (lp.detach() - lq), (lp - lq).detach(), log_wi, True
+    v = kl.detach() if estimator == "rb" else (lp - lq).detach()
+    inclusive = estimator == "mc"
+    if old is None or weights == "clip":
+        # per-token weights c_t (1 on-policy); the prefix's weight is truncated to 1
+        c = 1.0 if old is None else torch.exp(lp.detach() - old).clamp(max(0.0, 1 - ratio_clip), 1 + ratio_clip)
+        per_step = kl if estimator == "rb" else c * (lp.detach() - lq)
+        to_go = _future(v, inclusive)
+        if baseline == "loo":
+            to_go = to_go - _leave_one_out(torch.where(m, to_go, torch.zeros_like(to_go)), m)
+        return per_step.sum(-1) + (score * c * to_go).sum(-1)
+    _warn_if_degenerate(offpolicy_weights(lp, old, m), min_ess)
+    # log prefix weights W_≤t (inclusive) and W_<t (exclusive)
+    log_wi = torch.cumsum(lp.detach() - old, -1)
+    log_wx = log_wi - (lp.detach() - old)
+    log_w = log_wi if inclusive else log_wx
+    per_step = torch.exp(log_wx) * kl if estimator == "rb" else torch.exp(log_wi) * (lp.detach() - lq)
     to_go = _future(torch.exp(log_w) * v, inclusive)
     if baseline == "loo":
         # the return relative to this step's own weight, so that W_≤t·b is a valid (mean-zero) control
-        rel = to_go if on_policy else _future_relative(log_w, v, log_wi, inclusive)
+        rel = _future_relative(log_w, v, log_wi, inclusive)
         to_go = to_go - torch.exp(log_wi) * _leave_one_out(torch.where(m, rel, torch.zeros_like(rel)), m)
     return per_step.sum(-1) + (score * to_go).sum(-1)
 
@@ -512,7 +469,8 @@ class KLRewards(NamedTuple):
 KL_REWARD_ESTIMATORS = ("mc", "rb")
 
 
-def kl_rewards(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb") -> KLRewards:
+def kl_rewards(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp_old=None,
+               weights: str = "clip", min_ess: float = MIN_ESS_FRACTION) -> KLRewards:
     r"""KL penalties shaped as per-token rewards for PPO/REINFORCE-style trainers, with the loss term they need.
 
     Parameters
@@ -524,6 +482,10 @@ def kl_rewards(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb") -
         for P. "rb": rewards K_{t+1} = KL(P_{t+1}‖Q_{t+1} | x_≤t), the exact KL of the *next* step, which x_t
         decides (0 at the last step and at padding); pathwise Σ_t K_t with its gradient. K_1 depends on the prompt
         alone, so no token is credited with it: rewards.sum(-1) + K_1 is the RB value.
+    logp_old, weights, min_ess
+        For the pathwise term in later PPO epochs (``logp`` at the current θ, ``logp_old`` the rollout's): "clip"
+        (default) leaves it Σ_t K_t; "full" weights it by the detached prefix weights, Σ_t W_<t·K_t, and warns as
+        ``kl_loss`` does when their ESS is low. Neither repairs the stale rewards (Notes).
 
     Returns
     -------
@@ -540,8 +502,8 @@ def kl_rewards(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb") -
     K_t is fixed before x_t is drawn, but adds ∇log P(x_t)·K_t noise: six times the variance in the tests' chain.
     Exact for on-policy gradients (PPO's first epoch, ratio 1). Later PPO epochs reuse the rollout's rewards under
     the per-token ratio, as they do for the task reward: an approximation this function does not repair; use
-    ``kl_loss(..., logp_old=...)`` for an unbiased off-policy KL gradient. A discount γ < 1 or a learned critic
-    (GAE λ < 1) bias the KL part as they bias the rest of the return.
+    ``kl_loss(..., logp_old=..., weights="full")`` for an unbiased off-policy KL gradient. A discount γ < 1 or a
+    learned critic (GAE λ < 1) bias the KL part as they bias the rest of the return.
     """
     if estimator not in KL_REWARD_ESTIMATORS:
         raise ValueError(f"estimator: unknown {estimator!r}; allowed: {', '.join(KL_REWARD_ESTIMATORS)}")
@@ -550,8 +512,13 @@ def kl_rewards(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb") -
                          "exact_token_kl)")
     import torch
 
-    _, lp, lq, kl, _ = _loss_inputs("kl_rewards", logp, logq, mask, token_kl, None)
+    _check_weights(weights, RATIO_CLIP, min_ess)
+    m, lp, lq, kl, old = _loss_inputs("kl_rewards", logp, logq, mask, token_kl, logp_old)
     if estimator == "rb":
         nxt = torch.cat([kl[..., 1:], torch.zeros_like(kl[..., :1])], -1).detach()
-        return KLRewards(nxt, kl.sum(-1))
+        if old is None or weights == "clip":
+            return KLRewards(nxt, kl.sum(-1))
+        _warn_if_degenerate(offpolicy_weights(lp, old, m), min_ess)
+        log_r = lp.detach() - old
+        return KLRewards(nxt, (torch.exp(torch.cumsum(log_r, -1) - log_r) * kl).sum(-1))
     return KLRewards((lp - lq).detach(), (lp.detach() - lq).sum(-1))

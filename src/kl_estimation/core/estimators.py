@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import softmax
 
+from kl_estimation.core.kinds import Estimator
 from kl_estimation.core.xp import array_namespace
 
 
@@ -128,12 +129,28 @@ def self_normalized_is(log_ratio, log_weight, axis: int = -1) -> Estimate:
 Z95 = 1.959963984540054
 
 
-def t95(dof: int) -> float:
-    """Half-width factor of a two-sided 95 % interval from an SE with `dof` degrees of freedom (Student t; NaN
-    without any)."""
+def t_quantile(dof: int, confidence: float = 0.95) -> float:
+    """Half-width factor of a two-sided `confidence` interval from an SE with `dof` degrees of freedom (Student t;
+    NaN without any)."""
     from scipy.stats import t
 
-    return float(t.ppf(0.975, dof)) if dof >= 1 else math.nan
+    return float(t.ppf(0.5 + confidence / 2, dof)) if dof >= 1 else math.nan
+
+
+def t95(dof: int) -> float:
+    """t_quantile at 95 %."""
+    return t_quantile(dof)
+
+
+def clustered_se(values, groups, center: float) -> float:
+    """Cluster-robust (CR1) standard error of the mean of `values` around `center` (their mean, or 0 for terms
+    that are already centred): √(G/(G−1)·Σ_g (S_g − n_g·center)²) / N over the G clusters' sums S_g and sizes n_g.
+    `groups`: each value's cluster as 0 … G−1 (np.unique's inverse). NaN with fewer than 2 clusters."""
+    G = int(groups.max()) + 1
+    if G < 2:
+        return math.nan
+    sums, sizes = np.bincount(groups, values, G), np.bincount(groups, minlength=G)
+    return math.sqrt(G / (G - 1) * float(np.sum((sums - sizes * center) ** 2))) / values.size
 
 
 def rb_control_variate_terms(kl_step, log_ratio_step, log_weight_step, mask=None, folds: int = 2, fold=None):
@@ -224,7 +241,7 @@ def sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool) 
     n_distinct, modal = distinct_draws(ident)
     n = log_w.shape[-1]
     informative = ((1 - modal) * n >= MIN_OTHER_DRAWS) & (n_distinct >= MIN_DISTINCT)
-    names = ("MC", "SNIS", "RB", "RB+CV", "k3") if proposal_is_p else ("IS", "SNIS", "RB-IS", "RB-IS+CV", "k3-IS")
+    names = estimator_names(proposal_is_p)
     results = {
         names[0]: mean_estimate(importance_sampling_terms(f, log_w)),
         names[1]: self_normalized_is(f, log_w),
@@ -245,6 +262,12 @@ def sequence_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: bool) 
                        ess=out(ess), max_weight=out(max_w), khat=out(khat), ci_low=out(e.estimate - half * e.std_error),
                        ci_high=out(e.estimate + half * e.std_error), n=e.n, **diag)
             for name, e in results.items()}
+
+
+def estimator_names(proposal_is_p: bool) -> tuple[Estimator, ...]:
+    """The estimators of one sample, in output order: MC, SNIS, RB, RB+CV, k3 from P; their weighted forms else."""
+    E = Estimator
+    return (E.MC, E.SNIS, E.RB, E.RB_CV, E.K3) if proposal_is_p else (E.IS, E.SNIS, E.RB_IS, E.RB_IS_CV, E.K3_IS)
 
 
 SE_FROM_RANDOMIZATIONS = ("spread of the estimates over {r} independent randomizations (units; cluster-robust, "
@@ -270,7 +293,7 @@ def randomization_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: b
     f_step = np.where(mask, np.asarray(log_p) - np.asarray(log_q), 0.0)
     lw_step = np.where(mask, np.asarray(log_p) - np.asarray(log_r), 0.0)
     log_w, f = lw_step.sum(-1), f_step.sum(-1)
-    names = ("MC", "SNIS", "RB", "RB+CV", "k3") if proposal_is_p else ("IS", "SNIS", "RB-IS", "RB-IS+CV", "k3-IS")
+    names = estimator_names(proposal_is_p)
     w = np.exp(log_w)
     terms = {names[0]: importance_sampling_terms(f, log_w),
              names[2]: rao_blackwell_is_terms(kl_step, lw_step, mask),
@@ -280,19 +303,11 @@ def randomization_estimates(log_p, log_q, log_r, kl_step, mask, proposal_is_p: b
     snis = float(np.sum(w * f) / np.sum(w))
     terms[names[1]] = w * (f - snis) / w.mean()  # linearised: mean 0, the spread is the SE's
 
-    def cluster_se(x, est):
-        sums, sizes = np.bincount(groups, x, R), np.bincount(groups, minlength=R)
-        if R < 2:
-            return math.nan
-        return math.sqrt(R / (R - 1) * np.sum((sums - sizes * est) ** 2)) / N
-
-    out = {name: dict(e, std_error=math.nan, variance=math.nan, ci_low=math.nan, ci_high=math.nan,
-                      n_randomizations=R, std_error_method="none: no randomization SE for this estimator yet")
-           for name, e in base.items() if name not in names}
+    out = {}
     half = t95(R - 1)  # an SE from R randomizations has R − 1 degrees of freedom: z = 1.96 covers 70 % at R = 2
     for name in names:
         est = snis if name == names[1] else float(np.mean(terms[name]))
-        se = cluster_se(terms[name], 0.0 if name == names[1] else est)
+        se = clustered_se(terms[name], groups, 0.0 if name == names[1] else est)
         out[name] = dict(base[name], estimate=est, std_error=se, variance=N * se * se, ci_low=est - half * se,
                          ci_high=est + half * se, n_randomizations=R,
                          std_error_method=SE_FROM_RANDOMIZATIONS.format(r=R))

@@ -12,7 +12,6 @@ Colours: P's direction KL(P‖Q) blue, the reverse KL(Q‖P) orange, as in every
 """
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 from html import escape
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kl_estimation import runio
+from kl_estimation.core.estimators import Z95
 from kl_estimation.figures.synthetic import FORMATS, RunFolderError, _plt, write_index
 
 FWD, REV = "#1f77b4", "#ff7f0e"
@@ -54,22 +54,13 @@ def _short(name, n: int = 36) -> str:
 
 
 def load_corpus_run(path) -> CorpusRun:
-    import csv
+    from kl_estimation.llm.corpus.run import CorpusResult
 
-    path = Path(path)
     try:
-        summary = json.loads((path / "summary.json").read_text())
-        if summary.get("kind") != "corpus":
-            raise KeyError("kind")
-        with np.load(path / "tokens.npz") as z:
-            tokens = {k: z[k] for k in z.files}
-        with open(path / "windows.csv", encoding="utf-8") as fh:
-            windows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()}
-                       for r in csv.DictReader(fh)]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise RunFolderError(f"{path} is not a readable corpus run folder (summary.json, tokens.npz, windows.csv): "
-                             f"{type(err).__name__}: {err}") from None
-    return CorpusRun(path, summary, tokens, windows)
+        res = CorpusResult.load(path)
+    except ValueError as err:
+        raise RunFolderError(str(err)) from None
+    return CorpusRun(Path(path), res.to_dict(), res.tokens, res.windows)
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -117,7 +108,7 @@ def fig_kld_position(plt, run: CorpusRun):
         m = np.nanmean(x, 0)
         se = np.nanstd(x, 0, ddof=1) / np.sqrt(np.maximum(n, 1)) if x.shape[0] > 1 else np.zeros_like(m)
         a1.plot(cols, m, color=c, lw=1.4, label=f"{lab}, mean over windows")
-        a1.fill_between(cols, m - 1.96 * se, m + 1.96 * se, color=c, alpha=0.2, lw=0)
+        a1.fill_between(cols, m - Z95 * se, m + Z95 * se, color=c, alpha=0.2, lw=0)
     same = np.where(mask, run.tokens["top1_agree"], np.nan)[:, cols].astype(float)
     a2.plot(cols, 100 * np.nanmean(same, 0), color="0.3", lw=1.2)
     a2.set_ylabel("same top-1 (%)")

@@ -33,6 +33,18 @@ from pathlib import Path
 import numpy as np
 
 from kl_estimation import runio
+from kl_estimation.core.estimators import Z95
+from kl_estimation.core.kinds import Estimator
+from kl_estimation.core.proposals import (
+    FORWARD,
+    P_KEY,
+    P_NAME,
+    SAMPLED_FROM,
+    TARGET,
+    proposal_label,
+    sequence_proposal,
+)
+from kl_estimation.core.results import Row
 from kl_estimation.figures.synthetic import (
     COLORS,
     FORMATS,
@@ -42,10 +54,9 @@ from kl_estimation.figures.synthetic import (
     _shade,
     write_index,
 )
-from kl_estimation.llm.engine import FORWARD, P_NAME, SAMPLED_FROM, TARGET, proposal_label, sequence_proposal
 
 LN10 = math.log(10)
-MAIN_ESTIMATOR = {True: "RB", False: "RB-IS"}  # the low-variance estimator of P / of any other proposal
+MAIN_ESTIMATOR = {True: Estimator.RB, False: Estimator.RB_IS}  # the low-variance estimator of P / of any other
 
 
 @dataclass
@@ -167,11 +178,12 @@ def _rows_of(run: "LLMRun", label: str, prompt: int | None = None) -> list[dict]
 WEIGHT_CODES = ("TOP_SHARE", "KHAT", "WEIGHT_IDENTITY", "SAMPLE_VAR_COLLAPSE")
 
 
-ESTIMATOR_ROWS = ("RB", "RB+CV", "MC", "RB-IS", "RB-IS+CV", "IS", "SNIS", "k3", "k3-IS")  # low-variance first
+E = Estimator
+ESTIMATOR_ROWS = (E.RB, E.RB_CV, E.MC, E.RB_IS, E.RB_IS_CV, E.IS, E.SNIS, E.K3, E.K3_IS)  # low-variance first
 
 
 def _is_p(doc) -> bool:
-    return doc.get("proposal_key", "p" if doc["proposal"] == P_NAME else None) == "p"
+    return sequence_proposal(doc.get("proposal_key") or doc["proposal"]).key == P_KEY
 
 
 def _arrays(run: LLMRun, doc) -> dict[str, np.ndarray]:
@@ -192,7 +204,7 @@ def _mean_band(x: np.ndarray):
     n = x.shape[0]
     m = x.mean(0)
     se = x.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros_like(m)
-    return m, m - 1.96 * se, m + 1.96 * se
+    return m, m - Z95 * se, m + Z95 * se
 
 
 def _label(name: str) -> str:
@@ -250,7 +262,7 @@ def fig_estimates(plt, run: LLMRun):
         ax.axvline(exact, color="#2ca02c", lw=1.5, label=f"exact KL {exact:.4g}")
         ref = "green line: the exact KL"
     else:
-        rb = next((r for r in rows if r["proposal"] == run.sampled and r["estimator"] == "RB"), None)
+        rb = next((r for r in rows if r["proposal"] == run.sampled and r["estimator"] == Estimator.RB), None)
         if rb and rb["ci_low"] is not None:
             ax.axvspan(rb["ci_low"], rb["ci_high"], color="0.85", zorder=0, label=f"RB from {run.sampled}, 95% CI")
         ref = f"grey band: RB from {run.sampled} (no exact KL for this pair)"
@@ -346,10 +358,10 @@ def fig_log_weights(plt, run: LLMRun):
         ax.set_ylim(0.7, max(counts.max(), 1) * 2)
         ax.axvline(0.0, color="black", lw=0.7, ls=":")
         ax.axvline(lw.max(), color="#d62728", lw=1)
-        e = d["estimates"].get("IS", {})
+        e = d["estimates"].get(Estimator.IS, {})
         khat, share, where = e.get("khat"), e.get("top_weight_share"), ""
         if share is None and d.get("per_prompt"):  # a prompt set: weights are compared within a prompt only
-            shares = [p["estimates"]["IS"].get("top_weight_share") for p in d["per_prompt"]]
+            shares = [p["estimates"][Estimator.IS].get("top_weight_share") for p in d["per_prompt"]]
             share, where = max((s for s in shares if s is not None), default=None), " at a prompt"
         flagged = _weight_flags(run, d["proposal"])
         ax.set_title(f"{'! ' if flagged else ''}{_label(d['proposal'])}\nlargest weight: "
@@ -437,7 +449,7 @@ def fig_per_prompt(plt, run: LLMRun):
         flagged = np.array([bool(v.get("flag")) for v in verdict])
         c = colors[d["proposal"]]
         fmt = "D" if _is_prefix_aware(run, d["proposal"]) else "o"
-        ax.errorbar(x, e, yerr=1.96 * se, fmt="none", ecolor=c, capsize=2, lw=1)
+        ax.errorbar(x, e, yerr=Z95 * se, fmt="none", ecolor=c, capsize=2, lw=1)
         ax.plot(x[~flagged], e[~flagged], fmt, ms=4, color=c, label=f"{_label(d['proposal'])} ({key})")
         if flagged.any():
             ax.plot(x[flagged], e[flagged], fmt, ms=6, mfc="white", mec="#d62728", mew=1.3)
@@ -476,7 +488,13 @@ def recommendation_text(run: LLMRun) -> str:
     set one short line per prompt and the overall one)."""
     from kl_estimation.report import recommendation_block
 
-    return recommendation_block(run.summary, columns=10_000)
+    def row(r):
+        return r and Row.from_dict(r)
+
+    s = run.summary  # saved rows read back as Rows (old folders' {code, message} flags included)
+    view = dict(s, recommended=row(s.get("recommended")),
+                per_prompt=[dict(p, recommended=row(p.get("recommended"))) for p in s.get("per_prompt") or []])
+    return recommendation_block(view, columns=10_000)
 
 
 FIGURES = {"estimates": fig_estimates, "per-step": fig_per_step, "log-weights": fig_log_weights, "ess": fig_ess,

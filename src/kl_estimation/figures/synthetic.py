@@ -25,8 +25,6 @@ import math
 import os
 import shutil
 import tempfile
-import zipfile
-from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
@@ -35,8 +33,9 @@ import numpy as np
 from kl_estimation import runio
 from kl_estimation.core.proposals import REGISTRY, log_ratio
 from kl_estimation.core.streams import named_stream
+from kl_estimation.runio import RunFolderError
 from kl_estimation.synthetic.evaluation import exact_kl, exact_moments
-from kl_estimation.synthetic.experiment import methods_for, sample_indices
+from kl_estimation.synthetic.experiment import SyntheticResult, methods_for, sample_indices
 
 FORMATS = ("png", "pdf", "svg")
 GROUP_ORDER = ("Naive MC", "Rao-Blackwell", "Schulman", *REGISTRY)
@@ -47,51 +46,8 @@ SAMPLE_SIZES = (10, 30, 100, 300, 1000, 3000)
 ERROR_REPEATS = 200
 
 
-class RunFolderError(ValueError):
-    """A folder that is not a readable run folder, or a selection that names nothing in it."""
-
-
-@dataclass
-class Run:
-    path: Path
-    results: dict
-    arrays: dict
-
-    @property
-    def kind(self) -> str:
-        """'synthetic' (single-token) or 'sequence' (toy Markov pairs)."""
-        return self.results.get("config", {}).get("kind", "synthetic")
-
-    def pair(self, key: str) -> dict:
-        return next(p for p in self.results["pairs"] if f"{p['family']}/{p['divergence']}" == key)
-
-
-def load_run(path) -> Run:
-    path = Path(path)
-    if not path.is_dir():
-        raise RunFolderError(f"{path} is not a folder (give a run folder holding {runio.RESULTS})")
-    res_path, npz_path = path / runio.RESULTS, path / runio.ARRAYS
-    for p in (res_path, npz_path):
-        if not p.is_file():
-            raise RunFolderError(f"{path} is not a run folder: {p.name} is missing")
-    try:
-        results = json.loads(res_path.read_text())
-        pairs = results["pairs"]
-        for p in pairs:
-            p["family"], p["divergence"], p["methods"], p["rankings"]  # noqa: B018 - key check
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise RunFolderError(f"{res_path} is corrupt or not a synthetic results file ({type(err).__name__}: {err})")
-    try:
-        with np.load(npz_path) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise RunFolderError(f"{npz_path} is corrupt ({type(err).__name__}: {err})")
-    run = Run(path, results, arrays)
-    for p in pairs:
-        for suffix in (("log_P", "log_Q") if run.kind == "sequence" else ("P", "Q")):
-            if f"{p['family']}/{p['divergence']}/{suffix}" not in arrays:
-                raise RunFolderError(f"{npz_path} lacks {p['family']}/{p['divergence']}/{suffix}")
-    return run
+Run = SyntheticResult  # a synthetic or sequence run folder, loaded (figures draw from it alone)
+load_run = SyntheticResult.load
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -587,12 +543,12 @@ def draw_all(path, fmt: str = "png", pairs=None, methods=None, workers: int | No
         with progress_bar(total=len(jobs), desc="figures", unit="figure") as b:  # ~15 s: not in silence
             if workers > 1:
                 import multiprocessing as mp
-                from concurrent.futures import ProcessPoolExecutor
 
-                with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
-                                         initializer=_ignore_sigint) as pool:
+                # a Pool, not a ProcessPoolExecutor: leaving it terminates the workers at once, so Ctrl-C does not
+                # wait for every queued figure to be drawn
+                with mp.get_context("fork").Pool(workers, initializer=_ignore_sigint) as pool:
                     captions = []
-                    for c in pool.map(_render, jobs):
+                    for c in pool.imap(_render, jobs):
                         captions.append(c)
                         b.update(1)
             else:
@@ -615,10 +571,12 @@ def _file_name(key: str, name: str, fmt: str) -> str:
 
 
 def _ignore_sigint():
-    """Workers leave Ctrl-C to the parent, which reports it in one line (a worker would print a traceback)."""
+    """Workers leave Ctrl-C to the parent, which reports it in one line (a worker would print a traceback), and end
+    quietly on the SIGTERM with which the parent stops them (not with the parent's SIGTERM-as-Ctrl-C handler)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _merge(final: Path, tmp: Path, keys, fmt: str, captions: dict, run: "Run", all_keys) -> None:

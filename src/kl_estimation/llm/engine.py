@@ -33,128 +33,23 @@ import torch
 
 from kl_estimation.core.draws import draw_step, make_source
 from kl_estimation.core.exact import kl_rows
-from kl_estimation.core.proposals import REGISTRY, Proposal, by_name
+from kl_estimation.core.proposals import (  # noqa: F401  (the sequence-proposal identity, re-exported)
+    DIRECTIONS,
+    FORWARD,
+    KEY_PREFIX_SUFFIX,
+    P_KEY,
+    P_NAME,
+    PREFIX_FAMILIES,
+    PREFIX_SUFFIX,
+    REVERSE,
+    SAMPLED_FROM,
+    TARGET,
+    SequenceProposal,
+    parse_proposals,
+    proposal_label,
+    sequence_proposal,
+)
 from kl_estimation.core.streams import torch_stream
-
-P_NAME = "P"  # the label of plain Monte Carlo
-P_KEY = "p"  # ... and its key
-PREFIX_SUFFIX = " [prefix-aware]"
-KEY_PREFIX_SUFFIX = "_prefix-aware"
-# Families whose formula depends on Q only through log P/Q or a per-row constant factor: shifting log Q by the
-# prefix log-ratio then means exactly "use the running sequence log-ratio".
-PREFIX_FAMILIES = ("Alpha-mixture", "Exponential family", "Balanced 1", "Balanced 3", "Adaptive", "Optimal")
-# Directions: forward estimates KL(P‖Q) from sequences of P, reverse KL(Q‖P) from sequences of Q (SwappedPair).
-FORWARD, REVERSE = "forward", "reverse"
-DIRECTIONS = (FORWARD, REVERSE)
-SAMPLED_FROM = {FORWARD: "P", REVERSE: "Q"}  # the model whose sequences a direction draws (its "P" proposal)
-TARGET = {FORWARD: "KL(P‖Q)", REVERSE: "KL(Q‖P)"}
-
-
-@dataclass(frozen=True)
-class SequenceProposal:
-    """A sequence proposal as a typed identity: the token-level registry proposal `base` (None: P itself, plain
-    Monte Carlo) and whether |log P/Q| is the running prefix log-ratio (`prefix_aware`).
-
-    ``key`` (ASCII, stable: ``p``, ``geometric_beta-0.5``, ``adaptive_prefix-aware``) names the proposal's random
-    streams (unit_generator), its files (llm.run.store.slug) and its run key; ``label`` (``Geometric (β=0.5)``,
-    ``Adaptive [prefix-aware]``) is what people read. ``name`` is the label."""
-
-    base: Proposal | None = None
-    prefix_aware: bool = False
-
-    @property
-    def is_p(self) -> bool:
-        return self.base is None
-
-    @property
-    def key(self) -> str:
-        if self.base is None:
-            return P_KEY
-        return self.base.key + ("_prefix-aware" if self.prefix_aware else "")
-
-    @property
-    def label(self) -> str:
-        if self.base is None:
-            return P_NAME
-        return self.base.label + (PREFIX_SUFFIX if self.prefix_aware else "")
-
-    @property
-    def name(self) -> str:
-        return self.label
-
-    @property
-    def family(self) -> str:
-        """The registry family, or "P"."""
-        return P_NAME if self.base is None else self.base.family
-
-    def record(self) -> dict:
-        """What a run's files say about the proposal: key, label, family, parameter, prefix_aware."""
-        return dict(key=self.key, label=self.label, family=self.family,
-                    param=None if self.base is None else self.base.param, prefix_aware=self.prefix_aware)
-
-    def __call__(self, log_p, log_q, prefix_log_ratio):
-        if self.base is None:
-            return log_p
-        if self.prefix_aware:
-            log_q = log_q - prefix_log_ratio[:, None].to(log_q.dtype)
-        return self.base(log_p, log_q)
-
-
-def _allowed() -> str:
-    return (f"allowed: P, a registry name such as 'Geometric (β=0.5)' (or 'Geometric (beta=0.5)') or 'Optimal' "
-            f"(families: {', '.join(REGISTRY)}), optionally followed by '{PREFIX_SUFFIX.strip()}' for "
-            f"{', '.join(PREFIX_FAMILIES)}")
-
-
-def _also() -> str:
-    return f"; also P (plain Monte Carlo) and '<name>{PREFIX_SUFFIX}' for {', '.join(PREFIX_FAMILIES)}"
-
-
-def sequence_proposal(name) -> SequenceProposal:
-    """Parse a proposal strictly: 'P', a registry name such as 'Geometric (β=0.5)' (ASCII alias 'Geometric
-    (beta=0.5)'), or one with the suffix ' [prefix-aware]'; also a key ('p', 'geometric_beta-0.5',
-    'adaptive_prefix-aware') or a SequenceProposal (returned as it is). ValueError starting with 'proposals:',
-    with a "did you mean" where a name is close."""
-    if isinstance(name, SequenceProposal):
-        return name
-    if not isinstance(name, str):
-        raise ValueError(f"proposals: a proposal is named by a string (got {name!r})")
-    text = name.strip()
-    if text in (P_NAME, P_KEY):
-        return SequenceProposal()
-    base_name, prefix = text, False
-    if text.endswith(KEY_PREFIX_SUFFIX) and "(" not in text and " " not in text:
-        base_name, prefix = text[: -len(KEY_PREFIX_SUFFIX)], True
-    elif "[" in text:
-        base_name, _, tail = text.partition("[")
-        base_name, tail = base_name.strip(), "[" + tail
-        if tail != PREFIX_SUFFIX.strip():
-            raise ValueError(f"proposals: unknown suffix {tail!r} in {name!r}; did you mean "
-                             f"{base_name + PREFIX_SUFFIX!r}? ({_allowed()})")
-        prefix = True
-    if base_name.casefold() in ("p", "mc") and not prefix:
-        raise ValueError(f"proposals: unknown proposal {name!r}; did you mean 'P'? ({_allowed()})")
-    try:
-        base = by_name(base_name)
-    except ValueError as err:
-        raise ValueError(f"{err}{_also()}" if "unknown proposal" in str(err) else str(err)) from None
-    if prefix and base.family not in PREFIX_FAMILIES:
-        raise ValueError(f"proposals: {base.family} has no prefix-aware variant; allowed for: "
-                         f"{', '.join(PREFIX_FAMILIES)}")
-    return SequenceProposal(base, prefix)
-
-
-def parse_proposals(names) -> list[SequenceProposal]:
-    """Every name parsed (sequence_proposal), refusing two names of one proposal ('Geometric (β=0.5)' and
-    'Geometric (beta=0.5)' share a key: their files and streams would collide)."""
-    out, seen = [], {}
-    for name in names:
-        prop = sequence_proposal(name)
-        if prop.key in seen:
-            raise ValueError(f"proposals: {seen[prop.key]!r} and {name!r} are the same proposal ({prop.label})")
-        seen[prop.key] = name
-        out.append(prop)
-    return out
 
 
 @dataclass
@@ -195,8 +90,6 @@ def unit_generator(seed: int, proposal, batch_index: int, device, prompt_index: 
 
 # ------------------------------------------------------------------------------------------------ directions
 
-
-
 class SwappedPair:
     """A pair with the roles of P and Q swapped: ``start`` / ``step`` return (log Q, log P, state). Sampling from it
     with proposal "P" draws sequences from Q, and every estimator, proposal and diagnostic then estimates KL(Q‖P)
@@ -218,13 +111,6 @@ class SwappedPair:
         if name == "pair":  # not set yet (copy / unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.pair, name)
-
-
-def proposal_label(name, direction: str = FORWARD) -> str:
-    """A proposal's name in a direction's outputs, whatever spelling named it: its label, except that plain Monte
-    Carlo ("P", the sampling model) is "Q" in reverse (every other formula is taken with Q in P's place)."""
-    prop = sequence_proposal(name)
-    return SAMPLED_FROM[direction] if prop.is_p else prop.label
 
 
 def pair_view(pair, direction: str = FORWARD):

@@ -335,7 +335,7 @@ def _same_model(a: str, b: str) -> bool:
     return a.rstrip("/").rsplit("/", 1)[-1].lower() == b.rstrip("/").rsplit("/", 1)[-1].lower()
 
 
-def _adapter_config(flag: str, path: str, base: str):
+def _adapter_config(flag: str, path: str):
     peft = _needs(flag, "peft", "an adapter")
     try:
         cfg = peft.PeftConfig.from_pretrained(path)
@@ -364,7 +364,7 @@ def _with_adapters(model, adapters: dict, base: str):
 
     peft_model = None
     for name, (flag, path) in adapters.items():
-        cfg = _adapter_config(flag, path, base)
+        cfg = _adapter_config(flag, path)
         try:
             with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x: not the user's concern
                 warnings.filterwarnings("ignore", category=FutureWarning, message=".*checkpointing")

@@ -29,7 +29,6 @@ import math
 import numpy as np
 
 from kl_estimation.core.exact import kl_from_probs
-from kl_estimation.core.proposals import REGISTRY
 from kl_estimation.verdicts import DEGENERATE_RATIO, Code, Estimator, exact_flags, has, mean_khat_flag  # noqa: F401
 
 COMBINED_WEIGHTS = (0.7, 0.3)  # the seed's score: 0.7·|error|/KL + 0.3·variance/theoretical variance
@@ -80,23 +79,12 @@ def method_metrics(m: dict, true_kl: float, theoretical_variance: float, naive_e
         mean_khat=_mean(m["khat"]),
         mean_ess_pct=_mean(m["ess_pct"]),
     )
-    out["estimator"] = str(m.get("estimator") or estimator_of(m))
+    out["estimator"] = str(m["estimator"])
     flags = exact_flags(m["exact_mean"], exact_var, true_kl, emp_var) + list(sample_flags or [])
     if exact_var is None and sample_flags is None:
         flags += mean_khat_flag(out["mean_khat"])
     out["flags"] = flags
     return out
-
-
-def estimator_of(m: dict) -> Estimator:
-    """The estimator kind of a single-token method entry, from its group (the method's family: "Naive MC",
-    "Rao-Blackwell", "Schulman" or a registry proposal family)."""
-    group = m.get("family")
-    if group in REGISTRY:
-        return Estimator.IS
-    if group == "Schulman":
-        return Estimator.K2 if "k2" in m["name"] else Estimator.K3
-    return {"Naive MC": Estimator.MC, "Rao-Blackwell": Estimator.RB}.get(group, Estimator.MC)
 
 
 RANKING_KEYS = {

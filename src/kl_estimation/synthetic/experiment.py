@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from kl_estimation import runio
 from kl_estimation.core import estimators as est
 from kl_estimation.core.diagnostics import kish_ess, pareto_khat
+from kl_estimation.core.kinds import Estimator
 from kl_estimation.core.proposals import (
     DEFAULT_ALPHA_VALUES,
     build_proposals,
@@ -27,6 +30,8 @@ from kl_estimation.core.proposals import (
 )
 from kl_estimation.core.streams import named_stream
 from kl_estimation.core.validation import check_int, check_sizes
+from kl_estimation.progress import bar as progress_bar
+from kl_estimation.settings import Settings, setting
 from kl_estimation.synthetic.distributions import (
     DIVERGENCES,
     FAMILIES,
@@ -47,15 +52,23 @@ DEFAULT_RB_TOP_K = 100
 
 
 @dataclass
-class SyntheticConfig:
-    vocab_size: int = 3000
-    n_samples: int = 300
-    n_repeats: int = 2
-    divergence: str = "medium"  # low | medium | high | all
-    families: Sequence[str] = FAMILIES
-    alpha_values: Sequence[float] = DEFAULT_ALPHA_VALUES
-    rb_top_k: int = DEFAULT_RB_TOP_K
-    seed: int = 0
+class SyntheticConfig(Settings):
+    """Every setting of a single-token synthetic run; each is a flag of Synthetic_tests.py (``--`` + the name with
+    dashes) with this default."""
+
+    RUN = "a synthetic run"
+
+    vocab_size: int = setting(3000, "vocabulary size V", type=int)
+    n_samples: int = setting(300, "samples (sequences) per method and repeat", type=int)
+    n_repeats: int = setting(2, "independent repeats per method", type=int)
+    divergence: str = setting("medium", f"one of {', '.join(DIVERGENCES)}, all")
+    families: Sequence[str] = setting(FAMILIES, f"any of {', '.join(FAMILIES)}", nargs="+")
+    alpha_values: Sequence[float] = setting(DEFAULT_ALPHA_VALUES, "grid in [0, 1] for the α / β / λ / t of the "
+                                            "mixture, geometric, chi-square and cross-entropy proposals",
+                                            nargs="+", type=float)
+    rb_top_k: int = setting(DEFAULT_RB_TOP_K, "Rao-Blackwell: top-k tokens of P summed exactly, the rest sampled "
+                                              "(0 = naive MC)", type=int)
+    seed: int = setting(0, "seed of every random stream", type=int)
 
     @property
     def divergences(self) -> tuple[str, ...]:
@@ -111,6 +124,7 @@ class Method:
 
     name: str
     group: str  # colour family in figures: "Naive MC", "Rao-Blackwell", "Schulman", or the proposal family
+    estimator: Estimator
     log_r: np.ndarray
     g: np.ndarray
     log_w: np.ndarray
@@ -129,9 +143,9 @@ def methods_for(P: np.ndarray, Q: np.ndarray, alpha_values=DEFAULT_ALPHA_VALUES,
     f = log_ratio(log_p, log_q)
     zeros = np.zeros_like(P)
     out = [
-        Method("Naive MC (k1)", "Naive MC", log_p, f, zeros, "P"),
-        Method("Schulman k2 (biased)", "Schulman", log_p, est.k2_terms(f), zeros, "P"),
-        Method("Schulman k3", "Schulman", log_p, est.k3_terms(f), zeros, "P"),
+        Method("Naive MC (k1)", "Naive MC", Estimator.MC, log_p, f, zeros, "P"),
+        Method("Schulman k2 (biased)", "Schulman", Estimator.K2, log_p, est.k2_terms(f), zeros, "P"),
+        Method("Schulman k3", "Schulman", Estimator.K3, log_p, est.k3_terms(f), zeros, "P"),
     ]
     if rb_top_k > 0:
         head = np.argsort(-P, kind="stable")[:rb_top_k]
@@ -140,13 +154,13 @@ def methods_for(P: np.ndarray, Q: np.ndarray, alpha_values=DEFAULT_ALPHA_VALUES,
         head_kl = float(np.sum(P[head] * f[head]))
         tail_mass = float(P[~in_head].sum())
         log_tail = np.where(in_head, -np.inf, log_p - np.log(tail_mass))
-        out.append(Method(f"Rao-Blackwell (top-{rb_top_k})", "Rao-Blackwell", log_tail,
+        out.append(Method(f"Rao-Blackwell (top-{rb_top_k})", "Rao-Blackwell", Estimator.RB, log_tail,
                           est.rao_blackwell_terms(head_kl, tail_mass, f), zeros, "RB"))
     for prop in build_proposals(alpha_values):
         log_r = prop(log_p, log_q)
         with np.errstate(invalid="ignore"):
             log_w = np.where(np.isneginf(log_r), -np.inf, log_p - log_r)
-        out.append(Method(prop.name, prop.family, log_r, est.importance_sampling_terms(f, log_w), log_w,
+        out.append(Method(prop.name, prop.family, Estimator.IS, log_r, est.importance_sampling_terms(f, log_w), log_w,
                           prop.key, is_weighted=True))  # draws named by the stable key, not the label
     return out
 
@@ -180,7 +194,7 @@ def evaluate_method(m: Method, idx: np.ndarray) -> dict:
         khat = pareto_khat(lw)
     else:
         ess, max_w, khat = np.full(idx.shape[0], 100.0), np.ones(idx.shape[0]), np.full(idx.shape[0], np.nan)
-    return dict(name=m.name, family=m.group, exact_mean=exact_mean, exact_variance=exact_var,
+    return dict(name=m.name, family=m.group, estimator=m.estimator, exact_mean=exact_mean, exact_variance=exact_var,
                 estimates=e.estimate.tolist(), sample_variances=e.variance.tolist(), std_errors=e.std_error.tolist(),
                 ess_pct=_finite_or_none(ess), max_weight=_finite_or_none(max_w), khat=_finite_or_none(khat))
 
@@ -226,18 +240,20 @@ def n_steps(cfg: SyntheticConfig) -> int:
     return len(cfg.divergences) * len(cfg.families) * per_pair
 
 
-def run(cfg: SyntheticConfig, progress: Callable[[], None] | None = None):
-    """Every (family, divergence) pair of the config. Returns (pairs, arrays) with arrays keyed as in the npz."""
+def run(cfg: SyntheticConfig, progress: bool = False):
+    """Every (family, divergence) pair of the config. Returns (pairs, arrays) with arrays keyed as in the npz.
+    `progress`: a bar with one step per (pair, method)."""
     cfg.validate()
     pairs, arrays = [], {}
-    for divergence in cfg.divergences:
-        for family in cfg.families:
-            pair = make_pair(family, divergence, cfg)
-            entry, rs = run_pair(pair, cfg, progress)
-            pairs.append(entry)
-            key = f"{family}/{divergence}"
-            arrays[f"{key}/P"], arrays[f"{key}/Q"] = pair.P, pair.Q
-            arrays.update({f"{key}/r/{name}": r for name, r in rs.items()})
+    with progress_bar(total=n_steps(cfg), desc="synthetic run", unit="step", disable=not progress) as bar:
+        for divergence in cfg.divergences:
+            for family in cfg.families:
+                pair = make_pair(family, divergence, cfg)
+                entry, rs = run_pair(pair, cfg, bar.update)
+                pairs.append(entry)
+                key = f"{family}/{divergence}"
+                arrays[f"{key}/P"], arrays[f"{key}/Q"] = pair.P, pair.Q
+                arrays.update({f"{key}/r/{name}": r for name, r in rs.items()})
     return pairs, arrays
 
 
@@ -245,6 +261,72 @@ def config_dict(cfg) -> dict:
     d = asdict(cfg)
     d["families"], d["alpha_values"] = list(cfg.families), [float(a) for a in cfg.alpha_values]
     return d
+
+
+@dataclass
+class SyntheticResult:
+    """A synthetic or sequence run: ``results`` (``config`` with ``kind`` and ``versions``, ``pairs``) and
+    ``arrays`` (the distributions, keyed as in distributions.npz); ``path``, the run folder (None: not saved). The one
+    owner of the folder's files: ``save`` writes them, ``load`` reads them back (for figures too)."""
+
+    path: Path | None
+    results: dict
+    arrays: dict
+
+    @classmethod
+    def of(cls, cfg, kind: str, pairs: list[dict], arrays: dict, versions: dict) -> SyntheticResult:
+        return cls(None, {"config": {"kind": kind, **config_dict(cfg), "versions": versions}, "pairs": pairs}, arrays)
+
+    @property
+    def kind(self) -> str:
+        """'synthetic' (single-token) or 'sequence' (toy Markov pairs)."""
+        return self.results.get("config", {}).get("kind", "synthetic")
+
+    def pair(self, key: str) -> dict:
+        return next(p for p in self.results["pairs"] if f"{p['family']}/{p['divergence']}" == key)
+
+    def save(self, folder) -> Path:
+        """distributions.npz, summary.csv, then results.json last (a folder with results.json is complete), each
+        written atomically. Sets and returns ``path``."""
+        folder = Path(folder)
+        runio.write_npz(folder / runio.ARRAYS, self.arrays)
+        runio.write_csv(folder / runio.SUMMARY, summary_rows(self.results["pairs"]))
+        runio.write_json(folder / runio.RESULTS, self.results)
+        self.path = folder
+        return folder
+
+    @classmethod
+    def load(cls, path) -> SyntheticResult:
+        """A run folder read back; runio.RunFolderError (a ValueError) says what is missing or corrupt."""
+        import json
+        import zipfile
+
+        path = Path(path)
+        if not path.is_dir():
+            raise runio.RunFolderError(f"{path} is not a folder (give a run folder holding {runio.RESULTS})")
+        res_path, npz_path = path / runio.RESULTS, path / runio.ARRAYS
+        for p in (res_path, npz_path):
+            if not p.is_file():
+                raise runio.RunFolderError(f"{path} is not a run folder: {p.name} is missing")
+        try:
+            results = json.loads(res_path.read_text())
+            pairs = results["pairs"]
+            for p in pairs:
+                p["family"], p["divergence"], p["methods"], p["rankings"]  # a key check
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise runio.RunFolderError(f"{res_path} is corrupt or not a synthetic results file "
+                                       f"({type(err).__name__}: {err})") from None
+        try:
+            with np.load(npz_path) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise runio.RunFolderError(f"{npz_path} is corrupt ({type(err).__name__}: {err})") from None
+        run = cls(path, results, arrays)
+        for p in pairs:
+            for suffix in (("log_P", "log_Q") if run.kind == "sequence" else ("P", "Q")):
+                if f"{p['family']}/{p['divergence']}/{suffix}" not in arrays:
+                    raise runio.RunFolderError(f"{npz_path} lacks {p['family']}/{p['divergence']}/{suffix}")
+        return run
 
 
 SUMMARY_FIELDS = ("exact_mean", "exact_variance", "mean_estimate", "bias", "mse", "abs_error", "rel_error_pct",

@@ -36,9 +36,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from kl_estimation.core.exact import kl_rows
+from kl_estimation.core.kinds import Estimator as E
 from kl_estimation.core.proposals import log_ratio
 from kl_estimation.core.streams import named_stream
 from kl_estimation.core.validation import check_int, check_sizes
+from kl_estimation.progress import bar as progress_bar
+from kl_estimation.settings import Settings, setting, shared
 from kl_estimation.synthetic.distributions import (
     DIVERGENCES,
     FAMILIES,
@@ -48,7 +51,7 @@ from kl_estimation.synthetic.distributions import (
     base_weights,
     shift_mass,
 )
-from kl_estimation.synthetic.experiment import check_run
+from kl_estimation.synthetic.experiment import SyntheticConfig, check_run
 
 EOS = 0
 EOS_PROB = 0.02
@@ -228,17 +231,24 @@ def proposal_table(tables: MarkovTables, proposal) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ experiment
 
 @dataclass
-class SequenceConfig:
-    vocab_size: int = 201  # 200 ordinary tokens + EOS
-    order: int = 1
-    max_new_tokens: int = 20
-    n_samples: int = 200  # sequences per repeat
-    n_repeats: int = 10
-    divergence: str = "medium"
-    families: tuple = FAMILIES
-    alpha_values: tuple = (0.3, 0.5, 0.7, 0.9)
-    seed: int = 0
-    samplers: tuple = ("iid",)  # each one other than iid adds MC / RB / RB+CV rows drawn with it
+class SequenceConfig(Settings):
+    """Every setting of a sequence run (Synthetic_tests.py --sequence): the synthetic run's settings with their own
+    defaults, and the ones only a sequence run has."""
+
+    RUN = "a sequence run"
+
+    vocab_size: int = shared(SyntheticConfig, "vocab_size", default=201)  # 200 ordinary tokens + EOS
+    order: int = setting(1, "Markov order, 1 or 2", type=int)
+    max_new_tokens: int = setting(20, "tokens per sequence T", aliases=("--horizon",), type=int)
+    n_samples: int = shared(SyntheticConfig, "n_samples", default=200)  # sequences per repeat
+    n_repeats: int = shared(SyntheticConfig, "n_repeats", default=10)
+    divergence: str = shared(SyntheticConfig, "divergence")
+    families: tuple = shared(SyntheticConfig, "families")
+    alpha_values: tuple = shared(SyntheticConfig, "alpha_values")
+    seed: int = shared(SyntheticConfig, "seed")
+    samplers: tuple = setting(("iid",), "how sequences are drawn; samplers other than iid add MC / RB / RB+CV rows "
+                                        "(variance over repeats, each repeat one randomization); one of "
+                                        + ", ".join(SAMPLERS), flag="sampler", nargs="+")
 
     @property
     def divergences(self):
@@ -293,10 +303,10 @@ def sequence_proposals(alpha_values) -> list:
 def _exact_for(tables: MarkovTables, prop) -> dict[str, tuple[float, float] | None]:
     """{estimator: (exact mean, exact per-sequence variance)}; None where no DP exists (prefix-aware)."""
     if prop.prefix_aware:
-        return {"IS": None, "SNIS": None, "RB-IS": None}
+        return {E.IS: None, E.SNIS: None, E.RB_IS: None}
     ex = exact_values(tables, proposal_table(tables, prop.base))
-    return {"IS": (ex.is_mean, ex.is_variance), "SNIS": (ex.snis_mean, ex.snis_variance),
-            "RB-IS": (ex.rbis_mean, ex.rbis_variance)}
+    return {E.IS: (ex.is_mean, ex.is_variance), E.SNIS: (ex.snis_mean, ex.snis_variance),
+            E.RB_IS: (ex.rbis_mean, ex.rbis_variance)}
 
 
 def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
@@ -337,11 +347,11 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
                     max_weight=e["max_weight"])
 
     p_prop = sequence_proposal("P")
-    est_p = draw(p_prop, exact_known=("MC", "RB", "RB+CV"))
+    est_p = draw(p_prop, exact_known=(E.MC, E.RB, E.RB_CV))
     entries = []
     for sampler in cfg.extra_samplers:  # one randomization per repeat: variances and SEs over repeats only
         reps = sampler_repeats(tables, sampler, n, R, cfg.seed, control_variate=True)
-        for est_name, group in (("MC", "Naive MC"), ("RB", "Rao-Blackwell"), ("RB+CV", "Rao-Blackwell")):
+        for est_name, group in ((E.MC, "Naive MC"), (E.RB, "Rao-Blackwell"), (E.RB_CV, "Rao-Blackwell")):
             e = reps[est_name]
             sd = float(e.std(ddof=1))
             entries.append(dict(name=f"{est_name} [{sampler}]", family=group, estimator=est_name, proposal="P",
@@ -352,10 +362,10 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
         if progress:
             progress()
     entries[:0] = [
-        entry("MC", "Naive MC", est_p["MC"], (kl, var_mc), False, p_prop, "MC"),
-        entry("RB", "Rao-Blackwell", est_p["RB"], (ex_p.rbis_mean, var_rb), False, p_prop, "RB"),
-        entry("RB+CV (cross-fitted β)", "Rao-Blackwell", est_p["RB+CV"],
-              (kl, var_rb - cov_ad ** 2 / var_d if var_d > 0 else var_rb), False, p_prop, "RB+CV"),
+        entry("MC", "Naive MC", est_p[E.MC], (kl, var_mc), False, p_prop, E.MC),
+        entry("RB", "Rao-Blackwell", est_p[E.RB], (ex_p.rbis_mean, var_rb), False, p_prop, E.RB),
+        entry("RB+CV (cross-fitted β)", "Rao-Blackwell", est_p[E.RB_CV],
+              (kl, var_rb - cov_ad ** 2 / var_d if var_d > 0 else var_rb), False, p_prop, E.RB_CV),
     ]
     if progress:
         progress()
@@ -363,7 +373,7 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
         exact = _exact_for(tables, prop)
         e = draw(prop, exact_known=tuple(k for k, v in exact.items() if v is not None))
         group = prop.base.family
-        for est_name in ("IS", "SNIS", "RB-IS"):
+        for est_name in (E.IS, E.SNIS, E.RB_IS):
             entries.append(entry(f"{est_name} · {prop.name}", group, e[est_name], exact[est_name], True, prop,
                                  est_name))
         if progress:
@@ -382,17 +392,19 @@ def n_steps(cfg: SequenceConfig) -> int:
                                                         + len(cfg.extra_samplers))
 
 
-def run(cfg: SequenceConfig, progress=None):
-    """All (family, divergence) pairs. Returns (pairs, arrays) like synthetic.run; arrays hold the tables."""
+def run(cfg: SequenceConfig, progress: bool = False):
+    """All (family, divergence) pairs. Returns (pairs, arrays) like synthetic.run; arrays hold the tables.
+    `progress`: a bar with one step per (pair, proposal or sampler)."""
     cfg.validate()
     pairs, arrays = [], {}
-    for divergence in cfg.divergences:
-        for family in cfg.families:
-            tables = markov_pair(family, divergence, cfg.vocab_size, cfg.order, cfg.max_new_tokens,
-                                 named_stream(cfg.seed, "markov", family, divergence))
-            pairs.append(run_pair(tables, cfg, progress))
-            arrays[f"{family}/{divergence}/log_P"] = tables.log_p
-            arrays[f"{family}/{divergence}/log_Q"] = tables.log_q
+    with progress_bar(total=n_steps(cfg), desc="sequence run", unit="step", disable=not progress) as bar:
+        for divergence in cfg.divergences:
+            for family in cfg.families:
+                tables = markov_pair(family, divergence, cfg.vocab_size, cfg.order, cfg.max_new_tokens,
+                                     named_stream(cfg.seed, "markov", family, divergence))
+                pairs.append(run_pair(tables, cfg, bar.update))
+                arrays[f"{family}/{divergence}/log_P"] = tables.log_p
+                arrays[f"{family}/{divergence}/log_Q"] = tables.log_q
     return pairs, arrays
 
 
@@ -419,7 +431,7 @@ def sampler_rb_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int,
     lp, lq = torch.as_tensor(tables.log_p), torch.as_tensor(tables.log_q)
     kl = kl_rows(lp, lq)  # (T, S)
     per = max(1, max_rows // n)
-    out = {"MC": [], "RB": []}
+    out = {E.MC: [], E.RB: []}
     for start in range(0, repeats, per):
         reps = range(start, min(repeats, start + per))
         streams = [(unit_generator(seed, f"{tables.family}/{tables.divergence}/{sampler}/{n}", r, "cpu"), n)
@@ -435,8 +447,8 @@ def sampler_rb_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int,
             mc += torch.where(alive, lp[t, s, x] - lq[t, s, x], 0.0)
             alive &= x != EOS
             s = torch.as_tensor(tables.next_state(s, x))
-        out["MC"].append(mc.numpy().reshape(len(reps), n).mean(-1))
-        out["RB"].append(rb.numpy().reshape(len(reps), n).mean(-1))
+        out[E.MC].append(mc.numpy().reshape(len(reps), n).mean(-1))
+        out[E.RB].append(rb.numpy().reshape(len(reps), n).mean(-1))
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -454,7 +466,7 @@ def sampler_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int, se
     pair, prop = MarkovPair(tables), sequence_proposal("P")
     T = tables.shape[0]
     per = repeats if control_variate else max(1, max_rows // n)
-    out = {"MC": [], "RB": [], "RB+CV": []}
+    out = {E.MC: [], E.RB: [], E.RB_CV: []}
     for start in range(0, repeats, per):
         reps = range(start, min(repeats, start + per))
         streams = [(unit_generator(seed, f"{tables.family}/{tables.divergence}/{sampler}/{n}", r, "cpu"), n)
@@ -462,9 +474,9 @@ def sampler_repeats(tables: MarkovTables, sampler: str, n: int, repeats: int, se
         b = sample_batch(pair, prop, n * len(reps), T, streams, sampler=sampler)
         f_step = np.where(b.mask, b.log_p - b.log_q, 0.0)
         zero = np.zeros_like(b.log_p)
-        out["MC"].append(f_step.sum(-1).reshape(len(reps), n).mean(-1))
-        out["RB"].append(rao_blackwell_is_terms(b.kl_step, zero, b.mask).reshape(len(reps), n).mean(-1))
+        out[E.MC].append(f_step.sum(-1).reshape(len(reps), n).mean(-1))
+        out[E.RB].append(rao_blackwell_is_terms(b.kl_step, zero, b.mask).reshape(len(reps), n).mean(-1))
         if control_variate:
             cv = rb_control_variate_terms(b.kl_step, f_step, zero, b.mask, fold=np.repeat(np.arange(len(reps)) % 2, n))
-            out["RB+CV"].append(cv.reshape(len(reps), n).mean(-1))
+            out[E.RB_CV].append(cv.reshape(len(reps), n).mean(-1))
     return {k: np.concatenate(v) for k, v in out.items() if v}

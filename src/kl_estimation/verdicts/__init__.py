@@ -10,9 +10,14 @@ The same code judges the single-token synthetic methods (synthetic.evaluation), 
 * the consistency checks with P, the rule that never recommends what P cannot confirm (UNCONFIRMED), and the
   recommendation (verdicts.policy) apply to any run that includes P.
 
-Flags are records (verdicts.flags.Flag: a Code and a message); a row's ``flag`` is the short string of its codes.
-Estimator kinds are an Enum with properties (verdicts.kinds.Estimator), not name prefixes.
+What flows in and out is typed (core.results): frozen Rows, flags as records (Flag: a Code and its data), Advice and
+Reason as kind + fields — words are rendered from them at the edge, in the row's direction. A row's ``flag`` is the
+short string of its codes. Estimator kinds are an Enum with properties (core.kinds.Estimator), not name prefixes.
+verdicts imports nothing from llm: the proposal identity lives in core.proposals.
 """
+from kl_estimation.core.kinds import Estimator, kind
+from kl_estimation.core.proposals import P_KEY, P_NAME
+from kl_estimation.core.results import Advice, Code, Flag, Reason, Row, as_flags, codes, has, render
 from kl_estimation.verdicts.checks import (
     DEGENERATE_RATIO,
     MIN_CV_SEQUENCES,
@@ -20,21 +25,14 @@ from kl_estimation.verdicts.checks import (
     mean_khat_flag,
     sample_flags,
 )
-from kl_estimation.verdicts.flags import Code, Flag, as_flags, codes, has
-from kl_estimation.verdicts.kinds import Estimator, kind
 from kl_estimation.verdicts.policy import (
     CHALLENGER_MARGIN,
     CONFIRM_RATIO,
     CONSISTENCY_Z,
-    DEFAULT_REASON,
     MIN_DISPUTERS,
-    P_KEY,
-    P_NAME,
     PAIR_Z,
     advise,
-    flagged_counts,
     from_records,
-    is_p_row,
     judge,
     judge_repeats,
     judge_rows,
@@ -48,9 +46,44 @@ from kl_estimation.verdicts.policy import (
 )
 
 P_BASED = tuple(e.value for e in Estimator if e.p_based)  # ("MC", "RB", "RB+CV")
+DEFAULT_REASON = render(Reason("default_cv"))
 
-__all__ = ["CHALLENGER_MARGIN", "CONFIRM_RATIO", "CONSISTENCY_Z", "Code", "MIN_DISPUTERS", "PAIR_Z", "advise",
-           "needed_sequences", "recommend_subset", "DEFAULT_REASON", "DEGENERATE_RATIO", "Estimator", "Flag",
-           "MIN_CV_SEQUENCES", "P_BASED", "P_KEY", "P_NAME", "as_flags", "codes", "exact_flags", "flagged_counts",
-           "from_records", "has", "is_p_row", "judge", "judge_repeats", "judge_rows", "kind", "mark_recommended",
-           "mean_khat_flag", "rank", "recommend", "reference", "sample_flags", "table_rows"]
+__all__ = [
+    "CHALLENGER_MARGIN",
+    "CONFIRM_RATIO",
+    "CONSISTENCY_Z",
+    "DEFAULT_REASON",
+    "DEGENERATE_RATIO",
+    "MIN_CV_SEQUENCES",
+    "MIN_DISPUTERS",
+    "PAIR_Z",
+    "P_BASED",
+    "P_KEY",
+    "P_NAME",
+    "Advice",
+    "Code",
+    "Estimator",
+    "Flag",
+    "Reason",
+    "Row",
+    "advise",
+    "as_flags",
+    "codes",
+    "exact_flags",
+    "from_records",
+    "has",
+    "judge",
+    "judge_repeats",
+    "judge_rows",
+    "kind",
+    "mark_recommended",
+    "mean_khat_flag",
+    "needed_sequences",
+    "rank",
+    "recommend",
+    "recommend_subset",
+    "reference",
+    "render",
+    "sample_flags",
+    "table_rows",
+]

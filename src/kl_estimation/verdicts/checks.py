@@ -28,96 +28,54 @@ from __future__ import annotations
 
 import math
 
-from kl_estimation.core.diagnostics import (
-    IDENTITY_FLOOR,
-    IDENTITY_Z,
-    KHAT_LIMIT,
-    MIN_DISTINCT,
-    MIN_OTHER_DRAWS,
-    TOP_SHARE_LIMIT,
-    identity_failure,
-)
-from kl_estimation.verdicts.flags import Code, Flag
-from kl_estimation.verdicts.kinds import Estimator, kind
+from kl_estimation.core.diagnostics import KHAT_LIMIT, TOP_SHARE_LIMIT, identity_failure
+from kl_estimation.core.kinds import Estimator, kind
+from kl_estimation.core.results import CONSTANT, FEW_DISTINCT, FEW_DRAWS, LOW_ESS, MIN_ESS, Code, Flag
 
 MIN_CV_SEQUENCES = 100  # below this the cross-fitted β is noise (n = 20: up to 6.5× the better of MC and RB)
 DEGENERATE_RATIO = 10.0  # exact variance this many times the sample variance: the heavy tail was never drawn
-MIN_ESS = MIN_DISTINCT  # a weighted sample worth fewer draws than this cannot estimate its own variance
 
 
 def finite(x) -> bool:
     return x is not None and isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _not_one(m: float) -> str:
-    """A sample mean that must be 1, with enough digits that a mean ≠ 1 never prints as '1'."""
-    for digits in range(3, 16):
-        text = f"{m:.{digits}g}"
-        if float(text) != 1.0 or m == 1.0:
-            return text
-    return repr(m)
-
-
-def sample_flags(estimator, e: dict, *, is_p: bool, uncovered_mass: float = 0.0, exact_variance_known: bool = False,
-                 p_name: str = "P") -> list[Flag]:
+def sample_flags(estimator, e: dict, *, is_p: bool, uncovered_mass: float = 0.0,
+                 exact_variance_known: bool = False) -> list[Flag]:
     """What the draws themselves say is wrong with one estimate `e` of kind `estimator` (empty: nothing found)."""
     k = kind(estimator)
     flags = []
     n = e.get("n")
     if finite(uncovered_mass) and uncovered_mass > 0:
-        flags.append(Flag(Code.UNCOVERED_MASS, f"biased: the proposal gives r = 0 to tokens with P > 0 (up to "
-                                               f"{uncovered_mass:.2g} of P's mass at a step): sequences through them "
-                                               f"are never drawn"))
+        flags.append(Flag(Code.UNCOVERED_MASS, {"mass": uncovered_mass}))
     if k is Estimator.SNIS and not is_p:
-        flags.append(Flag(Code.SELF_NORMALIZED, "self-normalised: biased at O(1/n)"))
+        flags.append(Flag(Code.SELF_NORMALIZED))
     se = e.get("std_error")
     if n is not None and n < 2:
-        flags.append(Flag(Code.SE_NOT_INFORMATIVE, f"SE not informative: {n} draw{'s' if n != 1 else ''} — a "
-                                                   f"standard error needs at least 2"))
+        flags.append(Flag(Code.SE_NOT_INFORMATIVE, {"why": FEW_DRAWS, "n": n}))
     elif not e.get("se_informative", True):
-        flags.append(Flag(Code.SE_NOT_INFORMATIVE,
-                          f"SE not informative: {e.get('n_distinct')} distinct sequences in {n} draws, "
-                          f"{e.get('modal_share', math.nan):.0%} of them one sequence (needs ≥ {MIN_DISTINCT} distinct "
-                          f"and ≥ {MIN_OTHER_DRAWS} draws off the most frequent) — the sample has not seen the "
-                          f"variance"))
+        flags.append(Flag(Code.SE_NOT_INFORMATIVE, {"why": FEW_DISTINCT, "n": n, "n_distinct": e.get("n_distinct"),
+                                                    "modal_share": e.get("modal_share")}))
     elif se == 0 and (n or 0) > 1:
-        flags.append(Flag(Code.SE_NOT_INFORMATIVE, "SE not informative: every draw gave the same value — the sample "
-                                                   "has not seen the variance"))
+        flags.append(Flag(Code.SE_NOT_INFORMATIVE, {"why": CONSTANT, "n": n}))
     elif not is_p and finite(e.get("ess")) and e["ess"] < MIN_ESS and (n or 0) >= MIN_ESS:
-        flags.append(Flag(Code.SE_NOT_INFORMATIVE, f"SE not informative: the weights' Kish ESS is {e['ess']:.1f} of "
-                                                   f"{n} draws (< {MIN_ESS}): the weighted sample is worth too few "
-                                                   f"draws to have seen its own variance"))
+        flags.append(Flag(Code.SE_NOT_INFORMATIVE, {"why": LOW_ESS, "n": n, "ess": e["ess"]}))
     if k is not None and k.control_variate and (n if n is not None else MIN_CV_SEQUENCES) < MIN_CV_SEQUENCES:
-        flags.append(Flag(Code.CV_TOO_FEW, f"control variate fitted on {n} < {MIN_CV_SEQUENCES} sequences: its "
-                                           f"cross-fitted β is noisy, so its variance can exceed both MC's and RB's "
-                                           f"and its SE is too small"))
+        flags.append(Flag(Code.CV_TOO_FEW, {"n": n, "needed_n": MIN_CV_SEQUENCES}))
     if not is_p:
         m, z = e.get("prefix_weight_mean"), e.get("prefix_weight_z")
         if m is not None and z is not None and identity_failure(m, z):
-            if finite(z) and abs(z) > IDENTITY_Z:
-                why = f"{z:+.1f} SE from 1"
-            elif finite(m) and m < IDENTITY_FLOOR:
-                why = f"below {IDENTITY_FLOOR}"
-            else:
-                why = "every draw has the same weight, so any mean ≠ 1 fails"
-            flags.append(Flag(Code.WEIGHT_IDENTITY,
-                              f"weights degenerate: a sample mean of the prefix weights W_≤t is {_not_one(m)} where it "
-                              f"must be 1 ({why}) — the sequences with large weights were "
-                              f"{'never ' if not finite(m) or m < 1 else 'over-'}drawn"))
+            flags.append(Flag(Code.WEIGHT_IDENTITY, {"mean": m, "z": z}))
         if not exact_variance_known:
             share = e.get("top_weight_share")
             if finite(share) and share > TOP_SHARE_LIMIT and (n or 0) > 1:
-                flags.append(Flag(Code.TOP_SHARE, f"one draw holds {share:.0%} of the total weight (limit "
-                                                  f"{TOP_SHARE_LIMIT:.0%}): the estimate rests on it"))
+                flags.append(Flag(Code.TOP_SHARE, {"share": share}))
             if finite(e.get("khat")) and e["khat"] > KHAT_LIMIT:
-                flags.append(Flag(Code.KHAT, f"k̂ {e['khat']:.2f} > {KHAT_LIMIT}: weights too heavy-tailed to trust"))
+                flags.append(Flag(Code.KHAT, {"khat": e["khat"]}))
     if k is not None and k.k3:
         m, z = e.get("q_over_r_mean"), e.get("q_over_r_z")
         if m is not None and z is not None and identity_failure(m, z):
-            flags.append(Flag(Code.K3_IDENTITY, f"k3: the sample mean of Q/{p_name if is_p else 'r'} is "
-                                                f"{_not_one(m)} where it must be 1 "
-                                                f"({f'{z:+.1f} SE' if finite(z) else 'every draw the same'}): Q's "
-                                                f"mass lies on sequences that were never drawn"))
+            flags.append(Flag(Code.K3_IDENTITY, {"mean": m, "z": z, "is_p": is_p}))
     return flags
 
 
@@ -126,19 +84,18 @@ def exact_flags(exact_mean, exact_variance, true_kl: float, sample_variance) -> 
     one. `exact_mean` / `exact_variance` None: nothing is known, nothing is flagged."""
     flags = []
     if exact_mean is not None and abs(exact_mean - true_kl) > 1e-9 * max(1.0, abs(true_kl)):
-        flags.append(Flag(Code.BIASED, f"biased: exact mean {exact_mean:.4g} vs KL {true_kl:.4g}"))
+        flags.append(Flag(Code.BIASED, {"exact_mean": exact_mean, "kl": true_kl}))
     if exact_variance == math.inf:
-        flags.append(Flag(Code.EXACT_VAR_OVERFLOW, "exact variance beyond float64 (> 1e308): weights degenerate"))
+        flags.append(Flag(Code.EXACT_VAR_OVERFLOW))
     elif exact_variance is not None and sample_variance is not None \
             and exact_variance > DEGENERATE_RATIO * max(sample_variance, 1e-300):
         ratio = exact_variance / sample_variance if sample_variance > 0 else math.inf
-        flags.append(Flag(Code.SAMPLE_VAR_COLLAPSE, f"degenerate weights: sample variance {ratio:.2g}× below exact "
-                                                    f"(rare large weights never drawn)"))
+        flags.append(Flag(Code.SAMPLE_VAR_COLLAPSE, {"ratio": ratio}))
     return flags
 
 
 def mean_khat_flag(mean_khat) -> list[Flag]:
     """Rows without an exact variance and without per-draw diagnostics: the mean k̂ over repeats."""
     if finite(mean_khat) and mean_khat > KHAT_LIMIT:
-        return [Flag(Code.KHAT, f"Pareto k̂ {mean_khat:.2f} > {KHAT_LIMIT} (mean over repeats)")]
+        return [Flag(Code.KHAT, {"khat": mean_khat, "over_repeats": True})]
     return []

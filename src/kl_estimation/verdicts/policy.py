@@ -36,6 +36,11 @@ themselves (choosing the smallest of many noisy SEs favours the one that was und
 cannot be fitted (CV_TOO_FEW: fewer than MIN_CV_SEQUENCES sequences) and is flagged for nothing else, P's RB — the
 β = 0 member of the same family — takes its place as the default.
 
+Rows are typed (core.results.Row, frozen): a row carries its direction, so its flags, the advice (core.results.Advice)
+and the reason of a recommendation (core.results.Reason) are data rendered in that direction's names at the edge;
+nothing here writes or reads a sentence. judge(docs, direction) judges in the sampling frame — proposal "P" is plain
+Monte Carlo from the sampling model, whichever it is.
+
 For a prompt set each prompt is judged on its own, and an overall row carries every flag found at any prompt. When
 that leaves no overall row trusted, the recommendation comes from the prompts where a row is trusted, if they are
 at least 2 and at least half of the set (recommend_subset): it is then the mean KL over those prompts — its
@@ -45,29 +50,34 @@ many sequences per prompt from P, which prompts are the problem, that P is missi
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from kl_estimation.core.diagnostics import MIN_OTHER_DRAWS
-from kl_estimation.verdicts.checks import finite, sample_flags
-from kl_estimation.verdicts.flags import Code, Flag, codes
-from kl_estimation.verdicts.kinds import Estimator, kind
+from kl_estimation.core.kinds import Estimator, kind
+from kl_estimation.core.proposals import FORWARD, P_KEY, sequence_proposal
+from kl_estimation.core.results import (
+    CONTRADICTED,
+    DISAGREES,
+    FEW_DISTINCT,
+    MORE_PRECISE,
+    SAME_DRAWS,
+    Advice,
+    Code,
+    Flag,
+    Reason,
+    Row,
+    codes,
+    identity,
+    pool_prompts,
+)
+from kl_estimation.verdicts.checks import MIN_CV_SEQUENCES, finite, sample_flags
 
-P_NAME, P_KEY = "P", "p"
 CONSISTENCY_Z = 3.0
 CHALLENGER_MARGIN = 0.7  # a challenger must have SE below this fraction of RB+CV's (about half the variance)
 CONFIRM_RATIO = 0.5  # uninformative P: a weighted row's SE below this fraction of P's resolution is unconfirmed
 PAIR_Z = 4.0  # two healthy importance-sampling rows of different proposals further apart than this: one is off
 MIN_DISPUTERS = 2  # healthy rows of this many proposals contradicting P on one side: P is not trusted either
-DEFAULT_REASON = ("RB+CV (cross-fitted β) is the default: unbiased, weights all 1, and asymptotically never worse "
-                  "than the better of MC and RB")
-RB_FALLBACK_REASON = ("RB is the default here: RB+CV's control variate cannot be fitted on so few sequences (RB is "
-                      "its β = 0 member: unbiased, weights all 1)")
-
-
-def spec_of(proposal):
-    """A SequenceProposal from a spec, a key or a label (parsed strictly: llm.engine.sequence_proposal)."""
-    from kl_estimation.llm.engine import sequence_proposal
-
-    return sequence_proposal(proposal)
+CONCENTRATED = 0.5  # P's most frequent sequence holds at least this share: "almost all one sequence"
 
 
 def _entry(e, r: int | None):
@@ -77,8 +87,19 @@ def _entry(e, r: int | None):
     return {k: (v[r] if isinstance(v, list) else v) for k, v in e.items()}
 
 
-def judge_rows(entries, extra_flags: dict | None = None, repeat: int | None = None) -> list[dict]:
-    """One run's entries → ranked rows with ``flags`` (list of Flag) and ``flag`` (their codes, '' = trusted).
+class _Judged:
+    """A row while the consistency checks add to its flags (a Row is frozen): the row's fields, growing flags."""
+
+    def __init__(self, row: Row):
+        self.row, self.flags = row, list(row.flags)
+
+    def __getattr__(self, name):
+        return getattr(self.row, name)
+
+
+def judge_rows(entries, extra_flags: dict | None = None, repeat: int | None = None,
+               direction: str = FORWARD) -> list[Row]:
+    """One run's entries → ranked Rows with their flags (empty = trusted), in `direction`.
 
     `entries`: dicts {proposal (a SequenceProposal, key or label), estimates {estimator: entry}, uncovered (float),
     exact_known (estimators whose exact variance is known: the tail heuristics are then not applied)} or tuples
@@ -88,48 +109,46 @@ def judge_rows(entries, extra_flags: dict | None = None, repeat: int | None = No
     for item in entries:
         if not isinstance(item, dict):
             item = dict(zip(("proposal", "estimates", "uncovered"), item))
-        spec = spec_of(item["proposal"])
+        spec = sequence_proposal(item["proposal"])
         for est_name, e in item["estimates"].items():
             if spec.is_p and est_name == Estimator.SNIS:  # r = P: SNIS is MC itself, not a row of its own
                 continue
             e = _entry(e, repeat)
             flags = sample_flags(est_name, e, is_p=spec.is_p, uncovered_mass=item.get("uncovered") or 0.0,
                                  exact_variance_known=est_name in item.get("exact_known", ()))
-            extra = (extra_flags or {}).get((spec.key, est_name), [])
+            extra = (extra_flags or {}).get((spec.key, str(est_name)), [])
             # a code found at the prompts is said once, by the prompts' (more specific) flag
             flags = [f for f in flags if f.code not in {x.code for x in extra}] + list(extra)
-            rows.append(dict(proposal=spec.label, proposal_key=spec.key, estimator=str(est_name), **e, flags=flags))
+            rows.append(_Judged(Row.from_entry(spec, est_name, e, flags=tuple(flags), direction=direction)))
     check_consistency(rows)
-    for r in rows:
-        r["flag"] = codes(r["flags"])
-    return rank(rows)
+    return rank([replace(r.row, flags=tuple(r.flags)) for r in rows])
 
 
-def _gap(r: dict, x: dict) -> float:
+def _gap(r, x) -> float:
     """|r − x| in combined standard errors (inf when both SEs are 0 and the estimates differ)."""
-    combined = math.hypot(r["std_error"], x["std_error"])
-    gap = abs(r["estimate"] - x["estimate"])
+    combined = math.hypot(r.std_error, x.std_error)
+    gap = abs(r.estimate - x.estimate)
     return gap / combined if combined else (math.inf if gap > 0 else 0.0)
 
 
-def _sizes(z: float) -> str:
-    return f"{z:.1f}" if z < 1000 else "more than 1000"
-
-
-def _name(r: dict) -> str:
-    return f"{'P' if is_p_row(r) else r['proposal']} · {r['estimator']} ({r['estimate']:.4g}, SE {r['std_error']:.2g})"
-
-
-def _healthy(r: dict) -> bool:
+def _healthy(r) -> bool:
     """An importance-sampling row that can serve as a second yardstick: it passed every check of its own draws (only
     consistency flags, if any) and is not k3 (whose terms are the heaviest-tailed of all and whose SE is the first to
     be understated)."""
-    k = kind(r["estimator"])
-    return (not is_p_row(r) and k is not None and k.unbiased and not k.k3 and finite(r["std_error"])
-            and r["std_error"] > 0 and all(f.code is Code.INCONSISTENT for f in r["flags"]))
+    k = kind(r.estimator)
+    return (not r.is_p and k is not None and k.unbiased and not k.k3 and finite(r.std_error)
+            and r.std_error > 0 and all(f.code is Code.INCONSISTENT for f in r.flags))
 
 
-def check_consistency(rows: list[dict]) -> None:
+def _inconsistent(r, test: str | None = None) -> bool:
+    return any(f.code is Code.INCONSISTENT and (test is None or f.data.get("test") == test) for f in r.flags)
+
+
+def _against(test: str, other, z: float, **data) -> Flag:
+    return Flag(Code.INCONSISTENT, {"test": test, "against": identity(other), "z": z, **data})
+
+
+def check_consistency(rows: list[_Judged]) -> None:
     """The consistency checks of one run (see the module doc), in order:
 
     1. INCONSISTENT on every row that disagrees with the reference P row by more than CONSISTENCY_Z combined SEs
@@ -137,7 +156,7 @@ def check_consistency(rows: list[dict]) -> None:
        few sequences — and a reference with SE 0 compares nothing: step 5 says what P cannot confirm);
     2. when healthy importance-sampling rows (every check of their own draws passed) of at least MIN_DISPUTERS
        proposals contradict P on the same side, the disagreement is not blamed on them alone: P's rows that disagree
-       with them are flagged too, and so is every other row that does ("contradicted by …") — P's own sample can
+       with them are flagged too, and so is every other row that does (test "contradicted") — P's own sample can
        miss a rare heavy region just as a proposal's can, and the run cannot tell which SEs are wrong;
     3. of two healthy rows of different proposals more than PAIR_Z combined SEs apart, the less precise one;
     4. every estimator of a proposal whose plain IS estimate is inconsistent (the weights of those draws miss mass);
@@ -145,177 +164,150 @@ def check_consistency(rows: list[dict]) -> None:
     ref = reference(rows)
     if ref is None:
         return
-    usable = [r for r in rows if finite(r["estimate"]) and finite(r["std_error"])]
-    cold = any(f.code is Code.SE_NOT_INFORMATIVE for f in ref["flags"])
+    usable = [r for r in rows if finite(r.estimate) and finite(r.std_error)]
+    cold = any(f.code is Code.SE_NOT_INFORMATIVE for f in ref.flags)
     if not (cold and _no_spread(ref)):
         disputes = []
         for r in usable:
-            if r is ref or (cold and is_p_row(r)) or _gap(r, ref) <= CONSISTENCY_Z:
+            if r is ref or (cold and r.is_p) or _gap(r, ref) <= CONSISTENCY_Z:
                 continue
-            r["flags"].append(Flag(Code.INCONSISTENT, f"disagrees with {_name(ref)} by {_sizes(_gap(r, ref))} "
-                                                      f"combined SEs"))
+            r.flags.append(_against(DISAGREES, ref, _gap(r, ref)))
             if _healthy(r):
                 disputes.append(r)
         for above in (True, False):  # P is disputed when healthy rows of two proposals contradict it on one side
-            side = [d for d in disputes if (d["estimate"] > ref["estimate"]) is above]
-            if len({d["proposal_key"] for d in side}) < MIN_DISPUTERS:
+            side = [d for d in disputes if (d.estimate > ref.estimate) is above]
+            if len({d.proposal_key for d in side}) < MIN_DISPUTERS:
                 disputes = [d for d in disputes if d not in side]
         for r in usable:
             if r in disputes or _inconsistent(r):
                 continue
             worst = max(disputes, key=lambda d: _gap(r, d), default=None)
             if worst is not None and _gap(r, worst) > CONSISTENCY_Z:
-                r["flags"].append(Flag(Code.INCONSISTENT,
-                                       f"contradicted by {_name(worst)} by {_sizes(_gap(r, worst))} combined SEs — "
-                                       f"healthy rows of {MIN_DISPUTERS}+ proposals disagree with P on one side, so "
-                                       f"P's SE or theirs is wrong and neither is trusted"))
-    healthy = [r for r in usable if _healthy(r) and not r["flags"]]
+                r.flags.append(_against(CONTRADICTED, worst, _gap(r, worst), disputers=MIN_DISPUTERS))
+    healthy = [r for r in usable if _healthy(r) and not r.flags]
     for r in healthy:  # two healthy proposals far apart: the less precise one is the likelier to be off
-        worst = max((x for x in healthy if x["proposal_key"] != r["proposal_key"] and x["std_error"] < r["std_error"]),
+        worst = max((x for x in healthy if x.proposal_key != r.proposal_key and x.std_error < r.std_error),
                     key=lambda x: _gap(r, x), default=None)
         if worst is not None and _gap(r, worst) > PAIR_Z:
-            r["flags"].append(Flag(Code.INCONSISTENT, f"disagrees with the more precise {_name(worst)} by "
-                                                      f"{_sizes(_gap(r, worst))} combined SEs"))
+            r.flags.append(_against(MORE_PRECISE, worst, _gap(r, worst)))
     for r in usable:
-        sib = next((x for x in rows if x.get("proposal_key") == r.get("proposal_key") and x["estimator"] == "IS"
+        sib = next((x for x in rows if x.proposal_key == r.proposal_key and x.estimator == Estimator.IS
                     and _inconsistent(x)), None)
-        if not is_p_row(r) and sib is not None and not _inconsistent(r):
-            r["flags"].append(Flag(Code.INCONSISTENT, f"the same draws' IS estimate ({sib['estimate']:.4g}, SE "
-                                                      f"{sib['std_error']:.2g}) is inconsistent: the weights of these "
-                                                      f"draws miss mass, for every estimator made from them"))
+        if not r.is_p and sib is not None and not _inconsistent(r):
+            r.flags.append(_against(SAME_DRAWS, sib, _gap(r, sib)))
     check_confirmable(rows, ref)
 
 
-def _no_spread(r: dict) -> bool:
+def _no_spread(r) -> bool:
     """An SE of 0 up to float rounding (every draw the same sequence: the 'SE' is rounding noise)."""
-    return r["std_error"] <= 1e-9 * max(1.0, abs(r["estimate"]))
+    return r.std_error <= 1e-9 * max(1.0, abs(r.estimate))
 
 
-def _inconsistent(r: dict) -> bool:
-    return any(f.code is Code.INCONSISTENT for f in r["flags"])
-
-
-def p_resolution(rows: list[dict]) -> float | None:
+def p_resolution(rows) -> float | None:
     """What P's own draws resolve: the largest SE among P's MC, RB and RB+CV rows (None without one, or when every
     such SE is 0 up to rounding: P's draws were all one sequence and resolve nothing)."""
-    ses = [r["std_error"] for r in rows if is_p_row(r) and (k := kind(r["estimator"])) is not None and k.p_based
-           and finite(r["std_error"]) and not _no_spread(r)]
+    ses = [r.std_error for r in rows if r.is_p and (k := kind(r.estimator)) is not None and k.p_based
+           and finite(r.std_error) and not _no_spread(r)]
     return max(ses) if ses else None
 
 
-def needed_sequences(row: dict) -> int | None:
+def needed_sequences(row) -> int | None:
     """About how many sequences from P make P's SE informative at this prompt (≥ MIN_OTHER_DRAWS draws off its most
     frequent sequence with probability ≈ 0.9: (10 + 2√10)/(1 − modal share); when every draw was the same sequence,
     the rule of three bounds the rest of P's mass by 3/n)."""
-    n, modal = row.get("n"), row.get("modal_share")
+    n, modal = row.n, row.details.get("modal_share")
     if not n or modal is None or not finite(modal):
         return None
     other = (1 - modal) if modal < 1 else 3 / n
-    return int(math.ceil((MIN_OTHER_DRAWS + 2 * math.sqrt(MIN_OTHER_DRAWS)) / max(other, 1e-12)))
+    return math.ceil((MIN_OTHER_DRAWS + 2 * math.sqrt(MIN_OTHER_DRAWS)) / max(other, 1e-12))
 
 
-def check_confirmable(rows: list[dict], ref: dict) -> None:
+def check_confirmable(rows: list[_Judged], ref) -> None:
     """UNCONFIRMED — where P's rows are not informative (the reference is flagged SE_NOT_INFORMATIVE), the consistency
     check can only confirm an importance-sampling row to within what P's draws resolve (p_resolution). A weighted row
     whose SE is below CONFIRM_RATIO of that is flagged: its precision rests on its own SE alone, which the sample
     cannot check (its heavy sequences may never have been drawn). With no finite, positive P SE nothing is
-    confirmable. The message says how many sequences from P would make the check possible."""
-    if not any(f.code is Code.SE_NOT_INFORMATIVE for f in ref["flags"]):
+    confirmable. The flag says how many sequences from P would make the check possible (``needed_n``)."""
+    if not any(f.code is Code.SE_NOT_INFORMATIVE for f in ref.flags):
         return
     res = p_resolution(rows)
     n_inf = needed_sequences(ref)
     for r in rows:
-        k = kind(r["estimator"])
-        if is_p_row(r) or k is None or not k.uses_weights or not finite(r["std_error"]):
+        k = kind(r.estimator)
+        if r.is_p or k is None or not k.uses_weights or not finite(r.std_error):
             continue
-        if res is not None and res > 0 and r["std_error"] >= CONFIRM_RATIO * res:
+        if res is not None and res > 0 and r.std_error >= CONFIRM_RATIO * res:
             continue
-        n = ref.get("n") or 0
-        need = [x for x in (n_inf, int(math.ceil(n * (CONFIRM_RATIO * res / r["std_error"]) ** 2))
-                            if res and r["std_error"] > 0 and n else None) if x]
-        more = f"; draw ≥ {max(need)} sequences from P to check it" if need else "; draw more sequences from P"
-        r["flags"].append(Flag(Code.UNCONFIRMED,
-                               f"unconfirmed: P's draws are not informative here and resolve only SE "
-                               f"{'—' if res is None else f'{res:.2g}'}; an SE of {r['std_error']:.2g} "
-                               f"(< {CONFIRM_RATIO:g}× that) rests on this row's own draws alone{more}"))
+        n = ref.n or 0
+        need = [x for x in (n_inf, math.ceil(n * (CONFIRM_RATIO * res / r.std_error) ** 2)
+                            if res and r.std_error > 0 and n else None) if x]
+        r.flags.append(Flag(Code.UNCONFIRMED, {"resolution": res, "std_error": r.std_error, "ratio": CONFIRM_RATIO,
+                                               "needed_n": max(need) if need else None}))
 
 
-def is_p_row(r: dict) -> bool:
-    return r.get("proposal_key", P_KEY if r["proposal"] == P_NAME else None) == P_KEY
-
-
-def reference(rows: list[dict]) -> dict | None:
+def reference(rows):
     """The yardstick of the consistency check: the P-based row (MC, RB, RB+CV) with the smallest SE among those
     with no flag — or, when every P row's SE is not informative, among those flagged for that alone. None without a
     P row."""
-    p_rows = [r for r in rows if is_p_row(r) and (k := kind(r["estimator"])) is not None and k.p_based
-              and finite(r["std_error"])]
-    for ok in (lambda r: not r["flags"], lambda r: all(f.code is Code.SE_NOT_INFORMATIVE for f in r["flags"])):
+    p_rows = [r for r in rows if r.is_p and (k := kind(r.estimator)) is not None and k.p_based
+              and finite(r.std_error)]
+    for ok in (lambda r: not r.flags, lambda r: all(f.code is Code.SE_NOT_INFORMATIVE for f in r.flags)):
         cands = [r for r in p_rows if ok(r)]
         if cands:
-            return min(cands, key=lambda r: r["std_error"])
+            return min(cands, key=lambda r: r.std_error)
     return None
 
 
-def rank(rows: list[dict]) -> list[dict]:
+def rank(rows: list[Row]) -> list[Row]:
     """Trusted rows first, each group by standard error."""
-    return sorted(rows, key=lambda r: (bool(r["flags"]), r["std_error"] if finite(r["std_error"]) else math.inf))
+    return sorted(rows, key=lambda r: (bool(r.flags), r.std_error if finite(r.std_error) else math.inf))
 
 
-REC_KEYS = ("proposal", "proposal_key", "estimator", "estimate", "std_error", "ci_low", "ci_high", "n",
-            "std_error_population", "ci_population_low", "ci_population_high")
-
-
-def recommend(rows: list[dict]) -> dict | None:
-    """The estimate to report (see the module doc), or None when no trusted unbiased row exists."""
-    cands = [r for r in rows if not r["flags"] and (k := kind(r["estimator"])) is not None and k.recommendable
-             and finite(r["std_error"])]
+def recommend(rows: list[Row]) -> Row | None:
+    """The estimate to report (see the module doc) with its ``reason``, or None when no trusted unbiased row
+    exists."""
+    cands = [r for r in rows if not r.flags and (k := kind(r.estimator)) is not None and k.recommendable
+             and finite(r.std_error)]
     if not cands:
         return None
-    best = min(cands, key=lambda r: r["std_error"])
-    p_cv = next((r for r in rows if is_p_row(r) and r["estimator"] == Estimator.RB_CV), None)
-    default, default_reason = None, DEFAULT_REASON
-    if p_cv is not None and not p_cv["flags"]:
+    best = min(cands, key=lambda r: r.std_error)
+    p_cv = next((r for r in rows if r.is_p and r.estimator == Estimator.RB_CV), None)
+    default, default_reason = None, Reason("default_cv")
+    if p_cv is not None and not p_cv.flags:
         default = p_cv
-    elif p_cv is not None and all(f.code is Code.CV_TOO_FEW for f in p_cv["flags"]):
-        default = next((r for r in cands if is_p_row(r) and r["estimator"] == Estimator.RB), None)
-        default_reason = RB_FALLBACK_REASON
-    if default is not None and best["std_error"] >= CHALLENGER_MARGIN * default["std_error"]:
+    elif p_cv is not None and all(f.code is Code.CV_TOO_FEW for f in p_cv.flags):
+        default = next((r for r in cands if r.is_p and r.estimator == Estimator.RB), None)
+        default_reason = Reason("default_rb")
+    if default is not None and best.std_error >= CHALLENGER_MARGIN * default.std_error:
         best, reason = default, default_reason
     elif default is not None:
-        reason = (f"the smallest SE among trusted unbiased rows, {default['std_error'] / best['std_error']:.2g}× "
-                  f"below P's {default['estimator']}")
+        reason = Reason("smaller_se", {"ratio": default.std_error / best.std_error, "default": str(default.estimator)})
     elif p_cv is not None:
-        reason = f"the smallest SE among trusted unbiased rows (P's RB+CV is flagged: {codes(p_cv['flags'])})"
-    elif any(is_p_row(r) for r in rows):
-        reason = "the smallest SE among trusted unbiased rows (the run has no RB+CV from P)"
+        reason = Reason("p_cv_flagged", {"codes": codes(p_cv.flags)})
+    elif any(r.is_p for r in rows):
+        reason = Reason("no_p_cv")
     else:
-        reason = "the smallest SE among trusted unbiased rows (the run has no P, so nothing checks its consistency)"
-    return dict({k: best[k] for k in REC_KEYS if k in best}, reason=reason, recommended=True)
+        reason = Reason("no_p")
+    return replace(best, reason=reason, recommended=True)
 
 
-def mark_recommended(rows: list[dict], rec: dict | None) -> None:
-    """Each row's ``recommended`` (True for the recommended one)."""
-    for r in rows:
-        r["recommended"] = rec is not None and (r.get("proposal_key"), r["estimator"]) == \
-            (rec.get("proposal_key"), rec["estimator"])
+def mark_recommended(rows: list[Row], rec: Row | None) -> list[Row]:
+    """The rows with ``recommended`` set on the recommended one."""
+    def same(r):
+        return rec is not None and (r.proposal_key, r.estimator) == (rec.proposal_key, rec.estimator)
+
+    return [replace(r, recommended=same(r)) for r in rows]
 
 
-def _at_prompts(per_prompt_rows: list[list[dict]]) -> dict:
+def _at_prompts(per_prompt_rows: list[list[Row]]) -> dict:
     """{(key, estimator): [Flag]} for the overall rows: each code found at some prompts, once, naming them."""
     found: dict = {}
     for i, rows in enumerate(per_prompt_rows):
         for r in rows:
-            for f in r["flags"]:
-                found.setdefault((r["proposal_key"], r["estimator"]), {}).setdefault(f.code, (f.message, []))[1] \
-                    .append(i)
-    out = {}
-    for k, by_code in found.items():
-        out[k] = []
-        for code, (message, ps) in by_code.items():
-            where = f"prompt{'s' if len(ps) > 1 else ''} {', '.join(map(str, ps[:5]))}{' …' if len(ps) > 5 else ''}"
-            out[k].append(Flag(code, f"{where} of {len(per_prompt_rows)}: {message}"))
-    return out
+            for f in r.flags:
+                found.setdefault((r.proposal_key, str(r.estimator)), {}).setdefault(f.code, (f, []))[1].append(i)
+    return {k: [Flag(code, {**first.data, "prompts": ps, "n_prompts": len(per_prompt_rows)})
+                for code, (first, ps) in by_code.items()] for k, by_code in found.items()}
 
 
 def unit_of(docs: list[dict]) -> dict:
@@ -323,14 +315,18 @@ def unit_of(docs: list[dict]) -> dict:
     cfg = (docs[0].get("config") or {}) if docs else {}
     t = cfg.get("max_new_tokens")
     truncation = (docs[0].get("truncation") or "") if docs else ""
-    return dict(unit="nats/sequence", max_new_tokens=t, eos=("EOS" in truncation) if truncation else None)
+    return {"unit": "nats/sequence", "max_new_tokens": t, "eos": ("EOS" in truncation) if truncation else None}
 
 
-def judge(docs: list[dict]) -> dict:
-    """A run's documents → {"rows" (overall, ranked, with flags), "recommended", "advice", "per_prompt",
-    "proposals", "unit"} where per_prompt (prompt sets only, else []) holds {prompt, rows, recommended, advice} per
-    prompt, proposals the typed identity of each proposal (key, label, family, param, prefix_aware), and advice (when
-    nothing is recommended) says in one line what to change.
+def _with_unit(rec: Row | None, unit: dict) -> Row | None:
+    return rec and replace(rec, details={**rec.details, **unit})
+
+
+def judge(docs: list[dict], direction: str = FORWARD) -> dict:
+    """A run's documents → {"rows" (overall, ranked Rows), "recommended", "advice", "per_prompt", "proposals",
+    "unit"} where per_prompt (prompt sets only, else []) holds {prompt, rows, recommended, advice} per prompt,
+    proposals the typed identity of each proposal (key, label, family, param, prefix_aware), and advice (an Advice,
+    when nothing is recommended) what to change. Every row carries `direction`.
 
     A prompt set whose overall rows are all flagged (one low-entropy prompt flags every overall row) still gets a
     recommendation when that is sound: from the prompts where a row is trusted (recommend_subset), saying what it
@@ -338,47 +334,46 @@ def judge(docs: list[dict]) -> dict:
 
     Documents: ``proposal`` (a key, label or SequenceProposal; ``proposal_key`` wins when present), ``estimates``
     overall, ``per_prompt`` for prompt sets, ``max_uncovered_mass``."""
-    specs = [spec_of(d.get("proposal_key") or d["proposal"]) for d in docs]
+    specs = [sequence_proposal(d.get("proposal_key") or d["proposal"]) for d in docs]
     unit = unit_of(docs)
     per_prompt = []
     n_prompts = len(docs[0].get("per_prompt", [])) if docs else 0
     for i in range(n_prompts):
         rows = judge_rows([(s, d["per_prompt"][i]["estimates"], d.get("max_uncovered_mass", 0.0))
-                           for s, d in zip(specs, docs)])
+                           for s, d in zip(specs, docs)], direction=direction)
         rec = recommend(rows)
-        mark_recommended(rows, rec)
-        per_prompt.append(dict(prompt=i, rows=rows, recommended=rec and dict(rec, **unit),
-                               advice=None if rec else advise([rows])))
+        per_prompt.append({"prompt": i, "rows": mark_recommended(rows, rec), "recommended": _with_unit(rec, unit),
+                           "advice": None if rec else advise([rows], direction)})
     extra = _at_prompts([p["rows"] for p in per_prompt])
-    rows = judge_rows([(s, d["estimates"], d.get("max_uncovered_mass", 0.0)) for s, d in zip(specs, docs)], extra)
+    rows = judge_rows([(s, d["estimates"], d.get("max_uncovered_mass", 0.0)) for s, d in zip(specs, docs)], extra,
+                      direction=direction)
     rec = recommend(rows)
-    mark_recommended(rows, rec)
+    rows = mark_recommended(rows, rec)
     if rec is None and per_prompt:
         rec = recommend_subset(per_prompt)
-    advice = None if rec else advise([p["rows"] for p in per_prompt] or [rows])
-    return dict(rows=rows, recommended=rec and dict(rec, **unit), advice=advice, per_prompt=per_prompt,
-                proposals=[s.record() for s in specs], unit=unit)
+    advice = None if rec else advise([p["rows"] for p in per_prompt] or [rows], direction)
+    return {"rows": rows, "recommended": _with_unit(rec, unit), "advice": advice, "per_prompt": per_prompt,
+            "proposals": [s.record() for s in specs], "unit": unit}
 
 
-def recommend_subset(per_prompt: list[dict]) -> dict | None:
+def recommend_subset(per_prompt: list[dict]) -> Row | None:
     """The recommendation of a prompt set whose overall rows are all flagged, from the prompts where a row is trusted.
 
     For each (proposal, estimator) of an unbiased kind, S = the prompts where its row is unflagged. The largest S
     (P's RB+CV, then P's RB, preferred on ties) is used when it holds at least 2 prompts and at least half of them;
-    the rows trusted on all of S are averaged over S (fixed-set SE √(Σ SE_i²)/|S| with a normal interval, population
-    SE √(s²/|S|) with Student t on |S| − 1 degrees of freedom, as for the whole set) and recommend() picks among
-    them. The result is the mean KL over those prompts — not over the set — and its population interval generalises
-    only to prompts like them (the prompts left out, typically low-entropy ones, may differ systematically): its
-    ``covers`` says which prompts it covers and why the others are left out. None when no such S exists."""
-    from kl_estimation.core.estimators import Z95, t95
-
+    the rows trusted on all of S are averaged over S (core.results.pool_prompts: fixed-set SE √(Σ SE_i²)/|S| with a
+    normal interval, population SE √(s²/|S|) with Student t on |S| − 1 degrees of freedom, as for the whole set)
+    and recommend() picks among them. The result is the mean KL over those prompts — not over the set — and its
+    population interval generalises only to prompts like them (the prompts left out, typically low-entropy ones, may
+    differ systematically): its ``covers`` says which prompts it covers and why the others are left out. None when
+    no such S exists."""
     m = len(per_prompt)
     trusted: dict = {}
-    at_prompt = [{(r["proposal_key"], r["estimator"]): r for r in p["rows"]} for p in per_prompt]
-    for i, p in enumerate(per_prompt):
+    at_prompt = [{(r.proposal_key, str(r.estimator)): r for r in p["rows"]} for p in per_prompt]
+    for i in range(m):
         for key, r in at_prompt[i].items():
-            k = kind(r["estimator"])
-            if not r["flags"] and k is not None and k.recommendable and finite(r["std_error"]):
+            k = kind(r.estimator)
+            if not r.flags and k is not None and k.recommendable and finite(r.std_error):
                 trusted.setdefault(key, []).append(i)
     if not trusted:
         return None
@@ -390,17 +385,12 @@ def recommend_subset(per_prompt: list[dict]) -> dict | None:
     rows = []  # every row present at all of S, averaged over S, with the flags it has there (recommend's defaults)
     for key in at_prompt[S[0]]:
         rs = [at_prompt[i].get(key) for i in S]
-        if any(r is None or not finite(r["std_error"]) or not finite(r["estimate"]) for r in rs):
+        if any(r is None or not finite(r.std_error) or not finite(r.estimate) for r in rs):
             continue
-        e = [r["estimate"] for r in rs]
-        mean = sum(e) / len(e)
-        se = math.sqrt(sum(r["std_error"] ** 2 for r in rs)) / len(rs)
-        sd = math.sqrt(sum((x - mean) ** 2 for x in e) / (len(e) - 1))
-        se_pop, half = sd / math.sqrt(len(e)), t95(len(e) - 1)
-        flags = list({f.code: f for r in rs for f in r["flags"]}.values())
-        rows.append(dict(rs[0], estimate=mean, std_error=se, ci_low=mean - Z95 * se, ci_high=mean + Z95 * se,
-                         std_error_population=se_pop, ci_population_low=mean - half * se_pop,
-                         ci_population_high=mean + half * se_pop, n=sum(r.get("n") or 0 for r in rs), flags=flags))
+        pooled = pool_prompts([r.estimate for r in rs], [r.std_error for r in rs])
+        flags = tuple({f.code: f for r in rs for f in r.flags}.values())
+        rows.append(Row.from_entry(rs[0].identity, rs[0].estimator, {**rs[0].details, **pooled},
+                                   n=sum(r.n or 0 for r in rs), flags=flags, direction=rs[0].direction))
     S = [per_prompt[i]["prompt"] for i in S]
     rec = recommend(rows)
     if rec is None:
@@ -408,71 +398,58 @@ def recommend_subset(per_prompt: list[dict]) -> dict | None:
     left = [p for p in per_prompt if p["prompt"] not in S]
     why = "; ".join(f"prompt {p['prompt']}: {_left_out_reason(p, rec)}" for p in left[:5]) + (" …" if len(left) > 5
                                                                                                   else "")
-    rec["covers"] = (f"prompts {', '.join(map(str, S))} ({len(S)} of {m}; left out — {why}; the estimate is the mean "
-                     f"KL over these {len(S)} prompts, not over all {m}, and its population interval speaks for "
-                     f"prompts like them)")
-    rec["prompts_covered"] = S
-    return rec
+    covers = (f"prompts {', '.join(map(str, S))} ({len(S)} of {m}; left out — {why}; the estimate is the mean KL over "
+              f"these {len(S)} prompts, not over all {m}, and its population interval speaks for prompts like them)")
+    return replace(rec, details={**rec.details, "covers": covers, "prompts_covered": S})
 
 
-def _left_out_reason(p: dict, rec: dict) -> str:
-    row = next((r for r in p["rows"] if (r["proposal_key"], r["estimator"]) == (rec["proposal_key"],
-                                                                                 rec["estimator"])), None)
-    return codes(row["flags"]) if row is not None else "no such row"
+def _left_out_reason(p: dict, rec: Row) -> str:
+    row = next((r for r in p["rows"] if (r.proposal_key, r.estimator) == (rec.proposal_key, rec.estimator)), None)
+    return codes(row.flags) if row is not None else "no such row"
 
 
-def advise(per_prompt_rows: list[list[dict]]) -> str:
-    """One line saying what to change when nothing can be recommended: how many sequences from P would make its
-    draws informative (and the prompts where they are not), that P is missing, that P and a proposal disagree, or
-    that RB+CV needs ≥ MIN_CV_SEQUENCES sequences."""
-    from kl_estimation.verdicts.checks import MIN_CV_SEQUENCES
+def _concentrated(rows: list[Row]) -> bool:
+    """P's draws at a prompt are almost all one sequence (not merely too few to show their spread)."""
+    for r in rows:
+        for f in r.flags:
+            if f.code is Code.SE_NOT_INFORMATIVE and f.data.get("why") == FEW_DISTINCT:
+                share = f.data.get("modal_share")
+                return share is not None and share >= CONCENTRATED
+    return False
 
+
+def advise(per_prompt_rows: list[list[Row]], direction: str = FORWARD) -> Advice:
+    """What to change when nothing can be recommended, from the flags' data: how many sequences from P would make
+    its draws informative (and the prompts where they are not, and why: almost all one sequence, or too few to show
+    their spread), that P is missing, that P and a proposal disagree, or that RB+CV needs ≥ MIN_CV_SEQUENCES
+    sequences."""
     multi = len(per_prompt_rows) > 1
-    if not any(is_p_row(r) for rows in per_prompt_rows for r in rows):
-        return ("include P in the proposals: without it nothing can check the importance-sampling rows (their weights "
-                "may miss mass no diagnostic of their own draws shows)")
-    cold, need, disputed, few_cv = [], [], [], False
+    if not any(r.is_p for rows in per_prompt_rows for r in rows):
+        return Advice("include_p", direction=direction)
+    cold, need, disputed, few_cv, concentrated, n_drawn = [], [], [], False, [], []
     for i, rows in enumerate(per_prompt_rows):
-        p_rows = [r for r in rows if is_p_row(r) and (k := kind(r["estimator"])) is not None and k.p_based]
-        if p_rows and all(any(f.code is Code.SE_NOT_INFORMATIVE for f in r["flags"]) for r in p_rows):
+        p_rows = [r for r in rows if r.is_p and (k := kind(r.estimator)) is not None and k.p_based]
+        if p_rows and all(r.has(Code.SE_NOT_INFORMATIVE) for r in p_rows):
             cold.append(i)
+            concentrated.append(_concentrated(p_rows))
             need += [n for r in p_rows if (n := needed_sequences(r))]
-        for r in rows:
-            for f in r["flags"]:
-                if f.code is Code.UNCONFIRMED and (n := _needed_in(f.message)):
-                    need.append(n)
-        if any(f.message.startswith("contradicted by") for r in p_rows for f in r["flags"]):
+        else:  # P is informative here; a row it cannot confirm says how many sequences would confirm it
+            need += [f.data["needed_n"] for r in rows for f in r.flags
+                     if f.code is Code.UNCONFIRMED and f.data.get("needed_n")]
+        n_drawn += [r.n for r in p_rows if r.n]
+        if any(_inconsistent(r, CONTRADICTED) for r in p_rows):
             disputed.append(i)
-        few_cv |= any(f.code is Code.CV_TOO_FEW for r in p_rows for f in r["flags"])
-    where = (f" (at prompt{'s' if len(cold) > 1 else ''} {', '.join(map(str, cold[:8]))} P's draws are almost all one "
-             f"sequence, so nothing there can be checked)" if multi and cold else
-             " (P's draws are almost all one sequence, so nothing can be checked)" if cold else "")
+        few_cv |= any(r.has(Code.CV_TOO_FEW) for r in p_rows)
+    per = {"per_prompt": multi, "n_prompts": len(per_prompt_rows)}
     if cold or need:
-        n = max(need) if need else None
-        text = f"draw {f'≥ {n}' if n else 'more'} sequences{' per prompt' if multi else ''} from P{where}"
-        return text + (f", or leave out prompt{'s' if len(cold) > 1 else ''} {', '.join(map(str, cold[:8]))}"
-                       if multi and cold and len(cold) < len(per_prompt_rows) else "")
+        why = "one_sequence" if cold and all(concentrated) else "too_few" if cold else "unconfirmed"
+        return Advice("draw_more", {"needed_n": max(need) if need else None, "cold": cold, "why": why,
+                                    "n_drawn": max(n_drawn, default=None), **per}, direction)
     if disputed:
-        return ("P and healthy proposals disagree beyond their SEs (see the flags): draw about 4× as many sequences to "
-                "tell which is off")
+        return Advice("disputed", direction=direction)
     if few_cv:
-        return (f"draw ≥ {MIN_CV_SEQUENCES} sequences{' per prompt' if multi else ''}: below that RB+CV's control "
-                f"variate cannot be fitted and the other rows are flagged too")
-    return "every row is flagged (see above): draw more sequences"
-
-
-def _needed_in(message: str) -> int | None:
-    import re
-
-    m = re.search(r"draw ≥ (\d+) sequences", message)
-    return int(m[1]) if m else None
-
-
-def flagged_counts(rows: list[dict]) -> dict:
-    """How many rows were checked and flagged, overall and among P-based rows (for reports and tests)."""
-    p_rows = [r for r in rows if is_p_row(r) and (k := kind(r["estimator"])) is not None and k.p_based]
-    return dict(rows=len(rows), flagged=sum(bool(r["flags"]) for r in rows), p_rows=len(p_rows),
-                p_flagged=sum(bool(r["flags"]) for r in p_rows))
+        return Advice("cv_too_few", {"needed_n": MIN_CV_SEQUENCES, **per}, direction)
+    return Advice("all_flagged", direction=direction)
 
 
 def judge_repeats(entries, n_repeats: int) -> dict:
@@ -482,21 +459,18 @@ def judge_repeats(entries, n_repeats: int) -> dict:
     found: dict = {}
     for r in range(n_repeats):
         for row in judge_rows(entries, repeat=r):
-            for f in row["flags"]:
-                found.setdefault((row["proposal_key"], row["estimator"]), {}).setdefault(f.code, [f.message, 0])
-                found[(row["proposal_key"], row["estimator"])][f.code][1] += 1
-    return {k: [Flag(code, f"in {count} of {n_repeats} repeat{'s' if n_repeats > 1 else ''}: {message}")
-                for code, (message, count) in by_code.items()] for k, by_code in found.items()}
+            for f in row.flags:
+                found.setdefault((row.proposal_key, str(row.estimator)), {}).setdefault(f.code, [f, 0])[1] += 1
+    return {k: [Flag(code, {**first.data, "repeats": count, "n_repeats": n_repeats})
+                for code, (first, count) in by_code.items()] for k, by_code in found.items()}
 
 
-def table_rows(rows: list[dict], **tags) -> list[dict]:
+def table_rows(rows: list[Row], **tags) -> list[dict]:
     """Rows for CSV files and DataFrames: every field but the flag records (the short ``flag`` codes stay, and
     ``recommended``); `tags` (e.g. prompt=3) go first."""
-    return [dict(tags, **{k: v for k, v in r.items() if k != "flags"}) for r in rows]
+    return [dict(tags, **r.to_dict(records=False)) for r in rows]
 
 
-def from_records(rows: list[dict]) -> list[dict]:
-    """Rows read back from JSON: their flag records as Flag objects again."""
-    from kl_estimation.verdicts.flags import as_flags
-
-    return [dict(r, flags=as_flags(r.get("flags"))) for r in rows]
+def from_records(rows: list[dict]) -> list[Row]:
+    """Rows read back from summary.json (old folders' {code, message} flags included)."""
+    return [Row.from_dict(r) for r in rows]

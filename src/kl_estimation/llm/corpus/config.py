@@ -8,12 +8,14 @@ with the same ``setting()`` metadata, so ``LLM_experiments.py --corpus FILE`` bu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from kl_estimation.core.validation import check_int, check_names
+from kl_estimation import settings
+from kl_estimation.core.validation import check_int
 from kl_estimation.llm.corpus.stats import BASE_STORAGE, SCORE_MODES
-from kl_estimation.llm.run.config import LLMConfig, resolve_device, setting
+from kl_estimation.llm.run.config import LLMConfig, ModelPairSettings
+from kl_estimation.settings import setting
 
 CLUSTERS = ("window", "document")
 CORPUS_FILES = ("summary.json", "tokens.npz", "windows.csv", "llama.txt", "plots")
@@ -21,17 +23,13 @@ CORPUS_KINDS = (".txt", ".jsonl")
 
 
 def shared(name: str, help: str | None = None, default=...):
-    """LLMConfig's setting `name` for the corpus run: same name, same default and flag (its help may be reworded
-    where the corpus run uses it otherwise, e.g. batch_size counts windows)."""
-    f = LLMConfig.settings()[name]
-    meta = dict(f.metadata)
-    if help is not None:
-        meta["help"] = help
-    return field(default=f.default if default is ... else default, metadata=meta)
+    """LLMConfig's setting `name` for the corpus run (its help may be reworded where the corpus run uses it
+    otherwise, e.g. batch_size counts windows)."""
+    return settings.shared(LLMConfig, name, help, default)
 
 
 @dataclass
-class CorpusConfig:
+class CorpusConfig(ModelPairSettings):
     """Every setting of a corpus run, under the one name it has as an API keyword (corpus_kl), a config field and a
     JSON key in summary.json; the flag is ``--`` + the name with dashes."""
 
@@ -79,33 +77,26 @@ class CorpusConfig:
     q_revision: str | None = shared("q_revision")
     trust_remote_code: bool = shared("trust_remote_code")
 
-    @classmethod
-    def settings(cls) -> dict:
-        return {f.name: f for f in fields(cls)}
+    RUN = "a corpus run"
 
     @classmethod
     def from_settings(cls, **settings) -> CorpusConfig:
         """A CorpusConfig from keyword settings; an unknown name is a ValueError naming it (a sampling setting says
         that a corpus run does not sample)."""
-        known = cls.settings()
         for name in settings:
-            if name not in known and name in LLMConfig.settings():
+            if name not in cls.settings() and name in LLMConfig.settings():
                 raise ValueError(f"{name}: a setting of sampled runs (estimate_kl); a corpus run scores the "
                                  f"text teacher-forced and never samples")
-        check_names(settings, known, "a corpus run")
-        return cls(**settings)
+        return super().from_settings(**settings)
 
     def __post_init__(self):
-        if self.q_adapter and self.q_model is None:
-            self.q_model, self.q_revision = self.p_model, self.q_revision or self.p_revision
+        super().__post_init__()
         if self.texts is not None and not isinstance(self.texts, tuple):
             self.texts = (self.texts,) if isinstance(self.texts, str) else tuple(self.texts)
 
     def validate(self) -> CorpusConfig:
-        """Check every setting (errors name the parameter) before anything is loaded."""
-        from kl_estimation.llm.loading import check_loading_options
-        from kl_estimation.llm.pair import DTYPES
-
+        """Check every setting (errors name the parameter) before anything is loaded; returns a copy (nothing
+        needs resolving yet), the config itself is left as it is."""
         if self.p_model is None or self.q_model is None:
             raise ValueError("q_model: a corpus run needs `p_model` and `q_model` (or `p_model` with `q_adapter`)")
         check_int("context", self.context, 3 if self.score == "second-half" else 2)
@@ -133,13 +124,10 @@ class CorpusConfig:
             raise ValueError(f"corpus: {self.corpus} is not a {' or '.join(CORPUS_KINDS)} file")
         if self.token_ids is not None and self.cluster_by == "document":
             raise ValueError("cluster_by: token ids carry no documents; cluster by window")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype: unknown dtype {self.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
-        resolve_device(self.device)
-        check_loading_options(self)
+        self.check_loading()
         if self.output_dir is not None:
             check_corpus_folder(self.output_dir, self.overwrite)
-        return self
+        return replace(self)
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}

@@ -18,19 +18,19 @@ accepts), ``context`` beyond the models' positions, a GGUF architecture transfor
 from __future__ import annotations
 
 import inspect
+import json
 import math
-import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from kl_estimation import runio
+from kl_estimation.core.estimators import t95
 from kl_estimation.core.resources import check_memory, set_threads
-from kl_estimation.llm.corpus.config import CORPUS_FILES, CorpusConfig
+from kl_estimation.llm.corpus.config import CORPUS_FILES, CorpusConfig, check_corpus_folder
 from kl_estimation.llm.corpus.stats import STAT_KEYS, format_llama, llama_windows, summarize, token_stats
 from kl_estimation.llm.corpus.text import read_documents, read_token_ids, tokenize_documents
 
@@ -72,6 +72,45 @@ class CorpusResult:
 
     def __str__(self) -> str:
         return self.text
+
+    def save(self, folder, overwrite: bool = False) -> Path:
+        """The run folder: tokens.npz, windows.csv, summary.json, llama.txt, each written atomically; with `overwrite`
+        an earlier corpus run's files (and figures) are removed first. Sets and returns ``folder``."""
+        folder = Path(folder)
+        if overwrite:
+            runio.remove(folder / name for name in CORPUS_FILES)
+        folder.mkdir(parents=True, exist_ok=True)
+        runio.write_npz(folder / "tokens.npz", {k: (v.astype(np.float64) if v.dtype.kind == "f" else v)
+                                                for k, v in self.tokens.items()})
+        runio.write_csv(folder / "windows.csv", self.windows)
+        runio.write_json(folder / "summary.json", dict(self.to_dict(), versions=runio.versions(
+            "torch", "transformers", "tokenizers", "gguf")))
+        runio.write_text(folder / "llama.txt", self.text)
+        self.folder = folder
+        return folder
+
+    @classmethod
+    def load(cls, folder) -> CorpusResult:
+        """A corpus run folder read back (what save wrote; windows.csv's cells as floats, NaN where empty)."""
+        import csv
+
+        folder = Path(folder)
+        try:
+            doc = json.loads((folder / "summary.json").read_text())
+            if doc.get("kind") != "corpus":
+                raise KeyError("kind")
+            llama = doc["summary"]["llama"]  # its (value, error) pairs are tuples in memory, printf's arguments
+            doc["summary"]["llama"] = {k: tuple(v) if isinstance(v, list) else v for k, v in llama.items()}
+            with np.load(folder / "tokens.npz") as z:
+                tokens = {k: z[k] for k in z.files}
+            with open(folder / "windows.csv", encoding="utf-8") as fh:
+                windows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()}
+                           for r in csv.DictReader(fh)]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{folder} is not a readable corpus run folder (summary.json, tokens.npz, windows.csv): "
+                             f"{type(err).__name__}: {err}") from None
+        return cls(doc["summary"], tokens, windows, doc.get("config", {}), doc.get("models", {}),
+                   doc.get("corpus", {}), doc.get("worst_tokens", []), doc.get("timing", {}), folder)
 
 
 # ------------------------------------------------------------------------------------------------------ forward
@@ -230,8 +269,16 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
     """Validate cfg, load (or take) the models, score every window, summarize; write the run folder when
     cfg.output_dir is set. `models`: (P, Q) already loaded, with their shared `tokenizer`."""
     t_start = time.perf_counter()
-    cfg.validate()
-    cfg.threads = set_threads(cfg.threads)
+    cfg = cfg.validate()
+    if cfg.output_dir is None:
+        return _run_corpus(cfg, models, tokenizer, progress, t_start)
+    with runio.RunFolder(cfg.output_dir):  # one run at a time on a folder; checked again now that it is ours
+        check_corpus_folder(cfg.output_dir, cfg.overwrite)
+        return _run_corpus(cfg, models, tokenizer, progress, t_start)
+
+
+def _run_corpus(cfg: CorpusConfig, models, tokenizer, progress: bool, t_start: float) -> CorpusResult:
+    cfg = replace(cfg, threads=set_threads(cfg.threads))  # the number used, recorded in the run
     from kl_estimation.llm.loading import check_logit_rows, gguf_speedups
 
     with gguf_speedups():  # each GGUF file parsed once for its tokenizer, config and weights
@@ -271,7 +318,7 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
     result = CorpusResult(summary, tokens, window_rows(tokens, summary), cfg.to_dict(), record, corpus,
                           worst_records(worst, windows, document, arrays, tokenizer), timing)
     if cfg.output_dir is not None:
-        result.folder = write_run(cfg.output_dir, result, cfg.overwrite)
+        result.save(cfg.output_dir, cfg.overwrite)
     return result
 
 
@@ -329,8 +376,6 @@ def window_rows(tokens: dict, summary: dict) -> list[dict]:
     """One row per window: its scored tokens' means (KL both ways, Jeffreys, Δp, top-1 agreement, NLLs, PPLs) and
     KL(P‖Q)'s mean with a token-i.i.d. 95 % interval within the window (tokens of a window share their context: that
     interval is too narrow; the clustered SE of the overall mean accounts for it)."""
-    from scipy import stats as sps
-
     mask = tokens["mask"]
     rows = []
     for w in range(mask.shape[0]):
@@ -340,7 +385,7 @@ def window_rows(tokens: dict, summary: dict) -> list[dict]:
         dp = tokens["delta_p"][w, m]
         nq, nb = -tokens["logp_q"][w, m], -tokens["logp_p"][w, m]
         se = float(kf.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-        t = float(sps.t.ppf(0.975, n - 1)) if n > 1 else math.nan
+        t = t95(n - 1)
         docs = tokens["document"][w, m]
         rows.append({"window": w, "first_token": w * mask.shape[1], "first_document": int(docs.min()),
                      "last_document": int(docs.max()), "n_scored": n, "kl_forward": float(kf.mean()),
@@ -384,26 +429,3 @@ def console_text(summary: dict, corpus: dict, models: dict, config: dict) -> str
     if W > CHUNK_TABLE_MAX:
         body = f"(llama.cpp's running per-window table: {W} windows, see windows.csv)\n\n" + body
     return head + "\n" + body
-
-
-def write_run(folder, result: CorpusResult, overwrite: bool = False) -> Path:
-    """The run folder: tokens.npz, windows.csv, summary.json, llama.txt, each written atomically; with `overwrite`
-    an earlier corpus run's files (and figures) are removed first."""
-    folder = Path(folder)
-    if overwrite:
-        for name in CORPUS_FILES:
-            f = folder / name
-            if f.is_dir():
-                shutil.rmtree(f)
-            elif f.exists():
-                f.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = result.tokens
-    runio.write_npz(folder / "tokens.npz", {k: (v.astype(np.float64) if v.dtype.kind == "f" else v)
-                                            for k, v in tok.items()})
-    runio.write_csv(folder / "windows.csv", result.windows)
-    runio.write_json(folder / "summary.json", dict(result.to_dict(), versions=runio.versions(
-        "torch", "transformers", "tokenizers", "gguf")))
-    (folder / ".llama.txt.tmp").write_text(result.text, encoding="utf-8")
-    os.replace(folder / ".llama.txt.tmp", folder / "llama.txt")
-    return folder

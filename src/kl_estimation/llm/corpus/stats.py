@@ -22,7 +22,8 @@ Source read: llama.cpp ``tools/perplexity/perplexity.cpp`` (ggml-org/llama.cpp @
 ``examples/perplexity/perplexity.cpp`` of ggerganov/llama.cpp @c392e50 (Feb 2025), whose final KLD block still
 printed "99.0%" twice and no 95/90/0.1 % lines; the printed block here follows the current (@050fc7f) layout.
 
-This module imports only numpy, scipy, torch and the standard library.
+This module imports numpy, torch, the standard library and core (the exact-KL kernel, the clustered SE and the
+t-quantile shared with the other areas).
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy import stats as _sps
+
+from kl_estimation.core.estimators import clustered_se, t_quantile
+from kl_estimation.core.exact import token_terms_block
 
 __all__ = ["LlamaWindows", "llama_windows", "token_stats", "cluster_mean", "summarize", "format_llama",
            "STAT_KEYS", "SCORE_MODES", "BASE_STORAGE"]
@@ -113,17 +116,7 @@ def llama_windows(token_ids, n_ctx, bos_id=None, *, score: str = "second-half", 
 # ------------------------------------------------------------------------------------------------------ token stats
 
 def _rows_exact(x, y, tg, cdt):
-    x, y = x.to(cdt), y.to(cdt)
-    lp = torch.log_softmax(x, dim=-1)
-    lq = torch.log_softmax(y, dim=-1)
-    p, q = lp.exp(), lq.exp()
-    d = lp - lq                                     # nan where both are −inf; the where() below drops those
-    zero = torch.zeros((), dtype=cdt, device=x.device)
-    kf = torch.where(p > 0, p * d, zero).sum(-1)
-    kr = torch.where(q > 0, -q * d, zero).sum(-1)
-    del p, q, d
-    lpx = lp.gather(-1, tg[:, None]).squeeze(-1)
-    lqx = lq.gather(-1, tg[:, None]).squeeze(-1)
+    lpx, lqx, kf, kr = token_terms_block(x, y, tg, cdt)
     top = x.argmax(-1) == y.argmax(-1)              # raw logits; first index among ties, like llama.cpp's '>' scan
     return {"kl_forward": kf, "kl_reverse": kr, "logp_p": lpx, "logp_q": lqx, "top1_agree": top,
             "delta_p": lqx.exp() - lpx.exp()}
@@ -154,9 +147,7 @@ def _rows_llama(x, y, tg, cdt):
     top = imax == lpb.argmax(-1)
     dp = torch.exp(-nll) - torch.exp(-nll_base)
     # the reverse direction is not in llama.cpp: exact float32 log-softmax of both models
-    lp, lq = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
-    q = lq.exp()
-    kr = torch.where(q > 0, q * (lq - lp), torch.zeros((), device=x.device)).sum(-1)
+    kr = token_terms_block(x, y, tg, torch.float32)[3]
     return {"kl_forward": kf.to(cdt), "kl_reverse": kr.to(cdt), "logp_p": (-nll_base).to(cdt),
             "logp_q": (-nll).to(cdt), "top1_agree": top, "delta_p": dp.to(cdt)}
 
@@ -268,14 +259,10 @@ def cluster_mean(values, clusters, *, confidence: float = 0.95) -> dict:
     inv = inv.ravel()
     G = int(inv.max()) + 1
     mean = float(x.mean())
-    S = np.bincount(inv, weights=x, minlength=G)
-    ng = np.bincount(inv, minlength=G).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        se_cl = math.sqrt(G / (G - 1) * float(np.sum((S - mean * ng) ** 2))) / n if G > 1 else math.nan
+        se_cl = clustered_se(x, inv, mean)
         se_iid = float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-    a = 0.5 + confidence / 2
-    t_cl = float(_sps.t.ppf(a, G - 1)) if G > 1 else math.nan
-    t_iid = float(_sps.t.ppf(a, n - 1)) if n > 1 else math.nan
+    t_cl, t_iid = t_quantile(G - 1, confidence), t_quantile(n - 1, confidence)
     return {"mean": mean, "se_cluster": se_cl, "se_iid": se_iid,
             "ci_cluster": (mean - t_cl * se_cl, mean + t_cl * se_cl),
             "ci_iid": (mean - t_iid * se_iid, mean + t_iid * se_iid),

@@ -5,12 +5,8 @@ import math
 
 import numpy as np
 
-from kl_estimation.core.estimators import (
-    Z95,
-    randomization_estimates,
-    sequence_estimates,
-    t95,
-)
+from kl_estimation.core.estimators import randomization_estimates, sequence_estimates
+from kl_estimation.core.results import pool_prompts
 from kl_estimation.llm.head import head_estimates
 from kl_estimation.llm.run.store import records_to_arrays
 
@@ -23,7 +19,7 @@ def prompt_set_estimates(records: list[dict], max_new_tokens: int, n_prompts: in
     (a list of {prompt, n_sequences, estimates}). Overall ``std_error`` (and ``ci_low``/``ci_high``) is over this
     fixed prompt set, ``std_error_population`` over prompts drawn i.i.d. from a population (between-prompt spread
     included; NaN for m = 1), with a Student-t interval ``ci_population_low``/``ci_population_high`` on m − 1 degrees
-    of freedom (a normal one covers about 0.89 at m = 8).
+    of freedom (a normal one covers about 0.89 at m = 8): core.results.pool_prompts.
     `groups` (one unit index per record, for samplers with dependent rows): per-prompt SEs from the spread between
     units (estimators.randomization_estimates), never from the spread of the sequences.
     `heads` {prompt: head.Head}: at those prompts the records are a head's remainder (they carry ``log_p_cond``)
@@ -45,20 +41,15 @@ def prompt_set_estimates(records: list[dict], max_new_tokens: int, n_prompts: in
         only = {k: dict(v, std_error_population=math.nan) for k, v in per[0].items()}
         return {"estimates": only}
     overall = {}
-    m = n_prompts
-    for est in (k for k in per[0] if all(k in p for p in per)):
-        e = np.array([p[est]["estimate"] for p in per])
-        se = np.array([p[est]["std_error"] for p in per])
-        mean, se_fixed = float(e.mean()), float(np.sqrt(np.sum(se ** 2)) / m)
-        se_pop = float(e.std(ddof=1) / math.sqrt(m))
-        half = t95(m - 1)  # the population SE rests on m per-prompt estimates
-        overall[est] = dict(estimate=mean, std_error=se_fixed, std_error_population=se_pop,
-                            ci_population_low=mean - half * se_pop, ci_population_high=mean + half * se_pop,
-                            variance=float(np.mean([p[est]["variance"] for p in per])),
+    for est in (k for k in per[0] if all(k in p for p in per)):  # a head's prompts have MC, RB, RB+CV only
+        pooled = pool_prompts([p[est]["estimate"] for p in per], [p[est]["std_error"] for p in per])
+        overall[est] = {k: pooled[k] for k in ("estimate", "std_error", "std_error_population", "ci_population_low",
+                                               "ci_population_high")}
+        overall[est].update(variance=float(np.mean([p[est]["variance"] for p in per])),
                             ess=float(np.sum([p[est]["ess"] for p in per])),
                             max_weight=float(np.max([p[est]["max_weight"] for p in per])),
                             khat=max((k for p in per if np.isfinite(k := p[est]["khat"])), default=math.nan),
-                            ci_low=mean - Z95 * se_fixed, ci_high=mean + Z95 * se_fixed, n=len(records))
+                            ci_low=pooled["ci_low"], ci_high=pooled["ci_high"], n=len(records))
     if groups is not None:
         for est in overall:
             overall[est]["std_error_method"] = per[0][est]["std_error_method"] + ", per prompt, combined over prompts"

@@ -3,33 +3,40 @@ the device and dtype a setting resolves to."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, replace
 
 import torch
 
 from kl_estimation.core.resources import check_memory
-from kl_estimation.core.validation import check_int, check_names
+from kl_estimation.core.validation import check_int
 from kl_estimation.llm.engine import DIRECTIONS, P_NAME, PREFIX_SUFFIX, parse_proposals
 from kl_estimation.llm.loading import check_loading_options
 from kl_estimation.llm.pair import DTYPES
 from kl_estimation.llm.run.directions import BOTH
+from kl_estimation.settings import Settings, setting
 
 DIRECTION_SETTINGS = DIRECTIONS + (BOTH,)
 DEFAULT_PROPOSALS = (P_NAME, "Geometric (β=0.5)", "Fixed mixture (λ=0.9)", "Alpha-mixture (α=0.5)",
                      "Exponential family (β=0.5)", "Adaptive", "Adaptive" + PREFIX_SUFFIX)
 
 
-def setting(default, help: str, *, flag: bool | str = True, aliases: tuple = (), type=None, nargs=None):
-    """A field of LLMConfig with what the command line needs: its help, its flag (``--`` + the name with dashes,
-    False for API-only settings), accepted aliases (the seed's flag names) and the argparse type."""
-    meta = dict(help=help, flag=flag, aliases=aliases, type=type, nargs=nargs)
-    if isinstance(default, (list, dict)):
-        raise TypeError("use a tuple")
-    return field(default=default, metadata=meta)
+class ModelPairSettings(Settings):
+    """What the two LLM configs (LLMConfig, CorpusConfig) share about loading their models, written once: Q from
+    P's base plus an adapter, and the checks of the dtypes, the device and the loading options."""
+
+    def __post_init__(self):
+        if self.q_adapter and self.q_model is None:  # Q = P's base, at P's revision, + the adapter
+            self.q_model, self.q_revision = self.p_model, self.q_revision or self.p_revision
+
+    def check_loading(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype: unknown dtype {self.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+        resolve_device(self.device)
+        check_loading_options(self)
 
 
 @dataclass
-class LLMConfig:
+class LLMConfig(ModelPairSettings):
     """Every setting of an LLM run, under the one name it has as an API keyword (estimate_kl), a config field and a
     JSON key in summary.json; its command-line flag is ``--`` + the name with dashes (older spellings are accepted
     aliases). The defaults are the same for LLM_experiments.py and estimate_kl."""
@@ -96,20 +103,7 @@ class LLMConfig:
     trust_remote_code: bool = setting(False, "let transformers run the model code a hub repository ships (only for "
                                       "repositories you trust)")
 
-    @classmethod
-    def settings(cls) -> dict:
-        """name → dataclass field, in the order above (the command line and the API docs are built from it)."""
-        return {f.name: f for f in fields(cls)}
-
-    @classmethod
-    def from_settings(cls, **settings) -> "LLMConfig":
-        """An LLMConfig from keyword settings; an unknown name is a ValueError naming it, with the closest known."""
-        check_names(settings, cls.settings(), "an LLM run")
-        return cls(**settings)
-
-    def __post_init__(self):
-        if self.q_adapter and self.q_model is None:  # Q = P's base, at P's revision, + the adapter
-            self.q_model, self.q_revision = self.p_model, self.q_revision or self.p_revision
+    RUN = "an LLM run"
 
     @property
     def prompt_set(self) -> tuple:
@@ -121,7 +115,8 @@ class LLMConfig:
         return DIRECTIONS if self.direction == BOTH else (self.direction,)
 
     def validate(self) -> "LLMConfig":
-        """Check every setting (errors name the flag) and read the prompt set from its file or dataset."""
+        """Check every setting (errors name the flag); returns a resolved copy: the prompt set read from its file or
+        dataset, each proposal under its label. The config itself is left as it is."""
         check_int("n_samples", self.n_samples, 2)  # an SE needs two
         check_int("max_new_tokens", self.max_new_tokens, 1)
         check_int("batch_size", self.batch_size, 1)
@@ -139,18 +134,17 @@ class LLMConfig:
         t = self.temperature
         if not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)):
             raise ValueError(f"temperature: must be a number > 0 (got {self.temperature!r})")
-        if self.prompts is None and (self.prompts_file or self.dataset or self.n_prompts is not None):
+        prompts = self.prompts
+        if prompts is None and (self.prompts_file or self.dataset or self.n_prompts is not None):
             from kl_estimation.llm.prompts import load_prompts
 
-            self.prompts = tuple(load_prompts(prompt=self.prompt, prompts_file=self.prompts_file,
-                                              dataset=self.dataset, split=self.split, prompt_field=self.prompt_field,
-                                              n_prompts=self.n_prompts))
-        if self.prompts is not None and not self.prompts:
+            prompts = tuple(load_prompts(prompt=self.prompt, prompts_file=self.prompts_file, dataset=self.dataset,
+                                         split=self.split, prompt_field=self.prompt_field, n_prompts=self.n_prompts))
+        if prompts is not None and not prompts:
             raise ValueError("prompts: the prompt set is empty")
-        for i, text in enumerate(self.prompt_set):
+        for i, text in enumerate((self.prompt,) if prompts is None else prompts):
             if not isinstance(text, str) or not text.strip():
-                raise ValueError("prompt: must not be empty" if self.prompts is None else
-                                 f"prompts: prompt {i} is empty")
+                raise ValueError("prompt: must not be empty" if prompts is None else f"prompts: prompt {i} is empty")
         if (self.p_model is None) != (self.q_model is None):
             raise ValueError("q_model: give both `p_model` and `q_model`, or neither for the offline default pair")
         if self.direction not in DIRECTION_SETTINGS:
@@ -161,19 +155,16 @@ class LLMConfig:
         if len(set(self.proposals)) != len(self.proposals):
             raise ValueError("proposals: a proposal is listed twice")
         # each spelling ('Geometric (beta=0.5)') becomes the label people read, once (errors name `proposals`)
-        self.proposals = tuple(p.label for p in parse_proposals(self.proposals))
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype: unknown dtype {self.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
-        resolve_device(self.device)
+        resolved = replace(self, prompts=prompts, proposals=tuple(p.label for p in parse_proposals(self.proposals)))
         if self.resume and self.overwrite:
             raise ValueError("resume: cannot be combined with `overwrite`")
-        check_loading_options(self)
+        self.check_loading()
         check_sampler(self.sampler, self.n_samples, self.batch_size)
         both = " × 2 directions" if len(self.directions) > 1 else ""
-        check_memory(records_bytes(self), "n_samples", f"keeping {self.n_samples} sequences × {len(self.prompt_set)} "
-                     f"prompts × {len(self.proposals)} proposals{both} of up to {self.max_new_tokens} tokens "
-                     f"(`max_new_tokens`)")
-        return self
+        check_memory(records_bytes(resolved), "n_samples", f"keeping {self.n_samples} sequences × "
+                     f"{len(resolved.prompt_set)} prompts × {len(self.proposals)} proposals{both} of up to "
+                     f"{self.max_new_tokens} tokens (`max_new_tokens`)")
+        return resolved
 
 
 def check_sampler(name: str, n_samples: int, batch_size: int) -> None:

@@ -81,6 +81,11 @@ def launched() -> bool:
     return all(k in os.environ for k in ENV)
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 without a launcher), before any process group is joined."""
+    return _int_env("RANK") if launched() else 0
+
+
 def _initialised() -> bool:
     if not launched():
         return False

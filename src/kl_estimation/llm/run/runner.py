@@ -19,7 +19,6 @@ the spread of the per-prompt estimates over prompts, √(s²/m), for the prompt 
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +56,7 @@ from kl_estimation.llm.run.units import (
     split_by_unit,
     unit_groups,
 )
+from kl_estimation.progress import bar as progress_bar
 from kl_estimation.verdicts import judge
 
 
@@ -192,7 +192,7 @@ def proposal_document(cfg: LLMConfig, run: ProposalRun, meta: dict) -> dict:
                 sequences=records)
 
 
-def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=None, shard=None,
+def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, progress: bool = False, shard=None,
                    exact_kl: float | dict | None = None) -> dict:
     """Every proposal of cfg in every direction of cfg on a loaded pair → {"meta", "docs" (one per direction and
     proposal), "rows" (every direction's rows, each ranked with flagged rows last, forward first; each row has its
@@ -201,7 +201,8 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=
     ([{prompt, text, rows, recommended, recommended_by_direction}] for a set of several prompts) and, for both
     directions, "jeffreys" (the Jeffreys row; per prompt too)}. With a `folder`: resumable per-proposal files
     plus summary.json, summary.csv and summary_per_prompt.csv (the caller checked the folder); with cfg.overwrite,
-    every file of an earlier run there is removed first. Under torchrun the ranks share the work (`shard`, default
+    every file of an earlier run there is removed first. `progress`: one bar over every batch (progress.bar, as
+    every area's run takes it). Under torchrun the ranks share the work (`shard`, default
     distributed.from_env) and rank 0 writes the files. `exact_kl`: the exact KL over the prompt set where one is
     known (tiny enumerable pairs), recorded for the figures: a number (forward runs) or {direction: number}."""
     check_fits(pair, cfg)
@@ -216,14 +217,14 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=
                             else float(exact_kl))
     if folder is not None:
         if cfg.overwrite and shard.writes_final:
-            for f in earlier_run_files(folder):
-                shutil.rmtree(f) if f.is_dir() else f.unlink()
+            runio.remove(earlier_run_files(folder))
         for d in cfg.directions:
             direction_folder(folder, d).mkdir(parents=True, exist_ok=True)
         shard.barrier()
     runs = [plan_proposal(cfg, name, models, folder, shard, d) for d in cfg.directions for name in cfg.proposals]
     total = sum(len(r.batches) for r in runs)
-    bar = bar_factory(total=total, desc="sampling") if bar_factory and shard.writes_final and total else None
+    bar = progress_bar(total=total, desc="sampling", unit="batch") if progress and shard.writes_final and total \
+        else None
     docs = []
     try:  # one bar over every proposal's batches: the time left is the whole run's
         for i, run in enumerate(runs, 1):
@@ -244,12 +245,12 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, bar_factory=
 
 
 def judge_directions(cfg: LLMConfig, runs: list[ProposalRun], docs: list[dict]) -> dict:
-    """Each direction judged on its own (verdicts.judge, in the sampling frame, then relabelled: directions.relabel),
-    merged into one verdict; the Jeffreys rows for both directions."""
+    """Each direction judged on its own (verdicts.judge, in the sampling frame; its rows carry the direction, so they
+    are said in its names where they are rendered), merged into one verdict; the Jeffreys rows for both directions."""
     by_direction = {}
     for d in cfg.directions:
         mine = [dict(doc, proposal=run.name) for run, doc in zip(runs, docs) if run.direction == d]
-        v = dirs.relabel(judge(mine), d)  # rows with flags, ranked; the recommendation (overall and per prompt)
+        v = judge(mine, d)  # rows with flags, ranked; the recommendation (overall and per prompt)
         for p, text in zip(v["per_prompt"], cfg.prompt_set):
             p["text"] = text
         by_direction[d] = v

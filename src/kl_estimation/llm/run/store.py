@@ -56,13 +56,30 @@ def proposal_slug(name, direction: str = FORWARD) -> str:
 
 
 def check_folder(cfg: LLMConfig) -> None:
-    """Before any work: the output folder can be written, and holds no results unless resuming or overwriting."""
+    """Before any work: the output folder can be written, and holds no results unless resuming or overwriting; a
+    resumed folder exists and holds files of this run's proposals (their settings are checked when they are read)."""
     runio.check_output_dir(cfg.output_dir, "`output_dir`")
-    earlier = existing_outputs(cfg.output_dir, cfg.proposals, cfg.directions)
-    if earlier and not (cfg.resume or cfg.overwrite):
-        first = earlier[0].relative_to(cfg.output_dir)
+    folder = Path(cfg.output_dir)
+    earlier = existing_outputs(folder, cfg.proposals, cfg.directions)
+    if cfg.resume:
+        if not any(f.name != SUMMARY_JSON for f in earlier):
+            raise ValueError(f"resume: {cfg.output_dir} holds no files of this run's proposals, so there is nothing "
+                             f"to continue; give the folder of the run to continue, or drop `resume` to start a new "
+                             f"run")
+    elif earlier and not cfg.overwrite:
+        first = earlier[0].relative_to(folder)
         raise ValueError(f"output_dir: {cfg.output_dir} already holds results ({first}); pass "
                          f"`resume` to continue or reuse them, `overwrite` to replace them, or choose another folder")
+
+
+def drop_unfinished(folder, parts: list[tuple[str, str]]) -> None:
+    """After an interrupted run: partial files that hold no finished batch (a header only) go, and an empty
+    ``reverse/`` folder, so a run that kept nothing leaves nothing that a new run would take for results."""
+    for d, name in parts:
+        for f in ProposalFiles(direction_folder(folder, d), proposal_slug(name, d)).earlier_partials():
+            if len(runio.read_jsonl(f)) <= 1:
+                f.unlink(missing_ok=True)
+    runio.remove_if_empty(Path(folder) / REVERSE_FOLDER)
 
 
 def existing_outputs(folder, proposals, directions=(FORWARD,)) -> list:
@@ -206,19 +223,54 @@ def write_summary(folder, meta: dict, verdict: dict) -> None:
     """summary.json (meta and the verdict), summary.csv (every row, the direction first, then the Jeffreys row) and,
     for prompt sets, summary_per_prompt.csv."""
     folder = Path(folder)
-    runio.write_json(folder / SUMMARY_JSON, dict(meta, **{k: v for k, v in verdict.items() if k != "by_direction"}))
-    rows = verdict["rows"] + ([_csv_row(verdict["jeffreys"], verdict["rows"][0])] if "jeffreys" in verdict else [])
-    runio.write_csv(folder / SUMMARY_CSV, table_rows(rows))
+    kept = {k: v for k, v in verdict.items() if k != "by_direction"}
+    runio.write_json(folder / SUMMARY_JSON, dict(meta, **said(kept)))
+    runio.write_csv(folder / SUMMARY_CSV, _csv_rows(verdict))
     if verdict["per_prompt"]:
-        runio.write_csv(folder / PER_PROMPT_CSV, [
-            r for p in verdict["per_prompt"]
-            for r in table_rows(p["rows"] + ([_csv_row(p["jeffreys"], p["rows"][0])] if "jeffreys" in p else []),
-                                prompt=p["prompt"])])
+        runio.write_csv(folder / PER_PROMPT_CSV, [r for p in verdict["per_prompt"]
+                                                  for r in _csv_rows(p, prompt=p["prompt"])])
 
 
-def _csv_row(jeffreys: dict, like: dict) -> dict:
-    """The Jeffreys row with the columns of the other rows (empty where it has no value)."""
-    return {k: jeffreys[k] for k in like if k in jeffreys}
+def _csv_rows(verdict: dict, **tags) -> list[dict]:
+    """Every row, then the Jeffreys row (if any) with the columns of the other rows (empty where it has none)."""
+    rows = table_rows(verdict["rows"], **tags)
+    if "jeffreys" in verdict:
+        rows.append({k: {**tags, **verdict["jeffreys"]}[k] for k in rows[0] if k in {**tags, **verdict["jeffreys"]}})
+    return rows
+
+
+def said(verdict: dict) -> dict:
+    """The verdict with its advice in words (summary.json keeps the advice a line of text, as readers read it)."""
+    def words(x):
+        return None if x is None else str(x)
+
+    def one(v: dict) -> dict:
+        out = dict(v)
+        if "advice" in v:
+            out["advice"] = words(v["advice"])
+        if "advice_by_direction" in v:
+            out["advice_by_direction"] = {d: words(a) for d, a in v["advice_by_direction"].items()}
+        return out
+
+    return dict(one(verdict), per_prompt=[one(p) for p in verdict.get("per_prompt", [])])
+
+
+def load_run(folder) -> dict:
+    """An LLM run folder read back as run_experiment returned it: the meta and verdict of summary.json and the
+    documents of every (direction, proposal), in run order. Folders of runs before directions existed load too."""
+    from kl_estimation.llm.run.config import BOTH, DIRECTIONS
+
+    folder = Path(folder)
+    try:
+        summary = json.loads((folder / SUMMARY_JSON).read_text())
+        config = summary["config"]
+        direction = config.get("direction", FORWARD)
+        docs = [json.loads((direction_folder(folder, d) / f"{proposal_slug(name, d)}.json").read_text())
+                for d in (DIRECTIONS if direction == BOTH else (direction,)) for name in config["proposals"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"folder: {folder} is not a complete LLM run folder ({type(err).__name__}: {err})") from None
+    return dict(summary, meta={k: summary[k] for k in ("config", "models", "versions", "seed", "truncation", "exact_kl")
+                               if k in summary}, docs=docs)
 
 
 def kept(folder, parts: list[tuple[str, str]]) -> tuple[list, int, int]:

@@ -1,0 +1,198 @@
+"""The run folder cannot be lost (issue 22): one run at a time on a folder (a lock held across processes), --resume
+only of a run that is there, Ctrl-C at any moment (while the package imports, early, mid-run) one line and status
+130 with nothing kept lost; and runio's helpers."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kl_estimation import runio
+from kl_estimation.cli import llm_main, synthetic_main
+from tiny_lms import save_pair
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+SMALL = ["--vocab-size", "300", "--n-samples", "50", "--n-repeats", "2", "--divergence", "low", "--families", "zipf",
+         "--no-plots"]
+HOLD = ("import sys, time\nfrom kl_estimation.runio import RunFolder\nwith RunFolder(sys.argv[1]):\n"
+        "    print('held', flush=True)\n    time.sleep(120)\n")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("tiny"))
+
+
+def call(main, argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(code, err, needle, status=2):
+    lines = [ln for ln in err.strip().splitlines() if "interrupted" in ln or "error" in ln]
+    assert code == status and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+
+
+def llm_args(tiny, out, *extra):
+    return ["--p-model", tiny[0], "--q-model", tiny[1], "--prompt", "a b", "--n-samples", "24", "--max-new-tokens",
+            "3", "--batch-size", "8", "--proposals", "P", "--no-plots", "--output-dir", str(out), *extra]
+
+
+def hold(folder):
+    """Another process holding `folder`, as a run in progress does."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.fixture
+def held(tmp_path):
+    """A folder held by another process; the holder is killed at the end."""
+    proc = hold(tmp_path / "busy")
+    yield tmp_path / "busy"
+    proc.kill()
+    proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------ RunFolder
+
+def test_run_folder_is_one_runs_at_a_time_and_leaves_no_trace(tmp_path):
+    new = tmp_path / "new"
+    with runio.RunFolder(new) as folder:
+        assert folder == new and (new / runio.LOCK).exists()
+        with pytest.raises(ValueError, match=f"^output_dir: {new} is in use by another run"), runio.RunFolder(new):
+            pass
+    assert not new.exists()  # created for the run, nothing written: gone
+    with runio.RunFolder(new) as folder:
+        runio.write_text(folder / "x.txt", "kept")
+    assert [p.name for p in new.iterdir()] == ["x.txt"]  # the lock file goes, what was written stays
+    with pytest.raises(KeyboardInterrupt), runio.RunFolder(tmp_path / "cut"):
+        raise KeyboardInterrupt
+    assert not (tmp_path / "cut").exists()
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_it(held, tiny, capsys):
+    """Two processes: a synthetic run (a real script), an LLM run and a corpus run on a folder another process
+    holds."""
+    p = subprocess.run([sys.executable, "Synthetic_tests.py", *SMALL, "--output-dir", str(held)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120, check=False)
+    one_line(p.returncode, p.stderr, f"--output-dir: {held} is in use by another run")
+    code, _, err = call(llm_main, llm_args(tiny, held), capsys)
+    one_line(code, err, f"--output-dir: {held} is in use by another run")
+    corpus = held.parent / "text.txt"
+    corpus.write_text("a b " * 40)
+    code, _, err = call(llm_main, ["--p-model", tiny[0], "--q-model", tiny[1], "--corpus", str(corpus), "--context",
+                                   "16", "--no-plots", "--output-dir", str(held)], capsys)
+    one_line(code, err, f"--output-dir: {held} is in use by another run")
+    assert [f.name for f in held.iterdir()] == [runio.LOCK]  # none wrote anything there
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path, capsys):
+    folder = tmp_path / "o"
+    proc = hold(folder)
+    assert call(synthetic_main, SMALL + ["--output-dir", str(folder)], capsys)[0] == 2
+    proc.kill()  # killed: no cleanup ran, its lock file stays, but the OS dropped the lock
+    proc.wait()
+    assert (folder / runio.LOCK).exists()
+    code, _, err = call(synthetic_main, SMALL + ["--output-dir", str(folder)], capsys)
+    assert code == 0 and (folder / runio.RESULTS).exists() and not (folder / runio.LOCK).exists(), err
+
+
+# ------------------------------------------------------------------------------------------------ --resume
+
+def test_resume_of_a_missing_folder_is_refused(tiny, tmp_path, capsys):
+    code, _, err = call(llm_main, llm_args(tiny, tmp_path / "missing", "--resume"), capsys)
+    one_line(code, err, f"--resume: {tmp_path / 'missing'} does not exist")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_resume_of_a_folder_without_this_run_is_refused(tiny, tmp_path, capsys):
+    other = tmp_path / "synthetic"
+    assert call(synthetic_main, SMALL + ["--output-dir", str(other)], capsys)[0] == 0
+    before = sorted(p.name for p in other.iterdir())
+    code, _, err = call(llm_main, llm_args(tiny, other, "--resume"), capsys)
+    one_line(code, err, f"--resume: {other} holds no files of this run's proposals")
+    assert sorted(p.name for p in other.iterdir()) == before
+
+
+def test_resume_of_another_runs_config_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert call(llm_main, llm_args(tiny, out), capsys)[0] == 0
+    doc = (out / "p.json").read_text()
+    code, _, err = call(llm_main, llm_args(tiny, out, "--resume", "--temperature", "0.9"), capsys)
+    one_line(code, err, "--resume: ")
+    assert "written with other settings" in err and "temperature" in err
+    assert (out / "p.json").read_text() == doc  # the earlier run's files untouched
+
+
+# ------------------------------------------------------------------------------------------------ Ctrl-C
+
+def _interrupt(argv, after: float):
+    """Ctrl-C as a terminal sends it: SIGINT to the script's whole process group (its workers too)."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(after)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("script", ["Synthetic_tests.py", "LLM_experiments.py", "visualize_proposals.py"])
+def test_ctrl_c_at_1_s(script, tmp_path, capsys):
+    """At 1 s a script is still importing (torch, scipy) or has just begun: one line, status 130, nothing left."""
+    if script == "visualize_proposals.py":  # a real folder, whose figures take many seconds to draw
+        assert call(synthetic_main, SMALL + ["--output-dir", str(tmp_path / "run")], capsys)[0] == 0
+        argv = [script, str(tmp_path / "run")]
+    else:
+        argv = [script, "--output-dir", str(tmp_path / "o")]
+    code, err = _interrupt(argv, 1.0)
+    one_line(code, err, "interrupted: ", status=130)
+    assert not (tmp_path / "run" / "plots").exists()
+    # an idle machine finishes the default synthetic run (0.5 s) before 1 s: then the folder is whole, never partial
+    out = tmp_path / "o"
+    assert not out.exists() or ("is complete" in err and (out / "results.json").exists()), err
+
+
+@pytest.mark.slow
+def test_synthetic_ctrl_c_at_5_s_loses_nothing_kept(tmp_path):
+    """At 5 s the default run computes or draws its figures: either nothing was written, or the folder is complete
+    (it loads) and the line names the command that draws the figures."""
+    from kl_estimation.synthetic.experiment import SyntheticResult
+
+    out = tmp_path / "o"
+    code, err = _interrupt(["Synthetic_tests.py", "--output-dir", str(out)], 5.0)
+    one_line(code, err, "interrupted: ", status=130)
+    if "nothing was written" in err:
+        assert not out.exists()
+    else:
+        assert f"the run folder {out} is complete but its figures are not" in err and "visualize_proposals.py" in err
+        assert SyntheticResult.load(out).results["pairs"] and not (out / runio.LOCK).exists()
+
+
+@pytest.mark.slow
+def test_llm_ctrl_c_at_5_s_then_the_printed_command_finishes(tiny, tmp_path):
+    out = tmp_path / "o"
+    argv = ["LLM_experiments.py", *llm_args(tiny, out)]
+    argv[argv.index("24")] = "4000"
+    code, err = _interrupt(argv, 5.0)
+    one_line(code, err, "interrupted: ", status=130)
+    last = err.strip().splitlines()[-1]
+    if "continue with: " in last:  # batches were kept: the command it names resumes them
+        import shlex
+
+        resume = shlex.split(last.split("continue with: ", 1)[1])
+        done = subprocess.run([sys.executable, *resume[1:]], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                              timeout=300, check=False)
+        assert done.returncode == 0, done.stderr
+        assert json.loads((out / "p.json").read_text())["n_sequences"] == 4000
+    else:  # interrupted before a batch finished: nothing of the run is left, the same command starts afresh
+        assert "run the same command again" in last and not out.exists()
