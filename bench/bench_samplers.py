@@ -1,7 +1,7 @@
 """Cost of each way of drawing sequences against i.i.d. draws (wall time per sequence, same engine, same batches),
 and with --llm-variance their RB variance on the offline default LM pair.
 
-    python bench/bench_samplers.py [--llm] [--llm-variance --units 40 --rows 64]
+    python bench/bench_samplers.py [--llm] [--llm-variance --units 40 --rows 64] [--invert]
 
 Timing (one thread, best of 3): a toy order-1 Markov pair (V = 201, T = 20, 64 units × 64 sequences in one batch:
 the draw source's own cost shows there) and, with --llm, the offline default LM pair (built once by
@@ -45,16 +45,49 @@ def report(label, pair, T, units, rows, repeats):
         print(f"{label}: {sampler:>10} {per * 1e6:8.1f} µs per sequence  ({per / base:.2f}× iid)", flush=True)
 
 
+def invert_costs(V: int = 49_152, rows: int = 128, repeats: int = 20):
+    """One step's inversion of rows × V log-probabilities (SmolLM2's vocabulary): array's id-order CDF, array-kl's
+    top-k order and the full sort it replaced."""
+    from kl_estimation.core.draws import invert_cdf
+    from kl_estimation.core.draws.array_kl import invert_topk_cdf
+
+    def full_sort(log_r, u):  # the straightforward way: sort the whole row by probability
+        r_sorted, perm = torch.sort(log_r.double().exp(), dim=-1, descending=True, stable=True)
+        cdf = r_sorted.cumsum(-1)
+        j = torch.searchsorted(cdf, u[..., None] * cdf[..., -1:], right=True).clamp(max=V - 1)
+        return perm.gather(-1, j)[..., 0]
+
+    gen = torch.Generator().manual_seed(0)
+    log_r = torch.log_softmax(torch.randn(rows, V, generator=gen) * 3, -1)
+    u = torch.rand(rows, generator=gen, dtype=torch.float64)
+    times = {}
+    for name, fn in (("id order (array)", lambda: invert_cdf(log_r, u)), ("top-64 then id (array-kl)",
+                     lambda: invert_topk_cdf(log_r, u)), ("full sort (array-kl before)", lambda: full_sort(log_r, u))):
+        fn()
+        best = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best.append(time.perf_counter() - t0)
+        times[name] = min(best)
+    base = times["id order (array)"]
+    for name, t in times.items():
+        print(f"invert {rows} rows × V={V}: {name:>28} {t * 1e3:7.2f} ms  ({t / base:.2f}× array's)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llm", action="store_true", help="also the offline default LM pair (builds it once)")
     ap.add_argument("--llm-variance", action="store_true", help="only the RB variance on the default LM pair")
     ap.add_argument("--units", type=int, default=40)
     ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--invert", action="store_true", help="only the per-step inversion cost at V = 49,152")
     args = ap.parse_args()
     if args.llm_variance:
         return llm_variance(args.units, args.rows)
     torch.set_num_threads(1)
+    if args.invert:
+        return invert_costs()
     tb = sq.markov_pair("zipf", "medium", 201, 1, 20, np.random.default_rng(0))
     report("toy V=201 T=20, 4096 sequences per batch", sq.MarkovPair(tb), 20, 64, 64, 3)
     if args.llm:

@@ -8,3 +8,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: grids, torchrun, lock races, real models and figures; "
                                        "`pytest -m 'not slow'` runs the rest in about a minute")
+    config.addinivalue_line("markers", "cuda: CUDA code paths (bf16 models, device maps, fused losses); skipped "
+                                       "without a GPU, run by bench/gpu_check.sh")
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if marked:
+        import pytest
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in marked:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA"))

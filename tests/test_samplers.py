@@ -199,18 +199,23 @@ def test_study_fast_path_equals_the_engine():
             np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-12)
 
 
-def test_array_kl_inverts_a_probability_sorted_cdf_exactly():
-    """u on a fine grid lands on each token with frequency r (to 1/M), in order of decreasing r; never on r = 0."""
-    from kl_estimation.core.draws.array_kl import invert_sorted_cdf
+@pytest.mark.parametrize("k", [5, 2, 1])
+def test_array_kl_inverts_a_top_k_then_id_ordered_cdf_exactly(k):
+    """u on a fine grid lands on each token with frequency r (to 1/M): first the k most likely in order of
+    decreasing r, then the rest in id order; never on r = 0, not even at u → 1."""
+    from kl_estimation.core.draws.array_kl import invert_topk_cdf
 
     r = torch.tensor([0.1, 0.0, 0.45, 0.05, 0.4], dtype=torch.float64)
     M = 20000
     u = (torch.arange(M, dtype=torch.float64) + 0.5) / M
-    x = invert_sorted_cdf(r.log().expand(M, -1), u)
+    x = invert_topk_cdf(r.log().expand(M, -1), u, k)
     freq = torch.bincount(x, minlength=5).double() / M
     assert torch.allclose(freq, r, atol=1.5 / M) and freq[1] == 0
-    assert x[0] == 2 and x[-1] == 3  # the most likely token first, the least likely of positive mass last
-    assert int(invert_sorted_cdf(r.log()[None], torch.tensor([1.0 - 2.0 ** -53], dtype=torch.float64))) == 3
+    order = list(dict.fromkeys(x.tolist()))  # tokens in the order u meets them
+    assert order == {5: [2, 4, 0, 3], 2: [2, 4, 0, 3], 1: [2, 0, 3, 4]}[k]
+    top = torch.tensor([1.0 - 2.0 ** -53], dtype=torch.float64)
+    assert int(invert_topk_cdf(r.log()[None], top, k)) == order[-1]
+    assert int(invert_topk_cdf(torch.tensor([[0.0, -math.inf]]), top, k)) == 0
 
 
 def test_array_kl_ranks_rows_by_the_running_rb_sum():

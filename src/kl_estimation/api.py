@@ -181,7 +181,7 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
         Any setting of an LLM run, under the same name as the command line's flag without dashes: e.g.
         ``n_samples`` (1000), ``max_new_tokens`` (20), ``temperature`` (0.4), ``direction`` ("forward": KL(P‖Q)
         from sequences of P; "reverse": KL(Q‖P) from sequences of Q; "both": the two and their sum), ``proposals``,
-        ``sampler``,
+        ``sampler``, ``head`` (None: an exact head where P's draws would be nearly all one sequence; docs/head.md),
         ``batch_size``, ``seed``, ``device``, ``dtype``, ``p_dtype``/``q_dtype``, ``p_adapter``/``q_adapter``,
         ``device_map``, ``offload``, ``chat_template``, ``ignore_eos``, ``threads``, ``output_dir`` (None: nothing
         is written), ``resume``, ``overwrite``. ``help(kl_estimation.LLMConfig)`` and ``LLM_experiments.py --help``

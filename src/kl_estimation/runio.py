@@ -102,7 +102,8 @@ def write_npz(path: Path, arrays: dict) -> None:
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    # every row's fields, in first-seen order: rows may differ (a prompt with an exact head has head_* fields)
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
     writer.writeheader()
     writer.writerows(jsonable(rows))
     _atomic_write(path, lambda fh: fh.write(buf.getvalue().encode()))

@@ -63,6 +63,7 @@ class Batch:
     kl_step: np.ndarray
     mask: np.ndarray
     uncovered: np.ndarray  # P-mass of the tokens the proposal cannot draw at that step (> 0: IS is biased)
+    log_p_cond: np.ndarray | None = None  # drawn with `exclude`: log P′ (P conditioned on leaving the head)
 
 
 def exact_step_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -123,12 +124,14 @@ def pair_view(pair, direction: str = FORWARD):
 
 @torch.inference_mode()
 def sample_batch(pair, proposal: SequenceProposal, n: int, max_new_tokens: int, generator, *, prompt_rows=None,
-                 sampler: str = "iid") -> Batch:
+                 sampler: str = "iid", exclude=None) -> Batch:
     """Draw `n` sequences of up to `max_new_tokens` tokens from the proposal; one Python iteration per step.
 
     `generator`: a torch.Generator for all n rows, or a list of (torch.Generator, rows) — one per unit, in row order.
     `prompt_rows`: (n,) indices into the pair's prompt set (default: prompt 0 for every row).
     `sampler`: the draw source (draws.DRAWS).
+    `exclude`: a head.Head of the rows' prompt: draw from the proposal conditioned on not ending in its sequences;
+    ``log_r`` then holds the conditioned r′ and ``log_p_cond`` the conditioned P′ (llm/head.py).
     """
     streams = [(generator, n)] if isinstance(generator, torch.Generator) else list(generator)
     if sum(rows for _, rows in streams) != n:
@@ -139,20 +142,28 @@ def sample_batch(pair, proposal: SequenceProposal, n: int, max_new_tokens: int, 
     draw = make_source(sampler, streams, max_new_tokens, dev)
     alive = torch.ones(n, dtype=torch.bool, device=dev)
     prefix = torch.zeros(n, dtype=torch.float64, device=dev)
-    cols = {k: [] for k in ("token_ids", "log_p", "log_q", "log_r", "kl_step", "mask", "uncovered")}
+    cols = {k: [] for k in ("token_ids", "log_p", "log_q", "log_r", "kl_step", "mask", "uncovered")
+            + (() if exclude is None else ("log_p_cond",))}
+    node = None if exclude is None else exclude.roots(n, dev)
     for t in range(max_new_tokens):
         log_r = proposal(log_p, log_q, prefix)
+        log_p_draw = log_p
+        if exclude is not None:
+            log_p_draw, log_r = exclude.condition(node, log_p, log_r)
         kl = exact_step_kl(log_p, log_q)
         x = draw_step(draw, t, log_r, torch.where(alive, kl, 0.0))
         lp_x, lq_x = _gather(log_p, x), _gather(log_q, x)
         cols["token_ids"].append(x)
         cols["log_p"].append(lp_x)
         cols["log_q"].append(lq_x)
-        cols["log_r"].append(lp_x if proposal.base is None else _gather(log_r, x))
+        cols["log_r"].append(lp_x if proposal.base is None and exclude is None else _gather(log_r, x))
         cols["kl_step"].append(kl)
         cols["mask"].append(alive.clone())
         cols["uncovered"].append(torch.zeros_like(prefix) if proposal.base is None else  # r = P misses nothing
-                                 torch.where(log_r == -math.inf, log_p.exp(), 0.0).sum(-1, dtype=torch.float64))
+                                 torch.where(log_r == -math.inf, log_p_draw.exp(), 0.0).sum(-1, dtype=torch.float64))
+        if exclude is not None:
+            cols["log_p_cond"].append(_gather(log_p_draw, x))
+            node = exclude.advance(node, x)
         prefix += torch.where(alive, lp_x - lq_x, 0.0)
         if pair.eos_token_id is not None:
             alive &= x != pair.eos_token_id

@@ -71,6 +71,11 @@ class LLMConfig(ModelPairSettings):
                            "batch of `batch_size` sequences is one randomization; standard errors come from the "
                            "spread between batches)")
     batch_size: int = setting(64, "sequences per forward batch", type=int)
+    head: int | None = setting(None, "an exact head (docs/head.md): the most probable sequences after each prompt, "
+                               "found by best-first search within this budget of forward positions, summed exactly; "
+                               "the sampled sequences then come from the rest, for every proposal (0: never; "
+                               "default: auto, a budget of 256 for P at prompts where its draws would be nearly all "
+                               "one sequence)", type=int)
     seed: int = setting(0, "seed of the sampling streams (the offline default pair has its own fixed seed)", type=int)
     ignore_eos: bool = setting(False, "keep sampling after EOS (always `max_new_tokens` tokens)")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
@@ -116,6 +121,10 @@ class LLMConfig(ModelPairSettings):
         check_int("max_new_tokens", self.max_new_tokens, 1)
         check_int("batch_size", self.batch_size, 1)
         check_int("seed", self.seed, 0)
+        if self.head is not None:
+            check_int("head", self.head, 0)
+            if self.head and self.sampler != "iid":
+                raise ValueError(f"head: needs `sampler` iid (got {self.sampler}): the remainder's SE is an i.i.d. one")
         if self.threads is not None:
             check_int("threads", self.threads, 1)
         if self.n_prompts is not None:

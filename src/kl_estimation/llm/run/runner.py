@@ -19,7 +19,7 @@ the spread of the per-prompt estimates over prompts, √(s²/m), for the prompt 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from kl_estimation.llm.engine import (
     proposal_label,
     sequence_proposal,
 )
+from kl_estimation.llm.head import heads_for
 from kl_estimation.llm.run import directions as dirs
 from kl_estimation.llm.run import distributed
 from kl_estimation.llm.run.aggregate import prompt_set_estimates
@@ -122,6 +123,7 @@ class ProposalRun:
     batches: list
     files: ProposalFiles | None
     direction: str = FORWARD
+    heads: dict = field(default_factory=dict)  # {prompt: head.Head}: prompts whose draws are a head's remainder
 
     @property
     def proposal(self):
@@ -151,8 +153,10 @@ def draw(pair, cfg: LLMConfig, run: ProposalRun, shard: distributed.Shard, bar=N
     if run.files is not None:
         run.files.start(run.key, run.done, cfg.resume)
     prop, new, view = run.proposal, {}, pair_view(pair, run.direction)
+    run.heads = heads_for(view, prop, cfg.max_new_tokens, cfg.n_samples, len(cfg.prompt_set), cfg.head) \
+        if cfg.sampler == "iid" else {}
     for group in run.batches:
-        recs = sample_units(view, prop, group, cfg, run.direction)
+        recs = sample_units(view, prop, group, cfg, run.direction, run.heads)
         for r in recs:
             r["rank"] = shard.rank
         if run.files is not None:
@@ -179,11 +183,12 @@ def proposal_document(cfg: LLMConfig, run: ProposalRun, meta: dict) -> dict:
     d = run.direction
     where = dict(direction=d, target=TARGET[d], sampled_from=SAMPLED_FROM[d],
                  **({"roles": ROLES_REVERSE} if d == REVERSE else {}))
-    return dict(meta, proposal=run.label, proposal_key=run.proposal.key, **where, run_key=run.key,
+    heads = {"heads": [dict(prompt=i, **h.record()) for i, h in run.heads.items()]} if run.heads else {}
+    return dict(meta, proposal=run.label, proposal_key=run.proposal.key, **where, run_key=run.key, **heads,
                 n_sequences=len(records),
                 max_uncovered_mass=max(r.get("uncovered_mass", 0.0) for r in records),
                 **prompt_set_estimates(records, cfg.max_new_tokens, len(cfg.prompt_set), run.proposal.base is None,
-                                       unit_groups(run.units, cfg.sampler)),
+                                       unit_groups(run.units, cfg.sampler), run.heads),
                 sequences=records)
 
 

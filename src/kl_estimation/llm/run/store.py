@@ -28,7 +28,7 @@ def records_to_arrays(records: list[dict], max_new_tokens: int) -> dict[str, np.
     lengths = np.array([len(r["log_p"]) for r in records])
     mask = np.arange(max_new_tokens) < lengths[:, None]
     out = {"mask": mask}
-    for k in ("log_p", "log_q", "log_r", "kl_step"):
+    for k in ("log_p", "log_q", "log_r", "kl_step") + (("log_p_cond",) if "log_p_cond" in records[0] else ()):
         out[k] = np.zeros(mask.shape)
         out[k][mask] = np.concatenate([r[k] for r in records])  # row-major fill matches the records' order
     return out
@@ -133,7 +133,8 @@ def run_key(cfg: LLMConfig, proposal: str, models: dict, direction: str = FORWAR
                 temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size, ignore_eos=cfg.ignore_eos,
                 proposal=sequence_proposal(proposal).key,  # the stable key, never the label
                 **({} if cfg.sampler == "iid" else {"sampler": cfg.sampler}),
-                **({} if direction == FORWARD else {"direction": direction}))
+                **({} if direction == FORWARD else {"direction": direction}),
+                **({} if cfg.head is None else {"head": cfg.head}))
 
 
 def _read_partial(partial: Path, key: dict) -> dict:

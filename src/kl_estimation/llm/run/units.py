@@ -31,6 +31,8 @@ def batch_records(b, decode, **tags) -> list[dict]:
         rec = dict(text=decode(ids), token_ids=ids, log_p=lp.tolist(), log_q=lq.tolist(), log_r=lr.tolist(),
                    kl_step=b.kl_step[i, :n].tolist(), log_weight=float(np.sum(lp - lr)),
                    log_ratio=float(np.sum(lp - lq)), uncovered_mass=float(b.uncovered[i, :n].max(initial=0.0)))
+        if b.log_p_cond is not None:  # drawn from the remainder of an exact head (llm/head.py)
+            rec["log_p_cond"] = b.log_p_cond[i, :n].tolist()
         rec.update({k: int(v[i]) for k, v in tags.items()})
         out.append(rec)
     return out
@@ -54,14 +56,23 @@ def pack(units: list[Unit], batch_size: int) -> list[list[Unit]]:
     return out
 
 
-def sample_units(pair, prop, units: list[Unit], cfg, direction: str = FORWARD) -> list[dict]:
+def sample_units(pair, prop, units: list[Unit], cfg, direction: str = FORWARD, heads=None) -> list[dict]:
     """One forward batch of units (drawn with cfg.sampler) → their records, each tagged with its unit (prompt and
-    batch index). `pair` is the direction's view of the pair (engine.pair_view); `direction` keys the streams."""
+    batch index). `pair` is the direction's view of the pair (engine.pair_view); `direction` keys the streams.
+    `heads` {prompt: head.Head}: the units of those prompts draw from the remainder of their head, one forward
+    batch per prompt (a head conditions the rows of its own prompt)."""
+    if heads and any(u.prompt in heads for u in units):
+        groups = [[u for u in units if u.prompt == i] for i in dict.fromkeys(u.prompt for u in units)]
+        return [r for g in groups for r in _sample(pair, prop, g, cfg, direction, heads.get(g[0].prompt))]
+    return _sample(pair, prop, units, cfg, direction, None)
+
+
+def _sample(pair, prop, units, cfg, direction, head) -> list[dict]:
     streams = [(unit_generator(cfg.seed, prop, u.batch, pair.device, u.prompt, direction), u.rows) for u in units]
     sizes = [u.rows for u in units]
     rows, batch = np.repeat([u.prompt for u in units], sizes), np.repeat([u.batch for u in units], sizes)
     b = sample_batch(pair, prop, len(rows), cfg.max_new_tokens, streams, prompt_rows=torch.as_tensor(rows),
-                     sampler=cfg.sampler)
+                     sampler=cfg.sampler, exclude=head)
     return batch_records(b, pair.decode, prompt=rows, batch=batch)
 
 
