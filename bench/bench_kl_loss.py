@@ -150,7 +150,7 @@ def run_one(args, method):
     mem = peak.stop()
     zp.grad = None
     fwd, bwd, cpu, value = [], [], [], None
-    for i in range(args.repeats):
+    for _ in range(args.repeats):
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
         loss = forward(method, zp, zq, tok, mask, torch, kle)

@@ -208,6 +208,7 @@ def main():
     if args.model == "smollm2":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import real_lm
+
         from kl_estimation.llm.loading import tokenize_prompts
 
         TEMPERATURE = 1.0
@@ -244,7 +245,8 @@ def main():
     generate(p, prompt, 8, 4, args.static_cache)
     rows = {f"ours, proposal {name}": timed(ours(name), device, args.repeats, args.compile)
             for name in args.proposals}
-    rows.update({"floor: two KV-cached forwards": timed(lambda: two_forwards(p, q, prompt, R, T), device, args.repeats, args.compile),
+    rows.update({"floor: two KV-cached forwards": timed(lambda: two_forwards(p, q, prompt, R, T), device, args.repeats,
+                                                         args.compile),
             "(a) generate() on P alone": timed(lambda: generate(p, prompt, R, T, args.static_cache), device,
                                                args.repeats, args.compile),
             "(b) generate() + teacher-forced P, Q, KL": timed(

@@ -9,9 +9,9 @@ that R·n ≤ --budget); ratio = n·Var_R(RB estimate) / exact per-sequence Var(
 noise (relative SE of a ratio ≈ √(2/(R−1))). Also, by DP, two ceilings of what reorganising only the *first step*
 can give — proportional stratification of x₁ (= sum-and-sample over every first-token prefix, sequences allocated
 ∝ P(x₁)) and the optimal (Neyman) allocation over x₁ — and the share of distinct sequences among n i.i.d. draws
-(what sampling without replacement could remove). Draws go through sequences.sampler_rb_repeats: the same draw sources as the engine, with the per-step KL looked up
-in a table (equal to the engine's estimates to 1e-15, tests/test_samplers.py). Writes study.json and
-variance_ratio.png.
+(what sampling without replacement could remove). Draws go through sequences.sampler_rb_repeats: the same draw
+sources as the engine, with the per-step KL looked up in a table (equal to the engine's estimates to 1e-15,
+tests/test_samplers.py). Writes study.json and variance_ratio.png.
 """
 import argparse
 import json

@@ -140,7 +140,8 @@ def test_tokenizer_checks(tiny, tmp_path):
 def run_cli(tmp_path, *args):
     out = tmp_path / "o"
     try:
-        code = llm_main(["--prompt", "a b", "--n-samples", "8", "--max-new-tokens", "2", "--output-dir", str(out), *args])
+        code = llm_main(["--prompt", "a b", "--n-samples", "8", "--max-new-tokens", "2", "--output-dir", str(out),
+                         *args])
     except SystemExit as e:
         code = e.code
     return code, out

@@ -167,7 +167,8 @@ def test_console_files_and_to_pandas_hold_the_same_interval(tiny, tmp_path, caps
     prompts.write_text("\n".join(PROMPTS) + "\n")
     kw = {"n_samples": 200, "max_new_tokens": 3, "proposals": "P"}
     assert llm_main(["--p-model", tiny[0], "--q-model", tiny[1], "--prompts-file", str(prompts), "--n-samples", "200",
-                     "--max-new-tokens", "3", "--proposals", "P", "--no-plots", "--output-dir", str(tmp_path / "o")]) == 0
+                     "--max-new-tokens", "3", "--proposals", "P", "--no-plots",
+                     "--output-dir", str(tmp_path / "o")]) == 0
     console = " ".join(capsys.readouterr().out.split())
     res = kle.estimate_kl(*tiny, PROMPTS, progress=False, **kw)
     rec = res.recommended.to_dict(records=False)

@@ -131,7 +131,10 @@ def rewards_full_api(b: Batch):
     return reward_surrogate(lambda _: out.rewards)(b) + now.pathwise
 
 
-f_old = lambda b: b.logp_old - b.logq_old
+def f_old(b):
+    return b.logp_old - b.logq_old
+
+
 SURROGATES = {
     "k1 reward": reward_surrogate(f_old),
     "k2 reward": reward_surrogate(lambda b: 0.5 * f_old(b) ** 2),
@@ -371,7 +374,8 @@ def test_loo_baseline_and_weights_stay_finite_with_extreme_log_weights():
         assert torch.isfinite(grad).all() or est == "mc"  # mc: W_≤t itself may overflow; never NaN from the ratio
         assert not torch.isnan(grad).any()
     # the log-space future sums equal the direct ones where those are representable
-    lw, v, ref = torch.randn(3, 7, generator=g).double(), torch.randn(3, 7, generator=g).double(), torch.randn(3, 7).double()
+    lw, v = torch.randn(3, 7, generator=g).double(), torch.randn(3, 7, generator=g).double()
+    ref = torch.randn(3, 7).double()
     for inclusive in (True, False):
         direct = tr._future(torch.exp(lw) * v, inclusive) / torch.exp(ref)
         torch.testing.assert_close(tr._future_relative(lw, v, ref, inclusive), direct)

@@ -99,8 +99,8 @@ def test_prompt_files_of_every_kind(tmp_path):
 
 
 def cli(tmp_path, tiny, *extra, folder="o"):
-    argv = ["--p-model", tiny[0], "--q-model", tiny[1], "--n-samples", "16", "--max-new-tokens", "3", "--batch-size", "8",
-            "--output-dir", str(tmp_path / folder), "--proposals", "P", "Adaptive", *extra]
+    argv = ["--p-model", tiny[0], "--q-model", tiny[1], "--n-samples", "16", "--max-new-tokens", "3",
+            "--batch-size", "8", "--output-dir", str(tmp_path / folder), "--proposals", "P", "Adaptive", *extra]
     try:
         return llm_main(argv)
     except SystemExit as e:
@@ -162,7 +162,8 @@ def test_chat_template_wraps_each_prompt(tiny):
     from kl_estimation.llm.loading import tokenize_prompts
 
     tok = AutoTokenizer.from_pretrained(tiny[0])
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }} c{% endfor %}{% if add_generation_prompt %} b{% endif %}"
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }} c{% endfor %}"
+                         "{% if add_generation_prompt %} b{% endif %}")
     ids = tokenize_prompts(tok, ["a b"], chat_template=True)
     assert ids == [[1, 2, 3, 2]]
 

@@ -98,8 +98,9 @@ def test_sizes_that_cannot_fit_are_refused_before_work(argv, flag, tmp_path, cap
 
 
 def test_llm_records_that_cannot_fit_are_refused_before_loading(tmp_path, capsys):
-    code, _, err = call(llm_main, ["--p-model", "/nonexistent/p", "--q-model", "/nonexistent/q", "--n-samples",
-                                   str(10 ** 12), "--max-new-tokens", "50", "--output-dir", str(tmp_path / "o")], capsys)
+    argv = ["--p-model", "/nonexistent/p", "--q-model", "/nonexistent/q", "--n-samples", str(10 ** 12),
+            "--max-new-tokens", "50", "--output-dir", str(tmp_path / "o")]
+    code, _, err = call(llm_main, argv, capsys)
     one_line(code, err, "--n-samples: ")
     assert "memory" in err and "--max-new-tokens" in err and not (tmp_path / "o").exists()
 

@@ -151,9 +151,9 @@ def test_cli_bad_size_one_line(capsys, tmp_path):
 @pytest.mark.slow
 def test_cli_sequence_run_folder(capsys, tmp_path):
     out = tmp_path / "seq"
-    code = synthetic_main(["--sequence", "--vocab-size", "21", "--order", "2", "--max-new-tokens", "6", "--families", "zipf",
-                           "mixture", "--alpha-values", "0.5", "--n-samples", "100", "--n-repeats", "3",
-                           "--output-dir", str(out)])
+    code = synthetic_main(["--sequence", "--vocab-size", "21", "--order", "2", "--max-new-tokens", "6",
+                           "--families", "zipf", "mixture", "--alpha-values", "0.5", "--n-samples", "100",
+                           "--n-repeats", "3", "--output-dir", str(out)])
     assert code == 0
     stdout = capsys.readouterr().out
     assert "exact values by DP" in stdout and "run folder" in stdout

@@ -37,7 +37,8 @@ PAIRS = (("eos", dict(seed=0), False, (3, 6)),
          ("no-eos", dict(seed=1, noise=0.8), True, (3, 5)),
          ("wide", dict(seed=2, words=("<eos>", "a", "b", "c", "d", "e"), extra_rows=2, noise=0.6), False, (3, 5)))
 TEMPERATURES = (0.05, 0.4, 1.0, 1.5)
-LONG = (("eos", 1.0, 32), ("no-eos", 0.7, 24))  # (pair, temperature, max_new_tokens) against a 10⁵-sequence MC reference
+# (pair, temperature, max_new_tokens) against a 10⁵-sequence MC reference
+LONG = (("eos", 1.0, 32), ("no-eos", 0.7, 24))
 LONG_PROPOSALS = ("P", "Alpha-mixture (α=0.5)", "Exponential family (β=5)", "Adaptive [prefix-aware]")
 REFERENCE_N = 100_000
 
@@ -92,7 +93,8 @@ def _grid(tmp_path_factory):
     for pname, temp, max_new_tokens in LONG:
         pair = dataclasses.replace(loaded[pname], temperature=temp)
         prop = engine.sequence_proposal("P")
-        b = engine.sample_batch(pair, prop, REFERENCE_N, max_new_tokens, engine.unit_generator(SEED + 99, "reference", 0, "cpu"))
+        gen = engine.unit_generator(SEED + 99, "reference", 0, "cpu")
+        b = engine.sample_batch(pair, prop, REFERENCE_N, max_new_tokens, gen)
         ref = sequence_estimates(b.log_p, b.log_q, b.log_r, b.kl_step, b.mask, True)["RB+CV"]
         _, judged = run_setting(pair, LONG_PROPOSALS, max_new_tokens, seed=SEED + 7)
         c, rz = cells(f"{pname} temp={temp} T={max_new_tokens} (10^5 MC reference)", ref["estimate"], ref["std_error"],

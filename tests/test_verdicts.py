@@ -69,8 +69,9 @@ def _entry(est, se, **kw):
 
 
 def _p_doc(rb_cv=(3.0, 0.05), mc=(3.02, 0.1), **kw):
-    return dict(proposal="P", estimates={"MC": _entry(*mc, **kw), "SNIS": _entry(*mc, **kw), "RB": _entry(3.01, 0.07, **kw),
-                                          "RB+CV": _entry(*rb_cv, **kw), "k3": _entry(2.9, 0.2, **kw)})
+    return dict(proposal="P", estimates={"MC": _entry(*mc, **kw), "SNIS": _entry(*mc, **kw),
+                                          "RB": _entry(3.01, 0.07, **kw), "RB+CV": _entry(*rb_cv, **kw),
+                                          "k3": _entry(2.9, 0.2, **kw)})
 
 
 def _is_doc(name, est=3.0, se=0.06, **kw):

@@ -23,8 +23,8 @@ def save_pair(folder: Path, words=("<eos>", "a", "b", "c"), extra_rows: int = 3,
               n_layer: int = 1, n_embd: int = 8, n_positions: int = 64, bos=None, adds_bos=False):
     """P random, Q = P with Gaussian noise on every weight; logit rows = len(words) + extra_rows (padding rows)."""
     tok = tokenizer(words, bos, adds_bos)
-    cfg = GPT2Config(vocab_size=len(words) + extra_rows, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=2,
-                     initializer_range=0.6, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = GPT2Config(vocab_size=len(words) + extra_rows, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                     n_head=2, initializer_range=0.6, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     gen = torch.Generator().manual_seed(seed)
     p = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """Pairs of language models behind one small interface, so the same sampler serves transformers LMs and toy models.
 
-A pair exposes, for a batch of sequences, each continuing one prompt of the pair's prompt set, the *tempered* next-token log-probabilities of P and
-of Q (float32 or wider, whatever dtype the models run in):
+A pair exposes, for a batch of sequences, each continuing one prompt of the pair's prompt set, the *tempered*
+next-token log-probabilities of P and of Q (float32 or wider, whatever dtype the models run in):
 
     log_p, log_q, state = pair.start(prompt_rows)    # after the prompts of these rows (B,), each (B, V)
     log_p, log_q, state = pair.step(state, tokens)   # after appending tokens (B,)

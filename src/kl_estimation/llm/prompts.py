@@ -66,7 +66,8 @@ def read_dataset(name_or_path: str, split: str = "train", prompt_field: str = "p
     except ValueError:
         raise
     except Exception as err:  # datasets raises many kinds; each means "cannot load this"
-        raise ValueError(f"dataset: cannot load {name_or_path!r}: {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}") from None
+        why = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ValueError(f"dataset: cannot load {name_or_path!r}: {why}") from None
     if prompt_field not in ds.column_names:
         raise ValueError(f"prompt_field: dataset {name_or_path!r} has no column {prompt_field!r} "
                          f"(it has: {', '.join(ds.column_names)})")

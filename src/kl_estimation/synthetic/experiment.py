@@ -1,10 +1,10 @@
 r"""Single-token synthetic experiments: every method on every (family, divergence) pair, against exact values.
 
 A *method* is a sampling distribution r over the vocabulary plus a per-sample term g(x); its estimate over n draws is
-the mean of g, and its exact mean and variance are sums over the vocabulary (``synthetic.evaluation.exact_moments``). Naive MC,
-Schulman's k2/k3, sum-and-sample Rao-Blackwell and importance sampling with every registry proposal are all of this
-shape, so one vectorised sampler serves them all: for R repeats × n draws it inverts the CDF of r with one
-``searchsorted`` call — no Python loop over samples or repeats.
+the mean of g, and its exact mean and variance are sums over the vocabulary
+(``synthetic.evaluation.exact_moments``). Naive MC, Schulman's k2/k3, sum-and-sample Rao-Blackwell and importance
+sampling with every registry proposal are all of this shape, so one vectorised sampler serves them all: for R
+repeats × n draws it inverts the CDF of r with one ``searchsorted`` call — no Python loop over samples or repeats.
 
 Random streams: each (family, divergence) pair and each method's draws get their own numpy Generator derived from
 ``seed`` and the names (not positions), so narrowing ``--families`` or ``--alpha-values`` leaves every other number

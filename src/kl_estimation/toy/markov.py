@@ -57,7 +57,8 @@ EOS = 0
 EOS_PROB = 0.02
 MAX_CELLS = 20_000_000
 ORDERS = (1, 2)
-SAMPLERS = ("iid", "stratified", "sobol", "array", "array-kl")  # draws.DRAWS, named here so that the CLI need not load torch
+# draws.DRAWS, named here so that the CLI need not load torch
+SAMPLERS = ("iid", "stratified", "sobol", "array", "array-kl")
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,9 @@ def check_size(vocab_size: int, order: int, max_new_tokens: int, family: str | N
                          f"model, EOS included (got {vocab_size})")
     cells = max_new_tokens * (vocab_size + 1) ** order * vocab_size
     if cells > MAX_CELLS:
-        raise ValueError(f"vocab_size: an order-{order} model with V={vocab_size}, T={max_new_tokens} needs {cells:,} table "
-                         f"entries; the exact DP is limited to {MAX_CELLS:,} (e.g. order 2 with V ≤ 77 at T = 20, "
-                         f"order 1 with V ≤ 1000)")
+        raise ValueError(f"vocab_size: an order-{order} model with V={vocab_size}, T={max_new_tokens} needs "
+                         f"{cells:,} table entries; the exact DP is limited to {MAX_CELLS:,} "
+                         f"(e.g. order 2 with V ≤ 77 at T = 20, order 1 with V ≤ 1000)")
 
 
 def markov_pair(family: str, divergence: str, vocab_size: int, order: int, max_new_tokens: int,
@@ -168,9 +169,11 @@ class ExactValues:
     rb_mc_covariance: float | None  # Cov(RB, MC) under r = P (None for other proposals)
 
 
-def exact_values(tables: MarkovTables, log_r: np.ndarray | None = None, max_new_tokens: int | None = None) -> ExactValues:
-    """Exact KL of the process truncated at `max_new_tokens` (default: the tables' T) and the exact mean and per-sequence
-    variance of IS, SNIS and RB-IS with the token-local proposal `log_r` (same shape as the tables; None = P)."""
+def exact_values(tables: MarkovTables, log_r: np.ndarray | None = None,
+                 max_new_tokens: int | None = None) -> ExactValues:
+    """Exact KL of the process truncated at `max_new_tokens` (default: the tables' T) and the exact mean and
+    per-sequence variance of IS, SNIS and RB-IS with the token-local proposal `log_r` (same shape as the tables;
+    None = P)."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         return _exact_values(tables, log_r, max_new_tokens or tables.shape[0])
 
@@ -187,7 +190,7 @@ def _exact_values(tables, log_r, T) -> ExactValues:
         K = kl_rows(lp, lq)
         stop = ends[None, :] | (t == T - 1)
 
-        def nx(X, terminal):
+        def nx(X, terminal, stop=stop):
             return np.where(stop, terminal, X[nxt])
 
         An, Bn, Cn, Dn, E2n, Hn, Drn, Misn, Zn = (nx(A, 1.0), nx(B, 0.0), nx(C, 0.0), nx(D, 0.0), nx(E2, 0.0),
@@ -383,8 +386,8 @@ def run_pair(tables: MarkovTables, cfg: SequenceConfig, progress=None) -> dict:
     methods = [method_metrics(m, kl, var_mc, naive, sample_flags=sampled.get((m["proposal_key"], m["estimator"]), []))
                for m in entries]
     return dict(family=tables.family, divergence=tables.divergence, true_kl=kl, theoretical_variance=var_mc,
-                cv_beta_star=beta_star, order=tables.order, max_new_tokens=cfg.max_new_tokens, vocab_size=tables.vocab_size,
-                methods=methods, rankings=rankings(methods))
+                cv_beta_star=beta_star, order=tables.order, max_new_tokens=cfg.max_new_tokens,
+                vocab_size=tables.vocab_size, methods=methods, rankings=rankings(methods))
 
 
 def n_steps(cfg: SequenceConfig) -> int:

@@ -2,7 +2,8 @@ r"""Ways of turning a proposal's next-token distributions r_t into tokens: one m
 
 The sampling engine asks a *draw source* for the tokens of every step, ``source(t, log_r) -> tokens (B,)``, or
 ``source(t, log_r, kl)`` for a source with ``uses_kl`` True (kl: this step's exact KL(P_t‖Q_t) per row, 0 after a
-row's EOS: a statistic of the prefix, so a source may order rows by it and stay exact); the source owns all randomness of one forward batch. A forward batch is made of *units* (prompt × proposal × batch
+row's EOS: a statistic of the prefix, so a source may order rows by it and stay exact); the source owns all
+randomness of one forward batch. A forward batch is made of *units* (prompt × proposal × batch
 index), each with its own ``torch.Generator``: a source draws what it needs from each unit's generator for that
 unit's rows only, when it is built, so the records of a unit do not depend on which other units share its batch.
 

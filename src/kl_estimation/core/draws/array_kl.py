@@ -30,7 +30,6 @@ import torch
 
 from .array_rqmc import ArrayRQMCDraws
 
-
 TOP_K = 64
 
 

@@ -4,8 +4,8 @@ A unit of n rows gets the codes u_i = ((i + U_i)/n + V) mod 1, U_i and V i.i.d. 
 [0, 1), the whole set shifted at random so that each code, not only a row picked at random, is uniform. Each step
 inverts r_t's CDF at the row's code, x_t = F_t⁻¹(u), and keeps the residual u ← (u − F_t(x_t⁻))/r_t(x_t) for the
 next step. Given the prefix, the residual of a uniform code is again uniform on [0, 1), so every sequence is an exact
-draw from the proposal and every estimator stays unbiased; but the n sequences of a unit spread over the prefix tree (each
-branch of probability w gets n·w rows ± 1, and their residuals are stratified inside it) instead of piling up.
+draw from the proposal and every estimator stays unbiased; but the n sequences of a unit spread over the prefix tree
+(each branch of probability w gets n·w rows ± 1, and their residuals are stratified inside it) instead of piling up.
 
 Precision: the residual is the code's position inside an interval of width W = Π_s r_s(x_s); a float64 code has
 ~53 bits, so once W < 2^-40 the residual carries little of them. The row then takes a fresh uniform, pre-drawn per

@@ -90,8 +90,8 @@ def tokenize_documents(tokenizer, documents: list[str]) -> tuple[np.ndarray, np.
         doc = np.searchsorted(starts, first_char, side="right") - 1
     else:  # no offsets: each document on its own, the separator's tokens after it
         sep = list(tokenizer(SEPARATOR, add_special_tokens=False, verbose=False)["input_ids"])
-        parts = [list(tokenizer(d, add_special_tokens=False, verbose=False)["input_ids"]) + (sep if i < len(documents) - 1 else [])
-                 for i, d in enumerate(documents)]
+        parts = [list(tokenizer(d, add_special_tokens=False, verbose=False)["input_ids"])
+                 + (sep if i < len(documents) - 1 else []) for i, d in enumerate(documents)]
         ids = np.asarray([t for p in parts for t in p], dtype=np.int64)
         doc = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     ids = np.concatenate([np.asarray(before, dtype=np.int64), ids])
