@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,9 +17,19 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     marked = [item for item in items if item.get_closest_marker("cuda")]
     if marked:
-        import pytest
         import torch
 
         if not torch.cuda.is_available():
             for item in marked:
                 item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: on a busy machine a thread pool's wake-ups cost several times the arithmetic."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

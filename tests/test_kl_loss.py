@@ -22,14 +22,7 @@ import torch
 from kl_estimation import audit
 from kl_estimation import training as tr
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: on a busy machine a thread pool's wake-ups cost several times the arithmetic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V, T_SEQ, S = 4, 3, 4  # tokens (0 = EOS), horizon, states (0 = BOS, else the previous token)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_checks import call, one_line
 from kl_estimation import cli, progress
 from kl_estimation.cli import llm_main, synthetic_main, visualize_main
 from kl_estimation.llm import default_pair, engine, enumeration
@@ -29,23 +30,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return save_pair(tmp_path_factory.mktemp("tiny"))  # GPT-2 with 64 positions; "a b" is 2 tokens
-
-
-def call(main, argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(code, err, needle, status=2):
-    """Bad input: exactly one line. Interrupted: one line after the progress lines a log gets."""
-    lines = err.strip().splitlines()
-    if status == 130:
-        lines = [ln for ln in lines if not ln.startswith(("synthetic run:", "sequence run:"))]
-    assert code == status and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
 
 
 def llm_args(tiny, out, *extra):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_checks import call, one_line
 from kl_estimation import runio
 from kl_estimation.cli import llm_main, synthetic_main
 from tiny_lms import save_pair
@@ -26,20 +27,6 @@ HOLD = ("import sys, time\nfrom kl_estimation.runio import RunFolder\nwith RunFo
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return save_pair(tmp_path_factory.mktemp("tiny"))
-
-
-def call(main, argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(code, err, needle, status=2):
-    lines = [ln for ln in err.strip().splitlines() if "interrupted" in ln or "error" in ln]
-    assert code == status and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
 
 
 def llm_args(tiny, out, *extra):
