@@ -79,6 +79,7 @@ def test_q_as_p_plus_adapter_loads_the_base_once_and_matches_merged_weights(tiny
     torch.testing.assert_close(a[:, 0], plain_p, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # a grid or a resumed run: seconds of CPU (CI runs it)
 def test_adapter_kl_matches_enumeration_and_the_sampler(tiny, lora):
     adapter, merged = lora
     shared = load(tiny[0], None, q_adapter=adapter)

@@ -142,6 +142,7 @@ def _grid(pairs):
     return dict(cells=cells, recs=recs, jeffreys=jeff)
 
 
+@pytest.mark.slow  # a grid or a resumed run: seconds of CPU (CI runs it)
 def test_every_unflagged_row_of_both_directions_within_5_se_of_enumeration(grid):
     bad = [c for c in grid["cells"] if not c["flag"] and not c["z"] <= TOL_SE]
     assert not bad, "\n".join(f"{c['setting']} {c['direction']} {c['proposal']} {c['estimator']}: "
@@ -154,6 +155,7 @@ def test_every_unflagged_row_of_both_directions_within_5_se_of_enumeration(grid)
         assert s[d]["unflagged"] >= 0.5 * s[d]["cells"]  # the check has teeth: most rows are judged trustworthy
 
 
+@pytest.mark.slow  # a grid or a resumed run: seconds of CPU (CI runs it)
 def test_recommended_per_direction_and_jeffreys_within_5_se(grid):
     for setting, d, rec, z in grid["recs"]:
         assert rec is not None and z <= TOL_SE, (setting, d, rec, z)
@@ -163,6 +165,7 @@ def test_recommended_per_direction_and_jeffreys_within_5_se(grid):
         assert j["estimate"] == pytest.approx(j["forward"]["estimate"] + j["reverse"]["estimate"])
 
 
+@pytest.mark.slow  # a grid or a resumed run: seconds of CPU (CI runs it)
 def test_reverse_rows_are_named_for_what_they_sample(grid):
     reverse = [c for c in grid["cells"] if c["direction"] == "reverse"]
     assert {c["proposal"] for c in reverse} == {"Q"} | set(PROPOSALS[1:])

@@ -3,7 +3,11 @@
 Three small runs — the synthetic single-token run, the toy Markov ``--sequence`` run and a tiny-LM LLM run of both
 directions over a 2-prompt set — are written to a folder; every number, every ``flag`` string and every flag code in
 their saved files (results.json / summary.json / summary.csv) is compared with tests/golden/<name>.json, bit for bit.
-Words (flag messages, reasons, advice) are left out: their wording may change where rendering must.
+Words (flag messages, reasons, advice) are left out: their wording may change where rendering must. Torch's CPU kernels
+vectorise by the CPU's capability (AVX2, AVX-512), which changes the last bits: bit for bit on one kind of CPU; across
+kinds, within 1e-12 for the float64 sequence run and 1e-3 (relative or absolute) for the LLM runs, whose float32
+rounding is amplified by intervals over two prompts and control-variate fits to 8 sequences (measured: 2e-4 between
+an AVX2 and an AVX-512 CPU). Flag codes and every bool stay exact.
 Regenerate deliberately with ``GOLDEN_UPDATE=1 pytest tests/test_golden.py`` (the sequence and n = 60 cases are
 marked slow: CI runs them).
 """
@@ -59,7 +63,21 @@ def folder_numbers(folder: Path) -> dict:
     return out
 
 
-def check(name: str, got: dict):
+RTOL_FLOAT64, RTOL_FLOAT32 = 1e-12, 1e-3
+
+
+def same(a, b, rtol: float) -> bool:
+    """Equal, or (rtol > 0) numbers within rtol of each other; csv cells are strings of numbers."""
+    if a == b or not rtol:
+        return a == b
+    try:
+        a, b = float(a), float(b)
+    except (TypeError, ValueError):
+        return False
+    return math.isclose(a, b, rel_tol=rtol, abs_tol=rtol)
+
+
+def check(name: str, got: dict, rtol: float = 0.0):
     path = GOLDEN / f"{name}.json"
     if os.environ.get("GOLDEN_UPDATE"):
         GOLDEN.mkdir(exist_ok=True)
@@ -70,10 +88,12 @@ def check(name: str, got: dict):
         if isinstance(want[part], dict):
             missing = sorted(set(want[part]) - set(got[part]))[:5]
             changed = [(k, want[part][k], got[part][k]) for k in want[part] if k in got[part]
-                       and want[part][k] != got[part][k]][:5]
+                       and not same(want[part][k], got[part][k], rtol)][:5]
             assert not missing and not changed, (name, part, missing, changed)
         else:
-            assert want[part] == got[part], (name, part)
+            assert len(want[part]) == len(got[part]), (name, part)
+            for w, g in zip(want[part], got[part]):
+                assert w.keys() == g.keys() and all(same(w[k], g[k], rtol) for k in w), (name, part, w, g)
 
 
 def test_synthetic_run_numbers_unchanged(tmp_path, capsys):
@@ -89,7 +109,7 @@ def test_sequence_run_numbers_unchanged(tmp_path, capsys):
     assert synthetic_main(["--sequence", "--n-samples", "60", "--n-repeats", "2", "--families", "zipf",
                            "--vocab-size", "40", "--max-new-tokens", "5", "--alpha-values", "0.5", "--output-dir",
                            str(out), "--no-plots"]) == 0
-    check("sequence", folder_numbers(out))
+    check("sequence", folder_numbers(out), rtol=RTOL_FLOAT64)
 
 
 @pytest.mark.parametrize("n", [8, pytest.param(60, marks=pytest.mark.slow)])
@@ -110,4 +130,4 @@ def test_llm_run_of_both_directions_numbers_unchanged(tmp_path, capsys, n):
             if f.name != "summary.json":
                 doc = json.loads(f.read_text())
                 got[d + f.name] = flatten({k: v for k, v in doc.items() if k != "sequences"})
-    check(f"llm_n{n}", got)
+    check(f"llm_n{n}", got, rtol=RTOL_FLOAT32)

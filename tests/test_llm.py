@@ -222,6 +222,7 @@ def test_json_per_step_numbers_match_a_fresh_forward_pass(tmp_path, tiny, capsys
     assert [r["recommended"] == "True" for r in csv_rows] == [r["recommended"] for r in summary["rows"]]
 
 
+@pytest.mark.slow  # a grid or a resumed run: seconds of CPU (CI runs it)
 def test_resume_after_interruption_gives_the_same_records(tmp_path, tiny, monkeypatch, capsys):
     assert run_cli(tmp_path, tiny, folder="straight")[0] == 0
     real = units.sample_batch

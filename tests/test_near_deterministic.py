@@ -82,6 +82,7 @@ def grid():
     return dict(cells=cells, recs=recs)
 
 
+@pytest.mark.slow  # a grid or a resumed run: seconds of CPU (CI runs it)
 def test_the_recommended_estimate_is_always_within_5_se(grid):
     bad = [(s, rec["proposal"], rec["estimator"], rec["estimate"], rec["std_error"], kl)
            for s, kl, rec, _ in grid["recs"]
@@ -89,6 +90,7 @@ def test_the_recommended_estimate_is_always_within_5_se(grid):
     assert not bad, bad
 
 
+@pytest.mark.slow  # a grid or a resumed run: seconds of CPU (CI runs it)
 def test_unflagged_estimates_are_right_and_the_grid_says_something(grid):
     s = SUMMARY
     assert s["settings"] == len(EOS_FIRST) * len(SEEDS) * len(NS) and s["cells"] > 2000
@@ -102,6 +104,7 @@ def test_unflagged_estimates_are_right_and_the_grid_says_something(grid):
     assert sum(r is not None for r in at_1000) >= 0.85 * len(at_1000)
 
 
+@pytest.mark.slow  # a grid or a resumed run: seconds of CPU (CI runs it)
 def test_where_nothing_is_recommended_the_advice_says_what_to_change(grid):
     nothing = [(s, a) for s, _, rec, a in grid["recs"] if rec is None]
     assert nothing and all(a for _, a in nothing)

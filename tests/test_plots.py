@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_checks import call, one_line
 from kl_estimation.cli import synthetic_main, visualize_main
 from kl_estimation.figures.synthetic import PAIR_FIGURES
 
@@ -71,12 +72,8 @@ def test_formats_and_narrowing_keep_the_other_pairs_figures(run_dir, tmp_path):
 
 
 def one_line_error(argv, capsys, needle):
-    try:
-        code = visualize_main(argv)
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
+    code, _, err = call(visualize_main, argv, capsys)
+    one_line(code, err, needle)
 
 
 def test_error_paths(run_dir, tmp_path, capsys):

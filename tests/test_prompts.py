@@ -168,6 +168,7 @@ def test_chat_template_wraps_each_prompt(tiny):
     assert ids == [[1, 2, 3, 2]]
 
 
+@pytest.mark.slow  # a grid or a resumed run: seconds of CPU (CI runs it)
 def test_resume_extends_a_finished_run_unit_by_unit(tmp_path, tiny):
     """A finished run with fewer --n-reps is extended: its whole units are kept (by prompt and batch), a short
     last unit is redrawn, and the records equal those of a straight run with the larger --n-reps."""

@@ -183,3 +183,23 @@ def test_llm_ctrl_c_at_5_s_then_the_printed_command_finishes(tiny, tmp_path):
         assert json.loads((out / "p.json").read_text())["n_sequences"] == 4000
     else:  # interrupted before a batch finished: nothing of the run is left, the same command starts afresh
         assert "run the same command again" in last and not out.exists()
+
+
+def test_a_ctrl_c_python_drops_still_ends_with_status_130(tmp_path, capsys, monkeypatch):
+    """Python ignores an exception raised in an at-fork hook or a finalizer: the command still ends with 130."""
+    import signal
+
+    from kl_estimation import cli
+
+    def swallowed(folder, *a, **k):
+        try:  # what a Ctrl-C landing in logging's at-fork hook does
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            pass
+        return Path(folder) / "plots" / "index.html"
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(cli, "draw_figures", swallowed)
+    code, _, err = call(cli.visualize_main, [str(tmp_path / "run")], capsys)
+    one_line(code, err, "interrupted: the signal came as the work ended", status=130)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

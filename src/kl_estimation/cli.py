@@ -48,24 +48,40 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch system or `kill`), handled like Ctrl-C: files closed, temporary folders removed."""
 
 
-@contextmanager
-def _sigterm_as_interrupt():
-    def handler(signum, frame):
-        raise Terminated()
+class _Interrupts:
+    """Signals seen and interruptions reported during one command."""
 
+    seen = reported = False
+
+
+@contextmanager
+def _signals_as_interrupts(prog: str):
+    """SIGTERM raises Terminated and SIGINT KeyboardInterrupt, as Python's own handler does; but Python drops an
+    exception raised inside an at-fork hook or a finalizer ("Exception ignored in …"), so a Ctrl-C that lands there
+    would let the command finish with status 0. A signal seen but never reported ends the command with status 130
+    after the work it did not stop."""
+    def handler(signum, frame):
+        _Interrupts.seen = True
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    _Interrupts.seen = _Interrupts.reported = False
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if _Interrupts.seen and not _Interrupts.reported:
+        sys.exit(interrupted(prog, "the signal came as the work ended; every file written is complete"))
 
 
 def interrupted(prog: str, message: str) -> int:
     """One line on stderr (after the ^C the terminal shows, on a line of its own) and exit status 130."""
+    _Interrupts.reported = True
     if getattr(sys.stderr, "isatty", lambda: False)():
         print(file=sys.stderr)
     print(f"{prog}: interrupted: {message}", file=sys.stderr)
@@ -147,7 +163,7 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
 
 
 def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> int:
-    with _sigterm_as_interrupt():
+    with _signals_as_interrupts(prog):
         try:  # Ctrl-C while the parser's imports load is an interruption like any other
             return _run_synthetic(synthetic_parser(prog, defaults).parse_args(argv), prog, defaults)
         except KeyboardInterrupt:
@@ -232,7 +248,7 @@ def visualize_parser(prog: str, defaults: dict) -> Parser:
 
 
 def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) -> int:
-    with _sigterm_as_interrupt():
+    with _signals_as_interrupts(prog):
         try:
             args = visualize_parser(prog, defaults).parse_args(argv)
             index = draw_figures(args.run_folder, args.format, args.pairs and _names(args.pairs), args.methods)
@@ -318,7 +334,7 @@ NOTHING_WRITTEN = "nothing was written; run the same command again"
 
 def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     cfg = reserved = None
-    with _sigterm_as_interrupt():
+    with _signals_as_interrupts(prog):
         try:  # from the first import on: Ctrl-C at any moment is one line and status 130
             from kl_estimation.llm.run.config import LLMConfig
 
@@ -440,7 +456,7 @@ def corpus_parser(prog: str, defaults: dict) -> Parser:
 def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
     """A corpus run from the command line: one line and exit 2 on bad input, nothing written."""
     reserved = result = None
-    with _sigterm_as_interrupt():
+    with _signals_as_interrupts(prog):
         try:
             from kl_estimation.llm.corpus.config import CorpusConfig
             from kl_estimation.llm.corpus.run import run_corpus
