@@ -187,8 +187,8 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
                 print(report.pair_report(pair, cfg.n_samples, cfg.n_repeats), end="\n\n")
                 ratios = [m for m in pair["methods"] if m.get("variance_ratio_iid_rb") is not None]
                 if ratios:  # rows of samplers with dependent sequences: variance over repeats (one randomization each)
-                    print("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
-                        f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios), end="\n\n")
+                    print(report.prose("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
+                        f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios)), end="\n\n")
             print(report.cross_family_report(pairs))
             synthetic.SyntheticResult.of(cfg, kind, pairs, arrays, runio.versions(*(("torch",) * args.sequence))
                                          ).save(out)

@@ -44,73 +44,120 @@ def _name(n: str, w: int = NAME_W) -> str:
 
 
 def _rule(title: str, columns: int = WIDTH) -> str:
-    if len(title) + 4 > columns:
-        title = title[: columns - 5] + "…"
-    return f"── {title} " + "─" * max(0, columns - len(title) - 4)
+    """`── title ───` across `columns`; a title too long for one line is wrapped (never cut), the rule after its
+    last line."""
+    lines = textwrap.wrap(title, columns - 5, break_on_hyphens=False) or [""]
+    lines = ["── " + lines[0]] + ["   " + ln for ln in lines[1:]]
+    lines[-1] += " " + "─" * max(0, columns - len(lines[-1]) - 1)
+    return "\n".join(lines)
 
 
-def pair_report(pair: dict, n_samples: int, n_repeats: int) -> str:
+def _pack(parts, columns: int, sep: str = "   ", indent: str = "  ") -> list[str]:
+    """Short phrases joined by `sep` on as few lines as fit `columns` (a phrase is never broken; a later line starts
+    with `indent`)."""
+    lines = [""]
+    for part in parts:
+        if lines[-1].strip() and len(lines[-1]) + len(sep) + len(part) > columns:
+            lines.append(indent)
+        lines[-1] += (sep if lines[-1].strip() else "") + part
+    return lines
+
+
+def _columns_table(head: str, names: list[str], cols: list[tuple[str, int, list[str]]], columns: int,
+                   name_w: int = NAME_W) -> list[str]:
+    """A table of rows named `names` and right-aligned columns (header, width, cells), split into several tables,
+    each starting with the names, when one would be wider than `columns`; the names column is narrowed first to what
+    its longest name needs."""
+    name_w = min(name_w, max(len(head), *(len(n) for n in names)))
+    groups, width_left = [[]], columns - name_w
+    for col in cols:
+        if groups[-1] and width_left < col[1] + 1:
+            groups.append([])
+            width_left = columns - name_w
+        groups[-1].append(col)
+        width_left -= col[1] + 1
+    lines = []
+    for g, group in enumerate(groups):
+        if g:
+            lines.append("")
+        lines.append(f"{_name(head, name_w):<{name_w}} " + " ".join(f"{h:>{w}}" for h, w, _ in group))
+        for i, n in enumerate(names):
+            lines.append(f"{_name(n, name_w):<{name_w}} " + " ".join(f"{c[i]:>{w}}" for _, w, c in group))
+    return lines
+
+
+def pair_report(pair: dict, n_samples: int, n_repeats: int, columns: int | None = None) -> str:
+    """One synthetic or toy pair: its statistics, one row per method (split into two tables below 120 columns, each
+    repeating the method names), the flagged methods with their codes and first message, the top 5 of each ranking.
+    Fits `columns` (default: the terminal's width, at least 80)."""
+    W = width(columns)
     if "order" in pair:  # a toy sequence pair
-        stats = (f"order-{pair['order']} Markov pair, V = {pair['vocab_size']} (token 0 = EOS), max_new_tokens T = "
-                 f"{pair['max_new_tokens']}; exact values by DP   oracle control-variate β* = {pair['cv_beta_star']:.4g}")
+        stats = [f"order-{pair['order']} Markov pair, V = {pair['vocab_size']} (token 0 = EOS),",
+                 f"max_new_tokens T = {pair['max_new_tokens']}; exact values by DP",
+                 f"oracle control-variate β* = {pair['cv_beta_star']:.4g}"]
         unit = "sequence"
     else:
-        stats = (f"P: top-10 mass {pair['top10_mass_p']:.3f}, top-100 {pair['top100_mass_p']:.3f}   "
-                 f"Q: top-10 mass {pair['top10_mass_q']:.3f}, top-100 {pair['top100_mass_q']:.3f}   "
-                 f"moved mass {pair['moved_mass']:.3f}")
+        stats = [f"P: top-10 mass {pair['top10_mass_p']:.3f}, top-100 {pair['top100_mass_p']:.3f}",
+                 f"Q: top-10 mass {pair['top10_mass_q']:.3f}, top-100 {pair['top100_mass_q']:.3f}",
+                 f"moved mass {pair['moved_mass']:.3f}"]
         unit = "sample"
-    lines = [
-        _rule(f"{pair['family']} · divergence {pair['divergence']}"),
-        stats,
-        f"true KL(P‖Q) = {pair['true_kl']:.6g}   theoretical variance Var_P[log P/Q] = "
-        f"{pair['theoretical_variance']:.6g} per {unit}   ({n_samples} {unit}s × {n_repeats} repeats)",
-        "",
-        f"{'method (! = flagged)':<{NAME_W}} {'mean est':>9} {'|error|':>9} {'rel %':>7} {'emp var':>9} "
-        f"{'exact var':>9} {'var/naive':>9} {'ESS %':>6} {'max w':>9} {'k̂':>5} {'score':>7}",
-    ]
-    for m in pair["methods"]:
-        ratio = (m["exact_variance"] / pair["theoretical_variance"]
-                 if m["exact_variance"] is not None and pair["theoretical_variance"] > 0 else None)
-        lines.append(
-            f"{_name(('! ' if m['flags'] else '  ') + m['name']):<{NAME_W}} {num(m['mean_estimate'])} "
-            f"{num(m['abs_error'])} {num(m['rel_error_pct'], 7, 1)} {num(m['empirical_variance'])} "
-            f"{num(m['exact_variance'])} {num(ratio)} {num(m['mean_ess_pct'], 6, 1)} "
-            f"{num(m['max_weight'] and max(m['max_weight']))} {num(m['mean_khat'], 5, 2)} "
-            f"{num(m['combined_score'], 7, 3)}")
-    flagged = [m for m in pair["methods"] if m["flags"]]
+    lines = [_rule(f"{pair['family']} · divergence {pair['divergence']}", W), *_pack(stats, W),
+             *_pack([f"true KL(P‖Q) = {pair['true_kl']:.6g}", f"theoretical variance Var_P[log P/Q] = "
+                     f"{pair['theoretical_variance']:.6g} per {unit}", f"({n_samples} {unit}s × {n_repeats} repeats)"],
+                    W), ""]
+    ms = pair["methods"]
+    ratio = [m["exact_variance"] / pair["theoretical_variance"]
+             if m["exact_variance"] is not None and pair["theoretical_variance"] > 0 else None for m in ms]
+    cols = [("mean est", 9, [num(m["mean_estimate"]) for m in ms]), ("|error|", 9, [num(m["abs_error"]) for m in ms]),
+            ("rel %", 7, [num(m["rel_error_pct"], 7, 1) for m in ms]),
+            ("emp var", 9, [num(m["empirical_variance"]) for m in ms]),
+            ("exact var", 9, [num(m["exact_variance"]) for m in ms]), ("var/naive", 9, [num(r) for r in ratio]),
+            ("ESS %", 6, [num(m["mean_ess_pct"], 6, 1) for m in ms]),
+            ("max w", 9, [num(m["max_weight"] and max(m["max_weight"])) for m in ms]),
+            ("k̂", 5, [num(m["mean_khat"], 5, 2) for m in ms]), ("score", 7, [num(m["combined_score"], 7, 3) for m in ms])]
+    lines += _columns_table("method (! = flagged)", [("! " if m["flags"] else "  ") + m["name"] for m in ms], cols, W)
+    flagged = [m for m in ms if m["flags"]]
     if flagged:
-        lines += ["", "! flagged — ranked after every unflagged method (codes; the first flag's message; every message "
-                      "is in results.json):"]
-        for m in flagged:  # one line per method: a toy pair's rows can carry several sample flags each
+        lines += ["", _wrap("! flagged — ranked after every unflagged method (codes; the first flag's message; every "
+                            "message is in results.json):", W)]
+        for m in flagged:  # one entry per method: a toy pair's rows can carry several sample flags each
             fs = as_flags(m["flags"])
-            text = f"  {m['name']} — {codes(fs)}: {fs[0].message}"
-            lines.append(text if len(text) <= WIDTH else text[: WIDTH - 1] + "…")
-    lines += ["", _top5(pair)]
+            lines.append(_wrap(f"{m['name']} — {codes(fs)}: {fs[0].message}", W, "  ", "      "))
+    lines += ["", _top5(pair, W)]
     return "\n".join(lines)
 
 
 TITLES = {"by_exact_variance": "exact variance", "by_accuracy": "accuracy |error|",
           "by_variance": "sample variance", "by_combined": "combined score"}
+RANK_CELL = 30  # columns a ranking's cell needs ("5. Alpha-mixture (α=0.9) !")
 
 
-def _top5(pair: dict) -> str:
-    w = WIDTH // len(TITLES) - 1
+def _top5(pair: dict, columns: int = WIDTH) -> str:
+    """The top 5 of each ranking side by side, as many rankings per block as fit `columns` (four at 120, two at 80)."""
+    per = max(1, min(len(TITLES), columns // RANK_CELL))
+    w = columns // per - 1
     flagged = {m["name"] for m in pair["methods"] if m["flags"]}
-    head = " ".join(f"{_name('top 5: ' + t, w):<{w}}" for t in TITLES.values())
-    rows = []
-    for i in range(5):
-        cells = []
-        for key in TITLES:
-            names = pair["rankings"][key]
-            cell = f"{i + 1}. {names[i]}{' !' if names[i] in flagged else ''}" if i < len(names) else ""
-            cells.append(f"{_name(cell, w):<{w}}")
-        rows.append(" ".join(cells))
-    return "\n".join([head, *rows])
+    keys = list(TITLES)
+    blocks = []
+    for b in range(0, len(keys), per):
+        part = keys[b:b + per]
+        rows = [" ".join(f"{_name('top 5: ' + TITLES[k], w):<{w}}" for k in part).rstrip()]
+        for i in range(5):
+            cells = []
+            for key in part:
+                names = pair["rankings"][key]
+                cell = f"{i + 1}. {names[i]}{' !' if names[i] in flagged else ''}" if i < len(names) else ""
+                cells.append(f"{_name(cell, w):<{w}}")
+            rows.append(" ".join(cells).rstrip())
+        blocks.append("\n".join(rows))
+    return "\n\n".join(blocks)
 
 
-def cross_family_report(pairs: list[dict], top: int = 3) -> str:
+def cross_family_report(pairs: list[dict], top: int = 3, columns: int | None = None) -> str:
     """Per divergence: the methods that make the top `top` by exact variance in any family, with their
-    exact variance relative to naive MC in every family (lower is better; 1 = naive MC)."""
+    exact variance relative to naive MC in every family (lower is better; 1 = naive MC). Fits `columns` (default:
+    the terminal's width, at least 80): families beyond it go to a second table."""
+    W = width(columns)
     out = []
     by_div = defaultdict(list)
     for p in pairs:
@@ -124,17 +171,16 @@ def cross_family_report(pairs: list[dict], top: int = 3) -> str:
                          if group[n]["family"] in ("Naive MC", "Rao-Blackwell") and not group[n].get("sampler")):
             if ref not in names:
                 names.append(ref)
-        fams = [p["family"] for p in ps]
-        out += [_rule(f"cross-family · divergence {div} · exact variance / naive MC variance (lower is better)"),
-                f"{'method':<{NAME_W}} " + " ".join(f"{f:>14}" for f in fams)]
-        for n in names:
+        cols = []
+        for p in ps:
             cells = []
-            for p in ps:
+            for n in names:
                 m = next((m for m in p["methods"] if m["name"] == n), None)
                 ok = m is not None and m["exact_variance"] is not None
                 cells.append(num(m["exact_variance"] / p["theoretical_variance"], 14, 4) if ok else "—".rjust(14))
-            out.append(f"{_name(n):<{NAME_W}} " + " ".join(cells))
-        out.append("")
+            cols.append((p["family"], max(14, len(p["family"])), cells))
+        out += [_rule(f"cross-family · divergence {div} · exact variance / naive MC variance (lower is better)", W),
+                *_columns_table("method", names, cols, W), ""]
     return "\n".join(out)
 
 
@@ -293,6 +339,13 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
 
 def _wrap(text: str, columns: int, first: str = "", rest: str = "  ") -> str:
     return textwrap.fill(text, columns, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
+
+
+def prose(text: str, columns: int | None = None, rest: str = "  ") -> str:
+    """A console paragraph wrapped to `columns` (default: the terminal's width, at least 80), later lines indented
+    by `rest`; a leading blank line (a paragraph break) is kept."""
+    lead = len(text) - len(text.lstrip("\n"))
+    return "\n" * lead + _wrap(text[lead:], width(columns), "", rest)
 
 
 def _horizon(rec: dict, max_new_tokens=None) -> str:
