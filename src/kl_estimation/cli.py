@@ -378,15 +378,17 @@ def _run_llm(cfg, plots: bool = True) -> int:
             f"{f' × {len(cfg.prompt_set)} prompts' if len(cfg.prompt_set) > 1 else ''}, "
             f"T={cfg.max_new_tokens}, temperature {cfg.temperature}"))
     if "reverse" in directions:
-        print("\nreverse: every proposal is built from Q (the sampling model) and P with the roles swapped, so "
-              "plain Monte Carlo from Q is the row Q; the flags speak of the models by their names.")
+        print(report.prose("\nreverse: every proposal is built from Q (the sampling model) and P with the roles "
+                           "swapped, so plain Monte Carlo from Q is the row Q; the flags speak of the models by "
+                           "their names."))
     if result.per_prompt:
-        print(f"\nOver {len(result.per_prompt)} prompts: the estimate is the mean of the per-prompt estimates; "
-              f"'std err' is for this fixed prompt set (within-prompt noise only); the population SE (prompts as a "
-              f"sample, their spread included) is std_error_population in summary.csv / summary.json.")
+        print(report.prose(f"\nOver {len(result.per_prompt)} prompts: the estimate is the mean of the per-prompt "
+                           f"estimates; 'std err' is for this fixed prompt set (within-prompt noise only); the "
+                           f"population SE (prompts as a sample, their spread included) is std_error_population in "
+                           f"summary.csv / summary.json."))
     if cfg.sampler != "iid":
         method = next(iter(result.docs[0]["estimates"].values())).get("std_error_method", "")
-        print(f"\nsampler {cfg.sampler}: standard errors from the {method}")
+        print(report.prose(f"\nsampler {cfg.sampler}: standard errors from the {method}"))
     if plots:
         from kl_estimation.figures import llm as plots_llm
 

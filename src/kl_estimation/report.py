@@ -229,6 +229,8 @@ def estimate_text(est, se) -> tuple[str, str]:
     """(estimate, SE) as text, the estimate to the decimals its SE supports (se_decimals)."""
     d = se_decimals(se)
     se_text = "n/a" if se is None or se != se else ("0" if se == 0 else fixed(se, d))
+    if se_text.strip("0.") == "" and se_text != "0":  # below 10 decimals (an exact sum's rounding): 4.5e-14
+        se_text = f"{se:.2g}"
     return fixed(est, d), se_text
 
 
@@ -260,8 +262,9 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
     """Ranked (proposal, estimator) Rows of an LLM run (core.results.Row): trusted rows first by
     standard error, then the flagged ones (!, with their codes) and, below, what went wrong in words.
 
-    Fits `columns` (default: the terminal's width, at least 80): columns are dropped (k̂, var/seq, ESS, then the
-    interval) and proposal names shortened until every line fits. Estimate and 95% CI are shown to the decimals
+    Fits `columns` (default: the terminal's width, at least 80): proposal names are shortened and flag codes cut (each
+    is written out in full below), then var/seq, ESS and k̂, and if need be the interval, move to a second table of
+    the same rows (rank, proposal and estimator repeated). Estimate and 95% CI are shown to the decimals
     their SE supports (se_decimals); an SE that is not informative shows as 'n/i', never as a zero-width interval;
     ESS is a percentage of the sequences drawn; * marks the recommended row."""
     W = width(columns)
@@ -290,6 +293,7 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
     widths = {k: natural(k) for k in heads}
     widths["proposal"] = min(widths["proposal"], 44)
     widths["flag"] = min(widths["flag"], 40)
+    detail = []  # columns moved to a second table (rank, proposal and estimator repeated) when one does not fit
 
     def total():
         return sum(widths[k] for k in shown) + len(shown) - 1
@@ -297,16 +301,17 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
     def shrink(k, floor):
         widths[k] = max(min(widths[k], floor), widths[k] - max(0, total() - W))
 
-    shrink("flag", 20)  # first shorten the codes and the names a little, then drop columns, least important first
+    shrink("flag", 20)  # first shorten the codes (each is written out below) and the names a little
     shrink("proposal", 26)
-    for k in ("khat", "variance", "ess"):
-        if total() > W:
-            shown.remove(k)
-    shrink("proposal", 16)
+    if total() > W:
+        detail = ["variance", "ess", "khat"]
+        shown = [k for k in shown if k not in detail]
+    shrink("proposal", 20)
     shrink("flag", 10)
     if total() > W:
+        detail.insert(0, "ci")
         shown.remove("ci")
-    shrink("proposal", 10)
+    shrink("proposal", 16)
     shrink("flag", 2)
 
     def cell(k, text):
@@ -316,11 +321,16 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
 
     lines = [_rule(title, W), " ".join(cell(k, heads[k]) for k in shown).rstrip()]
     lines += [" ".join(cell(k, c[k]) for k in shown).rstrip() for c in cells]
+    if detail:
+        second = ["rank", "proposal", "estimator", *detail]
+        widths["proposal"] = max(widths["proposal"], min(natural("proposal"), W - sum(
+            widths[k] + 1 for k in second if k != "proposal")))
+        lines += ["", " ".join(cell(k, heads[k]) for k in second).rstrip()]
+        lines += [" ".join(cell(k, c[k]) for k in second).rstrip() for c in cells]
     notes = []
     if any(r.get("recommended") for r in rows):
         notes.append("* recommended")
-    if "ess" in shown:
-        notes.append("ESS: Kish effective sample size, % of the sequences drawn")
+    notes.append("ESS: Kish effective sample size, % of the sequences drawn")
     if notes:
         lines.append(_wrap("; ".join(notes), W))
     flagged = [r for r in rows if r.get("flag")]
@@ -379,21 +389,28 @@ def recommendation_line(rec, scope: str = "", *, max_new_tokens: int | None = No
             f"{f' — {reason}' if reason else ''}.")
 
 
-def jeffreys_line(j: dict, scope: str = "") -> str:
-    """The line of the Jeffreys row of a run of both directions (llm.run.directions.jeffreys_row)."""
+def jeffreys_line(j: dict, scope: str = "", columns: int | None = None) -> str:
+    """The Jeffreys row of a run of both directions (llm.run.directions.jeffreys_row), wrapped to `columns` (default:
+    the terminal's width, at least 80); estimate, SE and CI to the digits the SE supports (estimate_text), the
+    population's to its own SE's."""
+    W = width(columns)
     where = f" {scope}" if scope else ""
     target = j.get("target", "KL(P‖Q) + KL(Q‖P)")
     if j["estimate"] != j["estimate"]:  # NaN: a direction has no row to add
-        return f"Jeffreys {target}{where}: none — {j['flag']}."
+        return _wrap(f"Jeffreys {target}{where}: none — {j['flag']}.", W)
     population = ""
-    if j.get("std_error_population") is not None and j["std_error_population"] == j["std_error_population"]:
-        population = (f"; for the prompt population ± {j['std_error_population']:.2g} (95% CI "
-                      f"[{j['ci_population_low']:.4g}, {j['ci_population_high']:.4g}])")
+    se_pop = j.get("std_error_population")
+    if se_pop is not None and se_pop == se_pop:
+        pop_ci, pop_negative = _ci_text(j["ci_population_low"], j["ci_population_high"], se_pop)
+        population = (f"; for the prompt population SE {estimate_text(j['estimate'], se_pop)[1]}, 95% CI {pop_ci}"
+                      f"{f', {BELOW_ZERO}' if pop_negative else ''}")
     flag = f" ! flagged: {j['flag']}" if j.get("flag") else ""
     parts = " + ".join(f"{d} {j[d]['proposal']} {j[d]['estimator']}" for d in ("forward", "reverse") if j.get(d))
-    return (f"Jeffreys {target}{where} = {j['estimate']:.6g} ± {j['std_error']:.2g} {j.get('unit', '')} (95% CI "
-            f"[{j['ci_low']:.4g}, {j['ci_high']:.4g}]{population}) — {parts}; SE = √(SE_forward² + SE_reverse²), "
-            f"the directions' sequences being independent.{flag}")
+    est, se = estimate_text(j["estimate"], j["std_error"])
+    ci, negative = _ci_text(j["ci_low"], j["ci_high"], j["std_error"])
+    return _wrap(f"Jeffreys {target}{where} = {est} {j.get('unit', '')} (SE {se}, 95% CI {ci}"
+                 f"{f', {BELOW_ZERO}' if negative else ''}{population}) — {parts}; SE = √(SE_forward² + "
+                 f"SE_reverse²), the directions' sequences being independent.{flag}", W)
 
 
 def recommendation_block(result, max_new_tokens: int | None = None, columns: int | None = None,
@@ -416,7 +433,7 @@ def recommendation_block(result, max_new_tokens: int | None = None, columns: int
     unit = (rec or {}).get("unit") or (result.get("unit") or {}).get("unit") or "nats/sequence"
     head = rec if rec is not None else (result.get("unit") or {})
     where = f" {scope}" if scope else ""
-    lines = [f"Recommended{where} per prompt ({unit}{_horizon(head, max_new_tokens)}):"]
+    lines = [_wrap(f"Recommended{where} per prompt ({unit}{_horizon(head, max_new_tokens)}):", W)]
     for p in per_prompt:
         r = p["recommended"]
         text = (p.get("text") or "").replace("\n", " ")
