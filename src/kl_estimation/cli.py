@@ -458,7 +458,7 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
             if isinstance(result, Path):  # save_base alone: P's cache, no candidate
                 print(f"base cache: {result}")
                 return 0
-            print(result.text)
+            print(result.console())
             return _figures(prog, result.folder, None if args.no_plots else "corpus")
         except ValueError as err:
             return fail(prog, str(err))

@@ -114,7 +114,8 @@ def pair_report(pair: dict, n_samples: int, n_repeats: int, columns: int | None 
             ("exact var", 9, [num(m["exact_variance"]) for m in ms]), ("var/naive", 9, [num(r) for r in ratio]),
             ("ESS %", 6, [num(m["mean_ess_pct"], 6, 1) for m in ms]),
             ("max w", 9, [num(m["max_weight"] and max(m["max_weight"])) for m in ms]),
-            ("k̂", 5, [num(m["mean_khat"], 5, 2) for m in ms]), ("score", 7, [num(m["combined_score"], 7, 3) for m in ms])]
+            ("k̂", 5, [num(m["mean_khat"], 5, 2) for m in ms]),
+            ("score", 7, [num(m["combined_score"], 7, 3) for m in ms])]
     lines += _columns_table("method (! = flagged)", [("! " if m["flags"] else "  ") + m["name"] for m in ms], cols, W)
     flagged = [m for m in ms if m["flags"]]
     if flagged:
@@ -193,6 +194,17 @@ def width(columns: int | None = None) -> int:
     """The width to fit: `columns`, else the terminal's (shutil.get_terminal_size; 120 off a terminal), at least
     MIN_WIDTH."""
     return max(MIN_WIDTH, columns if columns is not None else shutil.get_terminal_size((120, 24)).columns)
+
+
+def terminal_columns() -> int | None:
+    """The width of the terminal the console goes to — COLUMNS when set, else stdout's terminal — or None when
+    there is neither (output piped to a file or a parser: no width to honour)."""
+    import os
+    import sys
+
+    if os.environ.get("COLUMNS", "").isdigit() or getattr(sys.stdout, "isatty", lambda: False)():
+        return width()
+    return None
 
 
 def se_decimals(se) -> int | None:
