@@ -7,8 +7,10 @@ The fast tests call the scripts' functions in this process (tiny models, few sam
 themselves as a user would, figures included."""
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -109,11 +111,13 @@ def test_corpus_block_digits_from_the_clustered_se():
 def test_the_scripts_fit_80_columns(models, tmp_path):
     """The three scripts as a user runs them (figures included), and visualize_proposals.py on a run folder."""
     env = {**os.environ, "COLUMNS": str(COLUMNS), "PYTHONPATH": str(ROOT / "src")}
-    argv = argv_of(*models, tmp_path)
+    out = Path(tempfile.mkdtemp(prefix="w", dir="/tmp"))  # paths are printed whole: keep them short
+    argv = argv_of(*models, out)
     runs = [["Synthetic_tests.py", *argv["synthetic"]], ["LLM_experiments.py", *argv["sampled"]],
-            ["LLM_experiments.py", *argv["corpus"]], ["visualize_proposals.py", str(tmp_path / "llm")]]
+            ["LLM_experiments.py", *argv["corpus"]], ["visualize_proposals.py", str(out / "llm")]]
     for run in runs:
         p = subprocess.run([sys.executable, *run], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-2000:]
         long = too_long(p.stdout) + too_long(p.stderr)
         assert not long, (run[0], long[:5])
+    shutil.rmtree(out)

@@ -205,11 +205,15 @@ def _figures(prog: str, folder: Path, kind: str | None) -> int:
         if kind is not None:
             from importlib import import_module
 
-            print(f"figures: {import_module(f'kl_estimation.figures.{kind}').draw_all(folder)}")
+            from kl_estimation.report import path_line
+
+            print(path_line("figures:", import_module(f"kl_estimation.figures.{kind}").draw_all(folder)))
     except KeyboardInterrupt:
         return interrupted(prog, f"the run folder {folder} is complete but its figures are not; draw them with: "
                                  f"{shlex.join([_python(), 'visualize_proposals.py', str(folder)])}")
-    print(f"run folder: {folder}")
+    from kl_estimation.report import path_line
+
+    print(path_line("run folder:", folder))
     return 0
 
 
@@ -241,7 +245,9 @@ def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) 
         except KeyboardInterrupt:
             return interrupted(prog, "no figure was half-written (each replaces its file only when complete); run the "
                                      "same command again to draw them all")
-    print(f"figures: {index}")
+    from kl_estimation.report import path_line
+
+    print(path_line("figures:", index))
     return 0
 
 
@@ -392,8 +398,8 @@ def _run_llm(cfg, plots: bool = True) -> int:
     if plots:
         from kl_estimation.figures import llm as plots_llm
 
-        print(f"\nfigures: {plots_llm.draw_all(cfg.output_dir)}")
-    print(f"output folder: {cfg.output_dir}")
+        print("\n" + report.path_line("figures:", plots_llm.draw_all(cfg.output_dir)))
+    print(report.path_line("output folder:", cfg.output_dir))
     for d in directions:  # what to report, per direction: one block (a line per prompt, one overall line)
         print(report.recommendation_block(result.view(d), max_new_tokens=cfg.max_new_tokens,
                                           scope=recommendation_scope(d, len(directions))))
@@ -456,7 +462,9 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
                 cfg = replace(cfg, output_dir=str(reserved))
             result = run_corpus(cfg, progress=True)
             if isinstance(result, Path):  # save_base alone: P's cache, no candidate
-                print(f"base cache: {result}")
+                from kl_estimation.report import path_line
+
+                print(path_line("base cache:", result))
                 return 0
             print(result.console())
             return _figures(prog, result.folder, None if args.no_plots else "corpus")

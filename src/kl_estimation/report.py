@@ -363,6 +363,13 @@ def _wrap(text: str, columns: int, first: str = "", rest: str = "  ") -> str:
     return textwrap.fill(text, columns, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
 
 
+def path_line(label: str, path, columns: int | None = None) -> str:
+    """`label path` on one line when it fits `columns` (default: the terminal's width, at least 80), else the path on
+    a line of its own, whole (a path is never broken: it is copied as it is)."""
+    text = f"{label} {path}"
+    return text if len(text) <= width(columns) else f"{label}\n  {path}"
+
+
 def prose(text: str, columns: int | None = None, rest: str = "  ") -> str:
     """A console paragraph wrapped to `columns` (default: the terminal's width, at least 80), later lines indented
     by `rest`; a leading blank line (a paragraph break) is kept."""
