@@ -327,8 +327,12 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
     shrink("flag", 2)
 
     def cell(k, text):
-        text = _name(text, widths[k]) if k == "proposal" else (text if len(text) <= widths[k]
-                                                               else text[: widths[k] - 1] + "…")
+        if k == "proposal":
+            text = _name(text, widths[k])
+        elif k == "flag" and len(text) > widths[k]:
+            text = _codes_within(text, widths[k])
+        elif len(text) > widths[k]:
+            text = text[: widths[k] - 1] + "…"
         return text.rjust(widths[k]) if k in right else text.ljust(widths[k])
 
     lines = [_rule(title, W), " ".join(cell(k, heads[k]) for k in shown).rstrip()]
@@ -357,6 +361,18 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
             lines.append(_wrap(f"{p} · {'/'.join(ests)} — {code}{': ' + message if message else ''}", W, "  ",
                                "      "))
     return "\n".join(lines)
+
+
+def _codes_within(flag: str, w: int) -> str:
+    """'! A,B,C' in w columns: the whole codes that fit and '+n' for the rest (every code is written out below the
+    table); the first code shortened only when not even it fits."""
+    codes_ = flag.removeprefix("! ").split(",")
+    for k in range(len(codes_) - 1, 0, -1):
+        text = f"! {','.join(codes_[:k])} +{len(codes_) - k}"
+        if len(text) <= w:
+            return text
+    more = f" +{len(codes_) - 1}" if len(codes_) > 1 else ""
+    return flag[: max(w - len(more) - 1, 1)] + "…" + more if w > len(more) + 2 else flag[: w - 1] + "…"
 
 
 def _wrap(text: str, columns: int, first: str = "", rest: str = "  ") -> str:
