@@ -408,8 +408,9 @@ def recommendation_line(rec, scope: str = "", *, max_new_tokens: int | None = No
 
     ``Recommended: P · RB+CV = 10.70 nats/sequence (SE 0.08, 95% CI [10.55, 10.86]; a sequence is up to 20 new
     tokens, cut at EOS) — <reason>.`` The unit is nats per sequence (``unit`` overrides it), the horizon comes from
-    `max_new_tokens` or the recommendation's own ``max_new_tokens`` / ``eos`` (verdicts.judge records them). Estimate and CI are
-    shown to the decimals the SE supports; a negative lower bound is shown as computed, and said to be (BELOW_ZERO)."""
+    `max_new_tokens` or the recommendation's own ``max_new_tokens`` / ``eos`` (verdicts.judge records them).
+    Estimate and CI are shown to the decimals the SE supports; a negative lower bound is shown as computed, and said
+    to be (BELOW_ZERO)."""
     where = f" {scope}" if scope else ""
     if rec is None:
         return f"Recommended{where}: none — " + (render(advice) or "every row is flagged (see above); draw more "
@@ -499,8 +500,8 @@ def recommendation_block(result, max_new_tokens: int | None = None, columns: int
     covers = rec.get("covers")
     use = "Report the first for this prompt set" + (", the second to generalise to new prompts" if population else "")
     reason = f" {rec['reason']}." if rec.get("reason") else ""
-    overall = (f"Recommended{where} over {covers or f'the {m} prompts'}: {rec['proposal']} · {rec['estimator']} = {est} "
-               f"{unit} (the mean of the per-prompt estimates); for these prompts SE {se}, 95% CI {ci}"
+    overall = (f"Recommended{where} over {covers or f'the {m} prompts'}: {rec['proposal']} · {rec['estimator']} = "
+               f"{est} {unit} (the mean of the per-prompt estimates); for these prompts SE {se}, 95% CI {ci}"
                f"{f' ({BELOW_ZERO})' if negative else ''}{population}. {use}.{reason}")
     lines.append(_wrap(overall, W, "", "  "))
     return "\n".join(lines)
