@@ -376,7 +376,8 @@ def _codes_within(flag: str, w: int) -> str:
 
 
 def _wrap(text: str, columns: int, first: str = "", rest: str = "  ") -> str:
-    return textwrap.fill(text, columns, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
+    return textwrap.fill(text, columns, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
+                         break_long_words=False)  # a path longer than a line stays whole
 
 
 def path_line(label: str, path, columns: int | None = None) -> str:

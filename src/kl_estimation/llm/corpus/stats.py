@@ -496,7 +496,8 @@ EXTRA_LEGEND = ("KL(base||Q) is llama.cpp's KLD; Jeffreys = KL(base||Q) + KL(Q||
 def _wrap(text: str, first: str = "", rest: str = "  ") -> str:
     import textwrap
 
-    return textwrap.fill(text, TEXT_WIDTH, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
+    return textwrap.fill(text, TEXT_WIDTH, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
+                         break_long_words=False)  # a path longer than a line stays whole
 
 
 def value_ci(v, ci, se=None, scale: float = 1.0, sign: bool = False) -> str:
