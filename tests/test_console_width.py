@@ -42,6 +42,8 @@ def models(tmp_path_factory):
 def argv_of(root, p, q, q2, out):
     return {
         "synthetic": ["--n-samples", "100", "--n-repeats", "2", "--output-dir", str(out / "syn")],
+        "sequence": ["--sequence", "--n-samples", "32", "--n-repeats", "2", "--vocab-size", "30",
+                     "--max-new-tokens", "5", "--output-dir", str(out / "seq")],
         "sampled": ["--p-model", p, "--q-model", q, "--prompts-file", str(root / "prompts.txt"), "--direction", "both",
                     "--n-samples", "16", "--max-new-tokens", "2", "--output-dir", str(out / "llm")],
         "corpus": ["--corpus", str(root / "c.txt"), "--p-model", p, "--q-model", q, q2, "--context", "16",
@@ -49,13 +51,13 @@ def argv_of(root, p, q, q2, out):
     }
 
 
-@pytest.mark.parametrize("kind", ["synthetic", "sampled", "corpus"])
+@pytest.mark.parametrize("kind", ["synthetic", "sequence", "sampled", "corpus"])
 def test_every_line_fits_80_columns(kind, models, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", str(COLUMNS))
     argv = argv_of(*models, tmp_path)[kind] + ["--no-plots"]
-    if kind == "synthetic":
+    if kind in ("synthetic", "sequence"):
         argv += ["--families", "zipf"]
-    assert (synthetic_main if kind == "synthetic" else llm_main)(argv) == 0
+    assert (synthetic_main if kind in ("synthetic", "sequence") else llm_main)(argv) == 0
     out, err = capsys.readouterr()
     assert not too_long(out) and not too_long(err), (too_long(out) + too_long(err))[:5]
     if kind == "synthetic":  # the wide table is split in two, both with the methods' names; messages never cut
