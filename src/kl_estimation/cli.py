@@ -107,6 +107,13 @@ def fail(prog: str, message: str) -> int:
     return EXIT_BAD_INPUT
 
 
+def _print_path(label: str, path) -> None:
+    """A folder or file the run wrote, printed whole (report.path_line: on the label's line when it fits)."""
+    from kl_estimation.report import path_line
+
+    print(path_line(label, path))
+
+
 def _names(values: list[str]) -> list[str]:
     """Accept `--families zipf mixture` and `--families zipf,mixture` alike."""
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
@@ -205,15 +212,11 @@ def _figures(prog: str, folder: Path, kind: str | None) -> int:
         if kind is not None:
             from importlib import import_module
 
-            from kl_estimation.report import path_line
-
-            print(path_line("figures:", import_module(f"kl_estimation.figures.{kind}").draw_all(folder)))
+            _print_path("figures:", import_module(f"kl_estimation.figures.{kind}").draw_all(folder))
     except KeyboardInterrupt:
         return interrupted(prog, f"the run folder {folder} is complete but its figures are not; draw them with: "
                                  f"{shlex.join([_python(), 'visualize_proposals.py', str(folder)])}")
-    from kl_estimation.report import path_line
-
-    print(path_line("run folder:", folder))
+    _print_path("run folder:", folder)
     return 0
 
 
@@ -245,9 +248,7 @@ def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) 
         except KeyboardInterrupt:
             return interrupted(prog, "no figure was half-written (each replaces its file only when complete); run the "
                                      "same command again to draw them all")
-    from kl_estimation.report import path_line
-
-    print(path_line("figures:", index))
+    _print_path("figures:", index)
     return 0
 
 
@@ -398,8 +399,9 @@ def _run_llm(cfg, plots: bool = True) -> int:
     if plots:
         from kl_estimation.figures import llm as plots_llm
 
-        print("\n" + report.path_line("figures:", plots_llm.draw_all(cfg.output_dir)))
-    print(report.path_line("output folder:", cfg.output_dir))
+        print()
+        _print_path("figures:", plots_llm.draw_all(cfg.output_dir))
+    _print_path("output folder:", cfg.output_dir)
     for d in directions:  # what to report, per direction: one block (a line per prompt, one overall line)
         print(report.recommendation_block(result.view(d), max_new_tokens=cfg.max_new_tokens,
                                           scope=recommendation_scope(d, len(directions))))
@@ -462,9 +464,7 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
                 cfg = replace(cfg, output_dir=str(reserved))
             result = run_corpus(cfg, progress=True)
             if isinstance(result, Path):  # save_base alone: P's cache, no candidate
-                from kl_estimation.report import path_line
-
-                print(path_line("base cache:", result))
+                _print_path("base cache:", result)
                 return 0
             print(result.console())
             return _figures(prog, result.folder, None if args.no_plots else "corpus")
