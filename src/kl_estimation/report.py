@@ -27,7 +27,7 @@ def num(x, width: int = 9, digits: int = 3) -> str:
 
 
 SHORT = {"Cross-entropy tilted": "CE-tilted", "Exponential family": "Exp family", "Chi-square aware": "χ²-aware",
-         " [prefix-aware]": " [prefix]"}
+         "Fixed mixture": "Fixed mix", "Alpha-mixture": "α-mixture", " [prefix-aware]": " [prefix]"}
 
 
 def _name(n: str, w: int = NAME_W) -> str:
