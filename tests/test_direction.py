@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import kl_estimation as kle
+from kl_estimation import report
 from kl_estimation.cli import llm_main
 from kl_estimation.core.kinds import Estimator
 from kl_estimation.core.results import Code, Flag, Row
@@ -268,7 +269,8 @@ def test_console_files_and_figures_say_the_direction(straight):
     assert summary["recommended"] == summary["recommended_by_direction"]["forward"]
     j = summary["jeffreys"]
     assert j["direction"] == "both" and j["unit"] == "nats per sequence"
-    assert f"= {j['estimate']:.6g} ± " in lines[-1]
+    est, se = report.estimate_text(j["estimate"], j["std_error"])  # the digits the SE supports; lines wrapped
+    assert f"= {est} nats per sequence (SE {se}, 95% CI " in " ".join(ln.strip() for ln in stdout.splitlines())
     with open(out / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0])[0] == "direction" and [r["direction"] for r in rows] == ["forward"] * 14 + [
@@ -384,7 +386,7 @@ def test_api_rows_carry_the_direction(tiny):
     json.dumps(both.to_dict(), allow_nan=True)
     text = str(both)
     assert "KL(P‖Q) forward: sequences from P" in text and "KL(Q‖P) reverse: sequences from Q" in text
-    assert text.strip().splitlines()[-1].startswith("Jeffreys KL(P‖Q) + KL(Q‖P) = ")
+    assert text.split("\n\n")[-1].startswith("Jeffreys KL(P‖Q) + KL(Q‖P) = ")  # the last paragraph (wrapped)
     forward = kle.estimate_kl(*tiny, ["a b", "c"], **kw)  # the default direction: the forward part of `both`
     assert [(r.proposal, r.estimator, r.estimate) for r in forward.rows] == [
         (r.proposal, r.estimator, r.estimate) for r in both.rows_for("forward")]

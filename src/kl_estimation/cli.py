@@ -123,6 +123,13 @@ def fail(prog: str, message: str) -> int:
     return EXIT_BAD_INPUT
 
 
+def _print_path(label: str, path) -> None:
+    """A folder or file the run wrote, printed whole (report.path_line: on the label's line when it fits)."""
+    from kl_estimation.report import path_line
+
+    print(path_line(label, path))
+
+
 def _names(values: list[str]) -> list[str]:
     """Accept `--families zipf mixture` and `--families zipf,mixture` alike."""
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
@@ -203,8 +210,8 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
                 print(report.pair_report(pair, cfg.n_samples, cfg.n_repeats), end="\n\n")
                 ratios = [m for m in pair["methods"] if m.get("variance_ratio_iid_rb") is not None]
                 if ratios:  # rows of samplers with dependent sequences: variance over repeats (one randomization each)
-                    print("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
-                        f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios), end="\n\n")
+                    print(report.prose("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
+                        f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios)), end="\n\n")
             print(report.cross_family_report(pairs))
             synthetic.SyntheticResult.of(cfg, kind, pairs, arrays, runio.versions(*(("torch",) * args.sequence))
                                          ).save(out)
@@ -221,11 +228,11 @@ def _figures(prog: str, folder: Path, kind: str | None) -> int:
         if kind is not None:
             from importlib import import_module
 
-            print(f"figures: {import_module(f'kl_estimation.figures.{kind}').draw_all(folder)}")
+            _print_path("figures:", import_module(f"kl_estimation.figures.{kind}").draw_all(folder))
     except KeyboardInterrupt:
         return interrupted(prog, f"the run folder {folder} is complete but its figures are not; draw them with: "
                                  f"{shlex.join([_python(), 'visualize_proposals.py', str(folder)])}")
-    print(f"run folder: {folder}")
+    _print_path("run folder:", folder)
     return 0
 
 
@@ -257,7 +264,7 @@ def visualize_main(argv=None, prog: str = "visualize_proposals.py", **defaults) 
         except KeyboardInterrupt:
             return interrupted(prog, "no figure was half-written (each replaces its file only when complete); run the "
                                      "same command again to draw them all")
-    print(f"figures: {index}")
+    _print_path("figures:", index)
     return 0
 
 
@@ -394,20 +401,23 @@ def _run_llm(cfg, plots: bool = True) -> int:
             f"{f' × {len(cfg.prompt_set)} prompts' if len(cfg.prompt_set) > 1 else ''}, "
             f"T={cfg.max_new_tokens}, temperature {cfg.temperature}"))
     if "reverse" in directions:
-        print("\nreverse: every proposal is built from Q (the sampling model) and P with the roles swapped, so "
-              "plain Monte Carlo from Q is the row Q; the flags speak of the models by their names.")
+        print(report.prose("\nreverse: every proposal is built from Q (the sampling model) and P with the roles "
+                           "swapped, so plain Monte Carlo from Q is the row Q; the flags speak of the models by "
+                           "their names."))
     if result.per_prompt:
-        print(f"\nOver {len(result.per_prompt)} prompts: the estimate is the mean of the per-prompt estimates; "
-              f"'std err' is for this fixed prompt set (within-prompt noise only); the population SE (prompts as a "
-              f"sample, their spread included) is std_error_population in summary.csv / summary.json.")
+        print(report.prose(f"\nOver {len(result.per_prompt)} prompts: the estimate is the mean of the per-prompt "
+                           f"estimates; 'std err' is for this fixed prompt set (within-prompt noise only); the "
+                           f"population SE (prompts as a sample, their spread included) is std_error_population in "
+                           f"summary.csv / summary.json."))
     if cfg.sampler != "iid":
         method = next(iter(result.docs[0]["estimates"].values())).get("std_error_method", "")
-        print(f"\nsampler {cfg.sampler}: standard errors from the {method}")
+        print(report.prose(f"\nsampler {cfg.sampler}: standard errors from the {method}"))
     if plots:
         from kl_estimation.figures import llm as plots_llm
 
-        print(f"\nfigures: {plots_llm.draw_all(cfg.output_dir)}")
-    print(f"output folder: {cfg.output_dir}")
+        print()
+        _print_path("figures:", plots_llm.draw_all(cfg.output_dir))
+    _print_path("output folder:", cfg.output_dir)
     for d in directions:  # what to report, per direction: one block (a line per prompt, one overall line)
         print(report.recommendation_block(result.view(d), max_new_tokens=cfg.max_new_tokens,
                                           scope=recommendation_scope(d, len(directions))))
@@ -470,9 +480,9 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
                 cfg = replace(cfg, output_dir=str(reserved))
             result = run_corpus(cfg, progress=True)
             if isinstance(result, Path):  # save_base alone: P's cache, no candidate
-                print(f"base cache: {result}")
+                _print_path("base cache:", result)
                 return 0
-            print(result.text)
+            print(result.console())
             return _figures(prog, result.folder, None if args.no_plots else "corpus")
         except ValueError as err:
             return fail(prog, str(err))

@@ -29,8 +29,10 @@ class _Lines:
 
     def write(self, s: str) -> None:
         text = s.replace("\r", "").rstrip()
-        if text:
-            self.stream.write(text + "\n")
+        if text:  # wrapped to the terminal's width (a log read in one: COLUMNS), never cut
+            from kl_estimation.report import prose
+
+            self.stream.write(prose(text, rest="    ") + "\n")
 
     def flush(self) -> None:
         self.stream.flush()

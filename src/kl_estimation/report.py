@@ -27,7 +27,7 @@ def num(x, width: int = 9, digits: int = 3) -> str:
 
 
 SHORT = {"Cross-entropy tilted": "CE-tilted", "Exponential family": "Exp family", "Chi-square aware": "χ²-aware",
-         " [prefix-aware]": " [prefix]"}
+         "Fixed mixture": "Fixed mix", "Alpha-mixture": "α-mixture", " [prefix-aware]": " [prefix]"}
 
 
 def _name(n: str, w: int = NAME_W) -> str:
@@ -44,73 +44,121 @@ def _name(n: str, w: int = NAME_W) -> str:
 
 
 def _rule(title: str, columns: int = WIDTH) -> str:
-    if len(title) + 4 > columns:
-        title = title[: columns - 5] + "…"
-    return f"── {title} " + "─" * max(0, columns - len(title) - 4)
+    """`── title ───` across `columns`; a title too long for one line is wrapped (never cut), the rule after its
+    last line."""
+    lines = textwrap.wrap(title, columns - 5, break_on_hyphens=False) or [""]
+    lines = ["── " + lines[0]] + ["   " + ln for ln in lines[1:]]
+    lines[-1] += " " + "─" * max(0, columns - len(lines[-1]) - 1)
+    return "\n".join(lines)
 
 
-def pair_report(pair: dict, n_samples: int, n_repeats: int) -> str:
+def _pack(parts, columns: int, sep: str = "   ", indent: str = "  ") -> list[str]:
+    """Short phrases joined by `sep` on as few lines as fit `columns` (a phrase is never broken; a later line starts
+    with `indent`)."""
+    lines = [""]
+    for part in parts:
+        if lines[-1].strip() and len(lines[-1]) + len(sep) + len(part) > columns:
+            lines.append(indent)
+        lines[-1] += (sep if lines[-1].strip() else "") + part
+    return lines
+
+
+def _columns_table(head: str, names: list[str], cols: list[tuple[str, int, list[str]]], columns: int,
+                   name_w: int = NAME_W) -> list[str]:
+    """A table of rows named `names` and right-aligned columns (header, width, cells), split into several tables,
+    each starting with the names, when one would be wider than `columns`; the names column is narrowed first to what
+    its longest name needs."""
+    name_w = min(name_w, max(len(head), *(len(n) for n in names)))
+    groups, width_left = [[]], columns - name_w
+    for col in cols:
+        if groups[-1] and width_left < col[1] + 1:
+            groups.append([])
+            width_left = columns - name_w
+        groups[-1].append(col)
+        width_left -= col[1] + 1
+    lines = []
+    for g, group in enumerate(groups):
+        if g:
+            lines.append("")
+        lines.append(f"{_name(head, name_w):<{name_w}} " + " ".join(f"{h:>{w}}" for h, w, _ in group))
+        for i, n in enumerate(names):
+            lines.append(f"{_name(n, name_w):<{name_w}} " + " ".join(f"{c[i]:>{w}}" for _, w, c in group))
+    return lines
+
+
+def pair_report(pair: dict, n_samples: int, n_repeats: int, columns: int | None = None) -> str:
+    """One synthetic or toy pair: its statistics, one row per method (split into two tables below 120 columns, each
+    repeating the method names), the flagged methods with their codes and first message, the top 5 of each ranking.
+    Fits `columns` (default: the terminal's width, at least 80)."""
+    W = width(columns)
     if "order" in pair:  # a toy sequence pair
-        stats = (f"order-{pair['order']} Markov pair, V = {pair['vocab_size']} (token 0 = EOS), max_new_tokens T = "
-                 f"{pair['max_new_tokens']}; exact values by DP   oracle control-variate β* = {pair['cv_beta_star']:.4g}")
+        stats = [f"order-{pair['order']} Markov pair, V = {pair['vocab_size']} (token 0 = EOS),",
+                 f"max_new_tokens T = {pair['max_new_tokens']}; exact values by DP",
+                 f"oracle control-variate β* = {pair['cv_beta_star']:.4g}"]
         unit = "sequence"
     else:
-        stats = (f"P: top-10 mass {pair['top10_mass_p']:.3f}, top-100 {pair['top100_mass_p']:.3f}   "
-                 f"Q: top-10 mass {pair['top10_mass_q']:.3f}, top-100 {pair['top100_mass_q']:.3f}   "
-                 f"moved mass {pair['moved_mass']:.3f}")
+        stats = [f"P: top-10 mass {pair['top10_mass_p']:.3f}, top-100 {pair['top100_mass_p']:.3f}",
+                 f"Q: top-10 mass {pair['top10_mass_q']:.3f}, top-100 {pair['top100_mass_q']:.3f}",
+                 f"moved mass {pair['moved_mass']:.3f}"]
         unit = "sample"
-    lines = [
-        _rule(f"{pair['family']} · divergence {pair['divergence']}"),
-        stats,
-        f"true KL(P‖Q) = {pair['true_kl']:.6g}   theoretical variance Var_P[log P/Q] = "
-        f"{pair['theoretical_variance']:.6g} per {unit}   ({n_samples} {unit}s × {n_repeats} repeats)",
-        "",
-        f"{'method (! = flagged)':<{NAME_W}} {'mean est':>9} {'|error|':>9} {'rel %':>7} {'emp var':>9} "
-        f"{'exact var':>9} {'var/naive':>9} {'ESS %':>6} {'max w':>9} {'k̂':>5} {'score':>7}",
-    ]
-    for m in pair["methods"]:
-        ratio = (m["exact_variance"] / pair["theoretical_variance"]
-                 if m["exact_variance"] is not None and pair["theoretical_variance"] > 0 else None)
-        lines.append(
-            f"{_name(('! ' if m['flags'] else '  ') + m['name']):<{NAME_W}} {num(m['mean_estimate'])} "
-            f"{num(m['abs_error'])} {num(m['rel_error_pct'], 7, 1)} {num(m['empirical_variance'])} "
-            f"{num(m['exact_variance'])} {num(ratio)} {num(m['mean_ess_pct'], 6, 1)} "
-            f"{num(m['max_weight'] and max(m['max_weight']))} {num(m['mean_khat'], 5, 2)} "
-            f"{num(m['combined_score'], 7, 3)}")
-    flagged = [m for m in pair["methods"] if m["flags"]]
+    lines = [_rule(f"{pair['family']} · divergence {pair['divergence']}", W), *_pack(stats, W),
+             *_pack([f"true KL(P‖Q) = {pair['true_kl']:.6g}", f"theoretical variance Var_P[log P/Q] = "
+                     f"{pair['theoretical_variance']:.6g} per {unit}", f"({n_samples} {unit}s × {n_repeats} repeats)"],
+                    W), ""]
+    ms = pair["methods"]
+    ratio = [m["exact_variance"] / pair["theoretical_variance"]
+             if m["exact_variance"] is not None and pair["theoretical_variance"] > 0 else None for m in ms]
+    cols = [("mean est", 9, [num(m["mean_estimate"]) for m in ms]), ("|error|", 9, [num(m["abs_error"]) for m in ms]),
+            ("rel %", 7, [num(m["rel_error_pct"], 7, 1) for m in ms]),
+            ("emp var", 9, [num(m["empirical_variance"]) for m in ms]),
+            ("exact var", 9, [num(m["exact_variance"]) for m in ms]), ("var/naive", 9, [num(r) for r in ratio]),
+            ("ESS %", 6, [num(m["mean_ess_pct"], 6, 1) for m in ms]),
+            ("max w", 9, [num(m["max_weight"] and max(m["max_weight"])) for m in ms]),
+            ("k̂", 5, [num(m["mean_khat"], 5, 2) for m in ms]),
+            ("score", 7, [num(m["combined_score"], 7, 3) for m in ms])]
+    lines += _columns_table("method (! = flagged)", [("! " if m["flags"] else "  ") + m["name"] for m in ms], cols, W)
+    flagged = [m for m in ms if m["flags"]]
     if flagged:
-        lines += ["", "! flagged — ranked after every unflagged method (codes; the first flag's message; every message "
-                      "is in results.json):"]
-        for m in flagged:  # one line per method: a toy pair's rows can carry several sample flags each
+        lines += ["", _wrap("! flagged — ranked after every unflagged method (codes; the first flag's message; every "
+                            "message is in results.json):", W)]
+        for m in flagged:  # one entry per method: a toy pair's rows can carry several sample flags each
             fs = as_flags(m["flags"])
-            text = f"  {m['name']} — {codes(fs)}: {fs[0].message}"
-            lines.append(text if len(text) <= WIDTH else text[: WIDTH - 1] + "…")
-    lines += ["", _top5(pair)]
+            lines.append(_wrap(f"{m['name']} — {codes(fs)}: {fs[0].message}", W, "  ", "      "))
+    lines += ["", _top5(pair, W)]
     return "\n".join(lines)
 
 
 TITLES = {"by_exact_variance": "exact variance", "by_accuracy": "accuracy |error|",
           "by_variance": "sample variance", "by_combined": "combined score"}
+RANK_CELL = 30  # columns a ranking's cell needs ("5. Alpha-mixture (α=0.9) !")
 
 
-def _top5(pair: dict) -> str:
-    w = WIDTH // len(TITLES) - 1
+def _top5(pair: dict, columns: int = WIDTH) -> str:
+    """The top 5 of each ranking side by side, as many rankings per block as fit `columns` (four at 120, two at 80)."""
+    per = max(1, min(len(TITLES), columns // RANK_CELL))
+    w = columns // per - 1
     flagged = {m["name"] for m in pair["methods"] if m["flags"]}
-    head = " ".join(f"{_name('top 5: ' + t, w):<{w}}" for t in TITLES.values())
-    rows = []
-    for i in range(5):
-        cells = []
-        for key in TITLES:
-            names = pair["rankings"][key]
-            cell = f"{i + 1}. {names[i]}{' !' if names[i] in flagged else ''}" if i < len(names) else ""
-            cells.append(f"{_name(cell, w):<{w}}")
-        rows.append(" ".join(cells))
-    return "\n".join([head, *rows])
+    keys = list(TITLES)
+    blocks = []
+    for b in range(0, len(keys), per):
+        part = keys[b:b + per]
+        rows = [" ".join(f"{_name('top 5: ' + TITLES[k], w):<{w}}" for k in part).rstrip()]
+        for i in range(5):
+            cells = []
+            for key in part:
+                names = pair["rankings"][key]
+                cell = f"{i + 1}. {names[i]}{' !' if names[i] in flagged else ''}" if i < len(names) else ""
+                cells.append(f"{_name(cell, w):<{w}}")
+            rows.append(" ".join(cells).rstrip())
+        blocks.append("\n".join(rows))
+    return "\n\n".join(blocks)
 
 
-def cross_family_report(pairs: list[dict], top: int = 3) -> str:
+def cross_family_report(pairs: list[dict], top: int = 3, columns: int | None = None) -> str:
     """Per divergence: the methods that make the top `top` by exact variance in any family, with their
-    exact variance relative to naive MC in every family (lower is better; 1 = naive MC)."""
+    exact variance relative to naive MC in every family (lower is better; 1 = naive MC). Fits `columns` (default:
+    the terminal's width, at least 80): families beyond it go to a second table."""
+    W = width(columns)
     out = []
     by_div = defaultdict(list)
     for p in pairs:
@@ -124,17 +172,16 @@ def cross_family_report(pairs: list[dict], top: int = 3) -> str:
                          if group[n]["family"] in ("Naive MC", "Rao-Blackwell") and not group[n].get("sampler")):
             if ref not in names:
                 names.append(ref)
-        fams = [p["family"] for p in ps]
-        out += [_rule(f"cross-family · divergence {div} · exact variance / naive MC variance (lower is better)"),
-                f"{'method':<{NAME_W}} " + " ".join(f"{f:>14}" for f in fams)]
-        for n in names:
+        cols = []
+        for p in ps:
             cells = []
-            for p in ps:
+            for n in names:
                 m = next((m for m in p["methods"] if m["name"] == n), None)
                 ok = m is not None and m["exact_variance"] is not None
                 cells.append(num(m["exact_variance"] / p["theoretical_variance"], 14, 4) if ok else "—".rjust(14))
-            out.append(f"{_name(n):<{NAME_W}} " + " ".join(cells))
-        out.append("")
+            cols.append((p["family"], max(14, len(p["family"])), cells))
+        out += [_rule(f"cross-family · divergence {div} · exact variance / naive MC variance (lower is better)", W),
+                *_columns_table("method", names, cols, W), ""]
     return "\n".join(out)
 
 
@@ -147,6 +194,17 @@ def width(columns: int | None = None) -> int:
     """The width to fit: `columns`, else the terminal's (shutil.get_terminal_size; 120 off a terminal), at least
     MIN_WIDTH."""
     return max(MIN_WIDTH, columns if columns is not None else shutil.get_terminal_size((120, 24)).columns)
+
+
+def terminal_columns() -> int | None:
+    """The width of the terminal the console goes to — COLUMNS when set, else stdout's terminal — or None when
+    there is neither (output piped to a file or a parser: no width to honour)."""
+    import os
+    import sys
+
+    if os.environ.get("COLUMNS", "").isdigit() or getattr(sys.stdout, "isatty", lambda: False)():
+        return width()
+    return None
 
 
 def se_decimals(se) -> int | None:
@@ -183,6 +241,8 @@ def estimate_text(est, se) -> tuple[str, str]:
     """(estimate, SE) as text, the estimate to the decimals its SE supports (se_decimals)."""
     d = se_decimals(se)
     se_text = "n/a" if se is None or se != se else ("0" if se == 0 else fixed(se, d))
+    if se_text.strip("0.") == "" and se_text != "0":  # below 10 decimals (an exact sum's rounding): 4.5e-14
+        se_text = f"{se:.2g}"
     return fixed(est, d), se_text
 
 
@@ -214,8 +274,9 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
     """Ranked (proposal, estimator) Rows of an LLM run (core.results.Row): trusted rows first by
     standard error, then the flagged ones (!, with their codes) and, below, what went wrong in words.
 
-    Fits `columns` (default: the terminal's width, at least 80): columns are dropped (k̂, var/seq, ESS, then the
-    interval) and proposal names shortened until every line fits. Estimate and 95% CI are shown to the decimals
+    Fits `columns` (default: the terminal's width, at least 80): proposal names are shortened and flag codes cut (each
+    is written out in full below), then var/seq, ESS and k̂, and if need be the interval, move to a second table of
+    the same rows (rank, proposal and estimator repeated). Estimate and 95% CI are shown to the decimals
     their SE supports (se_decimals); an SE that is not informative shows as 'n/i', never as a zero-width interval;
     ESS is a percentage of the sequences drawn; * marks the recommended row."""
     W = width(columns)
@@ -244,6 +305,7 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
     widths = {k: natural(k) for k in heads}
     widths["proposal"] = min(widths["proposal"], 44)
     widths["flag"] = min(widths["flag"], 40)
+    detail = []  # columns moved to a second table (rank, proposal and estimator repeated) when one does not fit
 
     def total():
         return sum(widths[k] for k in shown) + len(shown) - 1
@@ -251,30 +313,40 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
     def shrink(k, floor):
         widths[k] = max(min(widths[k], floor), widths[k] - max(0, total() - W))
 
-    shrink("flag", 20)  # first shorten the codes and the names a little, then drop columns, least important first
+    shrink("flag", 20)  # first shorten the codes (each is written out below) and the names a little
     shrink("proposal", 26)
-    for k in ("khat", "variance", "ess"):
-        if total() > W:
-            shown.remove(k)
-    shrink("proposal", 16)
+    if total() > W:
+        detail = ["variance", "ess", "khat"]
+        shown = [k for k in shown if k not in detail]
+    shrink("proposal", 20)
     shrink("flag", 10)
     if total() > W:
+        detail.insert(0, "ci")
         shown.remove("ci")
-    shrink("proposal", 10)
+    shrink("proposal", 16)
     shrink("flag", 2)
 
     def cell(k, text):
-        text = _name(text, widths[k]) if k == "proposal" else (text if len(text) <= widths[k]
-                                                               else text[: widths[k] - 1] + "…")
+        if k == "proposal":
+            text = _name(text, widths[k])
+        elif k == "flag" and len(text) > widths[k]:
+            text = _codes_within(text, widths[k])
+        elif len(text) > widths[k]:
+            text = text[: widths[k] - 1] + "…"
         return text.rjust(widths[k]) if k in right else text.ljust(widths[k])
 
     lines = [_rule(title, W), " ".join(cell(k, heads[k]) for k in shown).rstrip()]
     lines += [" ".join(cell(k, c[k]) for k in shown).rstrip() for c in cells]
+    if detail:
+        second = ["rank", "proposal", "estimator", *detail]
+        widths["proposal"] = max(widths["proposal"], min(natural("proposal"), W - sum(
+            widths[k] + 1 for k in second if k != "proposal")))
+        lines += ["", " ".join(cell(k, heads[k]) for k in second).rstrip()]
+        lines += [" ".join(cell(k, c[k]) for k in second).rstrip() for c in cells]
     notes = []
     if any(r.get("recommended") for r in rows):
         notes.append("* recommended")
-    if "ess" in shown:
-        notes.append("ESS: Kish effective sample size, % of the sequences drawn")
+    notes.append("ESS: Kish effective sample size, % of the sequences drawn")
     if notes:
         lines.append(_wrap("; ".join(notes), W))
     flagged = [r for r in rows if r.get("flag")]
@@ -291,8 +363,35 @@ def llm_table(rows: list, title: str, columns: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def _codes_within(flag: str, w: int) -> str:
+    """'! A,B,C' in w columns: the whole codes that fit and '+n' for the rest (every code is written out below the
+    table); the first code shortened only when not even it fits."""
+    codes_ = flag.removeprefix("! ").split(",")
+    for k in range(len(codes_) - 1, 0, -1):
+        text = f"! {','.join(codes_[:k])} +{len(codes_) - k}"
+        if len(text) <= w:
+            return text
+    more = f" +{len(codes_) - 1}" if len(codes_) > 1 else ""
+    return flag[: max(w - len(more) - 1, 1)] + "…" + more if w > len(more) + 2 else flag[: w - 1] + "…"
+
+
 def _wrap(text: str, columns: int, first: str = "", rest: str = "  ") -> str:
-    return textwrap.fill(text, columns, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
+    return textwrap.fill(text, columns, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
+                         break_long_words=False)  # a path longer than a line stays whole
+
+
+def path_line(label: str, path, columns: int | None = None) -> str:
+    """`label path` on one line when it fits `columns` (default: the terminal's width, at least 80), else the path on
+    a line of its own, whole (a path is never broken: it is copied as it is)."""
+    text = f"{label} {path}"
+    return text if len(text) <= width(columns) else f"{label}\n  {path}"
+
+
+def prose(text: str, columns: int | None = None, rest: str = "  ") -> str:
+    """A console paragraph wrapped to `columns` (default: the terminal's width, at least 80), later lines indented
+    by `rest`; a leading blank line (a paragraph break) is kept."""
+    lead = len(text) - len(text.lstrip("\n"))
+    return "\n" * lead + _wrap(text[lead:], width(columns), "", rest)
 
 
 def _horizon(rec: dict, max_new_tokens=None) -> str:
@@ -310,8 +409,9 @@ def recommendation_line(rec, scope: str = "", *, max_new_tokens: int | None = No
 
     ``Recommended: P · RB+CV = 10.70 nats/sequence (SE 0.08, 95% CI [10.55, 10.86]; a sequence is up to 20 new
     tokens, cut at EOS) — <reason>.`` The unit is nats per sequence (``unit`` overrides it), the horizon comes from
-    `max_new_tokens` or the recommendation's own ``max_new_tokens`` / ``eos`` (verdicts.judge records them). Estimate and CI are
-    shown to the decimals the SE supports; a negative lower bound is shown as computed, and said to be (BELOW_ZERO)."""
+    `max_new_tokens` or the recommendation's own ``max_new_tokens`` / ``eos`` (verdicts.judge records them).
+    Estimate and CI are shown to the decimals the SE supports; a negative lower bound is shown as computed, and said
+    to be (BELOW_ZERO)."""
     where = f" {scope}" if scope else ""
     if rec is None:
         return f"Recommended{where}: none — " + (render(advice) or "every row is flagged (see above); draw more "
@@ -326,21 +426,28 @@ def recommendation_line(rec, scope: str = "", *, max_new_tokens: int | None = No
             f"{f' — {reason}' if reason else ''}.")
 
 
-def jeffreys_line(j: dict, scope: str = "") -> str:
-    """The line of the Jeffreys row of a run of both directions (llm.run.directions.jeffreys_row)."""
+def jeffreys_line(j: dict, scope: str = "", columns: int | None = None) -> str:
+    """The Jeffreys row of a run of both directions (llm.run.directions.jeffreys_row), wrapped to `columns` (default:
+    the terminal's width, at least 80); estimate, SE and CI to the digits the SE supports (estimate_text), the
+    population's to its own SE's."""
+    W = width(columns)
     where = f" {scope}" if scope else ""
     target = j.get("target", "KL(P‖Q) + KL(Q‖P)")
     if j["estimate"] != j["estimate"]:  # NaN: a direction has no row to add
-        return f"Jeffreys {target}{where}: none — {j['flag']}."
+        return _wrap(f"Jeffreys {target}{where}: none — {j['flag']}.", W)
     population = ""
-    if j.get("std_error_population") is not None and j["std_error_population"] == j["std_error_population"]:
-        population = (f"; for the prompt population ± {j['std_error_population']:.2g} (95% CI "
-                      f"[{j['ci_population_low']:.4g}, {j['ci_population_high']:.4g}])")
+    se_pop = j.get("std_error_population")
+    if se_pop is not None and se_pop == se_pop:
+        pop_ci, pop_negative = _ci_text(j["ci_population_low"], j["ci_population_high"], se_pop)
+        population = (f"; for the prompt population SE {estimate_text(j['estimate'], se_pop)[1]}, 95% CI {pop_ci}"
+                      f"{f', {BELOW_ZERO}' if pop_negative else ''}")
     flag = f" ! flagged: {j['flag']}" if j.get("flag") else ""
     parts = " + ".join(f"{d} {j[d]['proposal']} {j[d]['estimator']}" for d in ("forward", "reverse") if j.get(d))
-    return (f"Jeffreys {target}{where} = {j['estimate']:.6g} ± {j['std_error']:.2g} {j.get('unit', '')} (95% CI "
-            f"[{j['ci_low']:.4g}, {j['ci_high']:.4g}]{population}) — {parts}; SE = √(SE_forward² + SE_reverse²), "
-            f"the directions' sequences being independent.{flag}")
+    est, se = estimate_text(j["estimate"], j["std_error"])
+    ci, negative = _ci_text(j["ci_low"], j["ci_high"], j["std_error"])
+    return _wrap(f"Jeffreys {target}{where} = {est} {j.get('unit', '')} (SE {se}, 95% CI {ci}"
+                 f"{f', {BELOW_ZERO}' if negative else ''}{population}) — {parts}; SE = √(SE_forward² + "
+                 f"SE_reverse²), the directions' sequences being independent.{flag}", W)
 
 
 def recommendation_block(result, max_new_tokens: int | None = None, columns: int | None = None,
@@ -363,7 +470,7 @@ def recommendation_block(result, max_new_tokens: int | None = None, columns: int
     unit = (rec or {}).get("unit") or (result.get("unit") or {}).get("unit") or "nats/sequence"
     head = rec if rec is not None else (result.get("unit") or {})
     where = f" {scope}" if scope else ""
-    lines = [f"Recommended{where} per prompt ({unit}{_horizon(head, max_new_tokens)}):"]
+    lines = [_wrap(f"Recommended{where} per prompt ({unit}{_horizon(head, max_new_tokens)}):", W)]
     for p in per_prompt:
         r = p["recommended"]
         text = (p.get("text") or "").replace("\n", " ")
@@ -394,8 +501,8 @@ def recommendation_block(result, max_new_tokens: int | None = None, columns: int
     covers = rec.get("covers")
     use = "Report the first for this prompt set" + (", the second to generalise to new prompts" if population else "")
     reason = f" {rec['reason']}." if rec.get("reason") else ""
-    overall = (f"Recommended{where} over {covers or f'the {m} prompts'}: {rec['proposal']} · {rec['estimator']} = {est} "
-               f"{unit} (the mean of the per-prompt estimates); for these prompts SE {se}, 95% CI {ci}"
+    overall = (f"Recommended{where} over {covers or f'the {m} prompts'}: {rec['proposal']} · {rec['estimator']} = "
+               f"{est} {unit} (the mean of the per-prompt estimates); for these prompts SE {se}, 95% CI {ci}"
                f"{f' ({BELOW_ZERO})' if negative else ''}{population}. {use}.{reason}")
     lines.append(_wrap(overall, W, "", "  "))
     return "\n".join(lines)

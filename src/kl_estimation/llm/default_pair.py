@@ -97,9 +97,11 @@ def _train(model, data: np.ndarray, steps: int, lr: float, rng: np.random.Genera
 
 
 def build(seed: int = SEED) -> tuple[Path, Path]:
-    """Train and save the pair (about a minute or two on 2 CPU cores); returns the (P, Q) folders. Callers hold
-    the lock (``ensure`` does). Trained on BUILD_THREADS threads whatever torch uses otherwise: float sums depend on
-    the thread count, and the pair must be the same on every machine."""
+    """Train and save the pair (2 min of CPU on a 2-core EPYC, README's timings); returns the (P, Q) folders. Callers
+    hold the lock (``ensure`` does). Trained on BUILD_THREADS threads whatever torch uses otherwise: float sums depend
+    on the thread count. The same versions give the same pair byte for byte; other versions another one — the data
+    is this Python's standard library, tokenizers trains the BPE, torch's kernels the weights — so built.json records
+    them."""
     import torch
 
     threads = torch.get_num_threads()
@@ -141,7 +143,7 @@ def _build(seed: int, folder: Path) -> tuple[Path, Path]:
         (tmp / "built.json").write_text(json.dumps({
             "version": VERSION, "seed": seed, "threads": BUILD_THREADS, "base": "Python stdlib top-level modules",
             "finetune": list(FINETUNE_PACKAGES), "torch": torch.__version__, "base_tokens": int(base.size),
-            "finetune_tokens": int(tune.size)}, indent=1))
+            "finetune_tokens": int(tune.size), **runio.versions("transformers", "tokenizers")}, indent=1))
     return paths()
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from kl_estimation import runio
 from kl_estimation.llm.corpus.config import CORPUS_FILES
-from kl_estimation.llm.corpus.stats import format_llama, group_line, paired_difference
+from kl_estimation.llm.corpus.stats import TEXT_WIDTH, _wrap, format_llama, group_line, paired_difference, value_ci
 
 CANDIDATES = "candidates"
 
@@ -100,46 +100,50 @@ def paired(results, i: int, j: int, key: str = "kl_forward") -> dict:
                              confidence=a.summary["confidence"])
 
 
-def _fmt_ci(v, ci, scale=1.0, digits=6) -> str:
-    return f"{scale * v:.{digits}f} [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
-
-
 def table_text(rows, results) -> str:
+    """The comparison table within 80 columns (split into two tables of the same candidates when one does not fit),
+    every value to the decimals its interval supports (stats.value_ci), then the paired differences, the groups and
+    the Pareto front."""
+    from kl_estimation.report import _columns_table, estimate_text
+
     s = results[0].summary
     pc = f"{100 * s['confidence']:g}%"
-    head = (f"====== kl_estimation: {len(rows)} candidates against one base, {pc} CIs (means: clustered by "
-            f"{s['cluster_by']}, {s['n_clusters']} clusters; percentiles: bootstrap over them) ======")
-    cols = ("rank", "candidate", "mean KLD", "99% KLD", "99.9% KLD", "same top-1 %", "ln PPL(Q)/PPL(base)", "MiB",
-            "BPW")
-    out = [head, " | ".join(cols)]
-    for row in sorted(rows, key=lambda r: r["rank"]):
-        out.append(" | ".join((
-            str(row["rank"]), row["candidate"], _fmt_ci(row["mean_kld"], row["mean_kld_ci"]),
-            _fmt_ci(row["kld_99"], row["kld_99_ci"]), _fmt_ci(row["kld_99_9"], row["kld_99_9_ci"]),
-            _fmt_ci(row["same_top"], row["same_top_ci"], 100.0, 3),
-            _fmt_ci(row["ln_ppl_ratio"], row["ln_ppl_ratio_ci"]),
-            f"{row['file_bytes'] / 2**20:.1f}" if row["file_bytes"] else "-",
-            f"{row['bits_per_weight']:.3f}" if row["bits_per_weight"] else "-")))
-    out.append(f"paired differences of per-token KL(base||Q) against the closest candidate, mean ± SE (clustered "
-               f"by {s['cluster_by']}) [{pc} CI]:")
-    for row in sorted(rows, key=lambda r: r["rank"]):
+    ranked = sorted(rows, key=lambda r: r["rank"])
+    out = [f"====== kl_estimation: {len(rows)} candidates against one base ======",
+           _wrap(f"{pc} CIs — means: clustered by {s['cluster_by']} ({s['n_clusters']} clusters); percentiles: "
+                 f"bootstrap over them. ln PPL ratio = ln(perplexity of Q / perplexity of the base); MiB and BPW: "
+                 f"the GGUF file's size and bits per weight.")]
+    cols = []
+    for head, key, scale in (("mean KLD", "mean_kld", 1.0), ("same top-1 %", "same_top", 100.0),
+                             ("ln PPL ratio", "ln_ppl_ratio", 1.0), ("99% KLD", "kld_99", 1.0),
+                             ("99.9% KLD", "kld_99_9", 1.0)):
+        cells = [value_ci(r[key], r[key + "_ci"], scale=scale) for r in ranked]
+        cols.append((head, max(len(head), *map(len, cells)), cells))
+    cols.append(("MiB", 6, [f"{r['file_bytes'] / 2**20:.1f}" if r["file_bytes"] else "-" for r in ranked]))
+    cols.append(("BPW", 6, [f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "-" for r in ranked]))
+    out += _columns_table("rank candidate", [f"{r['rank']:>4} {r['candidate']}" for r in ranked], cols, TEXT_WIDTH)
+    out.append(_wrap(f"paired differences of per-token KL(base||Q) against the closest candidate, mean (SE clustered "
+                     f"by {s['cluster_by']}) [{pc} CI]:"))
+    for row in ranked:
         d = row.get("vs_best")
         if d is None:
             continue
         verdict = "indistinguishable" if d["indistinguishable"] else "farther from the base"
-        out.append(f"{row['candidate']} - {d['minus']} = {d['mean']:+.6f} ± {d['se_cluster']:.6f} "
-                   f"[{d['ci'][0]:+.6f}, {d['ci'][1]:+.6f}]: {verdict}")
+        text = value_ci(d["mean"], d["ci"], d["se_cluster"], sign=True)
+        mean, ci = text.split(" [", 1)
+        se = estimate_text(d["mean"], d["se_cluster"])[1]
+        out.append(_wrap(f"{row['candidate']} - {d['minus']} = {mean} (SE {se}) [{ci}: {verdict}", "  ", "    "))
     groups = s.get("groups", {})
     for name in groups:
-        out.append(f"group {name} ({groups[name]['kl_forward']['n']} tokens), by rank:")
-        for row in sorted(rows, key=lambda r: r["rank"]):
+        out.append(_wrap(f"group {name} ({groups[name]['kl_forward']['n']} tokens), by rank:"))
+        for row in ranked:
             g = results[[r["candidate"] for r in rows].index(row["candidate"])].summary["groups"].get(name)
             if g is not None:
-                out.append(f"  {row['candidate']}: " + group_line(g, pc))
+                out.append(_wrap(f"{row['candidate']}: " + group_line(g, pc), "  ", "    "))
     if any("pareto" in r for r in rows):
-        out.append("Pareto front (no other candidate both smaller and closer): "
-                   + ", ".join(r["candidate"] for r in sorted(rows, key=lambda r: r["bits_per_weight"])
-                               if r["pareto"]))
+        out.append(_wrap("Pareto front (no other candidate both smaller and closer): "
+                         + ", ".join(r["candidate"] for r in sorted(rows, key=lambda r: r["bits_per_weight"])
+                                     if r["pareto"])))
     return "\n".join(out) + "\n"
 
 
@@ -173,15 +177,23 @@ class CorpusComparison:
 
     @property
     def text(self) -> str:
-        from kl_estimation.llm.corpus.run import CHUNK_TABLE_MAX, console_text
+        """The comparison as llama.txt holds it: llama.cpp's blocks per candidate, then the table."""
+        return self.console(None)
 
+    def console(self, columns: int | None = 0) -> str:
+        """The text for a terminal of `columns` (0, the default: report.terminal_columns; None: llama.txt's text,
+        with llama.cpp's per-window tables), as CorpusResult.console."""
+        from kl_estimation.llm.corpus.run import CHUNK_TABLE_MAX, CHUNK_WIDTH, console_text
+        from kl_estimation.report import terminal_columns
+
+        columns = terminal_columns() if columns == 0 else columns
         blocks = []
         for i, (name, r) in enumerate(zip(self.names, self.results)):
             # llama.cpp's parsers read the blocks below each header as one run's output
             W = r.summary["n_windows"]
-            text = console_text(r.summary, r.corpus, r.models, r.config) if i == 0 else (
-                f"corpus KL: P = {r.models.get('p')}, Q = {r.models.get('q')}\n\n"
-                + format_llama(r.summary, chunks=W <= CHUNK_TABLE_MAX))
+            text = console_text(r.summary, r.corpus, r.models, r.config, columns) if i == 0 else (
+                _wrap(f"corpus KL: P = {r.models.get('p')}, Q = {r.models.get('q')}") + "\n\n"
+                + format_llama(r.summary, chunks=W <= CHUNK_TABLE_MAX and (columns is None or columns >= CHUNK_WIDTH)))
             blocks.append(f"###### candidate {i + 1}/{len(self.results)}: {name}\n{text}")
         return "\n".join(blocks) + "\n" + table_text(self.table, self.results)
 

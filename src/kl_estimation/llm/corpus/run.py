@@ -42,6 +42,7 @@ from kl_estimation.llm.corpus.text import read_documents, read_token_ids, tokeni
 TOP = 3          # top tokens of P and Q kept for each worst token
 CONTEXT_SHOWN = 40  # tokens of context kept before each worst token
 CHUNK_TABLE_MAX = 64  # the console shows llama.cpp's running per-window table up to this many windows
+CHUNK_WIDTH = 125  # columns of that table's lines (llama.cpp's printf format)
 
 
 @dataclass
@@ -69,7 +70,17 @@ class CorpusResult:
 
     @property
     def text(self) -> str:
+        """The run's text as llama.txt holds it: llama.cpp's blocks (with its per-window table), then ours."""
         return console_text(self.summary, self.corpus, self.models, self.config)
+
+    def console(self, columns: int | None = 0) -> str:
+        """The text for a terminal of `columns` (0, the default: report.terminal_columns — the terminal's width, at
+        least 80, or None off a terminal without COLUMNS; None: llama.txt's text): every line fits but llama.cpp's
+        per-window table, which is left out (and said to be in llama.txt) when it does not."""
+        from kl_estimation.report import terminal_columns
+
+        columns = terminal_columns() if columns == 0 else columns
+        return console_text(self.summary, self.corpus, self.models, self.config, columns)
 
     def to_dict(self) -> dict:
         return {"kind": "corpus", "config": self.config, "models": self.models, "corpus": self.corpus,
@@ -615,16 +626,25 @@ def worst_records(worst, windows, document, arrays, tokenizer) -> list[dict]:
     return out
 
 
-def console_text(summary: dict, corpus: dict, models: dict, config: dict) -> str:
+def console_text(summary: dict, corpus: dict, models: dict, config: dict, columns: int | None = None) -> str:
+    """The header, llama.cpp's blocks (stats.format_llama) and ours. Every line but llama.cpp's running per-window
+    table fits 80 columns (its lines keep llama.cpp's printf format, CHUNK_WIDTH wide): `columns` None is the text of
+    llama.txt (the table up to CHUNK_TABLE_MAX windows); a console narrower than the table gets a line saying where
+    it is instead."""
+    from kl_estimation.llm.corpus.stats import _wrap
+
     W = summary["n_windows"]
-    head = (f"corpus KL: P = {models.get('p')}, Q = {models.get('q')}\n"
-            f"{corpus.get('source')}: {corpus.get('n_tokens')} tokens → {W} windows of {config.get('context')} "
-            f"({corpus.get('tokens_dropped')} dropped at the end), {summary['n_tokens']} scored "
-            f"({config.get('score')}{', P stored as llama.cpp stores it' if config.get('base_storage') != 'exact' else ''}); "
-            f"text starts with {corpus.get('text_start', {}).get('prepended') or 'nothing added'}"
-            + (f", BOS id {corpus['bos_replaces_first_token']} replaces each window's first token"
-               if corpus.get("bos_replaces_first_token") is not None else "") + "\n")
-    body = format_llama(summary, chunks=W <= CHUNK_TABLE_MAX)
-    if W > CHUNK_TABLE_MAX:
-        body = f"(llama.cpp's running per-window table: {W} windows, see windows.csv)\n\n" + body
+    head = (_wrap(f"corpus KL: P = {models.get('p')}, Q = {models.get('q')}") + "\n"
+            + _wrap(f"{corpus.get('source')}: {corpus.get('n_tokens')} tokens → {W} windows of {config.get('context')} "
+                    f"({corpus.get('tokens_dropped')} dropped at the end), {summary['n_tokens']} scored "
+                    f"({config.get('score')}"
+                    f"{', P stored as llama.cpp stores it' if config.get('base_storage') != 'exact' else ''}); "
+                    f"text starts with {corpus.get('text_start', {}).get('prepended') or 'nothing added'}"
+                    + (f", BOS id {corpus['bos_replaces_first_token']} replaces each window's first token"
+                       if corpus.get("bos_replaces_first_token") is not None else "")) + "\n")
+    fits = columns is None or columns >= CHUNK_WIDTH
+    body = format_llama(summary, chunks=W <= CHUNK_TABLE_MAX and fits)
+    if W > CHUNK_TABLE_MAX or not fits:
+        where = "windows.csv" if W > CHUNK_TABLE_MAX else f"llama.txt ({CHUNK_WIDTH} columns) and windows.csv"
+        body = _wrap(f"(llama.cpp's running per-window table: {W} windows, in {where})", rest=" ") + "\n\n" + body
     return head + "\n" + body

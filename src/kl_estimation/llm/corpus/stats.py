@@ -481,57 +481,99 @@ def _chunk_text(C: dict) -> str:
     return "\n" + _CHUNK_HEADER + "\n" + "".join(lines) + "\n"
 
 
+TEXT_WIDTH = 80  # our block's lines fit 80 columns (llama.cpp's own lines keep its formats, whatever their width)
+EXTRA_ROWS = (  # label, key in summary["means"], scale, value field
+    ("KL(base||Q)", "kl_forward", 1.0, "mean"), ("KL(Q||base)", "kl_reverse", 1.0, "mean"),
+    ("Jeffreys", "jeffreys", 1.0, "mean"), ("dp [%]", "delta_p", 100.0, "mean"),
+    ("same top-1 [%]", "same_top", 100.0, "mean"), ("ln PPL ratio Q/base", "ln_ppl_ratio", 1.0, "mean"),
+    ("NLL(Q)", "nll_q", 1.0, "mean"), ("NLL(base)", "nll_base", 1.0, "mean"), ("perplexity Q", "ppl_q", 1.0, "value"),
+    ("perplexity base", "ppl_base", 1.0, "value"), ("perplexity Q/base", "ppl_ratio", 1.0, "value"),
+    ("RMS dp [%]", "rms_dp", 100.0, "value"))
+EXTRA_LEGEND = ("KL(base||Q) is llama.cpp's KLD; Jeffreys = KL(base||Q) + KL(Q||base); dp = p_Q(x) - p_base(x) of "
+                "the scored token; NLL = mean negative log-likelihood = ln perplexity; ratio = SE(cluster) / SE(iid).")
+
+
+def _wrap(text: str, first: str = "", rest: str = "  ") -> str:
+    import textwrap
+
+    return textwrap.fill(text, TEXT_WIDTH, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
+                         break_long_words=False)  # a path longer than a line stays whole
+
+
+def value_ci(v, ci, se=None, scale: float = 1.0, sign: bool = False) -> str:
+    """'v [lo, hi]' to the decimals the SE supports (report.se_decimals; without `se`, the SE of a normal interval
+    of that width); 4 significant digits when the interval is missing."""
+    from kl_estimation.report import fixed, se_decimals
+
+    lo, hi = (scale * c for c in ci)
+    if se is None:
+        se = (hi - lo) / (2 * 1.959964) if math.isfinite(lo) and math.isfinite(hi) else None
+    else:
+        se = scale * se
+    d = se_decimals(se)
+    mid = fixed(scale * v, d)
+    mid = ("+" + mid) if sign and not mid.startswith("-") else mid
+    return mid if not (math.isfinite(lo) and math.isfinite(hi)) else f"{mid} [{fixed(lo, d)}, {fixed(hi, d)}]"
+
+
 def _extra_text(s: dict) -> str:
+    """Our block, within TEXT_WIDTH columns: every number to the decimals its clustered SE supports."""
+    from kl_estimation.report import estimate_text, fixed, se_decimals
+
     M, conf = s["means"], s["confidence"]
     G, N = s["n_clusters"], s["n_tokens"]
     pc = "%g%%" % (100 * conf)
     o = ["====== kl_estimation: both directions, Jeffreys, clustered SEs ======",
-         f"scored tokens {N}, clusters {G} {s['cluster_by']}s; SE(cluster): ratio-estimator sandwich with G/(G-1), "
-         f"CI Student t on {G - 1} df; SE(iid): token-i.i.d., llama.cpp's error, CI t on {N - 1} df",
-         "%-34s %12s %12s %12s %8s   %s" % ("quantity", "mean", "SE(cluster)", "SE(iid)", "ratio",
-                                             f"{pc} CI (cluster)")]
-    rows = (("KL(base||Q)  [llama.cpp's KLD]", "kl_forward", 1.0), ("KL(Q||base)  [reverse]", "kl_reverse", 1.0),
-            ("Jeffreys = KL(base||Q)+KL(Q||base)", "jeffreys", 1.0), ("dp = p_Q(x)-p_base(x)  [%]", "delta_p", 100.0),
-            ("same top-1 token  [%]", "same_top", 100.0), ("ln perplexity ratio Q/base", "ln_ppl_ratio", 1.0),
-            ("mean NLL of Q = ln perplexity", "nll_q", 1.0), ("mean NLL of base = ln perplexity", "nll_base", 1.0))
-    for label, key, sc in rows:
+         _wrap(f"scored tokens {N}, clusters {G} {s['cluster_by']}s; SE(cluster): ratio-estimator sandwich with "
+               f"G/(G-1), CI Student t on {G - 1} df; SE(iid): token-i.i.d., llama.cpp's error, CI t on {N - 1} df")]
+    heads = ("quantity", "mean", "SE(cluster)", "SE(iid)", "ratio", f"{pc} CI (cluster)")
+    cells = []
+    for label, key, sc, field in EXTRA_ROWS:
         r = M[key]
+        d = se_decimals(sc * r["se_cluster"])
         ratio = r["se_cluster"] / r["se_iid"] if r["se_iid"] > 0 else math.nan
-        o.append("%-34s %12.6f %12.6f %12.6f %8.2f   [%.6f, %.6f]" % (
-            label, sc * r["mean"], sc * r["se_cluster"], sc * r["se_iid"], ratio,
-            sc * r["ci_cluster"][0], sc * r["ci_cluster"][1]))
-    for label, key, sc in (("perplexity of Q", "ppl_q", 1.0), ("perplexity of base", "ppl_base", 1.0),
-                           ("perplexity ratio Q/base", "ppl_ratio", 1.0), ("RMS dp  [%]", "rms_dp", 100.0)):
-        r = M[key]
-        ratio = r["se_cluster"] / r["se_iid"] if r["se_iid"] > 0 else math.nan
-        o.append("%-34s %12.6f %12.6f %12.6f %8.2f   [%.6f, %.6f]" % (
-            label, sc * r["value"], sc * r["se_cluster"], sc * r["se_iid"], ratio,
-            sc * r["ci_cluster"][0], sc * r["ci_cluster"][1]))
+        cells.append((label, fixed(sc * r[field], d), estimate_text(0.0, sc * r["se_cluster"])[1],
+                      estimate_text(0.0, sc * r["se_iid"])[1], "%.2f" % ratio,
+                      f"[{fixed(sc * r['ci_cluster'][0], d)}, {fixed(sc * r['ci_cluster'][1], d)}]"))
+    w = [max(len(c[i]) for c in [heads, *cells]) for i in range(len(heads))]
+    split = sum(w) + len(w) - 1 > TEXT_WIDTH  # the CI in a second table of the same rows
+
+    def line(c, idx):
+        return " ".join(c[i].ljust(w[i]) if i == 0 else c[i].rjust(w[i]) for i in idx).rstrip()
+
+    first = range(5) if split else range(6)
+    o += [line(heads, first), *(line(c, first) for c in cells)]
+    if split:
+        o += ["", line(heads, (0, 5)), *(line(c, (0, 5)) for c in cells)]
+    o.append(_wrap(EXTRA_LEGEND))
     for label, key in (("KL(Q||base) quantiles", "kl_reverse"), ("Jeffreys quantiles", "jeffreys")):
         q = s["percentiles"][key]
-        o.append(label + ": " + ", ".join("%s %.6f" % (k if k in ("max", "min", "median") else k + "%", q[k])
-                                          for k in _KLD_ROWS))
+        o.append(_wrap(label + ": " + ", ".join("%s %s" % (k if k in ("max", "min", "median") else k + "%",
+                                                           fixed(q[k], None)) for k in _KLD_ROWS)))
     if "kld_quantile_cis" in s:
         qc = s["kld_quantile_cis"]
-        o.append(f"KL(base||Q) quantiles with {pc} CIs (bootstrap over the {qc['n_clusters']} {s['cluster_by']}s, "
-                 f"{qc['n_resamples']} resamples): " + ", ".join(
-                     f"{k if k == 'median' else k + '%'} {qc[k]['value']:.6f} [{qc[k]['ci'][0]:.6f}, "
-                     f"{qc[k]['ci'][1]:.6f}]" for k in QUANTILE_LEVELS))
+        o.append(_wrap(f"KL(base||Q) quantiles with {pc} CIs (bootstrap over the {qc['n_clusters']} "
+                       f"{s['cluster_by']}s, {qc['n_resamples']} resamples): " + ", ".join(
+                           f"{k if k == 'median' else k + '%'} {value_ci(qc[k]['value'], qc[k]['ci'])}"
+                           for k in QUANTILE_LEVELS)))
     for name, g in s.get("groups", {}).items():
-        o.append(f"group {name}: {g['kl_forward']['n']} tokens in {g['kl_forward']['n_clusters']} "
-                 f"{s['cluster_by']}s: " + group_line(g, pc))
+        o.append(_wrap(f"group {name}: {g['kl_forward']['n']} tokens in {g['kl_forward']['n_clusters']} "
+                       f"{s['cluster_by']}s: " + group_line(g, pc)))
     if N < 100:
-        o.append(f"note: llama.cpp prints no final statistics for fewer than 100 scored tokens (here {N})")
+        o.append(_wrap(f"note: llama.cpp prints no final statistics for fewer than 100 scored tokens (here {N})"))
     return "\n".join(o) + "\n"
 
 
 def group_line(g: dict, pc: str = "95%") -> str:
-    """A group's mean KL(P‖Q), same top-1 and ln PPL ratio with their clustered CIs, on one line."""
+    """A group's mean KL(P‖Q), same top-1 and ln PPL ratio with their clustered CIs, on one (long) line, each to the
+    decimals its SE supports; callers wrap it."""
     kf, st, lr = g["kl_forward"], g["same_top"], g["ln_ppl_ratio"]
-    return (f"KL(base||Q) {kf['mean']:.6f} ± {kf['se_cluster']:.6f} [{kf['ci_cluster'][0]:.6f}, "
-            f"{kf['ci_cluster'][1]:.6f}], same top-1 {100 * st['mean']:.3f} % [{100 * st['ci_cluster'][0]:.3f}, "
-            f"{100 * st['ci_cluster'][1]:.3f}], ln PPL ratio {lr['mean']:.6f} [{lr['ci_cluster'][0]:.6f}, "
-            f"{lr['ci_cluster'][1]:.6f}] ({pc} CIs)")
+    from kl_estimation.report import estimate_text
+
+    return (f"KL(base||Q) {value_ci(kf['mean'], kf['ci_cluster'], kf['se_cluster'])} (SE "
+            f"{estimate_text(kf['mean'], kf['se_cluster'])[1]}), same top-1 "
+            f"{value_ci(st['mean'], st['ci_cluster'], st['se_cluster'], 100.0)} %, ln PPL ratio "
+            f"{value_ci(lr['mean'], lr['ci_cluster'], lr['se_cluster'])} ({pc} CIs)")
 
 
 def format_llama(summary: dict, *, chunks: bool = False, extra: bool = True) -> str:
