@@ -232,17 +232,24 @@ def gguf_speedups():
 
 @contextmanager
 def _quiet_gguf():
-    """transformers shows a progress bar while it dequantizes a GGUF file and logs what it converts: not the user's
-    concern on a run's console (errors still raise)."""
+    """transformers draws two bars per GGUF load — "Converting and de-quantizing GGUF tensors" (tqdm.auto, called
+    directly, so its logging switch does not reach it) and "Loading weights" (its logging's tqdm) — and logs what it
+    converts: not the user's concern on a run's console, where our own bar gives the time left (errors still raise).
+    Both are silenced for the block and restored after it, so a caller's own transformers use is left as it was."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
     from transformers.utils import logging as hf_logging
 
+    bars, level, dequantizing = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity(), gguf_loading.tqdm
     hf_logging.disable_progress_bar()
-    level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    gguf_loading.tqdm = functools.partial(dequantizing, disable=True)
     try:
         yield
     finally:
+        gguf_loading.tqdm = dequantizing
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(flag: str, name: str, revision: str | None = None, trust_remote_code: bool = False):

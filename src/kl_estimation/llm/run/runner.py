@@ -63,8 +63,6 @@ from kl_estimation.verdicts import judge
 def load_pair(cfg: LLMConfig):
     """The pair of cfg (hub ids / local folders, or the offline default pair) with cfg's prompt set tokenized.
     Returns (pair, models), `models` being what the run records about where P and Q came from."""
-    from transformers.utils import logging as hf_logging
-
     from kl_estimation.llm.loading import load_transformers_pair, text_start
 
     distributed.from_env(cfg.device)  # under torchrun: join the group, and pin this rank to its GPU before loading
@@ -74,7 +72,6 @@ def load_pair(cfg: LLMConfig):
         from kl_estimation.llm import default_pair
 
         p_id, q_id = default_pair.ensure()  # one pair for everyone, trained with its own fixed seed
-    hf_logging.disable_progress_bar()
     scale = {k: getattr(cfg, k) for k in ("p_adapter", "q_adapter", "device_map", "offload", "p_revision", "q_revision",
                                           "trust_remote_code") if getattr(cfg, k)}
     scale.update({k: resolve_dtype(getattr(cfg, k), device) for k in ("p_dtype", "q_dtype") if getattr(cfg, k)})
