@@ -262,7 +262,7 @@ def test_progress_off_a_terminal_every_interval_or_tenth_never_the_same_state_tw
     clock = [0.0]
     monkeypatch.setattr(progress, "_clock", lambda: clock[0])
     b = progress.bar(total=100, desc="work", unit="step", interval=1000.0)  # the ticker never fires here
-    for i in range(100):
+    for _ in range(100):
         clock[0] += 0.01
         b.update(1)
         b.set_postfix_str("x")
@@ -274,7 +274,7 @@ def test_progress_off_a_terminal_every_interval_or_tenth_never_the_same_state_tw
     capsys.readouterr()
     clock[0] = 0.0
     b = progress.bar(total=1000, desc="slow", unit="step", interval=5.0)
-    for i in range(20):
+    for _ in range(20):
         clock[0] += 1.0  # one step a second: a line every 5 s, never for the same count twice
         b.update(1)
         b.refresh()

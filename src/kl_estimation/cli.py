@@ -470,9 +470,9 @@ def corpus_mode_mixup(argv, prog: str) -> str | None:
     chosen = [a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")
               and a.split("=", 1)[0] in only]
     selector = "--corpus" if "--corpus" in chosen else chosen[0] if chosen else "--corpus"
+    because = f"`{selector[2:].replace('-', '_')}` makes this a corpus run"
     for _, name in given:
-        message = other_mode(name, CorpusConfig, LLMConfig, f"`{selector[2:].replace('-', '_')}` makes this a corpus run")
-        if message is not None:
+        if (message := other_mode(name, CorpusConfig, LLMConfig, because)) is not None:
             return message
     return None
 

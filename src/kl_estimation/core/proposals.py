@@ -27,7 +27,8 @@ Adding a proposal is one function ``fn(log_p, log_q[, param]) -> unnormalised lo
 Identity and display are separate: a proposal's ``key`` (ASCII, from the registry's ``key`` and the parameter's ASCII
 name: ``geometric_beta-0.5``, ``optimal``) names its random streams, files and run keys; its ``label``
 (``Geometric (β=0.5)``) is for people. ``by_name`` parses labels, their ASCII aliases (``Geometric (beta=0.5)``), the
-value alone (``Geometric(0.5)``: each family has one parameter) and keys strictly, with a "did you mean" for near misses.
+value alone (``Geometric(0.5)``: each family has one parameter) and keys strictly, with a "did you mean" for near
+misses.
 """
 from __future__ import annotations
 

@@ -41,9 +41,9 @@ class LLMConfig(ModelPairSettings):
     JSON key in summary.json; its command-line flag is ``--`` + the name with dashes (older spellings are accepted
     aliases). The defaults are the same for LLM_experiments.py and estimate_kl."""
 
-    p_model: str | None = setting(None, "base model P: a transformers hub id, a local folder or a .gguf file (local, or "
-                                  "owner/repo/file.gguf on the hub) (default with `q_model` unset: the offline default "
-                                  "pair, built once on this machine)")
+    p_model: str | None = setting(None, "base model P: a transformers hub id, a local folder or a .gguf file (local, "
+                                  "or owner/repo/file.gguf on the hub) (default with `q_model` unset: the offline "
+                                  "default pair, built once on this machine)")
     q_model: str | None = setting(None, "fine-tuned model Q: a hub id, a local folder or a .gguf file (default: the "
                                   "offline default pair's Q)")
     prompt: str = setting("An interesting fact is that", "the text every sequence continues (a prompt set of one) "
