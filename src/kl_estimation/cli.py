@@ -405,7 +405,9 @@ def _run_llm(cfg, plots: bool = True) -> int:
     from kl_estimation.llm.run import distributed
     from kl_estimation.llm.run.directions import direction_title, recommendation_scope
 
-    result = api.run(cfg, progress=True)
+    from kl_estimation.cost import say_on_stderr
+
+    result = api.run(cfg, progress=True, say=say_on_stderr(flags=True))
     if distributed.current().rank != 0:  # under torchrun rank 0 alone reports
         return 0
     directions = cfg.directions
@@ -511,7 +513,9 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
             if cfg.output_dir is None:
                 reserved = runio.new_run_dir("corpus", root=LLM_RUNS)  # a new folder: runs never collide
                 cfg = replace(cfg, output_dir=str(reserved))
-            result = run_corpus(cfg, progress=True)
+            from kl_estimation.cost import say_on_stderr
+
+            result = run_corpus(cfg, progress=True, say=say_on_stderr(flags=True))
             if isinstance(result, Path):  # save_base alone: P's cache, no candidate
                 print(f"base cache: {result}")
                 return 0
