@@ -237,3 +237,34 @@ def test_scripts(script, args, needle, files, tmp_path):
 
 def test_the_table_is_large_enough():
     assert len(SYNTHETIC) + len(VISUALIZE) + len(SAMPLED) + len(NO_PAIR) + len(CORPUS) + len(SCRIPTS) >= 60
+
+
+def test_the_api_and_the_command_line_say_a_mode_mixup_alike(files, capsys):
+    """One rule for both (settings.other_mode over the two config classes): the API names the parameter, the
+    command line the flag and the flag that chose the mode."""
+    import kl_estimation as kle
+    from kl_estimation.cli import as_flag
+
+    with pytest.raises(ValueError) as api:
+        kle.corpus_kl(files["p"], files["q"], files["corpus"], n_samples=100)
+    assert str(api.value).startswith("n_samples: a setting of sampled runs; not of a corpus run, which scores")
+    with pytest.raises(ValueError, match="^context: a setting of corpus runs; not of an LLM run, which samples"):
+        kle.estimate_kl(files["p"], files["q"], "a b", context=256)
+    code, _, err = call(llm_main, ["--corpus", files["corpus"], "--n-samples", "100"], capsys)
+    tail = str(api.value).split(", which ", 1)[1]
+    assert code == 2 and err.strip().endswith("--n-samples: a setting of sampled runs; --corpus makes this a corpus "
+                                              f"run, which {tail}")
+    assert as_flag(str(api.value)).startswith("--n-samples: a setting of sampled runs")
+
+
+def test_a_proposal_written_with_its_value_alone_is_that_proposal():
+    """'Geometric(0.5)' is Geometric (β=0.5) (each family has one parameter), not "did you mean 'Geometric (β=0.3)'";
+    a misspelt family keeps the value given in its suggestion."""
+    from kl_estimation.llm.run.config import LLMConfig
+
+    cfg = LLMConfig(proposals=("P", "Geometric(0.5)", "Alpha-mixture (0.7) [prefix-aware]")).validate()
+    assert cfg.proposals == ("P", "Geometric (β=0.5)", "Alpha-mixture (α=0.7) [prefix-aware]")
+    with pytest.raises(ValueError, match=r"did you mean 'Geometric \(β=0.5\)'\?"):
+        LLMConfig(proposals=("Geometrik(0.5)",)).validate()
+    with pytest.raises(ValueError, match="^proposals: Geometric β must be in"):
+        LLMConfig(proposals=("Geometric(-2)",)).validate()
