@@ -39,7 +39,7 @@ def test_the_flagship_command_prints_its_cost_before_the_first_batch(tiny, tmp_p
     assert len(line) <= 80, line
     first_batch = next(i for i, ln in enumerate(lines) if " (n=" in ln)  # the first line a finished batch updates
     assert said[0] < first_batch, err
-    assert lines[0].startswith("sampling: 0/3584 token"), lines[0]  # 7 × 2 × 4 × 16 sequences × 4 tokens, from the start
+    assert lines[0].startswith("sampling: 0/3584 token"), lines[0]  # 7 × 2 × 4 × 16 sequences × 4 tokens, at once
     assert "about " not in out
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 COST_LINE_SECONDS = 180.0  # runs expected to take longer say so before they start in earnest
-PROBE_STEPS = 4  # decoding steps of the first forward batch timed for a sampled run's estimate (the first is the prompt)
+PROBE_STEPS = 4  # decoding steps of the first forward batch timed for a sampled run (the first reads the prompt)
 WIDTH = 80  # the line fits a terminal of this many columns
 SHORT = (("sequences", "seqs"), ("directions", "dirs"), ("model passes", "passes"), ("proposals", "props"))
 

@@ -206,9 +206,10 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, progress: bo
     every file of an earlier run there is removed first. `progress`: one bar over the whole run in sequence-tokens
     (progress.bar, as every area's run takes it), with the time left from the first steps; "cost_estimate" is what
     the run's first steps said it would take (cost.py: a run over COST_LINE_SECONDS says so, through `say`, before
-    its first batch is done; `say` default: the line on stderr when `progress`). Under torchrun the ranks share the work (`shard`, default
-    distributed.from_env) and rank 0 writes the files. `exact_kl`: the exact KL over the prompt set where one is
-    known (tiny enumerable pairs), recorded for the figures: a number (forward runs) or {direction: number}."""
+    its first batch is done; `say` default: the line on stderr when `progress`). Under torchrun the ranks share the
+    work (`shard`, default distributed.from_env) and rank 0 writes the files. `exact_kl`: the exact KL over the
+    prompt set where one is known (tiny enumerable pairs), recorded for the figures: a number (forward runs) or
+    {direction: number}."""
     check_fits(pair, cfg)
     shard = distributed.from_env(cfg.device) if shard is None else shard
     config = {**vars(cfg), "proposals": list(cfg.proposals), "prompts": list(cfg.prompt_set),
