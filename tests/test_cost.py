@@ -50,7 +50,7 @@ def test_a_short_run_says_nothing_and_the_api_result_holds_the_estimate(tiny, ca
     assert "about " not in err  # well under COST_LINE_SECONDS
     e = res.cost_estimate
     assert e is not None and e.seconds > 0 and e.work == 2 * 2 * 16 * 4 and e.unit == "sequence-tokens"
-    assert e.probe_work == 8 * cost.PROBE_STEPS and e.plan == ((2, "proposals"), (2, "prompts"), (16, "sequences"))
+    assert e.probe_work == 8 * min(3, cost.PROBE_STEPS) and e.plan == ((2, "proposals"), (2, "prompts"), (16, "sequences"))
     assert e.reduction[:2] == ("proposals", "P") and e.reduction[2] == pytest.approx(e.seconds / 2)
     assert e.line(flags=False).endswith(f"proposals='P' ≈ {cost.duration(e.seconds / 2)}")
     assert kle.estimate_kl(*tiny, PROMPTS[:2], n_samples=16, batch_size=8, max_new_tokens=4, proposals=["P"],
@@ -107,4 +107,17 @@ def test_a_corpus_run_prints_its_cost_and_keeps_it_in_timing(tmp_path, monkeypat
     assert len(said) == 1 and " 25 windows × 2 model passes; --n-windows " in lines[said[0]], lines
     assert lines[0].startswith("corpus windows, P: 0/50 window"), lines
     res = kle.CorpusResult.load(tmp_path / "o")
-    assert res.timing["cost_estimate"]["work"] == 50 and res.timing["cost_estimate"]["probe_work"] == 4
+    assert res.timing["cost_estimate"]["work"] == 50 and res.timing["cost_estimate"]["probe_work"] == 4  # batch 2
+
+
+def test_the_probe_leaves_out_the_first_step(monkeypatch):
+    """The first step reads the prompts and pays for every first call: timed, it doubled a short real run's estimate
+    (SmolLM2 on CPU). The probe times the steps after it."""
+    clock = iter([0.0, 30.0, 32.0])  # begin; the first step done at 30 s; the probe done 2 s later
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: next(clock))
+    m = cost.Meter(None, total=1000, probe=10, make=lambda per, done, spent: cost.CostEstimate(
+        per * 1000, ((1000, "units"),), 1000, "units", done, spent), warmup=5)
+    m.begin()
+    m.update(5)
+    m.update(10)
+    assert m.estimate.seconds == pytest.approx(200.0) and m.estimate.probe_work == 10

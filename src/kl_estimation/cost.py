@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 COST_LINE_SECONDS = 180.0  # runs expected to take longer say so before they start in earnest
-PROBE_STEPS = 4  # decoding steps of the first forward batch timed for a sampled run (the first reads the prompt)
+PROBE_STEPS = 4  # decoding steps of the first forward batch timed for a sampled run, after its first
 WIDTH = 80  # the line fits a terminal of this many columns
 SHORT = (("sequences", "seqs"), ("directions", "dirs"), ("model passes", "passes"), ("proposals", "props"))
 
@@ -80,26 +80,38 @@ class CostEstimate:
 
 
 class Meter:
-    """A run's work in units on one progress bar (None: no bar), and the probe: after the first `probe` units (timed
-    from ``begin()``), the estimate of the whole (`estimate`, a CostEstimate built by ``make(seconds_per_unit)``);
-    `say` receives it when it exceeds COST_LINE_SECONDS (the command line prints its line on stderr)."""
+    """A run's work in units on one progress bar (None: no bar), and the probe: the `probe` units after the first
+    `warmup` ones (the first step of the first batch reads the prompt and pays for every first call: timed, it
+    would double the estimate of a short run), timed, give the estimate of the whole (`estimate`, a CostEstimate
+    built by ``make(seconds_per_unit, units_timed, seconds)``); `say` receives it when it exceeds COST_LINE_SECONDS
+    (the command line prints its line on stderr). A plan too small for both times from ``begin()``."""
 
-    def __init__(self, bar, total: int, probe: int, make, say=None):
+    def __init__(self, bar, total: int, probe: int, make, say=None, warmup: int = 0):
         self.bar, self.total, self.probe, self.make, self.say = bar, total, max(1, min(probe, total)), make, say
-        self.done, self.t0, self.estimate = 0, None, None
+        self.warmup = warmup if warmup + self.probe <= total else 0
+        self.done, self.t0, self.start, self.estimate = 0, None, None, None
 
     def begin(self) -> None:
         """The measured work starts now (after what the plan does not count: loading, an exact head's search)."""
         if self.t0 is None:
             self.t0 = time.perf_counter()
+            if not self.warmup:
+                self.start = (self.t0, 0)
 
     def update(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
         self.done += n
-        if self.estimate is None and self.done >= self.probe and self.t0 is not None:
-            spent = time.perf_counter() - self.t0
-            self.estimate = self.make(spent / self.done, self.done, spent)
+        if self.estimate is not None or self.t0 is None:
+            return
+        if self.start is None:
+            if self.done >= self.warmup:
+                self.start = (time.perf_counter(), self.done)
+            return
+        t, d = self.start
+        if self.done - d >= self.probe:
+            spent = time.perf_counter() - t
+            self.estimate = self.make(spent / (self.done - d), self.done - d, spent)
             if self.say is not None and self.estimate.seconds >= COST_LINE_SECONDS:
                 self.estimate.announced = True
                 self.say(self.estimate)

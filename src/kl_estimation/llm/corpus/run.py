@@ -504,7 +504,8 @@ def resolve_dtype_of(cfg: CorpusConfig) -> str:
 
 class _Work:
     """The run's work in windows — W per model pass: P's, then each candidate's — on one progress bar (when
-    `progress`), with the cost probe: the first forward batch of windows, timed and scaled by the passes (cost.py;
+    `progress`), with the cost probe: the second forward batch of windows (the first pays for every first call),
+    timed and scaled by the passes (cost.py;
     a candidate's pass costs about P's: one forward of Q, P's logits from its head). A run expected to take over
     cost.COST_LINE_SECONDS tells `say` (default with `progress`: a line on stderr) before its first pass is done;
     the reduction named is llama.cpp's --chunks, ``n_windows``."""
@@ -529,7 +530,7 @@ class _Work:
             reduction = ("n_windows", str(n), seconds * n / W) if n < W else None
             return CostEstimate(seconds, plan, total, "windows", done, spent, reduction)
 
-        self.meter = Meter(bar, total, min(cfg.batch_size, W), make, self.say)
+        self.meter = Meter(bar, total, min(cfg.batch_size, W), make, self.say, warmup=min(cfg.batch_size, W))
         self.meter.begin()
 
     def stage(self, desc: str) -> None:

@@ -250,8 +250,8 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, progress: bo
 
 def work_meter(cfg: LLMConfig, runs: list[ProposalRun], progress: bool, say=None) -> Meter:
     """The run's work in sequence-tokens (a row of a forward batch for one decoding step: about one unit of time
-    each, whatever the proposal or direction) on one bar, and the probe: the first min(T, PROBE_STEPS) steps of the
-    first forward batch, scaled by the plan (cost.py). The reduction named: plain Monte Carlo alone (--proposals P),
+    each, whatever the proposal or direction) on one bar, and the probe: PROBE_STEPS steps of the first forward batch
+    after its first (which reads the prompts and pays for every first call), scaled by the plan (cost.py). The reduction named: plain Monte Carlo alone (--proposals P),
     else one direction, else fewer sequences."""
     T = cfg.max_new_tokens
     work = sum(u.rows for r in runs for g in r.batches for u in g) * T
@@ -272,8 +272,9 @@ def work_meter(cfg: LLMConfig, runs: list[ProposalRun], progress: bool, say=None
             reduction = ("n_samples", str(n), seconds * n / cfg.n_samples) if n < cfg.n_samples else None
         return CostEstimate(seconds, plan, work, "sequence-tokens", done, spent, reduction)
 
-    probe = sum(u.rows for u in first) * min(T, PROBE_STEPS)
-    return Meter(bar, work, probe, make, (say or say_on_stderr(flags=False)) if progress else say)
+    rows = sum(u.rows for u in first)
+    return Meter(bar, work, rows * min(max(T - 1, 1), PROBE_STEPS), make,
+                 (say or say_on_stderr(flags=False)) if progress else say, warmup=rows if T > 1 else 0)
 
 
 def judge_directions(cfg: LLMConfig, runs: list[ProposalRun], docs: list[dict]) -> dict:
