@@ -50,7 +50,8 @@ def test_a_short_run_says_nothing_and_the_api_result_holds_the_estimate(tiny, ca
     assert "about " not in err  # well under COST_LINE_SECONDS
     e = res.cost_estimate
     assert e is not None and e.seconds > 0 and e.work == 2 * 2 * 16 * 4 and e.unit == "sequence-tokens"
-    assert e.probe_work == 8 * min(3, cost.PROBE_STEPS) and e.plan == ((2, "proposals"), (2, "prompts"), (16, "sequences"))
+    assert e.probe_work == 8 * min(3, cost.PROBE_STEPS)  # the steps after the first, of the first batch
+    assert e.plan == ((2, "proposals"), (2, "prompts"), (16, "sequences"))
     assert e.reduction[:2] == ("proposals", "P") and e.reduction[2] == pytest.approx(e.seconds / 2)
     assert e.line(flags=False).endswith(f"proposals='P' ≈ {cost.duration(e.seconds / 2)}")
     assert kle.estimate_kl(*tiny, PROMPTS[:2], n_samples=16, batch_size=8, max_new_tokens=4, proposals=["P"],

@@ -402,10 +402,9 @@ def _kept(cfg, command: list[str]) -> str:
 
 def _run_llm(cfg, plots: bool = True) -> int:
     from kl_estimation import api, report
+    from kl_estimation.cost import say_on_stderr
     from kl_estimation.llm.run import distributed
     from kl_estimation.llm.run.directions import direction_title, recommendation_scope
-
-    from kl_estimation.cost import say_on_stderr
 
     result = api.run(cfg, progress=True, say=say_on_stderr(flags=True))
     if distributed.current().rank != 0:  # under torchrun rank 0 alone reports

@@ -251,8 +251,8 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, progress: bo
 def work_meter(cfg: LLMConfig, runs: list[ProposalRun], progress: bool, say=None) -> Meter:
     """The run's work in sequence-tokens (a row of a forward batch for one decoding step: about one unit of time
     each, whatever the proposal or direction) on one bar, and the probe: PROBE_STEPS steps of the first forward batch
-    after its first (which reads the prompts and pays for every first call), scaled by the plan (cost.py). The reduction named: plain Monte Carlo alone (--proposals P),
-    else one direction, else fewer sequences."""
+    after its first (which reads the prompts and pays for every first call), scaled by the plan (cost.py). The
+    reduction named: plain Monte Carlo alone (--proposals P), else one direction, else fewer sequences."""
     T = cfg.max_new_tokens
     work = sum(u.rows for r in runs for g in r.batches for u in g) * T
     first = next((g for r in runs for g in r.batches), [])
