@@ -278,7 +278,6 @@ def test_bad_input_is_one_line_and_writes_nothing(case, pair, tmp_path, capsys):
         args, needle = base + ["--token-ids", str(bad), "--context", "16"], "--token-ids: " + str(bad) + " is neither"
     elif case == "bad score":
         args, needle = args + ["--score", "half"], "--score: one of second-half, all"
-    capsys.readouterr()  # what setting the case up printed (transformers' bar saving a model)
     code, err = run_cli(args, capsys)
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
