@@ -192,7 +192,7 @@ def test_bad_input(case, tiny, lora, tmp_path, monkeypatch, capsys):
         monkeypatch.setitem(sys.modules, "peft", None)
         args, needle = args + ["--q-adapter", lora[0]], "--q-adapter: an adapter needs the peft package"
     elif case == "offload alone":
-        args, needle = args + ["--q-model", tiny[1], "--offload"], "--offload: only with device_map auto"
+        args, needle = args + ["--q-model", tiny[1], "--offload"], "--offload: only with --device-map auto"
     elif case == "bad q dtype":
         args, needle = args + ["--q-model", tiny[1], "--q-dtype", "int4"], "--q-dtype: unknown dtype"
     capsys.readouterr()  # drop what building the models printed

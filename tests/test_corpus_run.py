@@ -266,7 +266,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, pair, tmp_path, capsys):
                 str(corpus)]
         needle = "transformers cannot load GGUF files of architecture 'nosucharch'"
     elif case == "sampling flag":
-        args, needle = args + ["--n-samples", "10"], "unrecognized arguments: --n-samples"
+        args = args + ["--n-samples", "10"]
+        needle = "--n-samples: a setting of sampled runs; --corpus makes this a corpus run"
     elif case == "two sources":
         args, needle = args + ["--token-ids", str(corpus)], "--token-ids: give one source of text"
     elif case == "no models":

@@ -296,7 +296,8 @@ def test_resume_per_direction_gives_the_same_records(straight, tiny, tmp_path, m
     monkeypatch.setattr(units, "sample_batch", dying)
     assert run_cli(tmp_path, tiny, "--direction", "both", "--no-plots", folder="killed")[0] == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "kept 4 of 6 proposals × directions complete and 1 finished batches (16 sequences) of the next" in err, err
+    assert ": 4 of 6 proposals × directions complete, 16 sequences (1 batch) of reverse " in err, err
+    assert err.startswith("LLM_experiments.py: interrupted: kept in "), err
     assert err.endswith("--resume")
     killed = tmp_path / "killed"
     assert (killed / "reverse" / "q.json").exists()

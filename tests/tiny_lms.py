@@ -4,6 +4,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 
 def tokenizer(words=("<eos>", "a", "b", "c"), bos=None, adds_bos=False):
@@ -36,9 +37,15 @@ def save_pair(folder: Path, words=("<eos>", "a", "b", "c"), extra_rows: int = 3,
         for prm in q.parameters():
             prm.add_(torch.randn(prm.shape, generator=gen) * noise)
     paths = []
-    for name, m in (("p", p), ("q", q)):
-        d = Path(folder) / name
-        m.save_pretrained(d)
-        tok.save_pretrained(d)
-        paths.append(str(d))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" is no output of the code under test
+    try:
+        for name, m in (("p", p), ("q", q)):
+            d = Path(folder) / name
+            m.save_pretrained(d)
+            tok.save_pretrained(d)
+            paths.append(str(d))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return tuple(paths)

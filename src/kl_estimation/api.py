@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from kl_estimation import runio
 from kl_estimation.core.resources import set_threads
 from kl_estimation.core.results import Row
+from kl_estimation.cost import CostEstimate
 from kl_estimation.llm.run import distributed
 from kl_estimation.llm.run.config import LLMConfig
 from kl_estimation.llm.run.runner import load_pair, run_experiment
@@ -24,7 +25,12 @@ class KLResult:
     Directions: ``rows`` holds every direction's rows (forward first), each ranked on its own and carrying its
     ``direction``; ``recommended`` is the first direction's recommendation (forward, unless the run is reverse only),
     ``recommended_by_direction`` every direction's, ``jeffreys`` (runs of both directions) the row of
-    KL(P‖Q) + KL(Q‖P) in nats per sequence; :meth:`rows_for` selects one direction's rows."""
+    KL(P‖Q) + KL(Q‖P) in nats per sequence; :meth:`rows_for` selects one direction's rows.
+
+    ``cost_estimate`` (a cost.CostEstimate, or None where nothing was drawn or the result was loaded from a folder):
+    what the run's first decoding steps said the whole would take on this machine — ``seconds``, the ``plan``, the
+    cheapest ``reduction`` and its ``line()``, the one a run over cost.COST_LINE_SECONDS prints before its first
+    batch is done."""
 
     rows: list[KLRow]
     recommended: KLRow | None
@@ -35,6 +41,7 @@ class KLResult:
     recommended_by_direction: dict = field(default_factory=dict)  # {"forward" / "reverse": KLRow | None}
     jeffreys: KLRow | None = None
     advice_by_direction: dict = field(default_factory=dict)  # {direction: what to change} where none is recommended
+    cost_estimate: CostEstimate | None = field(default=None, repr=False)
 
     @property
     def directions(self) -> tuple:
@@ -121,31 +128,32 @@ def result_of(run: dict) -> KLResult:
     return KLResult(list(rows), _row(run["recommended"]), per_prompt,
                     run["meta"]["config"], run["docs"],
                     {d: _row(r) for d, r in run.get("recommended_by_direction", {}).items()},
-                    _row(run.get("jeffreys")), run.get("advice_by_direction", {}))
+                    _row(run.get("jeffreys")), run.get("advice_by_direction", {}), run.get("cost_estimate"))
 
 
-def run(cfg: LLMConfig, pair=None, models: dict | None = None, progress: bool = False) -> KLResult:
+def run(cfg: LLMConfig, pair=None, models: dict | None = None, progress: bool = False, say=None) -> KLResult:
     """Validate cfg, load its pair (unless given), sample every proposal, write files when cfg.output_dir is
-    set (resumable), and return the result. The command line and estimate_kl both run through here."""
+    set (resumable), and return the result. The command line and estimate_kl both run through here. `say`: who
+    is told the cost of a long run (runner.run_experiment; default with `progress`: a line on stderr)."""
     cfg = cfg.validate()
     cfg = replace(cfg, threads=set_threads(cfg.threads))  # the number used, recorded in the run
     if cfg.output_dir is None:
-        return _run(cfg, pair, models, progress)
+        return _run(cfg, pair, models, progress, say)
     writer = distributed.launched_rank() == 0
     with runio.RunFolder(cfg.output_dir, resume=cfg.resume, hold=writer):  # one run at a time on a folder
         check_folder(cfg)
         try:
-            return _run(cfg, pair, models, progress)
+            return _run(cfg, pair, models, progress, say)
         except BaseException:  # Ctrl-C or an error: what holds no sequence goes (the folder too, if it was new)
             if writer:
                 drop_unfinished(cfg.output_dir, [(d, name) for d in cfg.directions for name in cfg.proposals])
             raise
 
 
-def _run(cfg: LLMConfig, pair, models: dict | None, progress: bool) -> KLResult:
+def _run(cfg: LLMConfig, pair, models: dict | None, progress: bool, say=None) -> KLResult:
     if pair is None:
         pair, models = load_pair(cfg)
-    return result_of(run_experiment(pair, cfg, models, cfg.output_dir, progress))
+    return result_of(run_experiment(pair, cfg, models, cfg.output_dir, progress, say=say))
 
 
 def default_pair() -> tuple[str, str]:
@@ -176,7 +184,9 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
         One prompt, a prompt set, or a prompt file (.txt/.jsonl/.csv); the target is the mean over prompts of the KL
         of the continuation after each prompt. None: the default prompt (or ``prompts_file`` / ``dataset``).
     tokenizer : needed when the models are passed loaded.
-    progress : one progress bar over the whole run, with the time left (False: silent).
+    progress : one progress bar over the whole run, with the time left from its first seconds, and for a run expected
+        to take over a few minutes one line first: its cost on this machine and the cheapest reduction (False:
+        silent; the estimate is on the result either way, ``cost_estimate``).
     **settings
         Any setting of an LLM run, under the same name as the command line's flag without dashes: e.g.
         ``n_samples`` (1000), ``max_new_tokens`` (20), ``temperature`` (0.4), ``direction`` ("forward": KL(P‖Q)

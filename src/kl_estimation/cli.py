@@ -130,6 +130,18 @@ def _print_path(label: str, path) -> None:
     print(path_line(label, path))
 
 
+def given_settings(parser, argv) -> list[tuple[str, str]]:
+    """(flag as typed, setting) of every option of `parser` on the command line, in order: which settings a user
+    gave, whatever alias or `--flag=value` form they used."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    out = []
+    for a in args:
+        action = parser._option_string_actions.get(a.split("=", 1)[0]) if a.startswith("--") else None
+        if action is not None:
+            out.append((a.split("=", 1)[0], action.dest))
+    return out
+
+
 def _names(values: list[str]) -> list[str]:
     """Accept `--families zipf mixture` and `--families zipf,mixture` alike."""
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
@@ -172,10 +184,31 @@ def synthetic_parser(prog: str, defaults: dict) -> Parser:
 def synthetic_main(argv=None, prog: str = "Synthetic_tests.py", **defaults) -> int:
     with _signals_as_interrupts(prog):
         try:  # Ctrl-C while the parser's imports load is an interruption like any other
-            return _run_synthetic(synthetic_parser(prog, defaults).parse_args(argv), prog, defaults)
+            parser = synthetic_parser(prog, defaults)
+            args = parser.parse_args(argv)
+            if (message := synthetic_mode_mixup(parser, argv, args.sequence)) is not None:
+                return fail(prog, message)
+            return _run_synthetic(args, prog, defaults)
         except KeyboardInterrupt:
             return interrupted(prog, "nothing was written (a synthetic run writes its folder when its computations "
                                      "are done); run the same command again")
+
+
+def synthetic_mode_mixup(parser, argv, sequence: bool) -> str | None:
+    """A flag of the other kind of synthetic run (`--order` without `--sequence`, `--rb-top-k` with it): the line
+    that says so (settings.other_mode, as the configs define the two kinds), or None."""
+    from kl_estimation.settings import other_mode
+    from kl_estimation.synthetic.experiment import SyntheticConfig
+    from kl_estimation.toy.markov import SequenceConfig
+
+    run, other = (SequenceConfig, SyntheticConfig) if sequence else (SyntheticConfig, SequenceConfig)
+    because = "`sequence` makes this a sequence run" if sequence else "without `sequence` this is a synthetic run"
+    for _, name in given_settings(parser, argv):
+        if name == "threads" and not sequence:  # torch's threads: only a sequence run uses torch
+            return f"threads: a setting of {SequenceConfig.RUNS}; {because}{SyntheticConfig.NATURE}"
+        if (message := other_mode(name, run, other, because)) is not None:
+            return message
+    return None
 
 
 def _run_synthetic(args, prog: str, defaults: dict) -> int:
@@ -361,7 +394,7 @@ def llm_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
         except KeyboardInterrupt:
             return interrupted(prog, NOTHING_WRITTEN if cfg is None else _kept(cfg, _command(prog, argv)))
         finally:
-            runio.remove_if_empty(reserved)
+            runio.remove_if_empty(reserved, parents=1)
 
 
 def _kept(cfg, command: list[str]) -> str:
@@ -378,19 +411,25 @@ def _kept(cfg, command: list[str]) -> str:
                for a in args):
         args += ["--output-dir", str(cfg.output_dir)]  # the folder this run chose for itself
     resume = shlex.join(command[:2] + args + ([] if "--resume" in args else ["--resume"]))
+    from kl_estimation.llm.engine import proposal_label
+
     unit = "proposals" if len(cfg.directions) == 1 else "proposals × directions"
     parts = [f"{len(done)} of {len(parts_of_run)} {unit} complete"] if done else []
-    if batches:
-        parts.append(f"{batches} finished batches ({sequences} sequences) of the next")
-    return f"kept {' and '.join(parts)} in {cfg.output_dir}; continue with: {resume}"
+    if batches:  # the part being drawn: the first one not complete (parts run in order)
+        d, name = next(p for p in parts_of_run if p not in done)
+        where = f"{d} " if len(cfg.directions) > 1 else ""
+        parts.append(f"{sequences} sequences ({batches} batch{'es' * (batches != 1)}) of {where}"
+                     f"{proposal_label(name, d)}")
+    return f"kept in {cfg.output_dir}: {', '.join(parts)}; continue with: {resume}"
 
 
 def _run_llm(cfg, plots: bool = True) -> int:
     from kl_estimation import api, report
+    from kl_estimation.cost import say_on_stderr
     from kl_estimation.llm.run import distributed
     from kl_estimation.llm.run.directions import direction_title, recommendation_scope
 
-    result = api.run(cfg, progress=True)
+    result = api.run(cfg, progress=True, say=say_on_stderr(flags=True))
     if distributed.current().rank != 0:  # under torchrun rank 0 alone reports
         return 0
     directions = cfg.directions
@@ -446,6 +485,25 @@ def corpus_requested(argv) -> bool:
     return any(a.split("=", 1)[0] in only for a in args if a.startswith("--"))
 
 
+def corpus_mode_mixup(argv, prog: str) -> str | None:
+    """A flag of sampled runs on a corpus command line: the line naming it and the flag that made this a corpus run
+    (`--corpus`, or the first corpus-only flag), as the API says it (settings.other_mode); None if there is none."""
+    from kl_estimation.llm.corpus.config import CorpusConfig
+    from kl_estimation.llm.run.config import LLMConfig
+    from kl_estimation.settings import other_mode
+
+    given = given_settings(llm_parser(prog, {}), argv)
+    only = _corpus_only_flags()
+    chosen = [a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")
+              and a.split("=", 1)[0] in only]
+    selector = "--corpus" if "--corpus" in chosen else chosen[0] if chosen else "--corpus"
+    because = f"`{selector[2:].replace('-', '_')}` makes this a corpus run"
+    for _, name in given:
+        if (message := other_mode(name, CorpusConfig, LLMConfig, because)) is not None:
+            return message
+    return None
+
+
 def corpus_parser(prog: str, defaults: dict) -> Parser:
     """Every CorpusConfig setting as `--name-with-dashes`, built like llm_parser (the shared settings are
     LLMConfig's own, with the same names and defaults)."""
@@ -471,6 +529,8 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
             from kl_estimation.llm.corpus.config import CorpusConfig
             from kl_estimation.llm.corpus.run import run_corpus
 
+            if (message := corpus_mode_mixup(argv, prog)) is not None:
+                return fail(prog, message)
             known = CorpusConfig.settings()
             args = corpus_parser(prog, {k: v for k, v in defaults.items() if k in known or k == "no_plots"}
                                  ).parse_args(argv)
@@ -478,7 +538,9 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
             if cfg.output_dir is None:
                 reserved = runio.new_run_dir("corpus", root=LLM_RUNS)  # a new folder: runs never collide
                 cfg = replace(cfg, output_dir=str(reserved))
-            result = run_corpus(cfg, progress=True)
+            from kl_estimation.cost import say_on_stderr
+
+            result = run_corpus(cfg, progress=True, say=say_on_stderr(flags=True))
             if isinstance(result, Path):  # save_base alone: P's cache, no candidate
                 _print_path("base cache:", result)
                 return 0
@@ -492,7 +554,7 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
             return interrupted(prog, "nothing was written (a corpus run writes its folder when every window is "
                                      "scored); run the same command again")
         finally:
-            runio.remove_if_empty(reserved)
+            runio.remove_if_empty(reserved, parents=2)
 
 
 def _corpus_figures(folder, fmt: str = "png", selection=None):

@@ -2,9 +2,11 @@
 
 tqdm redraws one line with carriage returns, which a log file or a batch system's output shows as one endless line
 (and ``disable=None`` shows nothing at all off a terminal). Off a terminal, ``bar`` prints complete lines instead: one
-when the work starts, one every ``LOG_INTERVAL`` seconds, one when it ends. tqdm redraws only when its count moves,
-so a step that takes minutes (a forward batch of a big model, a lock held by another process) would leave the screen
-or the log silent: a ticker thread redraws every ``LOG_INTERVAL`` seconds whatever the count.
+when the work starts, then one when the count has moved by a tenth of the total or ``LOG_INTERVAL`` seconds have
+passed with something new to say — never two lines for one state — and one when it ends. tqdm redraws only when its
+count moves, so a step that takes minutes (a forward batch of a big model, a lock held by another process) would leave
+the screen or the log silent: a ticker thread redraws every ``LOG_INTERVAL`` seconds whatever the count (in a log, a
+state already printed is repeated only every ``HEARTBEAT`` intervals).
 
 One convention for every area: a run function takes ``progress: bool`` and, when True, draws one ``bar`` over the
 whole run (synthetic.experiment.run, toy.markov.run, llm.run.runner.run_experiment, llm.corpus.run.run_corpus, and
@@ -14,10 +16,14 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 from tqdm import tqdm
 
-LOG_INTERVAL = 5.0  # seconds between lines in a log
+LOG_INTERVAL = 5.0  # seconds between lines in a log (at least, unless the count moved by LOG_STEP)
+LOG_STEP = 0.1     # … or this fraction of the total
+HEARTBEAT = 12     # intervals between two lines of one state (a step that takes minutes)
+_clock = time.monotonic  # when a line is due (a test may set its own)
 LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:3.0f}%) [{elapsed} elapsed, {remaining} left]{postfix}"
 
 
@@ -39,25 +45,38 @@ class _Lines:
 
 
 class _LogBar(tqdm):
-    """Postfix updates wait for the next timed line instead of printing one each (they come once per batch)."""
+    """Off a terminal, a line only when something new can be said: the count moved by ≥ LOG_STEP of the total, or
+    ``interval`` seconds passed since the last line and the state (count, description, postfix) changed; never two
+    lines for one state, except a heartbeat every HEARTBEAT intervals while a step takes minutes (a big model's
+    batch, a lock held elsewhere), so that a log is never silent for long. tqdm's own timing is off (mininterval 0):
+    every redraw comes here and this decides."""
 
-    _stale = False  # a postfix set since the last line
+    _last = None     # (state, time, count) of the last line
 
-    def set_postfix_str(self, s="", refresh=True):
-        super().set_postfix_str(s, refresh=False)
-        self._stale = True
+    def __init__(self, *args, interval: float = LOG_INTERVAL, **kwargs):
+        self.interval = interval  # before tqdm's __init__, which draws the first line
+        super().__init__(*args, **kwargs)
 
-    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
-        super().set_postfix(ordered_dict, refresh=False, **kwargs)
-        self._stale = True
+    def _state(self):
+        return self.n, self.desc, self.postfix
 
     def display(self, *args, **kwargs):
-        self._stale = False
+        now, state = _clock(), self._state()
+        if self._last is not None and not getattr(self, "_closing", False):
+            last_state, last_t, last_n = self._last
+            moved = self.total and self.n - last_n >= LOG_STEP * self.total
+            if state == last_state:
+                if now - last_t < HEARTBEAT * self.interval:
+                    return None
+            elif not moved and now - last_t < self.interval:
+                return None
+        elif self._last is not None and state == self._last[0]:  # closing: the last line says it already
+            return None
+        self._last = (state, now, self.n)
         return super().display(*args, **kwargs)
 
     def close(self):
-        if getattr(self, "last_print_n", None) == self.n and not self._stale:  # the last line says it already
-            self.leave = False
+        self._closing = True
         super().close()
 
 
@@ -95,6 +114,6 @@ def bar(total=None, desc: str | None = None, unit: str = "it", *, interval: floa
     stream = sys.stderr
     if getattr(stream, "isatty", lambda: False)():
         return _ticking(tqdm(total=total, desc=desc, unit=unit, leave=False, file=stream, **kw), min(interval, 1.0))
-    return _ticking(_LogBar(total=total, desc=desc, unit=unit, leave=True, file=_Lines(stream),
-                            mininterval=interval, bar_format=LOG_FORMAT if total else None, ascii=True, **kw),
+    return _ticking(_LogBar(total=total, desc=desc, unit=unit, leave=True, file=_Lines(stream), mininterval=0,
+                            miniters=1, bar_format=LOG_FORMAT if total else None, ascii=True, interval=interval, **kw),
                     interval)

@@ -158,11 +158,15 @@ def remove(paths) -> None:
             Path(f).unlink(missing_ok=True)
 
 
-def remove_if_empty(folder) -> None:
-    """Remove `folder` if it holds nothing (a run that wrote nothing leaves no empty folder behind)."""
+def remove_if_empty(folder, parents: int = 0) -> None:
+    """Remove `folder` if it holds nothing (a run that wrote nothing leaves no empty folder behind), then each of its
+    `parents` nearest parent folders left empty (the root new_run_dir made for it: tests2/, tests2/corpus/)."""
     folder = Path(folder) if folder is not None else None
-    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+    for _ in range(parents + 1):
+        if folder is None or not folder.is_dir() or any(folder.iterdir()):
+            return
         folder.rmdir()
+        folder = folder.parent
 
 
 class RunFolder:

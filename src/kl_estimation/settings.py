@@ -41,6 +41,8 @@ class Settings:
     ``RUN`` says whose settings they are in that error ("an LLM run")."""
 
     RUN = "a run"
+    RUNS = "runs"  # the kind, in the plural: "a setting of sampled runs"
+    NATURE = ""    # what sets the kind apart, said where a setting of another kind is given to it
 
     @classmethod
     def settings(cls) -> dict:
@@ -52,3 +54,13 @@ class Settings:
         """A config from keyword settings; an unknown name is a ValueError naming it, with the closest known."""
         check_names(settings, cls.settings(), cls.RUN)
         return cls(**settings)
+
+
+def other_mode(name: str, run_cls, other_cls, because: str | None = None) -> str | None:
+    """The one line for a setting that belongs to another kind of run (a sampling setting in a corpus run, a sequence
+    setting in a single-token synthetic run) — the API's error and the command line's alike; None where `name` is a
+    setting of `run_cls`, or of neither. Which settings belong to which kind is read from the two config classes,
+    nowhere else. `because`: what made this run what it is (the command line: the flag that chose the mode)."""
+    if name in run_cls.settings() or name not in other_cls.settings():
+        return None
+    return f"{name}: a setting of {other_cls.RUNS}; {because or f'not of {run_cls.RUN}'}{run_cls.NATURE}"

@@ -40,6 +40,26 @@ def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
 
 
+def _bool_mask(mask, device=None):
+    """`mask` as booleans (a torch tensor where `device` is given, else numpy): booleans or 0 / 1, anything else
+    (NaN, inf, 0.5) a ValueError naming ``mask`` — a float mask would otherwise count NaN as True."""
+    if _is_torch(mask) or device is not None:
+        import torch
+
+        m = torch.as_tensor(mask, device=device)
+        if m.dtype != torch.bool:
+            if not bool(((m == 0) | (m == 1)).all()):
+                raise ValueError("mask: must hold booleans or 0 / 1 (got other values: NaN, inf or a fraction)")
+            m = m.bool()
+        return m
+    m = np.asarray(mask)
+    if m.dtype != bool:
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError("mask: must hold booleans or 0 / 1 (got other values: NaN, inf or a fraction)")
+        m = m.astype(bool)
+    return m
+
+
 def _zero_masked(x, mask):
     """x with 0 where `mask` is False (mask numpy, list or torch; moved to x's kind and device)."""
     if mask is None:
@@ -47,8 +67,8 @@ def _zero_masked(x, mask):
     if _is_torch(x):
         import torch
 
-        return torch.where(torch.as_tensor(mask, device=x.device), x, torch.zeros_like(x))
-    return np.where(mask, x, 0.0)
+        return torch.where(_bool_mask(mask, x.device), x, torch.zeros_like(x))
+    return np.where(_bool_mask(mask), x, 0.0)
 
 
 def _check_finite(name: str, x, mask=None, *, logits: bool = False):
@@ -64,7 +84,7 @@ def _check_finite(name: str, x, mask=None, *, logits: bool = False):
             x = x.sum(-1, dtype=torch.promote_types(torch.float32, x.dtype))
         bad = torch.isnan(x) | (torch.isposinf(x) if logits else torch.isinf(x))
         if mask is not None:
-            bad = bad & torch.as_tensor(mask, device=x.device).bool()
+            bad = bad & _bool_mask(mask, x.device)
         found = bool(bad.any())
     else:
         a = np.asarray(x, dtype=np.float64)
@@ -72,7 +92,7 @@ def _check_finite(name: str, x, mask=None, *, logits: bool = False):
             a = a.sum(-1)
         bad = np.isnan(a) | (np.isposinf(a) if logits else np.isinf(a))
         if mask is not None:
-            bad = bad & np.asarray(mask, dtype=bool)
+            bad = bad & _bool_mask(mask)
         found = bool(bad.any())
     if found:
         what = "NaN or +inf" if logits else "NaN or infinite"
@@ -255,7 +275,7 @@ def _mask_tensor(mask, shape, device):
     m = torch.as_tensor(mask, device=device)
     if tuple(m.shape) != tuple(shape):
         raise ValueError(f"mask: shape {tuple(m.shape)} differs from logp's {tuple(shape)}")
-    return m.bool()
+    return _bool_mask(m)
 
 
 def _loss_inputs(fn: str, logp, logq, mask, token_kl, logp_old):
@@ -426,7 +446,8 @@ def kl_loss(logp, logq, mask=None, *, token_kl=None, estimator: str = "rb", logp
     if estimator not in KL_LOSS_ESTIMATORS:
         raise ValueError(f"estimator: unknown {estimator!r}; allowed: {', '.join(KL_LOSS_ESTIMATORS)}")
     if baseline not in KL_LOSS_BASELINES:
-        raise ValueError(f"baseline: unknown {baseline!r}; allowed: None, loo")
+        raise ValueError(f"baseline: unknown {baseline if isinstance(baseline, str) else type(baseline).__name__!r}; "
+                         "allowed: None, loo")
     _check_weights(weights, ratio_clip, min_ess)
     if estimator == "rb" and token_kl is None:
         raise ValueError("token_kl: estimator 'rb' needs the exact per-token KL (token_logprobs_and_kl or "

@@ -26,8 +26,9 @@ Adding a proposal is one function ``fn(log_p, log_q[, param]) -> unnormalised lo
 
 Identity and display are separate: a proposal's ``key`` (ASCII, from the registry's ``key`` and the parameter's ASCII
 name: ``geometric_beta-0.5``, ``optimal``) names its random streams, files and run keys; its ``label``
-(``Geometric (β=0.5)``) is for people. ``by_name`` parses labels, their ASCII aliases (``Geometric (beta=0.5)``) and
-keys strictly, with a "did you mean" for near misses.
+(``Geometric (β=0.5)``) is for people. ``by_name`` parses labels, their ASCII aliases (``Geometric (beta=0.5)``), the
+value alone (``Geometric(0.5)``: each family has one parameter) and keys strictly, with a "did you mean" for near
+misses.
 """
 from __future__ import annotations
 
@@ -230,6 +231,7 @@ def build_proposals(alpha_values: Sequence[float] = DEFAULT_ALPHA_VALUES,
 # ------------------------------------------------------------------------------------------------ parsing
 
 _WITH_PARAM = re.compile(r"^(?P<family>.*?)\s*\((?P<symbol>[^=()]*)=(?P<value>[^()]*)\)$")
+_BARE_PARAM = re.compile(r"^(?P<family>.*?)\s*\((?P<value>[^=()]*)\)$")  # 'Geometric(0.5)': the value alone
 _KEY = re.compile(r"^(?P<family>[a-z0-9]+(?:-[a-z0-9]+)*)(?:_(?P<symbol>[a-z]+)-(?P<value>.+))?$")
 _BY_KEY = {fam.key: name for name, fam in REGISTRY.items()}
 
@@ -265,6 +267,10 @@ def by_name(name: str, alpha_values: Sequence[float] = DEFAULT_ALPHA_VALUES) -> 
     if m:
         family, symbol, value = m["family"].strip(), m["symbol"].strip(), m["value"].strip()
         return _resolve(name, family, symbol, value, alpha_values)
+    m = _BARE_PARAM.match(text)
+    if m and m["family"].strip() in REGISTRY and REGISTRY[m["family"].strip()].symbol is not None:
+        family = m["family"].strip()  # one parameter per family: the value alone names it
+        return _resolve(name, family, REGISTRY[family].symbol, m["value"].strip(), alpha_values)
     if text in REGISTRY:
         fam = REGISTRY[text]
         if fam.symbol is not None:
@@ -279,6 +285,9 @@ def by_name(name: str, alpha_values: Sequence[float] = DEFAULT_ALPHA_VALUES) -> 
         if k["symbol"] is not None:
             return _resolve(name, family, k["symbol"], k["value"], alpha_values)
     examples = [_with_param(f, _fmt(_example_value(f, alpha_values))) for f in REGISTRY]
+    if m and (hit := suggest(m["family"].strip(), REGISTRY)) is not None:  # 'Geometrik(0.5)': keep the value given
+        raise ValueError(f"{PARAM}: unknown proposal {name!r}; did you mean {_with_param(hit, m['value'].strip())!r}? "
+                         f"(allowed e.g.: {', '.join(examples)})")
     hit = suggest(text, examples + list(REGISTRY))
     if hit is None:  # a family typo with a parameter written some other way: suggest on the family part
         hit = suggest(re.split(r"[\s(_]", text, maxsplit=1)[0], REGISTRY, cutoff=0.75)

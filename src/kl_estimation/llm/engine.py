@@ -124,7 +124,7 @@ def pair_view(pair, direction: str = FORWARD):
 
 @torch.inference_mode()
 def sample_batch(pair, proposal: SequenceProposal, n: int, max_new_tokens: int, generator, *, prompt_rows=None,
-                 sampler: str = "iid", exclude=None) -> Batch:
+                 sampler: str = "iid", exclude=None, on_step=None) -> Batch:
     """Draw `n` sequences of up to `max_new_tokens` tokens from the proposal; one Python iteration per step.
 
     `generator`: a torch.Generator for all n rows, or a list of (torch.Generator, rows) — one per unit, in row order.
@@ -132,6 +132,8 @@ def sample_batch(pair, proposal: SequenceProposal, n: int, max_new_tokens: int, 
     `sampler`: the draw source (draws.DRAWS).
     `exclude`: a head.Head of the rows' prompt: draw from the proposal conditioned on not ending in its sequences;
     ``log_r`` then holds the conditioned r′ and ``log_p_cond`` the conditioned P′ (llm/head.py).
+    `on_step(k)`: called as the steps are done (k of them; the skipped ones at once when every row has ended), for a
+    progress bar and the cost probe (cost.py); it sees nothing of the draws.
     """
     streams = [(generator, n)] if isinstance(generator, torch.Generator) else list(generator)
     if sum(rows for _, rows in streams) != n:
@@ -172,5 +174,9 @@ def sample_batch(pair, proposal: SequenceProposal, n: int, max_new_tokens: int, 
         elif t + 1 < max_new_tokens:  # every sequence ended: the remaining steps are masked out
             for k in cols:
                 cols[k] += [torch.zeros_like(cols[k][-1])] * (max_new_tokens - t - 1)
+            if on_step is not None:
+                on_step(max_new_tokens - t)
             break
+        if on_step is not None:
+            on_step(1)
     return Batch(**{k: torch.stack(v, dim=1).cpu().numpy() for k, v in cols.items()})

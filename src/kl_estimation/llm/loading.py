@@ -232,17 +232,24 @@ def gguf_speedups():
 
 @contextmanager
 def _quiet_gguf():
-    """transformers shows a progress bar while it dequantizes a GGUF file and logs what it converts: not the user's
-    concern on a run's console (errors still raise)."""
+    """transformers draws two bars per GGUF load — "Converting and de-quantizing GGUF tensors" (tqdm.auto, called
+    directly, so its logging switch does not reach it) and "Loading weights" (its logging's tqdm) — and logs what it
+    converts: not the user's concern on a run's console, where our own bar gives the time left (errors still raise).
+    Both are silenced for the block and restored after it, so a caller's own transformers use is left as it was."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
     from transformers.utils import logging as hf_logging
 
+    bars, level, dequantizing = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity(), gguf_loading.tqdm
     hf_logging.disable_progress_bar()
-    level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    gguf_loading.tqdm = functools.partial(dequantizing, disable=True)
     try:
         yield
     finally:
+        gguf_loading.tqdm = dequantizing
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(flag: str, name: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -392,13 +399,13 @@ def check_loading_options(cfg) -> None:
     if cfg.device_map not in (None, "auto"):
         raise ValueError(f"device_map: unknown device map {cfg.device_map!r}; allowed: auto")
     if cfg.offload and cfg.device_map is None:
-        raise ValueError("offload: only with device_map auto (it lets accelerate keep layers in CPU memory)")
+        raise ValueError("offload: only with `device_map` auto (it lets accelerate keep layers in CPU memory)")
     if cfg.device_map is not None:
         _needs("device_map", "accelerate", "sharding a model over devices")
     for flag, path in (("p_adapter", cfg.p_adapter), ("q_adapter", cfg.q_adapter)):
         if path is not None:
             if cfg.p_model is None:
-                raise ValueError(f"{flag}: give p_model (and q_model unless it is P's base) with an adapter")
+                raise ValueError(f"{flag}: give `p_model` (and `q_model` unless it is P's base) with an adapter")
             _needs(flag, "peft", "an adapter")
     check_sources(cfg)
 
@@ -426,17 +433,17 @@ def check_tokenizers(tok_p, tok_q, *, ignore_eos: bool = False, chat_template: b
     different tokens), BOS (Q would read P's), EOS (sequences end at P's EOS; not with ignore_eos), the chat template
     when prompts go through it."""
     if tok_p.get_vocab() != tok_q.get_vocab():
-        raise ValueError(f"q_model: its tokenizer differs from p_model's (vocabulary sizes {len(tok_q)} and "
+        raise ValueError(f"q_model: its tokenizer differs from `p_model`'s (vocabulary sizes {len(tok_q)} and "
                          f"{len(tok_p)}); KL between the two needs one shared vocabulary")
     if tok_p.bos_token_id != tok_q.bos_token_id:
-        raise ValueError(f"q_model: its BOS token (id {tok_q.bos_token_id}) differs from p_model's (id "
+        raise ValueError(f"q_model: its BOS token (id {tok_q.bos_token_id}) differs from `p_model`'s (id "
                          f"{tok_p.bos_token_id}): prompts start with P's, which Q was not trained on")
     if not ignore_eos and tok_p.eos_token_id != tok_q.eos_token_id:
-        raise ValueError(f"q_model: its EOS token (id {tok_q.eos_token_id}) differs from p_model's (id "
+        raise ValueError(f"q_model: its EOS token (id {tok_q.eos_token_id}) differs from `p_model`'s (id "
                          f"{tok_p.eos_token_id}): the two would end sequences at different tokens; pass "
                          f"ignore_eos (`ignore_eos`) to compare fixed-length continuations")
     if chat_template and getattr(tok_p, "chat_template", None) != getattr(tok_q, "chat_template", None):
-        raise ValueError("q_model: its chat template differs from p_model's: prompts are wrapped in P's, a "
+        raise ValueError("q_model: its chat template differs from `p_model`'s: prompts are wrapped in P's, a "
                          "format Q was not trained on")
 
 

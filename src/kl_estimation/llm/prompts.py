@@ -27,11 +27,13 @@ def read_prompt_file(path, prompt_field: str = "prompt") -> list[str]:
     """Prompts of a .txt, .jsonl or .csv file, in file order."""
     path = Path(path)
     if path.suffix not in FILE_KINDS:
-        raise ValueError(f"prompts: {path} is not a {', '.join(FILE_KINDS)} file")
+        raise ValueError(f"prompts_file: {path} is not a {', '.join(FILE_KINDS)} file")
+    if not path.is_file():
+        raise ValueError(f"prompts_file: no file {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"prompts: cannot read {path}: {err.__class__.__name__}: {err}") from None
+        raise ValueError(f"prompts_file: cannot read {path}: {err.__class__.__name__}: {err}") from None
     if path.suffix == ".txt":
         return [line for line in text.splitlines() if line.strip()]
     if path.suffix == ".jsonl":
@@ -41,7 +43,7 @@ def read_prompt_file(path, prompt_field: str = "prompt") -> list[str]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"prompts: {path} line {i} is not JSON ({err.msg})") from None
+                    raise ValueError(f"prompts_file: {path} line {i} is not JSON ({err.msg})") from None
                 out.append(_field(row, prompt_field, f"{path} line {i}"))
         return out
     rows = list(csv.DictReader(text.splitlines()))
@@ -79,7 +81,7 @@ def load_prompts(*, prompt: str | None = None, prompts_file=None, dataset: str |
                  prompt_field: str = "prompt", n_prompts: int | None = None) -> list[str]:
     """The prompt set: from `prompts_file`, or `dataset`, or the single `prompt`; the first `n_prompts` of it."""
     if prompts_file is not None and dataset is not None:
-        raise ValueError("prompts: give a prompts file or a dataset, not both")
+        raise ValueError("dataset: give a `prompts_file` or a `dataset`, not both")
     if prompts_file is not None:
         out = read_prompt_file(prompts_file, prompt_field)
     elif dataset is not None:
@@ -90,9 +92,11 @@ def load_prompts(*, prompt: str | None = None, prompts_file=None, dataset: str |
         if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
             raise ValueError(f"n_prompts: must be an integer ≥ 1 (got {n_prompts!r})")
         out = out[:n_prompts]
+    source = ("prompts_file", f"{prompts_file} holds") if prompts_file is not None else \
+        ("dataset", f"{dataset} holds") if dataset is not None else ("prompts", "the prompt set has")
     if not out:
-        raise ValueError("prompts: the prompt set is empty")
+        raise ValueError(f"{source[0]}: {source[1]} no prompt")
     for i, text in enumerate(out):
         if not text.strip():
-            raise ValueError(f"prompts: prompt {i} is empty")
+            raise ValueError(f"{source[0]}: prompt {i} is empty")
     return out

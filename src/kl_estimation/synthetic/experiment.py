@@ -57,6 +57,8 @@ class SyntheticConfig(Settings):
     dashes) with this default."""
 
     RUN = "a synthetic run"
+    RUNS = "single-token synthetic runs"
+    NATURE = " of single tokens"
 
     vocab_size: int = setting(3000, "vocabulary size V", type=int)
     n_samples: int = setting(300, "samples (sequences) per method and repeat", type=int)

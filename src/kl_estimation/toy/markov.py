@@ -239,6 +239,7 @@ class SequenceConfig(Settings):
     defaults, and the ones only a sequence run has."""
 
     RUN = "a sequence run"
+    RUNS = "sequence runs"
 
     vocab_size: int = shared(SyntheticConfig, "vocab_size", default=201)  # 200 ordinary tokens + EOS
     order: int = setting(1, "Markov order, 1 or 2", type=int)

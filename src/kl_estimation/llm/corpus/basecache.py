@@ -74,9 +74,9 @@ def read_record(folder) -> dict:
     try:
         rec = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"base: {folder} is not a base cache written by save_base ({type(err).__name__})") from None
+        raise ValueError(f"base: {folder} is not a base cache written by `save_base` ({type(err).__name__})") from None
     if rec.get("kind") != "corpus-base" or not (Path(folder) / TENSORS).is_file():
-        raise ValueError(f"base: {folder} is not a base cache written by save_base")
+        raise ValueError(f"base: {folder} is not a base cache written by `save_base`")
     return rec
 
 

@@ -15,7 +15,7 @@ from kl_estimation import settings
 from kl_estimation.core.validation import check_int
 from kl_estimation.llm.corpus.stats import BASE_STORAGE, SCORE_MODES
 from kl_estimation.llm.run.config import LLMConfig, ModelPairSettings
-from kl_estimation.settings import setting
+from kl_estimation.settings import other_mode, setting
 
 CLUSTERS = ("window", "document")
 CORPUS_FILES = ("summary.json", "tokens.npz", "windows.csv", "llama.txt", "plots", "comparison.json", "comparison.csv",
@@ -95,15 +95,16 @@ class CorpusConfig(ModelPairSettings):
     trust_remote_code: bool = shared("trust_remote_code")
 
     RUN = "a corpus run"
+    RUNS = "corpus runs"
+    NATURE = ", which scores the text teacher-forced and never samples"
 
     @classmethod
     def from_settings(cls, **settings) -> CorpusConfig:
         """A CorpusConfig from keyword settings; an unknown name is a ValueError naming it (a sampling setting says
         that a corpus run does not sample)."""
         for name in settings:
-            if name not in cls.settings() and name in LLMConfig.settings():
-                raise ValueError(f"{name}: a setting of sampled runs (estimate_kl); a corpus run scores the "
-                                 f"text teacher-forced and never samples")
+            if (message := other_mode(name, cls, LLMConfig)) is not None:
+                raise ValueError(message)
         return super().from_settings(**settings)
 
     @property
@@ -173,6 +174,11 @@ class CorpusConfig(ModelPairSettings):
                 raise ValueError(f"{name}: no file {path}")
         if self.corpus is not None and Path(self.corpus).suffix not in CORPUS_KINDS:
             raise ValueError(f"corpus: {self.corpus} is not a {' or '.join(CORPUS_KINDS)} file")
+        if self.corpus is not None or self.texts is not None:  # an empty text is refused before any model loads
+            from kl_estimation.llm.corpus.text import read_documents
+
+            read_documents(self.corpus, self.texts, None, self.split, self.text_field, self.n_documents,
+                           self.group_field)
         if self.token_ids is not None and self.cluster_by == "document":
             raise ValueError("cluster_by: token ids carry no documents; cluster by window")
         for name in self.candidates or (None,):  # each candidate's source, as its own run would check it

@@ -358,21 +358,25 @@ def candidate_configs(cfg: CorpusConfig) -> list[CorpusConfig]:
     return [replace(cfg, q_model=name) for name in cfg.candidates]
 
 
-def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool = False):
+def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool = False, say=None):
     """Validate cfg, load P, score every window once for P (base_pass), then each candidate Q in turn against it
     (loaded one at a time: memory is that of the larger model, whatever the number of candidates); summarize; write
     the run folder when cfg.output_dir is set. `models`: (P, Q or a list of Qs) already loaded, with their shared
     `tokenizer`. One candidate (`q_model` a name): a CorpusResult; a list: a CorpusComparison (compare.py)."""
     t_start = time.perf_counter()
     cfg = cfg.validate()
-    if cfg.output_dir is None:
-        return _run_corpus(cfg, models, tokenizer, progress, t_start)
-    with runio.RunFolder(cfg.output_dir):  # one run at a time on a folder; checked again now that it is ours
-        check_corpus_folder(cfg.output_dir, cfg.overwrite)
-        return _run_corpus(cfg, models, tokenizer, progress, t_start)
+    work = _Work(progress, say)
+    try:
+        if cfg.output_dir is None:
+            return _run_corpus(cfg, models, tokenizer, work, t_start)
+        with runio.RunFolder(cfg.output_dir):  # one run at a time on a folder; checked again now that it is ours
+            check_corpus_folder(cfg.output_dir, cfg.overwrite)
+            return _run_corpus(cfg, models, tokenizer, work, t_start)
+    finally:  # an interrupted run's bar ends before its one-line report
+        work.close()
 
 
-def _run_corpus(cfg: CorpusConfig, models, tokenizer, progress: bool, t_start: float):
+def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: float):
     cfg = replace(cfg, threads=set_threads(cfg.threads))  # the number used, recorded in the run
     from kl_estimation.llm.loading import check_logit_rows, gguf_speedups
 
@@ -407,8 +411,8 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, progress: bool, t_start: f
                      torch.cuda.mem_get_info(_device_of(p))[0] if _device_of(p).type == "cuda" else None)
         p_class = type(p).__name__
         t_loaded = time.perf_counter()
-        with _bar(progress, W, "corpus windows, P") as bar:
-            base = base_pass(p, windows, mask, keep, vocab, cfg.batch_size, bar)
+        work.start(cfg, W, 1 + len(cfg.candidates), "corpus windows, P")
+        base = base_pass(p, windows, mask, keep, vocab, cfg.batch_size, work.meter)
         del p  # P's body goes unless its logits are not hidden × head (then `base` holds it)
         if cfg.save_base is not None:
             from kl_estimation.llm.corpus.basecache import save_base
@@ -438,9 +442,12 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, progress: bool, t_start: f
                       else "P run again for every candidate (its logits are not hidden × head)",
                       base_cache_bytes=base.nbytes, vocab=vocab)
         t1 = time.perf_counter()
-        with _bar(progress, W, f"corpus windows, Q {i + 1}/{len(cfg.candidates)}") as bar:
-            arrays, worst = score_windows(base, q, mask, batch_size=cfg.batch_size, base_storage=cfg.base_storage,
-                                          n_worst=cfg.n_worst, bar=bar)
+        desc = f"corpus windows, Q {i + 1}/{len(cfg.candidates)}"
+        if work.meter is None:  # P's side read from a cache: the candidates are the whole work
+            work.start(cfg, W, len(cfg.candidates), desc)
+        work.stage(desc)
+        arrays, worst = score_windows(base, q, mask, batch_size=cfg.batch_size, base_storage=cfg.base_storage,
+                                      n_worst=cfg.n_worst, bar=work.meter)
         del q
         t2 = time.perf_counter()
         arrays["mask"] = mask
@@ -453,7 +460,7 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, progress: bool, t_start: f
         timing = {"load_s": (t_loaded - t_start) + (t1 - t0), "base_s": t_base - t_loaded, "score_s": t2 - t1,
                   "total_s": (t_base - t_start) + (t2 - t0), "scored_tokens_per_s": n_scored / max(t2 - t1, 1e-9),
                   "window_tokens_per_s": W * cfg.context / max(t2 - t1, 1e-9), "threads": cfg.threads,
-                  "device": str(base.device())}
+                  "device": str(base.device()), "cost_estimate": work.estimate()}
         results.append(CorpusResult(summary, tokens, window_rows(tokens, summary), cq.to_dict(), record, corpus,
                                     worst_records(worst, windows, document, arrays, tokenizer), timing))
     if isinstance(cfg.q_model, str):
@@ -464,7 +471,8 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, progress: bool, t_start: f
     from kl_estimation.llm.corpus.compare import CorpusComparison
 
     comparison = CorpusComparison.build(results, cfg, timing={"total_s": time.perf_counter() - t_start,
-                                                              "base_s": t_base - t_loaded})
+                                                              "base_s": t_base - t_loaded,
+                                                              "cost_estimate": work.estimate()})
     if cfg.output_dir is not None:
         comparison.write(cfg.output_dir, cfg.overwrite)
     return comparison
@@ -505,22 +513,48 @@ def resolve_dtype_of(cfg: CorpusConfig) -> str:
     return resolve_dtype(cfg.dtype, resolve_device(cfg.device))
 
 
-class _bar:
-    """A tqdm bar as a context manager, or nothing when `progress` is off."""
+class _Work:
+    """The run's work in windows — W per model pass: P's, then each candidate's — on one progress bar (when
+    `progress`), with the cost probe: the second forward batch of windows (the first pays for every first call),
+    timed and scaled by the passes (cost.py;
+    a candidate's pass costs about P's: one forward of Q, P's logits from its head). A run expected to take over
+    cost.COST_LINE_SECONDS tells `say` (default with `progress`: a line on stderr) before its first pass is done;
+    the reduction named is llama.cpp's --chunks, ``n_windows``."""
 
-    def __init__(self, progress: bool, total: int, desc: str):
-        self.bar = None
-        if progress:
-            from kl_estimation import progress as progress_bars
+    def __init__(self, progress: bool, say=None):
+        from kl_estimation.cost import say_on_stderr
 
-            self.bar = progress_bars.bar(total=total, desc=desc, unit="window")
+        self.progress, self.say = progress, (say or say_on_stderr(flags=False)) if progress else say
+        self.meter = None
 
-    def __enter__(self):
-        return self.bar
+    def start(self, cfg: CorpusConfig, W: int, passes: int, desc: str) -> None:
+        from kl_estimation import progress as progress_bars
+        from kl_estimation.cost import COST_LINE_SECONDS, CostEstimate, Meter
 
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
+        total = W * passes
+        bar = progress_bars.bar(total=total, desc=desc, unit="window") if self.progress else None
+        plan = ((W, "windows"),) + (((passes, "model passes"),) if passes > 1 else ())
+
+        def make(per_window: float, done: int, spent: float) -> CostEstimate:
+            seconds = per_window * total
+            n = max(1, int(W * COST_LINE_SECONDS / seconds))
+            reduction = ("n_windows", str(n), seconds * n / W) if n < W else None
+            return CostEstimate(seconds, plan, total, "windows", done, spent, reduction)
+
+        self.meter = Meter(bar, total, min(cfg.batch_size, W), make, self.say, warmup=min(cfg.batch_size, W))
+        self.meter.begin()
+
+    def stage(self, desc: str) -> None:
+        if self.meter is not None and self.meter.bar is not None:
+            self.meter.bar.set_description_str(desc)
+
+    def estimate(self) -> dict | None:
+        e = None if self.meter is None else self.meter.estimate
+        return None if e is None else e.to_dict()
+
+    def close(self) -> None:
+        if self.meter is not None and self.meter.bar is not None:
+            self.meter.bar.close()
 
 
 def _load_side(cfg: CorpusConfig, side: str, name: str):

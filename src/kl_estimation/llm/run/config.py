@@ -41,10 +41,11 @@ class LLMConfig(ModelPairSettings):
     JSON key in summary.json; its command-line flag is ``--`` + the name with dashes (older spellings are accepted
     aliases). The defaults are the same for LLM_experiments.py and estimate_kl."""
 
-    p_model: str | None = setting(None, "base model P: a transformers hub id or a local folder (default with `q_model` "
-                                  "unset: the offline default pair, built once on this machine)")
-    q_model: str | None = setting(None, "fine-tuned model Q: a hub id or local folder (default: the offline default "
-                                  "pair's Q)")
+    p_model: str | None = setting(None, "base model P: a transformers hub id, a local folder or a .gguf file (local, "
+                                  "or owner/repo/file.gguf on the hub) (default with `q_model` unset: the offline "
+                                  "default pair, built once on this machine)")
+    q_model: str | None = setting(None, "fine-tuned model Q: a hub id, a local folder or a .gguf file (default: the "
+                                  "offline default pair's Q)")
     prompt: str = setting("An interesting fact is that", "the text every sequence continues (a prompt set of one) "
                           "when no `prompts_file` / `dataset` is given")
     prompts: tuple | None = setting(None, "a prompt set given as texts", flag=False)
@@ -104,6 +105,20 @@ class LLMConfig(ModelPairSettings):
                                       "repositories you trust)")
 
     RUN = "an LLM run"
+    RUNS = "sampled runs"
+    NATURE = ", which samples sequences after prompts"
+
+    @classmethod
+    def from_settings(cls, **settings) -> "LLMConfig":
+        """An LLMConfig from keyword settings; an unknown name is a ValueError naming it (a corpus setting says that
+        it belongs to corpus runs)."""
+        from kl_estimation.llm.corpus.config import CorpusConfig
+        from kl_estimation.settings import other_mode
+
+        for name in settings:
+            if (message := other_mode(name, cls, CorpusConfig)) is not None:
+                raise ValueError(message)
+        return super().from_settings(**settings)
 
     @property
     def prompt_set(self) -> tuple:
@@ -133,7 +148,7 @@ class LLMConfig(ModelPairSettings):
             raise ValueError("resume: give the `output_dir` of the run to continue")
         t = self.temperature
         if not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)):
-            raise ValueError(f"temperature: must be a number > 0 (got {self.temperature!r})")
+            raise ValueError(f"temperature: must be a finite number > 0 (got {self.temperature!r})")
         prompts = self.prompts
         if prompts is None and (self.prompts_file or self.dataset or self.n_prompts is not None):
             from kl_estimation.llm.prompts import load_prompts

@@ -26,6 +26,7 @@ import torch
 
 from kl_estimation import runio
 from kl_estimation.core.resources import check_memory
+from kl_estimation.cost import COST_LINE_SECONDS, PROBE_STEPS, CostEstimate, Meter, say_on_stderr
 from kl_estimation.llm.engine import (
     FORWARD,
     REVERSE,
@@ -63,8 +64,6 @@ from kl_estimation.verdicts import judge
 def load_pair(cfg: LLMConfig):
     """The pair of cfg (hub ids / local folders, or the offline default pair) with cfg's prompt set tokenized.
     Returns (pair, models), `models` being what the run records about where P and Q came from."""
-    from transformers.utils import logging as hf_logging
-
     from kl_estimation.llm.loading import load_transformers_pair, text_start
 
     distributed.from_env(cfg.device)  # under torchrun: join the group, and pin this rank to its GPU before loading
@@ -74,7 +73,6 @@ def load_pair(cfg: LLMConfig):
         from kl_estimation.llm import default_pair
 
         p_id, q_id = default_pair.ensure()  # one pair for everyone, trained with its own fixed seed
-    hf_logging.disable_progress_bar()
     scale = {k: getattr(cfg, k) for k in ("p_adapter", "q_adapter", "device_map", "offload", "p_revision", "q_revision",
                                           "trust_remote_code") if getattr(cfg, k)}
     scale.update({k: resolve_dtype(getattr(cfg, k), device) for k in ("p_dtype", "q_dtype") if getattr(cfg, k)})
@@ -147,16 +145,21 @@ def plan_proposal(cfg: LLMConfig, name: str, models: dict, folder, shard: distri
     return ProposalRun(name, key, units, done, shard.mine(pack(todo, cfg.batch_size)), files, direction)
 
 
-def draw(pair, cfg: LLMConfig, run: ProposalRun, shard: distributed.Shard, bar=None) -> None:
+def draw(pair, cfg: LLMConfig, run: ProposalRun, shard: distributed.Shard, meter: Meter | None = None) -> None:
     """Draw this rank's batches of `run` (each appended to the partial file as it finishes), then gather every
-    rank's into run.done. `pair` is the loaded pair; the run's direction decides how it is sampled."""
+    rank's into run.done. `pair` is the loaded pair; the run's direction decides how it is sampled. `meter`: the
+    run's work counter (its progress bar and cost probe), told of every decoding step."""
     if run.files is not None:
         run.files.start(run.key, run.done, cfg.resume)
     prop, new, view = run.proposal, {}, pair_view(pair, run.direction)
     run.heads = heads_for(view, prop, cfg.max_new_tokens, cfg.n_samples, len(cfg.prompt_set), cfg.head) \
         if cfg.sampler == "iid" else {}
+    bar = None if meter is None else meter.bar
+    if meter is not None and run.batches:
+        meter.begin()
     for group in run.batches:
-        recs = sample_units(view, prop, group, cfg, run.direction, run.heads)
+        recs = sample_units(view, prop, group, cfg, run.direction, run.heads,
+                            None if meter is None else meter.update)
         for r in recs:
             r["rank"] = shard.rank
         if run.files is not None:
@@ -165,7 +168,6 @@ def draw(pair, cfg: LLMConfig, run: ProposalRun, shard: distributed.Shard, bar=N
         new.update(drawn)
         run.done.update(drawn)
         if bar is not None:
-            bar.update(1)
             bar.set_postfix_str(_running(run.done.values(), prop.base is None))
     run.done.update(shard.gather(new))
 
@@ -193,7 +195,7 @@ def proposal_document(cfg: LLMConfig, run: ProposalRun, meta: dict) -> dict:
 
 
 def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, progress: bool = False, shard=None,
-                   exact_kl: float | dict | None = None) -> dict:
+                   exact_kl: float | dict | None = None, say=None) -> dict:
     """Every proposal of cfg in every direction of cfg on a loaded pair → {"meta", "docs" (one per direction and
     proposal), "rows" (every direction's rows, each ranked with flagged rows last, forward first; each row has its
     `direction`), "recommended" (the first direction's: forward unless the run is reverse only),
@@ -201,10 +203,13 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, progress: bo
     ([{prompt, text, rows, recommended, recommended_by_direction}] for a set of several prompts) and, for both
     directions, "jeffreys" (the Jeffreys row; per prompt too)}. With a `folder`: resumable per-proposal files
     plus summary.json, summary.csv and summary_per_prompt.csv (the caller checked the folder); with cfg.overwrite,
-    every file of an earlier run there is removed first. `progress`: one bar over every batch (progress.bar, as
-    every area's run takes it). Under torchrun the ranks share the work (`shard`, default
-    distributed.from_env) and rank 0 writes the files. `exact_kl`: the exact KL over the prompt set where one is
-    known (tiny enumerable pairs), recorded for the figures: a number (forward runs) or {direction: number}."""
+    every file of an earlier run there is removed first. `progress`: one bar over the whole run in sequence-tokens
+    (progress.bar, as every area's run takes it), with the time left from the first steps; "cost_estimate" is what
+    the run's first steps said it would take (cost.py: a run over COST_LINE_SECONDS says so, through `say`, before
+    its first batch is done; `say` default: the line on stderr when `progress`). Under torchrun the ranks share the
+    work (`shard`, default distributed.from_env) and rank 0 writes the files. `exact_kl`: the exact KL over the
+    prompt set where one is known (tiny enumerable pairs), recorded for the figures: a number (forward runs) or
+    {direction: number}."""
     check_fits(pair, cfg)
     shard = distributed.from_env(cfg.device) if shard is None else shard
     config = {**vars(cfg), "proposals": list(cfg.proposals), "prompts": list(cfg.prompt_set),
@@ -222,16 +227,15 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, progress: bo
             direction_folder(folder, d).mkdir(parents=True, exist_ok=True)
         shard.barrier()
     runs = [plan_proposal(cfg, name, models, folder, shard, d) for d in cfg.directions for name in cfg.proposals]
-    total = sum(len(r.batches) for r in runs)
-    bar = progress_bar(total=total, desc="sampling", unit="batch") if progress and shard.writes_final and total \
-        else None
+    meter = work_meter(cfg, runs, progress and shard.writes_final, say if shard.writes_final else None)
+    bar = meter.bar
     docs = []
     try:  # one bar over every proposal's batches: the time left is the whole run's
         for i, run in enumerate(runs, 1):
             if bar is not None:
                 where = f"{run.direction} " if len(cfg.directions) > 1 else ""
                 bar.set_description_str(f"{where}proposal {i}/{len(runs)}: {run.label}")
-            draw(pair, cfg, run, shard, bar)
+            draw(pair, cfg, run, shard, meter)
             docs.append(proposal_document(cfg, run, meta))
             if run.files is not None:
                 run.files.finish(docs[-1])
@@ -241,7 +245,36 @@ def run_experiment(pair, cfg: LLMConfig, models: dict, folder=None, progress: bo
     verdict = judge_directions(cfg, runs, docs)
     if folder is not None and shard.writes_final:
         write_summary(folder, meta, verdict)
-    return dict(meta=meta, docs=docs, **verdict)
+    return dict(meta=meta, docs=docs, cost_estimate=meter.estimate, **verdict)
+
+
+def work_meter(cfg: LLMConfig, runs: list[ProposalRun], progress: bool, say=None) -> Meter:
+    """The run's work in sequence-tokens (a row of a forward batch for one decoding step: about one unit of time
+    each, whatever the proposal or direction) on one bar, and the probe: PROBE_STEPS steps of the first forward batch
+    after its first (which reads the prompts and pays for every first call), scaled by the plan (cost.py). The
+    reduction named: plain Monte Carlo alone (--proposals P), else one direction, else fewer sequences."""
+    T = cfg.max_new_tokens
+    work = sum(u.rows for r in runs for g in r.batches for u in g) * T
+    first = next((g for r in runs for g in r.batches), [])
+    bar = progress_bar(total=work, desc="sampling", unit="token") if progress and work else None
+    plan = tuple((n, what) for n, what in ((len(cfg.proposals), "proposals"), (len(cfg.directions), "directions"),
+                                           (len(cfg.prompt_set), "prompts")) if n > 1 or what == "proposals") \
+        + ((cfg.n_samples, "sequences"),)
+
+    def make(per_unit: float, done: int, spent: float) -> CostEstimate:
+        seconds = per_unit * work
+        if len(cfg.proposals) > 1:
+            reduction = ("proposals", "P", seconds / len(cfg.proposals))
+        elif len(cfg.directions) > 1:
+            reduction = ("direction", "forward", seconds / 2)
+        else:
+            n = max(2, int(cfg.n_samples * COST_LINE_SECONDS / seconds))
+            reduction = ("n_samples", str(n), seconds * n / cfg.n_samples) if n < cfg.n_samples else None
+        return CostEstimate(seconds, plan, work, "sequence-tokens", done, spent, reduction)
+
+    rows = sum(u.rows for u in first)
+    return Meter(bar, work, rows * min(max(T - 1, 1), PROBE_STEPS), make,
+                 (say or say_on_stderr(flags=False)) if progress else say, warmup=rows if T > 1 else 0)
 
 
 def judge_directions(cfg: LLMConfig, runs: list[ProposalRun], docs: list[dict]) -> dict:

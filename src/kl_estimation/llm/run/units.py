@@ -56,23 +56,25 @@ def pack(units: list[Unit], batch_size: int) -> list[list[Unit]]:
     return out
 
 
-def sample_units(pair, prop, units: list[Unit], cfg, direction: str = FORWARD, heads=None) -> list[dict]:
+def sample_units(pair, prop, units: list[Unit], cfg, direction: str = FORWARD, heads=None, on_work=None) -> list[dict]:
     """One forward batch of units (drawn with cfg.sampler) → their records, each tagged with its unit (prompt and
     batch index). `pair` is the direction's view of the pair (engine.pair_view); `direction` keys the streams.
     `heads` {prompt: head.Head}: the units of those prompts draw from the remainder of their head, one forward
-    batch per prompt (a head conditions the rows of its own prompt)."""
+    batch per prompt (a head conditions the rows of its own prompt). `on_work(n)`: n sequence-tokens done (a row for
+    a step), as they are done (cost.Meter)."""
     if heads and any(u.prompt in heads for u in units):
         groups = [[u for u in units if u.prompt == i] for i in dict.fromkeys(u.prompt for u in units)]
-        return [r for g in groups for r in _sample(pair, prop, g, cfg, direction, heads.get(g[0].prompt))]
-    return _sample(pair, prop, units, cfg, direction, None)
+        return [r for g in groups for r in _sample(pair, prop, g, cfg, direction, heads.get(g[0].prompt), on_work)]
+    return _sample(pair, prop, units, cfg, direction, None, on_work)
 
 
-def _sample(pair, prop, units, cfg, direction, head) -> list[dict]:
+def _sample(pair, prop, units, cfg, direction, head, on_work=None) -> list[dict]:
     streams = [(unit_generator(cfg.seed, prop, u.batch, pair.device, u.prompt, direction), u.rows) for u in units]
     sizes = [u.rows for u in units]
     rows, batch = np.repeat([u.prompt for u in units], sizes), np.repeat([u.batch for u in units], sizes)
-    b = sample_batch(pair, prop, len(rows), cfg.max_new_tokens, streams, prompt_rows=torch.as_tensor(rows),
-                     sampler=cfg.sampler, exclude=head)
+    n = len(rows)
+    b = sample_batch(pair, prop, n, cfg.max_new_tokens, streams, prompt_rows=torch.as_tensor(rows),
+                     sampler=cfg.sampler, exclude=head, on_step=None if on_work is None else lambda k: on_work(n * k))
     return batch_records(b, pair.decode, prompt=rows, batch=batch)
 
 
