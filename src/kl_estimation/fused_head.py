@@ -46,7 +46,8 @@ def _tile_logits(h, w, b, v0, v1, factor):
     z = h @ w[v0:v1].t()
     if b is not None:
         z = z + b[v0:v1]
-    return z.to(_acc_dtype(z.dtype)).mul_(factor)
+    z = z.to(_acc_dtype(z.dtype))
+    return z if factor == 1.0 else z.mul_(factor)
 
 
 def _dot(a, b):
@@ -81,7 +82,8 @@ class _FusedHead(torch.autograd.Function):
             t = tok[r0:r1, None]
             for v0 in range(0, V, cols):
                 v1 = min(V, v0 + cols)
-                zp, zq = _tile_logits(hp[r0:r1], wp, bp, v0, v1, factor), _tile_logits(hq[r0:r1], wq, bq, v0, v1, factor)
+                zp = _tile_logits(hp[r0:r1], wp, bp, v0, v1, factor)
+                zq = _tile_logits(hq[r0:r1], wq, bq, v0, v1, factor)
                 ep, cp = _fold(mp, sp, zp, r0, r1)
                 sxp[r0:r1] = sxp[r0:r1] * cp + _dot(ep, zp)
                 eq, cq = _fold(mq, sq, zq, r0, r1)
@@ -144,7 +146,8 @@ class _FusedHead(torch.autograd.Function):
                 if a_lp is not None:
                     inside = (t >= v0) & (t < v1)
                     d.scatter_add_(-1, (t - v0).clamp(0, v1 - v0 - 1), torch.where(inside, a_lp, 0.0))
-                d.mul_(factor)
+                if factor != 1.0:
+                    d.mul_(factor)
                 if gh is not None:
                     gh[r0:r1].addmm_(d, wp[v0:v1].to(dt))
                 if gw is not None:

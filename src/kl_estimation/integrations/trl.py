@@ -71,6 +71,11 @@ def _surrogate(kind, lp, lq, kl, mask):
 class GRPOTrainer(trl.GRPOTrainer):
     """trl.GRPOTrainer with the keyword argument ``kl_estimator`` ("rb" default, "mc", "k3" = TRL's own)."""
 
+    # True: the reference's final hidden states are kept at rollout (one reference forward per generation batch);
+    # False: the reference's backbone runs in each loss call (once per num_iterations pass). Measured equal at
+    # num_iterations 1 (bench/bench_grpo.py, estimator "rb-refloss"); the rollout way is never dearer.
+    ref_hidden_at_rollout = True
+
     def __init__(self, *args, kl_estimator: str = "rb", **kwargs):
         config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
         model = kwargs.get("model", args[0] if args else None)
@@ -91,7 +96,7 @@ class GRPOTrainer(trl.GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         self._ref_hidden = []
         output = super()._generate_and_score_completions(inputs)
-        if self._fused:
+        if self._fused and self.ref_hidden_at_rollout:
             output["ref_hidden_states"] = torch.cat(self._ref_hidden)
         self._ref_hidden = None
         return output
@@ -110,6 +115,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               batch_size, compute_entropy, compute_aux_loss, **kwargs)
         if model is self.ref_model and self._ref_hidden is not None:
+            if not self.ref_hidden_at_rollout:
+                return None, None, None
             step = batch_size or input_ids.size(0)
             for i in range(0, input_ids.size(0), step):
                 self._ref_hidden.append(self._hidden_states(model, input_ids[i:i + step], attention_mask[i:i + step],
@@ -119,11 +126,15 @@ class GRPOTrainer(trl.GRPOTrainer):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               batch_size, compute_entropy, compute_aux_loss, **kwargs)
         hp = self._hidden_states(model, input_ids, attention_mask, logits_to_keep)
+        hq = self._loss_ref_hidden
+        if hq is True:  # ref_hidden_at_rollout False: the reference's backbone runs here
+            with torch.no_grad():
+                hq = self._hidden_states(self.ref_model, input_ids, attention_mask, logits_to_keep)
         policy, ref = self.accelerator.unwrap_model(model), self.ref_model
         tokens, mask = input_ids[:, -logits_to_keep:], attention_mask[:, -logits_to_keep:].bool()
         wp, wq = policy.get_output_embeddings(), ref.get_output_embeddings()
         scale = getattr(policy.config.get_text_config(), "logit_scale", None) or 1.0
-        out = fused_head_terms(hp.to(wp.weight.dtype), wp.weight, self._loss_ref_hidden.to(wq.weight.dtype),
+        out = fused_head_terms(hp.to(wp.weight.dtype), wp.weight, hq.to(wq.weight.dtype),
                                wq.weight, tokens, mask, bias_p=wp.bias, bias_q=wq.bias, logit_scale=scale,
                                temperature=self.temperature)
         self._head_out = out, mask
@@ -134,7 +145,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         if not self._fused:
             return super()._compute_loss(model, inputs)
         beta, self.beta = self.beta, 0.0
-        self._loss_ref_hidden = inputs["ref_hidden_states"]
+        self._loss_ref_hidden = inputs["ref_hidden_states"] if self.ref_hidden_at_rollout else True
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
