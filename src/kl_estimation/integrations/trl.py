@@ -20,8 +20,9 @@ TRL's KL weight becomes β / std(advantages)).
 
 How: the reference's final hidden states are kept at rollout (B × T × H, where TRL keeps its log-probs) and the
 loss runs the policy's backbone and ``fused_head_terms`` (both heads, chunked, no (B, T, V) logits) instead of TRL's
-fused head. The penalty enters as a per-token surrogate s_t whose value is the per-token KL estimate, added as
-``beta * s_t`` to TRL's per-token loss under TRL's ``loss_type`` aggregation, so ``beta`` has TRL's scale: β × the
+fused head (under mixed precision its products run in the autocast dtype, as TRL's do). The penalty enters as a
+per-token surrogate s_t whose value is the per-token KL estimate, added in GRPO as ``beta * s_t`` to TRL's per-token
+loss under TRL's ``loss_type`` aggregation, so ``beta`` has TRL's scale: β × the
 token-mean KL. Aggregations that divide each sequence by its own length ("grpo", "sapo") make the gradient that of
 E[Σ_t K_t / |o|], not of the KL, and are refused.
 
@@ -31,9 +32,10 @@ between π_old and π_θ), small inside PPO's clip). The logged ``kl/prefix_ess`
 sequences' prefix weights Π π_θ/π_old) and ``kl/max_ratio`` (largest per-token π_θ/π_old) say how far that drift
 went.
 
-Logged besides TRL's metrics: ``kl`` (TRL's meaning: the token-mean of its k3, × π/π_old with
-``use_bias_correction_kl``), ``kl/rb`` (token-mean exact KL), ``kl/k3`` (token-mean k3), ``kl/se`` (standard error
-over the batch of the per-sequence KL, for the estimator in use), and off-policy the two weight diagnostics.
+Logged besides TRL's metrics: ``kl`` (TRL's meaning: GRPO's token-mean k3, × π/π_old with
+``use_bias_correction_kl``; RLOO's token-mean k1 of the rollout policy), ``kl/rb`` (token-mean exact KL),
+``kl/k3`` (token-mean k3), ``kl/se`` (standard error over the batch of the per-sequence KL, for the estimator in
+use), and off-policy the two weight diagnostics.
 Single process (CPU or one GPU); models whose head output is soft-capped or rescaled other than by logit_scale,
 and PEFT references, are refused.
 """
