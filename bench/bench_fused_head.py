@@ -18,7 +18,8 @@ sampled tokens. Every method ends in loss.backward() into the policy's hidden st
 
 Each method runs in its own subprocess; peak memory is measured as in bench/bench_kl_loss.py (its Peak: the CUDA
 allocator's peak, or VmHWM above the resident set once the inputs exist). Times: median of --repeats runs after one
-warm-up run on a small slice.
+warm-up run on a small slice, then the median over --rounds rounds that run the methods in turn (A, B, A, B: on a
+shared machine each method sees the same load); the load average is printed beside each run.
 """
 from __future__ import annotations
 
@@ -122,6 +123,14 @@ def run_one(args, method):
             "cpu_s": statistics.median(c for _, c in times), "peak_bytes": mem, "loss": value}
 
 
+def _median_row(rs):
+    ok = [r for r in rs if "skipped" not in r]
+    if not ok:
+        return rs[-1]
+    row = {k: statistics.median(r[k] for r in ok) for k in ("total_s", "cpu_s", "peak_bytes", "load")}
+    return {**ok[0], **row, "loads": [round(r["load"], 1) for r in ok]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=4096, help="B·T positions scored")
@@ -129,7 +138,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=896)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per subprocess")
+    ap.add_argument("--rounds", type=int, default=1, help="subprocesses per method, the methods interleaved")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
@@ -145,19 +155,22 @@ def main():
     base = [sys.executable, __file__, "--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden",
             str(args.hidden), "--dtype", args.dtype, "--device", args.device, "--repeats", str(args.repeats),
             "--threads", str(args.threads)]
-    rows = []
-    for method in args.methods.split(","):
-        out = subprocess.run(base + ["--_one", method], env=env, capture_output=True, text=True, check=False)
-        if out.returncode:
-            why = (out.stderr.strip().splitlines() or [f"exit status {out.returncode} (killed: out of memory?)"])[-1]
-            rows.append({"method": method, "skipped": why[:200]})
-        else:
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # each method as it ends: a long run may be cut
+    runs = {m: [] for m in args.methods.split(",")}
+    for _ in range(args.rounds):
+        for method in runs:
+            load = os.getloadavg()[0]
+            out = subprocess.run(base + ["--_one", method], env=env, capture_output=True, text=True, check=False)
+            if out.returncode:
+                why = (out.stderr.strip().splitlines() or [f"exit status {out.returncode} (killed: out of memory?)"])
+                runs[method].append({"method": method, "skipped": why[-1][:200]})
+            else:
+                runs[method].append({**json.loads(out.stdout.strip().splitlines()[-1]), "load": load})
+            print(json.dumps(runs[method][-1]), file=sys.stderr, flush=True)  # each run as it ends: it may be cut
+    rows = [_median_row(rs) for rs in runs.values()]
     N, V, H = args.tokens, args.vocab, args.hidden
     mib = 2 ** 20
     print(f"B·T={N} V={V} H={H} {args.dtype} on {args.device}; one (B·T, V) float32 tensor = {N * V * 4 / mib:.0f} "
-          f"MiB; median of {args.repeats}; ratios against trl policy / trl policy+ref k3")
+          f"MiB; median of {args.repeats} × {args.rounds} rounds; ratios against trl policy / trl policy+ref k3")
     refs = [next((r for r in rows if r["method"] == m and "skipped" not in r), None)
             for m in ("trl policy", "trl policy+ref k3")]
 
@@ -165,13 +178,13 @@ def main():
         return " ".join(f"{r[key] / ref[key]:6.2f}" if ref and ref[key] else f"{'-':>6s}" for ref in refs)
 
     print(f"{'method':18s} {'total s':>8s} {'× trl':>13s} {'CPU s':>7s} {'× trl':>13s} {'peak MiB':>9s} {'× trl':>13s}"
-          f" {'loss':>12s}")
+          f" {'loss':>12s}  load")
     for r in rows:
         if "skipped" in r:
             print(f"{r['method']:18s} skipped: {r['skipped']}")
             continue
         print(f"{r['method']:18s} {r['total_s']:8.2f} {ratios(r, 'total_s')} {r['cpu_s']:7.2f} {ratios(r, 'cpu_s')} "
-              f"{r['peak_bytes'] / mib:9.0f} {ratios(r, 'peak_bytes')} {r['loss']:12.4f}")
+              f"{r['peak_bytes'] / mib:9.0f} {ratios(r, 'peak_bytes')} {r['loss']:12.4f}  {r['loads']}")
 
 
 if __name__ == "__main__":

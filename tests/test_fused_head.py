@@ -111,6 +111,21 @@ def test_bfloat16_matches_the_logits_path():
     torch.testing.assert_close(ga.float(), gb.float(), rtol=3e-2, atol=3e-2)
 
 
+def test_compute_dtype_multiplies_in_bf16_and_returns_float32_gradients():
+    """float32 parameters under mixed precision (TRL's bf16 autocast): the products of bf16-rounded operands, as with
+    bf16 inputs, while the gradients keep the parameters' float32."""
+    hp, wp, _, hq, wq, _, tok, mask = _case(dtype=torch.float32, T=40, H=32, V=300, bias=False)
+    hp.requires_grad_()
+    got = fused_head_terms(hp, wp, hq, wq, tok, mask, row_block=16, vocab_block=64, compute_dtype=torch.bfloat16)
+    want = fused_head_terms(*(x.bfloat16() for x in (hp, wp, hq, wq)), tok, mask, row_block=16, vocab_block=64)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    ga = torch.autograd.grad((got.logp + got.kl).sum(), hp)[0]
+    assert ga.dtype == torch.float32
+    plain = fused_head_terms(hp, wp, hq, wq, tok, mask)
+    assert (plain.logp - got.logp).abs().max() > 1e-4  # the bf16 rounding is real, so the test can fail
+
+
 def test_keeps_no_vocabulary_wide_tensor_for_backward():
     hp, wp, _, hq, wq, _, tok, mask = _case(dtype=torch.float32, B=4, T=64, H=8, V=500)
     hp.requires_grad_()

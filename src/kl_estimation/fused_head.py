@@ -40,13 +40,14 @@ def _acc_dtype(dtype):
     return torch.promote_types(torch.float32, dtype)
 
 
-def _tile_logits(h, w, b, v0, v1, factor):
+def _tile_logits(h, w, b, v0, v1, factor, cdt):
     """Scaled logits of rows `h` over vocabulary slice [v0, v1), in float32 or wider: the product runs in the
-    inputs' dtype (bf16 logits, as the model's own head would give them) and is converted after."""
-    z = h @ w[v0:v1].t()
+    compute dtype `cdt` (bf16 logits, as the model's own head would give them) and is converted after."""
+    z = h.to(cdt) @ w[v0:v1].to(cdt).t()
     if b is not None:
-        z = z + b[v0:v1]
-    return z.to(_acc_dtype(z.dtype)).mul_(factor)
+        z = z + b[v0:v1].to(cdt)
+    z = z.to(_acc_dtype(z.dtype))
+    return z if factor == 1.0 else z.mul_(factor)
 
 
 def _dot(a, b):
@@ -66,10 +67,10 @@ def _fold(m, s, z, r0, r1):
 
 class _FusedHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hp, wp, bp, hq, wq, bq, tok, factor: float, reverse: bool, rows: int, cols: int):
+    def forward(ctx, hp, wp, bp, hq, wq, bq, tok, factor: float, reverse: bool, rows: int, cols: int, cdt):
         ctx.set_materialize_grads(False)
         N, V = hp.shape[0], wp.shape[0]
-        dt = _acc_dtype(hp.dtype)
+        dt = _acc_dtype(torch.promote_types(hp.dtype, cdt))
 
         def stats():
             return torch.zeros(N, dtype=dt, device=hp.device)
@@ -81,7 +82,8 @@ class _FusedHead(torch.autograd.Function):
             t = tok[r0:r1, None]
             for v0 in range(0, V, cols):
                 v1 = min(V, v0 + cols)
-                zp, zq = _tile_logits(hp[r0:r1], wp, bp, v0, v1, factor), _tile_logits(hq[r0:r1], wq, bq, v0, v1, factor)
+                zp = _tile_logits(hp[r0:r1], wp, bp, v0, v1, factor, cdt)
+                zq = _tile_logits(hq[r0:r1], wq, bq, v0, v1, factor, cdt)
                 ep, cp = _fold(mp, sp, zp, r0, r1)
                 sxp[r0:r1] = sxp[r0:r1] * cp + _dot(ep, zp)
                 eq, cq = _fold(mq, sq, zq, r0, r1)
@@ -98,14 +100,14 @@ class _FusedHead(torch.autograd.Function):
         entropy = lse_p - sxp / sp
         kl = (sdq / sq - lse_q + lse_p) if reverse else (sdp / sp - lse_p + lse_q)
         ctx.save_for_backward(hp, wp, bp, hq, wq, bq, tok, lse_p, lse_q, kl, entropy)
-        ctx.args = factor, reverse, rows, cols
+        ctx.args = factor, reverse, rows, cols, cdt
         ctx.mark_non_differentiable(logq)
         return logp, logq, kl, entropy
 
     @staticmethod
     def backward(ctx, g_lp, g_lq, g_kl, g_ent):
         hp, wp, bp, hq, wq, bq, tok, lse_p, lse_q, kl, entropy = ctx.saved_tensors
-        factor, reverse, rows, cols = ctx.args
+        factor, reverse, rows, cols, cdt = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         N, V = hp.shape[0], wp.shape[0]
         dt = lse_p.dtype
@@ -113,7 +115,7 @@ class _FusedHead(torch.autograd.Function):
         gw = torch.zeros(wp.shape, dtype=dt, device=wp.device) if need_w else None
         gb = torch.zeros(bp.shape, dtype=dt, device=bp.device) if need_b else None
         if not (need_h or need_w or need_b) or all(g is None for g in (g_lp, g_kl, g_ent)):
-            return gh, gw, gb, *(None,) * 8
+            return gh, gw, gb, *(None,) * 9
         need_q = g_kl is not None
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
@@ -121,10 +123,10 @@ class _FusedHead(torch.autograd.Function):
             a_lp = None if g_lp is None else g_lp[r0:r1, None].to(dt)
             a_kl = None if g_kl is None else g_kl[r0:r1, None].to(dt)
             a_h = None if g_ent is None else g_ent[r0:r1, None].to(dt)
-            hp_r = hp[r0:r1]
+            hp_r, hp_acc = hp[r0:r1], hp[r0:r1].to(cdt).to(dt)
             for v0 in range(0, V, cols):
                 v1 = min(V, v0 + cols)
-                lp = _tile_logits(hp_r, wp, bp, v0, v1, factor).sub_(lse_p[r0:r1, None])
+                lp = _tile_logits(hp_r, wp, bp, v0, v1, factor, cdt).sub_(lse_p[r0:r1, None])
                 p = torch.exp(lp)
                 # coefficient of p in the gradient, then the terms that are not proportional to p
                 coef = torch.zeros_like(lp)
@@ -133,7 +135,7 @@ class _FusedHead(torch.autograd.Function):
                 if a_lp is not None:
                     coef.sub_(a_lp)
                 if need_q:
-                    lq = _tile_logits(hq[r0:r1], wq, bq, v0, v1, factor).sub_(lse_q[r0:r1, None])
+                    lq = _tile_logits(hq[r0:r1], wq, bq, v0, v1, factor, cdt).sub_(lse_q[r0:r1, None])
                     if reverse:
                         coef.add_(a_kl)
                     else:
@@ -144,15 +146,16 @@ class _FusedHead(torch.autograd.Function):
                 if a_lp is not None:
                     inside = (t >= v0) & (t < v1)
                     d.scatter_add_(-1, (t - v0).clamp(0, v1 - v0 - 1), torch.where(inside, a_lp, 0.0))
-                d.mul_(factor)
+                if factor != 1.0:
+                    d.mul_(factor)
                 if gh is not None:
                     gh[r0:r1].addmm_(d, wp[v0:v1].to(dt))
                 if gw is not None:
-                    gw[v0:v1].addmm_(d.t(), hp_r.to(dt))
+                    gw[v0:v1].addmm_(d.t(), hp_acc)
                 if gb is not None:
                     gb[v0:v1] += d.sum(0)
         return (None if gh is None else gh.to(hp.dtype), None if gw is None else gw.to(wp.dtype),
-                None if gb is None else gb.to(bp.dtype), *(None,) * 8)
+                None if gb is None else gb.to(bp.dtype), *(None,) * 9)
 
 
 def _check_head(name, hidden, weight, bias):
@@ -167,7 +170,8 @@ def _check_head(name, hidden, weight, bias):
 
 def fused_head_terms(hidden_p, weight_p, hidden_q, weight_q, tokens, mask=None, *, bias_p=None, bias_q=None,
                      logit_scale: float = 1.0, temperature: float = 1.0, direction: str = "forward",
-                     row_block: int | None = None, vocab_block: int | None = None) -> HeadTerms:
+                     row_block: int | None = None, vocab_block: int | None = None,
+                     compute_dtype: torch.dtype | None = None) -> HeadTerms:
     """Per-token log π(x_t), log π_ref(x_t), exact KL_t and H(π_t) from both models' final hidden states.
 
     Parameters
@@ -188,6 +192,9 @@ def fused_head_terms(hidden_p, weight_p, hidden_q, weight_q, tokens, mask=None, 
         "forward": KL(π‖π_ref), the penalty RL trainers estimate with k1/k3; "reverse": KL(π_ref‖π).
     row_block, vocab_block : int, optional
         Tile shape; defaults 1024 rows × ⌊2²⁴ / rows⌋ vocabulary entries (64 MiB per float32 tile).
+    compute_dtype : torch.dtype, optional
+        dtype of the head products (default: the hidden states'). TRL's head uses the autocast dtype under mixed
+        precision (bf16 logits from float32 weights); the statistics and gradients stay float32 or wider.
 
     Returns
     -------
@@ -224,5 +231,5 @@ def fused_head_terms(hidden_p, weight_p, hidden_q, weight_q, tokens, mask=None, 
     cols = vocab_block or max(1, _TILE_ELEMENTS // rows)
     outs = _FusedHead.apply(hidden_p[m], weight_p, bias_p, hidden_q[m].detach(), weight_q.detach(),
                             None if bias_q is None else bias_q.detach(), tok, logit_scale / temperature,
-                            direction == "reverse", rows, cols)
+                            direction == "reverse", rows, cols, compute_dtype or hidden_p.dtype)
     return HeadTerms(*(o.new_zeros(lead).masked_scatter(m, o) for o in outs))
