@@ -158,6 +158,9 @@ def main():
     ap.add_argument("--samplers", nargs="+", default=["iid", "stratified", "sobol", "array", "array-kl"])
     ap.add_argument("--randomizations", type=int, default=340, help="per sampler and setting (±15 %% needs ~340)")
     ap.add_argument("--units-per-batch", type=int, default=2, help="randomizations per forward batch")
+    ap.add_argument("--every", nargs="+", default=[], metavar="SAMPLER=K",
+                    help="draw SAMPLER only in every K-th block (e.g. iid=3: the ratio's denominator comes from all "
+                         "R·n i.i.d. terms, so it needs fewer randomizations than the numerator)")
     ap.add_argument("--max-seconds", type=float, default=math.inf, help="stop after the block that passes this")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -195,13 +198,21 @@ def main():
         return pairs[(q, tau, prompt)]
 
     k = args.units_per_batch
-    done = 0
+    every = {}
+    for item in args.every:
+        name, _, kk = item.partition("=")
+        if name not in args.samplers or not kk.isdigit() or int(kk) < 1:
+            ap.error(f"--every: SAMPLER=K with SAMPLER one of --samplers and K ≥ 1, not {item!r}")
+        every[name] = int(kk)
+    done = block = 0
     stop = False
     while done < args.randomizations and not stop:
         units = min(k, args.randomizations - done)
         for key, c in cells.items():  # settings in the outer loop of the run: Q models load once per block
             pair = pair_for(c["q"], c["temperature"], c["prompt"])
             for s in args.samplers:
+                if block % every.get(s, 1):
+                    continue
                 rb, mc, terms, dt, toks = draw_block(pair, s, c["n"], units, c["T"], args.seed, key, done)
                 d = c.setdefault(s, dict(rb=[], mc=[], seconds=0.0, tokens=0.0))
                 d["rb"] += rb.tolist()
@@ -211,14 +222,16 @@ def main():
                 if s == "iid":
                     d.setdefault("rb_terms", []).extend(terms.tolist())
         done += units
+        block += 1
         elapsed = time.perf_counter() - t_start
         rows = analyse(cells, args.samplers)
         line = "  ".join(f"{r['prompt'][:10]}/{r['sampler']} {r['ratio']:.2f} [{r['ci_low']:.2f},{r['ci_high']:.2f}]"
                          for r in rows if r["sampler"] != "iid")
-        print(f"R={done} ({elapsed:.0f} s): {line}", flush=True)
-        (out / "study.json").write_text(json.dumps(dict(config=vars(args), randomizations=done, seconds=elapsed,
+        print(f"R={done} (block {block}, {elapsed:.0f} s): {line}", flush=True)
+        (out / "study.json.tmp").write_text(json.dumps(dict(config=vars(args), randomizations=done, seconds=elapsed,
                                                         cells=cells, rows=rows, pooled=pooled(rows, args.samplers)),
                                                    indent=1, default=float))
+        (out / "study.json.tmp").replace(out / "study.json")  # a reader mid-run sees a whole file
         stop = elapsed > args.max_seconds
     report(cells, args.samplers, out, time.perf_counter() - t_start)
 
