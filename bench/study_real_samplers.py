@@ -53,7 +53,8 @@ def ratio_ci(unit_est: np.ndarray, iid_terms: np.ndarray, n: int, boot: int = 20
     rng = np.random.default_rng(seed)
     bs = [n * np.var(unit_est[rng.integers(0, R, R)], ddof=1) / np.var(iid_terms[rng.integers(0, N, N)], ddof=1)
           for _ in range(boot)]
-    return dict(ratio=ratio, ci_low=ratio * math.exp(-math.hypot(a_lo, b)), ci_high=ratio * math.exp(math.hypot(a_hi, b)),
+    return dict(ratio=ratio, ci_low=ratio * math.exp(-math.hypot(a_lo, b)),
+                ci_high=ratio * math.exp(math.hypot(a_hi, b)),
                 boot_low=float(np.quantile(bs, 0.025)), boot_high=float(np.quantile(bs, 0.975)),
                 R=R, N_iid=N, kurtosis_iid_terms=kappa,
                 kurtosis_unit_estimates=float(kurtosis(unit_est, fisher=False)) if R > 3 else float("nan"))
@@ -74,7 +75,7 @@ def draw_block(pair, sampler, n, units, T, seed, label, first_unit):
 
 def analyse(cells, samplers):
     rows = []
-    for key, c in cells.items():
+    for c in cells.values():
         iid_terms = np.asarray(c["iid"]["rb_terms"]) if "iid" in c else None
         if iid_terms is None or len(iid_terms) < 4:
             continue
@@ -86,7 +87,8 @@ def analyse(cells, samplers):
             ci = ratio_ci(np.asarray(d["rb"]), iid_terms, c["n"])
             mc = ratio_ci(np.asarray(d["mc"]), iid_terms, c["n"])
             rows.append(dict(q=c["q"], temperature=c["temperature"], T=c["T"], prompt=c["prompt"], n=c["n"], sampler=s,
-                             rb_mean=float(np.mean(d["rb"])), rb_se=float(np.std(d["rb"], ddof=1) / math.sqrt(len(d["rb"]))),
+                             rb_mean=float(np.mean(d["rb"])),
+                             rb_se=float(np.std(d["rb"], ddof=1) / math.sqrt(len(d["rb"]))),
                              **{k: ci[k] for k in ("ratio", "ci_low", "ci_high", "boot_low", "boot_high", "R", "N_iid",
                                                    "kurtosis_iid_terms", "kurtosis_unit_estimates")},
                              mc_ratio=mc["ratio"], cost_ratio=(d["seconds"] / max(d["tokens"], 1)) / iid_cost,
@@ -247,7 +249,8 @@ def report(cells, samplers, out: Path, total: float):
     figure(rows, out / "ratio_vs_n.png")
     per_tok = sum(d["seconds"] for c in cells.values() for s, d in c.items() if isinstance(d, dict)) / max(
         sum(d["tokens"] for c in cells.values() for s, d in c.items() if isinstance(d, dict)), 1)
-    print(f"\n{'setting':<44} {'sampler':>10} {'ratio':>6} {'95% CI (χ²+δ)':>15} {'bootstrap':>15} {'R':>4} {'cost':>5}")
+    print(f"\n{'setting':<44} {'sampler':>10} {'ratio':>6} {'95% CI (χ²+δ)':>15} {'bootstrap':>15} {'R':>4} "
+          f"{'cost':>5}")
     for r in allrows:
         st = f"Q={r['q']} τ={r['temperature']} T={r['T']} n={r['n']} {r['prompt']}"
         print(f"{st:<44} {r['sampler']:>10} {r['ratio']:6.2f} [{r['ci_low']:5.2f}, {r['ci_high']:5.2f}] "
