@@ -51,12 +51,12 @@ def ratio_ci(unit_est: np.ndarray, iid_terms: np.ndarray, n: int, boot: int = 20
     kappa = float(kurtosis(iid_terms, fisher=False))
     b = 1.96 * math.sqrt(max(kappa - 1, 0.0) / N)
     rng = np.random.default_rng(seed)
-    bs = [n * np.var(unit_est[rng.integers(0, R, R)], ddof=1) / np.var(iid_terms[rng.integers(0, N, N)], ddof=1)
-          for _ in range(boot)]
+    bs = np.array([n * np.var(unit_est[rng.integers(0, R, R)], ddof=1)
+                   / np.var(iid_terms[rng.integers(0, N, N)], ddof=1) for _ in range(boot)])
     return dict(ratio=ratio, ci_low=ratio * math.exp(-math.hypot(a_lo, b)),
                 ci_high=ratio * math.exp(math.hypot(a_hi, b)),
                 boot_low=float(np.quantile(bs, 0.025)), boot_high=float(np.quantile(bs, 0.975)),
-                R=R, N_iid=N, kurtosis_iid_terms=kappa,
+                R=R, N_iid=N, kurtosis_iid_terms=kappa, boot=bs,
                 kurtosis_unit_estimates=float(kurtosis(unit_est, fisher=False)) if R > 3 else float("nan"))
 
 
@@ -92,8 +92,13 @@ def analyse(cells, samplers):
                              **{k: ci[k] for k in ("ratio", "ci_low", "ci_high", "boot_low", "boot_high", "R", "N_iid",
                                                    "kurtosis_iid_terms", "kurtosis_unit_estimates")},
                              mc_ratio=mc["ratio"], cost_ratio=(d["seconds"] / max(d["tokens"], 1)) / iid_cost,
-                             seconds=d["seconds"]))
+                             seconds=d["seconds"], _boot=ci["boot"]))
     return rows
+
+
+def public(rows):
+    """The rows without their bootstrap replicates (kept in memory for the pooled rows only)."""
+    return [{k: v for k, v in r.items() if k != "_boot"} for r in rows]
 
 
 def pooled(rows, samplers):
@@ -109,8 +114,11 @@ def pooled(rows, samplers):
             half = [(math.log(r["ci_high"] / r["ratio"]) + math.log(r["ratio"] / r["ci_low"])) / 2 for r in rs]
             h = math.sqrt(sum(x * x for x in half)) / len(rs)
             m = float(np.mean(lg))
+            # bootstrap: the prompts' replicates (independent resamples) combined as the estimate is
+            geo = np.exp(np.mean(np.log([r["_boot"] for r in rs]), axis=0))
             out.append(dict(q=k[0], temperature=k[1], T=k[2], n=k[3], sampler=s, prompt="pooled (geo. mean)",
                             ratio=math.exp(m), ci_low=math.exp(m - h), ci_high=math.exp(m + h),
+                            boot_low=float(np.quantile(geo, 0.025)), boot_high=float(np.quantile(geo, 0.975)),
                             R=sum(r["R"] for r in rs), cost_ratio=float(np.mean([r["cost_ratio"] for r in rs]))))
     return out
 
@@ -231,7 +239,8 @@ def main():
                          for r in rows if r["sampler"] != "iid")
         print(f"R={done} (block {block}, {elapsed:.0f} s): {line}", flush=True)
         (out / "study.json.tmp").write_text(json.dumps(dict(config=vars(args), randomizations=done, seconds=elapsed,
-                                                        cells=cells, rows=rows, pooled=pooled(rows, args.samplers)),
+                                                        cells=cells, rows=public(rows),
+                                                        pooled=pooled(rows, args.samplers)),
                                                    indent=1, default=float))
         (out / "study.json.tmp").replace(out / "study.json")  # a reader mid-run sees a whole file
         stop = elapsed > args.max_seconds
@@ -241,7 +250,7 @@ def main():
 def report(cells, samplers, out: Path, total: float):
     """table.csv, ratio_vs_n.png and the printed table from the cells (also of a study.json: --reanalyse)."""
     rows = analyse(cells, samplers)
-    allrows = rows + pooled(rows, samplers)
+    allrows = public(rows) + pooled(rows, samplers)
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in allrows for k in r)))
         w.writeheader()
