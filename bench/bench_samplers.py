@@ -2,6 +2,7 @@
 and with --llm-variance their RB variance on the offline default LM pair.
 
     python bench/bench_samplers.py [--llm] [--llm-variance --units 40 --rows 64] [--invert]
+        [--real P.gguf Q.gguf [--samplers iid array array-kl] [--rows 64] [-T 8] [--repeats 3]]
 
 Timing (one thread, best of 3): a toy order-1 Markov pair (V = 201, T = 20, 64 units × 64 sequences in one batch:
 the draw source's own cost shows there) and, with --llm, the offline default LM pair (built once by
@@ -10,6 +11,10 @@ default_pair.ensure(); 64 sequences, T = 20), where the forward passes dominate.
 --llm-variance: for each sampler, --units independent randomizations (units) of --rows sequences from P after the
 default prompt (LLMConfig: T = 20, temperature 0.4); the ratio n·Var_units(RB) / Var(i.i.d. RB), the denominator from
 the spread of all i.i.d. terms (valid for independent rows), with its relative noise √(2/(units − 1)).
+
+--real: the cost per sequence-token on the real pair (bench/real_lm.py: SmolLM2-135M-Instruct, P a Q4_1 GGUF, Q a
+second GGUF), --rows sequences of -T tokens after the chat prompt at τ = 1, EOS kept; the samplers interleaved
+repeat by repeat (a shared machine's load hits them alike), best and median of --repeats, ratios to the first.
 """
 import argparse
 import sys
@@ -75,6 +80,27 @@ def invert_costs(V: int = 49_152, rows: int = 128, repeats: int = 20):
         print(f"invert {rows} rows × V={V}: {name:>28} {t * 1e3:7.2f} ms  ({t / base:.2f}× array's)")
 
 
+def real_costs(p_gguf: str, q_gguf: str, samplers, rows: int, T: int, repeats: int):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import real_lm
+
+    tok, p, q = real_lm.load_real("q4_0", p_gguf, q_gguf)
+    pair = real_lm.real_pair(tok, p, q, "chat-story", 1.0)
+    prop = sequence_proposal("P")
+    times = {s: [] for s in samplers}
+    for rep in range(repeats + 1):  # repeat 0 warms up (allocator, caches) and is not counted
+        for s in samplers:
+            t0 = time.perf_counter()
+            b = sample_batch(pair, prop, rows, T, [(unit_generator(rep, "bench-real", 0, "cpu"), rows)], sampler=s)
+            if rep:
+                times[s].append((time.perf_counter() - t0) / float(b.mask.sum()))
+    base, med = min(times[samplers[0]]), float(np.median(times[samplers[0]]))
+    for s, t in times.items():
+        print(f"SmolLM2 pair, {rows} sequences × T={T}: {s:>10} best {min(t) * 1e3:6.2f} ms, median "
+              f"{float(np.median(t)) * 1e3:6.2f} ms per sequence-token ({min(t) / base:.3f}× {samplers[0]}, "
+              f"median {float(np.median(t)) / med:.3f}×)", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llm", action="store_true", help="also the offline default LM pair (builds it once)")
@@ -82,12 +108,19 @@ def main():
     ap.add_argument("--units", type=int, default=40)
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--invert", action="store_true", help="only the per-step inversion cost at V = 49,152")
+    ap.add_argument("--real", nargs=2, metavar=("P_GGUF", "Q_GGUF"), help="only the cost on the real SmolLM2 pair")
+    ap.add_argument("--samplers", nargs="+", default=["iid", "array", "array-kl"],
+                    help="with --real; the first is the baseline")
+    ap.add_argument("-T", type=int, default=8, help="with --real: tokens per sequence")
+    ap.add_argument("--repeats", type=int, default=3, help="with --real")
     args = ap.parse_args()
     if args.llm_variance:
         return llm_variance(args.units, args.rows)
     torch.set_num_threads(1)
     if args.invert:
         return invert_costs()
+    if args.real:
+        return real_costs(*args.real, args.samplers, args.rows, args.T, args.repeats)
     tb = sq.markov_pair("zipf", "medium", 201, 1, 20, np.random.default_rng(0))
     report("toy V=201 T=20, 4096 sequences per batch", sq.MarkovPair(tb), 20, 64, 64, 3)
     if args.llm:

@@ -51,11 +51,12 @@ def ratio_ci(unit_est: np.ndarray, iid_terms: np.ndarray, n: int, boot: int = 20
     kappa = float(kurtosis(iid_terms, fisher=False))
     b = 1.96 * math.sqrt(max(kappa - 1, 0.0) / N)
     rng = np.random.default_rng(seed)
-    bs = [n * np.var(unit_est[rng.integers(0, R, R)], ddof=1) / np.var(iid_terms[rng.integers(0, N, N)], ddof=1)
-          for _ in range(boot)]
-    return dict(ratio=ratio, ci_low=ratio * math.exp(-math.hypot(a_lo, b)), ci_high=ratio * math.exp(math.hypot(a_hi, b)),
+    bs = np.array([n * np.var(unit_est[rng.integers(0, R, R)], ddof=1)
+                   / np.var(iid_terms[rng.integers(0, N, N)], ddof=1) for _ in range(boot)])
+    return dict(ratio=ratio, ci_low=ratio * math.exp(-math.hypot(a_lo, b)),
+                ci_high=ratio * math.exp(math.hypot(a_hi, b)),
                 boot_low=float(np.quantile(bs, 0.025)), boot_high=float(np.quantile(bs, 0.975)),
-                R=R, N_iid=N, kurtosis_iid_terms=kappa,
+                R=R, N_iid=N, kurtosis_iid_terms=kappa, boot=bs,
                 kurtosis_unit_estimates=float(kurtosis(unit_est, fisher=False)) if R > 3 else float("nan"))
 
 
@@ -74,7 +75,7 @@ def draw_block(pair, sampler, n, units, T, seed, label, first_unit):
 
 def analyse(cells, samplers):
     rows = []
-    for key, c in cells.items():
+    for c in cells.values():
         iid_terms = np.asarray(c["iid"]["rb_terms"]) if "iid" in c else None
         if iid_terms is None or len(iid_terms) < 4:
             continue
@@ -86,12 +87,18 @@ def analyse(cells, samplers):
             ci = ratio_ci(np.asarray(d["rb"]), iid_terms, c["n"])
             mc = ratio_ci(np.asarray(d["mc"]), iid_terms, c["n"])
             rows.append(dict(q=c["q"], temperature=c["temperature"], T=c["T"], prompt=c["prompt"], n=c["n"], sampler=s,
-                             rb_mean=float(np.mean(d["rb"])), rb_se=float(np.std(d["rb"], ddof=1) / math.sqrt(len(d["rb"]))),
+                             rb_mean=float(np.mean(d["rb"])),
+                             rb_se=float(np.std(d["rb"], ddof=1) / math.sqrt(len(d["rb"]))),
                              **{k: ci[k] for k in ("ratio", "ci_low", "ci_high", "boot_low", "boot_high", "R", "N_iid",
                                                    "kurtosis_iid_terms", "kurtosis_unit_estimates")},
                              mc_ratio=mc["ratio"], cost_ratio=(d["seconds"] / max(d["tokens"], 1)) / iid_cost,
-                             seconds=d["seconds"]))
+                             seconds=d["seconds"], _boot=ci["boot"]))
     return rows
+
+
+def public(rows):
+    """The rows without their bootstrap replicates (kept in memory for the pooled rows only)."""
+    return [{k: v for k, v in r.items() if k != "_boot"} for r in rows]
 
 
 def pooled(rows, samplers):
@@ -107,8 +114,11 @@ def pooled(rows, samplers):
             half = [(math.log(r["ci_high"] / r["ratio"]) + math.log(r["ratio"] / r["ci_low"])) / 2 for r in rs]
             h = math.sqrt(sum(x * x for x in half)) / len(rs)
             m = float(np.mean(lg))
+            # bootstrap: the prompts' replicates (independent resamples) combined as the estimate is
+            geo = np.exp(np.mean(np.log([r["_boot"] for r in rs]), axis=0))
             out.append(dict(q=k[0], temperature=k[1], T=k[2], n=k[3], sampler=s, prompt="pooled (geo. mean)",
                             ratio=math.exp(m), ci_low=math.exp(m - h), ci_high=math.exp(m + h),
+                            boot_low=float(np.quantile(geo, 0.025)), boot_high=float(np.quantile(geo, 0.975)),
                             R=sum(r["R"] for r in rs), cost_ratio=float(np.mean([r["cost_ratio"] for r in rs]))))
     return out
 
@@ -158,6 +168,9 @@ def main():
     ap.add_argument("--samplers", nargs="+", default=["iid", "stratified", "sobol", "array", "array-kl"])
     ap.add_argument("--randomizations", type=int, default=340, help="per sampler and setting (±15 %% needs ~340)")
     ap.add_argument("--units-per-batch", type=int, default=2, help="randomizations per forward batch")
+    ap.add_argument("--every", nargs="+", default=[], metavar="SAMPLER=K",
+                    help="draw SAMPLER only in every K-th block (e.g. iid=3: the ratio's denominator comes from all "
+                         "R·n i.i.d. terms, so it needs fewer randomizations than the numerator)")
     ap.add_argument("--max-seconds", type=float, default=math.inf, help="stop after the block that passes this")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -195,13 +208,21 @@ def main():
         return pairs[(q, tau, prompt)]
 
     k = args.units_per_batch
-    done = 0
+    every = {}
+    for item in args.every:
+        name, _, kk = item.partition("=")
+        if name not in args.samplers or not kk.isdigit() or int(kk) < 1:
+            ap.error(f"--every: SAMPLER=K with SAMPLER one of --samplers and K ≥ 1, not {item!r}")
+        every[name] = int(kk)
+    done = block = 0
     stop = False
     while done < args.randomizations and not stop:
         units = min(k, args.randomizations - done)
         for key, c in cells.items():  # settings in the outer loop of the run: Q models load once per block
             pair = pair_for(c["q"], c["temperature"], c["prompt"])
             for s in args.samplers:
+                if block % every.get(s, 1):
+                    continue
                 rb, mc, terms, dt, toks = draw_block(pair, s, c["n"], units, c["T"], args.seed, key, done)
                 d = c.setdefault(s, dict(rb=[], mc=[], seconds=0.0, tokens=0.0))
                 d["rb"] += rb.tolist()
@@ -211,14 +232,17 @@ def main():
                 if s == "iid":
                     d.setdefault("rb_terms", []).extend(terms.tolist())
         done += units
+        block += 1
         elapsed = time.perf_counter() - t_start
         rows = analyse(cells, args.samplers)
         line = "  ".join(f"{r['prompt'][:10]}/{r['sampler']} {r['ratio']:.2f} [{r['ci_low']:.2f},{r['ci_high']:.2f}]"
                          for r in rows if r["sampler"] != "iid")
-        print(f"R={done} ({elapsed:.0f} s): {line}", flush=True)
-        (out / "study.json").write_text(json.dumps(dict(config=vars(args), randomizations=done, seconds=elapsed,
-                                                        cells=cells, rows=rows, pooled=pooled(rows, args.samplers)),
+        print(f"R={done} (block {block}, {elapsed:.0f} s): {line}", flush=True)
+        (out / "study.json.tmp").write_text(json.dumps(dict(config=vars(args), randomizations=done, seconds=elapsed,
+                                                        cells=cells, rows=public(rows),
+                                                        pooled=pooled(rows, args.samplers)),
                                                    indent=1, default=float))
+        (out / "study.json.tmp").replace(out / "study.json")  # a reader mid-run sees a whole file
         stop = elapsed > args.max_seconds
     report(cells, args.samplers, out, time.perf_counter() - t_start)
 
@@ -226,7 +250,7 @@ def main():
 def report(cells, samplers, out: Path, total: float):
     """table.csv, ratio_vs_n.png and the printed table from the cells (also of a study.json: --reanalyse)."""
     rows = analyse(cells, samplers)
-    allrows = rows + pooled(rows, samplers)
+    allrows = public(rows) + pooled(rows, samplers)
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in allrows for k in r)))
         w.writeheader()
@@ -234,7 +258,8 @@ def report(cells, samplers, out: Path, total: float):
     figure(rows, out / "ratio_vs_n.png")
     per_tok = sum(d["seconds"] for c in cells.values() for s, d in c.items() if isinstance(d, dict)) / max(
         sum(d["tokens"] for c in cells.values() for s, d in c.items() if isinstance(d, dict)), 1)
-    print(f"\n{'setting':<44} {'sampler':>10} {'ratio':>6} {'95% CI (χ²+δ)':>15} {'bootstrap':>15} {'R':>4} {'cost':>5}")
+    print(f"\n{'setting':<44} {'sampler':>10} {'ratio':>6} {'95% CI (χ²+δ)':>15} {'bootstrap':>15} {'R':>4} "
+          f"{'cost':>5}")
     for r in allrows:
         st = f"Q={r['q']} τ={r['temperature']} T={r['T']} n={r['n']} {r['prompt']}"
         print(f"{st:<44} {r['sampler']:>10} {r['ratio']:6.2f} [{r['ci_low']:5.2f}, {r['ci_high']:5.2f}] "

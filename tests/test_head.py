@@ -159,6 +159,37 @@ def test_a_run_picks_the_head_where_p_is_cold_and_reports_its_mass(tiny):
     assert off["recommended"] is None and "heads" not in off["docs"][0]
 
 
+@pytest.mark.parametrize("tau", [0.05, 0.4, 1.0])
+@pytest.mark.parametrize("budget", [1, 4, 16])
+def test_modal_bound_bounds_the_most_probable_sequence(tiny, tau, budget):
+    """Head.modal_bound ≥ P of the most probable complete sequence (enumerated), whatever the budget; ≥ the head's
+    own best; and where the search has passed every rival (a cold prompt, a whole budget) it is that P itself."""
+    T = 4
+    pair = dataclasses.replace(tiny, temperature=tau)
+    for prompt in (0, 1):
+        modal = float(np.exp(enumeration.enumerate_sequences(pair, P, T, prompt_index=prompt)["log_p"].max()))
+        head = hd.search_head(pair, P, T, budget=budget, prompt_index=prompt)
+        assert head.top <= head.modal_bound and modal <= head.modal_bound * (1 + 1e-9), (modal, head.modal_bound)
+        if tau == 0.05 and budget == 16:
+            assert head.modal_bound == pytest.approx(modal, rel=1e-6)
+
+
+def test_auto_head_follows_the_mass_not_the_sample_size(tiny):
+    """Auto mode: a cold prompt gets a head at any n; a warm one at n = 8 does not, although 8 draws are flagged
+    SE_NOT_INFORMATIVE wherever they fall (the head would buy nothing there)."""
+    view = engine.pair_view(dataclasses.replace(tiny, temperature=0.05), engine.FORWARD)
+    assert sorted(hd.heads_for(view, P, 4, 8, 2, None)) == [0, 1]
+    assert sorted(hd.heads_for(view, P, 4, 100, 2, None)) == [0, 1]
+    warm = engine.pair_view(dataclasses.replace(tiny, temperature=1.0), engine.FORWARD)
+    bounds = [hd.search_head(warm, P, 4, hd.AUTO_PILOT, prompt_index=i).modal_bound for i in (0, 1)]
+    assert max(bounds) < hd.AUTO_MIN_SHARE, bounds
+    assert hd.heads_for(warm, P, 4, 8, 2, None) == {}
+    run, _ = run_tiny(tiny, 1.0, n_samples=8, batch_size=8)
+    assert "heads" not in run["docs"][0]
+    run, _ = run_tiny(tiny, 0.05, n_samples=8, batch_size=8)
+    assert [h["prompt"] for h in run["docs"][0]["heads"]] == [0, 1]
+
+
 def test_head_setting_is_checked():
     from kl_estimation.llm.run.config import LLMConfig
 

@@ -38,6 +38,7 @@ ROUNDING = 1e-14  # relative float64 error of the head's exact sums (about 50 ul
 HEAD_ESTIMATORS = {True: ("MC", "RB", "RB+CV"), False: ("IS", "RB-IS", "RB-IS+CV")}  # by "proposal is P"
 AUTO_PILOT = 16  # forwards of the pilot search that decides, in auto mode, whether a prompt gets a head
 AUTO_BUDGET = 256  # ... and the budget it then gets
+AUTO_MIN_SHARE = 0.5  # ... given only where one sequence may hold at least this share of P's mass (see heads_for)
 MAX_CHILDREN = 64  # open children pushed per expanded prefix (the rest stay in the remainder: exactness unchanged)
 
 
@@ -46,7 +47,8 @@ class Head:
     """The head of one prompt: its exact sums and the tree that conditions draws on leaving it.
 
     ``mass`` P(H); ``log_remainder`` log(1 − P(H)) computed bottom-up; ``mc`` Σ_H P·f; ``rb`` Σ_H P·g_RB;
-    ``scale`` Σ_H P·(|f| + g_RB); ``top`` P of H's most probable sequence;
+    ``scale`` Σ_H P·(|f| + g_RB); ``top`` P of H's most probable sequence; ``modal_bound`` an upper bound on P of
+    the most probable sequence of all (in H or not: what the search has seen of the rest bounds it);
     ``forwards`` prefixes expanded (each one position of P and Q); ``sequences`` complete sequences in H. Tree
     (torch, one row per expanded prefix, node 0 the root): ``tok`` (N, K) children with a conditioning entry (padded
     with V), ``lb_p`` / ``lb_r`` their log b under P / r, ``child`` their node (−1: none)."""
@@ -57,6 +59,7 @@ class Head:
     rb: float
     scale: float  # Σ_H P·(|f| + g_RB): what the sums' rounding is relative to
     top: float  # P of the most probable sequence in H
+    modal_bound: float  # ≥ P of the most probable sequence anywhere (= top once the search has passed every rival)
     forwards: int
     sequences: int
     vocab_size: int
@@ -114,6 +117,7 @@ class _Node:
     kids: list = field(default_factory=list)  # [token, log P(v|u), log r(v|u), node id] of pushed open children
     eos: tuple | None = None  # (token, log P(v|u), log r(v|u)) of the EOS child (complete: in H)
     rest_p: float = -math.inf  # log P-mass of the open children not pushed (b = 1)
+    rest_top: float = -math.inf  # log P(v|u) of the most probable of them
     rest_r: float = -math.inf
 
 
@@ -180,12 +184,13 @@ def search_head(pair, proposal, max_new_tokens: int, budget: int, eps: float = 0
             else:
                 top_v = open_p.topk(k, dim=1).indices
             pushed = torch.zeros((len(ids), V), dtype=torch.bool, device=dev).scatter_(1, top_v, True)
-            rest_p = torch.where(pushed, -math.inf, open_p).logsumexp(1)
+            rest = torch.where(pushed, -math.inf, open_p)
+            rest_p, rest_top = rest.logsumexp(1), rest.max(1).values
             rest_r = torch.where(pushed | complete, -math.inf, log_r).logsumexp(1)
             top_lp, top_lq, top_lr = (x.gather(1, top_v) for x in (open_p, log_q, log_r))
             for j, i in enumerate(ids):  # a loop over expanded prefixes (≤ budget), not over samples
                 u = nodes[i]
-                u.rest_p, u.rest_r = float(rest_p[j]), float(rest_r[j])
+                u.rest_p, u.rest_r, u.rest_top = float(rest_p[j]), float(rest_r[j]), float(rest_top[j])
                 if eos is not None:
                     u.eos = (eos, float(log_p[j, eos]), float(log_r[j, eos]))
                 for v, lpv, lqv, lrv in zip(top_v[j].tolist(), top_lp[j].tolist(), top_lq[j].tolist(),
@@ -195,7 +200,12 @@ def search_head(pair, proposal, max_new_tokens: int, budget: int, eps: float = 0
                     nodes.append(_Node(u.tokens + (v,), u.lp + lpv, u.lq + lqv, float(rb_u[j])))
                     u.kids.append([v, lpv, lrv, len(nodes) - 1])
                     heapq.heappush(frontier, (-(u.lp + lpv), len(nodes) - 1))
-    sums = {"mass": mass, "mc": mc, "rb": rb, "scale": scale + rb, "top": top, "sequences": sequences}
+    # a sequence outside H leaves the expanded tree at a prefix u by an open child v, pushed (then on the frontier)
+    # or not (then at most u's most probable unpushed child): its P is at most the largest of those prefixes' P
+    outside = max([-frontier[0][0]] if frontier else [], default=-math.inf)
+    outside = max([outside] + [u.lp + u.rest_top for u in nodes if u.expanded])
+    sums = {"mass": mass, "mc": mc, "rb": rb, "scale": scale + rb, "top": top, "sequences": sequences,
+            "modal_bound": max(top, math.exp(outside))}
     return _tree(nodes, expanded, sums, V, pair.device)
 
 
@@ -279,9 +289,12 @@ def heads_for(view, proposal, max_new_tokens: int, n_samples: int, n_prompts: in
               eps: float = 0.0) -> dict[int, Head]:
     """{prompt: Head} for a run's remainder draws. `budget` N > 0: every prompt, N forwards each; 0: none; None
     (auto; plain Monte Carlo only — a proposal's draws are not P's): the prompts where P's draws would be nearly
-    all one sequence — the most probable sequence a pilot head
-    of AUTO_PILOT forwards finds is so probable that `n_samples` draws would leave fewer than MIN_OTHER_DRAWS
-    off it (the case verdicts flag SE_NOT_INFORMATIVE) — with AUTO_BUDGET forwards each."""
+    all one sequence, with AUTO_BUDGET forwards each. A pilot head of AUTO_PILOT forwards bounds the probability m
+    of the most probable sequence from above (Head.modal_bound: on a prompt whose first steps are near-certain, the
+    product of their top-token probabilities); a prompt is cold where m ≥ AUTO_MIN_SHARE and `n_samples` draws
+    could leave fewer than MIN_OTHER_DRAWS off that sequence (the case verdicts flag SE_NOT_INFORMATIVE). The mass
+    condition is what keeps a small n from buying a head on every prompt: below 2·MIN_OTHER_DRAWS draws every
+    sample is flagged, but only where one sequence holds much of the mass does the head replace sampling."""
     from kl_estimation.core.diagnostics import MIN_OTHER_DRAWS
     from kl_estimation.llm.engine import sequence_proposal
 
@@ -290,6 +303,6 @@ def heads_for(view, proposal, max_new_tokens: int, n_samples: int, n_prompts: in
     if budget is not None:
         return {i: search_head(view, proposal, max_new_tokens, budget, eps, i) for i in range(n_prompts)}
     pilot = sequence_proposal("P")
-    cold = [i for i in range(n_prompts)
-            if n_samples * (1 - search_head(view, pilot, max_new_tokens, AUTO_PILOT, 0.0, i).top) < MIN_OTHER_DRAWS]
+    bounds = [search_head(view, pilot, max_new_tokens, AUTO_PILOT, 0.0, i).modal_bound for i in range(n_prompts)]
+    cold = [i for i, m in enumerate(bounds) if m >= AUTO_MIN_SHARE and n_samples * (1 - m) < MIN_OTHER_DRAWS]
     return {i: search_head(view, proposal, max_new_tokens, AUTO_BUDGET, eps, i) for i in cold}

@@ -35,20 +35,23 @@ TOP_K = 64
 
 def invert_topk_cdf(log_r: torch.Tensor, u: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
     """Token x per row from u ∈ [0, 1) through the float64 CDF of exp(log_r) over the k tokens of largest mass (in
-    decreasing order), then every other token in id order. Never a zero-mass token."""
-    r = log_r.double().exp()
+    decreasing order), then every other token in id order. Never a zero-mass token.
+
+    Cost: array's id-order inversion (exp, cumsum, searchsorted) plus a top-k and one in-place pass over the row —
+    the rest's CDF is built in the exp's own buffer (top tokens zeroed, cumsum and offset in place)."""
+    r = log_r.double().exp().contiguous()  # a fresh buffer, ours to overwrite
     k = min(k, r.shape[-1])
     top_r, top_i = r.topk(k, dim=-1)
     cdf_top = top_r.cumsum(-1)
-    rest = r.scatter(-1, top_i, 0.0)
-    cdf_rest = rest.cumsum(-1) + cdf_top[..., -1:]
+    cdf_rest = r.scatter_(-1, top_i, 0.0).cumsum_(-1)
+    rest_total = cdf_rest[..., -1].clone()
+    cdf_rest += cdf_top[..., -1:]
     target = u[..., None] * cdf_rest[..., -1:]
     j_top = torch.searchsorted(cdf_top, target, right=True)[..., 0]
     j_rest = torch.searchsorted(cdf_rest, target, right=True)[..., 0]
-    # rounding can leave u·F(V) at the top: the last token of positive mass (never a zero-mass one)
-    positive = rest > 0
-    last_rest = r.shape[-1] - 1 - positive.flip(-1).int().argmax(-1)
-    in_top = (j_top < k) | ~positive.any(-1)
+    # rounding can leave u·F(V) at the top: the first token where the CDF reaches its end has positive mass
+    last_rest = torch.searchsorted(cdf_rest, cdf_rest[..., -1:].contiguous(), right=False)[..., 0]
+    in_top = (j_top < k) | (rest_total <= 0)
     x_top = top_i.gather(-1, torch.minimum(j_top, (top_r > 0).sum(-1) - 1)[..., None])[..., 0]
     return torch.where(in_top, x_top, torch.minimum(j_rest, last_rest))
 
