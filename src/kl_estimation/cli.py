@@ -251,6 +251,10 @@ def draw_figures(folder, fmt: str = "png", pairs=None, methods=None):
 
     folder = Path(folder)
     corpus_run = (folder / "tokens.npz").is_file() and (folder / "summary.json").is_file()
+    if (folder / "comparison.json").is_file() and '"llm-candidates"' in (folder / "comparison.json").read_text():
+        from kl_estimation.figures import llm as plots_llm  # several candidates of a sampled run
+
+        return plots_llm.candidates_figure(folder, folder / "plots" / f"candidates.{fmt}")
     if corpus_run or (folder / "comparison.json").is_file():  # a corpus run, or several candidates against one base
         return _corpus_figures(folder, fmt, pairs or methods)
     if (folder / "summary.json").is_file() and not (folder / runio.RESULTS).exists():
@@ -369,6 +373,11 @@ def _run_llm(cfg, plots: bool = True) -> int:
 
     result = api.run(cfg, progress=True)
     if distributed.current().rank != 0:  # under torchrun rank 0 alone reports
+        return 0
+    if cfg.several:  # several candidates against one P: their comparison (llm.run.candidates)
+        from kl_estimation.llm.run.candidates import console
+
+        print(console(result, plots))
         return 0
     directions = cfg.directions
     for i, d in enumerate(directions):  # one table per direction, each ranked and judged on its own

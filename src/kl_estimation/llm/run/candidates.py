@@ -453,6 +453,7 @@ def run_candidates(cfg: LLMConfig, progress: bool = False) -> KLComparison:
     from kl_estimation.llm.run import distributed
     from kl_estimation.llm.run.config import resolve_device, resolve_dtype
     from kl_estimation.llm.run.runner import check_fits, draw, loading_options, models_record, plan_proposal
+    from kl_estimation.llm.run.store import existing_outputs
 
     t0 = time.perf_counter()
     cfg = cfg.validate()
@@ -522,6 +523,8 @@ def run_candidates(cfg: LLMConfig, progress: bool = False) -> KLComparison:
                                 ignore_eos=cfg.ignore_eos, chat_template=cfg.chat_template)
         cq = replace(cfg, q_model=name, output_dir=None if top is None else str(top / CANDIDATES /
                                                                                 f"{i + 1:02d}-{label}"))
+        if cq.resume:  # a candidate the interrupted run never reached starts afresh
+            cq = replace(cq, resume=bool(existing_outputs(cq.output_dir, cq.proposals, cq.directions)))
         models = models_record(cq, cfg.p_model, name, device, scale)
         models["text_start"] = text_start(tokenizer, cfg.chat_template)
         if progress:
@@ -539,3 +542,23 @@ def run_candidates(cfg: LLMConfig, progress: bool = False) -> KLComparison:
     if top is not None and shard.writes_final:
         out.write(top)
     return out
+
+
+def console(result: KLComparison, plots: bool = True) -> str:
+    """What LLM_experiments.py prints for several candidates: each candidate's table (as its one-candidate run
+    prints it), the comparison, the series figure and the folders."""
+    from kl_estimation.llm.run.directions import direction_title
+    from kl_estimation.report import llm_table
+
+    out = []
+    for i, (name, r) in enumerate(zip(result.names, result.results)):
+        out.append(f"###### candidate {i + 1}/{len(result.names)}: {name}")
+        out += [llm_table(r.rows_for(d), f"{direction_title(d)} (per sequence)") for d in r.directions]
+    out.append(result.text)
+    if result.folder is not None:
+        if plots:
+            from kl_estimation.figures.llm import candidates_figure
+
+            out.append(f"figure: {candidates_figure(result, result.folder / 'plots' / 'candidates.png')}")
+        out.append(f"output folder: {result.folder} (each candidate's run folder under {CANDIDATES}/)")
+    return "\n".join(out)
