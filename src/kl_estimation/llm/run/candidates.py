@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from kl_estimation import runio
-from kl_estimation.core.estimators import Z95, clustered_se, rb_control_variate_terms
+from kl_estimation.core.estimators import clustered_se, rb_control_variate_terms
 from kl_estimation.core.kinds import Estimator
 from kl_estimation.core.results import Row, pool_prompts
 from kl_estimation.llm.engine import FORWARD, sequence_proposal
@@ -314,8 +314,10 @@ class KLComparison:
         return self.names.index(x) if isinstance(x, str) else int(x)
 
     def row(self, i, estimator: Estimator = COMPARED) -> Row:
-        """Candidate i's row of plain Monte Carlo from P (over the prompt set)."""
-        return _find(self[i].rows, estimator)
+        """Candidate i's row of plain Monte Carlo from P (over the prompt set); `estimator` MC, RB or RB+CV."""
+        from kl_estimation.core.kinds import kind
+
+        return _find(self[i].rows, kind(estimator) or estimator)
 
     @property
     def table(self) -> list[Row]:
