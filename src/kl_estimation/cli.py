@@ -463,7 +463,9 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
                 cfg = replace(cfg, output_dir=str(reserved))
             result = run_corpus(cfg, progress=True)
             if isinstance(result, Path):  # save_base alone: P's cache, no candidate
-                print(f"base cache: {result}")
+                from kl_estimation.llm.corpus.basecache import size_line
+
+                print(f"base cache: {result} ({size_line(result)})")
                 return 0
             print(result.text)
             return _figures(prog, result.folder, None if args.no_plots else "corpus")

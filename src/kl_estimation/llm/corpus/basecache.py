@@ -129,6 +129,15 @@ def llama_base_bytes(n_scored: int, vocab: int, windows_shape) -> int:
     return 8 + 12 + 4 * W * n_ctx + n_scored * 2 * (2 * ((vocab + 1) // 2) + 4)
 
 
+def size_line(folder) -> str:
+    """The cache's size against llama.cpp's base file for the same windows, in words."""
+    b = read_record(folder)["bytes"]
+    if "llama_cpp_base" not in b:
+        return f"{b['file'] / 2**20:.1f} MiB"
+    return (f"{b['file'] / 2**20:.2f} MiB for {b['scored_tokens']} scored tokens; llama.cpp's base file for the same "
+            f"windows {b['llama_cpp_base'] / 2**20:.1f} MiB, {b['llama_cpp_base'] / b['file']:.0f}× larger")
+
+
 def read_record(folder) -> dict:
     path = Path(folder) / RECORD
     try:
