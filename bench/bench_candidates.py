@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_corpus import base_gguf, measure, q_gguf
+from bench_corpus import base_gguf, measure, q_gguf  # noqa: E402 - after the path is set
 
 CANDIDATES = ("Q8_0", "Q5_1", "Q4_0")
 
