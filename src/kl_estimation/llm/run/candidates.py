@@ -354,7 +354,7 @@ class KLComparison:
     @property
     def text(self) -> str:
         rows, ranks, vs = self.table, self.ranks, self.vs_best
-        width = max(len(n) for n in self.names)
+        width = max(9, *(len(n) for n in self.names))
         out = [f"====== {len(rows)} candidates against one P: plain Monte Carlo from P ({COMPARED}), one set of "
                f"sequences for all ======",
                f"{'rank':>4}  {'candidate':<{width}}  {'KL(P||Q)':>11}  {'std err':>9}  95% CI{'':<18}  flag"]
