@@ -357,11 +357,12 @@ class KLComparison:
         width = max(9, *(len(n) for n in self.names))
         out = [f"====== {len(rows)} candidates against one P: plain Monte Carlo from P ({COMPARED}), one set of "
                f"sequences for all ======",
-               f"{'rank':>4}  {'candidate':<{width}}  {'KL(P||Q)':>11}  {'std err':>9}  95% CI{'':<18}  flag"]
+               f"{'rank':>4}  {'candidate':<{width}}  {'KL(P||Q)':>11}  {'std err':>9}  {'95% CI':<24}  flag"]
         for i in sorted(range(len(rows)), key=lambda i: ranks[i]):
             r = rows[i]
+            ci = f"[{r.ci[0]:.5g}, {r.ci[1]:.5g}]"
             out.append(f"{ranks[i]:>4}  {self.names[i]:<{width}}  {r.estimate:>11.5g}  {r.std_error:>9.3g}  "
-                       f"[{r.ci[0]:.5g}, {r.ci[1]:.5g}]{'':<4}  {r.flag or '-'}")
+                       f"{ci:<24}  {r.flag or '-'}")
         out.append(f"paired differences against the closest candidate ({COMPARED}, the same sequences: SE of the "
                    f"per-sequence differences):")
         for i in sorted(range(len(rows)), key=lambda i: ranks[i]):
