@@ -105,3 +105,18 @@ def test_bad_input_names_the_parameter(models):
         estimate_kl(p, qs, "a b", **KW, n_samples=8, proposals=("Geometric (β=0.5)",))
     with pytest.raises(ValueError, match="^q_adapter: applies to one"):
         estimate_kl(p, qs, "a b", **KW, n_samples=8, q_adapter="x")
+
+
+def test_a_p_whose_head_does_not_reproduce_its_logits_runs_again(models, monkeypatch):
+    """Where P's head applied again to the kept hidden states does not give P's logits bit for bit (soft-capping
+    after the head, say), every candidate runs P again: the numbers stay the one-candidate runs', and the run says
+    so."""
+    from kl_estimation.llm.run import candidates
+
+    p, qs = models
+    real = candidates.SharedDraws.logits
+    monkeypatch.setattr(candidates.SharedDraws, "logits", lambda self, h, device: real(self, h, device) + 1e-3)
+    kw = dict(KW, n_samples=16, proposals=("P",), head=0)
+    comp = estimate_kl(p, qs[:2], "a b", **kw)
+    assert comp.shared["p_rows_bit_exact"] is False and comp.shared["p_rows"].startswith("P run again")
+    assert _numbers(comp.results[1]) == _numbers(estimate_kl(p, qs[1], "a b", **kw))
