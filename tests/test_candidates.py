@@ -97,8 +97,11 @@ def test_command_line_writes_each_candidates_folder_and_the_comparison(models, t
         r["estimate"] for r in __import__("json").loads((out / "comparison.json").read_text())["table"]])
 
 
-def test_bad_input_names_the_parameter(models):
+def test_bad_input_names_the_parameter(models, capsys):
     p, qs = models
+    assert llm_main(["--q-model", *qs[:2], "--n-samples", "8"]) == 2  # no P: one line, nothing run
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "q-model" in err[0]
     with pytest.raises(ValueError, match="^q_model: a candidate is named twice"):
         estimate_kl(p, [qs[0], qs[0]], "a b", **KW, n_samples=8)
     with pytest.raises(ValueError, match="^proposals: .*needs P"):
