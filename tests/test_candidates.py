@@ -76,6 +76,8 @@ def test_series_ranks_and_identical_candidates_are_indistinguishable(models):
     comp = estimate_kl(p, [qs[1], p, qs[0]], "a b", **KW, n_samples=64, proposals=("P",), head=0)
     assert comp.ranks[1] == 1 and comp.row(1).estimate == 0.0
     assert [r.estimate for r in comp.series()] == [r.estimate for r in comp.table]
+    few = estimate_kl(p, qs[:2], "a b", **KW, n_samples=8, proposals=("P",), head=0)
+    assert str(few.estimator) == "RB" and str(few.table[0].estimator) == "RB"  # RB+CV cannot be fitted on 8
     same = estimate_kl(p, [qs[0], qs[0] + "/"], "a b", **KW, n_samples=64, proposals=("P",), head=0)
     d = same.paired(0, 1)
     assert d.estimate == 0.0 and d.details["indistinguishable"]

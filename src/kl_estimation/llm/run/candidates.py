@@ -3,7 +3,7 @@ from P, every candidate scored on it, paired differences by common random number
 
     res = estimate_kl(p, ["ckpt-100", "ckpt-200", "ckpt-300"], prompts)    # → KLComparison
     res.results[i]          # candidate i's KLResult: what its one-candidate run gives
-    res.table               # per candidate its row of plain Monte Carlo from P (RB+CV), ranked
+    res.table               # per candidate its row of plain Monte Carlo from P (RB+CV; RB on too few sequences)
     res.paired(a, b)        # a − b per estimator (MC, RB, RB+CV): core.results.Row, SE from the paired sequences
     res.series()            # KL against position in the series, with CIs (figures.llm.candidates_figure)
 
@@ -299,7 +299,8 @@ def paired_difference(a, b, estimator: Estimator = COMPARED, names: tuple = ("A"
 class KLComparison:
     """Several candidates against one P on the same sequences of P: ``results`` (each candidate's KLResult, what its
     one-candidate run gives), ``names`` (short labels), ``table`` (per candidate its row of plain Monte Carlo from
-    P with the compared estimator, RB+CV: core.results.Row, in the given order), ``ranks`` (1 = closest to P),
+    P with the compared estimator — RB+CV, or RB where RB+CV cannot be fitted: core.results.Row, in the given
+    order), ``ranks`` (1 = closest to P),
     ``vs_best`` (each other candidate minus the closest: paired-difference Rows), ``shared`` (what was shared:
     proposals, P's kept bytes, whether P's rows were reproduced bit for bit), ``timing``."""
 
@@ -316,11 +317,21 @@ class KLComparison:
     def _index(self, x) -> int:
         return self.names.index(x) if isinstance(x, str) else int(x)
 
-    def row(self, i, estimator: Estimator = COMPARED) -> Row:
-        """Candidate i's row of plain Monte Carlo from P (over the prompt set); `estimator` MC, RB or RB+CV."""
+    @property
+    def estimator(self) -> Estimator:
+        """The estimator the table compares: RB+CV, or RB where RB+CV's control variate cannot be fitted on so few
+        sequences (CV_TOO_FEW at some candidate: the verdicts then recommend RB too)."""
+        from kl_estimation.core.results import Code
+
+        cv = [_find(r.rows, COMPARED) for r in self.results]
+        return Estimator.RB if any(r is None or r.has(Code.CV_TOO_FEW) for r in cv) else COMPARED
+
+    def row(self, i, estimator: Estimator | str | None = None) -> Row:
+        """Candidate i's row of plain Monte Carlo from P (over the prompt set); `estimator` MC, RB or RB+CV
+        (default: the compared one)."""
         from kl_estimation.core.kinds import kind
 
-        return _find(self[i].rows, kind(estimator) or estimator)
+        return _find(self[i].rows, self.estimator if estimator is None else kind(estimator) or estimator)
 
     @property
     def table(self) -> list[Row]:
@@ -337,12 +348,14 @@ class KLComparison:
     def best(self) -> int:
         return self.ranks.index(1)
 
-    def paired(self, a, b, estimator: Estimator | str = COMPARED) -> Row:
-        """Candidate `a` minus candidate `b` (names or positions) for `estimator` (MC, RB or RB+CV)."""
+    def paired(self, a, b, estimator: Estimator | str | None = None) -> Row:
+        """Candidate `a` minus candidate `b` (names or positions) for `estimator` (MC, RB or RB+CV; default: the
+        compared one)."""
         from kl_estimation.core.kinds import kind
 
         ia, ib = self._index(a), self._index(b)
-        return paired_difference(self.results[ia], self.results[ib], kind(estimator) or estimator,
+        est = self.estimator if estimator is None else kind(estimator) or estimator
+        return paired_difference(self.results[ia], self.results[ib], est,
                                  (self.names[ia], self.names[ib]))
 
     @property
@@ -350,7 +363,7 @@ class KLComparison:
         b = self.best
         return [None if i == b else self.paired(i, b) for i in range(len(self.results))]
 
-    def series(self, estimator: Estimator = COMPARED) -> list[Row]:
+    def series(self, estimator: Estimator | str | None = None) -> list[Row]:
         """KL against position in the series (the candidates in the order given), each with its CI."""
         return [self.row(i, estimator) for i in range(len(self.results))]
 
@@ -358,7 +371,7 @@ class KLComparison:
     def text(self) -> str:
         rows, ranks, vs = self.table, self.ranks, self.vs_best
         width = max(9, *(len(n) for n in self.names))
-        out = [f"====== {len(rows)} candidates against one P: plain Monte Carlo from P ({COMPARED}), one set of "
+        out = [f"====== {len(rows)} candidates against one P: plain Monte Carlo from P ({self.estimator}), one set of "
                f"sequences for all ======",
                f"{'rank':>4}  {'candidate':<{width}}  {'KL(P||Q)':>11}  {'std err':>9}  {'95% CI':<24}  flag"]
         for i in sorted(range(len(rows)), key=lambda i: ranks[i]):
@@ -366,7 +379,7 @@ class KLComparison:
             ci = f"[{r.ci[0]:.5g}, {r.ci[1]:.5g}]"
             out.append(f"{ranks[i]:>4}  {self.names[i]:<{width}}  {r.estimate:>11.5g}  {r.std_error:>9.3g}  "
                        f"{ci:<24}  {r.flag or '-'}")
-        out.append(f"paired differences against the closest candidate ({COMPARED}, the same sequences: SE of the "
+        out.append(f"paired differences against the closest candidate ({self.estimator}, the same sequences: SE of the "
                    f"per-sequence differences):")
         for i in sorted(range(len(rows)), key=lambda i: ranks[i]):
             d = vs[i]
