@@ -232,10 +232,45 @@ def test_a_saved_base_gives_the_one_pass_numbers_bit_for_bit(ladder, tmp_path):
         kle.corpus_kl(p, None, [text()], context=16, save_base=str(cache), progress=False)
 
 
+def test_a_base_cache_reads_the_head_from_ps_file_and_refuses_when_it_changed(ladder, tmp_path):
+    """The cache holds no head (P's file is recorded with the sha256 of its head): the same numbers as a one-pass
+    run; a touched file (same head) is fine; a changed head or a missing file is one line naming `base`."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    p_src, qs = ladder
+    p = tmp_path / "p"
+    shutil.copytree(p_src, p)
+    cache = tmp_path / "base"
+    kle.corpus_kl(str(p), None, [text()], context=16, save_base=str(cache), progress=False)
+    assert not any(k.startswith("head") for k in load_file(cache / "base.safetensors"))
+    rec = json.loads((cache / "base.json").read_text())
+    assert rec["bytes"]["head"] == 0 and rec["p_source"]["files"] and len(rec["p_source"]["head_sha256"]) == 64
+    W, keep = 260 // 16, 16 - 16 // 2
+    assert rec["bytes"]["llama_cpp_base"] == 20 + 4 * W * 16 + W * (keep - 1) * 2 * (2 * 4 + 4)
+    weights = next(p.glob("*.safetensors"))
+    os.utime(weights, ns=(1, 1))  # a copy with another mtime: the head is the same
+    got = kle.corpus_kl(None, qs[0], base=str(cache), n_bootstrap=10, progress=False)
+    ref = kle.corpus_kl(str(p), qs[0], [text()], context=16, n_bootstrap=10, progress=False)
+    assert np.array_equal(got.tokens["kl_forward"], ref.tokens["kl_forward"], equal_nan=True)
+    m = AutoModelForCausalLM.from_pretrained(p)
+    with __import__("torch").no_grad():
+        m.get_output_embeddings().weight[0, 0] += 1.0
+    m.save_pretrained(p)
+    with pytest.raises(ValueError, match="^base: P .* changed since the cache was written: .*sha256"):
+        kle.corpus_kl(None, qs[0], base=str(cache), progress=False)
+    weights.unlink()
+    with pytest.raises(ValueError, match="^base: P's file .* is missing"):
+        kle.corpus_kl(None, qs[0], base=str(cache), progress=False)
+
+
 @pytest.mark.parametrize("dtype,bound", [("bfloat16", 0.02), ("float16", 0.002)])
 def test_a_rounded_base_cache_is_close_and_says_so(ladder, tmp_path, dtype, bound):
-    """Hidden states and head rounded to 16 bits (half of float32): per-token KL within `bound` of the exact value
-    relative to the mean KL (measured on this pair: bfloat16 8.7e-3, float16 7.7e-4), never equal to it."""
+    """Hidden states rounded to 16 bits (half of float32; the head is P's own): per-token KL within `bound` of the exact value
+    relative to the mean KL (measured on this pair: bfloat16 5.6e-3, float16 8.5e-4), never equal to it."""
     p, qs = ladder
     cache = tmp_path / dtype
     kle.corpus_kl(p, None, [text()], context=16, save_base=str(cache), save_base_dtype=dtype, progress=False)

@@ -49,3 +49,24 @@ def save_pair(folder: Path, words=("<eos>", "a", "b", "c"), extra_rows: int = 3,
         if bars:
             hf_logging.enable_progress_bar()
     return tuple(paths)
+
+
+def save_candidates(folder: Path, noises=(0.2, 0.3, 0.5), seed: int = 0, **kw):
+    """P (save_pair's, `seed`) and one candidate Q per noise level, each P plus its own Gaussian noise (independent
+    directions): (P's folder, [Q folders])."""
+    p_path, _ = save_pair(Path(folder) / "base", seed=seed, noise=0.0, **kw)
+    p = GPT2LMHeadModel.from_pretrained(p_path)
+    tok = PreTrainedTokenizerFast.from_pretrained(p_path)
+    out = []
+    for i, noise in enumerate(noises):
+        q = GPT2LMHeadModel.from_pretrained(p_path).eval()
+        gen = torch.Generator().manual_seed(1000 + i)
+        with torch.no_grad():
+            for prm in q.parameters():
+                prm.add_(torch.randn(prm.shape, generator=gen) * noise)
+        d = Path(folder) / f"ckpt-{i + 1}"
+        q.save_pretrained(d)
+        tok.save_pretrained(d)
+        out.append(str(d))
+    del p
+    return p_path, out

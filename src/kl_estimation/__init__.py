@@ -75,12 +75,12 @@ _LAZY = {  # names whose modules import torch / transformers: loaded on first ac
     "sample_batch": "llm.engine", "sequence_proposal": "llm.engine", "unit_generator": "llm.engine",
     "enumerate_sequences": "llm.enumeration", "LLMConfig": "llm.run.config",
     "corpus_kl": "api", "CorpusResult": "llm.corpus.run", "CorpusConfig": "llm.corpus.config",
-    "CorpusComparison": "llm.corpus.compare",
+    "CorpusComparison": "llm.corpus.compare", "KLComparison": "llm.run.candidates",
 }
 
 __all__ = sorted([
     "estimate_kl", "KLResult", "KLRow", "LLMConfig", "default_pair", "corpus_kl", "CorpusResult", "CorpusConfig",
-    "CorpusComparison",
+    "CorpusComparison", "KLComparison",
     "exact_token_kl", "k1", "k2", "k3", "sequence_kl", "kl_loss", "kl_rewards", "KLRewards", "token_logprobs_and_kl",
     "offpolicy_weights", "OffPolicyWeights",
     "REGISTRY", "Proposal", "proposal", "by_name", "build_proposals",

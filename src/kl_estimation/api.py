@@ -135,6 +135,10 @@ def run(cfg: LLMConfig, pair=None, models: dict | None = None, progress: bool = 
     """Validate cfg, load its pair (unless given), sample every proposal, write files when cfg.output_dir is
     set (resumable), and return the result. The command line and estimate_kl both run through here. `say`: who
     is told the cost of a long run (runner.run_experiment; default with `progress`: a line on stderr)."""
+    if cfg.several and pair is None:  # several candidates: one P pass, the candidates one at a time
+        from kl_estimation.llm.run.candidates import run_candidates
+
+        return run_candidates(cfg, progress)
     cfg = cfg.validate()
     cfg = replace(cfg, threads=set_threads(cfg.threads))  # the number used, recorded in the run
     if cfg.output_dir is None:
@@ -197,6 +201,12 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
         is written), ``resume``, ``overwrite``. ``help(kl_estimation.LLMConfig)`` and ``LLM_experiments.py --help``
         list them all with their defaults.
 
+    ``q_model`` may be a list (a quant ladder, a checkpoint series): one set of sequences from P is scored by every
+    candidate (loaded one at a time; proposals built from P and Q, and the reverse direction, still draw per
+    candidate) and a :class:`~kl_estimation.llm.run.candidates.KLComparison` is returned: ``results`` (each
+    candidate's KLResult, what its one-candidate run gives), ``table``, ``paired(a, b)`` (paired differences on
+    the same sequences), ``series()``, ``text`` (docs/llm.md).
+
     Returns
     -------
     KLResult with ``rows`` (KLRow: estimate, std_error, ci, flag, direction, …), ``recommended`` (the row to
@@ -223,9 +233,19 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
         else:
             raise ValueError(f"prompts: a string, a list of strings or a path to a prompt file (got "
                              f"{type(prompts).__name__})")
+    if isinstance(q_model, list):
+        q_model = tuple(q_model)
+    if isinstance(q_model, tuple):  # several candidates: names only (each is loaded in turn, after P)
+        if not all(_is_model_id(q) for q in q_model) or not _is_model_id(p_model):
+            raise ValueError("q_model: several candidates are given as ids/paths (each is loaded in turn), with "
+                             "`p_model` an id/path")
+        q_model = tuple(os.fspath(q) for q in q_model)
+        if len(q_model) == 1:
+            q_model = q_model[0]
     given = [m is not None for m in (p_model, q_model)]
-    loaded = any(m is not None and not _is_model_id(m) for m in (p_model, q_model))
-    if loaded and not all(m is not None and not _is_model_id(m) for m in (p_model, q_model)):
+    named = [m is None or _is_model_id(m) or isinstance(m, tuple) for m in (p_model, q_model)]
+    loaded = not all(named)
+    if loaded and any(m is None or n for m, n in zip((p_model, q_model), named)):
         raise ValueError("q_model: give both models as ids/paths or both as loaded models")
     if loaded:
         if tokenizer is None:
@@ -241,7 +261,8 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
     if any(given) and not settings.get("q_adapter"):
         if not all(given):
             raise ValueError("q_model: give both `p_model` and `q_model`, or neither for the offline default pair")
-    cfg = LLMConfig.from_settings(p_model=p_model and os.fspath(p_model), q_model=q_model and os.fspath(q_model),
+    cfg = LLMConfig.from_settings(p_model=p_model and os.fspath(p_model),
+                                  q_model=q_model if isinstance(q_model, tuple) else q_model and os.fspath(q_model),
                                   **settings)
     return run(cfg, progress=progress)
 

@@ -307,6 +307,10 @@ def draw_figures(folder, fmt: str = "png", pairs=None, methods=None):
 
     folder = Path(folder)
     corpus_run = (folder / "tokens.npz").is_file() and (folder / "summary.json").is_file()
+    if (folder / "comparison.json").is_file() and '"llm-candidates"' in (folder / "comparison.json").read_text():
+        from kl_estimation.figures import llm as plots_llm  # several candidates of a sampled run
+
+        return plots_llm.candidates_figure(folder, folder / "plots" / f"candidates.{fmt}")
     if corpus_run or (folder / "comparison.json").is_file():  # a corpus run, or several candidates against one base
         return _corpus_figures(folder, fmt, pairs or methods)
     if (folder / "summary.json").is_file() and not (folder / runio.RESULTS).exists():
@@ -432,6 +436,11 @@ def _run_llm(cfg, plots: bool = True) -> int:
     result = api.run(cfg, progress=True, say=say_on_stderr(flags=True))
     if distributed.current().rank != 0:  # under torchrun rank 0 alone reports
         return 0
+    if cfg.several:  # several candidates against one P: their comparison (llm.run.candidates)
+        from kl_estimation.llm.run.candidates import console
+
+        print(console(result, plots))
+        return 0
     directions = cfg.directions
     for i, d in enumerate(directions):  # one table per direction, each ranked and judged on its own
         print(("\n" if i else "") + report.llm_table(
@@ -542,7 +551,9 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
 
             result = run_corpus(cfg, progress=True, say=say_on_stderr(flags=True))
             if isinstance(result, Path):  # save_base alone: P's cache, no candidate
-                _print_path("base cache:", result)
+                from kl_estimation.llm.corpus.basecache import size_line
+
+                _print_path(f"base cache ({size_line(result)}):", result)
                 return 0
             print(result.console())
             return _figures(prog, result.folder, None if args.no_plots else "corpus")

@@ -535,3 +535,51 @@ def draw_all(path, fmt: str = "png", methods=None) -> Path:
                  f"<p class='recommended'><b>{'<br>'.join(map(escape, recommendation_text(run).splitlines()))}</b>")
         write_index(tmp, f"LLM run {path.resolve().name}", intro, files)
     return path / "plots" / "index.html"
+
+
+# ------------------------------------------------------------------------------------ several candidates, one P
+
+def fig_candidates(plt, comp: dict):
+    """KL(P‖Q) of every candidate (plain Monte Carlo from P, the compared estimator) with its 95 % CI, against its
+    position in the order given (a checkpoint series), and each candidate minus the closest with its paired CI."""
+    rows, vs = comp["table"], comp["vs_best"]
+    x = np.arange(1, len(rows) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, ys, what in ((axes[0], rows, "KL(P‖Q), nats per sequence"),
+                         (axes[1], [v or {"estimate": 0.0, "ci_low": 0.0, "ci_high": 0.0} for v in vs],
+                          "candidate − closest (paired), nats per sequence")):
+        y = np.array([r["estimate"] for r in ys], dtype=float)
+        lo = np.array([r["ci_low"] for r in ys], dtype=float)
+        hi = np.array([r["ci_high"] for r in ys], dtype=float)
+        err = np.abs(np.vstack([y - lo, hi - y]))
+        ax.errorbar(x, y, yerr=np.nan_to_num(err), fmt="o-", color="#1f77b4", ecolor="0.45", capsize=3, ms=5,
+                    lw=0.8, label="estimate, 95 % CI")
+        flagged = [i for i, r in enumerate(rows) if r.get("flag")]
+        if flagged and ys is rows:
+            ax.plot(x[flagged], y[flagged], "x", color="#d62728", ms=9, label="flagged")
+        if ys is not rows:
+            ax.axhline(0.0, color="0.6", lw=0.8)
+        ax.set_xticks(x, [r["candidate"] for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("candidate (in the order given)")
+        ax.set_ylabel(what)
+        ax.legend(fontsize=8)
+    cfg = comp["config"]
+    est = rows[0].get("estimator", "")
+    fig.suptitle(f"{len(rows)} candidates against one P: {cfg.get('n_samples')} sequences of P per prompt shared by "
+                 f"all ({est}), T = {cfg.get('max_new_tokens')}, temperature {cfg.get('temperature')}", fontsize=10)
+    fig.tight_layout()
+    return fig, (f"KL(P‖Q) of each candidate ({est} from one set of sequences of P) with 95 % CIs, in the order "
+                 f"given; right: each minus the closest, paired on the same sequences.")
+
+
+def candidates_figure(comparison, path) -> Path:
+    """The figure of a comparison of candidates (a KLComparison, or its folder) at `path`."""
+    comp = comparison.to_dict() if hasattr(comparison, "to_dict") else json.loads(
+        (Path(comparison) / "comparison.json").read_text())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    fig, _ = fig_candidates(plt, comp)
+    fig.savefig(path, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path

@@ -145,13 +145,22 @@ class TransformersPair:
         # a model sharded over devices (device_map) returns its logits where its last layer lives
         return tempered_log_softmax(logits.to(self.device), self.temperature, self.vocab_size)
 
-    @torch.inference_mode()
-    def start(self, prompt_rows: torch.Tensor):
+    def prompt_inputs(self, prompt_rows: torch.Tensor):
+        """(ids, mask, positions) of the prompts of these rows, without the columns that pad every row."""
         rows = torch.as_tensor(prompt_rows, device=self.device)
         ids, mask = self.prompt_ids[rows], self.prompt_mask[rows]
         first = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every row of this batch
         ids, mask = ids[:, first:], mask[:, first:]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    @staticmethod
+    def next_inputs(mask, pos):
+        """The attention mask and positions after one more token per row."""
+        return torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1), pos + 1
+
+    @torch.inference_mode()
+    def start(self, prompt_rows: torch.Tensor):
+        ids, mask, pos = self.prompt_inputs(prompt_rows)
         lp, cp = _forward_last(self.p_model, ids, mask, pos, None)
         lq, cq = _forward_last(self.q_model, ids, mask, pos, None)
         return self._lp(lp), self._lp(lq), (cp, cq, mask, pos[:, -1])
@@ -159,8 +168,7 @@ class TransformersPair:
     @torch.inference_mode()
     def step(self, state, tokens: torch.Tensor):
         cp, cq, mask, pos = state
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        pos = pos + 1
+        mask, pos = self.next_inputs(mask, pos)
         ids = tokens[:, None]
         lp, cp = _forward_last(self.p_model, ids, mask, pos[:, None], cp)
         lq, cq = _forward_last(self.q_model, ids, mask, pos[:, None], cq)

@@ -69,13 +69,15 @@ class CorpusConfig(ModelPairSettings):
     seed: int = shared("seed", "seed of the cluster bootstrap (the same draws for every candidate)")
     n_worst: int = setting(20, "tokens with the largest KL(P‖Q) kept with their context for the figures", type=int)
     save_base: str | None = setting(None, "also store P's side of the run in this folder (its final hidden states "
-                                          "in P's dtype and its output head: hidden size × bytes per scored token); "
-                                          "without `q_model`, P alone is run")
-    save_base_dtype: str | None = setting(None, "`save_base`: store the hidden states and the head in this dtype "
+                                          "in P's dtype, hidden size × bytes per scored token; P's output head is "
+                                          "read again from P's file, recorded with a checksum); without `q_model`, "
+                                          "P alone is run")
+    save_base_dtype: str | None = setting(None, "`save_base`: store the hidden states in this dtype "
                                                 "(bfloat16, float16: half the size of float32; P's logits are then "
                                                 "recomputed from rounded values) (default: P's dtype, exact)")
     base: str | None = setting(None, "score the candidates against a folder written by `save_base` instead of P (P's "
-                                     "body is never loaded); the text, windows and clusters are the cache's")
+                                     "file is read for its output head only, its body released before any candidate "
+                                     "loads); the text, windows and clusters are the cache's")
     batch_size: int = shared("batch_size", "windows per forward batch (llama.cpp puts 2048 / n_ctx in one)",
                              default=4)
     device: str = shared("device")

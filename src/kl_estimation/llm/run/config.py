@@ -25,6 +25,8 @@ class ModelPairSettings(Settings):
     P's base plus an adapter, and the checks of the dtypes, the device and the loading options."""
 
     def __post_init__(self):
+        if isinstance(self.q_model, list):  # the command line's --q-model A [B …]: one name is a one-candidate run
+            self.q_model = self.q_model[0] if len(self.q_model) == 1 else tuple(self.q_model)
         if self.q_adapter and self.q_model is None:  # Q = P's base, at P's revision, + the adapter
             self.q_model, self.q_revision = self.p_model, self.q_revision or self.p_revision
 
@@ -44,8 +46,10 @@ class LLMConfig(ModelPairSettings):
     p_model: str | None = setting(None, "base model P: a transformers hub id, a local folder or a .gguf file (local, "
                                   "or owner/repo/file.gguf on the hub) (default with `q_model` unset: the offline "
                                   "default pair, built once on this machine)")
-    q_model: str | None = setting(None, "fine-tuned model Q: a hub id, a local folder or a .gguf file (default: the "
-                                  "offline default pair's Q)")
+    q_model: str | tuple | None = setting(None, "fine-tuned model Q: a hub id, a local folder or a .gguf file "
+                                          "(default: the offline default pair's Q); several (a quant ladder, a "
+                                          "checkpoint series): one set of sequences from P scored by every "
+                                          "candidate, with paired differences (docs/llm.md)", nargs="+")
     prompt: str = setting("An interesting fact is that", "the text every sequence continues (a prompt set of one) "
                           "when no `prompts_file` / `dataset` is given")
     prompts: tuple | None = setting(None, "a prompt set given as texts", flag=False)
@@ -125,6 +129,16 @@ class LLMConfig(ModelPairSettings):
         return tuple(self.prompts) if self.prompts is not None else (self.prompt,)
 
     @property
+    def candidates(self) -> tuple:
+        """The candidate Qs: one name (or none: the default pair), or the several of a comparison run."""
+        return (self.q_model,) if not isinstance(self.q_model, tuple) else self.q_model
+
+    @property
+    def several(self) -> bool:
+        """Several candidates against one P (llm.run.candidates)."""
+        return isinstance(self.q_model, tuple)
+
+    @property
     def directions(self) -> tuple:
         """The directions this run estimates, in run order: ("forward",), ("reverse",) or both."""
         return DIRECTIONS if self.direction == BOTH else (self.direction,)
@@ -173,7 +187,19 @@ class LLMConfig(ModelPairSettings):
         resolved = replace(self, prompts=prompts, proposals=tuple(p.label for p in parse_proposals(self.proposals)))
         if self.resume and self.overwrite:
             raise ValueError("resume: cannot be combined with `overwrite`")
-        self.check_loading()
+        if self.several:
+            if not self.q_model or not all(isinstance(n, str) and n for n in self.q_model):
+                raise ValueError(f"q_model: a model name or a list of them (got {self.q_model!r})")
+            if len(set(self.q_model)) < len(self.q_model):
+                raise ValueError("q_model: a candidate is named twice")
+            if self.q_adapter or self.q_revision or self.q_dtype:
+                flag = "q_adapter" if self.q_adapter else "q_revision" if self.q_revision else "q_dtype"
+                raise ValueError(f"{flag}: applies to one `q_model`; with several candidates give each as a model "
+                                 f"name (a folder, hub id or .gguf file)")
+            for name in self.q_model:  # each candidate's source, as its own run would check it
+                replace(self, q_model=name).check_loading()
+        else:
+            self.check_loading()
         check_sampler(self.sampler, self.n_samples, self.batch_size)
         both = " × 2 directions" if len(self.directions) > 1 else ""
         check_memory(records_bytes(resolved), "n_samples", f"keeping {self.n_samples} sequences × "

@@ -73,19 +73,33 @@ def load_pair(cfg: LLMConfig):
         from kl_estimation.llm import default_pair
 
         p_id, q_id = default_pair.ensure()  # one pair for everyone, trained with its own fixed seed
-    scale = {k: getattr(cfg, k) for k in ("p_adapter", "q_adapter", "device_map", "offload", "p_revision", "q_revision",
-                                          "trust_remote_code") if getattr(cfg, k)}
-    scale.update({k: resolve_dtype(getattr(cfg, k), device) for k in ("p_dtype", "q_dtype") if getattr(cfg, k)})
+    scale = loading_options(cfg, device)
     pair = load_transformers_pair(p_id, q_id, prompts=cfg.prompt_set, temperature=cfg.temperature, device=device,
                                   dtype=resolve_dtype(cfg.dtype, device), ignore_eos=cfg.ignore_eos,
                                   chat_template=cfg.chat_template, **scale)
-    models = {"p": cfg.p_model or "offline default pair (P)", "q": cfg.q_model or "offline default pair (Q)",
-              "p_path": p_id, "q_path": q_id, "dtype": resolve_dtype(cfg.dtype, device),
-              **{k: v for k, v in scale.items() if k not in ("device_map", "offload")}}  # what changes the records
+    models = models_record(cfg, p_id, q_id, device, scale)
     models["text_start"] = text_start(pair.tokenizer, cfg.chat_template)  # what each prompt starts with
     if cfg.p_model is None:
+        from kl_estimation.llm import default_pair
+
         models["default_pair"] = default_pair.info()
     return pair, models
+
+
+def loading_options(cfg: LLMConfig, device) -> dict:
+    """The loading settings cfg gives (adapters, sharding, revisions, per-model dtypes resolved for `device`)."""
+    scale = {k: getattr(cfg, k) for k in ("p_adapter", "q_adapter", "device_map", "offload", "p_revision", "q_revision",
+                                          "trust_remote_code") if getattr(cfg, k)}
+    scale.update({k: resolve_dtype(getattr(cfg, k), device) for k in ("p_dtype", "q_dtype") if getattr(cfg, k)})
+    return scale
+
+
+def models_record(cfg: LLMConfig, p_id: str, q_id: str, device, scale: dict) -> dict:
+    """What a run records about where P and Q came from (part of every run key): the names as given, the paths
+    loaded and the settings that change the records."""
+    return {"p": cfg.p_model or "offline default pair (P)", "q": cfg.q_model or "offline default pair (Q)",
+            "p_path": p_id, "q_path": q_id, "dtype": resolve_dtype(cfg.dtype, device),
+            **{k: v for k, v in scale.items() if k not in ("device_map", "offload")}}
 
 
 def check_fits(pair, cfg: "LLMConfig") -> None:
@@ -158,7 +172,9 @@ def draw(pair, cfg: LLMConfig, run: ProposalRun, shard: distributed.Shard, meter
     if meter is not None and run.batches:
         meter.begin()
     for group in run.batches:
-        recs = sample_units(view, prop, group, cfg, run.direction, run.heads,
+        # several candidates (llm.run.candidates): P's side of shared draws comes from one pass of P
+        bound = pair.bind(run, group) if hasattr(pair, "bind") else None
+        recs = sample_units(view if bound is None else bound, prop, group, cfg, run.direction, run.heads,
                             None if meter is None else meter.update)
         for r in recs:
             r["rank"] = shard.rank
