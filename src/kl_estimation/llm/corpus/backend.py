@@ -309,8 +309,59 @@ def unknown_gguf_type_error(flag: str, name: str, text: str) -> ValueError | Non
     except PackageNotFoundError:  # pragma: no cover - gguf raised the error
         have = "?"
     num = int(m[1])
-    kind = GGML_TYPE_NAMES.get(num, f"ggml type {num}")
-    return ValueError(f"{flag}: {name} holds {kind} tensors (ggml type {num}), which the installed gguf {have} "
+    kind = f"{GGML_TYPE_NAMES[num]} tensors (ggml type {num})" if num in GGML_TYPE_NAMES else \
+        f"tensors of ggml type {num}"
+    return ValueError(f"{flag}: {name} holds {kind}, which the installed gguf {have} "
                       f"cannot read (no gguf release reads them yet: llama.cpp's own gguf-py does, pip install "
                       f"'gguf @ git+https://github.com/ggml-org/llama.cpp#subdirectory=gguf-py'); or score it in "
                       f"llama.cpp's runtime (`backend` llama.cpp)")
+
+
+# ------------------------------------------------------------------------------------- llama.cpp's own tools
+
+def llama_tool_env(tool: Path) -> dict:
+    """The environment a built tool runs in: its prefix's lib/ on the library path."""
+    lib = tool.parent.parent / "lib"
+    return dict(os.environ, LD_LIBRARY_PATH=f"{lib}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+
+
+def llama_quantize(src, dst, qtype: str, prefix=None, threads: int | None = None) -> Path:
+    """`src` requantized by llama.cpp's llama-quantize to `qtype` (Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, …):
+    --allow-requantize, since the wheel's GGUF is itself quantized (Q4_1). Written to a temporary name, then renamed."""
+    import subprocess
+
+    tool = llama_cpp_tool("llama-quantize", prefix)
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    cmd = [str(tool), "--allow-requantize", str(src), str(tmp), qtype] + ([str(threads)] if threads else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=llama_tool_env(tool))
+    if r.returncode or not tmp.is_file():
+        raise RuntimeError(f"llama-quantize {qtype} failed: {(r.stdout + r.stderr)[-400:]}")
+    os.replace(tmp, dst)
+    return dst
+
+
+def llama_perplexity(model, kld_base, *, corpus=None, context: int = 512, threads: int | None = None,
+                     chunks: int | None = None, prefix=None) -> str:
+    """Run llama-perplexity on `model`: with `corpus`, write `kld_base` (--kl-divergence-base: P's log-probs);
+    without, score `model` against it (--kl-divergence). Returns its console text (stdout + stderr)."""
+    import subprocess
+
+    tool = llama_cpp_tool("llama-perplexity", prefix)
+    cmd = [str(tool), "-m", str(model), "-c", str(context), "--kl-divergence-base", str(kld_base)]
+    cmd += ["-f", str(corpus)] if corpus is not None else ["--kl-divergence"]
+    cmd += (["-t", str(threads)] if threads else []) + (["--chunks", str(chunks)] if chunks else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=llama_tool_env(tool))
+    if r.returncode:
+        raise RuntimeError(f"llama-perplexity failed: {(r.stdout + r.stderr)[-600:]}")
+    return r.stdout + r.stderr
+
+
+def llama_mean_kld(text: str) -> tuple[float, float]:
+    """llama-perplexity --kl-divergence's "Mean    KLD:   x ± y"."""
+    import re
+
+    m = re.search(r"^Mean\s+KLD:\s+([-\d.e]+)\s+±\s+([-\d.e]+)", text, flags=re.MULTILINE)
+    if not m:
+        raise ValueError("llama-perplexity printed no Mean KLD")
+    return float(m[1]), float(m[2])
