@@ -33,6 +33,12 @@ PERPLEXITY_N_BATCH = 2048  # llama-perplexity's default -b: n_batch / n_ctx wind
 PERPLEXITY_N_UBATCH = 512
 
 
+def windows_per_decode(n_ctx: int) -> int:
+    """llama-perplexity's windows per decode (n_parallel = n_batch / n_ctx): the llama.cpp backend scores batches of
+    exactly these, since below n_ctx 512 several windows share a ubatch and llama.cpp's logits depend on the layout."""
+    return max(1, PERPLEXITY_N_BATCH // n_ctx)
+
+
 def llama_cpp_prefix(prefix=None) -> Path | None:
     """The llama.cpp build prefix: `prefix`, else $KL_ESTIMATION_LLAMA_CPP; None when neither is set."""
     p = prefix or os.environ.get(ENV_PREFIX)
@@ -57,7 +63,7 @@ def import_llama_cpp(flag: str = "backend"):
             import importlib.util
 
             spec = importlib.util.find_spec("llama_cpp")
-            own = spec is not None and any((Path(d) / "lib").glob("libllama*")
+            own = spec is not None and any(any((Path(d) / "lib").glob("libllama*"))
                                            for d in (spec.submodule_search_locations or []))
         except (ImportError, ValueError):
             own = False
@@ -104,7 +110,7 @@ class LlamaCppModel:
         vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
         self.bos = int(lib.llama_vocab_bos(vocab)) if lib.llama_vocab_get_add_bos(vocab) else None
-        self.n_seq = max(1, PERPLEXITY_N_BATCH // self.n_ctx)
+        self.n_seq = windows_per_decode(self.n_ctx)
         cp = lib.llama_context_default_params()
         cp.n_ctx = self.n_seq * self.n_ctx
         cp.n_batch = min(PERPLEXITY_N_BATCH, cp.n_ctx)
@@ -128,7 +134,10 @@ class LlamaCppModel:
             self.model = None
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except (TypeError, AttributeError):  # interpreter shutdown: the library's functions are gone already
+            pass
 
     def window_logits(self, ids: torch.Tensor, keep: int, vocab: int) -> torch.Tensor:
         lib = self.lib

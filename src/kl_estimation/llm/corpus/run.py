@@ -373,6 +373,10 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
 
 def _run_corpus(cfg: CorpusConfig, models, tokenizer, progress: bool, t_start: float):
     cfg = replace(cfg, threads=set_threads(cfg.threads))  # the number used, recorded in the run
+    if cfg.backend == "llama.cpp":  # llama-perplexity's grouping of windows, so that the logits are its bits
+        from kl_estimation.llm.corpus.backend import windows_per_decode
+
+        cfg = replace(cfg, batch_size=windows_per_decode(cfg.context))
     from kl_estimation.llm.loading import check_logit_rows, gguf_speedups
 
     given_q = None
@@ -550,6 +554,10 @@ def _llama_file_base(cfg: CorpusConfig):
     base.windows, base.mask = windows, mask
     cfg = replace(cfg, context=base.n_ctx, score="second-half", base_storage="llama-file", n_windows=W,
                   cluster_by="window")
+    if cfg.backend == "llama.cpp":
+        from kl_estimation.llm.corpus.backend import windows_per_decode
+
+        cfg = replace(cfg, batch_size=windows_per_decode(base.n_ctx))
     corpus = {"source": f"llama.cpp's base file {cfg.base} (its token ids and 16-bit log-probs)",
               "n_tokens": int(base.tokens.size), "n_windows": W, "tokens_used": W * base.n_ctx, "tokens_dropped": 0,
               "n_documents": 1, "bos_replaces_first_token": bos, "llama_base_bytes": base.file_bytes,
