@@ -322,8 +322,8 @@ def unknown_gguf_type_error(flag: str, name: str, text: str) -> ValueError | Non
         f"tensors of ggml type {num}"
     return ValueError(f"{flag}: {name} holds {kind}, which the installed gguf {have} "
                       f"cannot read (no gguf release reads them yet: llama.cpp's own gguf-py does, pip install "
-                      f"'gguf @ git+https://github.com/ggml-org/llama.cpp#subdirectory=gguf-py'); or score it in "
-                      f"llama.cpp's runtime (`backend` llama.cpp)")
+                      f"'gguf @ git+https://github.com/ggml-org/llama.cpp#subdirectory=gguf-py'), or use a type it "
+                      f"reads")
 
 
 # ------------------------------------------------------------------------------------- llama.cpp's own tools
