@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     out = Path(a.out or tempfile.mkdtemp(prefix="bench_corpus_"))
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1")
     print(f"P = {base}\nQ = {q}\ncorpus = {corpus} ({corpus.stat().st_size} B), n_ctx {a.context}, "
           f"{a.threads} threads, device {a.device}; load average now {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores\n", flush=True)
@@ -283,6 +284,12 @@ def main(argv=None) -> int:
     first = with_ids or own
     md = table(llama, parse_llama(first["text"]), parse_llama(own["text"]) if with_ids else None, first["summary"])
     print("\n" + md)
+    lb = res.get("ours, llama.cpp backend (its tokenizer)")
+    if lb is not None:
+        mine = parse_llama(lb["text"]).get("Mean KLD")
+        print(f"\nours, llama.cpp backend: Mean KLD {mine[0]:.6f} ± {mine[1]:.6f}"
+              + (f" (llama.cpp: {llama['Mean KLD'][0]:.6f}, ratio {mine[0] / llama['Mean KLD'][0]:.4f})"
+                 if llama and "Mean KLD" in llama else ""))
     (out / "comparison.md").write_text(md + "\n")
     (out / "bench.json").write_text(json.dumps({k: {kk: v for kk, v in r.items() if kk in ("wall", "cpu", "rss_mb",
                                                                                           "cmd")}
