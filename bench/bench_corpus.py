@@ -245,7 +245,8 @@ def main(argv=None) -> int:
             res["ours, one pass (llama.cpp's token ids)"] = ours("ours_llama_ids", "--token-ids", str(kld))
     if a.backend != "transformers":
         res["ours, llama.cpp backend (its tokenizer)"] = ours("ours_llamacpp", "--corpus", str(corpus),
-                                                              "--backend", "llama.cpp")
+                                                              "--backend", "llama.cpp", "--base-storage",
+                                                              "llama-uint16")
         if a.backend == "llama.cpp":  # the summaries below read the transformers run's place
             res["ours, one pass (our tokenization)"] = res["ours, llama.cpp backend (its tokenizer)"]
     if not a.skip_plain:
