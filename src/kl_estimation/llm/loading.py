@@ -157,6 +157,10 @@ def gguf_facts(flag: str, name: str) -> dict:
 def _gguf_error(flag: str, name: str, err: Exception) -> ValueError | None:
     """transformers' failures on a GGUF file in one line: an architecture it cannot read, missing packages."""
     text = " ".join(str(err).split())
+    from kl_estimation.llm.corpus.backend import unknown_gguf_type_error
+
+    if (unknown := unknown_gguf_type_error(flag, name, text)) is not None:
+        return unknown
     m = re.search(r"architecture (\S+) is not supported", text)
     if m:
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kl_estimation import settings
 from kl_estimation.core.validation import check_int
+from kl_estimation.llm.corpus.backend import BACKENDS, is_llama_base_file
 from kl_estimation.llm.corpus.stats import BASE_STORAGE, SCORE_MODES
 from kl_estimation.llm.run.config import LLMConfig, ModelPairSettings
 from kl_estimation.settings import other_mode, setting
@@ -77,7 +78,14 @@ class CorpusConfig(ModelPairSettings):
                                                 "recomputed from rounded values) (default: P's dtype, exact)")
     base: str | None = setting(None, "score the candidates against a folder written by `save_base` instead of P (P's "
                                      "file is read for its output head only, its body released before any candidate "
-                                     "loads); the text, windows and clusters are the cache's")
+                                     "loads), or against llama.cpp's --kl-divergence-base file (P as llama.cpp "
+                                     "evaluated it); the text, windows and clusters are the cache's")
+    backend: str = setting("transformers", "what computes the logits: transformers (the weights: a GGUF dequantized, "
+                                           "run in `dtype`) or llama.cpp (llama.cpp's runtime through "
+                                           "llama-cpp-python: the GGUF as deployed, its kernels and tokenizer)")
+    runtime_floor: bool = setting(False, "`backend` llama.cpp: also each candidate's weights-only KL (transformers) "
+                                         "and the runtime's floor (P in llama.cpp against P in transformers), "
+                                         "beside the runtime's KL")
     batch_size: int = shared("batch_size", "windows per forward batch (llama.cpp puts 2048 / n_ctx in one)",
                              default=4)
     device: str = shared("device")
@@ -124,10 +132,17 @@ class CorpusConfig(ModelPairSettings):
     def validate(self) -> CorpusConfig:
         """Check every setting (errors name the parameter) before anything is loaded; returns a copy (nothing
         needs resolving yet), the config itself is left as it is."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: one of {', '.join(BACKENDS)} (got {self.backend!r})")
+        if self.runtime_floor and self.backend != "llama.cpp":
+            raise ValueError("runtime_floor: only with `backend` llama.cpp")
+        if self.backend == "llama.cpp":
+            self._check_llama_cpp()
         if self.base is not None:
             from kl_estimation.llm.corpus.basecache import read_record
 
-            read_record(self.base)
+            if not is_llama_base_file(self.base):
+                read_record(self.base)
             given = [n for n in ("p_model", "save_base", "p_adapter", "corpus", "texts", "dataset", "token_ids")
                      if getattr(self, n) is not None]
             if given:
@@ -188,6 +203,21 @@ class CorpusConfig(ModelPairSettings):
         if self.output_dir is not None:
             check_corpus_folder(self.output_dir, self.overwrite)
         return replace(self)
+
+    def _check_llama_cpp(self) -> None:
+        """The llama.cpp backend runs local .gguf files, without adapters, and needs the binding."""
+        from kl_estimation.llm.corpus.backend import import_llama_cpp
+        from kl_estimation.llm.loading import is_gguf
+
+        for side in ("p", "q"):
+            if getattr(self, f"{side}_adapter"):
+                raise ValueError(f"{side}_adapter: adapters run in transformers; leave out `backend` llama.cpp")
+        for flag, name in [("p_model", self.p_model)] + [("q_model", n) for n in self.candidates]:
+            if name is not None and not (is_gguf(name) and Path(name).is_file()):
+                raise ValueError(f"{flag}: the llama.cpp backend runs local .gguf files (got {name!r})")
+        if self.base is not None and not is_llama_base_file(self.base) and self.runtime_floor:
+            raise ValueError("runtime_floor: needs P's GGUF (`p_model`), not a base cache")
+        import_llama_cpp()
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}

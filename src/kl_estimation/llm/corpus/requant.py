@@ -8,7 +8,7 @@ ggml's reference quantizers (``gguf.quants``); float32 tensors (norms) stay floa
 type (as ``llama-quantize`` does when the embedding's row length is not a multiple of its preferred type's block of
 256). Every metadata field is copied, ``general.file_type`` set to the new type. With the reference quantizers this
 gives the same tensor bytes as ``llama-quantize --allow-requantize IN OUT Q4_0`` (checked on SmolLM2-135M against
-/work/realmodel's llama-quantize output in tests/test_real_model.py).
+llama-quantize's output in tests/test_real_model.py, where bench/build_llama_cpp.sh built llama.cpp).
 """
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ import torch
 from kl_estimation import runio
 from kl_estimation.core.estimators import t95
 from kl_estimation.core.resources import check_memory, set_threads
+from kl_estimation.llm.corpus.backend import is_llama_base_file
 from kl_estimation.llm.corpus.config import CORPUS_FILES, CorpusConfig, check_corpus_folder
 from kl_estimation.llm.corpus.stats import STAT_KEYS, cluster_mean, format_llama, llama_windows, summarize, token_stats
 from kl_estimation.llm.corpus.text import read_documents, read_token_ids, tokenize_documents
@@ -136,6 +137,8 @@ def window_logits(model, ids: torch.Tensor, keep: int, vocab: int) -> torch.Tens
     """(B, keep − 1, vocab) logits of positions n_ctx − keep … n_ctx − 2 of full windows `ids` (B, n_ctx): the
     model computes only the last `keep` rows of logits where it can (``logits_to_keep``); padded logit rows beyond
     the tokenizer are cut off (a view)."""
+    if hasattr(model, "window_logits"):  # llama.cpp's runtime (backend.LlamaCppModel)
+        return model.window_logits(ids, keep, vocab)
     from kl_estimation.llm.pair import _inner
 
     inner = _inner(model)
@@ -149,6 +152,8 @@ def window_logits(model, ids: torch.Tensor, keep: int, vocab: int) -> torch.Tens
 def _device_of(model) -> torch.device:
     from kl_estimation.llm.loading import main_device
 
+    if hasattr(model, "window_logits"):  # llama.cpp hands its logits over in CPU memory
+        return torch.device("cpu")
     return main_device(model)
 
 
@@ -198,6 +203,10 @@ def base_pass(p, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int, b
     received; P itself is kept only when its logits are not that head's output."""
     from kl_estimation.llm.pair import _inner
 
+    if hasattr(p, "window_logits"):  # llama.cpp's runtime: no head to cache, P runs again for every candidate
+        if bar is not None:
+            bar.update(windows.shape[0])
+        return BaseCache(None, None, p, windows, mask, keep, vocab)
     head = _inner(p).get_output_embeddings()
     seen = {}
     hook = head.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
@@ -274,7 +283,8 @@ def _model_record(cfg: CorpusConfig) -> dict:
             rec[f"{side}_adapter"] = getattr(cfg, f"{side}_adapter")
         if is_gguf(name) and Path(name).is_file():
             rec[f"{side}_gguf"] = {"path": str(Path(name).resolve()), "bytes": Path(name).stat().st_size,
-                                   "loaded_as": "dequantized to float32 by transformers (gguf_file=)"}
+                                   "loaded_as": "llama.cpp's runtime (llama-cpp-python)" if cfg.backend == "llama.cpp"
+                                   else "dequantized to float32 by transformers (gguf_file=)"}
     return rec
 
 
@@ -378,6 +388,10 @@ def run_corpus(cfg: CorpusConfig, *, models=None, tokenizer=None, progress: bool
 
 def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: float):
     cfg = replace(cfg, threads=set_threads(cfg.threads))  # the number used, recorded in the run
+    if cfg.backend == "llama.cpp":  # llama-perplexity's grouping of windows, so that the logits are its bits
+        from kl_estimation.llm.corpus.backend import windows_per_decode
+
+        cfg = replace(cfg, batch_size=windows_per_decode(cfg.context))
     from kl_estimation.llm.loading import check_logit_rows, gguf_speedups
 
     given_q = None
@@ -385,7 +399,12 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: floa
         given_q = list(models[1]) if isinstance(models[1], (list, tuple)) else [models[1]]
         if len(given_q) != len(cfg.candidates):
             raise ValueError(f"q_model: {len(given_q)} loaded candidates for {len(cfg.candidates)} names")
-    if cfg.base is not None:
+    if cfg.base is not None and is_llama_base_file(cfg.base):  # P as llama.cpp evaluated it
+        base, tokenizer, cfg, corpus, document = _llama_file_base(cfg)
+        windows, mask, vocab, p_class = base.windows, base.mask, base.vocab, "llama.cpp base file"
+        W, base_rec = windows.shape[0], {"p": {"p": f"llama.cpp's base file {cfg.base}"}}
+        t_loaded = time.perf_counter()
+    elif cfg.base is not None:
         from kl_estimation.llm.corpus.basecache import load_base
         from kl_estimation.llm.run.config import resolve_device
 
@@ -403,7 +422,11 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: floa
         _, _, corpus, windows, mask, document, _ = prepared
         W = windows.shape[0]
         vocab = len(tokenizer)
-        check_logit_rows(p, p, vocab)
+        if cfg.backend == "transformers":
+            check_logit_rows(p, p, vocab)
+        elif p.n_vocab != vocab:
+            raise ValueError(f"p_model: llama.cpp reads {p.n_vocab} tokens in {cfg.p_model}, transformers' tokenizer "
+                             f"{vocab}")
         keep = cfg.context - int(np.flatnonzero(mask.any(0))[0]) + 1
         rows = max(vocab, _logit_rows(p))
         check_memory(_batch_bytes(p, p, cfg.batch_size, keep, rows), "batch_size",
@@ -463,6 +486,8 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: floa
                   "device": str(base.device()), "cost_estimate": work.estimate()}
         results.append(CorpusResult(summary, tokens, window_rows(tokens, summary), cq.to_dict(), record, corpus,
                                     worst_records(worst, windows, document, arrays, tokenizer), timing))
+    if cfg.runtime_floor:
+        runtime_split(cfg, base.windows, mask, document, base.keep, vocab, results, progress)
     if isinstance(cfg.q_model, str):
         result = results[0]
         if cfg.output_dir is not None:
@@ -476,6 +501,97 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: floa
     if cfg.output_dir is not None:
         comparison.write(cfg.output_dir, cfg.overwrite)
     return comparison
+
+
+def runtime_split(cfg: CorpusConfig, windows, mask, document, keep: int, vocab: int, results: list,
+                  progress: bool = False) -> None:
+    """Beside each candidate's KL in llama.cpp's runtime, what the weights alone do and what the runtime alone does:
+    ``summary["runtime"]`` = {runtime_kl, weights_kl (the candidate dequantized, transformers in `dtype`, against P
+    the same way), floor (P in llama.cpp against P in transformers: the kernels' own KL, no quant difference)},
+    each a cluster_mean of per-token KL(P‖Q) on the run's scored tokens."""
+    from kl_estimation.llm.corpus.stats import cluster_mean
+    from kl_estimation.llm.loading import gguf_speedups
+
+    clusters = (document if cfg.cluster_by == "document"
+                else np.broadcast_to(np.arange(mask.shape[0])[:, None], mask.shape))[mask]
+    tf = replace(cfg, backend="transformers")
+    with gguf_speedups():
+        p_tf = _load_side(tf, "p", cfg.p_model)
+    with _bar(progress, windows.shape[0], "corpus windows, P (transformers)") as bar:
+        base_tf = base_pass(p_tf, windows, mask, keep, vocab, cfg.batch_size, bar)
+    del p_tf
+
+    def mean_kl(q, desc):
+        with _bar(progress, windows.shape[0], desc) as bar:
+            arrays, _ = score_windows(base_tf, q, mask, batch_size=cfg.batch_size, bar=bar)
+        return cluster_mean(arrays["kl_forward"][mask], clusters)
+
+    floor = mean_kl(_load_side(cfg, "p", cfg.p_model), "runtime floor: P in llama.cpp")
+    for i, (r, cq) in enumerate(zip(results, candidate_configs(cfg))):
+        with gguf_speedups():
+            q = _load_side(replace(cq, backend="transformers"), "q", cq.q_model)
+        weights = mean_kl(q, f"weights-only KL, Q {i + 1}/{len(results)} (transformers)")
+        del q
+        r.summary["runtime"] = {"runtime_kl": r.summary["means"]["kl_forward"], "weights_kl": weights,
+                                "floor": floor}
+
+
+def runtime_text(runtime: dict) -> str:
+    """The runtime/weights/floor lines under a candidate's block."""
+    def fmt(m):
+        return f"{m['mean']:.6f} ± {m['se_cluster']:.6f}"
+
+    return ("\nKL(P||Q), llama.cpp's runtime      : " + fmt(runtime["runtime_kl"])
+            + "\nKL(P||Q), weights only (float32)  : " + fmt(runtime["weights_kl"])
+            + "\nruntime floor (P llama.cpp vs P float32): " + fmt(runtime["floor"]) + "\n")
+
+
+def _llama_file_base(cfg: CorpusConfig):
+    """(LlamaBaseFile with its windows, the candidates' tokenizer, cfg with the file's windows, corpus record,
+    document): llama.cpp's --kl-divergence-base file as P, scored with llama.cpp's arithmetic on its stored log-probs
+    (base_storage llama-file)."""
+    from kl_estimation.llm.corpus.backend import LlamaBaseFile, llama_vocab_bos
+    from kl_estimation.llm.loading import check_tokenizers, load_tokenizer
+
+    base = LlamaBaseFile(cfg.base, cfg.n_windows)
+    cands = candidate_configs(cfg)
+    tokenizer = load_tokenizer("q_model", cands[0].q_model, cands[0].q_revision, cfg.trust_remote_code)
+    for cq in cands[1:]:
+        check_tokenizers(tokenizer, load_tokenizer("q_model", cq.q_model, cq.q_revision, cfg.trust_remote_code),
+                         ignore_eos=True)
+    if len(tokenizer) != base.vocab:
+        raise ValueError(f"base: {cfg.base} holds log-probs over {base.vocab} tokens, the candidates' tokenizer has "
+                         f"{len(tokenizer)}")
+    for cq in cands:
+        check_context(base.n_ctx, _context_limit(replace(cq, p_model=None))[0], "q")
+    from kl_estimation.llm.loading import is_gguf
+
+    first = cands[0].q_model
+    bos = llama_vocab_bos(first) if is_gguf(first) and _has_llama_cpp() else bos_of(tokenizer)
+    W = base.codes.shape[0]
+    windows, mask = llama_windows(base.tokens, base.n_ctx, bos, score="second-half")
+    base.windows, base.mask = windows, mask
+    cfg = replace(cfg, context=base.n_ctx, score="second-half", base_storage="llama-file", n_windows=W,
+                  cluster_by="window")
+    if cfg.backend == "llama.cpp":
+        from kl_estimation.llm.corpus.backend import windows_per_decode
+
+        cfg = replace(cfg, batch_size=windows_per_decode(base.n_ctx))
+    corpus = {"source": f"llama.cpp's base file {cfg.base} (its token ids and 16-bit log-probs)",
+              "n_tokens": int(base.tokens.size), "n_windows": W, "tokens_used": W * base.n_ctx, "tokens_dropped": 0,
+              "n_documents": 1, "bos_replaces_first_token": bos, "llama_base_bytes": base.file_bytes,
+              "text_start": {"prepended": None}}
+    return base, tokenizer, cfg, corpus, np.zeros(windows.shape, dtype=np.int32)
+
+
+def _has_llama_cpp() -> bool:
+    try:
+        from kl_estimation.llm.corpus.backend import import_llama_cpp
+
+        import_llama_cpp()
+        return True
+    except ValueError:
+        return False
 
 
 def group_means(arrays: dict, summary: dict, document: np.ndarray, corpus: dict) -> dict:
@@ -563,6 +679,10 @@ def _load_side(cfg: CorpusConfig, side: str, name: str):
     from kl_estimation.llm.pair import DTYPES, AdapterView
     from kl_estimation.llm.run.config import resolve_device, resolve_dtype
 
+    if cfg.backend == "llama.cpp":
+        from kl_estimation.llm.corpus.backend import load_llama_cpp
+
+        return load_llama_cpp(f"{side}_model", name, cfg.context, cfg.threads)
     device = resolve_device(cfg.device)
     dt = DTYPES[resolve_dtype(getattr(cfg, f"{side}_dtype") or cfg.dtype, device)]
     m = load_model(f"{side}_model", name, device, dt, cfg.device_map, cfg.offload, getattr(cfg, f"{side}_revision"),
@@ -592,6 +712,14 @@ def _prepare(cfg: CorpusConfig, models, tokenizer):
         check_context(cfg.context, min(limits) if limits else None)
     ids, doc, corpus = corpus_tokens(cfg, tokenizer)
     bos = bos_of(tokenizer)
+    if cfg.backend == "llama.cpp":  # llama.cpp's tokenizer and its BOS rule, as llama-perplexity has them
+        from kl_estimation.llm.corpus.backend import llama_tokenize_documents, llama_vocab_bos
+
+        bos = llama_vocab_bos(cfg.p_model)
+        if cfg.token_ids is None:
+            docs = read_documents(cfg.corpus, cfg.texts, cfg.dataset, cfg.split, cfg.text_field, cfg.n_documents)
+            ids, doc, rec = llama_tokenize_documents(cfg.p_model, docs)
+            corpus.update(rec, source=corpus["source"].replace("by the tokenizer", "by llama.cpp's tokenizer"))
     windows, mask = llama_windows(ids, cfg.context, bos, score=cfg.score, n_chunks=cfg.n_windows)
     W = windows.shape[0]
     document = doc[: W * cfg.context].reshape(W, cfg.context)
@@ -608,6 +736,8 @@ def _flat(models):
 def _logit_rows(model) -> int:
     from kl_estimation.llm.pair import _inner
 
+    if hasattr(model, "n_vocab"):  # llama.cpp's runtime
+        return model.n_vocab
     try:
         return int(_inner(model).get_output_embeddings().weight.shape[0])
     except AttributeError:
@@ -678,6 +808,8 @@ def console_text(summary: dict, corpus: dict, models: dict, config: dict, column
                        if corpus.get("bos_replaces_first_token") is not None else "")) + "\n")
     fits = columns is None or columns >= CHUNK_WIDTH
     body = format_llama(summary, chunks=W <= CHUNK_TABLE_MAX and fits)
+    if "runtime" in summary:
+        body += runtime_text(summary["runtime"])
     if W > CHUNK_TABLE_MAX or not fits:
         where = "windows.csv" if W > CHUNK_TABLE_MAX else f"llama.txt ({CHUNK_WIDTH} columns) and windows.csv"
         body = _wrap(f"(llama.cpp's running per-window table: {W} windows, in {where})", rest=" ") + "\n\n" + body

