@@ -269,8 +269,8 @@ def test_a_base_cache_reads_the_head_from_ps_file_and_refuses_when_it_changed(la
 
 @pytest.mark.parametrize("dtype,bound", [("bfloat16", 0.02), ("float16", 0.002)])
 def test_a_rounded_base_cache_is_close_and_says_so(ladder, tmp_path, dtype, bound):
-    """Hidden states rounded to 16 bits (half of float32; the head is P's own): per-token KL within `bound` of the exact value
-    relative to the mean KL (measured on this pair: bfloat16 5.6e-3, float16 8.5e-4), never equal to it."""
+    """Hidden states rounded to 16 bits (half of float32; the head is P's own): per-token KL within `bound` of the
+    exact value relative to the mean KL (measured on this pair: bfloat16 5.6e-3, float16 8.5e-4), never equal to it."""
     p, qs = ladder
     cache = tmp_path / dtype
     kle.corpus_kl(p, None, [text()], context=16, save_base=str(cache), save_base_dtype=dtype, progress=False)

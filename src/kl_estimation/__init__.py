@@ -7,6 +7,7 @@ LLM pairs (torch and transformers are imported on first use, so the single-token
         → KLResult: ranked rows (KLRow: estimate, std_error, ci, flag), .recommended, .per_prompt, .to_pandas()
         direction="forward" (KL(P‖Q), sequences of P) | "reverse" (KL(Q‖P), sequences of Q) | "both" (the two, and
         their sum KLResult.jeffreys); rows carry their direction, .recommended_by_direction
+        q_model a list → KLComparison: one set of sequences from P scored by every candidate, paired differences
     LLMConfig        every setting of a run, with its default (the command line's flags are built from it)
     default_pair()   the folders of the offline default pair, built on first use
 

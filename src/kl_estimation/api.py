@@ -256,7 +256,8 @@ def estimate_kl(p_model=None, q_model=None, prompts=None, *, tokenizer=None, pro
 
         pair = pair_from_models(p_model, q_model, tokenizer, prompts=cfg.prompt_set, temperature=cfg.temperature,
                                 ignore_eos=cfg.ignore_eos, chat_template=cfg.chat_template)
-        models = {"p": type(p_model).__name__ + " (loaded)", "q": type(q_model).__name__ + " (loaded)", "text_start": pair_text_start(tokenizer, cfg.chat_template)}
+        models = {"p": type(p_model).__name__ + " (loaded)", "q": type(q_model).__name__ + " (loaded)",
+                  "text_start": pair_text_start(tokenizer, cfg.chat_template)}
         return run(cfg, pair, models, progress)
     if any(given) and not settings.get("q_adapter"):
         if not all(given):

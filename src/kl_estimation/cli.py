@@ -274,9 +274,10 @@ def _figures(prog: str, folder: Path, kind: str | None) -> int:
 def visualize_parser(prog: str, defaults: dict) -> Parser:
     from kl_estimation.figures import synthetic as plots
 
-    p = Parser(prog=prog, description="Draw every figure of a run folder from its saved files into <run folder>/plots/, "
-                                      "with an index.html: a synthetic or sequence run of Synthetic_tests.py "
-                                      "(results.json + distributions.npz) or an LLM run of LLM_experiments.py "
+    p = Parser(prog=prog, description="Draw every figure of a run folder from its saved files into "
+                                      "<run folder>/plots/, with an index.html: a synthetic or sequence run of "
+                                      "Synthetic_tests.py (results.json + distributions.npz) or an LLM run of "
+                                      "LLM_experiments.py "
                                       "(summary.json + one JSON file per proposal).")
     p.add_argument("run_folder", help="a folder written by Synthetic_tests.py or LLM_experiments.py")
     p.add_argument("--format", default=defaults.get("format", "png"), help=f"one of {', '.join(plots.FORMATS)}")

@@ -41,7 +41,8 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -145,13 +146,17 @@ def gguf_facts(flag: str, name: str) -> dict:
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as known
     except ImportError:  # pragma: no cover - older transformers
         known = None
-    norm = lambda a: str(a).lower().replace("-", "").replace("_", "")
+
+    def norm(a):
+        return str(a).lower().replace("-", "").replace("_", "")
+
     if known is not None and arch is not None and "t5" not in str(arch) \
             and norm(arch) not in {norm(k) for k in known}:
         raise ValueError(f"{flag}: {name}: transformers cannot load GGUF files of architecture {arch!r} (it loads: "
                          f"{', '.join(sorted(known))})")
-    return {"architecture": arch, "context_length": head.get(f"{arch}.context_length"), "name": head.get("general.name"),
-            "file_type": head.get("general.file_type"), "add_bos_token": head.get("tokenizer.ggml.add_bos_token")}
+    return {"architecture": arch, "context_length": head.get(f"{arch}.context_length"),
+            "name": head.get("general.name"), "file_type": head.get("general.file_type"),
+            "add_bos_token": head.get("tokenizer.ggml.add_bos_token")}
 
 
 def _gguf_error(flag: str, name: str, err: Exception) -> ValueError | None:
@@ -293,8 +298,8 @@ def load_model(flag: str, name: str, device, dtype, device_map=None, offload: bo
             model = _from_pretrained(flag, name, load)
     except ValueError as err:
         if device_map is not None and "offload" in str(err) and not offload:
-            raise ValueError(f"{flag}: {name!r} does not fit on the visible GPUs; add offload (`offload`) to keep the rest in "
-                             f"CPU memory") from None
+            raise ValueError(f"{flag}: {name!r} does not fit on the visible GPUs; add offload (`offload`) to keep "
+                             f"the rest in CPU memory") from None
         raise
     return (model if device_map is not None else model.to(device)).eval()
 
@@ -363,9 +368,10 @@ def _other_base_warning(flag: str, path: str, cfg, base: str) -> None:
     once its weights have loaded (every shape fit), with a warning, because only the user knows they are one model."""
     recorded = cfg.base_model_name_or_path
     if recorded and not _same_model(recorded, base):
-        warnings.warn(f"{flag}: the adapter {path!r} was made for {recorded!r}, not for the given model {base!r}; it is "
-                      f"applied because every weight shape fits (a quantized or merged variant of the same base?) — "
-                      f"if {base!r} is another model, the KL is not that of base vs fine-tune", UserWarning, stacklevel=4)
+        warnings.warn(f"{flag}: the adapter {path!r} was made for {recorded!r}, not for the given model {base!r}; "
+                      f"it is applied because every weight shape fits (a quantized or merged variant of the same "
+                      f"base?) — if {base!r} is another model, the KL is not that of base vs fine-tune", UserWarning,
+                      stacklevel=4)
 
 
 def _with_adapters(model, adapters: dict, base: str):
@@ -421,11 +427,13 @@ def check_sources(cfg) -> None:
         name, rev = getattr(cfg, f"{side}_model"), getattr(cfg, f"{side}_revision", None)
         if rev is not None:
             if not isinstance(rev, str) or not rev.strip():
-                raise ValueError(f"{side}_revision: must be a branch, tag or commit of the hub repository (got {rev!r})")
+                raise ValueError(f"{side}_revision: must be a branch, tag or commit of the hub repository "
+                                 f"(got {rev!r})")
             if name is None:
                 raise ValueError(f"{side}_revision: give `{side}_model` (a hub id) with a revision")
             if Path(str(name)).exists():
-                raise ValueError(f"{side}_revision: `{side}_model` {name} is a local path; a revision applies to hub ids")
+                raise ValueError(f"{side}_revision: `{side}_model` {name} is a local path; a revision applies to "
+                                 f"hub ids")
         if name is not None and is_gguf(name):
             model_source(f"{side}_model", name, rev)  # the file exists, or names owner/repo/file.gguf
             _needs(f"{side}_model", "gguf", "a GGUF file", "gguf")

@@ -309,7 +309,8 @@ def _context_limit(cfg: CorpusConfig) -> tuple[int | None, str]:
 
 def check_context(context: int, limit: int | None, side: str = "") -> None:
     if limit is not None and context > limit:
-        raise ValueError(f"context: {context} tokens per window, but {'the models take' if not side else side.upper() + ' takes'} "
+        who = "the models take" if not side else side.upper() + " takes"
+        raise ValueError(f"context: {context} tokens per window, but {who} "
                          f"{limit} positions; use `context` ≤ {limit}")
 
 
@@ -487,7 +488,8 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: floa
         results.append(CorpusResult(summary, tokens, window_rows(tokens, summary), cq.to_dict(), record, corpus,
                                     worst_records(worst, windows, document, arrays, tokenizer), timing))
     if cfg.runtime_floor:
-        runtime_split(cfg, base.windows, mask, document, base.keep, vocab, results, progress)
+        work.close()  # the runtime split's passes get bars of their own
+        runtime_split(cfg, base.windows, mask, document, base.keep, vocab, results, work.progress)
     if isinstance(cfg.q_model, str):
         result = results[0]
         if cfg.output_dir is not None:
@@ -514,6 +516,13 @@ def runtime_split(cfg: CorpusConfig, windows, mask, document, keep: int, vocab: 
 
     clusters = (document if cfg.cluster_by == "document"
                 else np.broadcast_to(np.arange(mask.shape[0])[:, None], mask.shape))[mask]
+    from contextlib import nullcontext
+
+    from kl_estimation import progress as progress_bars
+
+    def _bar(progress: bool, total: int, desc: str):
+        return progress_bars.bar(total=total, desc=desc, unit="window") if progress else nullcontext()
+
     tf = replace(cfg, backend="transformers")
     with gguf_speedups():
         p_tf = _load_side(tf, "p", cfg.p_model)
@@ -783,7 +792,8 @@ def worst_records(worst, windows, document, arrays, tokenizer) -> list[dict]:
     for kl, w, t, top_p, top_q in worst:
         tok = int(windows[w, t])
         out.append({"window": int(w), "position": int(t), "document": int(document[w, t]), "token_id": tok,
-                    "token": piece(tok), "context": tokenizer.decode([int(i) for i in windows[w, max(0, t - CONTEXT_SHOWN):t]]),
+                    "token": piece(tok),
+                    "context": tokenizer.decode([int(i) for i in windows[w, max(0, t - CONTEXT_SHOWN):t]]),
                     "kl_forward": float(kl), "kl_reverse": float(arrays["kl_reverse"][w, t]),
                     "p": float(np.exp(arrays["logp_p"][w, t])), "q": float(np.exp(arrays["logp_q"][w, t])),
                     "top_p": [(piece(i), pr) for i, pr in top_p], "top_q": [(piece(i), pr) for i, pr in top_q]})

@@ -96,8 +96,8 @@ class LLMConfig(ModelPairSettings):
     p_dtype: str | None = setting(None, "P's dtype, overriding `dtype` (default: `dtype`)")
     q_dtype: str | None = setting(None, "Q's dtype, overriding `dtype` (default: `dtype`)")
     p_adapter: str | None = setting(None, "a PEFT adapter (folder or hub id) applied to `p_model` (default: none)")
-    q_adapter: str | None = setting(None, "a PEFT adapter applied to `q_model`; without `q_model`, to `p_model`'s base, "
-                                    "loaded once (adapter off for P, on for Q) (default: none)")
+    q_adapter: str | None = setting(None, "a PEFT adapter applied to `q_model`; without `q_model`, to `p_model`'s "
+                                    "base, loaded once (adapter off for P, on for Q) (default: none)")
     device_map: str | None = setting(None, "auto: shard each model over the visible GPUs with accelerate (default: "
                                      "none, each model whole on `device`)")
     offload: bool = setting(False, "with `device_map` auto: keep what does not fit on the GPUs in CPU memory")
@@ -215,8 +215,8 @@ def check_sampler(name: str, n_samples: int, batch_size: int) -> None:
         raise ValueError(f"sampler: unknown sampler {name!r}; allowed: {', '.join(DRAWS)}")
     if not DRAWS[name].independent_rows and math.ceil(n_samples / batch_size) < 2:
         raise ValueError(f"batch_size: with `sampler` {name} each batch is one randomization and the standard "
-                         f"error needs at least 2 per prompt; use `batch_size` ≤ {max(1, n_samples // 2)} for `n_samples` "
-                         f"{n_samples}")
+                         f"error needs at least 2 per prompt; use `batch_size` ≤ {max(1, n_samples // 2)} for "
+                         f"`n_samples` {n_samples}")
 
 
 def records_bytes(cfg: "LLMConfig") -> int:
