@@ -554,7 +554,8 @@ def corpus_main(argv=None, prog: str = "LLM_experiments.py", **defaults) -> int:
             if isinstance(result, Path):  # save_base alone: P's cache, no candidate
                 from kl_estimation.llm.corpus.basecache import size_line
 
-                _print_path(f"base cache ({size_line(result)}):", result)
+                _print_path("base cache:", result)
+                print(f"  {size_line(result)}")
                 return 0
             print(result.console())
             return _figures(prog, result.folder, None if args.no_plots else "corpus")

@@ -516,14 +516,16 @@ def run_candidates(cfg: LLMConfig, progress: bool = False) -> KLComparison:
     shared = [(d, n) for d in cfg.directions for n in cfg.proposals if shares_draws(cfg, n, d)]
     per_candidate = [f"{d} {n}" for d in cfg.directions for n in cfg.proposals if not shares_draws(cfg, n, d)]
     runs = [plan_proposal(replace(cfg, q_model=cfg.q_model[0]), n, {}, None, shard, d) for d, n in shared]
+    from kl_estimation.cost import Meter
     from kl_estimation.progress import bar as progress_bar
 
-    total = sum(len(r.batches) for r in runs)
-    bar = progress_bar(total=total, desc=f"P's pass (shared by {len(names)} candidates)", unit="batch") \
+    total = sum(u.rows for r in runs for g in r.batches for u in g) * cfg.max_new_tokens  # sequence-tokens
+    bar = progress_bar(total=total, desc=f"P's pass (shared by {len(names)} candidates)", unit="token") \
         if progress and total else None
+    meter = Meter(bar, max(total, 1), probe=max(total, 1), make=lambda *a: None)  # the bar alone: no cost line
     try:
         for run in runs:
-            draw(recorder, cfg, run, shard, bar)
+            draw(recorder, cfg, run, shard, meter)
     finally:
         if bar is not None:
             bar.close()
