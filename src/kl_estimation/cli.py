@@ -49,30 +49,43 @@ class Terminated(KeyboardInterrupt):
 
 
 class _Interrupts:
-    """Signals seen and interruptions reported during one command."""
+    """The last signal seen (False: none) and whether an interruption was reported, during one command."""
 
     seen = reported = False
 
 
 @contextmanager
 def _signals_as_interrupts(prog: str):
-    """SIGTERM raises Terminated and SIGINT KeyboardInterrupt, as Python's own handler does; but Python drops an
-    exception raised inside an at-fork hook or a finalizer ("Exception ignored in …"), so a Ctrl-C that lands there
-    would let the command finish with status 0. A signal seen but never reported ends the command with status 130
-    after the work it did not stop."""
+    """SIGTERM raises Terminated and SIGINT KeyboardInterrupt, as Python's own handler does. Python drops an
+    exception raised inside a finalizer or an at-fork hook ("Exception ignored in …", with a traceback): such a
+    signal is delivered again, quietly, once the finalizer has returned, so the work stops where it would have.
+    A signal seen but never reported still ends the command with status 130."""
     def handler(signum, frame):
-        _Interrupts.seen = True
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        if signum != getattr(signal, "SIGALRM", None):
+            _Interrupts.seen = signum
+        raise Terminated() if _Interrupts.seen == signal.SIGTERM else KeyboardInterrupt()
+
+    def unraisable(info):
+        if isinstance(info.exc_value, KeyboardInterrupt) and _Interrupts.seen and redeliver:
+            signal.setitimer(signal.ITIMER_REAL, 0.01)  # SIGALRM → handler, after the finalizer has returned
+        else:
+            previous_hook(info)
 
     _Interrupts.seen = _Interrupts.reported = False
+    redeliver = hasattr(signal, "setitimer")  # not on Windows: there the status-130 line below remains
+    caught = (signal.SIGINT, signal.SIGTERM, *([signal.SIGALRM] if redeliver else []))
     try:
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, handler) for s in caught}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
+        if redeliver:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for s, h in previous.items():
             signal.signal(s, h)
     if _Interrupts.seen and not _Interrupts.reported:
@@ -246,8 +259,14 @@ def _run_synthetic(args, prog: str, defaults: dict) -> int:
                     print(report.prose("variance over repeats × n / exact variance of i.i.d. RB: " + ", ".join(
                         f"{m['name']} {m['variance_ratio_iid_rb']:.3f}" for m in ratios)), end="\n\n")
             print(report.cross_family_report(pairs))
-            synthetic.SyntheticResult.of(cfg, kind, pairs, arrays, runio.versions(*(("torch",) * args.sequence))
-                                         ).save(out)
+            result = synthetic.SyntheticResult.of(cfg, kind, pairs, arrays,
+                                                  runio.versions(*(("torch",) * args.sequence)))
+            try:
+                result.save(out)
+            except KeyboardInterrupt:
+                if result.path is None:
+                    raise
+                return _no_figures(prog, out)  # the signal came as the files landed
             return _figures(prog, out, None if args.no_plots else "synthetic")
     except ValueError as err:
         return fail(prog, str(err))
@@ -263,10 +282,14 @@ def _figures(prog: str, folder: Path, kind: str | None) -> int:
 
             _print_path("figures:", import_module(f"kl_estimation.figures.{kind}").draw_all(folder))
     except KeyboardInterrupt:
-        return interrupted(prog, f"the run folder {folder} is complete but its figures are not; draw them with: "
-                                 f"{shlex.join([_python(), 'visualize_proposals.py', str(folder)])}")
+        return _no_figures(prog, folder)
     _print_path("run folder:", folder)
     return 0
+
+
+def _no_figures(prog: str, folder: Path) -> int:
+    return interrupted(prog, f"the run folder {folder} is complete but its figures are not; draw them with: "
+                             f"{shlex.join([_python(), 'visualize_proposals.py', str(folder)])}")
 
 
 # ---------------------------------------------------------------- visualize_proposals.py

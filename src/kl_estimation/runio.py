@@ -1,6 +1,6 @@
 """Run folders and files, for every area (synthetic, toy --sequence, sampled LLM, corpus): the one owner of a run
-folder while a run uses it (RunFolder: its lock, its cleanup), files written atomically (temp file + rename), a
-folder's earlier files removed in one place (remove)."""
+folder while a run uses it (RunFolder: its lock, its cleanup), files written atomically (temp file + rename), alone
+or together (files_together), a folder's earlier files removed in one place (remove)."""
 from __future__ import annotations
 
 import csv
@@ -55,6 +55,11 @@ def jsonable(obj):
     return obj
 
 
+# inside files_together: (temp file, final path) of each write, renamed at the block's end, then the `done` calls
+_staged: list | None = None
+_done: list | None = None
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -64,10 +69,47 @@ def _atomic_write(path: Path, write) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
-        os.replace(tmp, path)
+        if _staged is None:
+            os.replace(tmp, path)
+        else:
+            _staged.append((tmp, path))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def files_together(done=None):
+    """The write_* calls in the block land together at its end, in the order made, or none does: an exception or a
+    Ctrl-C midway leaves the folder as it was. The renames, then `done()`, run with SIGINT and SIGTERM held back, so
+    a caller interrupted as they end can tell from what `done` recorded that everything was written. A block inside
+    another joins it: its files land, and its `done` runs, with the outer block's."""
+    import signal
+
+    global _staged, _done
+    if _staged is not None:
+        _done.append(done)
+        yield
+        return
+    staged, calls = _staged, _done = [], [done]
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        yield
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+        try:
+            while staged:
+                os.replace(*staged[0])
+                staged.pop(0)
+            for call in calls:
+                if call is not None:
+                    call()
+        finally:
+            if previous is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    finally:
+        _staged = _done = None
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
 
 
 @contextmanager
@@ -195,9 +237,10 @@ class RunFolder:
 
         check_output_dir(self.path, self.flag)
         self._created = self.fresh or not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.path / LOCK)
+        lock = None
         try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(self.path / LOCK)
             while True:
                 try:
                     lock.acquire(timeout=0)
@@ -208,6 +251,9 @@ class RunFolder:
                     break
                 lock.release()  # the run we waited on removed the file between our open and our lock: lock anew
         except BaseException:  # refused, or Ctrl-C right now: a folder made for this run goes
+            if lock is not None and lock.is_locked:
+                (self.path / LOCK).unlink(missing_ok=True)
+                lock.release()
             self._give_up()
             raise
         self._lock = lock
@@ -220,10 +266,12 @@ class RunFolder:
     def __exit__(self, *exc) -> None:
         if self._lock is None:
             return
-        (self.path / LOCK).unlink(missing_ok=True)
-        self._lock.release()
-        self._lock = None
-        self._give_up()
+        try:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self._lock.release()
+        finally:
+            self._lock = None
+            self._give_up()
 
 
 def append_jsonl(path: Path, obj) -> None:

@@ -288,13 +288,13 @@ class SyntheticResult:
         return next(p for p in self.results["pairs"] if f"{p['family']}/{p['divergence']}" == key)
 
     def save(self, folder) -> Path:
-        """distributions.npz, summary.csv, then results.json last (a folder with results.json is complete), each
-        written atomically. Sets and returns ``path``."""
-        folder = Path(folder)
-        runio.write_npz(folder / runio.ARRAYS, self.arrays)
-        runio.write_csv(folder / runio.SUMMARY, summary_rows(self.results["pairs"]))
-        runio.write_json(folder / runio.RESULTS, self.results)
-        self.path = folder
+        """distributions.npz, summary.csv and results.json, written together (runio.files_together): all or none.
+        Sets ``path`` once they are written (None if they were not) and returns the folder."""
+        folder, self.path = Path(folder), None
+        with runio.files_together(done=lambda: setattr(self, "path", folder)):
+            runio.write_npz(folder / runio.ARRAYS, self.arrays)
+            runio.write_csv(folder / runio.SUMMARY, summary_rows(self.results["pairs"]))
+            runio.write_json(folder / runio.RESULTS, self.results)
         return folder
 
     @classmethod

@@ -206,7 +206,8 @@ class CorpusComparison:
                 "corpus": self.results[0].corpus}
 
     def write(self, folder, overwrite: bool = False) -> Path:
-        """comparison.json, comparison.csv, llama.txt, and each candidate's run folder under candidates/NN-name/."""
+        """comparison.json, comparison.csv, llama.txt, and each candidate's run folder under candidates/NN-name/,
+        written together (all or none). Sets ``folder`` once they are written and returns it."""
         folder = Path(folder)
         if overwrite:
             for name in CORPUS_FILES:
@@ -215,15 +216,14 @@ class CorpusComparison:
                     shutil.rmtree(f)
                 elif f.exists():
                     f.unlink()
-        for i, (name, r) in enumerate(zip(self.names, self.results)):
-            r.save(folder / CANDIDATES / f"{i + 1:02d}-{name}")
-        runio.write_json(folder / "comparison.json", dict(self.to_dict(), versions=runio.versions(
-            "torch", "transformers", "tokenizers", "gguf")))
         vs = ("minus", "mean", "se_cluster", "ci", "indistinguishable")
-        runio.write_csv(folder / "comparison.csv", [
-            {k: v for k, v in row.items() if k != "vs_best"}
-            | {f"vs_best_{k}": row.get("vs_best", {}).get(k) for k in vs} for row in self.table])
-        (folder / ".llama.txt.tmp").write_text(self.text, encoding="utf-8")
-        os.replace(folder / ".llama.txt.tmp", folder / "llama.txt")
-        self.folder = folder
+        with runio.files_together(done=lambda: setattr(self, "folder", folder)):
+            for i, (name, r) in enumerate(zip(self.names, self.results)):
+                r.save(folder / CANDIDATES / f"{i + 1:02d}-{name}")
+            runio.write_json(folder / "comparison.json", dict(self.to_dict(), versions=runio.versions(
+                "torch", "transformers", "tokenizers", "gguf")))
+            runio.write_csv(folder / "comparison.csv", [
+                {k: v for k, v in row.items() if k != "vs_best"}
+                | {f"vs_best_{k}": row.get("vs_best", {}).get(k) for k in vs} for row in self.table])
+            runio.write_text(folder / "llama.txt", self.text)
         return folder

@@ -91,19 +91,20 @@ class CorpusResult:
         return self.text
 
     def save(self, folder, overwrite: bool = False) -> Path:
-        """The run folder: tokens.npz, windows.csv, summary.json, llama.txt, each written atomically; with `overwrite`
-        an earlier corpus run's files (and figures) are removed first. Sets and returns ``folder``."""
+        """The run folder: tokens.npz, windows.csv, summary.json, llama.txt, written together (all or none); with
+        `overwrite` an earlier corpus run's files (and figures) are removed first. Sets ``folder`` once they are
+        written and returns it."""
         folder = Path(folder)
         if overwrite:
             runio.remove(folder / name for name in CORPUS_FILES)
         folder.mkdir(parents=True, exist_ok=True)
-        runio.write_npz(folder / "tokens.npz", {k: (v.astype(np.float64) if v.dtype.kind == "f" else v)
-                                                for k, v in self.tokens.items()})
-        runio.write_csv(folder / "windows.csv", self.windows)
-        runio.write_json(folder / "summary.json", dict(self.to_dict(), versions=runio.versions(
-            "torch", "transformers", "tokenizers", "gguf")))
-        runio.write_text(folder / "llama.txt", self.text)
-        self.folder = folder
+        with runio.files_together(done=lambda: setattr(self, "folder", folder)):
+            runio.write_npz(folder / "tokens.npz", {k: (v.astype(np.float64) if v.dtype.kind == "f" else v)
+                                                    for k, v in self.tokens.items()})
+            runio.write_csv(folder / "windows.csv", self.windows)
+            runio.write_json(folder / "summary.json", dict(self.to_dict(), versions=runio.versions(
+                "torch", "transformers", "tokenizers", "gguf")))
+            runio.write_text(folder / "llama.txt", self.text)
         return folder
 
     @classmethod
