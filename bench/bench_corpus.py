@@ -198,6 +198,9 @@ def main(argv=None) -> int:
         return 2
     out = Path(a.out or tempfile.mkdtemp(prefix="bench_corpus_"))
     out.mkdir(parents=True, exist_ok=True)
+    if corpus.suffix not in (".txt", ".jsonl"):  # a corpus is a .txt or .jsonl file (GPL-3 has no suffix)
+        shutil.copyfile(corpus, out / f"{corpus.name}.txt")
+        corpus = out / f"{corpus.name}.txt"
     py = sys.executable
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
                HF_HUB_OFFLINE="1")

@@ -4,6 +4,7 @@ cluster bootstrap against direct computations; groups; P's cache on disk (exact 
 not its head's output; the command line's --q-model A B C, --save-base, --base; bad input."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,9 +302,12 @@ def test_cli_save_base_then_score_against_it_with_the_figure(ladder, tmp_path, c
     assert len(err) == 1 and "--corpus" in err[0] and "base cache" in err[0]
 
 
-def test_a_base_whose_logits_are_not_its_head_output_is_run_again(ladder):
-    """Soft-capping after the head (as Gemma-2 does): head(hidden) would not give P's logits, so P stays loaded and
-    is run again for each candidate — the numbers are those of both models' own logits."""
+def test_a_base_whose_logits_are_not_its_head_output_goes_to_disk(ladder):
+    """Soft-capping after the head (as Gemma-2 does): head(hidden) would not give P's logits, so P's logits are kept
+    whole in a temporary file (P released before the candidates) — the numbers are those of both models' own logits,
+    and the file is gone when the run ends."""
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
@@ -319,9 +323,11 @@ def test_a_base_whose_logits_are_not_its_head_output_is_run_again(ladder):
     p = Capped.from_pretrained(p_dir).eval()
     q = AutoModelForCausalLM.from_pretrained(qs[0]).eval()
     tok = AutoTokenizer.from_pretrained(p_dir)
+    before = set(Path(tempfile.gettempdir()).glob(".p-logits-*"))
     res = kle.corpus_kl(p, [q, q], [text()], context=16, tokenizer=tok, n_bootstrap=10, progress=False)
     r = res.results[0]
-    assert r.models["base"].startswith("P run again")
+    assert r.models["base"].startswith("P's logits, computed once and kept in a temporary file")
+    assert set(Path(tempfile.gettempdir()).glob(".p-logits-*")) == before
     win, mask = torch.from_numpy(r.tokens["windows"]), torch.from_numpy(r.tokens["mask"])
     V = len(WORDS)
     with torch.no_grad():

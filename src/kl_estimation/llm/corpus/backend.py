@@ -256,7 +256,7 @@ class LlamaBaseFile:
 
     exact_from_hidden = False
     nbytes = 0
-    model = None
+    description = "llama.cpp's base file: its 16-bit log-probs of P"
 
     def __init__(self, path, n_windows: int | None = None):
         self.path = Path(path)

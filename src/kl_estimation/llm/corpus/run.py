@@ -11,10 +11,11 @@ r"""A corpus run: teacher-forced KL(P‖Q) over a text, P and one or several can
 
 Memory: the larger of P and one candidate (never both), P's hidden states (windows × scored positions × hidden size
 in P's dtype), one batch of logits per model and per-token arrays (windows × n_ctx floats): nothing proportional to
-corpus × vocabulary. Files (``output_dir``): tokens.npz (per-token arrays), windows.csv (one row per window),
-summary.json (config, models, versions, every statistic, the worst tokens in context), llama.txt (the console text);
-several candidates: each one's folder under candidates/ and comparison.json / .csv; the figures (figures/corpus.py)
-are drawn from them.
+corpus × vocabulary. Where P's logits are not hidden × head (llama.cpp's runtime, soft-capped heads) they go whole to
+a temporary file in the run folder instead (SpilledLogits: disk, not memory), removed when the run ends.
+Files (``output_dir``): tokens.npz (per-token arrays), windows.csv (one row per window), summary.json (config,
+models, versions, every statistic, the worst tokens in context), llama.txt (the console text); several candidates:
+each one's folder under candidates/ and comparison.json / .csv; the figures (figures/corpus.py) are drawn from them.
 
 Everything that can be refused is refused before the weights load and before anything is written: the settings,
 the output folder, the tokenizers (one shared vocabulary: check_tokenizers), the text (empty, shorter than llama.cpp
@@ -164,68 +165,140 @@ def _top(logits_row: torch.Tensor, k: int):
     return [(int(a), float(b)) for a, b in zip(i.tolist(), v.exp().tolist())]
 
 
+class SpilledLogits:
+    """P's logits of every window, bit for bit, in a temporary file (read back a batch at a time by plain reads, not a
+    memory map, so they never count in the process's memory): P's side when its logits are not hidden × head
+    (llama.cpp's runtime, soft-capped heads), so that P runs once and is released before the candidates load. Twice
+    the size of llama.cpp's 16-bit base file at float32; removed by close() (or when garbage-collected)."""
+
+    def __init__(self, W: int, rows: int, vocab: int, dtype: torch.dtype, where=None):
+        import shutil
+        import tempfile
+        import weakref
+
+        self.shape, self.dtype = (rows, vocab), dtype
+        self.window_bytes = rows * vocab * torch.empty((), dtype=dtype).element_size()
+        need = W * self.window_bytes
+        where = Path(where) if where is not None else Path(tempfile.gettempdir())
+        where.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(where).free
+        if need > 0.95 * free:
+            raise ValueError(f"n_windows: P's logits of {W} windows take {need / 2**30:.1f} GiB of temporary disk in "
+                             f"{where}, which has {free / 2**30:.1f} GiB free (P's logits are not its hidden states "
+                             f"× head, so they are kept whole); score fewer windows, or free space there")
+        self.folder = Path(tempfile.mkdtemp(prefix=".p-logits-", dir=where))
+        self.file = open(self.folder / "p_logits.bin", "w+b")  # noqa: SIM115 - closed by close() or the finalizer
+        self._cleanup = weakref.finalize(self, SpilledLogits._remove, self.file, self.folder)
+
+    @staticmethod
+    def _remove(file, folder) -> None:
+        import shutil
+
+        file.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def write(self, w0: int, logits: torch.Tensor) -> None:
+        block = logits.detach().to("cpu", self.dtype).contiguous()
+        self.file.seek(w0 * self.window_bytes)
+        self.file.write(block.view(torch.uint8).numpy().data)
+
+    def read(self, w0: int, w1: int) -> torch.Tensor:
+        out = torch.empty((w1 - w0, *self.shape), dtype=self.dtype)
+        self.file.seek(w0 * self.window_bytes)
+        if self.file.readinto(out.view(torch.uint8).numpy().data) != (w1 - w0) * self.window_bytes:
+            raise RuntimeError(f"P's logits file {self.file.name} was cut short")  # pragma: no cover
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.file.seek(0, 2)
+
+    def close(self) -> None:
+        self._cleanup()
+
+
 class BaseCache:
     """P's side of every window, computed once for any number of candidates: P's final hidden states (the input of
     its output head, in P's dtype, (W, keep, hidden)) and the head itself, so that P's logits of a batch are the head
     applied again to the same input — the same operation on the same values as in P's own forward, hence the same
     bits (checked on the first batch). A model whose logits are not its head's output (soft-capping, scaling after
-    the head) keeps P itself (``model``) and runs it again for every candidate."""
+    the head, llama.cpp's runtime) leaves its logits whole on disk instead (``spilled``, SpilledLogits)."""
 
-    def __init__(self, hidden, head, model, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int):
-        self.hidden, self.head, self.model = hidden, head, model
+    def __init__(self, hidden, head, spilled, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int):
+        self.hidden, self.head, self.spilled = hidden, head, spilled
         self.windows, self.mask, self.keep, self.vocab = windows, mask, keep, vocab
 
     @property
     def nbytes(self) -> int:
-        """P's cached hidden states in memory (0 when P itself is kept)."""
+        """P's cached hidden states in memory (0 when its logits are on disk)."""
         return 0 if self.hidden is None else self.hidden.numel() * self.hidden.element_size()
 
     @property
     def exact_from_hidden(self) -> bool:
-        return self.model is None
+        return self.spilled is None
+
+    @property
+    def description(self) -> str:
+        if self.spilled is None:
+            return "P's final hidden states × its output head, computed once"
+        return (f"P's logits, computed once and kept in a temporary file ({self.spilled.nbytes} bytes: they are not "
+                f"hidden × head)")
 
     def device(self) -> torch.device:
-        return _device_of(self.model) if self.model is not None else next(self.head.parameters()).device
+        return torch.device("cpu") if self.spilled is not None else next(self.head.parameters()).device
 
     @torch.inference_mode()
     def logits(self, w0: int, w1: int) -> torch.Tensor:
         """(w1 − w0, keep − 1, vocab) logits of P for windows w0 … w1 − 1."""
-        if self.model is not None:
-            return window_logits(self.model, torch.from_numpy(self.windows[w0:w1]).to(self.device()), self.keep,
-                                 self.vocab)
+        if self.spilled is not None:
+            return self.spilled.read(w0, w1)
         h = self.hidden[w0:w1].to(self.device(), self.head.weight.dtype)  # a no-op unless the cache was rounded
         return self.head(h)[:, :-1, : self.vocab]
 
+    def close(self) -> None:
+        if self.spilled is not None:
+            self.spilled.close()
 
-@torch.inference_mode()
+
 def base_pass(p, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int, batch_size: int,
-              bar=None) -> BaseCache:
+              bar=None, spill_to=None) -> BaseCache:
     """P over every window once (batches of `batch_size`, as the candidates will be), keeping what its output head
-    received; P itself is kept only when its logits are not that head's output."""
+    received; when P's logits are not that head's output, its logits themselves, in a temporary file under
+    `spill_to` (default: the system's temporary folder). P is not kept either way."""
     from kl_estimation.llm.pair import _inner
 
-    if hasattr(p, "window_logits"):  # llama.cpp's runtime: no head to cache, P runs again for every candidate
-        if bar is not None:
-            bar.update(windows.shape[0])
-        return BaseCache(None, None, p, windows, mask, keep, vocab)
-    head = _inner(p).get_output_embeddings()
+    W = windows.shape[0]
+    head = None if hasattr(p, "window_logits") else _inner(p).get_output_embeddings()
     seen = {}
-    hook = head.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
-    hidden = []
+    hook = head.register_forward_hook(lambda mod, args, out: seen.update(x=args[0])) if head is not None else None
+    hidden, spilled = [], None
     try:
-        for w0 in range(0, windows.shape[0], batch_size):
-            w1 = min(windows.shape[0], w0 + batch_size)
+        for w0 in range(0, W, batch_size):
+            w1 = min(W, w0 + batch_size)
             lp = window_logits(p, torch.from_numpy(windows[w0:w1]).to(_device_of(p)), keep, vocab)
-            x = seen.pop("x")
-            if x.shape[1] != keep:  # the model computed every position's logits: the head's output is rebuilt
-                x = x[:, -keep:]
-            hidden.append(x.to("cpu", copy=True))
-            if w0 == 0 and not torch.equal(head(hidden[0].to(x.device))[:, :-1, :vocab], lp):
-                return BaseCache(None, None, p, windows, mask, keep, vocab)
+            if spilled is None and head is not None:
+                x = seen.pop("x")
+                if x.shape[1] != keep:  # the model computed every position's logits: the head's output is rebuilt
+                    x = x[:, -keep:]
+                hidden.append(x.to("cpu", copy=True))
+                if w0 == 0 and not torch.equal(head(hidden[0].to(x.device))[:, :-1, :vocab], lp):
+                    hidden = []
+                    spilled = SpilledLogits(W, keep - 1, vocab, lp.dtype, spill_to)
+            elif spilled is None:
+                spilled = SpilledLogits(W, keep - 1, vocab, lp.dtype, spill_to)
+            if spilled is not None:
+                spilled.write(w0, lp)
             if bar is not None:
                 bar.update(w1 - w0)
+    except BaseException:
+        if spilled is not None:
+            spilled.close()
+        raise
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
+    if spilled is not None:
+        return BaseCache(None, None, spilled, windows, mask, keep, vocab)
     return BaseCache(torch.cat(hidden), head, None, windows, mask, keep, vocab)
 
 
@@ -437,8 +510,8 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: floa
         p_class = type(p).__name__
         t_loaded = time.perf_counter()
         work.start(cfg, W, 1 + len(cfg.candidates), "corpus windows, P")
-        base = base_pass(p, windows, mask, keep, vocab, cfg.batch_size, work.meter)
-        del p  # P's body goes unless its logits are not hidden × head (then `base` holds it)
+        base = base_pass(p, windows, mask, keep, vocab, cfg.batch_size, work.meter, spill_to=cfg.output_dir)
+        del p  # P goes before any candidate loads (a spilled base's file goes with `base`, by its finalizer)
         if cfg.save_base is not None:
             from kl_estimation.llm.corpus.basecache import save_base
 
@@ -463,8 +536,7 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: floa
             raise ValueError(f"q_model: {cq.q_model} has {_logit_rows(q)} logit rows but the tokenizer {vocab} "
                              f"tokens")
         record.update(text_start=corpus["text_start"], classes=[p_class, type(q).__name__],
-                      base="P's final hidden states × its output head, computed once" if base.exact_from_hidden
-                      else "P run again for every candidate (its logits are not hidden × head)",
+                      base=base.description,
                       base_cache_bytes=base.nbytes, vocab=vocab)
         t1 = time.perf_counter()
         desc = f"corpus windows, Q {i + 1}/{len(cfg.candidates)}"
@@ -528,7 +600,7 @@ def runtime_split(cfg: CorpusConfig, windows, mask, document, keep: int, vocab: 
     with gguf_speedups():
         p_tf = _load_side(tf, "p", cfg.p_model)
     with _bar(progress, windows.shape[0], "corpus windows, P (transformers)") as bar:
-        base_tf = base_pass(p_tf, windows, mask, keep, vocab, cfg.batch_size, bar)
+        base_tf = base_pass(p_tf, windows, mask, keep, vocab, cfg.batch_size, bar, spill_to=cfg.output_dir)
     del p_tf
 
     def mean_kl(q, desc):
