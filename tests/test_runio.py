@@ -133,7 +133,8 @@ def _interrupt(argv, after: float):
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("script", ["Synthetic_tests.py", "LLM_experiments.py", "visualize_proposals.py"])
+@pytest.mark.parametrize("script", ["Synthetic_tests.py", *(pytest.param(s, marks=pytest.mark.slow) for s in (
+    "LLM_experiments.py", "visualize_proposals.py"))])  # each a fresh interpreter importing torch: 2–3 CPU-s
 def test_ctrl_c_at_1_s(script, tmp_path, capsys):
     """At 1 s a script is still importing (torch, scipy) or has just begun: one line, status 130, nothing left."""
     if script == "visualize_proposals.py":  # a real folder, whose figures take many seconds to draw

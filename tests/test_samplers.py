@@ -86,7 +86,7 @@ def test_each_row_is_an_exact_draw(sampler):
     """The first two tokens of one fixed row (first and last of a unit) over many units follow P exactly."""
     tb = toy(T=2, V=4)
     pair, prop = sq.MarkovPair(tb), engine.sequence_proposal("P")
-    n, units = 6, 6000
+    n, units = 6, 3000
     b, _ = draw_units(pair, prop, sampler, n, units, 2, label="exact")
     p1 = np.exp(tb.log_p[0, tb.start_state])
     p2 = np.exp(tb.log_p[1, tb.next_state(tb.start_state, np.arange(4))])  # (first token, second token)

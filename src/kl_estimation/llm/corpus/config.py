@@ -86,8 +86,10 @@ class CorpusConfig(ModelPairSettings):
     runtime_floor: bool = setting(False, "`backend` llama.cpp: also each candidate's weights-only KL (transformers) "
                                          "and the runtime's floor (P in llama.cpp against P in transformers), "
                                          "beside the runtime's KL")
-    batch_size: int = shared("batch_size", "windows per forward batch (llama.cpp puts 2048 / n_ctx in one)",
-                             default=4)
+    batch_size: int | None = shared("batch_size", "windows per forward batch (default: 1 on a CPU, where larger "
+                                                  "batches save no time and each window adds n_ctx/2 × vocabulary "
+                                                  "floats of logits per model; 4 on a GPU; `backend` llama.cpp: "
+                                                  "llama-perplexity's 2048 / n_ctx, always)", default=None)
     device: str = shared("device")
     dtype: str = shared("dtype")
     threads: int | None = shared("threads")
@@ -167,7 +169,8 @@ class CorpusConfig(ModelPairSettings):
         if len(set(self.candidates)) < len(self.candidates):
             raise ValueError("q_model: a candidate is named twice")
         check_int("context", self.context, 3 if self.score == "second-half" else 2)
-        check_int("batch_size", self.batch_size, 1)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, 1)
         check_int("n_worst", self.n_worst, 0)
         check_int("n_bootstrap", self.n_bootstrap, 1)
         check_int("seed", self.seed, 0)

@@ -467,6 +467,10 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: floa
         from kl_estimation.llm.corpus.backend import windows_per_decode
 
         cfg = replace(cfg, batch_size=windows_per_decode(cfg.context))
+    elif cfg.batch_size is None:  # on a CPU a batch of 4 took the time of 4 batches of 1 and 300 MB more on SmolLM2
+        from kl_estimation.llm.run.config import resolve_device
+
+        cfg = replace(cfg, batch_size=4 if resolve_device(cfg.device).type == "cuda" else 1)
     from kl_estimation.llm.loading import check_logit_rows, gguf_speedups
 
     given_q = None
