@@ -79,33 +79,50 @@ def _atomic_write(path: Path, write) -> None:
 
 
 @contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM recorded, not acted on, during the block (main thread only: signal handlers live there);
+    the first one is raised again after it, to whatever handler was in place. A signal mask would not do: a process's
+    signal goes to any thread that does not block it (torch's workers), and Python then runs its handler anyway."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {}
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, lambda signum, frame: held.append(signum))
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if held:
+            signal.raise_signal(held[0])
+
+
+@contextmanager
 def files_together(done=None):
     """The write_* calls in the block land together at its end, in the order made, or none does: an exception or a
     Ctrl-C midway leaves the folder as it was. The renames, then `done()`, run with SIGINT and SIGTERM held back, so
     a caller interrupted as they end can tell from what `done` recorded that everything was written. A block inside
     another joins it: its files land, and its `done` runs, with the outer block's."""
-    import signal
-
     global _staged, _done
     if _staged is not None:
         _done.append(done)
         yield
         return
     staged, calls = _staged, _done = [], [done]
-    held = {signal.SIGINT, signal.SIGTERM}
     try:
         yield
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
-        try:
+        with _signals_held():
             while staged:
                 os.replace(*staged[0])
                 staged.pop(0)
             for call in calls:
                 if call is not None:
                     call()
-        finally:
-            if previous is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     finally:
         _staged = _done = None
         for tmp, _ in staged:
