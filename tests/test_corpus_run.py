@@ -123,6 +123,9 @@ def test_bf16_models_and_chunked_stats_stay_close(pair):
     exact = kle.corpus_kl(*pair, [text], context=20, progress=False)
     half = kle.corpus_kl(*pair, [text], context=20, dtype="bfloat16", progress=False)
     assert half.mean()["mean"] == pytest.approx(exact.mean()["mean"], rel=0.05)
+    # bfloat16's own arithmetic is a KL floor the size of a Q8_0's KL: its console says so, float32's does not
+    assert "whose arithmetic alone reads a KL" in half.console(None)
+    assert "arithmetic alone" not in exact.console(None)
 
 
 def test_llama_uint16_storage_is_close_to_exact(pair):

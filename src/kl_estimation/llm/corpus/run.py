@@ -45,6 +45,7 @@ TOP = 3          # top tokens of P and Q kept for each worst token
 CONTEXT_SHOWN = 40  # tokens of context kept before each worst token
 CHUNK_TABLE_MAX = 64  # the console shows llama.cpp's running per-window table up to this many windows
 CHUNK_WIDTH = 125  # columns of that table's lines (llama.cpp's printf format)
+LOW_PRECISION = ("bfloat16", "float16")  # dtypes whose own arithmetic is a KL floor the console warns of
 
 
 @dataclass
@@ -893,6 +894,10 @@ def console_text(summary: dict, corpus: dict, models: dict, config: dict, column
                     f"text starts with {corpus.get('text_start', {}).get('prepended') or 'nothing added'}"
                     + (f", BOS id {corpus['bos_replaces_first_token']} replaces each window's first token"
                        if corpus.get("bos_replaces_first_token") is not None else "")) + "\n")
+    if models.get("dtype") in LOW_PRECISION and config.get("backend", "transformers") == "transformers":
+        head += _wrap(f"note: both models run in {models['dtype']}, whose arithmetic alone reads a KL of about 1e-3 "
+                      f"per token (bfloat16 against float32 on SmolLM2: 0.0013), as large as a Q8_0's whole KL; for "
+                      f"KLs of that size run in float32 (--dtype float32)") + "\n"
     fits = columns is None or columns >= CHUNK_WIDTH
     body = format_llama(summary, chunks=W <= CHUNK_TABLE_MAX and fits)
     if "runtime" in summary:
