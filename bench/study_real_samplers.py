@@ -22,9 +22,23 @@ likewise upper. A bootstrap percentile interval (resampling randomizations and i
 
 Writes study.json (every randomization's estimate and every i.i.d. term, so the CIs can be recomputed), table.csv,
 ratio_vs_n.png. Threads: --threads (default 1; a shared machine).
+
+More randomizations for a setting already run: run it again with another --seed, then
+
+    python bench/study_real_samplers.py --merge A/study.json B/study.json [...] --out DIR
+
+pools them (study.json, table.csv, ratio_vs_n.png in DIR). A unit's generator is seeded by
+SeedSequence(seed, spawn_key=(setting/sampler, unit index, 0)), so runs with different seeds draw independent
+randomizations even where their unit indices coincide; the pooled cells hold every randomization's estimate, every
+i.i.d. term and the summed seconds and tokens of all runs, and the table is computed from them by the same code as a
+single run's (the i.i.d. denominator from all i.i.d. terms, χ² + δ and bootstrap CIs). Runs are taken in order of
+seed, so the bootstrap does not depend on the order of the arguments. Refused: files whose settings differ (every
+option but --seed, --randomizations, --max-seconds, --out; model files at different paths must be byte-identical)
+or whose seeds coincide (the same seed redraws the same randomizations).
 """
 import argparse
 import csv
+import filecmp
 import itertools
 import json
 import math
@@ -35,9 +49,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import real_lm  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # real_lm, imported where a model or prompt is needed
 
 
 def ratio_ci(unit_est: np.ndarray, iid_terms: np.ndarray, n: int, boot: int = 2000, seed: int = 0) -> dict:
@@ -123,6 +135,71 @@ def pooled(rows, samplers):
     return out
 
 
+# options that do not change what a randomization is: a merge pools runs that differ only in these
+NOT_SETTINGS = ("seed", "seeds", "runs", "out", "randomizations", "max_seconds", "reanalyse", "merge")
+MODEL_FILES = ("p_gguf", "q_gguf", "q_adapter")
+
+
+def _same_file(a, b) -> bool:
+    if a == b:
+        return True
+    pa, pb = (Path(a), Path(b)) if a and b else (None, None)
+    return bool(pa and pa.is_file() and pb.is_file() and filecmp.cmp(pa, pb, shallow=False))
+
+
+def _seeds(config) -> list:
+    return list(config["seeds"]) if "seeds" in config else [config["seed"]]
+
+
+def merge_studies(docs: list, names: list) -> dict:
+    """One study.json document pooling runs of the same setting drawn with different seeds (see the docstring).
+    ValueError (one line) if the settings differ or two runs share a seed."""
+    if len(docs) < 2:
+        raise ValueError("--merge needs two or more study.json files")
+    seen = {}
+    for name, d in zip(names, docs):
+        for s in _seeds(d["config"]):
+            if s in seen:
+                raise ValueError(f"{seen[s]} and {name} were both drawn with seed {s}: the same randomizations, "
+                                 f"not new ones")
+            seen[s] = name
+    ref = docs[0]["config"]
+    for name, d in zip(names[1:], docs[1:]):
+        c = d["config"]
+        for k in sorted((set(ref) | set(c)) - set(NOT_SETTINGS)):
+            same = _same_file(ref.get(k), c.get(k)) if k in MODEL_FILES else ref.get(k) == c.get(k)
+            if not same:
+                raise ValueError(f"{names[0]} and {name} differ in --{k.replace('_', '-')}: {ref.get(k)!r} against "
+                                 f"{c.get(k)!r}")
+        if set(d["cells"]) != set(docs[0]["cells"]):
+            raise ValueError(f"{names[0]} and {name} hold different settings: {sorted(docs[0]['cells'])} against "
+                             f"{sorted(d['cells'])}")
+    order = sorted(range(len(docs)), key=lambda i: min(_seeds(docs[i]["config"])))
+    cells = {}
+    for i in order:
+        for key, c in docs[i]["cells"].items():
+            pooled_cell = cells.setdefault(key, {k: v for k, v in c.items() if not isinstance(v, dict)})
+            for s, d in c.items():
+                if not isinstance(d, dict):
+                    continue
+                p = pooled_cell.setdefault(s, dict(rb=[], mc=[], seconds=0.0, tokens=0.0))
+                p["rb"] += d["rb"]
+                p["mc"] += d["mc"]
+                p["seconds"] += d["seconds"]
+                p["tokens"] += d["tokens"]
+                if "rb_terms" in d:
+                    p.setdefault("rb_terms", []).extend(d["rb_terms"])
+    runs = [r for i in order for r in (docs[i]["config"]["runs"] if "runs" in docs[i]["config"] else [
+        dict(study=names[i], seed=docs[i]["config"]["seed"], randomizations=docs[i]["randomizations"],
+             seconds=docs[i]["seconds"])])]
+    config = {k: v for k, v in docs[order[0]]["config"].items() if k not in NOT_SETTINGS}
+    config.update(seeds=sorted(seen), runs=runs)
+    rows = analyse(cells, config["samplers"])
+    return dict(config=config, randomizations=sum(d["randomizations"] for d in docs),
+                seconds=sum(d["seconds"] for d in docs), cells=cells, rows=public(rows),
+                pooled=pooled(rows, config["samplers"]))
+
+
 def figure(rows, path):
     import matplotlib
 
@@ -155,6 +232,8 @@ def figure(rows, path):
 
 
 def main():
+    import real_lm
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--q", nargs="+", default=["q4_0"], choices=["q4_0", "lora"])
     ap.add_argument("--p-gguf", default=real_lm.DEFAULT_P)
@@ -178,7 +257,23 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/real_sampler_study")
     ap.add_argument("--reanalyse", action="store_true", help="only the table and figure from OUT/study.json")
+    ap.add_argument("--merge", nargs="+", metavar="STUDY_JSON", default=None,
+                    help="pool these study.json files (one setting, different --seed) into OUT; nothing is drawn")
     args = ap.parse_args()
+    if args.merge:
+        out = Path(args.out)
+        try:
+            if (out / "study.json").resolve() in {Path(m).resolve() for m in args.merge}:
+                raise ValueError(f"--out {out} would overwrite one of the merged files")
+            doc = merge_studies([json.loads(Path(m).read_text()) for m in args.merge], args.merge)
+        except ValueError as e:
+            sys.exit(f"study_real_samplers --merge: {e}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "study.json.tmp").write_text(json.dumps(doc, indent=1, default=float))
+        (out / "study.json.tmp").replace(out / "study.json")
+        print("merged " + ", ".join(f"{r['study']} (seed {r['seed']}, R = {r['randomizations']}, {r['seconds']:.0f} s)"
+                                    for r in doc["config"]["runs"]))
+        return report(doc["cells"], doc["config"]["samplers"], out, doc["seconds"])
     if args.reanalyse:
         doc = json.loads((Path(args.out) / "study.json").read_text())
         return report(doc["cells"], doc["config"]["samplers"], Path(args.out), doc["seconds"])
@@ -249,6 +344,8 @@ def main():
 
 def report(cells, samplers, out: Path, total: float):
     """table.csv, ratio_vs_n.png and the printed table from the cells (also of a study.json: --reanalyse)."""
+    import real_lm
+
     rows = analyse(cells, samplers)
     allrows = public(rows) + pooled(rows, samplers)
     with open(out / "table.csv", "w", newline="") as f:
