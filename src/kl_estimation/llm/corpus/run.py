@@ -179,7 +179,7 @@ class SpilledLogits:
 
         self.shape, self.dtype = (rows, vocab), dtype
         self.window_bytes = rows * vocab * torch.empty((), dtype=dtype).element_size()
-        need = W * self.window_bytes
+        self.nbytes = need = W * self.window_bytes
         where = Path(where) if where is not None else Path(tempfile.gettempdir())
         where.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(where).free
@@ -209,10 +209,6 @@ class SpilledLogits:
         if self.file.readinto(out.view(torch.uint8).numpy().data) != (w1 - w0) * self.window_bytes:
             raise RuntimeError(f"P's logits file {self.file.name} was cut short")  # pragma: no cover
         return out
-
-    @property
-    def nbytes(self) -> int:
-        return self.file.seek(0, 2)
 
     def close(self) -> None:
         self._cleanup()
