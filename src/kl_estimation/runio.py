@@ -4,6 +4,7 @@ or together (files_together), a folder's earlier files removed in one place (rem
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -27,6 +28,11 @@ class RunFolderError(ValueError):
 
 
 def versions(*packages: str) -> dict:
+    return dict(_versions(packages))
+
+
+@functools.lru_cache(maxsize=None)
+def _versions(packages: tuple) -> dict:  # a metadata lookup scans sys.path (~10 ms); installs do not change mid-run
     out = {"python": platform.python_version()}
     for pkg in ("kl-estimation", "numpy", "scipy", *packages):
         try:

@@ -21,6 +21,7 @@ often has lower error when weights are heavy; its variance is the delta-method o
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -132,9 +133,14 @@ Z95 = 1.959963984540054
 def t_quantile(dof: int, confidence: float = 0.95) -> float:
     """Half-width factor of a two-sided `confidence` interval from an SE with `dof` degrees of freedom (Student t;
     NaN without any)."""
+    return _t_quantile(int(dof), float(confidence)) if dof >= 1 else math.nan
+
+
+@functools.lru_cache(maxsize=4096)
+def _t_quantile(dof: int, confidence: float) -> float:  # scipy's ppf costs ~0.1 ms; a run asks for a few dofs often
     from scipy.stats import t
 
-    return float(t.ppf(0.5 + confidence / 2, dof)) if dof >= 1 else math.nan
+    return float(t.ppf(0.5 + confidence / 2, dof))
 
 
 def t95(dof: int) -> float:

@@ -94,7 +94,9 @@ class _Judged:
         self.row, self.flags = row, list(row.flags)
 
     def __getattr__(self, name):
-        return getattr(self.row, name)
+        value = getattr(self.row, name)
+        setattr(self, name, value)  # the checks compare rows pairwise: read each field through here once
+        return value
 
 
 def judge_rows(entries, extra_flags: dict | None = None, repeat: int | None = None,

@@ -14,7 +14,6 @@ import warnings
 
 import numpy as np
 import torch
-from scipy.stats import qmc
 
 BITS = 30
 
@@ -23,6 +22,8 @@ def sobol_points(n: int, dims: int, generator: torch.Generator) -> torch.Tensor:
     """n scrambled Sobol points in [0, 1)^dims, each exactly uniform; float64 on the generator's device."""
     dev = generator.device
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=dev))
+    from scipy.stats import qmc  # scipy.stats costs ~1 s to import: only runs that draw Sobol points pay it
+
     with warnings.catch_warnings():  # units that are not a power of 2 lose some balance, not exactness
         warnings.simplefilter("ignore", UserWarning)
         pts = qmc.Sobol(dims, scramble=True, bits=BITS, rng=np.random.default_rng(seed)).random(n)

@@ -153,6 +153,7 @@ def read_head(src: dict, device) -> torch.nn.Module:
     """P's output head read again from P's file as the cache's record names it (loaded as the one-pass run loads P;
     its body released at once), checked against the sha256 the cache was written with."""
     import gc
+    import weakref
 
     from kl_estimation.llm.loading import _with_adapters, gguf_speedups, load_model
     from kl_estimation.llm.pair import DTYPES, AdapterView, _inner
@@ -171,8 +172,10 @@ def read_head(src: dict, device) -> torch.nn.Module:
                            device="meta")
     head.load_state_dict({"weight": h.weight.detach().clone(),
                           **({} if h.bias is None else {"bias": h.bias.detach().clone()})}, assign=True)
+    body = weakref.ref(next(_inner(p).parameters()))
     del p, h
-    gc.collect()  # P's body goes before any candidate loads
+    if body() is not None:  # a cycle holds P's body (an adapter): collected before any candidate loads
+        gc.collect()
     got = _head_sha256(head)
     if got != src["head_sha256"]:
         changed = [f["path"] for f in src["files"] if not Path(f["path"]).is_file()
