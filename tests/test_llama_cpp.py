@@ -88,3 +88,30 @@ def test_runtime_floor_and_weights_only(ref):
     rt = r.summary["runtime"]
     assert 0 < rt["floor"]["mean"] and 0 < rt["weights_kl"]["mean"] < rt["runtime_kl"]["mean"]
     assert "runtime floor" in r.text
+
+
+def test_one_window_per_decode_gives_the_grouped_layouts_bits(ref, monkeypatch, tmp_path):
+    """At n_ctx 512 on a CPU build the backend decodes one window at a time (a quarter of llama-perplexity's logits
+    buffer): every token's numbers are those of llama-perplexity's grouping of 4 windows per decode, and the run's
+    tokens are llama.cpp's tokenizer's (no transformers tokenizer is built)."""
+    from kl_estimation.llm.corpus import backend
+    from kl_estimation.llm.corpus.backend import windows_per_decode
+
+    qs, _, _ = ref
+    if import_llama_cpp().llama_supports_gpu_offload():
+        pytest.skip("a GPU build keeps llama-perplexity's grouping")
+    assert windows_per_decode(512) == 1 and windows_per_decode(128) == 16
+    text = tmp_path / "gpl.txt"
+    text.write_text(open(CORPUS, encoding="utf-8").read())
+    kw = dict(corpus=str(text), context=512, n_windows=5, backend="llama.cpp", progress=False)
+
+    def refused(*a, **k):
+        raise AssertionError("the llama.cpp backend built a transformers tokenizer")
+
+    monkeypatch.setattr("kl_estimation.llm.loading.load_tokenizer", refused)
+    one = kle.corpus_kl(str(BASE), str(qs["Q8_0"]), **kw)
+    monkeypatch.setattr(backend, "windows_per_decode", lambda n_ctx: 2048 // n_ctx)
+    grouped = kle.corpus_kl(str(BASE), str(qs["Q8_0"]), **kw)
+    for k in ("kl_forward", "kl_reverse", "logp_p", "logp_q", "top1_agree"):
+        np.testing.assert_array_equal(one.tokens[k], grouped.tokens[k], err_msg=k)
+    assert "llama.cpp's tokenizer" in one.corpus["source"]

@@ -8,8 +8,9 @@ r"""Which arithmetic a corpus run measures: the scoring backends and llama.cpp's
 
 Both give the same thing to the statistics: a window's logits at the scored positions, ``(B, keep − 1, vocab)``,
 which run.score_windows feeds to stats.token_stats (log-softmax in float32 or wider on our side). The llama.cpp
-backend lays the windows out as llama-perplexity does (``n_batch`` 2048 / n_ctx windows per decode, one KV stream
-each, logits only from the first scored position on, BOS over each window's first token), so the logits are its bits.
+backend scores the windows as llama-perplexity does (logits only from the first scored position on, BOS over each
+window's first token, its context parameters; windows_per_decode says how many share a decode), so the logits are its
+bits, and tokenizes with llama.cpp's own tokenizer (LlamaCppTokenizer).
 
 ``LlamaBaseFile`` reads llama.cpp's ``--kl-divergence-base`` file as P: its token ids are the windows, its 16-bit
 log-probs P's distributions (scored with llama.cpp's own arithmetic, stats ``base_storage="llama-file"``).
@@ -34,9 +35,15 @@ PERPLEXITY_N_UBATCH = 512
 
 
 def windows_per_decode(n_ctx: int) -> int:
-    """llama-perplexity's windows per decode (n_parallel = n_batch / n_ctx): the llama.cpp backend scores batches of
-    exactly these, since below n_ctx 512 several windows share a ubatch and llama.cpp's logits depend on the layout."""
-    return max(1, PERPLEXITY_N_BATCH // n_ctx)
+    """The windows the llama.cpp backend decodes at once: llama-perplexity's n_parallel (n_batch / n_ctx), so that the
+    logits are its bits — except on a CPU build at n_ctx ≥ 512 (n_ubatch), one. There each window fills whole
+    ubatches either way and the logits of a run are the same bit for bit (tested at 512 and 1024: Q4_1 against Q4_0
+    and Q8_0), with a logits buffer and compute graph a quarter of the size at n_ctx 512 (peak RSS 968 → 834 MB on
+    SmolLM2). Below 512 several windows share a ubatch, and one window per decode moved a Q8_0's mean KL at n_ctx 128
+    by 6 % (0.00661 → 0.00703)."""
+    lib = import_llama_cpp()
+    grouped = max(1, PERPLEXITY_N_BATCH // n_ctx)
+    return 1 if n_ctx >= PERPLEXITY_N_UBATCH and not lib.llama_supports_gpu_offload() else grouped
 
 
 def llama_cpp_prefix(prefix=None) -> Path | None:
@@ -95,7 +102,8 @@ def _quiet_backend(lib) -> None:
 
 class LlamaCppModel:
     """A GGUF file in llama.cpp's runtime, scoring windows as llama-perplexity does. ``window_logits(ids, keep,
-    vocab)``: the float32 logits (B, keep − 1, vocab) of positions n_ctx − keep … n_ctx − 2 of full windows `ids`."""
+    vocab)``: the float32 logits (B, keep − 1, vocab) of positions n_ctx − keep … n_ctx − 2 of full windows `ids` —
+    when B fits one decode (B ≤ n_seq), a view of llama.cpp's own buffer, valid until this model decodes again."""
 
     backend = "llama.cpp"
 
@@ -145,7 +153,7 @@ class LlamaCppModel:
         B, n_ctx = ids.shape
         if n_ctx != self.n_ctx:
             raise ValueError(f"context: the llama.cpp context holds windows of {self.n_ctx}, got {n_ctx}")
-        out = np.empty((B, keep - 1, vocab), dtype=np.float32)
+        out = np.empty((B, keep - 1, vocab), dtype=np.float32) if B > self.n_seq else None
         first = n_ctx - keep
         for b0 in range(0, B, self.n_seq):
             nb = min(self.n_seq, B - b0)
@@ -170,6 +178,8 @@ class LlamaCppModel:
             n_out = int(want.sum())
             rows = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(n_out * self.n_vocab,))
             rows = rows.reshape(nb, keep, self.n_vocab)
+            if out is None:  # one decode: its logits where llama.cpp keeps them, not a copy of 200 MB per 4 windows
+                return torch.from_numpy(rows)[:, :-1, :vocab]
             out[b0:b0 + nb] = rows[:, :-1, :vocab]
         return torch.from_numpy(out)
 
@@ -183,29 +193,54 @@ def load_llama_cpp(flag: str, name: str, n_ctx: int, threads: int | None = None)
     return LlamaCppModel(name, n_ctx, threads, flag)
 
 
-class _Vocab:
-    """A GGUF's vocabulary alone in llama.cpp (no weights)."""
+class LlamaCppTokenizer:
+    """A GGUF's tokenizer in llama.cpp (its vocabulary alone, no weights): what a llama.cpp-backend run tokenizes,
+    decodes and checks its candidates with, in place of transformers' tokenizer of the GGUF — whose conversion took
+    7.6 s and 440 MB on SmolLM2, and which splits some texts differently from llama.cpp. The part of a transformers
+    tokenizer a corpus run uses: ``len``, ``tokenizer(text, add_special_tokens=…)["input_ids"]``, ``decode``,
+    ``convert_ids_to_tokens``, ``get_vocab``, the BOS / EOS ids."""
 
-    def __init__(self, path):
-        self.lib = lib = import_llama_cpp("p_model")
+    is_fast = False  # no offsets: documents are tokenized one by one (tokenize_documents)
+
+    def __init__(self, path, flag: str = "p_model"):
+        self.lib = lib = import_llama_cpp(flag)
         _quiet_backend(lib)
         mp = lib.llama_model_default_params()
         mp.vocab_only = True
-        self.model = lib.llama_model_load_from_file(str(path).encode(), mp)
+        self.path = str(path)
+        self.model = lib.llama_model_load_from_file(self.path.encode(), mp)
         if not self.model:
-            raise ValueError(f"p_model: llama.cpp cannot read the vocabulary of {path}")
+            raise ValueError(f"{flag}: llama.cpp cannot read the vocabulary of {path}")
         self.vocab = lib.llama_model_get_vocab(self.model)
+        self.n_tokens = int(lib.llama_vocab_n_tokens(self.vocab))
+        self.bos_token_id = self._id(lib.llama_vocab_bos(self.vocab))
+        self.eos_token_id = self._id(lib.llama_vocab_eos(self.vocab))
+        self.bos_token = None if self.bos_token_id is None else self.convert_ids_to_tokens([self.bos_token_id])[0]
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
 
-    def __enter__(self):
-        return self
+    @staticmethod
+    def _id(token) -> int | None:
+        return None if int(token) < 0 else int(token)
 
-    def __exit__(self, *exc):
-        self.lib.llama_model_free(self.model)
+    def close(self) -> None:
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except (TypeError, AttributeError):  # interpreter shutdown
+            pass
+
+    def __len__(self) -> int:
+        return self.n_tokens
 
     def bos(self) -> int | None:
-        return int(self.lib.llama_vocab_bos(self.vocab)) if self.lib.llama_vocab_get_add_bos(self.vocab) else None
+        """The BOS id llama-perplexity writes over each window's first token (None: the vocabulary adds no BOS)."""
+        return self.bos_token_id if self.add_bos else None
 
-    def tokenize(self, text: str, add_special: bool) -> np.ndarray:
+    def encode(self, text: str, add_special: bool) -> np.ndarray:
         raw = text.encode()
         cap = len(raw) + 16
         for _ in range(2):
@@ -216,26 +251,57 @@ class _Vocab:
             cap = -n  # too small a buffer: llama.cpp says how many it needs
         raise RuntimeError("llama.cpp: llama_tokenize failed")  # pragma: no cover
 
+    def __call__(self, text: str, add_special_tokens: bool = True, **_) -> dict:
+        return {"input_ids": self.encode(text, add_special_tokens).tolist()}
+
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        return [self.lib.llama_vocab_get_text(self.vocab, int(i)).decode("utf-8", "replace") for i in ids]
+
+    def get_vocab(self) -> dict:
+        """{token's bytes: id} (bytes: byte-fallback pieces are not UTF-8)."""
+        return {self.lib.llama_vocab_get_text(self.vocab, i): i for i in range(self.n_tokens)}
+
+    def decode(self, ids) -> str:
+        toks = (self.lib.llama_token * len(ids))(*(int(i) for i in ids))
+        cap = 8 * len(ids) + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(cap)
+            n = self.lib.llama_detokenize(self.vocab, toks, len(ids), buf, cap, False, True)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            cap = -n
+        raise RuntimeError("llama.cpp: llama_detokenize failed")  # pragma: no cover
+
+    def tokenize_documents(self, documents: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(token ids, document per token, record) as llama-perplexity tokenizes a text: its special tokens added in
+        front (BOS where the vocabulary adds one), special-token text not parsed. One document is llama-perplexity's
+        exact ids; several are tokenized one by one, text.SEPARATOR after each."""
+        from kl_estimation.llm.corpus.text import SEPARATOR
+
+        sep = self.encode(SEPARATOR, False)
+        parts = [np.concatenate([self.encode(d, i == 0), sep if i < len(documents) - 1 else sep[:0]])
+                 for i, d in enumerate(documents)]
+        ids = np.concatenate(parts)
+        doc = np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts])
+        return ids, doc, {"tokenizer": f"llama.cpp's of {Path(self.path).name}"}
+
 
 def llama_vocab_bos(path) -> int | None:
     """The BOS id llama-perplexity writes over each window's first token (None: the vocabulary adds no BOS)."""
-    with _Vocab(path) as v:
-        return v.bos()
+    tok = LlamaCppTokenizer(path)
+    try:
+        return tok.bos()
+    finally:
+        tok.close()
 
 
 def llama_tokenize_documents(path, documents: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(token ids, document per token, record) as llama-perplexity tokenizes a text: llama.cpp's tokenizer of the
-    GGUF, its special tokens added in front (BOS where the vocabulary adds one), special-token text not parsed.
-    One document is llama-perplexity's exact ids; several are tokenized one by one, text.SEPARATOR after each."""
-    from kl_estimation.llm.corpus.text import SEPARATOR
-
-    with _Vocab(path) as v:
-        sep = v.tokenize(SEPARATOR, False)
-        parts = [np.concatenate([v.tokenize(d, i == 0), sep if i < len(documents) - 1 else sep[:0]])
-                 for i, d in enumerate(documents)]
-    ids = np.concatenate(parts)
-    doc = np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts])
-    return ids, doc, {"tokenizer": f"llama.cpp's of {Path(path).name}"}
+    """LlamaCppTokenizer(path).tokenize_documents(documents)."""
+    tok = LlamaCppTokenizer(path)
+    try:
+        return tok.tokenize_documents(documents)
+    finally:
+        tok.close()
 
 
 # ----------------------------------------------------------------------------------------- llama.cpp's base file

@@ -199,9 +199,9 @@ class SpilledLogits:
         shutil.rmtree(folder, ignore_errors=True)
 
     def write(self, w0: int, logits: torch.Tensor) -> None:
-        block = logits.detach().to("cpu", self.dtype).contiguous()
         self.file.seek(w0 * self.window_bytes)
-        self.file.write(block.view(torch.uint8).numpy().data)
+        for window in logits.detach():  # a window at a time: a view of llama.cpp's buffer is written without a copy
+            self.file.write(window.to("cpu", self.dtype).contiguous().view(torch.uint8).numpy().data)
 
     def read(self, w0: int, w1: int) -> torch.Tensor:
         out = torch.empty((w1 - w0, *self.shape), dtype=self.dtype)
@@ -299,6 +299,19 @@ def base_pass(p, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int, b
     return BaseCache(torch.cat(hidden), head, None, windows, mask, keep, vocab)
 
 
+def _worst(worst: list, kl: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor, w: int, s0: int, n: int) -> list:
+    """The running `n` tokens of largest KL(P‖Q), updated with window `w`'s (kl: its per-position KL, NaN where
+    unscored)."""
+    kf = torch.nan_to_num(kl, nan=-math.inf)
+    top = kf.topk(min(n, kf.numel()))
+    floor = worst[-1][0] if len(worst) >= n else -math.inf
+    for val, t in zip(top.values.tolist(), top.indices.tolist()):
+        if val <= floor or not math.isfinite(val):
+            break
+        worst.append((val, w, s0 + t, _top(lp[t], TOP), _top(lq[t], TOP)))
+    return sorted(worst, key=lambda r: -r[0])[:n]
+
+
 def score_windows(base: BaseCache, q, mask: np.ndarray, *, batch_size: int, base_storage: str = "exact",
                   n_worst: int = 0, bar=None) -> tuple[dict, list]:
     """Candidate `q` over every window (batches of `batch_size`) against P's logits from `base`, token_stats on the
@@ -314,25 +327,19 @@ def score_windows(base: BaseCache, q, mask: np.ndarray, *, batch_size: int, base
     for w0 in range(0, W, batch_size):
         w1 = min(W, w0 + batch_size)
         ids = torch.from_numpy(windows[w0:w1])
-        lp = base.logits(w0, w1)
-        lq = window_logits(q, ids.to(dev_q), keep, vocab).to(lp.device)
-        tg = ids[:, s0:].to(lp.device)
-        m = torch.from_numpy(mask[w0:w1, s0:]).to(lp.device)
-        st = token_stats(lp, lq, tg, m, base_storage=base_storage)
-        for k in STAT_KEYS:
-            out[k][w0:w1, s0:] = st[k].cpu().numpy()
-        if n_worst:
-            kf = torch.nan_to_num(st["kl_forward"], nan=-math.inf)
-            flat = kf.flatten()
-            top = flat.topk(min(n_worst, flat.numel()))
-            floor = worst[-1][0] if len(worst) >= n_worst else -math.inf
-            for val, idx in zip(top.values.tolist(), top.indices.tolist()):
-                if val <= floor or not math.isfinite(val):
-                    break
-                b, t = divmod(idx, kf.shape[1])
-                worst.append((val, w0 + b, s0 + t, _top(lp[b, t], TOP), _top(lq[b, t], TOP)))
-            worst = sorted(worst, key=lambda r: -r[0])[:n_worst]
-        del lp, lq, st
+        lq_batch = window_logits(q, ids.to(dev_q), keep, vocab)
+        for w in range(w0, w1):  # P's side a window at a time: one window of it in memory beside Q's batch
+            lp = base.logits(w, w + 1)
+            lq = lq_batch[w - w0:w - w0 + 1].to(lp.device)
+            tg = ids[w - w0:w - w0 + 1, s0:].to(lp.device)
+            m = torch.from_numpy(mask[w:w + 1, s0:]).to(lp.device)
+            st = token_stats(lp, lq, tg, m, base_storage=base_storage)
+            for k in STAT_KEYS:
+                out[k][w, s0:] = st[k][0].cpu().numpy()
+            if n_worst:
+                worst = _worst(worst, st["kl_forward"][0], lp[0], lq[0], w, s0, n_worst)
+            del lp, lq, st
+        del lq_batch
         if bar is not None:
             bar.update(w1 - w0)
     return out, worst
@@ -408,7 +415,8 @@ def corpus_tokens(cfg: CorpusConfig, tokenizer) -> tuple[np.ndarray, np.ndarray,
         rec["groups"] = names
         rec["document_group"] = [names.index(g) for g in groups]
     rec["source"] = (f"file {cfg.corpus}" if cfg.corpus else f"dataset {cfg.dataset} ({cfg.split})" if cfg.dataset
-                     else "texts") + ", tokenized by the tokenizer"
+                     else "texts") + (", tokenized by llama.cpp's tokenizer" if hasattr(tokenizer, "tokenize_documents")
+                                      else ", tokenized by the tokenizer")
     return ids, doc, rec
 
 
@@ -432,7 +440,7 @@ def _batch_bytes(p, q, batch: int, keep: int, vocab_rows: int) -> int:
         except (StopIteration, AttributeError, TypeError):
             el = 4
         size += batch * keep * vocab_rows * el
-    return size + 10 * (1 << 22) * 4 + batch * 12 * (1 << 20)
+    return size + 10 * (1 << 21) * 4 + batch * 12 * (1 << 20)
 
 
 def candidate_configs(cfg: CorpusConfig) -> list[CorpusConfig]:
@@ -501,8 +509,7 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: floa
         if cfg.backend == "transformers":
             check_logit_rows(p, p, vocab)
         elif p.n_vocab != vocab:
-            raise ValueError(f"p_model: llama.cpp reads {p.n_vocab} tokens in {cfg.p_model}, transformers' tokenizer "
-                             f"{vocab}")
+            raise ValueError(f"p_model: llama.cpp reads {p.n_vocab} tokens in {cfg.p_model}, the tokenizer {vocab}")
         keep = cfg.context - int(np.flatnonzero(mask.any(0))[0]) + 1
         rows = max(vocab, _logit_rows(p))
         check_memory(_batch_bytes(p, p, cfg.batch_size, keep, rows), "batch_size",
@@ -638,10 +645,17 @@ def _llama_file_base(cfg: CorpusConfig):
 
     base = LlamaBaseFile(cfg.base, cfg.n_windows)
     cands = candidate_configs(cfg)
-    tokenizer = load_tokenizer("q_model", cands[0].q_model, cands[0].q_revision, cfg.trust_remote_code)
+
+    def load(cq):
+        if cfg.backend == "llama.cpp":
+            from kl_estimation.llm.corpus.backend import LlamaCppTokenizer
+
+            return LlamaCppTokenizer(cq.q_model, "q_model")
+        return load_tokenizer("q_model", cq.q_model, cq.q_revision, cfg.trust_remote_code)
+
+    tokenizer = load(cands[0])
     for cq in cands[1:]:
-        check_tokenizers(tokenizer, load_tokenizer("q_model", cq.q_model, cq.q_revision, cfg.trust_remote_code),
-                         ignore_eos=True)
+        check_tokenizers(tokenizer, load(cq), ignore_eos=True)
     if len(tokenizer) != base.vocab:
         raise ValueError(f"base: {cfg.base} holds log-probs over {base.vocab} tokens, the candidates' tokenizer has "
                          f"{len(tokenizer)}")
@@ -779,9 +793,19 @@ def _load_side(cfg: CorpusConfig, side: str, name: str):
 def _prepare(cfg: CorpusConfig, models, tokenizer):
     """Tokenizers (every candidate's checked against P's), the text and its windows — everything that can be refused
     is refused before seconds of loading weights."""
-    from kl_estimation.llm.loading import load_tokenizers
+    from kl_estimation.llm.loading import check_tokenizers, load_tokenizers
 
-    if models is None:
+    llama = cfg.backend == "llama.cpp"
+    if models is None and llama:  # llama.cpp's own tokenizer, as llama-perplexity has it; no transformers one
+        from kl_estimation.llm.corpus.backend import LlamaCppTokenizer
+
+        tokenizer = LlamaCppTokenizer(cfg.p_model)
+        for cq in candidate_configs(cfg):
+            q_tok = LlamaCppTokenizer(cq.q_model, "q_model")
+            check_tokenizers(tokenizer, q_tok, ignore_eos=True)
+            q_tok.close()
+            check_context(cfg.context, _context_limit(cq)[0])
+    elif models is None:
         for cq in candidate_configs(cfg) or [cfg]:  # P alone (save_base): its own tokenizer and context
             tokenizer, _ = load_tokenizers(cq.p_model, cq.q_model, p_revision=cq.p_revision,
                                            q_revision=cq.q_revision, trust_remote_code=cq.trust_remote_code,
@@ -794,15 +818,12 @@ def _prepare(cfg: CorpusConfig, models, tokenizer):
         limits = [n for n in limits if isinstance(n, int) and n > 0]
         check_context(cfg.context, min(limits) if limits else None)
     ids, doc, corpus = corpus_tokens(cfg, tokenizer)
-    bos = bos_of(tokenizer)
-    if cfg.backend == "llama.cpp":  # llama.cpp's tokenizer and its BOS rule, as llama-perplexity has them
-        from kl_estimation.llm.corpus.backend import llama_tokenize_documents, llama_vocab_bos
+    if llama and models is not None:  # loaded models with a transformers tokenizer: llama.cpp's BOS rule still
+        from kl_estimation.llm.corpus.backend import llama_vocab_bos
 
         bos = llama_vocab_bos(cfg.p_model)
-        if cfg.token_ids is None:
-            docs = read_documents(cfg.corpus, cfg.texts, cfg.dataset, cfg.split, cfg.text_field, cfg.n_documents)
-            ids, doc, rec = llama_tokenize_documents(cfg.p_model, docs)
-            corpus.update(rec, source=corpus["source"].replace("by the tokenizer", "by llama.cpp's tokenizer"))
+    else:
+        bos = tokenizer.bos() if llama else bos_of(tokenizer)
     windows, mask = llama_windows(ids, cfg.context, bos, score=cfg.score, n_chunks=cfg.n_windows)
     W = windows.shape[0]
     document = doc[: W * cfg.context].reshape(W, cfg.context)

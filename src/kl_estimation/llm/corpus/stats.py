@@ -179,8 +179,9 @@ def token_stats(logits_p, logits_q, targets, mask=None, *, chunk_size=None, base
 
     ``logits_p`` (base) and ``logits_q`` (B, T, V), any float dtype, with ``logits[:, t]`` predicting
     ``targets[:, t]`` (B, T) ints; ``mask`` (B, T) bool, None = all. The vocabulary-wide work is done in float32 (or
-    float64 for float64 input) on blocks of at most ``chunk_size`` positions (default: 2**22 // V), so beyond the
-    inputs only one block is ever upcast; unscored positions are skipped.
+    float64 for float64 input) on blocks of at most ``chunk_size`` positions (default: 2**21 // V; a block's
+    temporaries are then about 60 MB at V = 49 152), so beyond the inputs only one block is ever upcast; unscored
+    positions are skipped.
 
     ``base_storage="llama-uint16"`` reproduces llama.cpp's arithmetic instead of the exact values: the base's log-probs
     as ``--kl-divergence-base`` stores them (logits below max − 16 clamped, the rest quantized to 16 bits, a step of
@@ -225,7 +226,7 @@ def token_stats(logits_p, logits_q, targets, mask=None, *, chunk_size=None, base
     if bool(((tg < 0) | (tg >= V))[m_all].any()):
         raise ValueError(f"targets: scored token ids must lie in [0, {V})")
     if chunk_size is None:
-        chunk_size = max(1, (1 << 22) // V)
+        chunk_size = max(1, (1 << 21) // V)
     if not (_is_int(chunk_size) and chunk_size >= 1):
         raise ValueError(f"chunk_size: must be an integer ≥ 1 or None (got {chunk_size!r})")
 
@@ -679,8 +680,9 @@ def quantile_cis(values, clusters, rng: np.random.Generator, *, levels: dict | N
             counts = np.bincount(rows * G + flat.ravel(), minlength=flat.shape[0] * G).reshape(-1, G)
             return _weighted_llama_quantiles(xs, cs, counts.reshape(lead + (G,)), fr)
 
-        # batches of resamples keep the (batch, tokens) running weights near 2**24 floats
-        batch = max(1, (1 << 24) // max(x.size, 1))
+        # batches of resamples keep the (batch, tokens) running weights near 2**22 floats: at 2**24 their
+        # temporaries were the peak of a whole llama.cpp-backend run (+300 MB)
+        batch = max(1, (1 << 22) // max(x.size, 1))
         import inspect
 
         # scipy ≥ 1.15 calls the Generator `rng`; 1.11–1.14 (our floor) `random_state`

@@ -83,7 +83,10 @@ def tokenize_documents(tokenizer, documents: list[str]) -> tuple[np.ndarray, np.
     before, _ = special_tokens(tokenizer)
     text = SEPARATOR.join(documents)
     starts = np.cumsum([0] + [len(d) + len(SEPARATOR) for d in documents[:-1]])
-    if getattr(tokenizer, "is_fast", False):
+    if hasattr(tokenizer, "tokenize_documents"):  # llama.cpp's tokenizer (backend.LlamaCppTokenizer): its own rule
+        ids, doc, _ = tokenizer.tokenize_documents(documents)
+        before = []  # in front of the first document already
+    elif getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         first_char = np.asarray([o[0] for o in enc["offset_mapping"]], dtype=np.int64)
