@@ -179,8 +179,8 @@ def token_stats(logits_p, logits_q, targets, mask=None, *, chunk_size=None, base
 
     ``logits_p`` (base) and ``logits_q`` (B, T, V), any float dtype, with ``logits[:, t]`` predicting
     ``targets[:, t]`` (B, T) ints; ``mask`` (B, T) bool, None = all. The vocabulary-wide work is done in float32 (or
-    float64 for float64 input) on blocks of at most ``chunk_size`` positions (default: 2**21 // V; a block's
-    temporaries are then about 60 MB at V = 49 152), so beyond the inputs only one block is ever upcast; unscored
+    float64 for float64 input) on blocks of at most ``chunk_size`` positions (default: 2**20 // V; a block's
+    temporaries are then about 40 MB at V = 49 152), so beyond the inputs only one block is ever upcast; unscored
     positions are skipped.
 
     ``base_storage="llama-uint16"`` reproduces llama.cpp's arithmetic instead of the exact values: the base's log-probs
@@ -226,7 +226,7 @@ def token_stats(logits_p, logits_q, targets, mask=None, *, chunk_size=None, base
     if bool(((tg < 0) | (tg >= V))[m_all].any()):
         raise ValueError(f"targets: scored token ids must lie in [0, {V})")
     if chunk_size is None:
-        chunk_size = max(1, (1 << 21) // V)
+        chunk_size = max(1, (1 << 20) // V)
     if not (_is_int(chunk_size) and chunk_size >= 1):
         raise ValueError(f"chunk_size: must be an integer ≥ 1 or None (got {chunk_size!r})")
 
