@@ -37,7 +37,7 @@ PERPLEXITY_N_UBATCH = 512
 def windows_per_decode(n_ctx: int) -> int:
     """The windows the llama.cpp backend decodes at once: llama-perplexity's n_parallel (n_batch / n_ctx), so that the
     logits are its bits — except on a CPU build at n_ctx ≥ 512 (n_ubatch), one. There each window fills whole
-    ubatches either way and the logits of a run are the same bit for bit (tested at 512 and 1024: Q4_1 against Q4_0
+    ubatches either way and the logits of a run are the same bit for bit (checked at 512 and 1024: Q4_1 against Q4_0
     and Q8_0), with a logits buffer and compute graph a quarter of the size at n_ctx 512. Below 512 several windows
     share a ubatch, and one window per decode moved a Q8_0's mean KL at n_ctx 128 by 6 % (0.00661 → 0.00703)."""
     lib = import_llama_cpp()
