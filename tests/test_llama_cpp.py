@@ -115,3 +115,25 @@ def test_one_window_per_decode_gives_the_grouped_layouts_bits(ref, monkeypatch, 
     for k in ("kl_forward", "kl_reverse", "logp_p", "logp_q", "top1_agree"):
         np.testing.assert_array_equal(one.tokens[k], grouped.tokens[k], err_msg=k)
     assert "llama.cpp's tokenizer" in one.corpus["source"]
+
+
+def test_groups_of_a_jsonl_corpus_with_the_llama_cpp_backend(ref, tmp_path):
+    """`group_field` with llama.cpp's tokenizer: each document tokenized by llama.cpp, its group's rows the means of
+    its tokens."""
+    import json
+
+    qs, _, _ = ref
+    paras = [p for p in open(CORPUS, encoding="utf-8").read().split("\n\n") if len(p) > 400][:12]
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps({"text": t, "kind": "terms" if i % 3 else "preamble"})
+                           for i, t in enumerate(paras)))
+    r = kle.corpus_kl(str(BASE), str(qs["Q4_0"]), str(f), context=N_CTX, group_field="kind", cluster_by="document",
+                      n_bootstrap=50, backend="llama.cpp", progress=False)
+    assert r.corpus["groups"] == ["preamble", "terms"] and "llama.cpp's tokenizer" in r.corpus["source"]
+    t = r.tokens
+    group = np.asarray(r.corpus["document_group"])[t["document"]]
+    for g, name in enumerate(r.corpus["groups"]):
+        sel = t["mask"] & (group == g)
+        assert sel.any()
+        assert r.summary["groups"][name]["kl_forward"]["mean"] == pytest.approx(t["kl_forward"][sel].mean(),
+                                                                                 rel=1e-12)
