@@ -8,12 +8,12 @@ import pytest
 import kl_estimation as kle
 from kl_estimation.llm.corpus.backend import (
     LlamaBaseFile,
+    LlamaCppTokenizer,
     import_llama_cpp,
     llama_cpp_tool,
     llama_mean_kld,
     llama_perplexity,
     llama_quantize,
-    llama_tokenize_documents,
 )
 from kl_estimation.llm.corpus.requant import wheel_gguf
 
@@ -56,7 +56,8 @@ def test_llama_tokenizer_gives_llama_perplexity_ids(ref):
     _, kld, _ = ref
     f = LlamaBaseFile(kld)
     with open(CORPUS, encoding="utf-8") as fh:
-        ids, doc, _ = llama_tokenize_documents(BASE, [fh.read()])
+        with LlamaCppTokenizer(BASE) as tok:
+            ids, doc, _ = tok.tokenize_documents([fh.read()])
     np.testing.assert_array_equal(ids[: f.tokens.size], f.tokens)
     assert (doc == 0).all()
 

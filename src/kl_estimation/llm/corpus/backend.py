@@ -99,7 +99,40 @@ def _quiet_backend(lib) -> None:
     _BACKEND_READY = True
 
 
-class LlamaCppModel:
+class _LlamaFile:
+    """A GGUF file loaded by llama.cpp (its weights, or with `vocab_only` its vocabulary alone), freed by close(), at
+    the end of a ``with`` block or when garbage-collected."""
+
+    def __init__(self, path, flag: str, vocab_only: bool = False):
+        self.lib = lib = import_llama_cpp(flag)
+        _quiet_backend(lib)
+        self.path = str(path)
+        mp = lib.llama_model_default_params()
+        mp.vocab_only = vocab_only
+        self.model = lib.llama_model_load_from_file(self.path.encode(), mp)
+        if not self.model:
+            what = "read the vocabulary of" if vocab_only else "load"
+            raise ValueError(f"{flag}: llama.cpp cannot {what} {self.path}")
+
+    def close(self) -> None:
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except (TypeError, AttributeError):  # interpreter shutdown: the library's functions are gone already
+            pass
+
+
+class LlamaCppModel(_LlamaFile):
     """A GGUF file in llama.cpp's runtime, scoring windows as llama-perplexity does. ``window_logits(ids, keep,
     vocab)``: the float32 logits (B, keep − 1, vocab) of positions n_ctx − keep … n_ctx − 2 of full windows `ids` —
     when B fits one decode (B ≤ n_seq), a view of llama.cpp's own buffer, valid until this model decodes again."""
@@ -107,13 +140,8 @@ class LlamaCppModel:
     backend = "llama.cpp"
 
     def __init__(self, path, n_ctx: int, threads: int | None = None, flag: str = "q_model"):
-        lib = import_llama_cpp(flag)
-        _quiet_backend(lib)
-        self.lib, self.path, self.n_ctx = lib, str(path), int(n_ctx)
-        mp = lib.llama_model_default_params()
-        self.model = lib.llama_model_load_from_file(self.path.encode(), mp)
-        if not self.model:
-            raise ValueError(f"{flag}: llama.cpp cannot load {self.path}")
+        super().__init__(path, flag)
+        lib, self.n_ctx = self.lib, int(n_ctx)
         vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
         self.bos = int(lib.llama_vocab_bos(vocab)) if lib.llama_vocab_get_add_bos(vocab) else None
@@ -136,15 +164,7 @@ class LlamaCppModel:
         if getattr(self, "ctx", None):
             self.lib.llama_free(self.ctx)
             self.ctx = None
-        if getattr(self, "model", None):
-            self.lib.llama_model_free(self.model)
-            self.model = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except (TypeError, AttributeError):  # interpreter shutdown: the library's functions are gone already
-            pass
+        super().close()
 
     def window_logits(self, ids: torch.Tensor, keep: int, vocab: int) -> torch.Tensor:
         lib = self.lib
@@ -192,7 +212,7 @@ def load_llama_cpp(flag: str, name: str, n_ctx: int, threads: int | None = None)
     return LlamaCppModel(name, n_ctx, threads, flag)
 
 
-class LlamaCppTokenizer:
+class LlamaCppTokenizer(_LlamaFile):
     """A GGUF's tokenizer in llama.cpp (its vocabulary alone, no weights): what a llama.cpp-backend run tokenizes,
     decodes and checks its candidates with, in place of transformers' tokenizer of the GGUF — whose conversion took
     7.6 s and 440 MB on SmolLM2, and which splits some texts differently from llama.cpp. The part of a transformers
@@ -202,14 +222,8 @@ class LlamaCppTokenizer:
     is_fast = False  # no offsets: documents are tokenized one by one (tokenize_documents)
 
     def __init__(self, path, flag: str = "p_model"):
-        self.lib = lib = import_llama_cpp(flag)
-        _quiet_backend(lib)
-        mp = lib.llama_model_default_params()
-        mp.vocab_only = True
-        self.path = str(path)
-        self.model = lib.llama_model_load_from_file(self.path.encode(), mp)
-        if not self.model:
-            raise ValueError(f"{flag}: llama.cpp cannot read the vocabulary of {path}")
+        super().__init__(path, flag, vocab_only=True)
+        lib = self.lib
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_tokens = int(lib.llama_vocab_n_tokens(self.vocab))
         self.bos_token_id = self._id(lib.llama_vocab_bos(self.vocab))
@@ -220,17 +234,6 @@ class LlamaCppTokenizer:
     @staticmethod
     def _id(token) -> int | None:
         return None if int(token) < 0 else int(token)
-
-    def close(self) -> None:
-        if getattr(self, "model", None):
-            self.lib.llama_model_free(self.model)
-            self.model = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except (TypeError, AttributeError):  # interpreter shutdown
-            pass
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -287,20 +290,8 @@ class LlamaCppTokenizer:
 
 def llama_vocab_bos(path) -> int | None:
     """The BOS id llama-perplexity writes over each window's first token (None: the vocabulary adds no BOS)."""
-    tok = LlamaCppTokenizer(path)
-    try:
+    with LlamaCppTokenizer(path) as tok:
         return tok.bos()
-    finally:
-        tok.close()
-
-
-def llama_tokenize_documents(path, documents: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """LlamaCppTokenizer(path).tokenize_documents(documents)."""
-    tok = LlamaCppTokenizer(path)
-    try:
-        return tok.tokenize_documents(documents)
-    finally:
-        tok.close()
 
 
 # ----------------------------------------------------------------------------------------- llama.cpp's base file

@@ -802,9 +802,8 @@ def _prepare(cfg: CorpusConfig, models, tokenizer):
         tokenizer = LlamaCppTokenizer(cfg.p_model)
         for cq in candidate_configs(cfg) or [cfg]:
             if cq.q_model is not None:
-                q_tok = LlamaCppTokenizer(cq.q_model, "q_model")
-                check_tokenizers(tokenizer, q_tok, ignore_eos=True)
-                q_tok.close()
+                with LlamaCppTokenizer(cq.q_model, "q_model") as q_tok:
+                    check_tokenizers(tokenizer, q_tok, ignore_eos=True)
             check_context(cfg.context, _context_limit(cq)[0])
     elif models is None:
         for cq in candidate_configs(cfg) or [cfg]:  # P alone (save_base): its own tokenizer and context
