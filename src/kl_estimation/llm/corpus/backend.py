@@ -157,7 +157,7 @@ class LlamaCppModel(_LlamaFile):
             cp.n_threads = cp.n_threads_batch = int(threads)
         self.ctx = lib.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            lib.llama_model_free(self.model)
+            self.close()  # the model freed once: the finalizer must not free it again
             raise ValueError(f"{flag}: llama.cpp cannot make a context of {cp.n_ctx} tokens for {self.path}")
 
     def close(self) -> None:
