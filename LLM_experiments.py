@@ -1,9 +1,15 @@
 """KL between two causal language models. Run `python LLM_experiments.py --help`."""
+import signal
 import sys
 
-try:  # Ctrl-C while the package loads (seconds, on a busy machine) ends as any other: one line, status 130
+# Ctrl-C while the package loads (seconds, on a busy machine) ends as any other: one line, status 130. It is held
+# until the imports end: Python drops one that lands in a finalizer, and importing runs many.
+hold = getattr(signal, "pthread_sigmask", lambda how, signals: None)  # not on Windows
+hold(signal.SIG_BLOCK, {signal.SIGINT})
+try:
     from kl_estimation.cli import llm_main
     from kl_estimation.llm.run.config import LLMConfig
+    hold(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C held back is raised here
 except KeyboardInterrupt:
     print("LLM_experiments.py: interrupted: nothing was written; run the same command again", file=sys.stderr)
     sys.exit(130)
