@@ -134,18 +134,21 @@ def read_gguf_header(path) -> dict:
     return out
 
 
-def gguf_facts(flag: str, name: str) -> dict:
+def gguf_facts(flag: str, name: str, transformers: bool = True) -> dict:
     """A local GGUF file's architecture and context length, read from its header at once — so that a file
-    transformers cannot load, or a context it cannot take, is refused before seconds of parsing and dequantizing."""
+    transformers cannot load (`transformers`: checked; llama.cpp's runtime reads more architectures), or a context it
+    cannot take, is refused before seconds of parsing and dequantizing."""
     try:
         head = read_gguf_header(name)
     except (OSError, ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{flag}: cannot read the GGUF file {name!r}: {err}") from None
     arch = head.get("general.architecture")
-    try:
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as known
-    except ImportError:  # pragma: no cover - older transformers
-        known = None
+    known = None
+    if transformers:
+        try:
+            from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as known
+        except ImportError:  # pragma: no cover - older transformers
+            pass
 
     def norm(a):
         return str(a).lower().replace("-", "").replace("_", "")

@@ -376,7 +376,7 @@ def _context_limit(cfg: CorpusConfig) -> tuple[int | None, str]:
         if name is None:
             continue
         if is_gguf(name) and Path(name).is_file():
-            n = gguf_facts(f"{side}_model", name)["context_length"]
+            n = gguf_facts(f"{side}_model", name, transformers=cfg.backend == "transformers")["context_length"]
         else:
             c = load_config(f"{side}_model", name, getattr(cfg, f"{side}_revision"), cfg.trust_remote_code)
             n = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)

@@ -126,40 +126,43 @@ def _rows_llama(x, y, tg, cdt):
     """llama.cpp's float32 arithmetic with the base stored as uint16 (l. 77-105 writes, l. 189-250 reads)."""
     x, y = x.float(), y.float()
     # base pass: keep logits within 16 of the max, quantize (logit − min)/scale to uint16 with round-half-even
-    mx, mn = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
+    mn, mx = torch.aminmax(x, dim=-1, keepdim=True)
     mn = torch.maximum(mn, mx - 16)
-    lse = torch.log(torch.exp(x - mx).double().sum(-1, keepdim=True)).float()   # expf summed in double
+    lse = torch.log(torch.sub(x, mx).exp_().sum(-1, keepdim=True, dtype=torch.float64)).float()  # expf summed in double
     min_log_prob = (mn - mx) - lse
     scale = (mx - mn) / 65535.0
-    code = torch.where((x > mn) & (scale > 0), torch.round((1 / scale) * (x - mn)), torch.zeros((), device=x.device))
-    code = (code.to(torch.int32) & 0xFFFF).float()
-    lpb = scale * code + min_log_prob                                           # dequantized base log-probs
-    del code
-    return _rows_llama_stored(x, lpb, y, tg, cdt)
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros((), device=x.device))
+    # code 0 at and below the clamp; llama.cpp's `& 0xFFFF` is left out: in float32 the top code rounds to 65535
+    lpb = torch.sub(x, mn).mul_(inv).round_().clamp_(min=0).mul_(scale).add_(min_log_prob)  # dequantized log-probs
+    return _rows_llama_stored(x, mx + lse, lpb, y, tg, cdt)
 
 
 def _rows_llama_file(lpb, y, tg, cdt):
     """llama.cpp's arithmetic on log-probs it stored itself (its --kl-divergence-base file, dequantized)."""
     lpb = lpb.float()
-    return _rows_llama_stored(lpb, lpb, y.float(), tg, cdt)
+    return _rows_llama_stored(lpb, torch.logsumexp(lpb, -1, keepdim=True), lpb, y.float(), tg, cdt)
 
 
-def _rows_llama_stored(x, lpb, y, tg, cdt):
-    """llama.cpp's KL pass (l. 189-250) against the dequantized base log-probs `lpb`; `x` the base's logits for the
-    reverse direction, which llama.cpp does not compute."""
+def _rows_llama_stored(x, lse_x, lpb, y, tg, cdt):
+    """llama.cpp's KL pass (l. 189-250) against the dequantized base log-probs `lpb`; `x` the base's logits and
+    `lse_x` their log-normaliser for the reverse direction, which llama.cpp does not compute. Written as in-place
+    passes over the vocabulary (one block's temporaries: three (rows, V) float32 tensors)."""
     t = tg[:, None]
     nll_base = -lpb.gather(-1, t).squeeze(-1)
     # KL pass over Q's float32 logits
-    mxq, imax = y.amax(-1, keepdim=True), y.argmax(-1)
-    lseq = torch.log(torch.exp(y - mxq).double().sum(-1, keepdim=True)).float()
-    nll = ((mxq + lseq) - y.gather(-1, t)).squeeze(-1)
-    term = torch.exp(lpb) * ((lpb - y) + (mxq + lseq))
-    kf = torch.where(lpb > -16.0, term, torch.zeros((), device=x.device)).double().sum(-1)  # base p < e^-16 dropped
-    del term
-    top = imax == lpb.argmax(-1)
+    mxq, imax = torch.max(y, -1, keepdim=True)          # the first index among ties, as argmax and llama.cpp's scan
+    q = torch.sub(y, mxq).exp_()
+    total = q.sum(-1, keepdim=True, dtype=torch.float64)
+    c = mxq + torch.log(total).float()
+    nll = (c - y.gather(-1, t)).squeeze(-1)
+    d = torch.sub(lpb, y).add_(c).masked_fill_(lpb <= -16.0, 0.0)                 # base p < e^-16 dropped
+    kf = torch.exp(lpb).mul_(d).sum(-1, dtype=torch.float64)                      # float32 terms, summed in double
+    top = imax.squeeze(-1) == lpb.argmax(-1)
     dp = torch.exp(-nll) - torch.exp(-nll_base)
-    # the reverse direction is not in llama.cpp: exact float32 log-softmax of both models
-    kr = token_terms_block(x, y, tg, torch.float32)[3]
+    # the reverse direction is not in llama.cpp: Σ q·(log q − log p) with both normalisers from sums in double (more
+    # accurate than float32 log-softmaxes); 0·log 0 terms (NaN from −inf logits) count as 0
+    q.mul_((1 / total).float())
+    kr = torch.nansum(q.mul_(torch.sub(y, x, out=d).add_(lse_x - c)), -1, dtype=torch.float64)
     return {"kl_forward": kf.to(cdt), "kl_reverse": kr.to(cdt), "logp_p": (-nll_base).to(cdt),
             "logp_q": (-nll).to(cdt), "top1_agree": top, "delta_p": dp.to(cdt)}
 
