@@ -11,6 +11,7 @@ process (wall clock, CPU seconds, peak RSS), one after the other:
     python bench/bench_ladder.py                 # 2 threads, n_ctx 128
     python bench/bench_ladder.py --context 256 --threads 1
     python bench/bench_ladder.py --threads 1 --parallel  # a shared, loaded box: the four processes at once
+    python bench/bench_ladder.py --backend llama.cpp --context 512 --n-windows 14   # llama.cpp's runtime
 
 Printed: time and memory of both ways and their ratio, the largest difference between a candidate's numbers in the
 one run and in its own run (0: the same bits), P's cache (final hidden states, float32) against llama.cpp's base-logits
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parallel", action="store_true", help="run the four processes at once (a loaded box: compare "
                     "CPU seconds, not wall clock)")
+    ap.add_argument("--backend", choices=("transformers", "llama.cpp"), default="transformers",
+                    help="scoring runtime; llama.cpp: P's logits spilled to disk once, base storage llama-uint16")
     ap.add_argument("--out", default=None, help="folder of the runs (default: a temporary one)")
     a = ap.parse_args(argv)
     if (models := wheel_and_variants(CANDIDATES)) is None:
@@ -60,7 +63,9 @@ def main(argv=None) -> int:
     env = child_env()
     corpus = as_txt_corpus(Path(a.corpus), out)
     common = ["--corpus", str(corpus), "--p-model", str(base), "--context", str(a.context), "--n-windows",
-              str(a.n_windows), "--threads", str(a.threads), "--no-plots", "--overwrite"]
+              str(a.n_windows), "--threads", str(a.threads), "--no-plots", "--overwrite", "--backend", a.backend]
+    if a.backend == "llama.cpp":
+        common += ["--base-storage", "llama-uint16"]
     py = sys.executable
     cmds = [[py, str(ROOT / "LLM_experiments.py"), *common, "--q-model", *qs, "--output-dir", str(out / "ladder")]]
     cmds += [[py, str(ROOT / "LLM_experiments.py"), *common, "--q-model", q, "--output-dir", str(out / f"single-{t}")]
@@ -91,15 +96,16 @@ def main(argv=None) -> int:
     llama_file = llama_base_file_bytes(W, a.context, n_vocab)
     s_wall, s_cpu, s_rss = sum(r["wall"] for r in sep), sum(r["cpu"] for r in sep), max(r["rss_mb"] for r in sep)
     print(f"SmolLM2-135M-Instruct Q4_1 base, candidates {', '.join(CANDIDATES)}; {W} windows of {a.context} "
-          f"({corpus['source']}), {a.threads} threads")
+          f"({corpus['source']}), {a.threads} threads, backend {a.backend}")
     print("| | wall s | CPU s | peak RSS MB |\n|---|---|---|---|")
     print(f"| one run, {len(qs)} candidates | {one['wall']:.1f} | {one['cpu']:.1f} | {one['rss_mb']:.0f} |")
     print(f"| {len(qs)} separate runs | {s_wall:.1f} | {s_cpu:.1f} | {s_rss:.0f} (largest) |")
     print(f"| ratio one / separate | {one['wall'] / s_wall:.2f} | {one['cpu'] / s_cpu:.2f} | "
           f"{one['rss_mb'] / s_rss:.2f} |")
     print(f"largest per-token difference, one run vs separate runs, over KL both ways, log-probs, Δp: {worst:.3g}")
-    print(f"P's cache (hidden states, float32): {hidden / 2**20:.1f} MiB; llama.cpp's base-logits file for the "
-          f"same windows: {llama_file / 2**20:.1f} MiB ({llama_file / hidden:.0f}×)")
+    if hidden:  # 0 where P's side was a temporary file, gone by now (the llama.cpp backend)
+        print(f"P's side as kept ({models['base'].split(':')[0]}): {hidden / 2**20:.1f} MiB; llama.cpp's base-logits "
+              f"file for the same windows: {llama_file / 2**20:.1f} MiB ({llama_file / hidden:.1f}×)")
     print((out / "ladder" / "llama.txt").read_text().split("====== kl_estimation: ")[-1])
     print(f"run folders: {out}")
     return 0

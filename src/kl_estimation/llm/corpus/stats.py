@@ -128,25 +128,26 @@ def _rows_llama(x, y, tg, cdt):
     # base pass: keep logits within 16 of the max, quantize (logit − min)/scale to uint16 with round-half-even
     mn, mx = torch.aminmax(x, dim=-1, keepdim=True)
     mn = torch.maximum(mn, mx - 16)
-    lse = torch.log(torch.sub(x, mx).exp_().sum(-1, keepdim=True, dtype=torch.float64)).float()  # expf summed in double
+    lse64 = torch.log(torch.sub(x, mx).exp_().sum(-1, keepdim=True, dtype=torch.float64))  # expf summed in double
+    lse = lse64.float()
     min_log_prob = (mn - mx) - lse
     scale = (mx - mn) / 65535.0
     inv = torch.where(scale > 0, 1 / scale, torch.zeros((), device=x.device))
     # code 0 at and below the clamp; llama.cpp's `& 0xFFFF` is left out: in float32 the top code rounds to 65535
     lpb = torch.sub(x, mn).mul_(inv).round_().clamp_(min=0).mul_(scale).add_(min_log_prob)  # dequantized log-probs
-    return _rows_llama_stored(x, mx + lse, lpb, y, tg, cdt)
+    return _rows_llama_stored(x, mx + lse64, lpb, y, tg, cdt)
 
 
 def _rows_llama_file(lpb, y, tg, cdt):
     """llama.cpp's arithmetic on log-probs it stored itself (its --kl-divergence-base file, dequantized)."""
     lpb = lpb.float()
-    return _rows_llama_stored(lpb, torch.logsumexp(lpb, -1, keepdim=True), lpb, y.float(), tg, cdt)
+    return _rows_llama_stored(lpb, torch.logsumexp(lpb.double(), -1, keepdim=True), lpb, y.float(), tg, cdt)
 
 
 def _rows_llama_stored(x, lse_x, lpb, y, tg, cdt):
     """llama.cpp's KL pass (l. 189-250) against the dequantized base log-probs `lpb`; `x` the base's logits and
-    `lse_x` their log-normaliser for the reverse direction, which llama.cpp does not compute. Written as in-place
-    passes over the vocabulary (one block's temporaries: three (rows, V) float32 tensors)."""
+    `lse_x` (float64) their log-normaliser for the reverse direction, which llama.cpp does not compute. Written as
+    in-place passes over the vocabulary (one block's temporaries: three (rows, V) float32 tensors)."""
     t = tg[:, None]
     nll_base = -lpb.gather(-1, t).squeeze(-1)
     # KL pass over Q's float32 logits
@@ -159,10 +160,11 @@ def _rows_llama_stored(x, lse_x, lpb, y, tg, cdt):
     kf = torch.exp(lpb).mul_(d).sum(-1, dtype=torch.float64)                      # float32 terms, summed in double
     top = imax.squeeze(-1) == lpb.argmax(-1)
     dp = torch.exp(-nll) - torch.exp(-nll_base)
-    # the reverse direction is not in llama.cpp: Σ q·(log q − log p) with both normalisers from sums in double (more
-    # accurate than float32 log-softmaxes); 0·log 0 terms (NaN from −inf logits) count as 0
-    q.mul_((1 / total).float())
-    kr = torch.nansum(q.mul_(torch.sub(y, x, out=d).add_(lse_x - c)), -1, dtype=torch.float64)
+    # the reverse direction is not in llama.cpp: KL(Q‖P) = Σ e·(y − x) / Σ e + (log Z_p − log Z_q), e = exp(y − max y),
+    # the normalisers' difference in double (formed in float32, as log-softmaxes do, it is off by up to an ulp of the
+    # normalisers, ~1e-6); 0·log 0 terms (NaN from −inf logits) count as 0
+    dot = torch.nansum(q.mul_(torch.sub(y, x, out=d)), -1, dtype=torch.float64)
+    kr = dot / total.squeeze(-1) + (lse_x - mxq.double() - torch.log(total)).squeeze(-1)
     return {"kl_forward": kf.to(cdt), "kl_reverse": kr.to(cdt), "logp_p": (-nll_base).to(cdt),
             "logp_q": (-nll).to(cdt), "top1_agree": top, "delta_p": dp.to(cdt)}
 
