@@ -16,11 +16,12 @@ Two forms of the one formula:
 * ``kl_rows`` / ``kl_from_probs`` / ``kl_from_logits``: rows of (log-)probabilities, numpy float64 or torch, with the
   exact 0·log 0 and +inf conventions above. Used by the synthetic evaluation, the toy Markov DP, enumeration ground
   truth and the sampling engine's per-step KL (accumulated in float64).
-* ``token_terms`` / ``token_terms_block``: torch logits (N, V) → log P(x), log Q(x) of given tokens and KL(P‖Q) in
+* ``token_terms``: torch logits (N, V) → log P(x), log Q(x) of given tokens and KL(P‖Q) in
   one pass, ``chunk_size`` rows at a time in float32 or wider, K = Σ p·(log p − log q) (the difference formed in
   place, one dot product), with an analytic backward that recomputes each chunk instead of keeping
   (N, V) float32 activations. Used by every exact KL from logits of training.py (``exact_token_kl``,
-  ``token_logprobs_and_kl``) and by the corpus run's per-token statistics (both directions). −inf logits are
+  ``token_logprobs_and_kl``); the corpus run's statistics (llm/corpus/stats.py) form theirs with the normalisers in
+  double instead, which a loss does not need. −inf logits are
   clamped to the most negative float there, so 0·log 0 = 0 and its gradient is 0, and P > 0 = Q gives a huge
   finite KL rather than +inf (a finite loss whose gradient stays finite).
 """
@@ -132,7 +133,7 @@ _KERNEL = None  # _build_kernel()'s, built on first use: numpy callers never imp
 
 
 def _build_kernel():
-    """The autograd Function of token_terms and the per-chunk computation it shares with token_terms_block."""
+    """The autograd Function of token_terms."""
     import torch
 
     def log_softmax(z, dt, inv_tau, clamp):
@@ -144,17 +145,16 @@ def _build_kernel():
     def dot(a, b):
         return torch.einsum("rv,rv->r", a, b)
 
-    def block(zp, zq, tok, dt, inv_tau, clamp, reverse=False):
-        """log P(x), log Q(x), KL(P‖Q) (and KL(Q‖P) if `reverse`) of one chunk of rows, computed in `dt`."""
+    def block(zp, zq, tok, dt, inv_tau, clamp):
+        """log P(x), log Q(x), KL(P‖Q) of one chunk of rows, computed in `dt`."""
         lsa, lsb = log_softmax(zp, dt, inv_tau, clamp), log_softmax(zq, dt, inv_tau, clamp)
         out = lsa.gather(-1, tok)[:, 0], lsb.gather(-1, tok)[:, 0]
         p = lsa.exp()
-        q = lsb.exp() if reverse else None
         # the difference first, then one dot product: Σ p·log p − Σ p·log q loses up to 3× more to cancellation in
         # float32; formed in place (log P is not needed any more), so it costs no extra vocabulary-wide tensor
         d = lsa.sub_(lsb)
         kl = dot(p, d)
-        return (*out, kl) if not reverse else (*out, kl, -dot(q, d))
+        return (*out, kl)
 
     class _TokenTerms(torch.autograd.Function):
         """log P(x_t), log Q(x_t) and KL(P_t‖Q_t) from (N, V) logits, one chunk of rows at a time.
@@ -224,7 +224,7 @@ def _build_kernel():
                     gp[i:j] = d.mul_(inv_tau) if inv_tau != 1.0 else d
             return gp, gq, None, None, None, None
 
-    return _TokenTerms, block
+    return _TokenTerms
 
 
 def token_terms(logits_p, logits_q, tokens, *, inv_tau: float = 1.0, chunk_size: int | None = None,
@@ -237,16 +237,7 @@ def token_terms(logits_p, logits_q, tokens, *, inv_tau: float = 1.0, chunk_size:
     if compile and _FUSED is None:
         _FUSED = _fused_kernels()
     chunk = default_chunk(logits_p.shape[-1]) if chunk_size is None else chunk_size
-    return _kernel()[0].apply(logits_p, logits_q, tokens, inv_tau, chunk, _FUSED if compile else None)
-
-
-def token_terms_block(logits_p, logits_q, tokens, dtype):
-    """token_terms' computation on one block of rows without autograd, in ``dtype``, and KL(Q‖P) too: log P(x),
-    log Q(x), KL(P‖Q), KL(Q‖P)."""
-    import torch
-
-    clamp = bool(torch.isneginf(logits_p.amin()) or torch.isneginf(logits_q.amin()))
-    return _kernel()[1](logits_p, logits_q, tokens[:, None], dtype, 1.0, clamp, reverse=True)
+    return _kernel().apply(logits_p, logits_q, tokens, inv_tau, chunk, _FUSED if compile else None)
 
 
 def _kernel():
