@@ -93,6 +93,25 @@ def test_gguf_speedups_load_the_same_weights(loaded):
 
 
 @needs_wheel
+def test_gguf_speedups_reader_parses_what_gguf_py_parses():
+    import gguf
+
+    stock = gguf.GGUFReader(str(BASE))
+    with gguf_speedups():
+        fast = gguf.GGUFReader(str(BASE))
+    assert type(fast) is not gguf.GGUFReader and list(fast.fields) == list(stock.fields)
+    for k, f in stock.fields.items():
+        g = fast.fields[k]
+        assert (g.types, g.data, g.offset, g.name) == (f.types, f.data, f.offset, f.name), k
+        assert len(g.parts) == len(f.parts) and all(
+            x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(g.parts, f.parts)), k
+    for s, t in zip(stock.tensors, fast.tensors, strict=True):
+        assert (s.name, s.tensor_type, s.data.dtype, s.data.shape, s.data_offset) == \
+            (t.name, t.tensor_type, t.data.dtype, t.data.shape, t.data_offset)
+        assert np.array_equal(s.data, t.data)
+
+
+@needs_wheel
 def test_corpus_run_on_the_real_pair(loaded, tmp_path):
     p, q, tok = loaded
     res = kle.corpus_kl(p, q, [gpl_text(12_000)], context=256, tokenizer=tok, progress=False,

@@ -15,6 +15,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kl_estimation.llm.pair import (
@@ -216,13 +217,25 @@ def gguf_speedups():
     over the ~100 000 vocabulary and merge entries — once for the config, once for the tokenizer and once more for the
     weights, and rebuilds gguf-py's tensor-name table for every submodule (400 times for SmolLM2): here the parsed
     reader (read-only, over a memory map) is shared by those calls and the table built once per (architecture, blocks).
-    Same objects, same weights (tests/test_real_model.py compares); the originals are restored on exit."""
+    The parse itself is 3× faster: it slices a plain array over the memory map, not numpy.memmap, whose Python
+    hooks ran on each of its ~3 million slices. Same fields, same weights (tests/test_real_model.py compares); the
+    originals are restored on exit. Readers are not kept past the block: their fields are ~10⁶ small arrays."""
     try:
         import gguf
     except ImportError:
         yield
         return
     reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    class PlainSlices(reader_class):
+        def _get(self, offset, dtype, count=1, override_order=None):  # gguf-py's, on a plain ndarray of the map
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            dt, count = np.dtype(dtype), int(count)
+            arr = plain[offset:offset + dt.itemsize * count].view(dt)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
     readers = {}
 
     def reader(path, *args, **kw):
@@ -231,7 +244,7 @@ def gguf_speedups():
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
         if key not in readers:
-            readers[key] = reader_class(path)
+            readers[key] = PlainSlices(path)
         return readers[key]
 
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
