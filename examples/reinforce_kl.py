@@ -144,8 +144,9 @@ def main():
         for name in ("rb", "mc", "k3", "rb-pathwise"):
             kl, j = train(name, theta_q, args.beta, args.steps, args.batch, args.lr, args.seed, log_every=0)
             print(f"  {name:12s} KL {kl:7.4f}   J {j:7.4f}   J* − J {j_star - j:7.4f}")
-        print("  (differences in J below ~0.01 are the noise of a run this short; rb-pathwise's bias needs ~1500 steps of 512\n"
-              "   sequences to show here, 0.0024 against 0.001 for rb: see the docstring and tests/test_kl_loss.py)")
+        print("  (differences in J below ~0.01 are the noise of a run this short; rb-pathwise's bias needs ~1500 "
+              "steps of 512\n   sequences to show here, 0.0024 against 0.001 for rb: see the docstring and "
+              "tests/test_kl_loss.py)")
     print(f"({time.perf_counter() - t0:.1f} s)")
 
 
