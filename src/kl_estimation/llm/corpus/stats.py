@@ -22,8 +22,8 @@ Source read: llama.cpp ``tools/perplexity/perplexity.cpp`` (ggml-org/llama.cpp @
 ``examples/perplexity/perplexity.cpp`` of ggerganov/llama.cpp @c392e50 (Feb 2025), whose final KLD block still
 printed "99.0%" twice and no 95/90/0.1 % lines; the printed block here follows the current (@050fc7f) layout.
 
-This module imports numpy, torch, the standard library and core (the exact-KL kernel, the clustered SE and the
-t-quantile shared with the other areas).
+This module imports numpy, torch, the standard library and core (the clustered SE and the t-quantile shared with the
+other areas).
 """
 from __future__ import annotations
 
