@@ -114,23 +114,34 @@ def llama_windows(token_ids, n_ctx, bos_id=None, *, score: str = "second-half", 
 
 # ------------------------------------------------------------------------------------------------------ token stats
 
+def _shifted_exp(z):
+    """Per row: the max and its first index (llama.cpp's '>' scan keeps the first too), e = exp(z − max) and Σ e
+    summed in double, so that the log-normaliser max + log Σ e carries no float32 rounding."""
+    mx, i = torch.max(z, -1, keepdim=True)
+    e = torch.sub(z, mx).exp_()
+    return mx, i, e, e.sum(-1, keepdim=True, dtype=torch.float64)
+
+
+def _kl_rows(e, total, diff, lz_gap):
+    """KL(A‖B) per row as Σ e·(a − b)/Σ e + log Z_b − log Z_a, from e = exp(a − max a), its double sum `total`,
+    `diff` = a − b and `lz_gap` = log Z_b − log Z_a in double; `e` is overwritten. Formed from float32 log-softmaxes
+    instead, each term carries the normalisers' rounding (~1e-6, up to 3e-5 per token at V = 49 152); this way it is
+    ~1e-8. 0·log 0 terms (NaN from −inf logits) count as 0."""
+    return torch.nansum(e.mul_(diff), -1, dtype=torch.float64) / total.squeeze(-1) + lz_gap.squeeze(-1)
+
+
 def _rows_exact(x, y, tg, cdt):
-    """Exact values in `cdt` from in-place passes over the vocabulary: with e = exp(z − max z) and the log-normalisers
-    log Z summed in double, KL(P‖Q) = Σ e_p·(x − y)/Σ e_p + log Z_q − log Z_p and KL(Q‖P) likewise. Formed from float32
-    log-softmaxes instead, each term carries the normalisers' rounding (~1e-6, up to 3e-5 per token at V = 49 152);
-    this way it is ~1e-8. 0·log 0 terms (NaN from −inf logits) count as 0."""
+    """Exact values in `cdt` from in-place passes over the vocabulary, both directions by _kl_rows."""
     x, y = x.to(cdt), y.to(cdt)
     t = tg[:, None]
-    (mxp, ip), (mxq, iq) = torch.max(x, -1, keepdim=True), torch.max(y, -1, keepdim=True)
-    ep, eq = torch.sub(x, mxp).exp_(), torch.sub(y, mxq).exp_()
-    sp, sq = ep.sum(-1, keepdim=True, dtype=torch.float64), eq.sum(-1, keepdim=True, dtype=torch.float64)
+    (mxp, ip, ep, sp), (mxq, iq, eq, sq) = _shifted_exp(x), _shifted_exp(y)
     lzp, lzq = mxp.double() + torch.log(sp), mxq.double() + torch.log(sq)
     d = torch.sub(x, y)
-    kf = torch.nansum(ep.mul_(d), -1, dtype=torch.float64) / sp.squeeze(-1) + (lzq - lzp).squeeze(-1)
-    kr = (lzp - lzq).squeeze(-1) - torch.nansum(eq.mul_(d), -1, dtype=torch.float64) / sq.squeeze(-1)
+    kf = _kl_rows(ep, sp, d, lzq - lzp)
+    kr = -_kl_rows(eq, sq, d, lzq - lzp)  # Σ q·(y − x) = −Σ q·d, one difference tensor for both
     lpx, lqx = (x.gather(-1, t) - lzp).squeeze(-1), (y.gather(-1, t) - lzq).squeeze(-1)
     return {"kl_forward": kf.to(cdt), "kl_reverse": kr.to(cdt), "logp_p": lpx.to(cdt), "logp_q": lqx.to(cdt),
-            "top1_agree": (ip == iq).squeeze(-1),   # raw logits; the first index among ties, like llama.cpp's scan
+            "top1_agree": (ip == iq).squeeze(-1),  # raw logits
             "delta_p": (lqx.exp() - lpx.exp()).to(cdt)}
 
 
@@ -163,20 +174,15 @@ def _rows_llama_stored(x, lse_x, lpb, y, tg, cdt):
     t = tg[:, None]
     nll_base = -lpb.gather(-1, t).squeeze(-1)
     # KL pass over Q's float32 logits
-    mxq, imax = torch.max(y, -1, keepdim=True)          # the first index among ties, as argmax and llama.cpp's scan
-    q = torch.sub(y, mxq).exp_()
-    total = q.sum(-1, keepdim=True, dtype=torch.float64)
+    mxq, imax, q, total = _shifted_exp(y)
     c = mxq + torch.log(total).float()
     nll = (c - y.gather(-1, t)).squeeze(-1)
     d = torch.sub(lpb, y).add_(c).masked_fill_(lpb <= -16.0, 0.0)                 # base p < e^-16 dropped
     kf = torch.exp(lpb).mul_(d).sum(-1, dtype=torch.float64)                      # float32 terms, summed in double
     top = imax.squeeze(-1) == lpb.argmax(-1)
     dp = torch.exp(-nll) - torch.exp(-nll_base)
-    # the reverse direction is not in llama.cpp: KL(Q‖P) = Σ e·(y − x) / Σ e + (log Z_p − log Z_q), e = exp(y − max y),
-    # the normalisers' difference in double (formed in float32, as log-softmaxes do, it is off by up to an ulp of the
-    # normalisers, ~1e-6); 0·log 0 terms (NaN from −inf logits) count as 0
-    dot = torch.nansum(q.mul_(torch.sub(y, x, out=d)), -1, dtype=torch.float64)
-    kr = dot / total.squeeze(-1) + (lse_x - mxq.double() - torch.log(total)).squeeze(-1)
+    # the reverse direction is not in llama.cpp: exact, as _rows_exact's
+    kr = _kl_rows(q, total, torch.sub(y, x, out=d), lse_x - mxq.double() - torch.log(total))
     return {"kl_forward": kf.to(cdt), "kl_reverse": kr.to(cdt), "logp_p": (-nll_base).to(cdt),
             "logp_q": (-nll).to(cdt), "top1_agree": top, "delta_p": dp.to(cdt)}
 
