@@ -68,6 +68,28 @@ def ours(args_json: str) -> None:
                              threads=a["threads"], progress=False)
         for q, r in zip(a["qs"], cmp2.results if hasattr(cmp2, "results") else [cmp2]):
             out["types"][q]["kl_file_base"] = r.mean()["mean"]
+    if a.get("cache"):  # P alone into a base cache (llama.cpp's hidden states, its head in ggml), then the candidates
+        import numpy as np
+
+        from kl_estimation.llm.corpus.basecache import read_record
+
+        t2 = time.perf_counter()
+        kle.corpus_kl(p_model=a["base"], token_ids=a["kld"], context=a["context"], n_windows=a["n_windows"],
+                      backend="llama.cpp", base_storage=a["storage"], threads=a["threads"], save_base=a["cache"],
+                      overwrite=True, progress=False)
+        t3 = time.perf_counter()
+        cmp3 = kle.corpus_kl(base=a["cache"], q_model=a["qs"], backend="llama.cpp", base_storage=a["storage"],
+                             threads=a["threads"], progress=False)
+        t4 = time.perf_counter()
+        worst = 0.0
+        for q, r, r1 in zip(a["qs"], cmp3.results if hasattr(cmp3, "results") else [cmp3], results):
+            out["types"][q]["kl_cache"] = r.mean()["mean"]
+            for k in ("kl_forward", "kl_reverse", "logp_p", "logp_q"):
+                d = np.abs(np.nan_to_num(r.tokens[k] - r1.tokens[k]))
+                worst = max(worst, float(d.max()))
+        b = read_record(a["cache"])["bytes"]
+        out["cache"] = {"largest_token_difference": worst, "cache_bytes": b["file"],
+                        "llama_base_bytes": os.path.getsize(a["kld"]), "save_s": t3 - t2, "score_s": t4 - t3}
     print("OURS " + json.dumps(out))
 
 
@@ -85,6 +107,8 @@ def main(argv=None) -> int:
                     help="our base storage in the llama.cpp-backend run")
     ap.add_argument("--no-floor", action="store_true", help="leave out the weights-only KL and the runtime floor")
     ap.add_argument("--no-file-base", action="store_true", help="leave out the run against llama.cpp's base file")
+    ap.add_argument("--cache", action="store_true", help="also P alone into a base cache (`save_base`, llama.cpp "
+                    "backend) and the candidates against it: the largest per-token difference, the sizes")
     ap.add_argument("--out", default=None, help="folder of the quants and llama.cpp's files (default: a temp dir)")
     ap.add_argument("--_ours", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -135,7 +159,7 @@ def main(argv=None) -> int:
 
     args = {"base": str(base), "qs": [str(qs[t]) for t in a.types], "kld": str(kld), "context": a.context,
             "n_windows": a.n_windows, "floor": not a.no_floor, "storage": a.storage, "threads": a.threads,
-            "file_base": not a.no_file_base}
+            "file_base": not a.no_file_base, "cache": str(out / "base-cache") if a.cache else None}
     envp = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 HF_HUB_OFFLINE="1")
     mine = measure([sys.executable, __file__, "--_ours", json.dumps(args)], env=envp)
@@ -166,11 +190,20 @@ def main(argv=None) -> int:
     lc_wall = r1["wall"] + sum(r["wall"] for r in llama.values())
     lc_cpu = r1["cpu"] + sum(r["cpu"] for r in llama.values())
     print(f"\nlargest |ours / llama.cpp − 1|: {100 * worst:.2f} % (target < 2 %)")
+    if "cache" in got:
+        c = got["cache"]
+        print(f"base cache (llama.cpp backend): {c['cache_bytes'] / 2**20:.2f} MiB against llama.cpp's base file "
+              f"{c['llama_base_bytes'] / 2**20:.1f} MiB ({c['llama_base_bytes'] / c['cache_bytes']:.0f}× smaller); "
+              f"every candidate against it: largest per-token difference from the one run "
+              f"{c['largest_token_difference']:.3g}; mean KLD " + ", ".join(
+                  f"{t} {got['types'][str(qs[t])]['kl_cache']:.6f}" for t in a.types)
+              + f" (P alone {c['save_s']:.1f} s, candidates {c['score_s']:.1f} s, wall in process)")
     print(f"llama.cpp, base + {len(llama)} types: wall {lc_wall:.1f} s, CPU {lc_cpu:.1f} s, peak RSS "
           f"{max(r1['rss_mb'], *(r['rss_mb'] for r in llama.values())):.0f} MB")
     print(f"ours (one run{', + weights-only and floor' if args['floor'] else ''}"
-          f"{', + against the base file' if args['file_base'] else ''}): wall {mine['wall']:.1f} s, CPU "
-          f"{mine['cpu']:.1f} s, peak RSS {mine['rss_mb']:.0f} MB")
+          f"{', + against the base file' if args['file_base'] else ''}"
+          f"{', + the base cache and the candidates against it' if args['cache'] else ''}): "
+          f"wall {mine['wall']:.1f} s, CPU {mine['cpu']:.1f} s, peak RSS {mine['rss_mb']:.0f} MB")
     (out / "match.md").write_text(md + "\n")
     (out / "match.json").write_text(json.dumps({"llama": {t: {"kld": v["kld"], "wall": v["wall"], "cpu": v["cpu"],
                                                               "rss_mb": v["rss_mb"]} for t, v in llama.items()},

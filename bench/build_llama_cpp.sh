@@ -32,6 +32,14 @@ SRC="$WORK/llama_cpp_python-$VERSION"
 [ -d "$SRC" ] || tar -xzf "$SDIST" -C "$WORK"
 
 start=$(date +%s)
+# No AMX: -march=native turns ggml's AMX kernels on wherever the CPU lists AMX, but some VMs list it without running
+# it (here: a Sapphire Rapids guest whose tileloadd raises SIGILL in the first decode of a Q4_1 model, which killed the
+# test process). Explicit -mno-* flags win over -march=native in GCC and clang, whatever their order.
+NO_AMX=""
+if [ "$(uname -m)" = x86_64 ] && echo 'int main(void){return 0;}' | ${CC:-cc} -mno-amx-tile -mno-amx-int8 \
+        -mno-amx-bf16 -x c -o /dev/null - 2>/dev/null; then
+    NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 # RPATH $ORIGIN/../lib: the binaries find the shared libraries of the prefix wherever it is moved.
 # No OpenSSL/curl (nothing here downloads), no OpenMP dependency beyond the compiler's.
 cmake -S "$SRC/vendor/llama.cpp" -B "$WORK/cmake" \
@@ -40,6 +48,7 @@ cmake -S "$SRC/vendor/llama.cpp" -B "$WORK/cmake" \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
     -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH='$ORIGIN/../lib' \
+    -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
     ${LLAMA_CPP_CMAKE_ARGS:-}
 cmake --build "$WORK/cmake" --config Release -j "$JOBS" --target llama llama-quantize llama-perplexity
 cp -a "$WORK"/cmake/bin/llama-quantize "$WORK"/cmake/bin/llama-perplexity "$PREFIX/bin/"

@@ -138,3 +138,26 @@ def test_groups_of_a_jsonl_corpus_with_the_llama_cpp_backend(ref, tmp_path):
         assert sel.any()
         assert r.summary["groups"][name]["kl_forward"]["mean"] == pytest.approx(t["kl_forward"][sel].mean(),
                                                                                  rel=1e-12)
+
+
+def test_base_cache_of_the_llama_cpp_runtime_gives_the_one_pass_numbers(ref, tmp_path):
+    """`save_base` with the llama.cpp backend: llama.cpp's hidden states × P's GGUF head in ggml's matmul are its
+    logits bit for bit, so candidates scored against the cache get every number of a one-pass run (whose P logits
+    are kept whole on disk), from a cache ≥ 20× smaller than llama.cpp's base file of the same windows."""
+    from kl_estimation.llm.corpus.basecache import read_record
+
+    qs, kld, _ = ref
+    names = [str(qs["Q8_0"]), str(qs["Q4_0"])]
+    kw = dict(context=N_CTX, backend="llama.cpp", base_storage="llama-uint16", progress=False)
+    one = kle.corpus_kl(str(BASE), names, token_ids=str(kld), **kw)
+    cache = tmp_path / "cache"
+    assert kle.corpus_kl(str(BASE), token_ids=str(kld), save_base=str(cache), **kw) == cache
+    rec = read_record(cache)
+    assert rec["p_source"]["backend"] == "llama.cpp" and rec["p_source"]["head_type"] == "Q8_0"
+    assert rec["bytes"]["llama_cpp_base"] > 20 * rec["bytes"]["file"]
+    kw.pop("context")
+    via = kle.corpus_kl(base=str(cache), q_model=names, **kw)
+    for a, b in zip(one.results, via.results):
+        for k in ("kl_forward", "kl_reverse", "logp_p", "logp_q", "top1_agree"):
+            np.testing.assert_array_equal(a.tokens[k], b.tokens[k], err_msg=k)
+    assert "in ggml" in via.results[0].models["base"]

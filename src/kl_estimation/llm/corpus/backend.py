@@ -155,6 +155,7 @@ class LlamaCppModel(_LlamaFile):
         cp.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_AUTO
         if threads:
             cp.n_threads = cp.n_threads_batch = int(threads)
+        self.threads = int(cp.n_threads_batch)
         self.ctx = lib.llama_init_from_model(self.model, cp)
         if not self.ctx:
             self.close()  # the model freed once: the finalizer must not free it again
@@ -166,13 +167,19 @@ class LlamaCppModel(_LlamaFile):
             self.ctx = None
         super().close()
 
-    def window_logits(self, ids: torch.Tensor, keep: int, vocab: int) -> torch.Tensor:
+    def window_logits(self, ids: torch.Tensor, keep: int, vocab: int, hidden: bool = False):
+        """With `hidden`: (logits, final hidden states (B, keep, n_embd) of positions n_ctx − keep … n_ctx − 1, the
+        input of the output head after the final norm). llama.cpp hands hidden states out only with embeddings on,
+        which outputs every position (its head then runs on all n_ctx rows: the logits of the scored rows are the
+        same bits, tests/test_llama_cpp.py)."""
         lib = self.lib
         ids = np.ascontiguousarray(ids.cpu().numpy() if isinstance(ids, torch.Tensor) else ids, dtype=np.int32)
         B, n_ctx = ids.shape
         if n_ctx != self.n_ctx:
             raise ValueError(f"context: the llama.cpp context holds windows of {self.n_ctx}, got {n_ctx}")
-        out = np.empty((B, keep - 1, vocab), dtype=np.float32) if B > self.n_seq else None
+        lib.llama_set_embeddings(self.ctx, hidden)
+        out = np.empty((B, keep - 1, vocab), dtype=np.float32) if B > self.n_seq or hidden else None
+        h_out = np.empty((B, keep, int(lib.llama_model_n_embd(self.model))), dtype=np.float32) if hidden else None
         first = n_ctx - keep
         for b0 in range(0, B, self.n_seq):
             nb = min(self.n_seq, B - b0)
@@ -183,7 +190,7 @@ class LlamaCppModel(_LlamaFile):
             seq = np.repeat(np.arange(nb, dtype=np.int32), n_ctx)
             seq_ptr = (seq.ctypes.data + 4 * np.arange(N, dtype=np.uintp)).astype(np.uintp)
             n_seq_id = np.ones(N, dtype=np.int32)
-            want = (pos >= first).astype(np.int8)
+            want = (pos >= first if not hidden else pos >= 0).astype(np.int8)  # embeddings on: every position
             P = ctypes.POINTER
             batch = lib.llama_batch(
                 n_tokens=N, token=tok.ctypes.data_as(P(lib.llama_token)), embd=None,
@@ -194,13 +201,121 @@ class LlamaCppModel(_LlamaFile):
             rc = lib.llama_decode(self.ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"llama.cpp: llama_decode failed ({rc}) on {self.path}")
-            n_out = int(want.sum())
-            rows = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(n_out * self.n_vocab,))
-            rows = rows.reshape(nb, keep, self.n_vocab)
+            rows_out = n_ctx if hidden else keep  # with embeddings on, every position is an output
+            rows = np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(nb * rows_out * self.n_vocab,))
+            rows = rows.reshape(nb, rows_out, self.n_vocab)[:, rows_out - keep:]
+            if hidden:
+                emb = np.ctypeslib.as_array(lib.llama_get_embeddings(self.ctx), shape=(nb * n_ctx * h_out.shape[2],))
+                h_out[b0:b0 + nb] = emb.reshape(nb, n_ctx, -1)[:, first:]
             if out is None:  # one decode: its logits where llama.cpp keeps them, not a copy of 200 MB per 4 windows
                 return torch.from_numpy(rows)[:, :-1, :vocab]
             out[b0:b0 + nb] = rows[:, :-1, :vocab]
-        return torch.from_numpy(out)
+        return (torch.from_numpy(out), torch.from_numpy(h_out)) if hidden else torch.from_numpy(out)
+
+    def output_head(self) -> GgmlHead:
+        """This file's output head in ggml, as this runtime applies it (GgmlHead)."""
+        return GgmlHead(self.path, self.threads, "p_model")
+
+class _Ggml:
+    """The few ggml calls GgmlHead makes, from the libraries beside the libllama llama-cpp-python loaded."""
+
+    class InitParams(ctypes.Structure):
+        _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+    _loaded = None
+
+    @classmethod
+    def get(cls, flag: str):
+        if cls._loaded is None:
+            lib = import_llama_cpp(flag)
+            where = Path(lib._lib._name).parent
+            base, cpu = (ctypes.CDLL(str(next(where.glob(f"libggml-{n}.so*")))) for n in ("base", "cpu"))
+            vp, i64 = ctypes.c_void_p, ctypes.c_int64
+            for fn, args, res in (("ggml_init", [cls.InitParams], vp), ("ggml_free", [vp], None),
+                                  ("ggml_new_tensor_2d", [vp, ctypes.c_int, i64, i64], vp),
+                                  ("ggml_mul_mat", [vp, vp, vp], vp), ("ggml_new_graph", [vp], vp),
+                                  ("ggml_build_forward_expand", [vp, vp], None), ("ggml_get_data", [vp], vp),
+                                  ("ggml_nbytes", [vp], ctypes.c_size_t), ("ggml_tensor_overhead", [], ctypes.c_size_t),
+                                  ("ggml_graph_overhead", [], ctypes.c_size_t)):
+                f = getattr(base, fn)
+                f.argtypes, f.restype = args, res
+            cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
+            cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
+            cpu.ggml_cpu_init()
+            cls._loaded = (base, cpu)
+        return cls._loaded
+
+
+class GgmlHead:
+    """A GGUF's output head as llama.cpp's runtime applies it: the head tensor (``output.weight``, or
+    ``token_embd.weight`` when the embedding is tied) in the file's own quantization, multiplied by final hidden states
+    (after the final norm, float32) in ggml's own mul_mat on the CPU — the operation llama.cpp's graph ends with, so
+    head(hidden) is llama.cpp's logits bit for bit. Checked on P's first batch: a head llama.cpp would repack for its
+    CPU (Q4_0, Q4_K, IQ4_NL on AVX2) or scale after the matmul fails there, and P's logits are kept whole instead.
+    Called on (…, hidden size) float32, returns (…, vocabulary) float32; ``sha256`` is the head's bytes'."""
+
+    def __init__(self, path, threads: int | None = None, flag: str = "base"):
+        import hashlib
+
+        from gguf import GGUFReader
+
+        from kl_estimation.llm.loading import gguf_speedups
+
+        self.ggml, self.cpu = _Ggml.get(flag)
+        self.path, self.threads = str(path), int(threads or os.cpu_count() or 1)
+        with gguf_speedups():
+            tensors = {t.name: t for t in GGUFReader(self.path).tensors}
+        t = tensors.get("output.weight") or tensors.get("token_embd.weight")
+        if t is None:
+            raise ValueError(f"{flag}: {self.path} has neither output.weight nor token_embd.weight")
+        raw = np.ascontiguousarray(np.asarray(t.data)).view(np.uint8).reshape(-1)
+        self.tensor, self.type_name, self.type = t.name, t.tensor_type.name, int(t.tensor_type)
+        self.n_embd, self.n_vocab = (int(n) for n in t.shape[:2])
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        g = self.ggml
+        self.ctx = g.ggml_init(_Ggml.InitParams(raw.nbytes + g.ggml_tensor_overhead() + 4096, None, False))
+        if not self.ctx:
+            raise RuntimeError("ggml: no memory for the output head")  # pragma: no cover
+        self.w = g.ggml_new_tensor_2d(self.ctx, self.type, self.n_embd, self.n_vocab)
+        if g.ggml_nbytes(self.w) != raw.nbytes:
+            raise ValueError(f"{flag}: {self.path}'s {t.name} holds {raw.nbytes} bytes, ggml expects "
+                             f"{g.ggml_nbytes(self.w)} for {t.tensor_type.name} {self.n_embd} × {self.n_vocab}")
+        ctypes.memmove(g.ggml_get_data(self.w), raw.ctypes.data, raw.nbytes)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        g = self.ggml
+        x = np.ascontiguousarray(hidden.detach().cpu().numpy(), dtype=np.float32)
+        lead, n = x.shape[:-1], int(np.prod(x.shape[:-1]))
+        if x.shape[-1] != self.n_embd:
+            raise ValueError(f"base: hidden states of size {x.shape[-1]}, {self.tensor} takes {self.n_embd}")
+        # room for x, the logits, x quantized for the matmul (≤ 4 bytes a value) and the graph
+        size = (8 * n * self.n_embd + 4 * n * self.n_vocab + 4 * g.ggml_tensor_overhead() + g.ggml_graph_overhead()
+                + (1 << 20))
+        ctx = g.ggml_init(_Ggml.InitParams(size, None, False))
+        try:
+            xt = g.ggml_new_tensor_2d(ctx, 0, self.n_embd, n)  # GGML_TYPE_F32
+            ctypes.memmove(g.ggml_get_data(xt), x.ctypes.data, x.nbytes)
+            y = g.ggml_mul_mat(ctx, self.w, xt)
+            graph = g.ggml_new_graph(ctx)
+            g.ggml_build_forward_expand(graph, y)
+            if self.cpu.ggml_graph_compute_with_ctx(ctx, graph, self.threads) != 0:
+                raise RuntimeError("ggml: the output head's matmul failed")  # pragma: no cover
+            out = np.empty((n, self.n_vocab), dtype=np.float32)
+            ctypes.memmove(out.ctypes.data, g.ggml_get_data(y), out.nbytes)
+        finally:
+            g.ggml_free(ctx)
+        return torch.from_numpy(out).reshape(*lead, self.n_vocab)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.ggml.ggml_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except (TypeError, AttributeError):  # interpreter shutdown
+            pass
 
 
 def load_llama_cpp(flag: str, name: str, n_ctx: int, threads: int | None = None) -> LlamaCppModel:

@@ -4,7 +4,8 @@
                            position whose logits are scored —, windows, mask, document
     DIR/base.json          what P was and where it came from (its files with size, mtime and the sha256 of its
                            output head), the corpus record, the settings that made the windows, versions
-    DIR/tokenizer/         P's tokenizer (candidates are checked against it; the worst tokens are decoded with it)
+    DIR/tokenizer/         P's tokenizer (candidates are checked against it; the worst tokens are decoded with it);
+                           none for llama.cpp's runtime, whose tokenizer is read from P's GGUF again
 
 P's output head is not stored (it is vocabulary × hidden size: 108 MiB of SmolLM2-135M's 135 M parameters in float32):
 ``base`` reads it from P's own file — loaded as the one-pass run loads P, its head kept and its body released before
@@ -17,6 +18,10 @@ are then recomputed in P's dtype from the rounded values: the precision is measu
 scored token: hidden size × bytes of the stored dtype (576 × 4 for SmolLM2-135M in float32, 576 × 2 in bfloat16)
 against llama.cpp's vocabulary × 2 bytes in its --kl-divergence-base file (49152 × 2 + 8 bytes: 42× and 85×).
 Caches written before (with ``head.weight`` inside) still load, their stored head used.
+
+With ``backend="llama.cpp"`` the hidden states are llama.cpp's (its embeddings output, float32) and the head is
+P's GGUF tensor applied in ggml's own matmul (backend.GgmlHead): llama.cpp's logits of P bit for bit, checked on
+P's first batch when the cache is written, its tensor's sha256 checked when it is read.
 """
 from __future__ import annotations
 
@@ -71,12 +76,16 @@ def _files(name: str | None) -> list[dict]:
     return [{"path": str(f.resolve()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in found]
 
 
-def source_record(cfg, head: torch.nn.Module) -> dict:
+def source_record(cfg, head) -> dict:
     """Where P came from, to read its output head again: the model as given, its revision, adapter, dtype as loaded,
     its local files (size, mtime) and the sha256 of its head."""
     from kl_estimation.llm.corpus.run import resolve_dtype_of
     from kl_estimation.llm.run.config import resolve_device, resolve_dtype
 
+    if not isinstance(head, torch.nn.Module):  # llama.cpp's runtime: the GGUF's head tensor in ggml (GgmlHead)
+        return {"backend": "llama.cpp", "model": cfg.p_model, "files": _files(cfg.p_model),
+                "head_sha256": head.sha256, "head_tensor": head.tensor, "head_type": head.type_name,
+                "head_shape": [head.n_vocab, head.n_embd]}
     return {"model": cfg.p_model, "revision": cfg.p_revision, "adapter": cfg.p_adapter,
             "dtype": resolve_dtype(cfg.p_dtype, resolve_device(cfg.device)) if cfg.p_dtype else resolve_dtype_of(cfg),
             "trust_remote_code": cfg.trust_remote_code, "files": _files(cfg.p_model),
@@ -89,7 +98,13 @@ def save_base(folder, base, cfg, corpus: dict, document: np.ndarray, tokenizer, 
     of its final hidden states, or that was given loaded (there is no file to read its head from again)."""
     from safetensors.torch import save_file
 
-    if not base.exact_from_hidden or not isinstance(base.head, torch.nn.Linear):
+    from kl_estimation.llm.corpus.backend import GgmlHead
+
+    if cfg.backend == "llama.cpp" and not base.exact_from_hidden:
+        raise ValueError("save_base: llama.cpp's logits of P are not its output head applied in ggml to its hidden "
+                         "states (a head llama.cpp repacks for this CPU, or scales after the matmul); a base cache "
+                         "would not reproduce them — score the candidates in one run instead")
+    if not base.exact_from_hidden or not isinstance(base.head, (torch.nn.Linear, GgmlHead)):
         raise ValueError("save_base: P's logits are not a linear output head applied to its final hidden states "
                          "(soft-capping or scaling after the head); a base cache would not reproduce them — score "
                          "the candidates in one run instead")
@@ -106,7 +121,8 @@ def save_base(folder, base, cfg, corpus: dict, document: np.ndarray, tokenizer, 
     tmp = folder / f".{TENSORS}.tmp"
     save_file(tensors, os.fspath(tmp))
     os.replace(tmp, folder / TENSORS)
-    tokenizer.save_pretrained(folder / "tokenizer")
+    if hasattr(tokenizer, "save_pretrained"):  # llama.cpp's is read from P's GGUF again
+        tokenizer.save_pretrained(folder / "tokenizer")
     n_scored = int(np.asarray(base.mask).sum())
     file_bytes = (folder / TENSORS).stat().st_size
     runio.write_json(folder / RECORD, {
@@ -149,19 +165,41 @@ def read_record(folder) -> dict:
     return rec
 
 
-def read_head(src: dict, device) -> torch.nn.Module:
+def _check_files(src: dict) -> None:
+    for f in src["files"]:
+        if not Path(f["path"]).is_file():
+            raise ValueError(f"base: P's file {f['path']} is missing; the cache reads P's output head from it — "
+                             f"restore the file, or write the cache again with `save_base`")
+
+
+def _check_sha(src: dict, got: str) -> None:
+    if got != src["head_sha256"]:
+        changed = [f["path"] for f in src["files"] if not Path(f["path"]).is_file()
+                   or (Path(f["path"]).stat().st_size, Path(f["path"]).stat().st_mtime_ns) != (f["bytes"],
+                                                                                                f["mtime_ns"])]
+        raise ValueError(f"base: P ({src['model']}) changed since the cache was written: its output head's sha256 is "
+                         f"{got[:12]}…, the cache's {src['head_sha256'][:12]}…"
+                         f"{f' ({len(changed)} file(s) changed: {changed[0]}…)' if changed else ''}; write the cache "
+                         f"again with `save_base`")
+
+
+def read_head(src: dict, device, threads: int | None = None):
     """P's output head read again from P's file as the cache's record names it (loaded as the one-pass run loads P;
-    its body released at once), checked against the sha256 the cache was written with."""
+    its body released at once; llama.cpp's: the GGUF's head tensor alone, in ggml), checked against the sha256 the
+    cache was written with."""
     import gc
     import weakref
 
     from kl_estimation.llm.loading import _with_adapters, gguf_speedups, load_model
     from kl_estimation.llm.pair import DTYPES, AdapterView, _inner
 
-    for f in src["files"]:
-        if not Path(f["path"]).is_file():
-            raise ValueError(f"base: P's file {f['path']} is missing; the cache reads P's output head from it — "
-                             f"restore the file, or write the cache again with `save_base`")
+    _check_files(src)
+    if src.get("backend") == "llama.cpp":
+        from kl_estimation.llm.corpus.backend import GgmlHead
+
+        head = GgmlHead(src["model"], threads)
+        _check_sha(src, head.sha256)
+        return head
     with gguf_speedups():
         p = load_model("base", src["model"], device, DTYPES[src["dtype"]], None, False, src["revision"],
                        src["trust_remote_code"])
@@ -176,23 +214,14 @@ def read_head(src: dict, device) -> torch.nn.Module:
     del p, h
     if body() is not None:  # a cycle holds P's body (an adapter): collected before any candidate loads
         gc.collect()
-    got = _head_sha256(head)
-    if got != src["head_sha256"]:
-        changed = [f["path"] for f in src["files"] if not Path(f["path"]).is_file()
-                   or (Path(f["path"]).stat().st_size, Path(f["path"]).stat().st_mtime_ns) != (f["bytes"],
-                                                                                                f["mtime_ns"])]
-        raise ValueError(f"base: P ({src['model']}) changed since the cache was written: its output head's sha256 is "
-                         f"{got[:12]}…, the cache's {src['head_sha256'][:12]}…"
-                         f"{f' ({len(changed)} file(s) changed: {changed[0]}…)' if changed else ''}; write the cache "
-                         f"again with `save_base`")
+    _check_sha(src, _head_sha256(head))
     return head.eval()
 
 
-def load_base(folder, device):
+def load_base(folder, device, threads: int | None = None):
     """(BaseCache on `device`, P's tokenizer, the cache's record, document (W, n_ctx)). P's output head comes from
-    P's file (read_head); a cache of the earlier format holds it."""
+    P's file (read_head; llama.cpp's computed with `threads`); a cache of the earlier format holds it."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
     from kl_estimation.llm.corpus.run import BaseCache
 
@@ -206,7 +235,14 @@ def load_base(folder, device):
                              assign=True)
         head = head.to(device).eval()
     else:
-        head = read_head(rec["p_source"], device)
+        head = read_head(rec["p_source"], device, threads)
     base = BaseCache(t["hidden"], head, None, t["windows"].numpy(), t["mask"].numpy(), rec["keep"], rec["vocab"])
-    tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "tokenizer")
+    if rec.get("p_source", {}).get("backend") == "llama.cpp":
+        from kl_estimation.llm.corpus.backend import LlamaCppTokenizer
+
+        tokenizer = LlamaCppTokenizer(rec["p_source"]["model"], "base")
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "tokenizer")
     return base, tokenizer, rec, t["document"].numpy()

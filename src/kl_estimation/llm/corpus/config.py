@@ -71,8 +71,9 @@ class CorpusConfig(ModelPairSettings):
     n_worst: int = setting(20, "tokens with the largest KL(P‖Q) kept with their context for the figures", type=int)
     save_base: str | None = setting(None, "also store P's side of the run in this folder (its final hidden states "
                                           "in P's dtype, hidden size × bytes per scored token; P's output head is "
-                                          "read again from P's file, recorded with a checksum); without `q_model`, "
-                                          "P alone is run")
+                                          "read again from P's file, recorded with a checksum; `backend` "
+                                          "llama.cpp: its hidden states, its head applied in ggml); without "
+                                          "`q_model`, P alone is run")
     save_base_dtype: str | None = setting(None, "`save_base`: store the hidden states in this dtype "
                                                 "(bfloat16, float16: half the size of float32; P's logits are then "
                                                 "recomputed from rounded values) (default: P's dtype, exact)")

@@ -218,8 +218,9 @@ class BaseCache:
     """P's side of every window, computed once for any number of candidates: P's final hidden states (the input of
     its output head, in P's dtype, (W, keep, hidden)) and the head itself, so that P's logits of a batch are the head
     applied again to the same input — the same operation on the same values as in P's own forward, hence the same
-    bits (checked on the first batch). A model whose logits are not its head's output (soft-capping, scaling after
-    the head, llama.cpp's runtime) leaves its logits whole on disk instead (``spilled``, SpilledLogits)."""
+    bits (checked on the first batch). llama.cpp's head is a backend.GgmlHead: its tensor in ggml's matmul. A model
+    whose logits are not its head's output (soft-capping, scaling after the head), and llama.cpp's runtime unless a
+    base cache is written, leave their logits whole on disk instead (``spilled``, SpilledLogits)."""
 
     def __init__(self, hidden, head, spilled, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int):
         self.hidden, self.head, self.spilled = hidden, head, spilled
@@ -237,19 +238,24 @@ class BaseCache:
     @property
     def description(self) -> str:
         if self.spilled is None:
-            return "P's final hidden states × its output head, computed once"
+            how = "" if isinstance(self.head, torch.nn.Module) else " in ggml, as llama.cpp applies it"
+            return f"P's final hidden states × its output head{how}, computed once"
         return (f"P's logits, computed once and kept in a temporary file ({self.spilled.nbytes} bytes: they are not "
                 f"hidden × head)")
 
     def device(self) -> torch.device:
-        return torch.device("cpu") if self.spilled is not None else next(self.head.parameters()).device
+        if self.spilled is not None or not isinstance(self.head, torch.nn.Module):
+            return torch.device("cpu")
+        return next(self.head.parameters()).device
 
     @torch.inference_mode()
     def logits(self, w0: int, w1: int) -> torch.Tensor:
         """(w1 − w0, keep − 1, vocab) logits of P for windows w0 … w1 − 1."""
         if self.spilled is not None:
             return self.spilled.read(w0, w1)
-        h = self.hidden[w0:w1].to(self.device(), self.head.weight.dtype)  # a no-op unless the cache was rounded
+        h = self.hidden[w0:w1]
+        if isinstance(self.head, torch.nn.Module):
+            h = h.to(self.device(), self.head.weight.dtype)  # a no-op unless the cache was rounded
         return self.head(h)[:, :-1, : self.vocab]
 
     def close(self) -> None:
@@ -258,21 +264,31 @@ class BaseCache:
 
 
 def base_pass(p, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int, batch_size: int,
-              bar=None, spill_to=None) -> BaseCache:
+              bar=None, spill_to=None, llama_hidden: bool = False) -> BaseCache:
     """P over every window once (batches of `batch_size`, as the candidates will be), keeping what its output head
     received; when P's logits are not that head's output, its logits themselves, in a temporary file under
-    `spill_to` (default: the system's temporary folder). P is not kept either way."""
+    `spill_to` (default: the system's temporary folder). llama.cpp's runtime keeps its hidden states only with
+    `llama_hidden` (a base cache is written): its head then runs on every position of a window, and reading its
+    logits back from disk costs less than recomputing them for each candidate. P is not kept either way."""
     from kl_estimation.llm.pair import _inner
 
     W = windows.shape[0]
-    head = None if hasattr(p, "window_logits") else _inner(p).get_output_embeddings()
-    seen = {}
-    hook = head.register_forward_hook(lambda mod, args, out: seen.update(x=args[0])) if head is not None else None
+    llama = hasattr(p, "window_logits")
+    seen, hook = {}, None
+    if llama:
+        head = p.output_head() if llama_hidden else None
+    else:
+        head = _inner(p).get_output_embeddings()
+        hook = head.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
     hidden, spilled = [], None
     try:
         for w0 in range(0, W, batch_size):
             w1 = min(W, w0 + batch_size)
-            lp = window_logits(p, torch.from_numpy(windows[w0:w1]).to(_device_of(p)), keep, vocab)
+            ids = torch.from_numpy(windows[w0:w1]).to(_device_of(p))
+            if llama and head is not None and spilled is None:
+                lp, seen["x"] = p.window_logits(ids, keep, vocab, hidden=True)
+            else:
+                lp = window_logits(p, ids, keep, vocab)
             if spilled is None and head is not None:
                 x = seen.pop("x")
                 if x.shape[1] != keep:  # the model computed every position's logits: the head's output is rebuilt
@@ -492,8 +508,12 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: floa
         from kl_estimation.llm.corpus.basecache import load_base
         from kl_estimation.llm.run.config import resolve_device
 
-        base, tokenizer, base_rec, document = load_base(cfg.base, resolve_device(cfg.device))
+        base, tokenizer, base_rec, document = load_base(cfg.base, resolve_device(cfg.device), cfg.threads)
         cfg = replace(cfg, **base_rec["settings"])  # the windows are the cache's
+        if cfg.backend == "llama.cpp":  # llama-perplexity's grouping at the cache's n_ctx
+            from kl_estimation.llm.corpus.backend import windows_per_decode
+
+            cfg = replace(cfg, batch_size=windows_per_decode(cfg.context))
         with gguf_speedups():
             _check_against_cache(cfg, tokenizer, base_rec)
         windows, mask, corpus, vocab = base.windows, base.mask, base_rec["corpus"], base.vocab
@@ -518,7 +538,8 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: floa
         p_class = type(p).__name__
         t_loaded = time.perf_counter()
         work.start(cfg, W, 1 + len(cfg.candidates), "corpus windows, P")
-        base = base_pass(p, windows, mask, keep, vocab, cfg.batch_size, work.meter, spill_to=cfg.output_dir)
+        base = base_pass(p, windows, mask, keep, vocab, cfg.batch_size, work.meter, spill_to=cfg.output_dir,
+                         llama_hidden=cfg.save_base is not None)
         del p  # P goes before any candidate loads (a spilled base's file goes with `base`, by its finalizer)
         if cfg.save_base is not None:
             from kl_estimation.llm.corpus.basecache import save_base
@@ -710,12 +731,18 @@ def group_means(arrays: dict, summary: dict, document: np.ndarray, corpus: dict)
 
 
 def _check_against_cache(cfg: CorpusConfig, tokenizer, rec: dict) -> None:
-    """Every candidate's tokenizer is the cached P's, its context takes the cache's windows."""
+    """Every candidate's tokenizer is the cached P's (llama.cpp's of the GGUF when P's is), its context takes the
+    cache's windows."""
+    from kl_estimation.llm.corpus.backend import LlamaCppTokenizer
     from kl_estimation.llm.loading import check_tokenizers, load_tokenizer
 
     for cq in candidate_configs(cfg):
-        tok = load_tokenizer("q_model", cq.q_model, cq.q_revision, cq.trust_remote_code)
-        check_tokenizers(tokenizer, tok, ignore_eos=True)
+        if isinstance(tokenizer, LlamaCppTokenizer):
+            with LlamaCppTokenizer(cq.q_model, "q_model") as tok:
+                check_tokenizers(tokenizer, tok, ignore_eos=True)
+        else:
+            check_tokenizers(tokenizer, load_tokenizer("q_model", cq.q_model, cq.q_revision, cq.trust_remote_code),
+                             ignore_eos=True)
         limit, _ = _context_limit(replace(cq, p_model=None))
         check_context(rec["settings"]["context"], limit, "q")
 
