@@ -161,3 +161,21 @@ def test_base_cache_of_the_llama_cpp_runtime_gives_the_one_pass_numbers(ref, tmp
         for k in ("kl_forward", "kl_reverse", "logp_p", "logp_q", "top1_agree"):
             np.testing.assert_array_equal(a.tokens[k], b.tokens[k], err_msg=k)
     assert "in ggml" in via.results[0].models["base"]
+
+
+def test_base_cache_refused_for_a_head_llama_cpp_repacks(tmp_path):
+    """A Q4_0 head is repacked by llama.cpp on an AVX2 CPU (q4_0_8x8), so ggml's plain matmul gives other bits: the
+    cache is refused in one line at P's first batch, nothing written."""
+    import kl_estimation.llm.corpus.backend as backend
+
+    if not backend._Ggml.get("test")[1].ggml_cpu_has_avx2():
+        pytest.skip("llama.cpp repacks Q4_0 on AVX2 (x86) and some ARM CPUs; this one is not checked")
+    opts = ("--token-embedding-type", "q4_0", "--output-tensor-type", "q4_0")
+    p = backend.llama_quantize(BASE, tmp_path / "q4head.gguf", "Q4_0", options=opts)
+    assert backend.GgmlHead(p).type_name == "Q4_0"
+    text = tmp_path / "gpl.txt"
+    text.write_text(open(CORPUS, encoding="utf-8").read())
+    with pytest.raises(ValueError, match="^save_base: llama.cpp's logits of P are not its output head"):
+        kle.corpus_kl(str(p), corpus=str(text), context=N_CTX, n_windows=2, backend="llama.cpp",
+                      save_base=str(tmp_path / "cache"), progress=False)
+    assert not (tmp_path / "cache" / "base.json").exists()

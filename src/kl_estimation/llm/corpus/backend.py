@@ -505,15 +505,16 @@ def llama_tool_env(tool: Path) -> dict:
     return dict(os.environ, LD_LIBRARY_PATH=f"{lib}:{os.environ.get('LD_LIBRARY_PATH', '')}")
 
 
-def llama_quantize(src, dst, qtype: str, prefix=None, threads: int | None = None) -> Path:
+def llama_quantize(src, dst, qtype: str, prefix=None, threads: int | None = None, options=()) -> Path:
     """`src` requantized by llama.cpp's llama-quantize to `qtype` (Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, …):
-    --allow-requantize, since the wheel's GGUF is itself quantized (Q4_1). Written to a temporary name, then renamed."""
+    --allow-requantize, since the wheel's GGUF is itself quantized (Q4_1), and its `options` (e.g.
+    ``("--output-tensor-type", "q4_0")``). Written to a temporary name, then renamed."""
     import subprocess
 
     tool = llama_cpp_tool("llama-quantize", prefix)
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp")
-    cmd = [str(tool), "--allow-requantize", str(src), str(tmp), qtype] + ([str(threads)] if threads else [])
+    cmd = [str(tool), "--allow-requantize", *options, str(src), str(tmp), qtype] + ([str(threads)] if threads else [])
     r = subprocess.run(cmd, capture_output=True, text=True, env=llama_tool_env(tool))
     if r.returncode or not tmp.is_file():
         raise RuntimeError(f"llama-quantize {qtype} failed: {(r.stdout + r.stderr)[-400:]}")

@@ -100,10 +100,6 @@ def save_base(folder, base, cfg, corpus: dict, document: np.ndarray, tokenizer, 
 
     from kl_estimation.llm.corpus.backend import GgmlHead
 
-    if cfg.backend == "llama.cpp" and not base.exact_from_hidden:
-        raise ValueError("save_base: llama.cpp's logits of P are not its output head applied in ggml to its hidden "
-                         "states (a head llama.cpp repacks for this CPU, or scales after the matmul); a base cache "
-                         "would not reproduce them — score the candidates in one run instead")
     if not base.exact_from_hidden or not isinstance(base.head, (torch.nn.Linear, GgmlHead)):
         raise ValueError("save_base: P's logits are not a linear output head applied to its final hidden states "
                          "(soft-capping or scaling after the head); a base cache would not reproduce them — score "

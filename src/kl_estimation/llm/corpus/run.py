@@ -295,6 +295,11 @@ def base_pass(p, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int, b
                     x = x[:, -keep:]
                 hidden.append(x.to("cpu", copy=True))
                 if w0 == 0 and not torch.equal(head(hidden[0].to(x.device))[:, :-1, :vocab], lp):
+                    if llama:  # asked for a base cache: refused now, not after P's pass
+                        raise ValueError(f"save_base: llama.cpp's logits of P are not its output head ({head.tensor}, "
+                                         f"{head.type_name}) applied in ggml to its hidden states (a head llama.cpp "
+                                         f"repacks for this CPU, or scales after the matmul); a base cache would not "
+                                         f"reproduce them — score the candidates in one run instead")
                     hidden = []
                     spilled = SpilledLogits(W, keep - 1, vocab, lp.dtype, spill_to)
             elif spilled is None:
