@@ -190,7 +190,7 @@ class LlamaCppModel(_LlamaFile):
             seq = np.repeat(np.arange(nb, dtype=np.int32), n_ctx)
             seq_ptr = (seq.ctypes.data + 4 * np.arange(N, dtype=np.uintp)).astype(np.uintp)
             n_seq_id = np.ones(N, dtype=np.int32)
-            want = (pos >= first if not hidden else pos >= 0).astype(np.int8)  # embeddings on: every position
+            want = (pos >= (0 if hidden else first)).astype(np.int8)  # embeddings on: every position is output
             P = ctypes.POINTER
             batch = lib.llama_batch(
                 n_tokens=N, token=tok.ctypes.data_as(P(lib.llama_token)), embd=None,
