@@ -143,6 +143,11 @@ def test_readme_default_llm_run_is_what_the_console_prints(tmp_path):
     installed = {k: _installed(k) for k in stated}
     if any(not installed[k].startswith(v) for k, v in stated.items()):
         pytest.skip(f"the README's default run is for {stated}; installed: {installed}")
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap != "AVX2":  # not reproduced on an AVX-512 host (a Sapphire Rapids VM, 2026-12-06): other rounding
+        pytest.skip(f"the README's default run is checked where torch's CPU kernels are AVX2; this CPU runs {cap}")
     columns = re.search(r"COLUMNS=(\d+)", intro).group(1)
     env = {**os.environ, "COLUMNS": columns, "PYTHONPATH": str(DOCS.parent / "src")}
     p = subprocess.run([sys.executable, "LLM_experiments.py", "--no-plots", "--output-dir", str(tmp_path / "run")],
