@@ -51,8 +51,10 @@ cmake -S "$SRC/vendor/llama.cpp" -B "$WORK/cmake" \
     -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
     ${LLAMA_CPP_CMAKE_ARGS:-}
 cmake --build "$WORK/cmake" --config Release -j "$JOBS" --target llama llama-quantize llama-perplexity
-cp -a "$WORK"/cmake/bin/llama-quantize "$WORK"/cmake/bin/llama-perplexity "$PREFIX/bin/"
-find "$WORK/cmake" -name 'lib*.so*' -exec cp -a {} "$PREFIX/lib/" \;
+# --remove-destination: a new file, not the old one rewritten in place under a process that has it mapped (a test
+# run using the prefix crashed while CI copied the same libraries over it)
+cp -a --remove-destination "$WORK"/cmake/bin/llama-quantize "$WORK"/cmake/bin/llama-perplexity "$PREFIX/bin/"
+find "$WORK/cmake" -name 'lib*.so*' -exec cp -a --remove-destination {} "$PREFIX/lib/" \;
 echo "$VERSION" > "$PREFIX/VERSION"
 echo "built llama.cpp (llama-cpp-python $VERSION) into $PREFIX in $(( $(date +%s) - start )) s with $JOBS jobs"
 

@@ -179,3 +179,18 @@ def test_base_cache_refused_for_a_head_llama_cpp_repacks(tmp_path):
         kle.corpus_kl(str(p), corpus=str(text), context=N_CTX, n_windows=2, backend="llama.cpp",
                       save_base=str(tmp_path / "cache"), progress=False)
     assert not (tmp_path / "cache" / "base.json").exists()
+
+
+def test_llama_cpp_run_keeps_hidden_states_when_p_logits_do_not_fit_the_disk(ref, monkeypatch):
+    """P's llama.cpp logits kept on disk would not fit (a large vocabulary over a long corpus): the run keeps P's
+    hidden states instead and recomputes its logits in ggml, with the same numbers."""
+    from kl_estimation.llm.corpus import run
+
+    qs, kld, _ = ref
+    kw = dict(token_ids=str(kld), context=N_CTX, n_windows=4, backend="llama.cpp", progress=False)
+    on_disk = kle.corpus_kl(str(BASE), str(qs["Q8_0"]), **kw)
+    monkeypatch.setattr(run, "spill_fits", lambda *a, **k: False)
+    in_memory = kle.corpus_kl(str(BASE), str(qs["Q8_0"]), **kw)
+    assert "temporary file" in on_disk.models["base"] and "in ggml" in in_memory.models["base"]
+    for k in ("kl_forward", "kl_reverse", "logp_p", "logp_q", "top1_agree"):
+        np.testing.assert_array_equal(on_disk.tokens[k], in_memory.tokens[k], err_msg=k)

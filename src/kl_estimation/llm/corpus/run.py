@@ -166,6 +166,21 @@ def _top(logits_row: torch.Tensor, k: int):
     return [(int(a), float(b)) for a, b in zip(i.tolist(), v.exp().tolist())]
 
 
+SPILL_SHARE = 0.95  # of the free temporary disk P's logits may take
+
+
+def spill_fits(W: int, rows: int, vocab: int, where=None, share: float = SPILL_SHARE) -> bool:
+    """Whether P's float32 logits of W windows (rows × vocab each) take at most `share` of the free disk under
+    `where` (default: the system's temporary folder)."""
+    import shutil
+    import tempfile
+
+    where = Path(where) if where is not None else Path(tempfile.gettempdir())
+    while not where.exists():  # the run folder is made later
+        where = where.parent
+    return W * rows * vocab * 4 <= share * shutil.disk_usage(where).free
+
+
 class SpilledLogits:
     """P's logits of every window, bit for bit, in a temporary file (read back a batch at a time by plain reads, not a
     memory map, so they never count in the process's memory): P's side when its logits are not hidden × head
@@ -183,7 +198,7 @@ class SpilledLogits:
         where = Path(where) if where is not None else Path(tempfile.gettempdir())
         where.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(where).free
-        if need > 0.95 * free:
+        if need > SPILL_SHARE * free:
             raise ValueError(f"n_windows: P's logits of {W} windows take {need / 2**30:.1f} GiB of temporary disk in "
                              f"{where}, which has {free / 2**30:.1f} GiB free (P's logits are not its hidden states "
                              f"× head, so they are kept whole); score fewer windows, or free space there")
@@ -264,12 +279,14 @@ class BaseCache:
 
 
 def base_pass(p, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int, batch_size: int,
-              bar=None, spill_to=None, llama_hidden: bool = False) -> BaseCache:
+              bar=None, spill_to=None, llama_hidden: str | None = None) -> BaseCache:
     """P over every window once (batches of `batch_size`, as the candidates will be), keeping what its output head
     received; when P's logits are not that head's output, its logits themselves, in a temporary file under
-    `spill_to` (default: the system's temporary folder). llama.cpp's runtime keeps its hidden states only with
-    `llama_hidden` (a base cache is written): its head then runs on every position of a window, and reading its
-    logits back from disk costs less than recomputing them for each candidate. P is not kept either way."""
+    `spill_to` (default: the system's temporary folder). llama.cpp's runtime keeps its hidden states only when
+    `llama_hidden` says why — "save_base" (a cache is written: a head whose logits they do not give is refused) or
+    "disk" (P's logits do not fit the temporary disk: such a head falls back to the file) —, since its head then
+    runs on every position of a window and reading its logits back costs less than recomputing them for each
+    candidate. P is not kept either way."""
     from kl_estimation.llm.pair import _inner
 
     W = windows.shape[0]
@@ -295,7 +312,7 @@ def base_pass(p, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int, b
                     x = x[:, -keep:]
                 hidden.append(x.to("cpu", copy=True))
                 if w0 == 0 and not torch.equal(head(hidden[0].to(x.device))[:, :-1, :vocab], lp):
-                    if llama:  # asked for a base cache: refused now, not after P's pass
+                    if llama_hidden == "save_base":  # refused now, not after P's pass
                         raise ValueError(f"save_base: llama.cpp's logits of P are not its output head ({head.tensor}, "
                                          f"{head.type_name}) applied in ggml to its hidden states (a head llama.cpp "
                                          f"repacks for this CPU, or scales after the matmul); a base cache would not "
@@ -543,8 +560,12 @@ def _run_corpus(cfg: CorpusConfig, models, tokenizer, work: _Work, t_start: floa
         p_class = type(p).__name__
         t_loaded = time.perf_counter()
         work.start(cfg, W, 1 + len(cfg.candidates), "corpus windows, P")
+        hidden = "save_base" if cfg.save_base is not None else None
+        if cfg.backend == "llama.cpp" and hidden is None and cfg.candidates \
+                and not spill_fits(W, keep - 1, vocab, cfg.output_dir, share=0.5):
+            hidden = "disk"
         base = base_pass(p, windows, mask, keep, vocab, cfg.batch_size, work.meter, spill_to=cfg.output_dir,
-                         llama_hidden=cfg.save_base is not None)
+                         llama_hidden=hidden)
         del p  # P goes before any candidate loads (a spilled base's file goes with `base`, by its finalizer)
         if cfg.save_base is not None:
             from kl_estimation.llm.corpus.basecache import save_base
