@@ -163,22 +163,25 @@ def test_base_cache_of_the_llama_cpp_runtime_gives_the_one_pass_numbers(ref, tmp
     assert "in ggml" in via.results[0].models["base"]
 
 
-def test_base_cache_refused_for_a_head_llama_cpp_repacks(tmp_path):
+def test_base_cache_of_a_head_llama_cpp_repacks(ref, tmp_path):
     """A Q4_0 head is repacked by llama.cpp on an AVX2 CPU (q4_0_8x8), so ggml's plain matmul gives other bits: the
-    cache is refused in one line at P's first batch, nothing written."""
+    cache finds the repacked layout on P's first batch, records it, and candidates get the one-pass numbers."""
     import kl_estimation.llm.corpus.backend as backend
+    from kl_estimation.llm.corpus.basecache import read_record
 
-    if not backend._Ggml.get("test")[1].ggml_cpu_has_avx2():
-        pytest.skip("llama.cpp repacks Q4_0 on AVX2 (x86) and some ARM CPUs; this one is not checked")
+    qs, kld, _ = ref
     opts = ("--token-embedding-type", "q4_0", "--output-tensor-type", "q4_0")
     p = backend.llama_quantize(BASE, tmp_path / "q4head.gguf", "Q4_0", options=opts)
-    assert backend.GgmlHead(p).type_name == "Q4_0"
-    text = tmp_path / "gpl.txt"
-    text.write_text(open(CORPUS, encoding="utf-8").read())
-    with pytest.raises(ValueError, match="^save_base: llama.cpp's logits of P are not its output head"):
-        kle.corpus_kl(str(p), corpus=str(text), context=N_CTX, n_windows=2, backend="llama.cpp",
-                      save_base=str(tmp_path / "cache"), progress=False)
-    assert not (tmp_path / "cache" / "base.json").exists()
+    plain = backend.GgmlHead(p)
+    if plain.repacked() is None:
+        pytest.skip("this CPU's ggml repacks no Q4_0 head (llama.cpp repacks Q4_0 on AVX2 and some ARM CPUs)")
+    kw = dict(token_ids=str(kld), context=N_CTX, n_windows=4, backend="llama.cpp", progress=False)
+    one = kle.corpus_kl(str(p), str(qs["Q8_0"]), **kw)
+    kle.corpus_kl(str(p), save_base=str(tmp_path / "cache"), **kw)
+    assert read_record(tmp_path / "cache")["p_source"]["head_layout"] == "repack"
+    via = kle.corpus_kl(base=str(tmp_path / "cache"), q_model=str(qs["Q8_0"]), backend="llama.cpp", progress=False)
+    for k in ("kl_forward", "kl_reverse", "logp_p", "logp_q", "top1_agree"):
+        np.testing.assert_array_equal(one.tokens[k], via.tokens[k], err_msg=k)
 
 
 def test_llama_cpp_run_keeps_hidden_states_when_p_logits_do_not_fit_the_disk(ref, monkeypatch):

@@ -217,11 +217,13 @@ class LlamaCppModel(_LlamaFile):
         return GgmlHead(self.path, self.threads, "p_model")
 
 class _Ggml:
-    """The few ggml calls GgmlHead makes, from the libraries beside the libllama llama-cpp-python loaded."""
+    """The ggml calls GgmlHead makes, from the libraries beside the libllama llama-cpp-python loaded."""
 
     class InitParams(ctypes.Structure):
         _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
+    # ggml.h's struct ggml_tensor (llama-cpp-python 0.3.36): where `data`, `name` and `extra` sit, checked at use
+    DATA, NAME, EXTRA = 248, 256, 320
     _loaded = None
 
     @classmethod
@@ -229,40 +231,71 @@ class _Ggml:
         if cls._loaded is None:
             lib = import_llama_cpp(flag)
             where = Path(lib._lib._name).parent
-            base, cpu = (ctypes.CDLL(str(next(where.glob(f"libggml-{n}.so*")))) for n in ("base", "cpu"))
-            vp, i64 = ctypes.c_void_p, ctypes.c_int64
-            for fn, args, res in (("ggml_init", [cls.InitParams], vp), ("ggml_free", [vp], None),
-                                  ("ggml_new_tensor_2d", [vp, ctypes.c_int, i64, i64], vp),
-                                  ("ggml_mul_mat", [vp, vp, vp], vp), ("ggml_new_graph", [vp], vp),
-                                  ("ggml_build_forward_expand", [vp, vp], None), ("ggml_get_data", [vp], vp),
-                                  ("ggml_nbytes", [vp], ctypes.c_size_t), ("ggml_tensor_overhead", [], ctypes.c_size_t),
-                                  ("ggml_graph_overhead", [], ctypes.c_size_t)):
-                f = getattr(base, fn)
+            g = {n: ctypes.CDLL(str(next(where.glob(f"lib{n}.so*")))) for n in ("ggml-base", "ggml-cpu", "ggml")}
+            vp, i64, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
+            fns = {}
+            for lib_name, fn, args, res in (
+                    ("ggml-base", "ggml_init", [cls.InitParams], vp), ("ggml-base", "ggml_free", [vp], None),
+                    ("ggml-base", "ggml_new_tensor_2d", [vp, ctypes.c_int, i64, i64], vp),
+                    ("ggml-base", "ggml_set_name", [vp, ctypes.c_char_p], vp),
+                    ("ggml-base", "ggml_mul_mat", [vp, vp, vp], vp), ("ggml-base", "ggml_new_graph", [vp], vp),
+                    ("ggml-base", "ggml_build_forward_expand", [vp, vp], None),
+                    ("ggml-base", "ggml_get_data", [vp], vp), ("ggml-base", "ggml_nbytes", [vp], sz),
+                    ("ggml-base", "ggml_tensor_overhead", [], sz), ("ggml-base", "ggml_graph_overhead", [], sz),
+                    ("ggml-base", "ggml_backend_alloc_ctx_tensors_from_buft", [vp, vp], vp),
+                    ("ggml-base", "ggml_backend_tensor_set", [vp, vp, sz, sz], None),
+                    ("ggml-base", "ggml_backend_tensor_get", [vp, vp, sz, sz], None),
+                    ("ggml-base", "ggml_backend_graph_compute", [vp, vp], ctypes.c_int),
+                    ("ggml-base", "ggml_backend_buffer_free", [vp], None),
+                    ("ggml-base", "ggml_backend_free", [vp], None),
+                    ("ggml-base", "ggml_backend_cpu_buffer_type", [], vp),
+                    ("ggml-base", "ggml_backend_buft_name", [vp], ctypes.c_char_p),
+                    ("ggml-base", "ggml_backend_dev_backend_reg", [vp], vp),
+                    ("ggml-base", "ggml_backend_reg_get_proc_address", [vp, ctypes.c_char_p], vp),
+                    ("ggml", "ggml_backend_dev_by_type", [ctypes.c_int], vp),
+                    ("ggml-cpu", "ggml_backend_cpu_init", [], vp),
+                    ("ggml-cpu", "ggml_backend_cpu_set_n_threads", [vp, ctypes.c_int], None)):
+                f = getattr(g[lib_name], fn)
                 f.argtypes, f.restype = args, res
-            cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
-            cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
-            cpu.ggml_cpu_init()
-            cls._loaded = (base, cpu)
+                fns[fn.removeprefix("ggml_")] = f
+            cls._loaded = type("GgmlCalls", (), {k: staticmethod(v) for k, v in fns.items()})
         return cls._loaded
+
+    @classmethod
+    def repack_buft(cls, g):
+        """The CPU backend's CPU_REPACK buffer type (weights laid out for this CPU's kernels), or None."""
+        dev = g.backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+        fn = g.backend_reg_get_proc_address(g.backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts")
+        if not fn:
+            return None
+        bufts = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn)(dev)
+        i = 0
+        while bufts and bufts[i]:
+            if g.backend_buft_name(bufts[i]) == b"CPU_REPACK":
+                return bufts[i]
+            i += 1
+        return None
 
 
 class GgmlHead:
     """A GGUF's output head as llama.cpp's runtime applies it: the head tensor (``output.weight``, or
     ``token_embd.weight`` when the embedding is tied) in the file's own quantization, multiplied by final hidden states
-    (after the final norm, float32) in ggml's own mul_mat on the CPU — the operation llama.cpp's graph ends with, so
-    head(hidden) is llama.cpp's logits bit for bit. Checked on P's first batch: a head llama.cpp would repack for its
-    CPU (Q4_0, Q4_K, IQ4_NL on AVX2) or scale after the matmul fails there, and P's logits are kept whole instead.
-    Called on (…, hidden size) float32, returns (…, vocabulary) float32; ``sha256`` is the head's bytes'."""
+    (after the final norm, float32) in ggml's own mul_mat on its CPU backend — the operation llama.cpp's graph ends
+    with, so head(hidden) is llama.cpp's logits bit for bit. `layout`: "plain", or "repack" — the weight in the CPU
+    backend's CPU_REPACK buffer, as llama.cpp lays out a head its CPU kernels repack (Q4_0, Q4_K, IQ4_NL on AVX2);
+    which one llama.cpp used is found by checking P's first batch (``repacked()``: the other layout, None when this
+    CPU repacks no weight of this type and shape). Called on (…, hidden size) float32, returns (…, vocabulary)
+    float32; ``sha256`` is the head's bytes'."""
 
-    def __init__(self, path, threads: int | None = None, flag: str = "base"):
+    def __init__(self, path, threads: int | None = None, flag: str = "base", layout: str = "plain"):
         import hashlib
 
         from gguf import GGUFReader
 
         from kl_estimation.llm.loading import gguf_speedups
 
-        self.ggml, self.cpu = _Ggml.get(flag)
-        self.path, self.threads = str(path), int(threads or os.cpu_count() or 1)
+        self.g = g = _Ggml.get(flag)
+        self.path, self.threads, self.layout, self.flag = str(path), int(threads or os.cpu_count() or 1), layout, flag
         with gguf_speedups():
             tensors = {t.name: t for t in GGUFReader(self.path).tensors}
         t = tensors.get("output.weight") or tensors.get("token_embd.weight")
@@ -272,44 +305,73 @@ class GgmlHead:
         self.tensor, self.type_name, self.type = t.name, t.tensor_type.name, int(t.tensor_type)
         self.n_embd, self.n_vocab = (int(n) for n in t.shape[:2])
         self.sha256 = hashlib.sha256(raw).hexdigest()
-        g = self.ggml
-        self.ctx = g.ggml_init(_Ggml.InitParams(raw.nbytes + g.ggml_tensor_overhead() + 4096, None, False))
-        if not self.ctx:
-            raise RuntimeError("ggml: no memory for the output head")  # pragma: no cover
-        self.w = g.ggml_new_tensor_2d(self.ctx, self.type, self.n_embd, self.n_vocab)
-        if g.ggml_nbytes(self.w) != raw.nbytes:
+        self.ctx = g.init(_Ggml.InitParams(4 * g.tensor_overhead(), None, True))
+        self.w = g.new_tensor_2d(self.ctx, self.type, self.n_embd, self.n_vocab)
+        if g.nbytes(self.w) != raw.nbytes:
             raise ValueError(f"{flag}: {self.path}'s {t.name} holds {raw.nbytes} bytes, ggml expects "
-                             f"{g.ggml_nbytes(self.w)} for {t.tensor_type.name} {self.n_embd} × {self.n_vocab}")
-        ctypes.memmove(g.ggml_get_data(self.w), raw.ctypes.data, raw.nbytes)
+                             f"{g.nbytes(self.w)} for {t.tensor_type.name} {self.n_embd} × {self.n_vocab}")
+        g.set_name(self.w, b"head")
+        buft = g.backend_cpu_buffer_type() if layout == "plain" else _Ggml.repack_buft(g)
+        self.buf = g.backend_alloc_ctx_tensors_from_buft(self.ctx, buft) if buft else None
+        self.backend = None
+        if self.buf is None:
+            raise ValueError(f"{flag}: ggml has no {layout} buffer for {t.name}")
+        if layout == "repack" and not self._repack_traits():
+            raise ValueError(f"{flag}: this CPU's ggml repacks no {t.tensor_type.name} weight of {self.n_vocab} rows")
+        g.backend_tensor_set(self.w, raw.ctypes.data, 0, raw.nbytes)
+        self.backend = g.backend_cpu_init()
+        g.backend_cpu_set_n_threads(self.backend, self.threads)
+
+    def _repack_traits(self) -> bool:
+        """Whether the repack buffer found kernels for the weight (its tensor's `extra`; the struct offsets are
+        checked against ggml_get_data and the name set)."""
+        at = ctypes.c_void_p.from_address
+        if at(self.w + _Ggml.DATA).value != self.g.get_data(self.w) or \
+                ctypes.string_at(self.w + _Ggml.NAME, 4) != b"head":
+            return False  # another ggml_tensor layout: not guessed at
+        return bool(at(self.w + _Ggml.EXTRA).value)
+
+    def repacked(self) -> GgmlHead | None:
+        if self.layout != "plain":
+            return None
+        try:
+            return GgmlHead(self.path, self.threads, self.flag, "repack")
+        except ValueError:
+            return None
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        g = self.ggml
-        x = np.ascontiguousarray(hidden.detach().cpu().numpy(), dtype=np.float32)
+        g = self.g
+        x = np.ascontiguousarray(hidden.detach().cpu().float().numpy())
         lead, n = x.shape[:-1], int(np.prod(x.shape[:-1]))
         if x.shape[-1] != self.n_embd:
             raise ValueError(f"base: hidden states of size {x.shape[-1]}, {self.tensor} takes {self.n_embd}")
-        # room for x, the logits, x quantized for the matmul (≤ 4 bytes a value) and the graph
-        size = (8 * n * self.n_embd + 4 * n * self.n_vocab + 4 * g.ggml_tensor_overhead() + g.ggml_graph_overhead()
-                + (1 << 20))
-        ctx = g.ggml_init(_Ggml.InitParams(size, None, False))
+        ctx = g.init(_Ggml.InitParams(8 * g.tensor_overhead() + g.graph_overhead(), None, True))
+        buf = None
         try:
-            xt = g.ggml_new_tensor_2d(ctx, 0, self.n_embd, n)  # GGML_TYPE_F32
-            ctypes.memmove(g.ggml_get_data(xt), x.ctypes.data, x.nbytes)
-            y = g.ggml_mul_mat(ctx, self.w, xt)
-            graph = g.ggml_new_graph(ctx)
-            g.ggml_build_forward_expand(graph, y)
-            if self.cpu.ggml_graph_compute_with_ctx(ctx, graph, self.threads) != 0:
+            xt = g.new_tensor_2d(ctx, 0, self.n_embd, n)  # GGML_TYPE_F32
+            y = g.mul_mat(ctx, self.w, xt)
+            graph = g.new_graph(ctx)
+            g.build_forward_expand(graph, y)
+            buf = g.backend_alloc_ctx_tensors_from_buft(ctx, g.backend_cpu_buffer_type())
+            g.backend_tensor_set(xt, x.ctypes.data, 0, x.nbytes)
+            if g.backend_graph_compute(self.backend, graph) != 0:
                 raise RuntimeError("ggml: the output head's matmul failed")  # pragma: no cover
             out = np.empty((n, self.n_vocab), dtype=np.float32)
-            ctypes.memmove(out.ctypes.data, g.ggml_get_data(y), out.nbytes)
+            g.backend_tensor_get(y, out.ctypes.data, 0, out.nbytes)
         finally:
-            g.ggml_free(ctx)
+            if buf:
+                g.backend_buffer_free(buf)
+            g.free(ctx)
         return torch.from_numpy(out).reshape(*lead, self.n_vocab)
 
     def close(self) -> None:
-        if getattr(self, "ctx", None):
-            self.ggml.ggml_free(self.ctx)
-            self.ctx = None
+        g = getattr(self, "g", None)
+        if g is None:
+            return
+        for attr, free in (("backend", g.backend_free), ("buf", g.backend_buffer_free), ("ctx", g.free)):
+            if getattr(self, attr, None):
+                free(getattr(self, attr))
+                setattr(self, attr, None)
 
     def __del__(self):
         try:

@@ -85,7 +85,7 @@ def source_record(cfg, head) -> dict:
     if not isinstance(head, torch.nn.Module):  # llama.cpp's runtime: the GGUF's head tensor in ggml (GgmlHead)
         return {"backend": "llama.cpp", "model": cfg.p_model, "files": _files(cfg.p_model),
                 "head_sha256": head.sha256, "head_tensor": head.tensor, "head_type": head.type_name,
-                "head_shape": [head.n_vocab, head.n_embd]}
+                "head_layout": head.layout, "head_shape": [head.n_vocab, head.n_embd]}
     return {"model": cfg.p_model, "revision": cfg.p_revision, "adapter": cfg.p_adapter,
             "dtype": resolve_dtype(cfg.p_dtype, resolve_device(cfg.device)) if cfg.p_dtype else resolve_dtype_of(cfg),
             "trust_remote_code": cfg.trust_remote_code, "files": _files(cfg.p_model),
@@ -193,7 +193,7 @@ def read_head(src: dict, device, threads: int | None = None):
     if src.get("backend") == "llama.cpp":
         from kl_estimation.llm.corpus.backend import GgmlHead
 
-        head = GgmlHead(src["model"], threads)
+        head = GgmlHead(src["model"], threads, layout=src.get("head_layout", "plain"))
         _check_sha(src, head.sha256)
         return head
     with gguf_speedups():

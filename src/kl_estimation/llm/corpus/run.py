@@ -312,13 +312,17 @@ def base_pass(p, windows: np.ndarray, mask: np.ndarray, keep: int, vocab: int, b
                     x = x[:, -keep:]
                 hidden.append(x.to("cpu", copy=True))
                 if w0 == 0 and not torch.equal(head(hidden[0].to(x.device))[:, :-1, :vocab], lp):
-                    if llama_hidden == "save_base":  # refused now, not after P's pass
+                    alt = head.repacked() if llama else None  # llama.cpp laid the head out for its CPU's kernels
+                    if alt is not None and torch.equal(alt(hidden[0])[:, :-1, :vocab], lp):
+                        head = alt
+                    elif llama_hidden == "save_base":  # refused now, not after P's pass
                         raise ValueError(f"save_base: llama.cpp's logits of P are not its output head ({head.tensor}, "
-                                         f"{head.type_name}) applied in ggml to its hidden states (a head llama.cpp "
-                                         f"repacks for this CPU, or scales after the matmul); a base cache would not "
-                                         f"reproduce them — score the candidates in one run instead")
-                    hidden = []
-                    spilled = SpilledLogits(W, keep - 1, vocab, lp.dtype, spill_to)
+                                         f"{head.type_name}) applied in ggml to its hidden states, plain or repacked "
+                                         f"(a head scaled after the matmul?); a base cache would not reproduce them "
+                                         f"— score the candidates in one run instead")
+                    else:
+                        hidden = []
+                        spilled = SpilledLogits(W, keep - 1, vocab, lp.dtype, spill_to)
             elif spilled is None:
                 spilled = SpilledLogits(W, keep - 1, vocab, lp.dtype, spill_to)
             if spilled is not None:
