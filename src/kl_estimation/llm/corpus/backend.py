@@ -294,7 +294,7 @@ class GgmlHead:
 
         from kl_estimation.llm.loading import gguf_speedups
 
-        self.g = g = _Ggml.get(flag)
+        self.g = _Ggml.get(flag)
         self.path, self.threads, self.layout, self.flag = str(path), int(threads or os.cpu_count() or 1), layout, flag
         with gguf_speedups():
             tensors = {t.name: t for t in GGUFReader(self.path).tensors}
@@ -305,19 +305,25 @@ class GgmlHead:
         self.tensor, self.type_name, self.type = t.name, t.tensor_type.name, int(t.tensor_type)
         self.n_embd, self.n_vocab = (int(n) for n in t.shape[:2])
         self.sha256 = hashlib.sha256(raw).hexdigest()
+        self._place(raw)
+
+    def _place(self, raw: np.ndarray) -> None:
+        """The head's bytes into a ggml buffer of this head's layout, and a CPU backend to compute with."""
+        g = self.g
+        self.backend = self.buf = None
         self.ctx = g.init(_Ggml.InitParams(4 * g.tensor_overhead(), None, True))
         self.w = g.new_tensor_2d(self.ctx, self.type, self.n_embd, self.n_vocab)
         if g.nbytes(self.w) != raw.nbytes:
-            raise ValueError(f"{flag}: {self.path}'s {t.name} holds {raw.nbytes} bytes, ggml expects "
-                             f"{g.nbytes(self.w)} for {t.tensor_type.name} {self.n_embd} × {self.n_vocab}")
+            raise ValueError(f"{self.flag}: {self.path}'s {self.tensor} holds {raw.nbytes} bytes, ggml expects "
+                             f"{g.nbytes(self.w)} for {self.type_name} {self.n_embd} × {self.n_vocab}")
         g.set_name(self.w, b"head")
-        buft = g.backend_cpu_buffer_type() if layout == "plain" else _Ggml.repack_buft(g)
+        buft = g.backend_cpu_buffer_type() if self.layout == "plain" else _Ggml.repack_buft(g)
         self.buf = g.backend_alloc_ctx_tensors_from_buft(self.ctx, buft) if buft else None
-        self.backend = None
         if self.buf is None:
-            raise ValueError(f"{flag}: ggml has no {layout} buffer for {t.name}")
-        if layout == "repack" and not self._repack_traits():
-            raise ValueError(f"{flag}: this CPU's ggml repacks no {t.tensor_type.name} weight of {self.n_vocab} rows")
+            raise ValueError(f"{self.flag}: ggml has no {self.layout} buffer for {self.tensor}")
+        if self.layout == "repack" and not self._repack_traits():
+            raise ValueError(f"{self.flag}: this CPU's ggml repacks no {self.type_name} weight of {self.n_vocab} "
+                             f"rows")
         g.backend_tensor_set(self.w, raw.ctypes.data, 0, raw.nbytes)
         self.backend = g.backend_cpu_init()
         g.backend_cpu_set_n_threads(self.backend, self.threads)
@@ -332,12 +338,20 @@ class GgmlHead:
         return bool(at(self.w + _Ggml.EXTRA).value)
 
     def repacked(self) -> GgmlHead | None:
+        """The same head in the repack layout, its bytes taken from this plain one (the file is not read again)."""
         if self.layout != "plain":
             return None
+        raw = np.empty(self.g.nbytes(self.w), dtype=np.uint8)
+        self.g.backend_tensor_get(self.w, raw.ctypes.data, 0, raw.nbytes)
+        other = object.__new__(GgmlHead)
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("ctx", "w", "buf", "backend")},
+                              layout="repack")
         try:
-            return GgmlHead(self.path, self.threads, self.flag, "repack")
+            other._place(raw)
         except ValueError:
+            other.close()
             return None
+        return other
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         g = self.g

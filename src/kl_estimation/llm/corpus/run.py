@@ -169,16 +169,22 @@ def _top(logits_row: torch.Tensor, k: int):
 SPILL_SHARE = 0.95  # of the free temporary disk P's logits may take
 
 
-def spill_fits(W: int, rows: int, vocab: int, where=None, share: float = SPILL_SHARE) -> bool:
-    """Whether P's float32 logits of W windows (rows × vocab each) take at most `share` of the free disk under
-    `where` (default: the system's temporary folder)."""
+def _free_disk(where) -> tuple[Path, int]:
+    """(the folder P's logits would go to — `where`, default the system's temporary folder —, its free bytes)."""
     import shutil
     import tempfile
 
     where = Path(where) if where is not None else Path(tempfile.gettempdir())
-    while not where.exists():  # the run folder is made later
-        where = where.parent
-    return W * rows * vocab * 4 <= share * shutil.disk_usage(where).free
+    probe = where
+    while not probe.exists():  # the run folder is made later
+        probe = probe.parent
+    return where, shutil.disk_usage(probe).free
+
+
+def spill_fits(W: int, rows: int, vocab: int, where=None, share: float = SPILL_SHARE) -> bool:
+    """Whether P's float32 logits of W windows (rows × vocab each) take at most `share` of the free disk under
+    `where` (default: the system's temporary folder)."""
+    return W * rows * vocab * 4 <= share * _free_disk(where)[1]
 
 
 class SpilledLogits:
@@ -188,20 +194,18 @@ class SpilledLogits:
     the size of llama.cpp's 16-bit base file at float32; removed by close() (or when garbage-collected)."""
 
     def __init__(self, W: int, rows: int, vocab: int, dtype: torch.dtype, where=None):
-        import shutil
         import tempfile
         import weakref
 
         self.shape, self.dtype = (rows, vocab), dtype
         self.window_bytes = rows * vocab * torch.empty((), dtype=dtype).element_size()
         self.nbytes = need = W * self.window_bytes
-        where = Path(where) if where is not None else Path(tempfile.gettempdir())
-        where.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(where).free
+        where, free = _free_disk(where)
         if need > SPILL_SHARE * free:
             raise ValueError(f"n_windows: P's logits of {W} windows take {need / 2**30:.1f} GiB of temporary disk in "
                              f"{where}, which has {free / 2**30:.1f} GiB free (P's logits are not its hidden states "
                              f"× head, so they are kept whole); score fewer windows, or free space there")
+        where.mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix=".p-logits-", dir=where))
         self.file = open(self.folder / "p_logits.bin", "w+b")  # noqa: SIM115 - closed by close() or the finalizer
         self._cleanup = weakref.finalize(self, SpilledLogits._remove, self.file, self.folder)
